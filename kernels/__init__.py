@@ -1,0 +1,5 @@
+"""Engine-agnostic TurboQuant codec and Triton kernels (installed as `tq_kernels`; no SGLang import)."""
+from .codec import (  # noqa: F401
+    ROLE_K, ROLE_QJL, ROLE_V, SUPPORTED_HEAD_DIMS, Quantized, Rotation, TQCodec, VecFormat,
+    codebook, derive_seed, fwht, lloyd_max, make_rotation, pack_field, unpack_field,
+)
