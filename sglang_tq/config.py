@@ -1,0 +1,632 @@
+"""Per-layer TurboQuant configuration: YAML schema, validation, resolution to per-layer formats.
+
+Pure Python plus `tq_kernels.codec` (no SGLang), so a bad config fails in milliseconds, before any
+model weight loads. Every error is a `TQConfigError` naming the file, the key path, the bad value
+and what is allowed.
+
+Schema (every key optional; values shown are the defaults)::
+
+    name: turbo4                  # free text, shown in summaries (default: the file's stem)
+    seed: 0                       # base seed of rotations / QJL projections (codec.derive_seed)
+    defaults:                     # formats of every quantized layer, unless an override says otherwise
+      k: {bits: 4, qjl: false, norm_correction: true, outliers: null}
+      v: {bits: 4, norm_correction: true, outliers: null}
+    boundary: {first: 2, last: 2, format: bf16}   # first/last N layers stay unquantized
+    overrides:                    # applied in order after defaults and boundary; may not overlap
+      - layers: [3, 5]            # inclusive range [first, last]; also 7, -1 (last layer) or "10-12"
+        k: {bits: 3}              # only the keys given change; the rest comes from defaults
+        v: {bits: 2}
+      - layers: 9
+        format: bf16              # whole layer unquantized
+
+K/V keys:
+  bits: bits per coordinate. MSE: 2..4. PROD keys (`qjl: true`, K only): 2..5, counting the QJL
+    sign bit, i.e. (bits - 1)-bit MSE codes + 1 sign bit, exactly as `VecFormat`.
+  qjl: K only. Spends one bit on QJL signs of the residual so that <q, k_hat> is unbiased.
+  norm_correction: store |x| / |c_hat| so the dequantized vector keeps the norm of x.
+  outliers: null, {channels: N, bits: B} or {fraction: F, bits: B}, optionally with
+    `channel_list: [...]` (rotated channels chosen by calibration; length N). N (or F * head_dim)
+    must be a power of two dividing head_dim, >= 8 and < head_dim; B > bits, counted like bits.
+
+Layer formats: `tq` (quantized with the K/V formats above) or `bf16` (stored unquantized, at the
+model's 16-bit dtype). An override that changes k/v of a layer that is bf16 (boundary) must say
+`format: tq`, so that a range never quantizes a boundary layer by accident.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from tq_kernels.codec import (
+    BF16_BYTES_PER_HEAD, ROLE_K, ROLE_V, SUPPORTED_HEAD_DIMS, TQCodec, VecFormat,
+)
+
+CONFIG_ENV = "SGLANG_TQ_CONFIG"  # env var the SGLang integration reads: preset name or YAML path
+DEFAULT_PRESET = "turbo4"
+
+FORMAT_TQ, FORMAT_BF16 = "tq", "bf16"
+LAYER_FORMATS = (FORMAT_TQ, FORMAT_BF16)
+BOUNDARY_FORMATS = (FORMAT_BF16,)
+MSE_BITS_RANGE = (2, 4)   # 1-bit MSE is legal in VecFormat but too lossy to offer for K or V alone
+PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
+DEFAULT_BOUNDARY = 2
+
+_TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides")
+_DEFAULTS_KEYS = ("k", "v")
+_K_KEYS = ("bits", "qjl", "norm_correction", "outliers")
+_V_KEYS = ("bits", "norm_correction", "outliers")
+_OUTLIER_KEYS = ("channels", "fraction", "bits", "channel_list")
+_BOUNDARY_KEYS = ("first", "last", "format")
+_OVERRIDE_KEYS = ("layers", "k", "v", "format")
+
+
+class TQConfigError(ValueError):
+    """A TurboQuant config is malformed or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Spec objects (what the YAML says, before the model's shape is known)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutlierSpec:
+    bits: int
+    channels: Optional[int] = None
+    fraction: Optional[float] = None
+    channel_list: Optional[Tuple[int, ...]] = None
+
+    def count(self, head_dim: int, where: str) -> int:
+        """Outlier channels at this head_dim; a fraction must land on an allowed count."""
+        n = self.channels
+        if n is None:
+            exact = self.fraction * head_dim
+            n = int(round(exact))
+            if abs(exact - n) > 1e-9:
+                raise TQConfigError(f"{where}.fraction: {self.fraction} x head_dim {head_dim} = {exact:g} "
+                                    f"is not a whole number of channels")
+        allowed = _allowed_outlier_counts(head_dim)
+        if n not in allowed:
+            what = f"fraction {self.fraction} gives {n} channels" if self.channels is None else f"channels: {n}"
+            raise TQConfigError(f"{where}: {what} at head_dim {head_dim}; allowed channel counts "
+                                f"(powers of two dividing head_dim, >= 8, < head_dim): {list(allowed)}")
+        if self.channel_list is not None:
+            if len(self.channel_list) != n:
+                raise TQConfigError(f"{where}.channel_list: has {len(self.channel_list)} entries, "
+                                    f"expected {n} (one per outlier channel)")
+            bad = [c for c in self.channel_list if not 0 <= c < head_dim]
+            if bad:
+                raise TQConfigError(f"{where}.channel_list: {bad} out of range; allowed 0..{head_dim - 1}")
+        return n
+
+
+@dataclass(frozen=True)
+class VecSpec:
+    bits: int = 4
+    qjl: bool = False
+    norm_correction: bool = True
+    outliers: Optional[OutlierSpec] = None
+
+    def to_format(self, head_dim: int, where: str) -> Tuple[VecFormat, Optional[Tuple[int, ...]]]:
+        """-> (VecFormat at this head_dim, calibrated outlier channel list or None)."""
+        n = self.outliers.count(head_dim, where + ".outliers") if self.outliers else 0
+        try:
+            fmt = VecFormat(head_dim, self.bits, qjl=self.qjl, norm_correction=self.norm_correction,
+                            outlier_channels=n, outlier_bits=self.outliers.bits if self.outliers else 0)
+        except ValueError as e:  # a combination the field checks did not foresee
+            raise TQConfigError(f"{where}: {e}") from None
+        return fmt, (self.outliers.channel_list if self.outliers else None)
+
+
+@dataclass(frozen=True)
+class LayerSelector:
+    """Inclusive layer range; negative ends count from the end (-1 = last layer)."""
+
+    first: int
+    last: int
+    text: str  # as written, for messages
+
+    def resolve(self, num_layers: int, where: str) -> range:
+        lo = self.first + num_layers if self.first < 0 else self.first
+        hi = self.last + num_layers if self.last < 0 else self.last
+        for end, raw in ((lo, self.first), (hi, self.last)):
+            if not 0 <= end < num_layers:
+                raise TQConfigError(f"{where}: layer {raw} is past the model's {num_layers} layers; "
+                                    f"allowed {-num_layers}..{num_layers - 1}")
+        if lo > hi:
+            raise TQConfigError(f"{where}: {self.text} selects no layer in a {num_layers}-layer model "
+                                f"(first {lo} > last {hi})")
+        return range(lo, hi + 1)
+
+
+@dataclass(frozen=True)
+class Override:
+    layers: LayerSelector
+    k: Dict[str, Any]
+    v: Dict[str, Any]
+    format: Optional[str]
+    index: int
+
+
+@dataclass(frozen=True)
+class TQConfig:
+    name: str = DEFAULT_PRESET
+    seed: int = 0
+    k: VecSpec = VecSpec()
+    v: VecSpec = VecSpec()
+    boundary_first: int = DEFAULT_BOUNDARY
+    boundary_last: int = DEFAULT_BOUNDARY
+    boundary_format: str = FORMAT_BF16
+    overrides: Tuple[Override, ...] = ()
+    source: str = "<dict>"
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "TQConfig":
+        return _parse(data, source)
+
+    def resolve(self, num_layers: int, head_dim: int, v_head_dim: Optional[int] = None) -> "ModelPlan":
+        return _resolve(self, num_layers, head_dim, v_head_dim)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.source})"
+
+
+# --------------------------------------------------------------------------------------------
+# Resolved plan (per layer)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerPlan:
+    layer_id: int
+    quantized: bool
+    k: Optional[VecFormat]
+    v: Optional[VecFormat]
+    k_outlier_channel_list: Optional[Tuple[int, ...]] = None
+    v_outlier_channel_list: Optional[Tuple[int, ...]] = None
+
+    def codecs(self, seed: int) -> Tuple[Optional[TQCodec], Optional[TQCodec]]:
+        """(K codec, V codec) of this layer; (None, None) for an unquantized layer."""
+        if not self.quantized:
+            return None, None
+        return (TQCodec.build(self.k, seed, self.layer_id, ROLE_K, outlier_channel_list=self.k_outlier_channel_list),
+                TQCodec.build(self.v, seed, self.layer_id, ROLE_V, outlier_channel_list=self.v_outlier_channel_list))
+
+    def bytes_per_token_head(self, head_dim: int, v_head_dim: int) -> int:
+        """K + V bytes of one token in one KV head."""
+        if not self.quantized:
+            return BF16_BYTES_PER_HEAD(head_dim) + BF16_BYTES_PER_HEAD(v_head_dim)
+        return self.k.slot_bytes + self.v.slot_bytes
+
+    def describe(self) -> Tuple[str, str]:
+        if not self.quantized:
+            return FORMAT_BF16, FORMAT_BF16
+        k = self.k.describe() + (" (calibrated)" if self.k_outlier_channel_list else "")
+        v = self.v.describe() + (" (calibrated)" if self.v_outlier_channel_list else "")
+        return k, v
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    name: str
+    seed: int
+    num_layers: int
+    head_dim: int
+    v_head_dim: int
+    layers: Tuple[LayerPlan, ...]
+
+    def __getitem__(self, layer_id: int) -> LayerPlan:
+        return self.layers[layer_id]
+
+    def codecs(self, layer_id: int) -> Tuple[Optional[TQCodec], Optional[TQCodec]]:
+        return self.layers[layer_id].codecs(self.seed)
+
+    @property
+    def quantized_layers(self) -> Tuple[int, ...]:
+        return tuple(lp.layer_id for lp in self.layers if lp.quantized)
+
+    def bytes_per_token(self, num_kv_heads: int) -> int:
+        """K + V cache bytes of one token over all layers and KV heads."""
+        return num_kv_heads * sum(lp.bytes_per_token_head(self.head_dim, self.v_head_dim) for lp in self.layers)
+
+    def bf16_bytes_per_token(self, num_kv_heads: int) -> int:
+        return num_kv_heads * self.num_layers * (BF16_BYTES_PER_HEAD(self.head_dim) + BF16_BYTES_PER_HEAD(self.v_head_dim))
+
+    def compression_ratio(self) -> float:
+        return self.bf16_bytes_per_token(1) / self.bytes_per_token(1)
+
+    def summary(self, num_kv_heads: int) -> str:
+        return summary_table(self, num_kv_heads)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+def _allowed_outlier_counts(head_dim: int) -> Tuple[int, ...]:
+    return tuple(n for n in (8, 16, 32, 64, 128) if n < head_dim and head_dim % n == 0)
+
+
+def _fail(source: str, path: str, msg: str) -> TQConfigError:
+    return TQConfigError(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
+
+
+def _check_keys(data: Dict, allowed: Sequence[str], source: str, path: str) -> None:
+    for key in data:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            where = f"{path}.{key}" if path else str(key)
+            raise _fail(source, where, f"unknown key '{key}'{hint} (allowed: {', '.join(allowed)})")
+
+
+def _want_mapping(value: Any, source: str, path: str) -> Dict:
+    if not isinstance(value, dict):
+        raise _fail(source, path, f"expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _want_int(value: Any, source: str, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, path, f"expected an integer, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _want_bool(value: Any, source: str, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(source, path, f"expected true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _want_choice(value: Any, choices: Sequence[str], source: str, path: str) -> str:
+    if value not in choices:
+        raise _fail(source, path, f"{value!r} is not allowed; allowed: {', '.join(choices)}")
+    return value
+
+
+def _parse_outliers(data: Any, bits: int, qjl: bool, source: str, path: str) -> Optional[OutlierSpec]:
+    if data is None:
+        return None
+    data = _want_mapping(data, source, path)
+    _check_keys(data, _OUTLIER_KEYS, source, path)
+    if "bits" not in data:
+        raise _fail(source, path, "missing 'bits' (bits of the outlier channels, more than the layer's bits)")
+    obits = _want_int(data["bits"], source, path + ".bits")
+    top = (PROD_BITS_RANGE if qjl else MSE_BITS_RANGE)[1]
+    if not bits < obits <= top:
+        raise _fail(source, path + ".bits", f"{obits} is out of range; allowed {bits + 1}..{top} "
+                                            f"(more than bits: {bits}, at most {top})")
+    if ("channels" in data) == ("fraction" in data):
+        raise _fail(source, path, "give exactly one of 'channels' (a count) or 'fraction' (of head_dim)")
+    channels = fraction = None
+    if "channels" in data:
+        channels = _want_int(data["channels"], source, path + ".channels")
+        if channels < 8 or channels & (channels - 1):
+            raise _fail(source, path + ".channels", f"{channels} is not allowed; allowed: a power of two >= 8 "
+                                                    f"dividing head_dim and < head_dim (e.g. 16, 32 at head_dim 128)")
+    else:
+        fraction = data["fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise _fail(source, path + ".fraction", f"{fraction!r} is not allowed; allowed: a number in (0, 1) "
+                                                    f"with fraction x head_dim a power of two >= 8")
+        fraction = float(fraction)
+    channel_list = None
+    if data.get("channel_list") is not None:
+        raw = data["channel_list"]
+        if not isinstance(raw, list) or not raw:
+            raise _fail(source, path + ".channel_list", f"expected a non-empty list of channel indices, got {raw!r}")
+        channel_list = tuple(_want_int(c, source, f"{path}.channel_list[{i}]") for i, c in enumerate(raw))
+        dup = sorted({c for c in channel_list if channel_list.count(c) > 1})
+        if dup:
+            raise _fail(source, path + ".channel_list", f"channels {dup} repeated; entries must be distinct")
+        if channels is not None and len(channel_list) != channels:
+            raise _fail(source, path + ".channel_list", f"has {len(channel_list)} entries, expected channels: {channels}")
+    return OutlierSpec(obits, channels, fraction, channel_list)
+
+
+def _parse_vec(data: Any, base: VecSpec, role: str, source: str, path: str) -> VecSpec:
+    """Fields given in `data` replace those of `base`; the result is checked as a whole."""
+    if data is None:
+        return base
+    data = _want_mapping(data, source, path)
+    if role == "v" and "qjl" in data:
+        raise _fail(source, path + ".qjl", f"{data['qjl']!r}: V may not use qjl (QJL makes <q, k> unbiased; "
+                                           f"values are only averaged, so V uses MSE codes)")
+    _check_keys(data, _K_KEYS if role == "k" else _V_KEYS, source, path)
+    bits = _want_int(data["bits"], source, path + ".bits") if "bits" in data else base.bits
+    qjl = _want_bool(data["qjl"], source, path + ".qjl") if "qjl" in data else base.qjl
+    nc = (_want_bool(data["norm_correction"], source, path + ".norm_correction")
+          if "norm_correction" in data else base.norm_correction)
+    lo, hi = PROD_BITS_RANGE if qjl else MSE_BITS_RANGE
+    if not lo <= bits <= hi:
+        kind = "PROD keys (qjl: true, including the sign bit)" if qjl else "MSE (qjl: false)"
+        raise _fail(source, path + ".bits", f"{bits} is out of range; allowed {lo}..{hi} for {kind}")
+    if "outliers" in data:
+        outliers = _parse_outliers(data["outliers"], bits, qjl, source, path + ".outliers")
+    else:
+        outliers = base.outliers
+        if outliers is not None and not bits < outliers.bits <= hi:
+            raise _fail(source, path + ".bits", f"{bits} leaves the inherited outliers.bits {outliers.bits} "
+                                                f"not above it; set outliers here too (or outliers: null)")
+    return VecSpec(bits, qjl, nc, outliers)
+
+
+def _parse_selector(value: Any, source: str, path: str) -> LayerSelector:
+    allowed = "an index (7, -1 = last layer), a range string \"a-b\" or a list [first, last]"
+    if isinstance(value, bool):
+        raise _fail(source, path, f"{value!r} is not a layer selector; allowed: {allowed}")
+    if isinstance(value, int):
+        return LayerSelector(value, value, str(value))
+    if isinstance(value, str):
+        parts = value.replace(" ", "").split("-")
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            a, b = int(parts[0]), int(parts[1])
+            if a > b:
+                raise _fail(source, path, f"{value!r}: first {a} > last {b}")
+            return LayerSelector(a, b, repr(value))
+        if len(parts) == 1 and parts[0].isdigit():
+            return LayerSelector(int(parts[0]), int(parts[0]), repr(value))
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        a, b = value
+        if (a < 0) == (b < 0) and a > b:
+            raise _fail(source, path, f"{value!r}: first {a} > last {b}")
+        return LayerSelector(a, b, str(value))
+    raise _fail(source, path, f"{value!r} is not a layer selector; allowed: {allowed}")
+
+
+def _parse_override(data: Any, index: int, source: str) -> Override:
+    path = f"overrides[{index}]"
+    data = _want_mapping(data, source, path)
+    _check_keys(data, _OVERRIDE_KEYS, source, path)
+    if "layers" not in data:
+        raise _fail(source, path, "missing 'layers' (which layers this override changes)")
+    sel = _parse_selector(data["layers"], source, path + ".layers")
+    fmt = _want_choice(data["format"], LAYER_FORMATS, source, path + ".format") if "format" in data else None
+    k = data.get("k")
+    v = data.get("v")
+    if fmt == FORMAT_BF16 and (k is not None or v is not None):
+        raise _fail(source, path, "format: bf16 leaves the layer unquantized; remove its k/v settings")
+    if fmt is None and k is None and v is None:
+        raise _fail(source, path, "changes nothing; give k, v or format")
+    for role, sub in (("k", k), ("v", v)):
+        if sub is not None:
+            _want_mapping(sub, source, f"{path}.{role}")  # keys and values are checked by _override_specs
+    return Override(sel, dict(k or {}), dict(v or {}), fmt, index)
+
+
+def _or_empty(value: Any, empty: Any) -> Any:
+    """A key written with no value (`overrides:`) means empty; 0 or "" stay wrong types."""
+    return empty if value is None else value
+
+
+def _parse(data: Any, source: str) -> TQConfig:
+    if data is None:
+        raise _fail(source, "", "empty config; expected a mapping with keys " + ", ".join(_TOP_KEYS))
+    data = _want_mapping(data, source, "")
+    _check_keys(data, _TOP_KEYS, source, "")
+    name = data.get("name", Path(source).stem if source.endswith((".yaml", ".yml")) else DEFAULT_PRESET)
+    if not isinstance(name, str) or not name:
+        raise _fail(source, "name", f"expected a non-empty string, got {name!r}")
+    seed = _want_int(data.get("seed", 0), source, "seed")
+    if seed < 0:
+        raise _fail(source, "seed", f"{seed} is negative; allowed: an integer >= 0")
+
+    defaults = _want_mapping(_or_empty(data.get("defaults"), {}), source, "defaults")
+    _check_keys(defaults, _DEFAULTS_KEYS, source, "defaults")
+    k = _parse_vec(defaults.get("k"), VecSpec(), "k", source, "defaults.k")
+    v = _parse_vec(defaults.get("v"), VecSpec(), "v", source, "defaults.v")
+
+    boundary = _want_mapping(_or_empty(data.get("boundary"), {}), source, "boundary")
+    _check_keys(boundary, _BOUNDARY_KEYS, source, "boundary")
+    first = _want_int(boundary.get("first", DEFAULT_BOUNDARY), source, "boundary.first")
+    last = _want_int(boundary.get("last", DEFAULT_BOUNDARY), source, "boundary.last")
+    for key, val in (("first", first), ("last", last)):
+        if val < 0:
+            raise _fail(source, f"boundary.{key}", f"{val} is negative; allowed: an integer >= 0")
+    bfmt = _want_choice(boundary.get("format", FORMAT_BF16), BOUNDARY_FORMATS, source, "boundary.format")
+
+    raw_overrides = _or_empty(data.get("overrides"), [])
+    if not isinstance(raw_overrides, list):
+        raise _fail(source, "overrides", f"expected a list of overrides, got {type(raw_overrides).__name__}")
+    overrides = tuple(_parse_override(o, i, source) for i, o in enumerate(raw_overrides))
+    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source)
+    # Check every override's k/v against the defaults now, so a bad value fails at load time.
+    for o in overrides:
+        _override_specs(cfg, o, k, v)
+    _check_static_overlaps(cfg)
+    return cfg
+
+
+def _override_specs(cfg: TQConfig, o: Override, k: VecSpec, v: VecSpec) -> Tuple[VecSpec, VecSpec]:
+    path = f"overrides[{o.index}]"
+    return (_parse_vec(o.k or None, k, "k", cfg.source, path + ".k"),
+            _parse_vec(o.v or None, v, "v", cfg.source, path + ".v"))
+
+
+def _check_static_overlaps(cfg: TQConfig) -> None:
+    """Overlaps visible without the layer count (both ranges non-negative)."""
+    seen: List[Tuple[int, int, int]] = []
+    for o in cfg.overrides:
+        s = o.layers
+        if s.first < 0 or s.last < 0:
+            continue
+        for a, b, j in seen:
+            if s.first <= b and a <= s.last:
+                raise _fail(cfg.source, f"overrides[{o.index}].layers",
+                            f"{s.text} overlaps overrides[{j}] (layers {a}-{b}); each layer may be overridden once")
+        seen.append((s.first, s.last, o.index))
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution
+# --------------------------------------------------------------------------------------------
+def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional[int]) -> ModelPlan:
+    src = cfg.source
+    v_head_dim = head_dim if v_head_dim is None else v_head_dim
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise TQConfigError(f"{src}: model has num_layers={num_layers!r}; expected an integer >= 1")
+    for what, d in (("head_dim", head_dim), ("v_head_dim", v_head_dim)):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise TQConfigError(f"{src}: model {what} {d} is not supported by TurboQuant "
+                                f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+
+    first = min(cfg.boundary_first, num_layers)
+    last = min(cfg.boundary_last, num_layers - first)  # capped: first + last <= num_layers
+    layer_format = [FORMAT_BF16 if i < first or i >= num_layers - last else FORMAT_TQ for i in range(num_layers)]
+    specs: List[Tuple[VecSpec, VecSpec]] = [(cfg.k, cfg.v)] * num_layers
+
+    owner: Dict[int, int] = {}
+    for o in cfg.overrides:
+        path = f"overrides[{o.index}]"
+        layers = o.layers.resolve(num_layers, f"{src}: {path}.layers")
+        for i in layers:
+            if i in owner:
+                raise TQConfigError(f"{src}: {path}.layers: {o.layers.text} overlaps overrides[{owner[i]}] "
+                                    f"at layer {i}; each layer may be overridden once")
+            owner[i] = o.index
+        ks, vs = _override_specs(cfg, o, cfg.k, cfg.v)
+        for i in layers:
+            if o.format is not None:
+                layer_format[i] = o.format
+            elif layer_format[i] == FORMAT_BF16:
+                raise TQConfigError(f"{src}: {path}: changes k/v of layer {i}, which is a bf16 boundary layer; "
+                                    f"add 'format: tq' to quantize it, or leave it out of the range")
+            specs[i] = (ks, vs)
+
+    plans = []
+    for i in range(num_layers):
+        if layer_format[i] == FORMAT_BF16:
+            plans.append(LayerPlan(i, False, None, None))
+            continue
+        ks, vs = specs[i]
+        where = f"{src}: {'overrides[%d]' % owner[i] if i in owner else 'defaults'}"
+        kf, kl = ks.to_format(head_dim, where + ".k")
+        vf, vl = vs.to_format(v_head_dim, where + ".v")
+        plans.append(LayerPlan(i, True, kf, vf, kl, vl))
+    return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> TQConfig:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise TQConfigError(f"{source}: malformed YAML{line}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise TQConfigError(f"{source}: malformed YAML: {e}") from None
+    return _parse(data, source)
+
+
+def presets_dir() -> Path:
+    """Folder of the shipped presets: package `sglang_tq.configs` (the repo's top-level configs/)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("sglang_tq.configs")))
+        if path.is_dir():
+            return path
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "configs"  # source tree without an install
+
+
+def list_presets() -> List[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def load_config(path_or_name: Union[str, os.PathLike, None] = None) -> TQConfig:
+    """Load a YAML file, or a preset by name (default: turbo4)."""
+    ref = DEFAULT_PRESET if path_or_name is None or str(path_or_name) == "" else str(path_or_name)
+    path = Path(ref)
+    if not path.is_file():
+        stem = ref[:-5] if ref.endswith(".yaml") else ref
+        preset = presets_dir() / f"{stem}.yaml"
+        if os.sep in ref or "/" in ref or not preset.is_file():
+            raise TQConfigError(f"{ref}: no such config file or preset; presets: {', '.join(list_presets())}")
+        path = preset
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise TQConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if not text.strip():
+        raise TQConfigError(f"{path}: empty file; expected a mapping with keys {', '.join(_TOP_KEYS)}")
+    return parse_yaml(text, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes and summary
+# --------------------------------------------------------------------------------------------
+def bytes_per_token(plan_or_config: Union[ModelPlan, TQConfig], num_layers: int, num_kv_heads: int,
+                    head_dim: int, v_head_dim: Optional[int] = None) -> int:
+    """K + V cache bytes of one token over all layers and KV heads (bf16 layers: 2 B/element)."""
+    plan = _as_plan(plan_or_config, num_layers, head_dim, v_head_dim)
+    return plan.bytes_per_token(num_kv_heads)
+
+
+def _as_plan(plan_or_config, num_layers, head_dim, v_head_dim) -> ModelPlan:
+    if isinstance(plan_or_config, TQConfig):
+        return plan_or_config.resolve(num_layers, head_dim, v_head_dim)
+    plan = plan_or_config
+    want = (num_layers, head_dim, head_dim if v_head_dim is None else v_head_dim)
+    if (plan.num_layers, plan.head_dim, plan.v_head_dim) != want:
+        raise TQConfigError(f"plan {plan.name} was resolved for (layers, head_dim, v_head_dim) = "
+                            f"{(plan.num_layers, plan.head_dim, plan.v_head_dim)}, not {want}")
+    return plan
+
+
+def _layer_span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
+    """One row per run of consecutive identical layers, plus the total."""
+    d, dv = plan.head_dim, plan.v_head_dim
+    bf16_layer = num_kv_heads * (BF16_BYTES_PER_HEAD(d) + BF16_BYTES_PER_HEAD(dv))
+    groups: List[List[Any]] = []
+    for lp in plan.layers:
+        key = lp.describe()
+        if groups and groups[-1][2] == key:
+            groups[-1][1] = lp.layer_id
+        else:
+            groups.append([lp.layer_id, lp.layer_id, key, lp.bytes_per_token_head(d, dv) * num_kv_heads])
+    header = ("layers", "K", "V", "B/token/layer", "vs bf16")
+    rows = [(_layer_span(a, b), k, v, str(per_layer), f"{bf16_layer / per_layer:.2f}x")
+            for a, b, (k, v), per_layer in groups]
+    total = plan.bytes_per_token(num_kv_heads)
+    bf16_total = plan.bf16_bytes_per_token(num_kv_heads)
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines = [f"{plan.name}: {plan.num_layers} layers, {num_kv_heads} KV heads, head_dim {d}"
+             + (f", v_head_dim {dv}" if dv != d else "") + f", seed {plan.seed}",
+             fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
+    lines += [fmt_row(r) for r in rows]
+    lines.append(f"total: {total} B/token (bf16 {bf16_total} B/token), "
+                 f"compression {bf16_total / total:.2f}x, {len(plan.quantized_layers)}/{plan.num_layers} layers quantized")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "CONFIG_ENV", "DEFAULT_PRESET", "TQConfigError", "TQConfig", "VecSpec", "OutlierSpec", "LayerPlan",
+    "ModelPlan", "load_config", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
+]

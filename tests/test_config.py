@@ -1,0 +1,285 @@
+"""Per-layer config: parsing, validation messages, resolution, sizes, presets and the CLI."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sglang_tq import cli
+from sglang_tq.config import (
+    CONFIG_ENV, TQConfigError, bytes_per_token, list_presets, load_config, parse_yaml, presets_dir,
+)
+from tq_kernels.codec import ROLE_K, ROLE_V, VecFormat
+
+PRESETS = ["turbo4", "turbo3", "k4v2", "turbo2", "turbo3.5", "prod3", "example_per_layer"]
+LLAMA3_8B = dict(num_layers=32, num_kv_heads=8, head_dim=128)
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# --- bad inputs: each names file, key and value -------------------------------------------------
+BAD = [
+    ("unknown top key", "defualts: {}\n", ["defualts", "did you mean 'defaults'"]),
+    ("unknown k key", "defaults:\n  k: {bist: 3}\n", ["defaults.k.bist", "did you mean 'bits'"]),
+    ("wrong type bits", "defaults:\n  k: {bits: four}\n", ["defaults.k.bits", "expected an integer", "'four'"]),
+    ("bool is not an int", "defaults:\n  v: {bits: true}\n", ["defaults.v.bits", "expected an integer"]),
+    ("bits too high", "defaults:\n  k: {bits: 5}\n", ["defaults.k.bits", "5 is out of range", "allowed 2..4"]),
+    ("bits too low", "defaults:\n  v: {bits: 1}\n", ["defaults.v.bits", "1 is out of range", "allowed 2..4"]),
+    ("prod bits too high", "defaults:\n  k: {bits: 6, qjl: true}\n", ["defaults.k.bits", "6", "allowed 2..5"]),
+    ("qjl on V", "defaults:\n  v: {bits: 3, qjl: true}\n", ["defaults.v.qjl", "V may not use qjl"]),
+    ("qjl not a bool", "defaults:\n  k: {qjl: 1}\n", ["defaults.k.qjl", "expected true or false"]),
+    ("outliers both count and fraction", "defaults:\n  k: {bits: 3, outliers: {channels: 32, fraction: 0.25, bits: 4}}\n",
+     ["defaults.k.outliers", "exactly one of 'channels'"]),
+    ("outlier channels not power of two", "defaults:\n  k: {bits: 3, outliers: {channels: 24, bits: 4}}\n",
+     ["defaults.k.outliers.channels", "24", "power of two"]),
+    ("outlier bits not above bits", "defaults:\n  v: {bits: 3, outliers: {channels: 32, bits: 3}}\n",
+     ["defaults.v.outliers.bits", "3 is out of range", "allowed 4..4"]),
+    ("outlier list duplicates", "defaults:\n  k: {bits: 3, outliers: {channels: 8, bits: 4, channel_list: [1,1,2,3,4,5,6,7]}}\n",
+     ["defaults.k.outliers.channel_list", "[1] repeated"]),
+    ("overlapping overrides", "overrides:\n  - {layers: \"4-8\", k: {bits: 3}}\n  - {layers: [8, 9], v: {bits: 2}}\n",
+     ["overrides[1].layers", "overlaps overrides[0]"]),
+    ("bad selector", "overrides:\n  - {layers: [1, 2, 3], k: {bits: 3}}\n", ["overrides[0].layers", "[1, 2, 3]", "[first, last]"]),
+    ("backwards range", "overrides:\n  - {layers: \"9-4\", k: {bits: 3}}\n", ["overrides[0].layers", "first 9 > last 4"]),
+    ("bf16 with k", "overrides:\n  - {layers: 5, format: bf16, k: {bits: 3}}\n", ["overrides[0]", "remove its k/v"]),
+    ("bad layer format", "overrides:\n  - {layers: 5, format: int8}\n", ["overrides[0].format", "'int8'", "tq, bf16"]),
+    ("bad boundary format", "boundary: {first: 1, format: fp8}\n", ["boundary.format", "'fp8'", "bf16"]),
+    ("negative boundary", "boundary: {last: -1}\n", ["boundary.last", "-1 is negative"]),
+    ("not a mapping", "- 1\n- 2\n", ["expected a mapping", "list"]),
+    ("duplicate key", "seed: 1\nseed: 2\n", ["malformed YAML at line 2", "duplicate key 'seed'"]),
+    ("malformed yaml", "defaults:\n  k: {bits: 3\nseed: 1\n", ["malformed YAML at line"]),
+]
+
+
+@pytest.mark.parametrize("text,fragments", [(t, f) for _, t, f in BAD], ids=[n for n, _, _ in BAD])
+def test_bad_config_message(tmp_path, text, fragments):
+    path = write(tmp_path, text, "bad_config.yaml")
+    with pytest.raises(TQConfigError) as err:
+        load_config(str(path))
+    msg = str(err.value)
+    assert str(path) in msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "name: x\ndefaults:\n  k: [bits: 3\n  v: {}\n")
+    with pytest.raises(TQConfigError, match=r"cfg\.yaml: malformed YAML at line [34]"):
+        load_config(str(path))
+
+
+def test_empty_file(tmp_path):
+    path = write(tmp_path, "  \n", "empty.yaml")
+    with pytest.raises(TQConfigError, match=r"empty\.yaml: empty file"):
+        load_config(str(path))
+    with pytest.raises(TQConfigError, match=r"empty config"):
+        parse_yaml("# only a comment\n", "comment.yaml")
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(TQConfigError, match=r"turbo9: no such config file or preset; presets: .*turbo4"):
+        load_config("turbo9")
+
+
+# --- errors that need the model's shape ------------------------------------------------------------
+def test_layer_past_model_end():
+    cfg = parse_yaml("boundary: {last: 0}\noverrides:\n  - {layers: \"20-40\", k: {bits: 3}}\n", "m.yaml")
+    cfg.resolve(41, 128)
+    with pytest.raises(TQConfigError, match=r"m\.yaml: overrides\[0\]\.layers: layer 40 is past the model's 32 layers"):
+        cfg.resolve(32, 128)
+    with pytest.raises(TQConfigError, match=r"layer -40 is past the model's 32 layers; allowed -32\.\.31"):
+        parse_yaml("overrides:\n  - {layers: -40, format: bf16}\n", "m.yaml").resolve(32, 128)
+
+
+def test_unsupported_head_dim():
+    cfg = load_config("turbo4")
+    with pytest.raises(TQConfigError, match=r"turbo4\.yaml: model head_dim 96 is not supported .*64, 128, 256"):
+        cfg.resolve(32, 96)
+    with pytest.raises(TQConfigError, match=r"model v_head_dim 80 is not supported"):
+        cfg.resolve(32, 128, v_head_dim=80)
+
+
+def test_overlap_through_negative_index():
+    cfg = parse_yaml("overrides:\n  - {layers: \"28-29\", k: {bits: 3}}\n  - {layers: -4, v: {bits: 2}}\n", "n.yaml")
+    with pytest.raises(TQConfigError, match=r"overrides\[1\]\.layers: -4 overlaps overrides\[0\] at layer 28"):
+        cfg.resolve(32, 128)
+    cfg.resolve(40, 128)  # -4 is layer 36 there: no overlap
+
+
+def test_override_on_boundary_needs_format_tq():
+    cfg = parse_yaml("overrides:\n  - {layers: [0, 3], k: {bits: 3}}\n", "b.yaml")
+    with pytest.raises(TQConfigError, match=r"overrides\[0\]: changes k/v of layer 0, which is a bf16 boundary layer"):
+        cfg.resolve(32, 128)
+    plan = parse_yaml("overrides:\n  - {layers: [0, 3], format: tq, k: {bits: 3}}\n", "b.yaml").resolve(32, 128)
+    assert all(plan[i].quantized and plan[i].k.bits == 3 and plan[i].v.bits == 4 for i in range(4))
+
+
+def test_outlier_fraction_resolves_against_head_dim():
+    cfg = parse_yaml("defaults:\n  k: {bits: 3, outliers: {fraction: 0.0625, bits: 4}}\n", "f.yaml")
+    assert cfg.resolve(6, 128)[2].k.outlier_channels == 8
+    with pytest.raises(TQConfigError, match=r"f\.yaml: defaults\.k\.outliers: fraction 0\.0625 gives 4 channels at head_dim 64"):
+        cfg.resolve(6, 64)
+    frac = parse_yaml("defaults:\n  v: {bits: 2, outliers: {fraction: 0.3, bits: 4}}\n", "g.yaml")
+    with pytest.raises(TQConfigError, match=r"0\.3 x head_dim 128 = 38\.4 is not a whole number"):
+        frac.resolve(6, 128)
+
+
+def test_channel_list_checked_against_head_dim():
+    cfg = parse_yaml("defaults:\n  k: {bits: 3, outliers: {channels: 8, bits: 4, "
+                     "channel_list: [0, 8, 16, 24, 32, 40, 48, 100]}}\n", "c.yaml")
+    assert cfg.resolve(5, 128)[2].k_outlier_channel_list == (0, 8, 16, 24, 32, 40, 48, 100)
+    with pytest.raises(TQConfigError, match=r"defaults\.k\.outliers\.channel_list: \[100\] out of range; allowed 0\.\.63"):
+        cfg.resolve(5, 64)
+
+
+# --- resolution -----------------------------------------------------------------------------------
+def test_defaults_without_a_file_are_turbo4_shape():
+    plan = parse_yaml("name: bare\n", "bare.yaml").resolve(32, 128)
+    assert [lp.quantized for lp in plan.layers] == [False] * 2 + [True] * 28 + [False] * 2
+    assert plan[5].k == VecFormat(128, 4) and plan[5].v == VecFormat(128, 4)
+
+
+def test_overrides_by_index_range_and_negative():
+    cfg = parse_yaml(textwrap.dedent("""
+        boundary: {first: 1, last: 0}
+        overrides:
+          - layers: 3
+            k: {bits: 3}
+          - layers: "5-7"
+            v: {bits: 2}
+          - layers: [8, 9]
+            k: {bits: 3, qjl: true}
+          - layers: [-3, -2]
+            k: {outliers: {channels: 16, bits: 4}, bits: 2}
+          - layers: -1
+            format: bf16
+    """), "o.yaml")
+    plan = cfg.resolve(16, 64)
+    assert not plan[0].quantized and plan[1].quantized
+    assert plan[3].k.bits == 3 and plan[3].v.bits == 4
+    assert [plan[i].v.bits for i in (4, 5, 6, 7, 8)] == [4, 2, 2, 2, 4]
+    assert plan[8].k == VecFormat(64, 3, qjl=True) and plan[9].k.mse_bits == 2
+    assert plan[13].k == VecFormat(64, 2, outlier_channels=16, outlier_bits=4) and plan[14].k.outlier_channels == 16
+    assert not plan[15].quantized and plan[12].k == VecFormat(64, 4)
+
+
+def test_boundary_is_capped_by_layer_count():
+    plan = parse_yaml("boundary: {first: 3, last: 3}\n", "cap.yaml").resolve(4, 128)
+    assert not any(lp.quantized for lp in plan.layers)
+    assert parse_yaml("boundary: {first: 0, last: 0}\n", "z.yaml").resolve(3, 128).quantized_layers == (0, 1, 2)
+
+
+def test_layer_plan_builds_codecs_with_per_layer_seeds():
+    plan = load_config("example_per_layer").resolve(32, 128)
+    k4, v4 = plan.codecs(4)
+    assert k4.fmt == plan[4].k and k4.rotation.perm is not None
+    assert k4.rotation.perm[:: k4.fmt.outlier_stride].tolist() == list(plan[4].k_outlier_channel_list)
+    k5, v5 = plan[5].codecs(plan.seed)
+    assert not (k5.rotation.signs == v5.rotation.signs).all()
+    from tq_kernels.codec import TQCodec
+    ref = TQCodec.build(plan[5].v, plan.seed, 5, ROLE_V)
+    assert (ref.rotation.signs == v5.rotation.signs).all()
+    assert not (TQCodec.build(plan[5].k, plan.seed, 6, ROLE_K).rotation.signs == k5.rotation.signs).all()
+    assert plan.codecs(0) == (None, None)
+
+
+# --- presets and sizes --------------------------------------------------------------------------
+def test_presets_ship_and_resolve():
+    assert sorted(list_presets()) == sorted(PRESETS)
+    assert (presets_dir() / "turbo4.yaml").is_file()
+    for name in PRESETS:
+        cfg = load_config(name)
+        assert cfg.name == name
+        for layers, hd in ((32, 128), (30, 64)):
+            plan = cfg.resolve(layers, hd)
+            assert len(plan.layers) == layers and plan.compression_ratio() > 2.5
+
+
+def test_default_preset_and_env_name():
+    assert load_config(None).name == "turbo4" and load_config("").name == "turbo4"
+    assert load_config("turbo3.yaml").name == "turbo3"
+    assert CONFIG_ENV == "SGLANG_TQ_CONFIG"
+
+
+@pytest.mark.parametrize("name,per_head", [("turbo4", 132), ("turbo3", 100), ("k4v2", 100), ("turbo2", 68),
+                                            ("turbo3.5", 108), ("prod3", 102)])
+def test_preset_bytes_match_their_comment(name, per_head):
+    plan = load_config(name).resolve(32, 128)
+    assert plan[10].bytes_per_token_head(128, 128) == per_head
+    header = (presets_dir() / f"{name}.yaml").read_text().splitlines()[0]
+    assert f"{per_head} B/token-head at d=128" in header and f"{512 / per_head:.2f}x" in header
+
+
+def test_llama3_8b_all_layers_k4v4():
+    cfg = parse_yaml("boundary: {first: 0, last: 0}\n", "all.yaml")
+    total = bytes_per_token(cfg, **LLAMA3_8B)
+    assert total == 32 * 8 * 132
+    assert f"{32 * 8 * 512 / total:.2f}" == "3.88"
+
+
+def test_llama3_8b_turbo4_with_boundary():
+    plan = load_config("turbo4").resolve(32, 128)
+    per_head = 28 * 132 + 4 * 512
+    assert bytes_per_token(plan, **LLAMA3_8B) == 8 * per_head == 45952
+    assert plan.compression_ratio() == pytest.approx(32 * 512 / per_head)
+    assert f"{plan.compression_ratio():.2f}" == "2.85"
+    with pytest.raises(TQConfigError, match="was resolved for"):
+        bytes_per_token(plan, 30, 8, 128)
+
+
+def test_v_head_dim_counts_separately():
+    plan = load_config("turbo4").resolve(4, 128, v_head_dim=64)
+    assert plan.bytes_per_token(1) == 4 * (256 + 128)  # all four layers are boundary (bf16)
+    plan = parse_yaml("boundary: {first: 0, last: 0}\n", "v.yaml").resolve(2, 128, v_head_dim=64)
+    assert plan.bytes_per_token(2) == 2 * 2 * (66 + 34)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def test_cli_summary_groups_layers(capsys):
+    assert cli.main(["summary", "turbo4", "--layers", "32", "--kv-heads", "8", "--head-dim", "128"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()]
+    assert ["0-1", "bf16", "bf16", "4096", "1.00x"] in rows
+    assert ["2-29", "MSE4/nc", "MSE4/nc", "1056", "3.88x"] in rows
+    assert ["30-31", "bf16", "bf16", "4096", "1.00x"] in rows
+    assert "total: 45952 B/token (bf16 131072 B/token), compression 2.85x, 28/32 layers quantized" in out
+
+
+def test_cli_validate(tmp_path, capsys):
+    assert cli.main(["validate", "example_per_layer", "--layers", "32", "--head-dim", "128"]) == 0
+    assert "OK: example_per_layer" in capsys.readouterr().out
+    bad = write(tmp_path, "defaults:\n  k: {bits: 9}\n", "bad.yaml")
+    assert cli.main(["validate", str(bad)]) == 2
+    assert "bad.yaml: defaults.k.bits: 9 is out of range" in capsys.readouterr().err
+    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", "80"]) == 2
+    assert "head_dim 80 is not supported" in capsys.readouterr().err
+
+
+def test_cli_distortion_small(capsys):
+    assert cli.main(["distortion", "--samples", "4000", "--dims", "64", "--bits", "2", "3", "--queries", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mse = [line.split() for line in lines if line.split()[:2] in (["64", "2"], ["64", "3"])]
+    assert len(mse) == 4  # two MSE rows, two PROD rows
+    for d, b, measured, optimum, ratio, bound in mse[:2]:
+        assert abs(float(ratio) - 1) < 0.05 and float(measured) < float(bound)
+
+
+def test_cli_as_module_and_console_entry():
+    out = subprocess.run([sys.executable, "-m", "sglang_tq", "validate", "prod3"], capture_output=True, text=True)
+    assert out.returncode == 0 and "OK: prod3" in out.stdout
+
+
+
+def test_cli_unknown_config(capsys):
+    assert cli.main(["summary", "nope", "--layers", "2", "--kv-heads", "1", "--head-dim", "64"]) == 2
+    assert "nope: no such config file or preset" in capsys.readouterr().err
+
+
+def test_package_imports_without_sglang():
+    code = "import sys, sglang_tq, sglang_tq.config, sglang_tq.cli; assert 'sglang' not in sys.modules; print(sglang_tq.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.1.0"
