@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Serving benchmark: BF16 KV vs FP8 KV vs TurboQuant presets, same model, same card, one run.
+
+For each KV configuration it starts an SGLang server, records max_total_num_tokens, and runs
+`python -m sglang.bench_serving` (random token ids: nothing is downloaded) at each
+(input len, output len, concurrency) point; then prints a table of output tok/s, TTFT and TPOT with
+ratios against BF16 and FP8, writes JSON, and draws throughput-vs-concurrency PNG plots.
+
+The default model is a config-only Llama-3-8B shape (32 layers, 32/8 heads, hd 128) served with
+--load-format dummy: speed does not depend on the weights' values. Pass --model for real weights.
+
+Example (GPU):
+  python scripts/bench_serving.py --points 16384:512:64,1024:256:8 --configs bf16,fp8,turbo4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gpu_server_check import Server, make_dummy_8b  # noqa: E402
+
+CONFIGS = {
+    "bf16": ["--attention-backend", "triton"],
+    "bf16_flashinfer": ["--attention-backend", "flashinfer"],
+    "fp8": ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"],
+    "fp8_flashinfer": ["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"],
+}
+
+
+def tq_args(preset):
+    return ["--attention-backend", "turboquant", "--tq-config", preset]
+
+
+def run_point(url, tokenizer, isl, osl, conc, num_prompts, out_json):
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", url,
+           "--tokenizer", tokenizer, "--dataset-name", "random-ids", "--random-input-len", str(isl),
+           "--random-output-len", str(osl), "--random-range-ratio", "1.0", "--num-prompts", str(num_prompts),
+           "--max-concurrency", str(conc), "--output-file", out_json, "--seed", "1", "--disable-tqdm"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stdout[-2000:] + p.stderr[-3000:])
+    last = open(out_json).read().strip().splitlines()[-1]
+    r = json.loads(last)
+    return {k: r.get(k) for k in ("output_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms",
+                                  "median_tpot_ms", "completed", "duration", "total_output_tokens")}
+
+
+def plot(results, points, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    by_len = {}
+    for isl, osl, conc in points:
+        by_len.setdefault((isl, osl), []).append(conc)
+    fig, axes = plt.subplots(1, len(by_len), figsize=(6 * len(by_len), 4), squeeze=False)
+    for ax, ((isl, osl), concs) in zip(axes[0], by_len.items()):
+        for cfg, r in results.items():
+            ys = [r["points"].get(f"{isl}:{osl}:{c}", {}).get("output_throughput") for c in concs]
+            ax.plot(concs, [y or 0 for y in ys], marker="o", label=cfg)
+        ax.set_title(f"ISL {isl} / OSL {osl}")
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("output tok/s")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="", help="HF folder; empty = config-only Llama-3-8B shape (dummy weights)")
+    ap.add_argument("--tokenizer-from", default="/tmp/models/SmolLM2-135M-Instruct")
+    ap.add_argument("--configs", default="bf16,fp8,turbo4")
+    ap.add_argument("--points", default="16384:512:64,1024:256:8", help="isl:osl:concurrency,...")
+    ap.add_argument("--prompts-per-conc", type=float, default=2.0, help="num_prompts = this x concurrency")
+    ap.add_argument("--min-prompts", type=int, default=16)
+    ap.add_argument("--mem-fraction", type=float, default=0.85)
+    ap.add_argument("--extra", default="", help="extra server args, space separated")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    points = [tuple(int(x) for x in p.split(":")) for p in a.points.split(",")]
+    model = a.model or make_dummy_8b(a.tokenizer_from)
+    max_ctx = max(i + o for i, o, _ in points) + 64
+    base = ["--model-path", model, "--grammar-backend", "none", "--mem-fraction-static", str(a.mem_fraction),
+            "--context-length", str(max(max_ctx, 4096))] + (["--load-format", "dummy"] if not a.model else [])
+    base += a.extra.split() if a.extra else []
+    results = {}
+    for cfg in a.configs.split(","):
+        args = CONFIGS.get(cfg) or tq_args(cfg)
+        t0 = time.time()
+        try:
+            s = Server(f"serve_{cfg}", base + args, log_dir=a.out)
+        except Exception as e:  # noqa: BLE001
+            results[cfg] = {"error": repr(e), "points": {}}
+            continue
+        r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "startup_s": round(s.startup_s), "points": {}}
+        try:
+            for isl, osl, conc in points:
+                n = max(a.min_prompts, int(a.prompts_per_conc * conc))
+                key = f"{isl}:{osl}:{conc}"
+                try:
+                    r["points"][key] = run_point(s.url, model, isl, osl, conc, n,
+                                                 os.path.join("/tmp", f"bs_{cfg}_{key.replace(':', '_')}.jsonl"))
+                except Exception as e:  # noqa: BLE001
+                    r["points"][key] = {"error": repr(e)[:3000]}
+                print(f"[{cfg}] {key}: {r['points'][key]}", flush=True)
+        finally:
+            s.stop()
+        r["seconds"] = round(time.time() - t0)
+        results[cfg] = r
+        json.dump(results, open(os.path.join(a.out, "bench_serving.json"), "w"), indent=1)
+    plot(results, points, os.path.join(a.out, "bench_serving.png"))
+
+    print("\n===== serving benchmark =====")
+    try:
+        import torch
+        print("card:", torch.cuda.get_device_name(0))
+    except Exception:  # noqa: BLE001
+        pass
+    hdr = f"{'config':>10s} {'max_tokens':>10s} {'point':>14s} {'out tok/s':>10s} {'TTFT ms':>9s} {'TPOT ms':>8s} {'vs bf16':>8s} {'vs fp8':>7s}"
+    print(hdr)
+    for cfg, r in results.items():
+        for key, p in r["points"].items():
+            tp = p.get("output_throughput")
+            rb = (results.get("bf16", {}).get("points", {}).get(key) or {}).get("output_throughput")
+            rf = (results.get("fp8", {}).get("points", {}).get(key) or {}).get("output_throughput")
+            fmt = lambda x: f"{x:.2f}" if x else "-"  # noqa: E731
+            print(f"{cfg:>10s} {str(r.get('max_total_num_tokens')):>10s} {key:>14s} {fmt(tp):>10s} "
+                  f"{fmt(p.get('mean_ttft_ms')):>9s} {fmt(p.get('mean_tpot_ms')):>8s} "
+                  f"{fmt(tp / rb if tp and rb else None):>8s} {fmt(tp / rf if tp and rf else None):>7s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+# Source on the GPU machine (repo root): puts tq_kernels and sglang_tq on the path and, if the
+# offline SGLang bundle was carried, installs it into /tmp/site (once per warm machine).
+mkdir -p /tmp/tqp && ln -sfn "$PWD/kernels" /tmp/tqp/tq_kernels
+if [ -d .gpu_bundle ]; then bash .gpu_bundle/install.sh >/dev/null; fi
+export PYTHONPATH=/tmp/tqp:$PWD:/tmp/site:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"

@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Real-server checks on a GPU: one script, one device call.
+
+Starts SGLang servers one after another (BF16 KV with the triton backend as the baseline, then
+TurboQuant presets), and records for each: max_total_num_tokens, perplexity, chat answers, greedy
+tokens for parity checks, bad-request behaviour. Writes one JSON per stage into --out and prints a
+summary table last.
+
+Stages (--stages, comma-separated):
+  smollm2   SmolLM2-135M-Instruct (real weights): BF16 (triton) vs turbo4 vs turbo3 perplexity, chat
+            answers; turbo4 with CUDA graphs on vs off (greedy tokens for 20 prompts); the same prompts
+            alone vs inside a busy batch (turbo4 and BF16); bad requests answered alike
+  capacity  config-only Llama-3-8B shape (--load-format dummy): max_total_num_tokens of BF16 vs
+            all-layers K4V4 vs the turbo4 preset at the same --mem-fraction-static
+All TurboQuant servers run with SGLANG_TQ_PREFILL_FROM_CACHE=1: prefill attends to the K/V as stored
+in the compressed cache (not the fresh chunk), so every token sees its whole past as in decoding and
+perplexity measures the cache format (BF16 is unaffected by the flag).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import eval_quality as ev  # noqa: E402
+
+PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
+    "List three prime numbers.", "Who wrote Pride and Prejudice?", "What is 12 times 7?",
+    "Give me a synonym for happy.", "Translate 'good morning' to Spanish.", "What color is the sky on a clear day?",
+    "Name a famous physicist.", "Describe a cat in five words.", "What is the boiling point of water in Celsius?",
+    "Why do leaves change color in autumn?", "Suggest a name for a pet goldfish.", "What is the largest planet?",
+    "How many days are in a leap year?", "Write one sentence about friendship.", "What does CPU stand for?",
+    "Recommend a book for a long flight.", "What is the square root of 81?",
+]
+
+
+def wait_healthy(url, proc, timeout=600):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return time.time() - t0
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1.0)
+    raise TimeoutError("server did not become healthy")
+
+
+class Server:
+    def __init__(self, name, args, env_extra=None, port=30000, log_dir="."):
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        tq = "--attention-backend" in args and args[args.index("--attention-backend") + 1] == "turboquant"
+        mod = "sglang_tq.launch_server" if tq else "sglang.launch_server"
+        cmd = [sys.executable, "-m", mod, *args, "--port", str(port), "--host", "127.0.0.1"]
+        env = dict(os.environ, **(env_extra or {}))
+        self.log_path = os.path.join(log_dir, f"server_{name}.log")
+        self.log = open(self.log_path, "w")
+        print(f"[{name}] {' '.join(cmd)}", flush=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            self.startup_s = wait_healthy(self.url, self.proc)
+        except Exception:
+            self.stop()
+            print(open(self.log_path).read()[-6000:])
+            raise
+        self.info = ev._get(self.url, "/server_info")
+        print(f"[{name}] up in {self.startup_s:.0f}s, max_total_num_tokens={self.info.get('max_total_num_tokens')}",
+              flush=True)
+
+    def generate(self, prompts, max_new_tokens=32, concurrent=False):
+        def one(p):
+            r = ev._post(self.url, "/generate", {"text": p, "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                                             "temperature": 0.0}})
+            return r["meta_info"].get("output_ids") or r["text"]
+        if not concurrent:
+            return [one(p) for p in prompts]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            return list(ex.map(one, prompts))
+
+    def chat(self, msg, max_tokens=64):
+        r = ev._post(self.url, "/v1/chat/completions", {"model": "default", "temperature": 0.0, "max_tokens": max_tokens,
+                                                        "messages": [{"role": "user", "content": msg}]})
+        return r["choices"][0]["message"]["content"]
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except Exception:  # noqa: BLE001
+                pass
+        self.log.close()
+        time.sleep(3)
+
+
+def raw_status(url, path, payload):
+    req = urllib.request.Request(url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+            return r.status, _shape(body)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()[:200]
+
+
+def _shape(body):
+    """What a bad-request comparison should look at: error text or the kinds of fields returned."""
+    if isinstance(body, dict) and "choices" in body:
+        c = body["choices"][0]
+        return {"finish_reason": c.get("finish_reason"), "n_chars": len((c.get("message") or {}).get("content") or c.get("text") or "")}
+    return str(body)[:200]
+
+
+BAD_REQUESTS = [
+    ("empty prompt", "/v1/completions", {"model": "default", "prompt": "", "max_tokens": 8}),
+    ("max_tokens 0", "/v1/chat/completions", {"model": "default", "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}),
+    ("negative temperature", "/v1/chat/completions", {"model": "default", "temperature": -1, "messages": [{"role": "user", "content": "hi"}]}),
+    ("top_p 0", "/v1/chat/completions", {"model": "default", "top_p": 0.0, "messages": [{"role": "user", "content": "hi"}]}),
+    ("prompt longer than context", "/v1/completions", {"model": "default", "prompt": "word " * 9000, "max_tokens": 8}),
+]
+
+
+def smollm2_servers(a, base, out):
+    """Four SmolLM2 servers, each asked everything it is needed for (server starts dominate)."""
+    text = open(a.text, encoding="utf-8").read()[:6000]
+    plan = [("bf16", ["--attention-backend", "triton"]),
+            ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
+            ("turbo4_nograph", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-cuda-graph"]),
+            ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"])]
+    res = {}
+    for name, extra in plan:
+        r = {}
+        s = Server(name, base + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
+        try:
+            r["max_total_num_tokens"] = s.info.get("max_total_num_tokens")
+            r["alone"] = s.generate(PROMPTS)
+            if name == "turbo4_nograph":
+                res[name] = r
+                continue
+            r["ppl"] = ev.perplexity(s.url, text)
+            print(f"  {name}: ppl {r['ppl']['ppl']:.4f} ({r['ppl']['tokens']} tokens)", flush=True)
+            r["chat"] = [s.chat(p) for p in PROMPTS[:3]]
+            if name != "turbo3":
+                r["busy"] = s.generate(PROMPTS + [p + " Answer in detail." for p in PROMPTS] * 3,
+                                       concurrent=True)[:len(PROMPTS)]
+                r["badreq"] = {label: raw_status(s.url, path, body) for label, path, body in BAD_REQUESTS}
+                r["healthy_after_badreq"] = urllib.request.urlopen(s.url + "/health", timeout=10).status
+            if a.qa_limit:
+                r["qa"] = ev.qa(s.url, a.asdiv, a.qa_limit)
+        finally:
+            s.stop()
+        res[name] = r
+    same = lambda x, y: sum(i == j for i, j in zip(x, y))  # noqa: E731
+    b, t4 = res["bf16"], res["turbo4"]
+    res["summary"] = {
+        "ppl_bf16": b["ppl"]["ppl"], "ppl_turbo4": t4["ppl"]["ppl"], "ppl_turbo3": res["turbo3"]["ppl"]["ppl"],
+        "ppl_delta_pct_turbo4": (t4["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100,
+        "ppl_delta_pct_turbo3": (res["turbo3"]["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100,
+        "graphs_on_vs_off_identical": f"{same(t4['alone'], res['turbo4_nograph']['alone'])}/{len(PROMPTS)}",
+        "turbo4_alone_vs_busy_identical": f"{same(t4['alone'], t4['busy'])}/{len(PROMPTS)}",
+        "bf16_alone_vs_busy_identical": f"{same(b['alone'], b['busy'])}/{len(PROMPTS)}",
+        "badreq_same_status": all(b["badreq"][k][0] == t4["badreq"][k][0] for k, _, _ in BAD_REQUESTS),
+        "capacity_ratio_smollm2_turbo4": t4["max_total_num_tokens"] / b["max_total_num_tokens"],
+    }
+    return res
+
+
+LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "num_hidden_layers": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+           "rope_theta": 500000.0, "torch_dtype": "bfloat16", "hidden_act": "silu", "tie_word_embeddings": False,
+           "bos_token_id": 1, "eos_token_id": 2}
+
+
+def make_dummy_8b(tokenizer_dir, dest="/tmp/models/llama8b-shape"):
+    """A config-only Llama-3-8B-shape model folder (weights come from --load-format dummy); the
+    tokenizer is SmolLM2's, so the vocabulary is that tokenizer's size."""
+    os.makedirs(dest, exist_ok=True)
+    for f in os.listdir(tokenizer_dir):
+        if "token" in f or f in ("special_tokens_map.json", "generation_config.json"):
+            shutil.copy(os.path.join(tokenizer_dir, f), dest)
+    vocab = json.load(open(os.path.join(tokenizer_dir, "config.json"))).get("vocab_size", 49152)
+    json.dump(dict(LLAMA8B, vocab_size=vocab), open(os.path.join(dest, "config.json"), "w"))
+    return dest
+
+
+def stage_capacity(a, base_unused, out):
+    model = make_dummy_8b(a.model)
+    all4 = os.path.join(out, "all_k4v4.yaml")
+    with open(all4, "w") as f:
+        f.write("name: all_k4v4\nboundary: {first: 0, last: 0}\ndefaults:\n  k: {bits: 4}\n  v: {bits: 4}\n")
+    common = ["--model-path", model, "--load-format", "dummy", "--grammar-backend", "none",
+              "--mem-fraction-static", str(a.mem_fraction), "--disable-cuda-graph", "--context-length", "32768"]
+    res = {}
+    for name, extra in [("bf16", ["--attention-backend", "triton"]),
+                        ("all_k4v4", ["--attention-backend", "turboquant", "--tq-config", all4]),
+                        ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"])]:
+        s = Server(f"cap_{name}", common + extra, log_dir=out)
+        try:
+            res[name] = s.info.get("max_total_num_tokens")
+            # one real request through the 32-layer model proves the pool is used, not just sized
+            ev._post(s.url, "/generate", {"text": "hello " * 200, "sampling_params": {"max_new_tokens": 8}})
+        finally:
+            s.stop()
+    res["ratio_all_k4v4"] = res["all_k4v4"] / res["bf16"]
+    res["ratio_turbo4"] = res["turbo4"] / res["bf16"]
+    res["expected_all_k4v4"] = 512 / 132
+    res["expected_turbo4"] = 32 * 512 / (28 * 132 + 4 * 512)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/tmp/models/SmolLM2-135M-Instruct")
+    ap.add_argument("--text", default=".gpu_data/prideprejudice.txt")
+    ap.add_argument("--asdiv", default=".gpu_data/asdiv.jsonl")
+    ap.add_argument("--qa-limit", type=int, default=0)
+    ap.add_argument("--stages", default="smollm2,capacity")
+    ap.add_argument("--mem-fraction", type=float, default=0.80)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    base = ["--model-path", a.model, "--grammar-backend", "none", "--mem-fraction-static", "0.5",
+            "--cuda-graph-max-bs", "64"]
+    summary = {}
+    for st in a.stages.split(","):
+        t0 = time.time()
+        try:
+            summary[st] = {"smollm2": smollm2_servers, "capacity": stage_capacity}[st](a, base, a.out)
+        except Exception as e:  # noqa: BLE001 - keep the other stages running
+            import traceback
+            traceback.print_exc()
+            summary[st] = {"error": repr(e)}
+        summary[st]["seconds"] = round(time.time() - t0)
+        json.dump(summary[st], open(os.path.join(a.out, f"{st}.json"), "w"), indent=1, default=str)
+        print(f"== {st} done in {summary[st]['seconds']}s", flush=True)
+    print("\n===== summary =====")
+    for st, r in summary.items():
+        print(st, json.dumps(r.get("summary", r), default=str)[:2000])
+
+
+if __name__ == "__main__":
+    main()

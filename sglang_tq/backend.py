@@ -1,0 +1,296 @@
+"""TurboQuantAttnBackend: SGLang attention backend over the packed TurboQuant KV pool.
+
+Subclass of SGLang's `TritonAttnBackend`, reusing all of its metadata and CUDA-graph plumbing:
+`init_forward_metadata`, `init_cuda_graph_state`, `init_forward_metadata_capture_cuda_graph` and
+`..._replay_cuda_graph` fill `forward_metadata.kv_indptr / kv_indices` (token slot ids; for extend the
+*prefix* only), `qo_indptr` and `max_extend_len`. Those are layout-agnostic, so only the forward
+functions change:
+
+* quantized layer, extend (prefill, chunked prefill, radix-cache hits, mixed batches):
+  `compress_and_store` of the new tokens (if `save_kv_cache`), then `extend_attention` = queries
+  attend to the dequantized prefix from the packed cache plus (causally) to the new tokens'
+  unquantized K/V.
+* quantized layer, decode: `compress_and_store` of the new token, then `decode_attention` over the
+  packed cache (split-K with a static per-batch-size split count and a preallocated
+  `DecodeWorkspace` under CUDA graphs: no host syncs, static grid).
+* unquantized (boundary) layer: the parent's Triton kernels over the pool's plain bf16 buffers.
+
+`SGLANG_TQ_PREFILL_FROM_CACHE=1` (read once per process; for quality evaluation): extend attends to
+the new tokens' K/V *as stored* (dequantized from the packed cache) instead of the fresh values, so
+every token sees its whole past exactly as decoding would (perplexity then measures the cache format).
+
+On a machine without CUDA (the CPU tests) the TurboQuant layers run `tq_kernels.reference` and the
+bf16 layers a small torch path, and the metadata is computed in torch (the parent's metadata kernels
+are Triton), with the same kv_indptr / kv_indices / qo_indptr as on GPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from sglang.srt.layers.attention.triton_backend import ForwardMetadata, TritonAttnBackend, logit_capping_mod
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang_tq.pool import TQTokenToKVPool, kernel_ops
+
+logger = logging.getLogger("sglang_tq")
+
+
+PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
+
+
+def _no_compile(fn):
+    return torch.compiler.disable(fn)
+
+
+class TurboQuantAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf: Optional[torch.Tensor] = None):
+        pool = model_runner.token_to_kv_pool
+        if not isinstance(pool, TQTokenToKVPool):
+            raise RuntimeError(
+                "TurboQuant: the attention backend needs the TurboQuant KV pool, but the model runner "
+                f"built {type(pool).__name__}. Start the server with `python -m sglang_tq.launch_server` "
+                "(or install the autoload hook: `python -m sglang_tq._autoload install`) so the pool "
+                "patches are in place in the scheduler processes.")
+        super().__init__(model_runner, skip_prefill=skip_prefill, kv_indptr_buf=kv_indptr_buf)
+        # TritonAttnBackend read v_head_dim from get_value_buffer(0).shape[-1]; use the pool's value.
+        self.v_head_dim = pool.v_head_dim
+        self.tq_pool = pool
+        self.on_cuda = torch.device(self.device).type == "cuda"
+        self.ops = kernel_ops(self.device)
+        self._compress = _no_compile(self.ops.compress_and_store)
+        self._decode = _no_compile(self.ops.decode_attention)
+        self._extend = _no_compile(self.ops.extend_attention)
+        self.num_sms = self.device_core_count if self.device_core_count > 0 else 1
+        if self.on_cuda:
+            self._warm_tables()
+        self.prefill_from_cache = os.environ.get(PREFILL_FROM_CACHE_ENV, "0").strip().lower() not in (
+            "", "0", "false", "no", "off")
+        self.decode_workspace = None
+        self._workspace_bs = 0
+        self._splits = {}
+
+    # ----------------------------------------------------------------------------------------
+    # Metadata: the parent's on CUDA; the same tensors computed in torch elsewhere.
+    # ----------------------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        if self.on_cuda:
+            return super().init_forward_metadata(forward_batch)
+        return self._init_forward_metadata_torch(forward_batch)
+
+    def _gather_indices(self, req_pool_indices, lens, kv_indptr):
+        """torch twin of create_flashinfer_kv_indices_triton: concatenated req_to_token[r, :len]."""
+        rows = self.req_to_token[req_pool_indices.long()]
+        cols = torch.arange(rows.shape[1], device=rows.device)[None, :]
+        mask = cols < lens.to(rows.device).long()[:, None]
+        return rows[mask].to(torch.int64)
+
+    def _init_forward_metadata_torch(self, fb):
+        if fb.spec_info is not None or fb.forward_mode.is_target_verify() or fb.forward_mode.is_draft_extend():
+            raise NotImplementedError("TurboQuant: speculative decoding is not supported")
+        bs = fb.batch_size
+        kv_indptr = self.kv_indptr
+        if fb.forward_mode.is_decode_or_idle():
+            kv_indptr[1:bs + 1] = torch.cumsum(fb.seq_lens, dim=0)
+            kv_indptr = kv_indptr[:bs + 1]
+            kv_indices = self._gather_indices(fb.req_pool_indices, fb.seq_lens, kv_indptr)
+            self.forward_metadata = ForwardMetadata(
+                None, None, None, None, kv_indptr, kv_indices, None, None, None, None, None, None, None)
+            return
+        kv_indptr[1:bs + 1] = torch.cumsum(fb.extend_prefix_lens, dim=0)
+        kv_indptr = kv_indptr[:bs + 1]
+        kv_indices = self._gather_indices(fb.req_pool_indices, fb.extend_prefix_lens, kv_indptr)
+        qo_indptr = self.qo_indptr
+        qo_indptr[1:bs + 1] = torch.cumsum(fb.extend_seq_lens, dim=0)
+        qo_indptr = qo_indptr[:bs + 1]
+        self.forward_metadata = ForwardMetadata(
+            None, None, max(fb.extend_seq_lens_cpu), None, kv_indptr, kv_indices, qo_indptr,
+            None, None, None, None, None, None)
+
+    # ----------------------------------------------------------------------------------------
+    # CUDA graphs: parent's buffers + our decode workspace, static split count per batch size.
+    # ----------------------------------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None,
+                              cuda_graph_num_kv_splits_buf=None):
+        super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf=kv_indices_buf,
+                                      cuda_graph_num_kv_splits_buf=cuda_graph_num_kv_splits_buf)
+        self.decode_workspace = self._make_workspace(max_num_tokens)
+        self._workspace_bs = max_num_tokens if self.decode_workspace is not None else 0
+
+    def _make_workspace(self, max_bs: int):
+        """One DecodeWorkspace (split-K partials) shared by all quantized layers, sized for the largest
+        captured batch and the largest static split count; allocated before capture."""
+        ws_cls = getattr(self.ops, "DecodeWorkspace", None)
+        if ws_cls is None or not self.on_cuda:
+            return None
+        max_splits = max(self.num_splits(b) or 1 for b in range(1, max_bs + 1))
+        return ws_cls.create(max_bs, self.num_head, self.v_head_dim, max_splits, self.device)
+
+    def _warm_tables(self):
+        """Build every codec's device tables now (eagerly), never inside a CUDA-graph capture."""
+        try:
+            from tq_kernels._common import kernel_tables
+        except ImportError:  # pragma: no cover
+            return
+        for kc, vc in zip(self.tq_pool.k_codecs, self.tq_pool.v_codecs):
+            for codec in (kc, vc):
+                if codec is not None:
+                    kernel_tables(codec, self.device)
+
+    def num_splits(self, bs: int) -> Optional[int]:
+        """Static split-K count for a decode batch of `bs` (cached): the same for eager and graph runs."""
+        n = self._splits.get(bs, 0)
+        if n == 0:
+            choose = getattr(self.ops, "choose_num_splits", None)
+            n = (choose(bs, self.num_kv_head, self.max_context_len, self.num_sms)
+                 if (choose is not None and self.on_cuda) else None)
+            self._splits[bs] = n
+        return n
+
+    # ----------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------
+    def _causal(self, layer) -> bool:
+        if (layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY
+                or (layer.attn_type == AttentionType.DECODER_BIDIRECTIONAL
+                    and self.allow_bidirectional_attention_in_extend)):
+            return False
+        return True
+
+    @staticmethod
+    def _check_layer(layer, sinks):
+        if sinks is not None:
+            raise NotImplementedError("TurboQuant: attention sinks are not supported")
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            raise NotImplementedError("TurboQuant: sliding-window layers are not supported")
+        if layer.is_cross_attention:
+            raise NotImplementedError("TurboQuant: cross attention is not supported")
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        pool = forward_batch.token_to_kv_pool
+        if not pool.is_quantized(layer.layer_id):
+            if self.on_cuda:
+                return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
+            return self._torch_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        self._check_layer(layer, sinks)
+        o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        kb, vb = pool.get_kv_buffer(layer.layer_id)
+        md = self.forward_metadata
+        if self.prefill_from_cache:
+            k, v = self._stored_kv(kb, vb, forward_batch.out_cache_loc, q.dtype)
+        self._extend(
+            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
+            k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous(),
+            v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).contiguous(),
+            kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
+            md.qo_indptr, md.kv_indptr, md.kv_indices, layer.scaling,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            causal=self._causal(layer),
+            out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
+        )
+        return o
+
+    @_no_compile
+    def _stored_kv(self, kb, vb, loc, dtype):
+        """K/V of the slots `loc` as the cache holds them (dequantized), in `dtype`."""
+        loc = loc.long()
+        k = kb.codec.decode(kb.codes[loc], kb.scales[loc]).to(dtype)
+        v = vb.codec.decode(vb.codes[loc], vb.scales[loc]).to(dtype)
+        return k, v
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        pool = forward_batch.token_to_kv_pool
+        if not pool.is_quantized(layer.layer_id):
+            if self.on_cuda:
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
+            return self._torch_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        self._check_layer(layer, sinks)
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        kb, vb = pool.get_kv_buffer(layer.layer_id)
+        md = self.forward_metadata
+        bs = q.shape[0]
+        extra = {}
+        if self.on_cuda:
+            # the workspace is sized for the largest captured batch; bigger (eager) batches allocate
+            ws = self.decode_workspace if bs <= self._workspace_bs else None
+            extra = dict(workspace=ws, num_splits=self.num_splits(bs))
+        self._decode(
+            q.view(bs, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
+            kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
+            md.kv_indptr, md.kv_indices, layer.scaling,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            out=o.view(bs, layer.tp_q_head_num, layer.v_head_dim),
+            **extra,
+        )
+        return o
+
+    # ----------------------------------------------------------------------------------------
+    # CPU path of the unquantized (bf16) layers: plain softmax attention over the bf16 buffers.
+    # ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _attend(q, k, v, scale, cap, mask=None):
+        """q [M, Hq, d], k [L, Hkv, d], v [L, Hkv, dv] (float32) -> [M, Hq, dv]."""
+        g = q.shape[1] // k.shape[1]
+        if k.shape[0] == 0:
+            return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+        s = torch.einsum("mhd,lhd->hml", q, k) * scale
+        if cap and cap > 0:
+            s = cap * torch.tanh(s / cap)
+        if mask is not None:
+            s = s.masked_fill(~mask[None], float("-inf"))
+        return torch.einsum("hml,lhd->mhd", torch.softmax(s, dim=-1).nan_to_num(0.0), v)
+
+    def _torch_extend(self, q, k, v, layer, fb, save_kv_cache):
+        pool = fb.token_to_kv_pool
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        kbuf, vbuf = pool.get_kv_buffer(layer.layer_id)
+        md = self.forward_metadata
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        q3 = q.view(-1, hq, d).float()
+        k3 = k.view(-1, layer.tp_k_head_num, d).float()
+        v3 = v.view(-1, layer.tp_v_head_num, dv).float()
+        o = q.new_empty((q.shape[0], hq * dv))
+        o3 = o.view(-1, hq, dv)
+        qo, kvp = md.qo_indptr.tolist(), md.kv_indptr.tolist()
+        cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        for i in range(len(qo) - 1):
+            a, b = qo[i], qo[i + 1]
+            if b <= a:
+                continue
+            slots = md.kv_indices[kvp[i]:kvp[i + 1]]
+            kk = torch.cat([kbuf[slots].float(), k3[a:b]])
+            vv = torch.cat([vbuf[slots].float(), v3[a:b]])
+            n_pre, n = kvp[i + 1] - kvp[i], b - a
+            mask = torch.ones(n, n_pre + n, dtype=torch.bool, device=q.device)
+            if self._causal(layer):
+                mask[:, n_pre:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            o3[a:b] = self._attend(q3[a:b], kk, vv, layer.scaling, cap, mask).to(o.dtype)
+        return o
+
+    def _torch_decode(self, q, k, v, layer, fb, save_kv_cache):
+        pool = fb.token_to_kv_pool
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        kbuf, vbuf = pool.get_kv_buffer(layer.layer_id)
+        md = self.forward_metadata
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        q3 = q.reshape(-1, hq, d).float()
+        o = q.new_empty((q3.shape[0], hq * dv))
+        o3 = o.view(-1, hq, dv)
+        kvp = md.kv_indptr.tolist()
+        cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        for b in range(q3.shape[0]):
+            slots = md.kv_indices[kvp[b]:kvp[b + 1]]
+            o3[b] = self._attend(q3[b:b + 1], kbuf[slots].float(), vbuf[slots].float(), layer.scaling, cap)[0].to(o.dtype)
+        return o

@@ -1,0 +1,172 @@
+"""Startup checks: refuse set-ups the TurboQuant backend does not support, with a clear message.
+
+Two layers of checks, both raising `TQUnsupportedError` (a ValueError):
+
+* `check_server_args(server_args)` — main process, right after SGLang's `ServerArgs.__post_init__`
+  (before any process is spawned or weight is loaded). Uses the server arguments and SGLang's
+  `ModelConfig` (built from the HF config by `server_args.get_model_config()`), and resolves the
+  TurboQuant config against the model's layer count / head_dim.
+* `check_runner(runner)` — every scheduler process, inside `_init_pools` (after weights, before the
+  KV pool is allocated), with what only the loaded model knows (sliding window, hybrid layers).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, List, Optional
+
+BACKEND_NAME = "turboquant"
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+_PREFIX = "TurboQuant (--attention-backend turboquant) does not support "
+
+
+class TQUnsupportedError(ValueError):
+    """A server set-up that the TurboQuant backend refuses."""
+
+
+def uses_turboquant(server_args) -> bool:
+    """True if any attention backend (main, prefill or decode) is turboquant."""
+    names = (getattr(server_args, "attention_backend", None),
+             getattr(server_args, "prefill_attention_backend", None),
+             getattr(server_args, "decode_attention_backend", None))
+    return BACKEND_NAME in names
+
+
+def _problems_server_args(sa) -> List[str]:
+    p = []
+    main = getattr(sa, "attention_backend", None)
+    pre = getattr(sa, "prefill_attention_backend", None) or main
+    dec = getattr(sa, "decode_attention_backend", None) or main
+    if pre != BACKEND_NAME or dec != BACKEND_NAME:
+        p.append(f"mixing attention backends (prefill={pre}, decode={dec}): the KV pool is shared, so "
+                 f"every backend must be turboquant. Use --attention-backend turboquant alone")
+    kvd = str(getattr(sa, "kv_cache_dtype", "auto"))
+    if kvd not in SUPPORTED_KV_CACHE_DTYPES:
+        p.append(f"--kv-cache-dtype {kvd}: TurboQuant is the KV-cache quantization; use --kv-cache-dtype auto "
+                 f"(or bf16) and pick bit widths with --tq-config / SGLANG_TQ_CONFIG")
+    if getattr(sa, "speculative_algorithm", None):
+        p.append(f"speculative decoding (--speculative-algorithm {sa.speculative_algorithm})")
+    if getattr(sa, "enable_hierarchical_cache", False):
+        p.append("the hierarchical cache (--enable-hierarchical-cache): host pools copy bf16 rows")
+    if getattr(sa, "enable_double_sparsity", False):
+        p.append("double sparsity (--enable-double-sparsity)")
+    if int(getattr(sa, "page_size", 1) or 1) > 1:
+        p.append(f"--page-size {sa.page_size}: v1 supports page size 1 only")
+    if getattr(sa, "disaggregation_mode", "null") not in (None, "null"):
+        p.append(f"PD disaggregation (--disaggregation-mode {sa.disaggregation_mode}): KV transfer of packed "
+                 f"TurboQuant slots is not implemented")
+    if getattr(sa, "dllm_algorithm", None):
+        p.append(f"diffusion LLM decoding (--dllm-algorithm {sa.dllm_algorithm})")
+    if int(getattr(sa, "attn_cp_size", 1) or 1) > 1:
+        p.append(f"attention context parallelism (--attn-cp-size {sa.attn_cp_size})")
+    if getattr(sa, "enable_hisparse", False):
+        p.append("HiSparse (--enable-hisparse)")
+    if getattr(sa, "enable_lmcache", False):
+        p.append("LMCache (--enable-lmcache)")
+    return p
+
+
+def _problems_model_config(mc) -> List[str]:
+    """Checks on SGLang's ModelConfig (main process or scheduler)."""
+    p = []
+    try:
+        from sglang.srt.configs.model_config import AttentionArch
+
+        if getattr(mc, "attention_arch", None) == AttentionArch.MLA:
+            p.append("MLA models (DeepSeek-style latent attention); TurboQuant compresses per-head K/V (MHA/GQA)")
+    except ImportError:  # pragma: no cover
+        pass
+    if getattr(mc, "is_hybrid_swa", False):
+        p.append("hybrid sliding-window models (SWA layers use a separate pool)")
+    if getattr(mc, "is_encoder_decoder", False):
+        p.append("encoder-decoder models (cross attention)")
+    if getattr(mc, "attention_chunk_size", None):
+        p.append(f"chunked local attention (attention_chunk_size={mc.attention_chunk_size})")
+    hd = getattr(mc, "head_dim", None)
+    vhd = getattr(mc, "v_head_dim", hd)
+    if hd is not None and hd not in SUPPORTED_HEAD_DIMS:
+        p.append(f"head_dim {hd} (supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+    if hd is not None and vhd is not None and vhd != hd:
+        p.append(f"v_head_dim {vhd} != head_dim {hd}")
+    return p
+
+
+def _problems_runner(runner) -> List[str]:
+    p = []
+    if getattr(runner, "use_mla_backend", False):
+        p.append("MLA models (DeepSeek-style latent attention)")
+    if getattr(runner, "is_hybrid_swa", False):
+        p.append("hybrid sliding-window models")
+    try:  # mamba2 / GDN / Kimi-linear / lightning hybrids
+        if getattr(runner, "mambaish_config", None) is not None:
+            p.append("Mamba / linear-attention hybrid models")
+    except Exception:
+        pass
+    sw = getattr(runner, "sliding_window_size", None)
+    if sw is not None and sw > 0:
+        p.append(f"sliding-window attention layers (sliding_window_size={sw})")
+    if getattr(runner, "is_draft_worker", False):
+        p.append("speculative-decoding draft workers")
+    if getattr(runner, "enable_hisparse", False):
+        p.append("HiSparse")
+    import torch
+
+    kvd = getattr(runner, "kv_cache_dtype", None)
+    if kvd is not None and kvd not in (torch.bfloat16, torch.float16):
+        p.append(f"a {kvd} KV cache (the model/KV dtype must be bfloat16 or float16; an FP8 KV checkpoint "
+                 f"selects fp8 with --kv-cache-dtype auto)")
+    try:
+        from sglang.srt.utils import is_hip
+
+        if is_hip():
+            p.append("ROCm/HIP (fused RoPE+KV writes bypass the pool there)")
+    except ImportError:  # pragma: no cover
+        pass
+    return p
+
+
+def _raise(problems: Iterable[str]) -> None:
+    problems = list(dict.fromkeys(problems))
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise TQUnsupportedError(_PREFIX + problems[0] + ".")
+    raise TQUnsupportedError(_PREFIX + "this set-up:\n" + "\n".join(f"  - {x}" for x in problems))
+
+
+def resolve_plan_for(num_layers: int, head_dim: int, v_head_dim: Optional[int] = None, cfg_ref: Optional[str] = None):
+    """Load the TurboQuant config named by `cfg_ref` (or $SGLANG_TQ_CONFIG, default turbo4) and
+    resolve it for the model. Raises TQConfigError."""
+    from sglang_tq.config import CONFIG_ENV, load_config
+
+    ref = cfg_ref if cfg_ref is not None else (os.environ.get(CONFIG_ENV) or None)
+    cfg = load_config(ref)
+    return cfg, cfg.resolve(int(num_layers), int(head_dim), None if v_head_dim is None else int(v_head_dim))
+
+
+def check_server_args(server_args, resolve: bool = True):
+    """Main-process check. Returns the resolved plan (or None when the model config is unavailable)."""
+    if not uses_turboquant(server_args):
+        return None
+    problems = _problems_server_args(server_args)
+    mc = None
+    if str(getattr(server_args, "model_path", "")).lower() not in ("", "none", "dummy"):
+        try:
+            mc = server_args.get_model_config()
+        except Exception:  # model config unreadable here: the scheduler-side checks still run
+            mc = None
+    if mc is not None:
+        problems += _problems_model_config(mc)
+    _raise(problems)
+    if mc is not None and resolve:
+        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim)
+        return plan
+    return None
+
+
+def check_runner(runner) -> None:
+    """Scheduler-side check (inside _init_pools)."""
+    problems = _problems_server_args(runner.server_args)
+    problems += _problems_model_config(runner.model_config)
+    problems += _problems_runner(runner)
+    _raise(problems)

@@ -1,0 +1,312 @@
+"""TQTokenToKVPool: SGLang KV pool whose quantized layers hold packed TurboQuant slots.
+
+Built by SGLang's own `ModelRunnerKVCacheMixin._init_pools` (registration.py swaps this class in for
+`MHATokenToKVPool` while that method runs), so the stock allocator, radix cache, chunked prefill and
+retraction work unchanged: they only deal in token slot ids.
+
+Buffers of one layer (rows = slots; `size + page_size` rows, row 0 is the dummy slot that padded
+CUDA-graph tokens write to; the allocator hands out 1..size):
+
+* quantized layer (`LayerPlan.quantized`): four tensors, as `tq_kernels` expects them
+    k_codes  uint8   [size + page, H_kv, kfmt.code_bytes]
+    k_scales float16 [size + page, H_kv, kfmt.n_scales]
+    v_codes  uint8   [size + page, H_kv, vfmt.code_bytes]
+    v_scales float16 [size + page, H_kv, vfmt.n_scales]
+* unquantized (boundary) layer: plain `[size + page, H_kv, head_dim]` buffers in the model dtype,
+  exactly like `MHATokenToKVPool`, so SGLang's Triton kernels read them directly.
+
+What the accessors return:
+
+* `get_key_buffer(l)` / `get_value_buffer(l)`: the model-dtype tensor for an unquantized layer; for a
+  quantized layer a `TQLayerBuffer(codes, scales, codec)` (a NamedTuple, plus a `.shape` property with
+  the *logical* `(rows, H_kv, head_dim)` shape so code that only reads `.shape[-1]` keeps working).
+  Anything that tries to use it as a tensor fails loudly instead of reading packed bytes as bf16.
+* `get_kv_buffer(l)`: the pair of the above.
+
+`self.dtype` is `torch.uint8` (never bf16) on purpose: models with a fused RoPE + KV-write path
+(`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype == torch.bfloat16` and
+would otherwise write raw bf16 rows past `set_kv_buffer`. The model dtype is `self.model_dtype`.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+from sglang.srt.mem_cache.memory_pool import KVCache
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Kernel entry points: Triton ops on GPU, the pure-torch reference on CPU.
+# --------------------------------------------------------------------------------------------
+_OPS_CACHE: Dict[str, object] = {}
+
+
+def kernel_ops(device) -> object:
+    """Module with compress_and_store / decode_attention / extend_attention for `device`.
+
+    CPU (and anything that is not CUDA): `tq_kernels.reference` (pure PyTorch, no Triton).
+    CUDA: `tq_kernels.ops` (Triton)."""
+    dev = torch.device(device)
+    key = "cuda" if dev.type == "cuda" else "ref"
+    if key not in _OPS_CACHE:
+        if key == "ref":
+            from tq_kernels import reference as mod
+        else:
+            try:
+                from tq_kernels import ops as mod
+            except ImportError as e:  # pragma: no cover - GPU only
+                raise RuntimeError(
+                    "TurboQuant: the Triton kernels (tq_kernels.ops) could not be imported on "
+                    f"{dev}: {e}. Is the repo's kernels/ folder importable as tq_kernels?") from e
+        _OPS_CACHE[key] = mod
+    return _OPS_CACHE[key]
+
+
+class TQLayerBuffer(NamedTuple):
+    """Packed K (or V) cache of one quantized layer."""
+
+    codes: torch.Tensor  # uint8 [rows, H_kv, code_bytes]
+    scales: torch.Tensor  # fp16 [rows, H_kv, n_scales]
+    codec: object  # tq_kernels.codec.TQCodec
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Logical (rows, H_kv, head_dim) shape, as an unpacked buffer would have."""
+        return (self.codes.shape[0], self.codes.shape[1], self.codec.fmt.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+
+class TQTokenToKVPool(KVCache):
+    """KV pool with per-layer TurboQuant formats (see the module docstring for the layout)."""
+
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        dtype: torch.dtype,
+        head_num: int,
+        head_dim: int,
+        layer_num: int,
+        device: str,
+        enable_memory_saver: bool,
+        v_head_dim: Optional[int] = None,
+        start_layer: Optional[int] = None,
+        end_layer: Optional[int] = None,
+        enable_alt_stream: bool = True,
+        enable_kv_cache_copy: bool = False,
+        *,
+        plan=None,
+        seed: Optional[int] = None,
+        **unused,
+    ):
+        if plan is None:
+            raise ValueError("TQTokenToKVPool needs the resolved TurboQuant plan (plan=...)")
+        if unused:
+            raise ValueError(f"TQTokenToKVPool: unsupported arguments {sorted(unused)}")
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"TurboQuant: the KV cache dtype must be bfloat16 or float16, got {dtype}")
+        super().__init__(size, page_size, dtype, layer_num, device, enable_memory_saver, start_layer, end_layer)
+        # KVCache.__init__ sets end_layer = end_layer or layer_num - 1 (inclusive, as MHATokenToKVPool)
+        self.model_dtype = dtype
+        self.dtype = torch.uint8  # never bf16: see module docstring
+        self.store_dtype = torch.uint8
+        self.head_num = head_num
+        self.head_dim = head_dim
+        self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.plan = plan
+        self.seed = plan.seed if seed is None else seed
+        if plan.head_dim != self.head_dim or plan.v_head_dim != self.v_head_dim:
+            raise ValueError(f"TurboQuant plan was resolved for head_dim {plan.head_dim}/{plan.v_head_dim}, "
+                             f"pool has {self.head_dim}/{self.v_head_dim}")
+        if self.start_layer + layer_num > plan.num_layers:
+            raise ValueError(f"TurboQuant plan covers {plan.num_layers} layers; this rank holds layers "
+                             f"{self.start_layer}..{self.start_layer + layer_num - 1}")
+        if enable_kv_cache_copy:
+            logger.warning("TurboQuant: enable_kv_cache_copy (speculative decoding) is not supported; ignored")
+
+        self.layer_plans = [plan.layers[self.start_layer + i] for i in range(layer_num)]
+        self.quantized = [lp.quantized for lp in self.layer_plans]
+        self.k_codecs: List[object] = []
+        self.v_codecs: List[object] = []
+        for lp in self.layer_plans:
+            kc, vc = lp.codecs(self.seed)
+            self.k_codecs.append(kc)
+            self.v_codecs.append(vc)
+        self._create_buffers()
+        self._ops = kernel_ops(self.device)
+        self._finalize_allocation_log(size)
+
+    # ----------------------------------------------------------------------------------------
+    # Allocation
+    # ----------------------------------------------------------------------------------------
+    def _create_buffers(self):
+        rows, h, dev = self.size + self.page_size, self.head_num, self.device
+        self.k_buffer: List[Optional[torch.Tensor]] = []
+        self.v_buffer: List[Optional[torch.Tensor]] = []
+        self.k_codes: List[Optional[torch.Tensor]] = []
+        self.k_scales: List[Optional[torch.Tensor]] = []
+        self.v_codes: List[Optional[torch.Tensor]] = []
+        self.v_scales: List[Optional[torch.Tensor]] = []
+        custom = (torch.cuda.use_mem_pool(self.custom_mem_pool)
+                  if getattr(self, "enable_custom_mem_pool", False) else nullcontext())
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE), custom:
+            for i, lp in enumerate(self.layer_plans):
+                if lp.quantized:
+                    kf, vf = lp.k, lp.v
+                    self.k_codes.append(torch.zeros((rows, h, kf.code_bytes), dtype=torch.uint8, device=dev))
+                    self.k_scales.append(torch.zeros((rows, h, kf.n_scales), dtype=torch.float16, device=dev))
+                    self.v_codes.append(torch.zeros((rows, h, vf.code_bytes), dtype=torch.uint8, device=dev))
+                    self.v_scales.append(torch.zeros((rows, h, vf.n_scales), dtype=torch.float16, device=dev))
+                    self.k_buffer.append(None)
+                    self.v_buffer.append(None)
+                else:
+                    self.k_buffer.append(torch.zeros((rows, h, self.head_dim), dtype=self.model_dtype, device=dev))
+                    self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=self.model_dtype, device=dev))
+                    for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales):
+                        lst.append(None)
+
+    def _layer_tensors(self, idx: int, role: str) -> List[torch.Tensor]:
+        """Storage tensors of one local layer and role ('k' or 'v'), in a fixed order."""
+        if self.quantized[idx]:
+            return ([self.k_codes[idx], self.k_scales[idx]] if role == "k"
+                    else [self.v_codes[idx], self.v_scales[idx]])
+        return [self.k_buffer[idx] if role == "k" else self.v_buffer[idx]]
+
+    def _all_tensors(self, role: str) -> List[torch.Tensor]:
+        return [t for i in range(self.layer_num) for t in self._layer_tensors(i, role)]
+
+    def _clear_buffers(self):
+        for name in ("k_buffer", "v_buffer", "k_codes", "k_scales", "v_codes", "v_scales"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def get_kv_size_bytes(self):
+        k = sum(t.numel() * t.element_size() for t in self._all_tensors("k"))
+        v = sum(t.numel() * t.element_size() for t in self._all_tensors("v"))
+        return k, v
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes of one token on this rank (all local layers, K + V)."""
+        return sum(t[0].numel() * t.element_size() for t in self._all_tensors("k") + self._all_tensors("v"))
+
+    def get_contiguous_buf_infos(self):
+        """(data_ptrs, data_lens, item_lens): every storage tensor, K side (all layers) then V side
+        (same order), as for MHATokenToKVPool; a quantized layer contributes codes then scales.
+        item_len = bytes of one page of that tensor."""
+        tensors = self._all_tensors("k") + self._all_tensors("v")
+        return ([t.data_ptr() for t in tensors], [t.nbytes for t in tensors],
+                [t[0].nbytes * self.page_size for t in tensors])
+
+    # ----------------------------------------------------------------------------------------
+    # Access
+    # ----------------------------------------------------------------------------------------
+    def _local(self, layer_id: int) -> int:
+        idx = layer_id - self.start_layer
+        if not 0 <= idx < self.layer_num:
+            raise IndexError(f"layer {layer_id} is not held by this pool (layers {self.start_layer}.."
+                             f"{self.start_layer + self.layer_num - 1})")
+        return idx
+
+    def is_quantized(self, layer_id: int) -> bool:
+        return self.quantized[self._local(layer_id)]
+
+    def codecs(self, layer_id: int):
+        idx = self._local(layer_id)
+        return self.k_codecs[idx], self.v_codecs[idx]
+
+    def _wait(self, layer_id: int):
+        if self.layer_transfer_counter is not None:
+            self.layer_transfer_counter.wait_until(layer_id - self.start_layer)
+
+    def _key(self, idx: int):
+        if self.quantized[idx]:
+            return TQLayerBuffer(self.k_codes[idx], self.k_scales[idx], self.k_codecs[idx])
+        return self.k_buffer[idx]
+
+    def _value(self, idx: int):
+        if self.quantized[idx]:
+            return TQLayerBuffer(self.v_codes[idx], self.v_scales[idx], self.v_codecs[idx])
+        return self.v_buffer[idx]
+
+    def _buffer_index(self, layer_id: int) -> int:
+        # TritonAttnBackend.__init__ reads get_value_buffer(0) (global id 0) even on later PP ranks,
+        # where MHATokenToKVPool silently wraps around its Python list; answer with the first local layer.
+        if layer_id == 0 and self.start_layer > 0:
+            return 0
+        return self._local(layer_id)
+
+    def get_key_buffer(self, layer_id: int):
+        idx = self._buffer_index(layer_id)
+        self._wait(layer_id)
+        return self._key(idx)
+
+    def get_value_buffer(self, layer_id: int):
+        idx = self._buffer_index(layer_id)
+        self._wait(layer_id)
+        return self._value(idx)
+
+    def get_kv_buffer(self, layer_id: int):
+        return self.get_key_buffer(layer_id), self.get_value_buffer(layer_id)
+
+    def get_v_head_dim(self) -> int:
+        return self.v_head_dim
+
+    def set_kv_buffer(
+        self,
+        layer,
+        loc: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: Optional[float] = None,
+        v_scale: Optional[float] = None,
+        layer_id_override: Optional[int] = None,
+    ) -> None:
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        idx = self._local(layer_id)
+        # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored, as MHATokenToKVPool
+        # ignores them for a 16-bit cache: values are stored unscaled.
+        k = cache_k.reshape(-1, self.head_num, self.head_dim)
+        v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
+        if self.quantized[idx]:
+            self._ops.compress_and_store(k, v, loc, self.k_codecs[idx], self.v_codecs[idx],
+                                         self.k_codes[idx], self.k_scales[idx],
+                                         self.v_codes[idx], self.v_scales[idx])
+        else:
+            kb, vb = self.k_buffer[idx], self.v_buffer[idx]
+            kb[loc] = k.to(kb.dtype)
+            vb[loc] = v.to(vb.dtype)
+
+    def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
+        """Copy whole slots (all layers, all storage tensors): packed rows move as bytes."""
+        if tgt_loc.numel() == 0:
+            return
+        for t in self._all_tensors("k") + self._all_tensors("v"):
+            t[tgt_loc] = t[src_loc]
+
+    # PD-decode retraction offload (schedule_batch: get_cpu_copy / load_cpu_copy)
+    def get_cpu_copy(self, indices):
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+        out = []
+        for i in range(self.layer_num):
+            out.append([t[indices].to("cpu", non_blocking=True)
+                        for t in self._layer_tensors(i, "k") + self._layer_tensors(i, "v")])
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def load_cpu_copy(self, kv_cache_cpu, indices):
+        for i in range(self.layer_num):
+            for t, src in zip(self._layer_tensors(i, "k") + self._layer_tensors(i, "v"), kv_cache_cpu[i]):
+                t[indices] = src.to(t.device, non_blocking=True)
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+

@@ -1,0 +1,189 @@
+"""Hook TurboQuant into SGLang 0.5.10.post1 (idempotent, cheap, no SGLang source changes).
+
+`register()` installs three things; each is also installable on its own from the `.pth` autoload
+hook (`sglang_tq._autoload`) right after the SGLang module it patches has executed:
+
+1. `sglang.srt.server_args`: `add_attention_backend_choices(["turboquant"])` so argparse accepts
+   `--attention-backend turboquant`; wraps `ServerArgs._handle_piecewise_cuda_graph` (piecewise CUDA
+   graphs for extend are switched off with turboquant, logged) and `ServerArgs.__post_init__` (startup
+   checks of `compat.check_server_args`: unsupported set-ups and a bad TurboQuant config fail in the
+   main process, before any weight loads).
+2. `sglang.srt.layers.attention.attention_registry`: `@register_attention_backend("turboquant")`.
+3. `sglang.srt.model_executor.model_runner_kv_cache_mixin.ModelRunnerKVCacheMixin`:
+   `get_cell_size_per_token` returns the real packed bytes/token of the layers this rank holds (so
+   `max_total_num_tokens` grows by the compression ratio) and `_init_pools` builds `TQTokenToKVPool`
+   in place of `MHATokenToKVPool` (by rebinding that module global while SGLang's own `_init_pools`
+   runs, so the stock req-to-token pool and allocator are kept). Both only when the server runs the
+   turboquant backend; otherwise they call the originals.
+
+The scheduler processes (spawned, one per TP/PP rank) get this through `run_scheduler_process_tq`
+(passed by `sglang_tq.launch_server` as `run_scheduler_process_func`), through the launcher module
+being re-executed as `__mp_main__`, or through the autoload hook.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from sglang_tq.compat import BACKEND_NAME, check_runner, check_server_args, resolve_plan_for, uses_turboquant
+
+logger = logging.getLogger("sglang_tq")
+
+_MARK = "_sglang_tq_installed"
+
+
+# --------------------------------------------------------------------------------------------
+# 1. server args
+# --------------------------------------------------------------------------------------------
+def install_server_args(mod) -> None:
+    if BACKEND_NAME not in mod.ATTENTION_BACKEND_CHOICES:
+        mod.add_attention_backend_choices([BACKEND_NAME])
+    SA = mod.ServerArgs
+    if getattr(SA, _MARK, False):
+        return
+    orig_pw = SA._handle_piecewise_cuda_graph
+    orig_post = SA.__post_init__
+
+    @functools.wraps(orig_pw)
+    def _handle_piecewise_cuda_graph(self):
+        orig_pw(self)
+        _disable_piecewise(self)
+
+    @functools.wraps(orig_post)
+    def __post_init__(self):
+        orig_post(self)
+        if uses_turboquant(self):
+            _disable_piecewise(self)
+            check_server_args(self)
+
+    SA._handle_piecewise_cuda_graph = _handle_piecewise_cuda_graph
+    SA.__post_init__ = __post_init__
+    setattr(SA, _MARK, True)
+
+
+def _disable_piecewise(server_args) -> None:
+    """Piecewise CUDA graphs for extend pad q/k/v and out_cache_loc to the captured token count;
+    TurboQuant's extend path is not verified under that padding (v1), so it is switched off."""
+    if uses_turboquant(server_args) and not getattr(server_args, "disable_piecewise_cuda_graph", True):
+        logger.info("TurboQuant: disabling piecewise CUDA graphs for extend (decode CUDA graphs stay on)")
+        server_args.disable_piecewise_cuda_graph = True
+
+
+# --------------------------------------------------------------------------------------------
+# 2. backend registry
+# --------------------------------------------------------------------------------------------
+def create_turboquant_backend(runner):
+    from sglang_tq.backend import TurboQuantAttnBackend
+
+    return TurboQuantAttnBackend(runner)
+
+
+def install_registry(mod) -> None:
+    if mod.ATTENTION_BACKENDS.get(BACKEND_NAME) is create_turboquant_backend:
+        return
+    mod.register_attention_backend(BACKEND_NAME)(create_turboquant_backend)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. KV pool + capacity
+# --------------------------------------------------------------------------------------------
+def runner_plan(runner):
+    """The TurboQuant plan of this model (cached on the runner). Layer ids are global."""
+    plan = getattr(runner, "_tq_plan", None)
+    if plan is None:
+        mc = runner.model_config
+        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim)
+        runner._tq_plan = plan
+    return plan
+
+
+def _runner_uses_tq(runner) -> bool:
+    return uses_turboquant(runner.server_args)
+
+
+def tq_cell_size_per_token(runner, num_layers: int, num_kv_heads: int) -> int:
+    """K + V bytes of one token over the layers [start_layer, start_layer + num_layers)."""
+    plan = runner_plan(runner)
+    start = getattr(runner, "start_layer", 0) or 0
+    return num_kv_heads * sum(plan.layers[i].bytes_per_token_head(plan.head_dim, plan.v_head_dim)
+                              for i in range(start, start + num_layers))
+
+
+def install_mixin(mod) -> None:
+    M = mod.ModelRunnerKVCacheMixin
+    if getattr(M, _MARK, False):
+        return
+    orig_cell = M.get_cell_size_per_token
+    orig_init = M._init_pools
+
+    @functools.wraps(orig_cell)
+    def get_cell_size_per_token(self, num_layers: int) -> int:
+        if not _runner_uses_tq(self):
+            return orig_cell(self, num_layers)
+        check_runner(self)
+        heads = self.model_config.get_num_kv_heads(mod.get_attention_tp_size())
+        return tq_cell_size_per_token(self, num_layers, heads)
+
+    @functools.wraps(orig_init)
+    def _init_pools(self):
+        if not _runner_uses_tq(self):
+            return orig_init(self)
+        check_runner(self)
+        _disable_piecewise(self.server_args)
+        from sglang_tq.pool import TQTokenToKVPool
+
+        plan = runner_plan(self)
+        stock = mod.MHATokenToKVPool
+        mod.MHATokenToKVPool = functools.partial(TQTokenToKVPool, plan=plan)
+        try:
+            orig_init(self)
+        finally:
+            mod.MHATokenToKVPool = stock
+        pool = self.token_to_kv_pool
+        if not isinstance(pool, TQTokenToKVPool):
+            raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of TQTokenToKVPool; "
+                               f"this model/set-up takes a KV-pool branch TurboQuant does not support")
+        _log_startup(self, plan, pool)
+
+    M.get_cell_size_per_token = get_cell_size_per_token
+    M._init_pools = _init_pools
+    setattr(M, _MARK, True)
+
+
+def _log_startup(runner, plan, pool) -> None:
+    if getattr(runner, "tp_rank", 0) not in (0, None):
+        return
+    from sglang_tq.config import CONFIG_ENV
+
+    heads = pool.head_num
+    tq = pool.bytes_per_token()
+    bf16 = heads * pool.layer_num * 2 * (pool.head_dim + pool.v_head_dim)
+    where = (f" (PP rank {runner.pp_rank}: layers {pool.start_layer}-{pool.start_layer + pool.layer_num - 1})"
+             if getattr(runner, "pp_size", 1) > 1 else "")
+    logger.info("TurboQuant config %s (%s=%s)\n%s", plan.name, CONFIG_ENV, os.environ.get(CONFIG_ENV) or "<unset: turbo4>",
+                plan.summary(heads))
+    logger.info("TurboQuant KV pool%s: %d B/token vs %d B/token bf16 (%.2fx smaller); max_total_num_tokens=%d",
+                where, tq, bf16, bf16 / tq, pool.size)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+def register() -> None:
+    """Install everything (idempotent). Imports SGLang."""
+    import sglang.srt.layers.attention.attention_registry as registry
+    import sglang.srt.model_executor.model_runner_kv_cache_mixin as mixin
+    import sglang.srt.server_args as server_args
+
+    install_server_args(server_args)
+    install_registry(registry)
+    install_mixin(mixin)
+
+
+def run_scheduler_process_tq(*args, **kwargs):
+    """`run_scheduler_process` with TurboQuant registered first (target of the spawned schedulers)."""
+    register()
+    from sglang.srt.managers.scheduler import run_scheduler_process
+
+    return run_scheduler_process(*args, **kwargs)

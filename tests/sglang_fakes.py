@@ -1,0 +1,231 @@
+"""Test helpers for the SGLang integration tests (CPU): a fake model runner that runs SGLang's real
+`ModelRunnerKVCacheMixin` methods, real `ServerArgs` objects without `__post_init__`, and
+ForwardBatch builders. Import only after `sglang_cpu_shim` (conftest does that)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+import sglang_tq
+from sglang.srt.configs.model_config import AttentionArch
+from sglang.srt.model_executor import model_runner_kv_cache_mixin as mix
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.server_args import ServerArgs
+
+sglang_tq.register()
+
+
+def _tp1():
+    return 1
+
+
+# No torch.distributed in unit tests: attention TP size 1 (as SGLang's own backend tests do).
+import sglang.srt.layers.dp_attention as _dp  # noqa: E402
+import sglang.srt.layers.attention.triton_backend as _tb  # noqa: E402
+
+for _m in (_dp, mix, _tb):
+    _m.get_attention_tp_size = _tp1
+
+GB = 1 << 30
+
+
+def server_args(**kw) -> ServerArgs:
+    """A real ServerArgs with every field at its default (no __post_init__: no device/model probing)."""
+    sa = object.__new__(ServerArgs)
+    for f in dataclasses.fields(ServerArgs):
+        if f.default is not dataclasses.MISSING:
+            setattr(sa, f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(sa, f.name, f.default_factory())
+        else:
+            setattr(sa, f.name, None)
+    sa.model_path = "dummy"
+    sa.device = "cpu"
+    sa.attention_backend = "turboquant"
+    sa.page_size = 1
+    sa.disable_cuda_graph = True
+    sa.chunked_prefill_size = 8192
+    for k, v in kw.items():
+        setattr(sa, k, v)
+    return sa
+
+
+class FakeHFConfig:
+    architectures = ["LlamaForCausalLM"]
+
+    def get_text_config(self):
+        return self
+
+
+class FakeModelConfig:
+    def __init__(self, num_layers, num_q_heads, num_kv_heads, head_dim, v_head_dim=None, context_len=256,
+                 attention_arch=AttentionArch.MHA):
+        self.num_hidden_layers = num_layers
+        self.num_attention_layers = num_layers
+        self.num_attention_heads = num_q_heads
+        self.num_key_value_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.v_head_dim = head_dim if v_head_dim is None else v_head_dim
+        self.context_len = context_len
+        self.attention_arch = attention_arch
+        self.hf_config = FakeHFConfig()
+        self.hf_text_config = self.hf_config
+        self.is_hybrid_swa = False
+        self.is_hybrid_swa_compress = False
+        self.is_encoder_decoder = False
+        self.attention_chunk_size = None
+        self.is_multimodal = False
+        self.is_local_attention_model = False
+
+    def get_num_kv_heads(self, tp_size):
+        return max(1, self.num_key_value_heads // tp_size)
+
+
+class FakeRunner(mix.ModelRunnerKVCacheMixin):
+    """Just what SGLang's _init_pools / profile_max_num_token / TritonAttnBackend read."""
+
+    def __init__(self, model_config: FakeModelConfig, sa: Optional[ServerArgs] = None, dtype=torch.bfloat16,
+                 start_layer: int = 0, num_layers: Optional[int] = None):
+        self.model_config = model_config
+        self.server_args = sa if sa is not None else server_args()
+        self.device = "cpu"
+        self.gpu_id = 0
+        self.tp_rank, self.tp_size, self.pp_rank, self.pp_size, self.dp_size = 0, 1, 0, 1, 1
+        self.dtype = dtype
+        self.kv_cache_dtype = dtype
+        self.page_size = self.server_args.page_size
+        self.start_layer = start_layer
+        n = model_config.num_hidden_layers - start_layer if num_layers is None else num_layers
+        self.end_layer = start_layer + n
+        self.num_effective_layers = n
+        self.is_draft_worker = False
+        self.use_mla_backend = model_config.attention_arch == AttentionArch.MLA
+        self.is_hybrid_swa = False
+        self.is_hybrid_swa_compress = False
+        self.mambaish_config = None
+        self.hybrid_gdn_config = None
+        self.kimi_linear_config = None
+        self.enable_hisparse = False
+        self.sliding_window_size = None
+        self.attention_chunk_size = None
+        self.mem_fraction_static = 0.9
+        self.req_to_token_pool = None
+        self.token_to_kv_pool_allocator = None
+        self.attn_cp_size = 1
+
+        class _Spec:
+            def is_none(self):
+                return True
+
+        self.spec_algorithm = _Spec()
+
+    def build_pools(self, max_total_num_tokens: int, max_running_requests: int = 8):
+        """SGLang's own _init_pools (patched by sglang_tq when the backend is turboquant)."""
+        self.max_total_num_tokens = max_total_num_tokens
+        self.max_running_requests = max_running_requests
+        self._init_pools()
+        return self.token_to_kv_pool
+
+    def profile_tokens(self, free_gb: float) -> int:
+        """SGLang's profile_max_num_token with `free_gb` of memory for the KV cache."""
+        orig_mem, orig_world = mix.get_available_gpu_memory, mix.get_world_group
+        mix.get_available_gpu_memory = lambda *a, **k: free_gb
+        mix.get_world_group = lambda: type("W", (), {"world_size": 1, "cpu_group": None})()
+        try:
+            self.mem_fraction_static = 1.0
+            return self.profile_max_num_token(pre_model_load_memory=free_gb)
+        finally:
+            mix.get_available_gpu_memory, mix.get_world_group = orig_mem, orig_world
+
+
+def write_tq_config(tmp_path, text: str, name: str = "tq.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def write_hf_config(tmp_path, **over) -> str:
+    """A Llama-style HF config.json folder (no weights) that SGLang's ModelConfig can read offline."""
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "num_hidden_layers": 32, "vocab_size": 128256, "max_position_embeddings": 8192,
+           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "hidden_act": "silu",
+           "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    cfg.update(over)
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward batches
+# ------------------------------------------------------------------------------------------------
+def extend_batch(runner, req_ids: Sequence[int], prefix_lens: Sequence[int], new_lens: Sequence[int],
+                 out_cache_loc: torch.Tensor, backend) -> ForwardBatch:
+    seq = [p + n for p, n in zip(prefix_lens, new_lens)]
+    fb = ForwardBatch(
+        forward_mode=ForwardMode.EXTEND,
+        batch_size=len(req_ids),
+        input_ids=torch.zeros(sum(new_lens), dtype=torch.int64),
+        req_pool_indices=torch.tensor(list(req_ids), dtype=torch.int64),
+        seq_lens=torch.tensor(seq, dtype=torch.int64),
+        out_cache_loc=out_cache_loc,
+        seq_lens_sum=sum(seq),
+        seq_lens_cpu=torch.tensor(seq, dtype=torch.int64),
+        extend_num_tokens=sum(new_lens),
+        extend_seq_lens=torch.tensor(list(new_lens), dtype=torch.int32),
+        extend_prefix_lens=torch.tensor(list(prefix_lens), dtype=torch.int32),
+        extend_seq_lens_cpu=list(new_lens),
+        extend_prefix_lens_cpu=list(prefix_lens),
+        attn_backend=backend,
+    )
+    fb.req_to_token_pool = runner.req_to_token_pool
+    fb.token_to_kv_pool = runner.token_to_kv_pool
+    return fb
+
+
+def decode_batch(runner, req_ids: Sequence[int], seq_lens: Sequence[int], out_cache_loc: torch.Tensor,
+                 backend) -> ForwardBatch:
+    fb = ForwardBatch(
+        forward_mode=ForwardMode.DECODE,
+        batch_size=len(req_ids),
+        input_ids=torch.zeros(len(req_ids), dtype=torch.int64),
+        req_pool_indices=torch.tensor(list(req_ids), dtype=torch.int64),
+        seq_lens=torch.tensor(list(seq_lens), dtype=torch.int64),
+        out_cache_loc=out_cache_loc,
+        seq_lens_sum=sum(seq_lens),
+        seq_lens_cpu=torch.tensor(list(seq_lens), dtype=torch.int64),
+        attn_backend=backend,
+    )
+    fb.req_to_token_pool = runner.req_to_token_pool
+    fb.token_to_kv_pool = runner.token_to_kv_pool
+    return fb
+
+
+def env(**kw):
+    """Context manager setting environment variables."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        old = {k: os.environ.get(k) for k in kw}
+        try:
+            for k, v in kw.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return cm()

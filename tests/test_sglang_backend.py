@@ -1,0 +1,253 @@
+"""TurboQuantAttnBackend (reference path, CPU) against SGLang's TorchNativeAttnBackend.
+
+The reference runs on a plain MHATokenToKVPool that holds the *dequantized* K/V of the TurboQuant
+cache (and, like TurboQuant's extend, the new tokens' raw K/V), so both must agree to bf16 tolerance.
+Covers GQA (9 q / 3 kv heads, head_dim 64), a bf16 boundary layer, MSE / PROD / outlier formats,
+prefill, a radix-cache hit (prefix shared with another request), a chunked-prefill continuation,
+a 1-token extend (mixed-batch style), decode, and slot reuse after a request is freed (retraction).
+"""
+import pytest
+
+pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+
+from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args, write_tq_config  # noqa: E402
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+from sglang_tq.backend import TurboQuantAttnBackend  # noqa: E402
+from sglang_tq.pool import TQLayerBuffer, TQTokenToKVPool  # noqa: E402
+
+HQ, HKV, D = 9, 3, 64
+NUM_LAYERS = 4
+CFG = """
+name: test-mix
+seed: 7
+defaults:
+  k: {bits: 4}
+  v: {bits: 3}
+boundary: {first: 1, last: 0}
+overrides:
+  - layers: 2
+    k: {bits: 3, qjl: true}
+    v: {bits: 2}
+  - layers: 3
+    k: {bits: 3, outliers: {channels: 8, bits: 4}}
+"""
+ATOL = RTOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = write_tq_config(tmp_path_factory.mktemp("cfg"), CFG)
+    with env(SGLANG_TQ_CONFIG=path):
+        mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
+        runner = FakeRunner(mc)
+        pool = runner.build_pools(512, max_running_requests=8)
+        backend = TurboQuantAttnBackend(runner)
+        ref_runner = FakeRunner(mc, server_args(attention_backend="torch_native"))
+        ref_pool = ref_runner.build_pools(512, max_running_requests=8)
+        ref_runner.req_to_token_pool = runner.req_to_token_pool  # same slot mapping for both
+    assert isinstance(pool, TQTokenToKVPool) and isinstance(ref_pool, MHATokenToKVPool)
+    ref = TorchNativeAttnBackend(ref_runner)
+    layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(NUM_LAYERS)]
+    return dict(runner=runner, pool=pool, backend=backend, ref_runner=ref_runner, ref_pool=ref_pool,
+                ref=ref, layers=layers, gen=torch.Generator().manual_seed(0))
+
+
+def _qkv(gen, n):
+    q = torch.randn(n, HQ * D, generator=gen).to(torch.bfloat16)
+    k = torch.randn(n, HKV * D, generator=gen).to(torch.bfloat16)
+    v = torch.randn(n, HKV * D, generator=gen).to(torch.bfloat16)
+    return q, k, v
+
+
+def _sync_dequantized(s, slots):
+    """Copy the TurboQuant cache rows `slots` (dequantized) into the reference pool."""
+    pool, ref_pool = s["pool"], s["ref_pool"]
+    for lid in range(NUM_LAYERS):
+        if not pool.is_quantized(lid):
+            continue
+        kb, vb = pool.get_kv_buffer(lid)
+        ref_pool.k_buffer[lid][slots] = kb.codec.decode(kb.codes[slots], kb.scales[slots]).to(torch.bfloat16)
+        ref_pool.v_buffer[lid][slots] = vb.codec.decode(vb.codes[slots], vb.scales[slots]).to(torch.bfloat16)
+
+
+def _run_extend(s, req_ids, prefix_lens, new_lens):
+    runner, ref_runner = s["runner"], s["ref_runner"]
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new_lens))
+    assert slots is not None and int(slots.min()) >= 1  # slot 0 is never handed out
+    r2t = runner.req_to_token_pool.req_to_token
+    off = 0
+    for r, p, n in zip(req_ids, prefix_lens, new_lens):
+        r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
+        off += n
+    fb = extend_batch(runner, req_ids, prefix_lens, new_lens, slots, s["backend"])
+    fb_ref = extend_batch(ref_runner, req_ids, prefix_lens, new_lens, slots, s["ref"])
+    s["backend"].init_forward_metadata(fb)
+    s["ref"].init_forward_metadata(fb_ref)
+    outs = []
+    for layer in s["layers"]:
+        q, k, v = _qkv(s["gen"], sum(new_lens))
+        o = layer(q, k, v, fb)
+        o_ref = layer(q, k, v, fb_ref)
+        assert o.shape == (sum(new_lens), HQ * D) and torch.isfinite(o).all()
+        torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL,
+                                   msg=lambda m: f"extend layer {layer.layer_id}: {m}")
+        outs.append(o)
+    _sync_dequantized(s, slots)
+    return fb, slots, outs
+
+
+def _run_decode(s, req_ids):
+    runner, ref_runner, pool = s["runner"], s["ref_runner"], s["pool"]
+    r2t = runner.req_to_token_pool.req_to_token
+    slots = runner.token_to_kv_pool_allocator.alloc(len(req_ids))
+    seq = []
+    for r, slot in zip(req_ids, slots.tolist()):
+        n = int(s["lens"][r])
+        r2t[r, n] = slot
+        s["lens"][r] = n + 1
+        seq.append(n + 1)
+    fb = decode_batch(runner, req_ids, seq, slots, s["backend"])
+    fb_ref = decode_batch(ref_runner, req_ids, seq, slots, s["ref"])
+    s["backend"].init_forward_metadata(fb)
+    s["ref"].init_forward_metadata(fb_ref)
+    diffs = []
+    for layer in s["layers"]:
+        q, k, v = _qkv(s["gen"], len(req_ids))
+        o = layer(q, k, v, fb)  # TurboQuant stores the new token packed, then attends over the cache
+        lid = layer.layer_id
+        if pool.is_quantized(lid):  # reference cache gets the dequantized new token
+            kc, vc = pool.codecs(lid)
+            s["ref_pool"].k_buffer[lid][slots] = kc.decode(*kc.encode(k.view(-1, HKV, D).float())).to(torch.bfloat16)
+            s["ref_pool"].v_buffer[lid][slots] = vc.decode(*vc.encode(v.view(-1, HKV, D).float())).to(torch.bfloat16)
+        else:
+            s["ref_pool"].set_kv_buffer(layer, slots, k.view(-1, HKV, D), v.view(-1, HKV, D))
+        o_ref = layer(q, k, v, fb_ref, save_kv_cache=False)
+        assert o.shape == (len(req_ids), HQ * D) and torch.isfinite(o).all()
+        torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL,
+                                   msg=lambda m: f"decode layer {lid}: {m}")
+        diffs.append(o)
+    return fb, slots
+
+
+def test_extend_prefix_chunked_decode(setup):
+    s = setup
+    s["lens"] = {}
+    r2t = s["runner"].req_to_token_pool.req_to_token
+    # 1) prefill: A (req 0) 12 tokens, C (req 2) 5 tokens (first chunk of a chunked prefill)
+    fb1, slots1, _ = _run_extend(s, [0, 2], [0, 0], [12, 5])
+    s["lens"].update({0: 12, 2: 5})
+    md = s["backend"].forward_metadata
+    assert md.kv_indptr.tolist() == [0, 0, 0] and md.kv_indices.numel() == 0
+    assert md.qo_indptr.tolist() == [0, 12, 17] and md.max_extend_len == 12
+    # 2) B (req 1): radix hit on A's first 8 tokens + 6 new; C: next chunk (prefix 5, 4 new);
+    #    E (req 3): full hit on A's 12 tokens + 1 new token (a decode request inside a mixed batch)
+    r2t[1, :8] = r2t[0, :8]
+    r2t[3, :12] = r2t[0, :12]
+    fb2, slots2, _ = _run_extend(s, [1, 2, 3], [8, 5, 12], [6, 4, 1])
+    s["lens"].update({1: 14, 2: 9, 3: 13})
+    md = s["backend"].forward_metadata
+    assert md.kv_indptr.tolist() == [0, 8, 13, 25]
+    expect = torch.cat([r2t[1, :8], r2t[2, :5], r2t[3, :12]]).long()
+    assert torch.equal(md.kv_indices, expect)  # prefix only, from the cache
+    assert md.qo_indptr.tolist() == [0, 6, 10, 11] and md.max_extend_len == 6
+    # 3) two decode steps over all four requests
+    for _ in range(2):
+        fb3, slots3 = _run_decode(s, [0, 1, 2, 3])
+    md = s["backend"].forward_metadata
+    seq = [s["lens"][r] for r in range(4)]
+    assert md.kv_indptr.tolist() == [0] + torch.tensor(seq).cumsum(0).tolist()
+    # 4) retraction: C leaves, its slots go back to the allocator and get reused by a new request
+    alloc = s["runner"].token_to_kv_pool_allocator
+    before = alloc.available_size()
+    freed = r2t[2, :s["lens"][2]].long().clone()
+    alloc.free(freed)
+    assert alloc.available_size() == before + freed.numel()
+    alloc.free_pages = torch.cat([freed, alloc.free_pages])  # make the next alloc reuse them at once
+    _run_extend(s, [2], [0], [7])
+    s["lens"][2] = 7
+    _run_decode(s, [2, 0])
+
+
+def test_quantized_layers_really_quantize(setup):
+    """The TurboQuant layers read packed codes (not bf16 rows), so their decode output differs from
+    exact attention over the raw K/V; the bf16 boundary layer matches exact attention."""
+    s = setup
+    pool, backend = s["pool"], s["backend"]
+    assert isinstance(pool.get_key_buffer(1), TQLayerBuffer) and pool.k_buffer[1] is None
+    assert pool.get_key_buffer(0).dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    n = 40
+    slots = s["runner"].token_to_kv_pool_allocator.alloc(n + 1)
+    r2t = s["runner"].req_to_token_pool.req_to_token
+    r2t[5, :n + 1] = slots.to(r2t.dtype)
+    for layer in s["layers"]:
+        k = torch.randn(n + 1, HKV, D, generator=gen).to(torch.bfloat16)
+        v = torch.randn(n + 1, HKV, D, generator=gen).to(torch.bfloat16)
+        pool.set_kv_buffer(layer, slots[:n], k[:n], v[:n])
+        q = torch.randn(1, HQ * D, generator=gen).to(torch.bfloat16)
+        fb = decode_batch(s["runner"], [5], [n + 1], slots[n:], backend)
+        backend.init_forward_metadata(fb)
+        o = layer(q, k[n:].reshape(1, -1), v[n:].reshape(1, -1), fb).float().view(HQ, D)
+        kk = k.float().repeat_interleave(HQ // HKV, dim=1)
+        vv = v.float().repeat_interleave(HQ // HKV, dim=1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", q.float().view(HQ, D), kk) * D ** -0.5, dim=-1)
+        exact = torch.einsum("hl,lhd->hd", p, vv)
+        err = (o - exact).abs().max().item()
+        if pool.is_quantized(layer.layer_id):
+            assert err > 5e-2, f"layer {layer.layer_id} looks unquantized (err {err})"
+            assert err < 1.0
+        else:
+            assert err < 2e-2
+
+
+def test_pool_round_trip_and_slot_zero(setup):
+    s = setup
+    pool = s["pool"]
+    layer = s["layers"][1]
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(3, HKV, D, generator=gen).to(torch.bfloat16)
+    v = torch.randn(3, HKV, D, generator=gen).to(torch.bfloat16)
+    loc = torch.tensor([0, 500, 501])  # slot 0: the dummy row padded CUDA-graph tokens write to
+    pool.set_kv_buffer(layer, loc, k, v)
+    kb, vb = pool.get_kv_buffer(1)
+    kc, ks = kb.codec.encode(k.float())
+    assert torch.equal(kb.codes[loc], kc) and torch.equal(kb.scales[loc], ks)
+    vc, vs = vb.codec.encode(v.float())
+    assert torch.equal(vb.codes[loc], vc) and torch.equal(vb.scales[loc], vs)
+    # the bf16 boundary layer stores rows exactly
+    pool.set_kv_buffer(s["layers"][0], loc, k, v)
+    assert torch.equal(pool.get_key_buffer(0)[loc], k) and torch.equal(pool.get_value_buffer(0)[loc], v)
+
+
+def test_prefill_from_cache_flag(setup):
+    """SGLANG_TQ_PREFILL_FROM_CACHE=1: extend attends to the new tokens' K/V as stored (dequantized)."""
+    s = setup
+    runner, ref_runner, pool, backend = s["runner"], s["ref_runner"], s["pool"], s["backend"]
+    r2t = runner.req_to_token_pool.req_to_token
+    src = r2t[0, :6].clone()  # radix hit on 6 cached tokens of request 0
+    r2t[6, :6] = src
+    slots = runner.token_to_kv_pool_allocator.alloc(5)
+    r2t[6, 6:11] = slots.to(r2t.dtype)
+    fb = extend_batch(runner, [6], [6], [5], slots, backend)
+    fb_ref = extend_batch(ref_runner, [6], [6], [5], slots, s["ref"])
+    backend.init_forward_metadata(fb)
+    backend.prefill_from_cache = True
+    try:
+        for layer in s["layers"]:
+            q, k, v = _qkv(s["gen"], 5)
+            o = layer(q, k, v, fb)
+            lid = layer.layer_id
+            if pool.is_quantized(lid):
+                kb, vb = pool.get_kv_buffer(lid)
+                s["ref_pool"].k_buffer[lid][slots] = kb.codec.decode(kb.codes[slots], kb.scales[slots]).to(torch.bfloat16)
+                s["ref_pool"].v_buffer[lid][slots] = vb.codec.decode(vb.codes[slots], vb.scales[slots]).to(torch.bfloat16)
+            else:
+                s["ref_pool"].set_kv_buffer(layer, slots, k.view(-1, HKV, D), v.view(-1, HKV, D))
+            o_ref = layer(q, k, v, fb_ref, save_kv_cache=False)
+            torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
+    finally:
+        backend.prefill_from_cache = False

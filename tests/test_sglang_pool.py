@@ -1,0 +1,166 @@
+"""TQTokenToKVPool built by SGLang's real ModelRunnerKVCacheMixin._init_pools (fake runner, CPU):
+capacity (get_cell_size_per_token, profile_max_num_token), config-to-pool mapping, buffer shapes and
+dtypes, slot 0, sizes, PP layer ranges, and startup refusals."""
+import pytest
+
+pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+
+from sglang_fakes import FakeModelConfig, FakeRunner, env, server_args, write_tq_config  # noqa: E402
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang_tq.compat import TQUnsupportedError  # noqa: E402
+from sglang_tq.config import load_config  # noqa: E402
+from sglang_tq.pool import TQLayerBuffer, TQTokenToKVPool  # noqa: E402
+from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
+
+K4V4_ALL = "name: k4v4-all\nboundary: {first: 0, last: 0}\n"
+LLAMA3_8B = dict(num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128)
+MIXED = """
+name: mixed
+seed: 5
+defaults: {k: {bits: 4}, v: {bits: 4}}
+boundary: {first: 1, last: 1}
+overrides:
+  - layers: 2
+    k: {bits: 3, qjl: true}
+    v: {bits: 2}
+  - layers: 3
+    k: {bits: 3, outliers: {channels: 16, bits: 4}}
+"""
+
+
+def _llama(cfg_path, backend="turboquant", **kw):
+    with env(SGLANG_TQ_CONFIG=cfg_path):
+        return FakeRunner(FakeModelConfig(**LLAMA3_8B, context_len=8192), server_args(attention_backend=backend), **kw)
+
+
+def test_cell_size_llama3_8b_k4v4(tmp_path):
+    r = _llama(write_tq_config(tmp_path, K4V4_ALL))
+    with env(SGLANG_TQ_CONFIG=write_tq_config(tmp_path, K4V4_ALL)):
+        tq = r.get_cell_size_per_token(32)
+    bf16 = FakeRunner(FakeModelConfig(**LLAMA3_8B), server_args(attention_backend="triton")).get_cell_size_per_token(32)
+    assert bf16 == 32 * 8 * 2 * 128 * 2
+    assert tq == 32 * 8 * 2 * (64 + 2)  # 4-bit codes of 128 coords + one fp16 norm, K and V
+    assert bf16 / tq == pytest.approx(3.88, abs=0.005)
+
+
+def test_cell_size_turbo4_preset_and_config_function():
+    with env(SGLANG_TQ_CONFIG=None):  # default preset
+        r = FakeRunner(FakeModelConfig(**LLAMA3_8B))
+        tq = r.get_cell_size_per_token(32)
+    plan = load_config("turbo4").resolve(32, 128)
+    assert tq == plan.bytes_per_token(8)
+    # turbo4 keeps 2 + 2 boundary layers in bf16: (28 * 132 + 4 * 512) B per KV head -> 2.85x at 32 layers
+    assert 32 * 8 * 512 / tq == pytest.approx(plan.compression_ratio())
+    assert 32 * 8 * 512 / tq > 2.8
+
+
+def test_max_total_num_tokens_grows(tmp_path):
+    """profile_max_num_token (SGLang's, unchanged) at equal memory: tokens scale with 1/cell size."""
+    path = write_tq_config(tmp_path, K4V4_ALL)
+    with env(SGLANG_TQ_CONFIG=path):
+        tq_tokens = FakeRunner(FakeModelConfig(**LLAMA3_8B)).profile_tokens(2.0)
+    bf16_tokens = FakeRunner(FakeModelConfig(**LLAMA3_8B), server_args(attention_backend="triton")).profile_tokens(2.0)
+    assert tq_tokens == (2 << 30) // (32 * 8 * 2 * 66)
+    assert bf16_tokens == (2 << 30) // (32 * 8 * 512)
+    assert tq_tokens / bf16_tokens == pytest.approx(512 / 132, rel=1e-3)
+
+
+def test_pool_layout_from_config(tmp_path):
+    path = write_tq_config(tmp_path, MIXED)
+    with env(SGLANG_TQ_CONFIG=path):
+        r = FakeRunner(FakeModelConfig(6, 8, 2, 128, context_len=64))
+        cell = r.get_cell_size_per_token(6)
+        pool = r.build_pools(100, max_running_requests=4)
+    plan = load_config(path).resolve(6, 128)
+    assert isinstance(pool, TQTokenToKVPool)
+    assert isinstance(r.req_to_token_pool, ReqToTokenPool)
+    assert isinstance(r.token_to_kv_pool_allocator, TokenToKVPoolAllocator)
+    assert r.token_to_kv_pool_allocator.size == 100
+    assert pool.dtype == torch.uint8 and pool.dtype != torch.bfloat16 and pool.model_dtype == torch.bfloat16
+    rows = 100 + 1  # slot 0 (dummy) + 100 allocatable slots
+    assert [lp.quantized for lp in pool.layer_plans] == [False, True, True, True, True, False]
+    for lid in range(6):
+        lp = plan.layers[lid]
+        kb, vb = pool.get_kv_buffer(lid)
+        if not lp.quantized:
+            assert kb.shape == (rows, 2, 128) and kb.dtype == torch.bfloat16
+            assert vb.shape == (rows, 2, 128) and vb.dtype == torch.bfloat16
+            continue
+        assert isinstance(kb, TQLayerBuffer) and kb.shape == (rows, 2, 128)
+        assert kb.codes.shape == (rows, 2, lp.k.code_bytes) and kb.codes.dtype == torch.uint8
+        assert kb.scales.shape == (rows, 2, lp.k.n_scales) and kb.scales.dtype == torch.float16
+        assert vb.codes.shape == (rows, 2, lp.v.code_bytes) and vb.scales.shape == (rows, 2, lp.v.n_scales)
+        assert kb.codec.fmt == lp.k and vb.codec.fmt == lp.v
+        # codecs built with the config's seed and the *global* layer id
+        ref = TQCodec.build(lp.k, 5, lid, ROLE_K, lp.k_outlier_channel_list)
+        assert torch.equal(kb.codec.rotation.signs, ref.rotation.signs)
+    assert pool.get_key_buffer(2).codec.fmt == VecFormat(128, 3, qjl=True)
+    assert pool.get_key_buffer(2).scales.shape[-1] == 2
+    assert pool.get_key_buffer(3).codec.fmt.outlier_channels == 16
+    # sizes: cell size == bytes per token of the pool == config; totals include slot 0
+    assert cell == pool.bytes_per_token() == plan.bytes_per_token(2)
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    assert k_bytes + v_bytes == cell * rows
+    assert pool.mem_usage == pytest.approx((k_bytes + v_bytes) / (1 << 30))
+    ptrs, lens, items = pool.get_contiguous_buf_infos()
+    k_t = [t for i in range(6) for t in pool._layer_tensors(i, "k")]
+    v_t = [t for i in range(6) for t in pool._layer_tensors(i, "v")]
+    assert len(ptrs) == len(lens) == len(items) == 2 * 2 + 4 * 4  # bf16: 1 per role; TQ: codes + scales
+    assert ptrs == [t.data_ptr() for t in k_t + v_t]
+    assert sum(lens) == k_bytes + v_bytes
+    assert items == [t[0].nbytes for t in k_t + v_t] and sum(items) == cell
+    # slot 0 is never handed out
+    assert int(r.token_to_kv_pool_allocator.alloc(100).min()) == 1
+
+
+def test_pipeline_parallel_layer_range(tmp_path):
+    """A PP rank holding layers 3..5 of 6: capacity and codecs use the global layer ids."""
+    path = write_tq_config(tmp_path, MIXED)
+    with env(SGLANG_TQ_CONFIG=path):
+        r = FakeRunner(FakeModelConfig(6, 8, 2, 128, context_len=64), start_layer=3, num_layers=3)
+        cell = r.get_cell_size_per_token(3)
+        pool = r.build_pools(20, max_running_requests=2)
+    plan = load_config(path).resolve(6, 128)
+    assert pool.start_layer == 3 and pool.layer_num == 3
+    assert cell == 2 * sum(plan.layers[i].bytes_per_token_head(128, 128) for i in (3, 4, 5)) == pool.bytes_per_token()
+    assert [pool.is_quantized(i) for i in (3, 4, 5)] == [True, True, False]
+    kc, vc = pool.codecs(4)
+    assert torch.equal(kc.rotation.signs, TQCodec.build(plan.layers[4].k, 5, 4, ROLE_K).rotation.signs)
+    assert torch.equal(vc.rotation.signs, TQCodec.build(plan.layers[4].v, 5, 4, ROLE_V).rotation.signs)
+    with pytest.raises(IndexError):
+        pool.get_key_buffer(2)
+
+
+def test_unpatched_backend_keeps_stock_pool(tmp_path):
+    r = FakeRunner(FakeModelConfig(4, 8, 2, 128, context_len=64), server_args(attention_backend="triton"))
+    pool = r.build_pools(16, max_running_requests=2)
+    assert type(pool) is MHATokenToKVPool
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(use_mla_backend=True), "MLA"),
+    (dict(sliding_window_size=4096), "sliding-window"),
+    (dict(is_hybrid_swa=True), "hybrid sliding-window"),
+    (dict(mambaish_config=object()), "linear-attention hybrid"),
+    (dict(kv_cache_dtype=torch.float8_e4m3fn), "KV cache"),
+    (dict(server_args=server_args(speculative_algorithm="EAGLE")), "speculative decoding"),
+    (dict(server_args=server_args(enable_hierarchical_cache=True)), "hierarchical cache"),
+    (dict(server_args=server_args(kv_cache_dtype="fp8_e5m2")), "--kv-cache-dtype fp8_e5m2"),
+    (dict(server_args=server_args(decode_attention_backend="triton")), "mixing attention backends"),
+    (dict(server_args=server_args(page_size=16)), "--page-size 16"),
+    (dict(model_config=FakeModelConfig(4, 8, 2, 96)), "head_dim 96"),
+    (dict(model_config=FakeModelConfig(4, 8, 2, 128, v_head_dim=64)), "v_head_dim 64 != head_dim 128"),
+])
+def test_unsupported_setups_refused(change, message):
+    r = FakeRunner(FakeModelConfig(4, 8, 2, 128, context_len=64))
+    for k, v in change.items():
+        setattr(r, k, v)
+    r.page_size = r.server_args.page_size
+    with pytest.raises(TQUnsupportedError, match="TurboQuant .*does not support") as ei:
+        r.build_pools(16, max_running_requests=2)
+    assert message in str(ei.value)
+    with pytest.raises(TQUnsupportedError):
+        r.get_cell_size_per_token(4)
