@@ -1,0 +1,272 @@
+"""Shared pieces of the Triton kernels: the packed layout as constexprs (taken from VecFormat.fields,
+never redefined here), in-register unpacking of LSB-first bit fields, cached device tables.
+
+Unpacking: a field of width w holds per = 8 / w codes per byte, coordinate i in byte i // per at bit
+(i % per) * w. A [BLOCK_N, n*w/8] uint8 tile (contiguous per row -> vector loads) is split into `per`
+shifted-and-masked planes of the same shape, and a bit-reversal tree of tl.interleave puts the
+planes back into coordinate order ([BLOCK_N, n]). tl.interleave is join (new minor dim of size 2,
+held per thread) + reshape merging it, which the compiler lowers to register renaming, unlike a
+3-D broadcast + reshape whose layout it may have to convert through shared memory.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import FP16_MAX, TQCodec, VecFormat
+
+LOG2E = 1.4426950408889634
+SQRT_PI_2 = math.sqrt(math.pi / 2.0)
+
+# Names of the per-format constexprs, in the order the jit helpers take them.
+FMT_KEYS = ("D", "LO", "M0W", "M0OFF", "M1W", "M1OFF", "M1SH", "QJLOFF",
+            "NOUT", "OSTRIDE", "X0W", "X0OFF", "X0SH", "X1W", "X1OFF", "X1SH")
+
+
+def fmt_constexprs(fmt: VecFormat, prefix: str) -> Dict[str, int]:
+    """VecFormat -> flat constexpr kwargs (prefix + key). Every number comes from fmt.fields."""
+    mains = [(w, off, sh) for kind, w, n, off, sh in fmt.fields if kind == "main"]
+    extras = [(w, off, sh) for kind, w, n, off, sh in fmt.fields if kind == "extra"]
+    qjl = [off for kind, w, n, off, sh in fmt.fields if kind == "qjl"]
+    assert 1 <= len(mains) <= 2 and len(extras) <= 2 and len(qjl) <= 1, fmt.fields
+    assert mains[0][2] == 0
+    m1 = mains[1] if len(mains) > 1 else (0, 0, 0)
+    x0 = extras[0] if extras else (0, 0, 0)
+    x1 = extras[1] if len(extras) > 1 else (0, 0, 0)
+    vals = dict(D=fmt.head_dim, LO=fmt.mse_bits, M0W=mains[0][0], M0OFF=mains[0][1],
+                M1W=m1[0], M1OFF=m1[1], M1SH=m1[2], QJLOFF=qjl[0] if qjl else -1,
+                NOUT=fmt.outlier_channels, OSTRIDE=fmt.outlier_stride,
+                X0W=x0[0], X0OFF=x0[1], X0SH=x0[2], X1W=x1[0], X1OFF=x1[1], X1SH=x1[2])
+    return {prefix + k: vals[k] for k in FMT_KEYS}
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton path when the data is on CUDA or the Triton interpreter is on (CPU tensors)."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_tables(codec: TQCodec, device) -> dict:
+    """Device tables of one codec, cached inside the codec next to its own device_tables():
+    M (u = M x), M^T, centroid table, boundaries, S^T (PROD), and the query matrix W with
+    q_all = q @ W^T = [M q ; S M q] (one matmul gives the rotated query and its QJL sketch)."""
+    key = ("tq_kernels", str(torch.device(device)))
+    cache = codec._cache
+    if key not in cache:
+        t = codec.device_tables(device)
+        m = t["rotation"].to(torch.float32).contiguous()
+        w = m if t["qjl"] is None else torch.cat([m, t["qjl"].to(torch.float32) @ m], dim=0)
+        cent = t["centroids"].to(torch.float32).contiguous()
+        cache[key] = dict(
+            m=m, mt=m.t().contiguous(), centroids=cent, centroids_bf16=cent.to(torch.bfloat16).contiguous(),
+            lut=byte_lut(codec.fmt, cent),
+            boundaries=t["boundaries"].to(torch.float32).contiguous(),
+            st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
+            wt=w.t().contiguous(),
+        )
+    return cache[key]
+
+
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter holds scalars as numpy arrays of shape (1,) and turns loop bounds into
+    ints with int(array), which numpy >= 2.4 rejects (`range(lo, hi)` with tensor bounds fails).
+    Convert through the single element instead. Only affects TRITON_INTERPRET=1 runs."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as interp
+    except Exception:  # pragma: no cover
+        return
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_tq_patched", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._tq_patched = True
+    interp._patch_lang_tensor = patched
+
+    # The interpreter stores bf16 as raw uint16 bits and its create_dot multiplies those integers;
+    # widen bf16 operands to float32 first (exact: a bf16 value is a truncated float32).
+    builder = interp.InterpreterBuilder
+    orig_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(h):
+            if h.dtype.scalar == tl.bfloat16:
+                return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+            return h
+        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+    # ... and its fp32 -> bf16 cast truncates; GPUs round to nearest even. Round like the GPU so that
+    # interpreter results carry the real bf16 error, not a systematic bias.
+    orig_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            u = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            return interp.TensorHandle(r, tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+
+
+_patch_interpreter_index()
+
+
+def lut_width(fmt: VecFormat) -> int:
+    """Width w of the byte LUT path (one gather per code byte instead of per code): formats whose
+    codes are one main field of width 2 or 4 and no outliers. 0: generic path."""
+    mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
+    if len(mains) == 1 and mains[0] in (2, 4) and not fmt.outlier_channels:
+        return mains[0]
+    return 0
+
+
+def byte_lut(fmt: VecFormat, centroids: torch.Tensor):
+    """Byte -> the bf16 centroids of all codes in that byte, packed LSB-first like the field itself
+    (coordinate k of the byte in bits [16k, 16k + 16)): int32 [256] for w = 4, int64 [256] for w = 2."""
+    w = lut_width(fmt)
+    if not w:
+        return None
+    per = 8 // w
+    bits = centroids[: 1 << w].to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256, device=centroids.device, dtype=torch.int64)
+    lut = torch.zeros(256, dtype=torch.int64, device=centroids.device)
+    for k in range(per):
+        lut |= bits[(b >> (k * w)) & ((1 << w) - 1)] << (16 * k)
+    if w == 4:
+        lut = torch.where(lut >= 2**31, lut - 2**32, lut).to(torch.int32)
+    return lut.contiguous()
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers (inlined into the kernels)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def unpack_field(rows, mask, OFF: tl.constexpr, W: tl.constexpr, N: tl.constexpr):
+    """rows: [BLOCK_N] byte pointers to the start of each token-head's codes; -> int32 [BLOCK_N, N]
+    with the N codes of the W-bit field at byte offset OFF, in coordinate order."""
+    NB: tl.constexpr = N * W // 8
+    b = tl.load(rows[:, None] + OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0).to(tl.int32)
+    if W == 4:
+        x = tl.interleave(b & 15, b >> 4)
+    elif W == 2:
+        x = tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, b >> 6))
+    elif W == 1:
+        x = tl.interleave(
+            tl.interleave(tl.interleave(b & 1, (b >> 4) & 1), tl.interleave((b >> 2) & 1, (b >> 6) & 1)),
+            tl.interleave(tl.interleave((b >> 1) & 1, (b >> 5) & 1), tl.interleave((b >> 3) & 1, b >> 7)))
+    else:
+        x = b
+    return x
+
+
+@triton.jit
+def spread(x, STRIDE: tl.constexpr):
+    """[R, n] -> [R, n * STRIDE] with x[:, j] at column j * STRIDE and zeros elsewhere."""
+    if STRIDE >= 2:
+        x = tl.interleave(x, tl.zeros_like(x))
+    if STRIDE >= 4:
+        x = tl.interleave(x, tl.zeros_like(x))
+    if STRIDE >= 8:
+        x = tl.interleave(x, tl.zeros_like(x))
+    if STRIDE >= 16:
+        x = tl.interleave(x, tl.zeros_like(x))
+    if STRIDE >= 32:
+        x = tl.interleave(x, tl.zeros_like(x))
+    if STRIDE >= 64:
+        x = tl.interleave(x, tl.zeros_like(x))
+    return x
+
+
+@triton.jit
+def table_index(rows, mask, D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
+                M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
+                OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr, X0SH: tl.constexpr,
+                X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+    """int32 [BLOCK_N, D]: index into the centroid table of every coordinate of every row
+    (main fields; at outlier positions j*OSTRIDE also the extra bits and the 2^LO table offset)."""
+    idx = unpack_field(rows, mask, M0OFF, M0W, D)
+    if M1W > 0:
+        idx = idx | (unpack_field(rows, mask, M1OFF, M1W, D) << M1SH)
+    if NOUT > 0:
+        e = unpack_field(rows, mask, X0OFF, X0W, NOUT) << X0SH
+        if X1W > 0:
+            e = e | (unpack_field(rows, mask, X1OFF, X1W, NOUT) << X1SH)
+        idx = idx + spread(e + (1 << LO), OSTRIDE)
+    return idx
+
+
+@triton.jit
+def _bf16_lane(x, K: tl.constexpr):
+    """16-bit lane K of an int32/int64 tensor, reinterpreted as bf16."""
+    return (x >> (16 * K)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
+                  D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
+                  M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
+                  OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr, X0SH: tl.constexpr,
+                  X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+    """bf16 [BLOCK_N, D]: the (unscaled) centroids of every coordinate of every row.
+    LUT 4 / 2: one gather per code byte from the byte LUT (2 / 4 bf16 per entry), lanes put back in
+    coordinate order by interleaving. LUT 0: per-code gathers from the bf16 centroid table."""
+    if LUT == 4:
+        NB: tl.constexpr = D // 2
+        b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
+        x = tl.load(lut_ptr + b.to(tl.int32))
+        c = tl.interleave(_bf16_lane(x, 0), _bf16_lane(x, 1))
+    elif LUT == 2:
+        NB: tl.constexpr = D // 4
+        b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
+        x = tl.load(lut_ptr + b.to(tl.int32))
+        c = tl.interleave(tl.interleave(_bf16_lane(x, 0), _bf16_lane(x, 2)),
+                          tl.interleave(_bf16_lane(x, 1), _bf16_lane(x, 3)))
+    else:
+        idx = table_index(rows, mask, D, LO, M0W, M0OFF, M1W, M1OFF, M1SH, NOUT, OSTRIDE,
+                          X0W, X0OFF, X0SH, X1W, X1OFF, X1SH)
+        c = tl.load(cent_ptr + idx)
+    return c
+
+
+@triton.jit
+def qjl_signs(rows, mask, QJLOFF: tl.constexpr, D: tl.constexpr):
+    """bf16 [BLOCK_N, D] of +-1 from the QJL sign field (bit 1 -> +1)."""
+    bits = unpack_field(rows, mask, QJLOFF, 1, D)
+    return (bits * 2 - 1).to(tl.float32).to(tl.bfloat16)  # via fp32: exact, and right in the interpreter
+
+
+@triton.jit
+def softcap_log2(s, logit_cap, USE_CAP: tl.constexpr):
+    """Scores in log2 units. Without a cap, log2(e) is already folded into the query."""
+    if USE_CAP:
+        # cap * tanh(s / cap), tanh via exp (stable at both ends: exp -> inf gives 1, -> 0 gives -1)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * s / logit_cap) + 1.0)
+        s = logit_cap * t * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """out[:, j] = sum_k acc[:, k] M_v[k, j] (x = M_v^T u), BLOCK_DO output columns at a time;
+    out_ptrs [R] point at each output row (unit stride over the head dim)."""
+    kk = tl.arange(0, DV)
+    for j0 in tl.static_range(0, DV, BLOCK_DO):
+        jj = j0 + tl.arange(0, BLOCK_DO)
+        mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
+        o = tl.dot(acc, mv, input_precision="ieee")
+        tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])

@@ -1,0 +1,176 @@
+"""Triton compress-and-store: one launch per layer quantizes and packs K and V of N new tokens.
+
+Grid (cdiv(N, BLOCK_T), H_kv, 2); axis 2 is the role (0: K, 1: V), each with its own constexpr
+format. Per tile of BLOCK_T token-heads: load rows (bf16/fp16/fp32) -> fp32 norm -> normalize ->
+rotate u = x M^T with fp32 tl.dot (input_precision="ieee", K chunked by 32 so a d=256 matrix never
+sits in registers) -> bucketize count(u > boundary) (= torch.searchsorted(right=False)), outlier
+positions against the outlier codebook -> norm correction scale0 = |x| / |c[idx]| -> PROD: residual
+r = u - a c, signs of r S^T (>= 0 -> 1) in column chunks, scale1 = |x| |r| sqrt(pi/2) / m -> clamp
+scales to fp16 max -> pack each field LSB-first and store at the slot's row.
+
+Float-tie exception: the reference rotates with the butterfly FWHT, this kernel with a dense fp32
+matmul; u differs in the last float bits, so a code may differ where u lies within float rounding
+(~1e-7) of a codebook boundary. Everything else is bit-identical up to that.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import SQRT_PI_2, fmt_constexprs, kernel_tables
+from .codec import FP16_MAX, TQCodec
+
+
+@triton.jit
+def _pack_store(rows, mask, vals, off, W: tl.constexpr, N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """vals int32 [BLOCK_T, N] (< 2^W) -> N*W/8 bytes LSB-first at rows + off."""
+    PER: tl.constexpr = 8 // W
+    NB: tl.constexpr = N // PER
+    v3 = tl.reshape(vals, (BLOCK_T, NB, PER))
+    sh = tl.arange(0, PER) * W
+    byte = tl.sum(v3 << sh[None, None, :], axis=2)
+    tl.store(rows[:, None] + off + tl.arange(0, NB)[None, :], byte.to(tl.uint8), mask=mask[:, None])
+
+
+@triton.jit
+def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
+                  mt_ptr, cent_ptr, bnd_ptr, st_ptr,
+                  BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
+                  D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
+                  M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
+                  NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
+                  X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < N
+    d = tl.arange(0, D)
+    xrow = x_ptr + t.to(tl.int64) * x_t + h * x_h
+    x = tl.load(xrow[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    nrm = tl.sqrt(tl.sum(x * x, axis=1))
+    inv = 1.0 / tl.maximum(nrm, 1e-30)
+
+    # u = (x / |x|) M^T, fp32-exact, K in chunks of BK
+    BK: tl.constexpr = 32 if D > 32 else D
+    u = tl.zeros((BLOCK_T, D), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        xk = xk * inv[:, None]
+        mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
+        u += tl.dot(xk, mk, input_precision="ieee")
+
+    # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
+    NB_LO: tl.constexpr = (1 << LO) - 1
+    idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
+    for i in tl.static_range(NB_LO):
+        idx += (u > tl.load(bnd_ptr + i)).to(tl.int32)
+    if NOUT > 0:
+        HI: tl.constexpr = LO + (X0W if X1W == 0 else X0W + X1W)
+        NB_HI: tl.constexpr = (1 << HI) - 1
+        idx_hi = tl.zeros((BLOCK_T, D), dtype=tl.int32)
+        for i in tl.static_range(NB_HI):
+            idx_hi += (u > tl.load(bnd_ptr + NB_LO + i)).to(tl.int32)
+        is_out = (d % OSTRIDE) == 0
+        idx = tl.where(is_out[None, :], idx_hi, idx)
+        c = tl.load(cent_ptr + idx + tl.where(is_out, 1 << LO, 0)[None, :])
+    else:
+        c = tl.load(cent_ptr + idx)
+
+    if NC:
+        a = 1.0 / tl.maximum(tl.sqrt(tl.sum(c * c, axis=1)), 1e-30)
+    else:
+        a = tl.full((BLOCK_T,), 1.0, tl.float32)
+    slot = tl.load(slots_ptr + t, mask=tmask, other=0).to(tl.int64)
+    srow = s_ptr + slot * s_s + h * s_h
+    tl.store(srow, tl.minimum(nrm * a, SMAX).to(tl.float16), mask=tmask)
+    crow = c_ptr + slot * c_s + h * c_h
+
+    # main fields carry the low LO bits of every code (outlier positions: of the outlier code)
+    _pack_store(crow, tmask, (idx >> 0) & ((1 << M0W) - 1), M0OFF, M0W, D, BLOCK_T)
+    if M1W > 0:
+        _pack_store(crow, tmask, (idx >> M1SH) & ((1 << M1W) - 1), M1OFF, M1W, D, BLOCK_T)
+    if NOUT > 0:
+        e3 = tl.reshape(idx, (BLOCK_T, NOUT, OSTRIDE))
+        first = (tl.arange(0, OSTRIDE) == 0)[None, None, :]
+        ev = tl.sum(tl.where(first, e3, 0), axis=2)  # codes at positions j * OSTRIDE
+        _pack_store(crow, tmask, (ev >> X0SH) & ((1 << X0W) - 1), X0OFF, X0W, NOUT, BLOCK_T)
+        if X1W > 0:
+            _pack_store(crow, tmask, (ev >> X1SH) & ((1 << X1W) - 1), X1OFF, X1W, NOUT, BLOCK_T)
+
+    if QJLOFF >= 0:
+        r = u - a[:, None] * c
+        rn = tl.sqrt(tl.sum(r * r, axis=1))
+        tl.store(srow + 1, tl.minimum(nrm * rn * QJLC, SMAX).to(tl.float16), mask=tmask)
+        # projection r S^T in column chunks of BJ (S^T [D, M=D] contiguous)
+        BJ: tl.constexpr = 32 if D > 32 else D
+        for j0 in range(0, D, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            sj = tl.load(st_ptr + d[:, None] * D + jj[None, :])
+            pr = tl.dot(r, sj, input_precision="ieee")
+            _pack_store(crow, tmask, (pr >= 0).to(tl.int32), QJLOFF + j0 // 8, 1, BJ, BLOCK_T)
+
+
+@triton.jit
+def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
+                     kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                     kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
+                     BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
+                     K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
+                     K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                     K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                     K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                     K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                     V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                     V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
+                     V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
+                     V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    role = tl.program_id(2)
+    if role == 0:
+        _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
+                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, BLOCK_T, K_NC, K_QJLC, SMAX,
+                      K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
+                      K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+    else:
+        _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                      vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr, BLOCK_T, V_NC, V_QJLC, SMAX,
+                      V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
+                      V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+
+
+def _rows(x, n, h, d):
+    x = x.reshape(n, h, d)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    return x
+
+
+def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
+                       *, block_t: int = 16, num_warps: int = 4) -> None:
+    """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
+    cache buffers (in place). One Triton launch for K and V."""
+    n = k.shape[0]
+    if n == 0:
+        return
+    kf, vf = kcodec.fmt, vcodec.fmt
+    h = k_codes.shape[1]
+    assert k_codes.shape[2] == kf.code_bytes and v_codes.shape[2] == vf.code_bytes
+    assert k_scales.shape[2] == kf.n_scales and v_scales.shape[2] == vf.n_scales
+    assert k_codes.dtype == v_codes.dtype and str(k_codes.dtype) == "torch.uint8"
+    for buf in (k_codes, k_scales, v_codes, v_scales):
+        assert buf.stride(2) == 1
+    k3, v3 = _rows(k, n, h, kf.head_dim), _rows(v, n, h, vf.head_dim)
+    slots = slots.reshape(n)
+    kt, vt = kernel_tables(kcodec, k.device), kernel_tables(vcodec, v.device)
+    dummy = kt["mt"]
+    grid = (triton.cdiv(n, block_t), h, 2)
+    _compress_kernel[grid](
+        k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
+        kt["mt"], kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
+        vt["mt"], vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
+        BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
+        **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
+    )

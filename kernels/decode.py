@@ -1,0 +1,239 @@
+"""Triton split-K decode attention over the packed TurboQuant cache.
+
+Per call (no host sync, static grid: capturable in a CUDA graph):
+  0. q_all = q @ W^T with W = [M_k] or [M_k; S M_k] (one small torch matmul): the query rotated into
+     K's storage domain and, for PROD keys, its QJL sketch. sm_scale (and log2 e when there is no
+     soft-cap) is folded in inside the kernel.
+  1. stage 1, grid (B, H_kv, num_splits): one program per (sequence, KV head, split) serves the whole
+     GQA group (G = H_q / H_kv query rows padded to BLOCK_G >= 16 for tl.dot), so every packed K/V
+     tile is read from HBM once per KV head. Per BLOCK_N tile: slots -> per-field uint8 tiles
+     (vector loads) -> in-register unpack -> centroid gathers (tiny L1-resident table) -> bf16
+     tensor-core scores q~ c^T times scale0 per token (+ sketch signs^T times scale1) -> online
+     softmax in fp32 -> p * v_scale0 -> tl.dot(p, c_v), accumulated in V's rotated domain.
+     Writes acc / l and lse (log2 units) per split into the workspace.
+  2. stage 2, grid (B, H_kv): log-sum-exp merge of the splits, then one un-rotation o = o_rot M_v
+     (fp32 tl.dot against the d x d matrix), written in q's dtype into `out`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (LOG2E, centroid_tile, fmt_constexprs, kernel_tables, lut_width, next_pow2, qjl_signs,
+                      softcap_log2, unrotate_store)
+from .codec import TQCodec
+
+
+@triton.jit
+def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
+                   kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                   kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, kv_indptr, kv_indices, num_splits,
+                   po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
+                   K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+                   K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                   K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                   K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                   K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                   V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                   V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
+                   V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
+                   V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    sid = tl.program_id(2)
+    seq_start = tl.load(kv_indptr + b)
+    seq_len = tl.load(kv_indptr + b + 1) - seq_start
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = sid * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    heads = hk * G + g
+    dk = tl.arange(0, K_D)
+    qrow = qr_ptr + b * qr_b + heads * qr_h
+    q = (tl.load(qrow[:, None] + dk[None, :], mask=gmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+    if K_QJLOFF >= 0:
+        sk = (tl.load(qrow[:, None] + K_D + dk[None, :], mask=gmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, V_D), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < hi
+        slot = tl.load(kv_indices + seq_start + offs, mask=nmask, other=0).to(tl.int64)
+        # ---- K: scores of the whole GQA group against the tile
+        krow = kc_ptr + slot * kc_s + hk * kc_h
+        kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
+                             K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+        ksrow = ks_ptr + slot * ks_s + hk * ks_h
+        ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
+        if K_QJLOFF >= 0:
+            sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
+            ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
+            s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
+        s = softcap_log2(s, logit_cap, USE_CAP)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        # ---- online softmax (fp32, log2 units)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        # ---- V: p * scale0 against the tile's centroids (rotated domain)
+        vrow = vc_ptr + slot * vc_s + hk * vc_h
+        vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
+                             V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
+
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    dv = tl.arange(0, V_D)
+    po = po_ptr + b * po_b + heads * po_h + sid * po_s
+    tl.store(po[:, None] + dv[None, :], o, mask=gmask[:, None])
+    tl.store(pl_ptr + b * pl_b + heads * pl_h + sid, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    heads = hk * G + g
+    dv = tl.arange(0, V_D)
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, V_D), tl.float32)
+    po = po_ptr + b * po_b + heads * po_h
+    pl = pl_ptr + b * pl_b + heads * pl_h
+    for sid in range(0, num_splits):
+        lse = tl.load(pl + sid, mask=gmask, other=float("-inf"))
+        o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        beta = tl.exp2(lse - m_use)
+        l = l * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * o
+        m = m_new
+    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
+    unrotate_store(acc, mv_ptr, out_ptr + b * out_b + heads * out_h, gmask, V_D, BLOCK_DO)
+
+
+@dataclass
+class DecodeWorkspace:
+    """Preallocated scratch of decode_attention (allocate once, outside any CUDA graph):
+    part_out [max_batch, H_q, max_splits, d_v] fp32 and part_lse [max_batch, H_q, max_splits] fp32."""
+
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+
+    @classmethod
+    def create(cls, max_batch: int, num_q_heads: int, head_dim_v: int, max_splits: int = 64,
+               device="cuda") -> "DecodeWorkspace":
+        return cls(torch.empty(max_batch, num_q_heads, max_splits, head_dim_v, dtype=torch.float32, device=device),
+                   torch.empty(max_batch, num_q_heads, max_splits, dtype=torch.float32, device=device))
+
+    @property
+    def max_batch(self) -> int:
+        return self.part_out.shape[0]
+
+    @property
+    def max_splits(self) -> int:
+        return self.part_out.shape[2]
+
+
+_SM_COUNT = {}
+
+
+def num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_sms: int,
+                      max_splits: int = 64, min_tokens_per_split: int = 256, waves: int = 8) -> int:
+    """Splits per sequence so that batch * H_kv * splits programs fill ~`waves` programs per SM,
+    without splits shorter than `min_tokens_per_split` tokens. A Python int (static grid)."""
+    work = max(1, batch * num_kv_heads)
+    s = triton.cdiv(waves * num_sms, work)
+    s = min(s, triton.cdiv(max(1, max_seq_len_hint), min_tokens_per_split), max_splits)
+    return max(1, int(s))
+
+
+def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
+                     kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
+                     workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2, use_lut: bool = True,
+                     max_seq_len_hint: Optional[int] = None):
+    """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
+    given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence."""
+    kf, vf = kcodec.fmt, vcodec.fmt
+    if vf.qjl:
+        raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
+    if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
+        raise ValueError(f"block_n must be >= 32 (got {block_n})")
+    d_k, d_v = kf.head_dim, vf.head_dim
+    B = q.shape[0]
+    q3 = q.reshape(B, -1, d_k)
+    h_q, h_kv = q3.shape[1], k_codes.shape[1]
+    assert h_q % h_kv == 0, (h_q, h_kv)
+    G = h_q // h_kv
+    dev = q.device
+    if out is None:
+        out = torch.empty(B, h_q, d_v, dtype=q.dtype, device=dev)
+    out3 = out.view(B, h_q, d_v)
+    assert out3.stride(2) == 1
+    if num_splits is None:
+        hint = max_seq_len_hint if max_seq_len_hint is not None else kv_indices.numel()
+        num_splits = choose_num_splits(B, h_kv, hint, num_sms(dev),
+                                       max_splits=workspace.max_splits if workspace is not None else 64)
+    if workspace is None:
+        workspace = DecodeWorkspace.create(B, h_q, d_v, num_splits, dev)
+    assert workspace.max_batch >= B and workspace.max_splits >= num_splits
+    assert workspace.part_out.shape[1] == h_q and workspace.part_out.shape[3] == d_v
+    if B == 0:
+        return out
+
+    kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
+    qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
+    use_cap = bool(logit_cap and logit_cap > 0)
+    k_lut = lut_width(kf) if use_lut else 0
+    v_lut = lut_width(vf) if use_lut else 0
+    q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
+    BLOCK_G = max(16, next_pow2(G))
+    po, pl = workspace.part_out, workspace.part_lse
+    _decode_stage1[(B, h_kv, num_splits)](
+        qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
+        kt["centroids_bf16"], vt["centroids_bf16"],
+        kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
+        kv_indptr, kv_indices, num_splits,
+        po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
+        G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
+        **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_stage2[(B, h_kv)](
+        po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
+        vt["m"], out3, out3.stride(0), out3.stride(1),
+        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), num_warps=4,
+    )
+    return out

@@ -1,0 +1,180 @@
+"""Triton extend (chunked prefill) attention over a packed prefix plus the new, unquantized tokens.
+
+Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)). The launch function rotates everything into the
+storage domain with small torch matmuls: q_all = q [M_k; S M_k]^T (rotated query + QJL sketch),
+k~ = k_new M_k^T, v~ = v_new M_v^T (PROD keys: the new tokens use their exact k~, no QJL). One
+fp32 accumulator in V's rotated domain then serves both parts:
+  - prefix: BLOCK_N tiles dequantized in registers exactly as in decode (no dequantized copy of the
+    prefix ever goes to HBM), all prefix tokens visible to every query;
+  - new tokens: bf16 tiles of k~ / v~, causal (token j visible to query i iff j <= i) unless causal=False.
+The output is un-rotated once at the end (o = o_rot M_v) and written in q's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (LOG2E, centroid_tile, fmt_constexprs, kernel_tables, lut_width, qjl_signs, softcap_log2,
+                      unrotate_store)
+from .codec import TQCodec
+
+
+@triton.jit
+def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q_scale, logit_cap,
+                   kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                   kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
+                   out_ptr, out_t, out_h,
+                   G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+                   K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                   K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                   K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                   K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                   V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                   V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
+                   V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
+                   V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    q0 = tl.load(qo_indptr + i)
+    ext = tl.load(qo_indptr + i + 1) - q0
+    if mb * BLOCK_M >= ext:
+        return
+    hk = h // G
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < ext
+    dk = tl.arange(0, K_D)
+    dv = tl.arange(0, V_D)
+    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + h * qr_h
+    q = (tl.load(qrow[:, None] + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+    if K_QJLOFF >= 0:
+        sk = (tl.load(qrow[:, None] + K_D + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, V_D), tl.float32)
+
+    # ---- packed prefix: dequantized tile by tile in registers
+    kv0 = tl.load(kv_indptr + i)
+    pre = tl.load(kv_indptr + i + 1) - kv0
+    for n0 in range(0, pre, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < pre
+        slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
+        krow = kc_ptr + slot * kc_s + hk * kc_h
+        kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
+                             K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+        ksrow = ks_ptr + slot * ks_s + hk * ks_h
+        ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
+        if K_QJLOFF >= 0:
+            sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
+            ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
+            s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
+        s = softcap_log2(s, logit_cap, USE_CAP)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        vrow = vc_ptr + slot * vc_s + hk * vc_h
+        vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
+                             V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
+
+    # ---- new tokens (already rotated, unquantized), causal
+    if CAUSAL:
+        hi = tl.minimum(ext, (mb + 1) * BLOCK_M)
+    else:
+        hi = ext
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < hi
+        tok = (q0 + cols).to(tl.int64)
+        k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
+        s = softcap_log2(s, logit_cap, USE_CAP)
+        valid = cmask[None, :]
+        if CAUSAL:
+            valid = valid & (cols[None, :] <= rows[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows may see nothing yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
+
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
+    unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO)
+
+
+def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
+                     qo_indptr, kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0,
+                     causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
+                     block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     use_lut: bool = False):
+    """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
+    max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
+    when not given.
+    use_lut defaults to False here: with BLOCK_M = 64 the byte-LUT tile (bitcast lanes feeding a wgmma
+    operand) crashes Triton 3.6's TritonGPUOptimizeDotOperands pass (seen compiling for sm_90;
+    scripts/compile_check.py reproduces it without a GPU). Extend is not bound by the gathers.
+    block_m / block_n must be >= 32: with 16-wide tiles the compiled kernel gave wrong results on an
+    H100 (Triton 3.6) while the interpreter was right."""
+    kf, vf = kcodec.fmt, vcodec.fmt
+    if vf.qjl:
+        raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
+    if block_m < 32 or block_n < 32:
+        raise ValueError(f"block_m / block_n must be >= 32 (got {block_m}, {block_n})")
+    d_k, d_v = kf.head_dim, vf.head_dim
+    T = q.shape[0]
+    q3 = q.reshape(T, -1, d_k)
+    h_q, h_kv = q3.shape[1], k_codes.shape[1]
+    assert h_q % h_kv == 0
+    G = h_q // h_kv
+    dev = q.device
+    if out is None:
+        out = torch.empty(T, h_q, d_v, dtype=q.dtype, device=dev)
+    out3 = out.view(T, h_q, d_v)
+    assert out3.stride(2) == 1
+    n_seqs = qo_indptr.shape[0] - 1
+    if T == 0 or n_seqs <= 0:
+        return out
+    if max_extend_len is None:
+        max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item())
+    if max_extend_len <= 0:
+        return out
+    kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
+    qr = torch.matmul(q3.to(torch.float32), kt["wt"])                              # [T, H_q, d_k (+m)]
+    kn = torch.matmul(k_new.reshape(T, h_kv, d_k).to(torch.float32), kt["mt"])     # k~ = k M_k^T
+    vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"])     # v~ = v M_v^T
+    use_cap = bool(logit_cap and logit_cap > 0)
+    k_lut = lut_width(kf) if use_lut else 0
+    v_lut = lut_width(vf) if use_lut else 0
+    q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
+    grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
+    _extend_kernel[grid](
+        qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
+        q_scale, float(logit_cap) if use_cap else 1.0,
+        k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
+        v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
+        kt["centroids_bf16"], vt["centroids_bf16"],
+        kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
+        qo_indptr, kv_indptr, kv_indices, vt["m"], out3,
+        out3.stride(0), out3.stride(1),
+        G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
+        BLOCK_DO=min(d_v, 64),
+        **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,35 @@
+"""Public kernel API: dispatches to Triton when the tensors are on CUDA or TRITON_INTERPRET=1 is
+set, else to the pure-PyTorch reference (same signatures; Triton-only keyword arguments such as
+workspace / num_splits / block sizes are ignored by the reference)."""
+from __future__ import annotations
+
+from . import reference as _ref
+from ._common import use_triton
+from .decode import DecodeWorkspace, choose_num_splits  # noqa: F401
+
+
+def compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, **kw):
+    if use_triton(k_codes):
+        from .compress import compress_and_store as fn
+        return fn(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, **kw)
+    return _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales)
+
+
+def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,
+                     logit_cap=0.0, out=None, **kw):
+    if use_triton(k_codes):
+        from .decode import decode_attention as fn
+        return fn(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,
+                  logit_cap, out, **kw)
+    return _ref.decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices,
+                                 sm_scale, logit_cap, out)
+
+
+def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr, kv_indptr,
+                     kv_indices, sm_scale, logit_cap=0.0, causal=True, out=None, **kw):
+    if use_triton(k_codes):
+        from .extend import extend_attention as fn
+        return fn(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr, kv_indptr,
+                  kv_indices, sm_scale, logit_cap, causal, out, **kw)
+    return _ref.extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr,
+                                 kv_indptr, kv_indices, sm_scale, logit_cap, causal, out)

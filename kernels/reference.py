@@ -1,0 +1,123 @@
+"""Pure-PyTorch reference ops with exactly the signatures of the Triton launch functions.
+
+Used by the SGLang backend when neither CUDA nor the Triton interpreter is available, and by the
+kernel tests as ground truth: codec (TQCodec.encode / decode) plus plain softmax attention over the
+dequantized K/V. Slow (per-sequence loops, host syncs) but simple and exact in float32.
+
+Cache buffers of one layer (slot 0 is a dummy row, slots are row indices):
+  k_codes uint8 [S, H_kv, kfmt.code_bytes], k_scales fp16 [S, H_kv, kfmt.n_scales]
+  v_codes uint8 [S, H_kv, vfmt.code_bytes], v_scales fp16 [S, H_kv, vfmt.n_scales]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .codec import TQCodec
+
+
+def compress_and_store(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec,
+                       k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
+                       v_scales: torch.Tensor, **_unused) -> None:
+    """k [N, H_kv, d_k], v [N, H_kv, d_v] (any float dtype); slots [N] row indices. In place."""
+    if k.shape[0] == 0:
+        return
+    slots = slots.to(device=k_codes.device, dtype=torch.long)
+    kc, ks = kcodec.encode(k.to(torch.float32))
+    vc, vs = vcodec.encode(v.to(torch.float32))
+    k_codes[slots] = kc.to(k_codes.device)
+    k_scales[slots] = ks.to(device=k_scales.device, dtype=k_scales.dtype)
+    v_codes[slots] = vc.to(v_codes.device)
+    v_scales[slots] = vs.to(device=v_scales.device, dtype=v_scales.dtype)
+
+
+def _softcap(s: torch.Tensor, logit_cap: float) -> torch.Tensor:
+    if logit_cap and logit_cap > 0:
+        return logit_cap * torch.tanh(s / logit_cap)
+    return s
+
+
+def _dequant(codes, scales, codec: TQCodec, slots: torch.Tensor) -> torch.Tensor:
+    """[L, H_kv, d] float32 dequantized vectors of the given slots (original domain)."""
+    return codec.decode(codes[slots], scales[slots]).to(torch.float32)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logit_cap: float,
+            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [M, H_q, d], k [L, H_kv, d], v [L, H_kv, d_v] float32 -> [M, H_q, d_v]; GQA by repeating
+    KV heads (q head h reads KV head h // (H_q / H_kv)); mask [M, L] bool (True = attend)."""
+    h_q, h_kv = q.shape[1], k.shape[1]
+    if k.shape[0] == 0:
+        return q.new_zeros(q.shape[0], h_q, v.shape[-1])
+    g = h_q // h_kv
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    s = torch.einsum("mhd,lhd->hml", q, k) * sm_scale
+    s = _softcap(s, logit_cap)
+    if mask is not None:
+        s = s.masked_fill(~mask[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with nothing to attend to -> 0
+    return torch.einsum("hml,lhd->mhd", p, v)
+
+
+def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
+                     v_scales: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec, kv_indptr: torch.Tensor,
+                     kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
+                     out: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
+    """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v]: softmax attention of each query over
+    the dequantized K/V of slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. An empty sequence gives 0."""
+    d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
+    B = q.shape[0]
+    q3 = q.reshape(B, -1, d_k)
+    h_q = q3.shape[1]
+    res = torch.zeros(B, h_q, d_v, dtype=torch.float32, device=q.device)
+    indptr = kv_indptr.tolist()
+    for b in range(B):
+        slots = kv_indices[indptr[b]:indptr[b + 1]].to(device=k_codes.device, dtype=torch.long)
+        k = _dequant(k_codes, k_scales, kcodec, slots).to(q.device)
+        v = _dequant(v_codes, v_scales, vcodec, slots).to(q.device)
+        res[b] = _attend(q3[b:b + 1].to(torch.float32), k, v, sm_scale, logit_cap)[0]
+    if out is None:
+        return res.to(q.dtype)
+    out.view(B, h_q, d_v).copy_(res.to(out.dtype))
+    return out
+
+
+def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_codes: torch.Tensor,
+                     k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor, kcodec: TQCodec,
+                     vcodec: TQCodec, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                     sm_scale: float, logit_cap: float = 0.0, causal: bool = True,
+                     out: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
+    """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
+    (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
+    the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
+    sequence's own new, unquantized K/V. -> out [T, H_q, d_v]."""
+    d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
+    T = q.shape[0]
+    q3 = q.reshape(T, -1, d_k)
+    h_q = q3.shape[1]
+    h_kv = k_new.reshape(T, -1, d_k).shape[1] if T else k_codes.shape[1]
+    k_new = k_new.reshape(T, h_kv, d_k)
+    v_new = v_new.reshape(T, h_kv, d_v)
+    res = torch.zeros(T, h_q, d_v, dtype=torch.float32, device=q.device)
+    qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
+    for i in range(len(qo) - 1):
+        a, b = qo[i], qo[i + 1]
+        if b <= a:
+            continue
+        slots = kv_indices[kvp[i]:kvp[i + 1]].to(device=k_codes.device, dtype=torch.long)
+        kp = _dequant(k_codes, k_scales, kcodec, slots).to(q.device)
+        vp = _dequant(v_codes, v_scales, vcodec, slots).to(q.device)
+        k = torch.cat([kp, k_new[a:b].to(torch.float32)])
+        v = torch.cat([vp, v_new[a:b].to(torch.float32)])
+        n_new, n_pre = b - a, kp.shape[0]
+        mask = torch.ones(n_new, n_pre + n_new, dtype=torch.bool, device=q.device)
+        if causal:
+            mask[:, n_pre:] = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
+        res[a:b] = _attend(q3[a:b].to(torch.float32), k, v, sm_scale, logit_cap, mask)
+    if out is None:
+        return res.to(q.dtype)
+    out.view(T, h_q, d_v).copy_(res.to(out.dtype))
+    return out

@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""Decode-attention benchmark of the TurboQuant kernels against FlashInfer (BF16 / FP8 KV) and
+SGLang's Triton decode, on one GPU, in one run.
+
+  python scripts/bench_kernels.py --check --quick            # validate every codec, then a short bench
+  python scripts/bench_kernels.py --check --out results/     # full grid, JSON + PNG
+  python scripts/bench_kernels.py --quick --sweep            # also sweep BLOCK_N / warps / stages / splits
+
+Every baseline is optional (lazy imports, try/except): a missing or failing FlashInfer / SGLang only
+blanks its columns. Times are medians of CUDA-graph replays (falls back to plain launches when a
+capture fails); when a point's data would fit in L2, several buffer sets are cycled.
+Bytes of our kernel = B*ctx*H_kv*(k slot_bytes + v slot_bytes) + q + out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+try:  # installed (pip -e) or put on the path as tq_kernels (see docs/KERNELS.md)
+    import tq_kernels  # noqa: F401
+except ImportError:  # fall back to the repo's kernels/ folder, loaded under the name tq_kernels
+    import importlib.util
+
+    _kdir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels")
+    _spec = importlib.util.spec_from_file_location("tq_kernels", os.path.join(_kdir, "__init__.py"),
+                                                   submodule_search_locations=[_kdir])
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["tq_kernels"] = _mod
+    _spec.loader.exec_module(_mod)
+
+from tq_kernels import reference
+from tq_kernels.codec import VecFormat
+from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms
+from tq_kernels.compress import compress_and_store
+from tq_kernels.extend import extend_attention
+from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
+
+CODECS = {
+    "K4V4": (dict(bits=4), dict(bits=4)),
+    "K3V3": (dict(bits=3), dict(bits=3)),
+    "K4V2": (dict(bits=4), dict(bits=2)),
+    "PROD-K3": (dict(bits=3, qjl=True), dict(bits=3)),
+}
+SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
+# block_n, num_warps, num_stages, use_lut (False: per-code centroid gathers instead of the byte LUT)
+SWEEP = [(64, 4, 2, True), (128, 4, 2, True), (64, 4, 3, True), (32, 4, 2, True), (128, 8, 2, True),
+         (64, 8, 3, True), (64, 4, 2, False)]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+def bench(fn, n_inner=1, use_graph=True, rep_ms=200):
+    """Median ms of one call of fn (fn runs n_inner calls, e.g. over rotating buffer sets)."""
+    import triton.testing
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if use_graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            g.replay()
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(g.replay, warmup=25, rep=rep_ms, return_mode="median") / n_inner
+        except Exception as e:  # capture not supported by this fn: time plain launches
+            log(f"    (graph capture failed: {type(e).__name__}: {str(e)[:120]}; timing without graph)")
+            torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") / n_inner
+
+
+def copy_bandwidth_gbs(nbytes=2 << 30):
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    x.random_()
+    ms = bench(lambda: y.copy_(x), use_graph=False, rep_ms=300)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def fmts(codec_name, d):
+    kk, vv = CODECS[codec_name]
+    return VecFormat(d, **kk), VecFormat(d, **vv)
+
+
+def random_packed(kfmt, vfmt, n_slots, h_kv, gen_seed):
+    """Random (non-zero) codes and scales: timing does not depend on the values."""
+    g = torch.Generator(device="cuda").manual_seed(gen_seed)
+    kc = torch.randint(0, 256, (n_slots, h_kv, kfmt.code_bytes), dtype=torch.uint8, device="cuda", generator=g)
+    vc = torch.randint(0, 256, (n_slots, h_kv, vfmt.code_bytes), dtype=torch.uint8, device="cuda", generator=g)
+    ks = (torch.rand(n_slots, h_kv, kfmt.n_scales, device="cuda", generator=g) * 4 + 1).half()
+    vs = (torch.rand(n_slots, h_kv, vfmt.n_scales, device="cuda", generator=g) * 4 + 1).half()
+    return kc, ks, vc, vs
+
+
+def paged_indices(B, ctx, n_slots, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = (torch.randperm(n_slots - 1, device="cuda", generator=g)[:B * ctx] + 1).to(torch.int32)
+    indptr = (torch.arange(B + 1, device="cuda", dtype=torch.int32) * ctx)
+    return indptr, idx
+
+
+def n_sets_for(nbytes, l2_bytes):
+    return 1 if nbytes >= 4 * l2_bytes else min(8, max(2, math.ceil(4 * l2_bytes / max(nbytes, 1))))
+
+
+# --------------------------------------------------------------------------------------------
+# systems
+# --------------------------------------------------------------------------------------------
+def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
+    kfmt, vfmt = fmts(codec_name, d)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed)
+    per_set = B * ctx * hkv * (kfmt.slot_bytes + vfmt.slot_bytes)
+    n_sets = n_sets_for(per_set, l2)
+    sets = []
+    for i in range(n_sets):
+        n_slots = B * ctx + 1
+        bufs = random_packed(kfmt, vfmt, n_slots, hkv, seed + i)
+        indptr, idx = paged_indices(B, ctx, n_slots, seed + 100 + i)
+        q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        sets.append((bufs, indptr, idx, q, out))
+    ns = splits or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
+    ws = DecodeWorkspace.create(B, hq, d, max_splits=max(ns, 1), device="cuda")
+    kw = {}
+    if cfg is not None:
+        kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3])
+
+    def fn():
+        for bufs, indptr, idx, q, out in sets:
+            decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns, **kw)
+
+    ms = bench(fn, n_inner=n_sets)
+    qo_bytes = 2 * B * hq * d * 2
+    del sets
+    torch.cuda.empty_cache()
+    return ms, per_set + qo_bytes, ns
+
+
+def run_flashinfer(B, ctx, hq, hkv, d, kv_dtype, page_size, l2, seed):
+    import flashinfer
+
+    n_pages_seq = math.ceil(ctx / page_size)
+    elt = 1 if kv_dtype != torch.bfloat16 else 2
+    per_set = 2 * B * n_pages_seq * page_size * hkv * d * elt
+    n_sets = n_sets_for(per_set, l2)
+    ws_buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    wrappers, sets = [], []
+    last = (ctx - 1) % page_size + 1
+    for i in range(n_sets):
+        n_pages = B * n_pages_seq + 1
+        k = torch.randn(n_pages, page_size, hkv, d, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
+        v = torch.randn(n_pages, page_size, hkv, d, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
+        g = torch.Generator(device="cuda").manual_seed(seed + i)
+        pidx = (torch.randperm(n_pages - 1, device="cuda", generator=g)[:B * n_pages_seq] + 1).to(torch.int32)
+        indptr = torch.arange(B + 1, device="cuda", dtype=torch.int32) * n_pages_seq
+        lastlen = torch.full((B,), last, device="cuda", dtype=torch.int32)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws_buf if i == 0 else torch.empty_like(ws_buf), "NHD",
+                                                          use_tensor_cores=True)
+        w.plan(indptr, pidx, lastlen, hq, hkv, d, page_size, pos_encoding_mode="NONE",
+               q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=d ** -0.5)
+        q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        wrappers.append(w)
+        sets.append((q, (k, v), out))
+
+    try:
+        wrappers[0].run(sets[0][0], sets[0][1], out=sets[0][2])
+        use_out = True
+    except TypeError:  # older FlashInfer: no out=
+        use_out = False
+
+    def fn():
+        for w, (q, kv, out) in zip(wrappers, sets):
+            if use_out:
+                w.run(q, kv, out=out)
+            else:
+                w.run(q, kv)
+
+    ms = bench(fn, n_inner=n_sets)
+    del sets, wrappers
+    torch.cuda.empty_cache()
+    return ms
+
+
+def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
+    import inspect
+
+    from sglang.srt.layers.attention.triton_ops.decode_attention import decode_attention_fwd
+
+    per_set = 2 * B * ctx * hkv * d * 2
+    n_sets = n_sets_for(per_set, l2)
+    sets = []
+    for i in range(n_sets):
+        n_slots = B * ctx + 1
+        k = torch.randn(n_slots, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(n_slots, hkv, d, device="cuda", dtype=torch.bfloat16)
+        indptr, idx = paged_indices(B, ctx, n_slots, seed + i)
+        q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        o = torch.empty(B, hq, d, device="cuda", dtype=torch.bfloat16)
+        sets.append((q, k, v, o, indptr, idx))
+    logits = torch.empty(B, hq, max_splits, d, device="cuda", dtype=torch.float32)
+    lse = torch.empty(B, hq, max_splits, device="cuda", dtype=torch.float32)
+    nsp = torch.full((B,), max_splits, device="cuda", dtype=torch.int32)
+    params = inspect.signature(decode_attention_fwd).parameters
+    extra = {}
+    if "k_scale" in params:
+        extra["k_scale"] = 1.0
+    if "v_scale" in params:
+        extra["v_scale"] = 1.0
+
+    def fn():
+        for q, k, v, o, indptr, idx in sets:
+            decode_attention_fwd(q, k, v, o, indptr, idx, logits, lse, nsp, max_splits, d ** -0.5, **extra)
+
+    ms = bench(fn, n_inner=n_sets)
+    del sets
+    torch.cuda.empty_cache()
+    return ms
+
+
+def run_compress(B, hkv, d, codec_name, seed):
+    kfmt, vfmt = fmts(codec_name, d)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed)
+    n_slots = 4 * B + 1
+    bufs = random_packed(kfmt, vfmt, n_slots, hkv, seed)
+    k = torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16)
+    slots = (torch.randperm(n_slots - 1, device="cuda")[:B] + 1).to(torch.int32)
+    return bench(lambda: compress_and_store(k, v, slots, kc, vc, *bufs))
+
+
+# --------------------------------------------------------------------------------------------
+# correctness on the GPU
+# --------------------------------------------------------------------------------------------
+def check_all(dev="cuda"):
+    """Every codec (plus outliers / no norm correction) against the PyTorch reference."""
+    log("== correctness check (Triton vs PyTorch reference on this GPU) ==")
+    F = VecFormat
+    combos = [(n, *fmts(n, d), hq, hkv) for n in CODECS for (hq, hkv, d) in SHAPES.values()]
+    combos += [("K3o-V2o", F(128, 3, outlier_channels=32, outlier_bits=4),
+                F(128, 2, outlier_channels=32, outlier_bits=3), 32, 8),
+               ("PROD4o-V4nonc", F(128, 4, qjl=True, outlier_channels=32, outlier_bits=5),
+                F(128, 4, norm_correction=False), 32, 8),
+               ("K4V4-d256", F(256, 4), F(256, 4), 8, 2)]
+    worst = 0.0
+    ok = True
+    for name, kfmt, vfmt, hq, hkv in combos:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            kc, vc = make_codecs(kfmt, vfmt, seed=1)
+            lens = [1, 77, 1000, 333]
+            S = sum(lens) + 7
+            bufs = alloc_cache(kfmt, vfmt, S, hkv, dev)
+            rbufs = [b.clone() for b in bufs]
+            batch = fill_random_kv(lens, hkv, kc, vc, bufs, gen, dev, writer=compress_and_store)
+            gen2 = torch.Generator().manual_seed(0)
+            fill_random_kv(lens, hkv, kc, vc, rbufs, gen2, dev)  # reference writer, same data + slots
+            sl = batch.kv_indices.long()
+            same = (kc.unpack(bufs[0][sl], bufs[1][sl]).indices == kc.unpack(rbufs[0][sl], rbufs[1][sl]).indices)
+            same_codes = float(same.float().mean())
+            d = kfmt.head_dim
+            q = torch.randn(len(lens), hq, d, generator=gen).to(dev).bfloat16()
+            errs = []
+            for ns, cap in ((1, 0.0), (4, 0.0), (3, 30.0)):
+                out = torch.full((len(lens), hq, d), float("nan"), device=dev, dtype=torch.bfloat16)
+                decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, cap, out,
+                                 num_splits=ns)
+                ref = reference.decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, cap)
+                errs.append(rel_err(out.float(), ref.float()) if not out.isnan().any() else float("nan"))
+            # extend: 2 sequences, prefix from the cache, new tokens
+            new = [37, 5]
+            T = sum(new)
+            qo = torch.tensor([0, new[0], T], dtype=torch.int32, device=dev)
+            kvp = torch.tensor([0, 77, 77 + 333], dtype=torch.int32, device=dev)
+            kvi = torch.cat([batch.kv_indices[1:78], batch.kv_indices[1078:1411]])
+            qe = torch.randn(T, hq, d, generator=gen).to(dev).bfloat16()
+            kn = torch.randn(T, hkv, d, generator=gen).to(dev).bfloat16()
+            vn = torch.randn(T, hkv, d, generator=gen).to(dev).bfloat16()
+            oe = extend_attention(qe, kn, vn, *bufs, kc, vc, qo, kvp, kvi, d ** -0.5, max_extend_len=max(new))
+            re = reference.extend_attention(qe, kn, vn, *bufs, kc, vc, qo, kvp, kvi, d ** -0.5)
+            e_ext = rel_err(oe.float(), re.float())
+            e = max(errs + [e_ext])
+            worst = max(worst, e) if e == e else float("nan")
+            good = e < 2e-2 and same_codes >= 0.999
+            ok &= good
+            log(f"  {name:<16} hq={hq:<2} hkv={hkv} d={d:<3} codes identical {same_codes:.5f}  "
+                f"decode rel err {' '.join(f'{x:.2e}' for x in errs)}  extend {e_ext:.2e}  {'OK' if good else 'FAIL'}")
+        except Exception as ex:
+            ok = False
+            log(f"  {name:<16} ERROR {type(ex).__name__}: {ex}")
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    log(f"== check {'PASSED' if ok else 'FAILED'} (max rel err {worst:.3e}) ==")
+    return ok
+
+
+# --------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="B in {1,32}, ctx in {1K,32K}, K4V4+K3V3, hd128")
+    ap.add_argument("--check", action="store_true", help="correctness of every codec first")
+    ap.add_argument("--sweep", action="store_true", help="sweep BLOCK_N/num_warps/num_stages and num_splits")
+    ap.add_argument("--out", default=None, help="directory for results.json and speedup.png")
+    ap.add_argument("--mem-budget-gb", type=float, default=30.0, help="skip points whose BF16 KV exceeds this")
+    ap.add_argument("--fi-page-size", type=int, default=16)
+    ap.add_argument("--sgl-splits", type=int, default=16, help="num_kv_splits / max_kv_splits of SGLang triton")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--batch", type=int, nargs="*", default=None)
+    ap.add_argument("--ctx", type=int, nargs="*", default=None)
+    ap.add_argument("--codecs", nargs="*", default=None)
+    ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES))
+    args = ap.parse_args()
+
+    import triton
+
+    log(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.version.cuda}")
+    if not torch.cuda.is_available():
+        log("no CUDA device: nothing to benchmark (run the tests with TRITON_INTERPRET=1 instead)")
+        return 1
+    props = torch.cuda.get_device_properties(0)
+    log(f"GPU {props.name}  SMs {props.multi_processor_count}  mem {props.total_memory / 2**30:.0f} GiB")
+    for mod in ("flashinfer", "sglang"):
+        try:
+            m = __import__(mod)
+            log(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as e:
+            log(f"{mod} not available ({type(e).__name__}: {e})")
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    t_start = time.time()
+
+    results = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, points=[], compress=[],
+                   check=None)
+    if args.check:
+        results["check"] = check_all()
+
+    bw = copy_bandwidth_gbs()
+    log(f"copy bandwidth (read + write) {bw:.0f} GB/s")
+    results["copy_gbs"] = bw
+
+    batches = args.batch or ([1, 32] if args.quick else [1, 8, 32, 128])
+    ctxs = args.ctx or ([1024, 32768] if args.quick else [1024, 4096, 16384, 32768])
+    codecs = args.codecs or (["K4V4", "K3V3"] if args.quick else list(CODECS))
+    shapes = args.shapes or (["hd128"] if args.quick else list(SHAPES))
+
+    base_cache = {}
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        for B in batches:
+            for ctx in ctxs:
+                bf16_bytes = 2 * B * ctx * hkv * d * 2
+                if bf16_bytes > args.mem_budget_gb * 2**30:
+                    log(f"skip {shape} B={B} ctx={ctx}: BF16 KV {bf16_bytes / 2**30:.1f} GiB > budget")
+                    continue
+                key = (shape, B, ctx)
+                if key not in base_cache and not args.no_baselines:
+                    base = {}
+                    for name, f in (("fi_bf16", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.bfloat16,
+                                                                       args.fi_page_size, l2, 1)),
+                                    ("fi_fp8", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.float8_e4m3fn,
+                                                                      args.fi_page_size, l2, 2)),
+                                    ("sgl_triton", lambda: run_sglang_triton(B, ctx, hq, hkv, d, l2, 3,
+                                                                             args.sgl_splits))):
+                        try:
+                            base[name] = f()
+                        except Exception as e:
+                            base[name] = None
+                            log(f"  {name} failed at {shape} B={B} ctx={ctx}: {type(e).__name__}: {str(e)[:200]}")
+                        torch.cuda.empty_cache()
+                    base_cache[key] = base
+                base = base_cache.get(key, {})
+                for codec in codecs:
+                    try:
+                        ms, nbytes, ns = run_ours(B, ctx, hq, hkv, d, codec, l2, 7)
+                    except Exception as e:
+                        log(f"  ours failed at {shape} {codec} B={B} ctx={ctx}: {type(e).__name__}: {e}")
+                        traceback.print_exc()
+                        continue
+                    pt = dict(shape=shape, hq=hq, hkv=hkv, d=d, B=B, ctx=ctx, codec=codec, ms=ms, bytes=nbytes,
+                              splits=ns, gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3, **base)
+                    pt["pct_copy"] = 100 * pt["gbs"] / bw
+                    for b in ("fi_bf16", "fi_fp8", "sgl_triton"):
+                        pt["x_" + b] = (base[b] / ms) if base.get(b) else None
+                    if args.sweep:
+                        best = (ms, None, ns)
+                        sweep = []
+                        for cfg in SWEEP:
+                            for sp in sorted({ns, max(1, ns // 2), ns * 2}):
+                                try:
+                                    t, _, _ = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, cfg=cfg, splits=sp)
+                                except Exception as e:
+                                    log(f"    sweep {cfg} splits={sp} failed: {type(e).__name__}: {str(e)[:120]}")
+                                    continue
+                                sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
+                                                  splits=sp, ms=t))
+                                if t < best[0]:
+                                    best = (t, cfg, sp)
+                        pt["sweep"] = sweep
+                        pt["best"] = dict(ms=best[0], cfg=best[1], splits=best[2])
+                    results["points"].append(pt)
+                    log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} ours {ms * 1e3:8.1f} us  "
+                        f"{pt['gbs']:6.0f} GB/s ({pt['pct_copy']:4.0f}% copy)  "
+                        + "  ".join(f"{b} {base[b] * 1e3:8.1f} us" for b in base if base.get(b))
+                        + (f"  best {pt['best']}" if args.sweep else ""))
+        # compress vs one decode step
+        for codec in codecs:
+            for B in batches:
+                try:
+                    ms = run_compress(B, hkv, d, codec, 5)
+                    dec = sorted((p["ctx"], p["ms"]) for p in results["points"] if p["shape"] == shape
+                                 and p["codec"] == codec and p["B"] == B)
+                    results["compress"].append(dict(shape=shape, codec=codec, B=B, ms=ms,
+                                                    decode_ctx=dec[0][0] if dec else None,
+                                                    decode_ms=dec[0][1] if dec else None))
+                except Exception as e:
+                    log(f"  compress failed {shape} {codec} B={B}: {type(e).__name__}: {e}")
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        try:
+            plot(results, os.path.join(args.out, "speedup.png"))
+        except Exception as e:
+            log(f"plot failed: {type(e).__name__}: {e}")
+
+    print_table(results, time.time() - t_start)
+    return 0 if results["check"] in (None, True) else 2
+
+
+def print_table(results, elapsed_s):
+    """Compact table: the last lines of the output."""
+    bw = results["copy_gbs"]
+    log("")
+    log(f"GPU {results['gpu']}, copy {bw:.0f} GB/s, bench time {elapsed_s:.0f} s"
+        + ("" if results["check"] is None else f", check {'PASSED' if results['check'] else 'FAILED'}"))
+    for c in results["compress"]:
+        dm = f"{c['decode_ms'] * 1e3:.1f} us at ctx {c['decode_ctx']}" if c.get("decode_ms") else "-"
+        log(f"compress {c['shape']} {c['codec']} B={c['B']} tokens: {c['ms'] * 1e3:.1f} us  (decode step: {dm})")
+    log(f"{'shape':<6}{'codec':<9}{'B':>4}{'ctx':>7}{'ours us':>9}{'floor':>7}{'%copy':>6}"
+        f"{'FIbf16':>8}{'FIfp8':>8}{'sglT':>8}{'xBF16':>6}{'xFP8':>6}{'xTri':>6}")
+
+    def f(x, s=1e3, p=".1f"):
+        return "-" if x is None else format(x * s, p)
+
+    for p in results["points"]:
+        log(f"{p['shape']:<6}{p['codec']:<9}{p['B']:>4}{p['ctx']:>7}{f(p['ms']):>9}{f(p['floor_ms']):>7}"
+            f"{p['pct_copy']:>6.0f}{f(p.get('fi_bf16')):>8}{f(p.get('fi_fp8')):>8}{f(p.get('sgl_triton')):>8}"
+            f"{f(p['x_fi_bf16'], 1, '.2f'):>6}{f(p['x_fi_fp8'], 1, '.2f'):>6}{f(p['x_sgl_triton'], 1, '.2f'):>6}")
+        if p.get("best"):
+            log(f"{'':<19}best config {p['best']['cfg']} splits {p['best']['splits']}: {f(p['best']['ms'])} us")
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in results["points"] if p.get("x_fi_bf16")]
+    shapes = sorted({p["shape"] for p in pts})
+    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(7 * max(1, len(shapes)), 5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for codec in sorted({p["codec"] for p in pts}):
+            for B in sorted({p["B"] for p in pts}):
+                sel = sorted((p["ctx"], p["x_fi_bf16"]) for p in pts
+                             if p["shape"] == shape and p["codec"] == codec and p["B"] == B)
+                if sel:
+                    ax.plot([s[0] for s in sel], [s[1] for s in sel], marker="o", label=f"{codec} B={B}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length")
+        ax.set_ylabel("speed-up vs FlashInfer BF16")
+        ax.set_title(f"{shape} on {results['gpu']}")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Compile the Triton kernels for a GPU target on a machine without a GPU (sm_90 by default).
+
+Triton's front end, its MLIR passes and ptxas all run on the CPU; only loading and launching need a
+GPU. This script swaps in a stand-in driver that reports the target, turns every launch into a
+compile-only warm-up, and calls the real launch functions on CPU tensors for the configurations the
+server and the benchmarks use, so compiler crashes show up here instead of on a lent GPU.
+
+  python scripts/compile_check.py            # all configurations
+  python scripts/compile_check.py --arch 90 --filter extend
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.driver import CudaDriver  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class CompileOnlyDriver(CudaDriver):
+    """Reports a CUDA target without touching libcuda."""
+
+    def __init__(self, arch):  # noqa: D107 - CudaDriver.__init__ loads libcuda; skip it
+        self.arch = arch
+        self.get_current_device = lambda: 0
+        self.get_current_stream = lambda *a: 0
+        self.set_current_device = lambda *a: None
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+COMPILED = []
+
+
+def install(arch):
+    triton.runtime.driver.set_active(CompileOnlyDriver(arch))
+    from triton.runtime.jit import JITFunction
+    orig = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        k = orig(self, *args, grid=grid, warmup=True, **kwargs)
+        COMPILED.append((self.fn.__name__, k))
+        return k
+    JITFunction.run = run
+
+
+def configs():
+    from tq_kernels.codec import VecFormat as F
+    out = []
+    for d, (hq, hkv) in [(64, (9, 3)), (128, (32, 8))]:
+        for name, kf, vf in [("K4V4", F(d, 4), F(d, 4)), ("K3V3", F(d, 3), F(d, 3)), ("K4V2", F(d, 4), F(d, 2)),
+                             ("PROD3", F(d, 3, qjl=True), F(d, 3)),
+                             ("K3.5o", F(d, 3, outlier_channels=d // 4, outlier_bits=4),
+                              F(d, 3, outlier_channels=d // 4, outlier_bits=4))]:
+            out.append((f"{name}-d{d}", kf, vf, hq, hkv))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--filter", default="")
+    a = ap.parse_args()
+    install(a.arch)
+    from tq_kernels import compress, decode, extend
+    from tq_kernels.testing import alloc_cache, make_codecs
+    failures = 0
+    for name, kf, vf, hq, hkv in configs():
+        kc, vc = make_codecs(kf, vf)
+        bufs = alloc_cache(kf, vf, 64, hkv, "cpu")
+        d = kf.head_dim
+        jobs = {
+            "compress": lambda: compress.compress_and_store(torch.randn(8, hkv, d, dtype=torch.bfloat16),
+                                                            torch.randn(8, hkv, d, dtype=torch.bfloat16),
+                                                            torch.arange(1, 9), kc, vc, *bufs),
+        }
+        for bn in (32, 64):
+            jobs[f"decode-bn{bn}"] = lambda bn=bn: decode.decode_attention(
+                torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
+                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn)
+        for bm, bn in ((64, 64), (32, 32), (64, 32)):
+            jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
+                torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+                torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+                torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+                block_m=bm, block_n=bn)
+        for job, fn in jobs.items():
+            if a.filter and a.filter not in f"{name} {job}":
+                continue
+            COMPILED.clear()
+            try:
+                fn()
+                info = ", ".join(f"{n}: smem {k.metadata.shared}" for n, k in COMPILED)
+                print(f"ok   {name:10s} {job:18s} {info}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                failures += 1
+                msg = str(e).strip().splitlines()
+                print(f"FAIL {name:10s} {job:18s} {type(e).__name__}: {msg[-1] if msg else ''}", flush=True)
+                if os.environ.get("VERBOSE"):
+                    traceback.print_exc()
+    print(f"{failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

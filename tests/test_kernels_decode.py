@@ -1,0 +1,147 @@
+"""Triton split-K decode attention against the PyTorch reference (codec + plain softmax attention on
+the dequantized K/V). Run on CPU with TRITON_INTERPRET=1; unchanged on a GPU."""
+import zlib
+
+import pytest
+import torch
+
+from tq_kernels import reference
+from tq_kernels.codec import VecFormat
+from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
+
+RUNNABLE, WHY = triton_runnable()
+needs_triton = pytest.mark.skipif(not RUNNABLE, reason=WHY)
+DEV = pick_device()
+TOL = 2e-2  # bf16 tensor-core operands
+
+F = VecFormat
+# name, K format, V format, (H_q, H_kv), sequence lengths, num_splits, block_n, logit_cap
+CASES = [
+    ("K4V4-d128-g4", F(128, 4), F(128, 4), (8, 2), [1, 37, 100], 3, 32, 0.0),
+    ("K3V3-d64-g3", F(64, 3), F(64, 3), (9, 3), [70, 5], 2, 32, 0.0),
+    ("K2V2-d128-g1-nonc", F(128, 2, norm_correction=False), F(128, 2, norm_correction=False), (2, 2), [45], 1, 32, 0.0),
+    ("PROD3-V3-d64-g8", F(64, 3, qjl=True), F(64, 3), (16, 2), [33, 1], 2, 32, 0.0),
+    ("PROD4-V4-d128-g1", F(128, 4, qjl=True), F(128, 4), (2, 2), [50], 4, 32, 0.0),
+    ("K3o-V2o-d128-g4", F(128, 3, outlier_channels=32, outlier_bits=4),
+     F(128, 2, outlier_channels=32, outlier_bits=3), (4, 1), [90, 17], 2, 32, 0.0),
+    ("PROD3o-V4nonc-d64-g3", F(64, 3, qjl=True, outlier_channels=16, outlier_bits=4),
+     F(64, 4, norm_correction=False), (6, 2), [29], 1, 32, 0.0),
+    ("K4V2-d64-g4-cap", F(64, 4), F(64, 2), (8, 2), [64, 3], 2, 32, 20.0),
+    ("K4V3o-d256-g2", F(256, 4), F(256, 3, outlier_channels=8, outlier_bits=4), (4, 2), [21], 2, 32, 0.0),
+    ("K4V4-d128-g8-long-default-block", F(128, 4), F(128, 4), (16, 2), [700, 129], 4, 64, 0.0),
+    # more splits than tiles (empty splits) and an empty sequence
+    ("K4V4-d64-empty-splits", F(64, 4), F(64, 4), (4, 4), [3, 0, 40], 8, 32, 0.0),
+]
+
+
+def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype=torch.bfloat16, **kw):
+    from tq_kernels.decode import DecodeWorkspace, decode_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed % 7)
+    S = sum(lens) + 13
+    bufs = alloc_cache(kfmt, vfmt, S, hkv, DEV)  # poisoned: random bytes, NaN scales
+    batch = fill_random_kv(lens, hkv, kc, vc, bufs, gen, DEV)
+    B, d = len(lens), kfmt.head_dim
+    q = (torch.randn(B, hq, d, generator=gen) * 2).to(DEV, q_dtype)
+    sm = d ** -0.5
+    ws = DecodeWorkspace.create(B + 1, hq, vfmt.head_dim, max_splits=max(num_splits, 4), device=DEV)
+    out = torch.full((B, hq, vfmt.head_dim), float("nan"), dtype=q_dtype, device=DEV)
+    ret = decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, sm, cap, out,
+                           workspace=ws, num_splits=num_splits, block_n=block_n, **kw)
+    assert ret is out
+    ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, batch.kv_indptr.cpu(),
+                                     batch.kv_indices.cpu(), sm, cap)
+    assert not torch.isnan(out).any(), "NaN in output or elements left unwritten"
+    return out.cpu().float(), ref.float()
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_decode_matches_reference(case):
+    name, kfmt, vfmt, (hq, hkv), lens, ns, bn, cap = case
+    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, ns, bn, cap, zlib.crc32(name.encode()))
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert float(out[b].abs().max()) == 0.0  # empty sequence -> zeros, as the reference
+
+
+@needs_triton
+@pytest.mark.parametrize("use_lut", [True, False])
+def test_decode_byte_lut_and_generic_paths_agree(use_lut):
+    """K4 / V2 take the byte-LUT path by default; use_lut=False forces per-code gathers."""
+    out, ref = _run_case(F(64, 4), F(64, 2), 4, 2, [50, 7], 2, 32, 0.0, 99, use_lut=use_lut)
+    assert rel_err(out, ref) < TOL
+
+
+@needs_triton
+def test_decode_fp32_query_and_default_splits():
+    """q in fp32, workspace and num_splits left to the launch function."""
+    from tq_kernels.decode import decode_attention
+
+    gen = torch.Generator().manual_seed(11)
+    kfmt = vfmt = F(64, 4)
+    kc, vc = make_codecs(kfmt, vfmt)
+    lens, hq, hkv = [20, 9], 4, 2
+    bufs = alloc_cache(kfmt, vfmt, 40, hkv, DEV)
+    batch = fill_random_kv(lens, hkv, kc, vc, bufs, gen, DEV)
+    q = torch.randn(2, hq * 64, generator=gen).to(DEV)  # 2-D [B, H_q * d] as SGLang passes it
+    out = decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, 0.125)
+    ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, batch.kv_indptr.cpu(),
+                                     batch.kv_indices.cpu(), 0.125)
+    assert out.dtype == torch.float32 and out.shape == (2, hq, 64)
+    assert rel_err(out.cpu(), ref) < TOL
+
+
+def test_choose_num_splits():
+    from tq_kernels.decode import choose_num_splits
+
+    assert choose_num_splits(1, 8, 32768, 132) > 1
+    assert choose_num_splits(128, 8, 32768, 132) <= 2
+    assert choose_num_splits(1, 1, 100, 132) == 1  # short sequences are not split
+    assert 1 <= choose_num_splits(32, 8, 32768, 132, max_splits=16) <= 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_cuda_graph_replay():
+    """Capture decode_attention with a workspace, change lengths / indices in place, replay."""
+    from tq_kernels.decode import DecodeWorkspace, decode_attention
+
+    gen = torch.Generator().manual_seed(5)
+    kfmt, vfmt = F(128, 4), F(128, 4)
+    kc, vc = make_codecs(kfmt, vfmt)
+    hq, hkv, B, max_len, S = 8, 2, 3, 300, 4096
+    bufs = alloc_cache(kfmt, vfmt, S, hkv, "cuda")
+    batch = fill_random_kv([max_len] * B, hkv, kc, vc, bufs, gen, "cuda")
+    kv_indptr = batch.kv_indptr.clone()
+    kv_indices = torch.zeros(B * max_len, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, hq, 128, generator=gen).to("cuda", torch.bfloat16)
+    out = torch.empty(B, hq, 128, dtype=torch.bfloat16, device="cuda")
+    ws = DecodeWorkspace.create(B, hq, 128, max_splits=8, device="cuda")
+
+    def set_batch(lens):
+        ip = torch.zeros(B + 1, dtype=torch.int32)
+        ip[1:] = torch.tensor(lens).cumsum(0)
+        idx = torch.cat([batch.kv_indices[i * max_len:i * max_len + n] for i, n in enumerate(lens)])
+        kv_indptr.copy_(ip.cuda())
+        kv_indices[:idx.numel()].copy_(idx)
+        return ip, idx
+
+    def run():
+        decode_attention(q, *bufs, kc, vc, kv_indptr, kv_indices, 128 ** -0.5, 0.0, out, workspace=ws, num_splits=4)
+
+    set_batch([10, 20, 30])
+    run()  # warm-up: compile + cache tables outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    for lens in ([5, 300, 77], [1, 2, 3], [299, 150, 64]):
+        ip, idx = set_batch(lens)
+        q.copy_(torch.randn(B, hq, 128, generator=gen).to("cuda", torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, ip, idx.cpu(), 128 ** -0.5)
+        assert rel_err(out.cpu().float(), ref.float()) < TOL
