@@ -23,7 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from gpu_server_check import Server, make_dummy_8b  # noqa: E402
+from gpu_server_check import Server, make_dummy_8b, tokenizer_dir  # noqa: E402
 
 CONFIGS = {
     "bf16": ["--attention-backend", "triton"],
@@ -89,7 +89,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     points = [tuple(int(x) for x in p.split(":")) for p in a.points.split(",")]
-    model = a.model or make_dummy_8b(a.tokenizer_from)
+    model = a.model or make_dummy_8b(tokenizer_dir(a.tokenizer_from))
     max_ctx = max(i + o for i, o, _ in points) + 64
     base = ["--model-path", model, "--grammar-backend", "none", "--mem-fraction-static", str(a.mem_fraction),
             "--context-length", str(max(max_ctx, 4096))] + (["--load-format", "dummy"] if not a.model else [])

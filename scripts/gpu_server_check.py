@@ -199,8 +199,16 @@ def make_dummy_8b(tokenizer_dir, dest="/tmp/models/llama8b-shape"):
     return dest
 
 
+def tokenizer_dir(preferred):
+    """SmolLM2's tokenizer: from the model folder if present, else the carried .gpu_tok copy."""
+    for d in (preferred, ".gpu_tok"):
+        if d and os.path.exists(os.path.join(d, "tokenizer.json")):
+            return d
+    raise FileNotFoundError("no tokenizer folder (model folder or .gpu_tok)")
+
+
 def stage_capacity(a, base_unused, out):
-    model = make_dummy_8b(a.model)
+    model = make_dummy_8b(tokenizer_dir(a.model))
     all4 = os.path.join(out, "all_k4v4.yaml")
     with open(all4, "w") as f:
         f.write("name: all_k4v4\nboundary: {first: 0, last: 0}\ndefaults:\n  k: {bits: 4}\n  v: {bits: 4}\n")
