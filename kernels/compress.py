@@ -1,7 +1,8 @@
 """Triton compress-and-store: one launch per layer quantizes and packs K and V of N new tokens.
 
 Grid (cdiv(N, BLOCK_T), H_kv, 2); axis 2 is the role (0: K, 1: V), each with its own constexpr
-format. Per tile of BLOCK_T token-heads: load rows (bf16/fp16/fp32) -> fp32 norm -> normalize ->
+format. Per tile of BLOCK_T token-heads: load rows (bf16/fp16/fp32) -> (keys with a calibrated mean
+mu [H_kv, d]: x -= mu[h], key centering; softmax attention is invariant to it) -> fp32 norm -> normalize ->
 rotate u = x M^T with fp32 tl.dot (input_precision="ieee", K chunked by 32 so a d=256 matrix never
 sits in registers) -> bucketize count(u > boundary) (= torch.searchsorted(right=False)), outlier
 positions against the outlier codebook -> norm correction scale0 = |x| / |c[idx]| -> PROD: residual
@@ -14,6 +15,7 @@ matmul; u differs in the last float bits, so a code may differ where u lies with
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -34,7 +36,7 @@ def _pack_store(rows, mask, vals, off, W: tl.constexpr, N: tl.constexpr, BLOCK_T
 
 @triton.jit
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
-                  mt_ptr, cent_ptr, bnd_ptr, st_ptr,
+                  mt_ptr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
                   BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
@@ -47,6 +49,8 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     d = tl.arange(0, D)
     xrow = x_ptr + t.to(tl.int64) * x_t + h * x_h
     x = tl.load(xrow[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    if HAS_MU:  # key centering: quantize x - mu[h] (one [D] vector per program)
+        x -= tl.load(mu_ptr + h * D + d)[None, :]
     nrm = tl.sqrt(tl.sum(x * x, axis=1))
     inv = 1.0 / tl.maximum(nrm, 1e-30)
 
@@ -56,6 +60,8 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     for k0 in range(0, D, BK):
         kk = k0 + tl.arange(0, BK)
         xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        if HAS_MU:
+            xk -= tl.load(mu_ptr + h * D + kk)[None, :]
         xk = xk * inv[:, None]
         mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
         u += tl.dot(xk, mk, input_precision="ieee")
@@ -115,7 +121,7 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
 def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
-                     BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
+                     kmu_ptr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                      K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
@@ -128,12 +134,12 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
     role = tl.program_id(2)
     if role == 0:
         _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
-                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, BLOCK_T, K_NC, K_QJLC, SMAX,
+                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
                       K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
                       K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
     else:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                      vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr, BLOCK_T, V_NC, V_QJLC, SMAX,
+                      vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
 
@@ -145,10 +151,19 @@ def _rows(x, n, h, d):
     return x
 
 
+def check_k_mean(k_mean, h: int, d: int, device):
+    """k_mean: None or [H_kv, d] -> None or a contiguous fp32 tensor on `device`."""
+    if k_mean is None:
+        return None
+    assert tuple(k_mean.shape) == (h, d), f"k_mean must be [H_kv={h}, d={d}], got {tuple(k_mean.shape)}"
+    return k_mean.to(device=device, dtype=torch.float32).contiguous()
+
+
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
-                       *, block_t: int = 16, num_warps: int = 4) -> None:
+                       *, k_mean=None, block_t: int = 16, num_warps: int = 4) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
-    cache buffers (in place). One Triton launch for K and V."""
+    cache buffers (in place). One Triton launch for K and V.
+    k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h]."""
     n = k.shape[0]
     if n == 0:
         return
@@ -163,6 +178,7 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     slots = slots.reshape(n)
     kt, vt = kernel_tables(kcodec, k.device), kernel_tables(vcodec, v.device)
     dummy = kt["mt"]
+    kmu = check_k_mean(k_mean, h, kf.head_dim, k.device)
     grid = (triton.cdiv(n, block_t), h, 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
@@ -170,7 +186,7 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
         kt["mt"], kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
         vt["mt"], vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
-        BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        kmu if kmu is not None else dummy, HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
     )

@@ -2,7 +2,8 @@
 
 Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)). The launch function rotates everything into the
 storage domain with small torch matmuls: q_all = q [M_k; S M_k]^T (rotated query + QJL sketch),
-k~ = k_new M_k^T, v~ = v_new M_v^T (PROD keys: the new tokens use their exact k~, no QJL). One
+k~ = (k_new - mu) M_k^T (mu: the optional key-centering mean, the same one compress subtracted from
+the stored prefix keys; scores of prefix and new tokens then shift by the same q.mu), v~ = v_new M_v^T (PROD keys: the new tokens use their exact k~, no QJL). One
 fp32 accumulator in V's rotated domain then serves both parts:
   - prefix: BLOCK_N tiles dequantized in registers exactly as in decode (no dequantized copy of the
     prefix ever goes to HBM), all prefix tokens visible to every query;
@@ -122,10 +123,12 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      qo_indptr, kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0,
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
                      block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     use_lut: bool = False):
+                     use_lut: bool = False, k_mean=None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
+    k_mean: optional fp32 [H_kv, d_k], the key-centering mean the cache was written with: the new
+    tokens' keys are centered the same way (k_new - k_mean) so all scores shift by the same q.k_mean.
     use_lut defaults to False here: with BLOCK_M = 64 the byte-LUT tile (bitcast lanes feeding a wgmma
     operand) crashes Triton 3.6's TritonGPUOptimizeDotOperands pass (seen compiling for sm_90;
     scripts/compile_check.py reproduces it without a GPU). Extend is not bound by the gathers.
@@ -156,7 +159,11 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         return out
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
     qr = torch.matmul(q3.to(torch.float32), kt["wt"])                              # [T, H_q, d_k (+m)]
-    kn = torch.matmul(k_new.reshape(T, h_kv, d_k).to(torch.float32), kt["mt"])     # k~ = k M_k^T
+    kn = k_new.reshape(T, h_kv, d_k).to(torch.float32)
+    if k_mean is not None:
+        assert tuple(k_mean.shape) == (h_kv, d_k), f"k_mean must be [{h_kv}, {d_k}], got {tuple(k_mean.shape)}"
+        kn = kn - k_mean.to(device=dev, dtype=torch.float32)
+    kn = torch.matmul(kn, kt["mt"])                                                # k~ = (k - mu) M_k^T
     vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"])     # v~ = v M_v^T
     use_cap = bool(logit_cap and logit_cap > 0)
     k_lut = lut_width(kf) if use_lut else 0

@@ -1,6 +1,7 @@
 """Public kernel API: dispatches to Triton when the tensors are on CUDA or TRITON_INTERPRET=1 is
 set, else to the pure-PyTorch reference (same signatures; Triton-only keyword arguments such as
-workspace / num_splits / block sizes are ignored by the reference)."""
+workspace / num_splits / block sizes are ignored by the reference; the key-centering mean `k_mean`
+of compress_and_store / extend_attention is honoured by both)."""
 from __future__ import annotations
 
 from . import reference as _ref
@@ -12,7 +13,8 @@ def compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, 
     if use_triton(k_codes):
         from .compress import compress_and_store as fn
         return fn(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, **kw)
-    return _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales)
+    return _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales,
+                                   k_mean=kw.get("k_mean"))
 
 
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,
@@ -32,4 +34,4 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         return fn(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr, kv_indptr,
                   kv_indices, sm_scale, logit_cap, causal, out, **kw)
     return _ref.extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr,
-                                 kv_indptr, kv_indices, sm_scale, logit_cap, causal, out)
+                                 kv_indptr, kv_indices, sm_scale, logit_cap, causal, out, k_mean=kw.get("k_mean"))

@@ -19,17 +19,27 @@ from .codec import TQCodec
 
 def compress_and_store(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec,
                        k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
-                       v_scales: torch.Tensor, **_unused) -> None:
-    """k [N, H_kv, d_k], v [N, H_kv, d_v] (any float dtype); slots [N] row indices. In place."""
+                       v_scales: torch.Tensor, k_mean: Optional[torch.Tensor] = None, **_unused) -> None:
+    """k [N, H_kv, d_k], v [N, H_kv, d_v] (any float dtype); slots [N] row indices. In place.
+    k_mean: optional fp32 [H_kv, d_k] (key centering): codes of k - k_mean[h] are stored."""
     if k.shape[0] == 0:
         return
     slots = slots.to(device=k_codes.device, dtype=torch.long)
-    kc, ks = kcodec.encode(k.to(torch.float32))
+    kc, ks = kcodec.encode(_center(k, k_mean))
     vc, vs = vcodec.encode(v.to(torch.float32))
     k_codes[slots] = kc.to(k_codes.device)
     k_scales[slots] = ks.to(device=k_scales.device, dtype=k_scales.dtype)
     v_codes[slots] = vc.to(v_codes.device)
     v_scales[slots] = vs.to(device=v_scales.device, dtype=v_scales.dtype)
+
+
+def _center(k: torch.Tensor, k_mean: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32 k [..., H_kv, d] minus the per-head mean (None: unchanged)."""
+    k = k.to(torch.float32)
+    if k_mean is None:
+        return k
+    assert tuple(k_mean.shape) == tuple(k.shape[-2:]), f"k_mean {tuple(k_mean.shape)} vs keys {tuple(k.shape)}"
+    return k - k_mean.to(device=k.device, dtype=torch.float32)
 
 
 def _softcap(s: torch.Tensor, logit_cap: float) -> torch.Tensor:
@@ -89,17 +99,19 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      k_scales: torch.Tensor, v_codes: torch.Tensor, v_scales: torch.Tensor, kcodec: TQCodec,
                      vcodec: TQCodec, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      sm_scale: float, logit_cap: float = 0.0, causal: bool = True,
-                     out: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
+                     **_unused) -> torch.Tensor:
     """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
     (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
     the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
-    sequence's own new, unquantized K/V. -> out [T, H_q, d_v]."""
+    sequence's own new, unquantized K/V. -> out [T, H_q, d_v]. k_mean: the key-centering mean the
+    cache was written with (optional, [H_kv, d_k]); the new keys are centered with it too."""
     d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
     T = q.shape[0]
     q3 = q.reshape(T, -1, d_k)
     h_q = q3.shape[1]
     h_kv = k_new.reshape(T, -1, d_k).shape[1] if T else k_codes.shape[1]
-    k_new = k_new.reshape(T, h_kv, d_k)
+    k_new = _center(k_new.reshape(T, h_kv, d_k), k_mean)
     v_new = v_new.reshape(T, h_kv, d_v)
     res = torch.zeros(T, h_q, d_v, dtype=torch.float32, device=q.device)
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()

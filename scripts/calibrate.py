@@ -15,6 +15,14 @@ uniform bits at equal bytes.
   python scripts/calibrate.py --model /tmp/models/SmolLM2-135M-Instruct --text prideprejudice.txt \
       --target-bits 3.0 --out configs/calibrated_smollm2.yaml
   python scripts/calibrate.py --model ... --text ... --presets turbo4,turbo3,k4v2 --no-calibrate
+
+Key centering (--center): per-(layer, KV head) means of the post-RoPE keys are measured with exact
+attention on text *other* than the evaluation text (--means-text FILE, default: the --text file from
+character --chars onward), saved (--key-means-out, default <out stem>_key_means.safetensors, .pt
+without safetensors) and written into the calibrated YAML as `key_means:`; the sensitivity sweep then
+probes centered keys, and PPL is reported with and without centering for the calibrated plan and for
+every --presets entry. The simulator centers whenever a config has key_means: it quantizes k - mu
+and adds mu back (the same attention as the server's centered cache, by softmax invariance).
 """
 from __future__ import annotations
 
@@ -41,14 +49,27 @@ class Simulator:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.layer_codecs = {}  # layer -> (K codec or None, V codec or None); absent = exact
+        self.layer_means = {}   # layer -> fp32 [H_kv, d] key-centering mean on the device; absent = none
+        self.collect = None     # while measuring means: layer -> [sum over tokens [H_kv, d], token count]
         sim = self
 
         def tq_attention(module, query, key, value, attention_mask, **kwargs):
             layer = getattr(module, "layer_idx", None)
+            if sim.collect is not None and layer is not None:  # key: [B, H_kv, T, d], post-RoPE
+                acc = sim.collect.setdefault(layer, [0.0, 0, 0.0])
+                kf = key.float()
+                acc[0] = acc[0] + kf.sum(dim=(0, 2))             # [H_kv, d]
+                acc[1] += key.shape[0] * key.shape[2]
+                acc[2] = acc[2] + kf.square().sum(dim=(0, 2, 3))  # [H_kv]: for |mu| / rms
             if layer in sim.layer_codecs:
                 kc, vc = sim.layer_codecs[layer]
                 if kc is not None:
-                    key = kc.decode(*kc.encode(key.float())).to(key.dtype)
+                    mu = sim.layer_means.get(layer)
+                    if mu is None:
+                        key = kc.decode(*kc.encode(key.float())).to(key.dtype)
+                    else:  # centered: quantize k - mu, attention sees k_hat + mu (= server by invariance)
+                        mu = mu[None, :, None, :]
+                        key = (kc.decode(*kc.encode(key.float() - mu)) + mu).to(key.dtype)
                 if vc is not None:
                     value = vc.decode(*vc.encode(value.float())).to(value.dtype)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -63,18 +84,50 @@ class Simulator:
         self.num_kv_heads = cfg.num_key_value_heads
         self.device = device
 
-    def set_config(self, cfg):
-        """Quantize as the server would with this config (None = every layer exact)."""
-        self.layer_codecs = {}
-        if cfg is not None:
-            plan = cfg.resolve(self.num_layers, self.head_dim)
-            self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
+    def _means(self, key_means, layers):
+        """{layer: device fp32 [H_kv, d]} from a [num_layers, H_kv, d] tensor (None: no centering)."""
+        if key_means is None:
+            return {}
+        t = key_means.to(device=self.device, dtype=torch.float32)
+        return {l: t[l].contiguous() for l in layers}
 
-    def set_probe(self, layer, role, bits, seed):
-        """Only `role` ('k' or 'v') of `layer` quantized at `bits`, everything else exact."""
+    def set_config(self, cfg, key_means="config"):
+        """Quantize as the server would with this config (None = every layer exact). key_means:
+        "config" = the config's own key_means (if any); None = no centering; a tensor = these means."""
+        self.layer_codecs, self.layer_means = {}, {}
+        if cfg is not None:
+            plan = cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
+            self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
+            means = plan.key_means if isinstance(key_means, str) else key_means
+            self.layer_means = self._means(means, plan.quantized_layers)
+
+    def set_probe(self, layer, role, bits, seed, key_means=None):
+        """Only `role` ('k' or 'v') of `layer` quantized at `bits`, everything else exact (K centered
+        with key_means[layer] when given)."""
         role_id = ROLE_K if role == "k" else ROLE_V
         codec = TQCodec.build(VecFormat(self.head_dim, bits), seed, layer, role_id)
         self.layer_codecs = {layer: (codec, None) if role == "k" else (None, codec)}
+        self.layer_means = self._means(key_means, [layer]) if role == "k" else {}
+
+    @torch.no_grad()
+    def key_means(self, ids, window):
+        """float32 CPU [num_layers, H_kv, d]: mean post-RoPE key of every (layer, KV head) over `ids`
+        (exact attention, non-overlapping windows). Also sets self.last_key_rms [num_layers, H_kv]."""
+        self.set_config(None)
+        self.collect = {}
+        try:
+            for s in range(0, len(ids), window):
+                x = torch.tensor(ids[s:s + window], device=self.device)[None]
+                if x.shape[1] < 2:
+                    break
+                self.model(x)
+            if len(self.collect) != self.num_layers:
+                raise RuntimeError(f"attention hook saw {len(self.collect)} of {self.num_layers} layers")
+            acc = [self.collect[l] for l in range(self.num_layers)]
+            self.last_key_rms = torch.stack([(c[2] / c[1]).sqrt() for c in acc]).float().cpu()  # [L, H_kv]
+            return torch.stack([c[0] / c[1] for c in acc]).float().cpu()
+        finally:
+            self.collect = None
 
     @torch.no_grad()
     def nll(self, ids, window):
@@ -106,7 +159,7 @@ def uniform_config(bits, boundary, seed):
                                "defaults": {"k": {"bits": bits}, "v": {"bits": bits}}})
 
 
-def calibrate(sim, ids, window, cands, target, boundary, seed, log):
+def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None):
     first, last = boundary
     layers = [l for l in range(sim.num_layers) if first <= l < sim.num_layers - last]
     sim.set_config(None)
@@ -117,7 +170,7 @@ def calibrate(sim, ids, window, cands, target, boundary, seed, log):
     for l in layers:
         for role in ("k", "v"):
             for b in cands:
-                sim.set_probe(l, role, b, seed)
+                sim.set_probe(l, role, b, seed, key_means)
                 sens[(l, role, b)] = sim.nll(ids, window) - base
         log(f"layer {l}: " + " ".join(f"{r}{b}={sens[(l, r, b)]:+.4f}" for r in ("k", "v") for b in cands))
     log(f"sensitivity sweep: {time.time() - t0:.0f}s")
@@ -159,11 +212,20 @@ def main():
     ap.add_argument("--presets", default="", help="also measure these presets (with and without boundary layers)")
     ap.add_argument("--no-calibrate", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--center", action="store_true",
+                    help="key centering: measure key means, write key_means: into the YAML, report PPL with/without")
+    ap.add_argument("--key-means-out", default="",
+                    help="where to save the key means (default: <out stem>_key_means.safetensors); also measures "
+                         "them without --center")
+    ap.add_argument("--means-text", default="",
+                    help="text for the key means (default: the --text file from character --chars onward)")
+    ap.add_argument("--means-tokens", type=int, default=0, help="tokens for the key means (default: --tokens)")
     a = ap.parse_args()
     log = lambda m: print(m, flush=True)  # noqa: E731
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     sim = Simulator(a.model, a.device, dtype)
-    text = open(a.text, encoding="utf-8").read()[: a.chars]
+    full = open(a.text, encoding="utf-8").read()
+    text = full[: a.chars]
     ids = sim.tok(text, add_special_tokens=False)["input_ids"][: a.tokens]
     log(f"model {a.model}: {sim.num_layers} layers, hd {sim.head_dim}, {sim.num_kv_heads} kv heads; {len(ids)} tokens")
     boundary = tuple(int(x) for x in a.boundary.split(","))
@@ -171,9 +233,27 @@ def main():
     if torch.cuda.is_available() and a.device == "cuda":
         report["card"] = torch.cuda.get_device_name(0)
 
-    def ppl_of(cfg):
-        sim.set_config(cfg)
+    def ppl_of(cfg, key_means="config"):
+        sim.set_config(cfg, key_means)
         return math.exp(sim.nll(ids, a.window))
+
+    means, means_path = None, ""
+    if a.center or a.key_means_out:
+        if a.means_text:
+            mtext, msrc = open(a.means_text, encoding="utf-8").read()[: a.chars], a.means_text
+        else:
+            mtext, msrc = full[a.chars: 2 * a.chars], f"{a.text}[{a.chars}:]"
+        mids = sim.tok(mtext, add_special_tokens=False)["input_ids"][: a.means_tokens or a.tokens]
+        if len(mids) < 64:
+            raise SystemExit(f"calibrate: only {len(mids)} tokens of text for the key means ({msrc}); "
+                             f"give --means-text FILE (text other than the evaluation text)")
+        t0 = time.time()
+        means = sim.key_means(mids, a.window)
+        means_path = save_key_means(means, a.key_means_out or default_means_path(a.out))
+        ratio = key_mean_ratio(means, sim.last_key_rms)
+        log(f"key means over {len(mids)} tokens of {msrc} ({time.time() - t0:.1f}s) -> {means_path}; "
+            f"|mean|/rms per layer: " + " ".join(f"{r:.2f}" for r in ratio))
+        report["key_means"] = {"path": means_path, "tokens": len(mids), "text": msrc, "mean_over_rms": ratio}
 
     report["ppl_bf16"] = ppl_of(None)
     if a.presets:
@@ -183,14 +263,23 @@ def main():
             rows[name] = {"with_boundary": ppl_of(cfg)}
             d = cfg_to_nobound(cfg)
             rows[name]["no_boundary"] = ppl_of(d)
-            log(f"preset {name:10s} ppl {rows[name]['with_boundary']:.4f} (boundary) "
-                f"{rows[name]['no_boundary']:.4f} (all layers)  bf16 {report['ppl_bf16']:.4f}")
+            line = (f"preset {name:10s} ppl {rows[name]['with_boundary']:.4f} (boundary) "
+                    f"{rows[name]['no_boundary']:.4f} (all layers)")
+            if a.center:
+                rows[name]["with_boundary_centered"] = ppl_of(cfg, means)
+                rows[name]["no_boundary_centered"] = ppl_of(d, means)
+                line += (f"; centered {rows[name]['with_boundary_centered']:.4f} (boundary) "
+                         f"{rows[name]['no_boundary_centered']:.4f} (all layers)")
+            log(line + f"  bf16 {report['ppl_bf16']:.4f}")
         report["presets"] = rows
     if not a.no_calibrate:
         cands = [int(x) for x in a.candidates.split(",")]
-        per_layer, sens, base = calibrate(sim, ids, a.window, cands, a.target_bits, boundary, a.seed, log)
+        per_layer, sens, base = calibrate(sim, ids, a.window, cands, a.target_bits, boundary, a.seed, log,
+                                          key_means=means if a.center else None)
         name = os.path.splitext(os.path.basename(a.out))[0]
         d = config_dict(per_layer, boundary, a.seed, name)
+        if a.center:
+            d["key_means"] = os.path.relpath(os.path.abspath(means_path), os.path.dirname(os.path.abspath(a.out)))
         import yaml
         with open(a.out, "w") as f:
             f.write(f"# Calibrated per-layer K/V bit widths (scripts/calibrate.py) for {os.path.basename(a.model)};\n"
@@ -199,15 +288,47 @@ def main():
         cal = load_config(a.out)
         report["calibrated"] = {"path": a.out, "ppl": ppl_of(cal),
                                 "avg_bits": sum(kb + vb for kb, vb in per_layer.values()) / (2 * len(per_layer))}
+        if a.center:  # the YAML has key_means: ppl above is centered
+            report["calibrated"]["ppl_uncentered"] = ppl_of(cal, None)
+            log(f"calibrated plan: ppl {report['calibrated']['ppl']:.4f} centered, "
+                f"{report['calibrated']['ppl_uncentered']:.4f} uncentered")
         if float(a.target_bits).is_integer():
-            report["uniform_equal_bytes"] = {"bits": int(a.target_bits),
-                                             "ppl": ppl_of(uniform_config(int(a.target_bits), boundary, a.seed))}
+            uni = uniform_config(int(a.target_bits), boundary, a.seed)
+            report["uniform_equal_bytes"] = {"bits": int(a.target_bits), "ppl": ppl_of(uni)}
+            if a.center:
+                report["uniform_equal_bytes"]["ppl_centered"] = ppl_of(uni, means)
         report["sensitivity"] = {f"{l}.{r}{b}": v for (l, r, b), v in sens.items()}
         log(f"calibrated ({report['calibrated']['avg_bits']:.2f} bits): ppl {report['calibrated']['ppl']:.4f}"
             + (f" vs uniform {report['uniform_equal_bytes']['bits']} bits: {report['uniform_equal_bytes']['ppl']:.4f}"
                if "uniform_equal_bytes" in report else "") + f"; bf16 {report['ppl_bf16']:.4f}; wrote {a.out}")
     if a.json:
         json.dump(report, open(a.json, "w"), indent=1)
+
+
+def default_means_path(out: str) -> str:
+    return os.path.splitext(out)[0] + "_key_means.safetensors"
+
+
+def save_key_means(means: torch.Tensor, path: str) -> str:
+    """Save {"key_means": [L, H_kv, d] fp32} as safetensors (or .pt when safetensors is missing or the
+    path does not end in .safetensors). Returns the path written."""
+    means = means.to(torch.float32).contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            path = path[: -len(".safetensors")] + ".pt"
+        else:
+            save_file({"key_means": means}, path)
+            return path
+    torch.save({"key_means": means}, path)
+    return path
+
+
+def key_mean_ratio(means: torch.Tensor, rms: torch.Tensor):
+    """Per layer: mean over KV heads of |mu| / rms(k) (how much of the keys centering removes)."""
+    return [float((means[l].norm(dim=-1) / rms[l].clamp_min(1e-30)).mean()) for l in range(means.shape[0])]
 
 
 def cfg_to_nobound(cfg: TQConfig) -> TQConfig:

@@ -85,6 +85,9 @@ def main():
             "compress": lambda: compress.compress_and_store(torch.randn(8, hkv, d, dtype=torch.bfloat16),
                                                             torch.randn(8, hkv, d, dtype=torch.bfloat16),
                                                             torch.arange(1, 9), kc, vc, *bufs),
+            "compress-centered": lambda: compress.compress_and_store(
+                torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
+                torch.arange(1, 9), kc, vc, *bufs, k_mean=torch.randn(hkv, d)),
         }
         for bn in (32, 64):
             jobs[f"decode-bn{bn}"] = lambda bn=bn: decode.decode_attention(

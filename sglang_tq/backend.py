@@ -19,6 +19,11 @@ functions change:
 the new tokens' K/V *as stored* (dequantized from the packed cache) instead of the fresh values, so
 every token sees its whole past exactly as decoding would (perplexity then measures the cache format).
 
+Key centering (`key_means:` in the config): the pool stores keys as codes of k - mu; extend passes
+`k_mean=mu` so the new tokens' fresh keys are centered the same way (with PREFILL_FROM_CACHE the new
+keys come dequantized from the cache, already centered, so no mean is passed). Decode is unchanged
+(softmax invariance). With logit softcapping the invariance does not hold: such layers are refused.
+
 On a machine without CUDA (the CPU tests) the TurboQuant layers run `tq_kernels.reference` and the
 bf16 layers a small torch path, and the metadata is computed in torch (the parent's metadata kernels
 are Triton), with the same kv_indptr / kv_indices / qo_indptr as on GPU.
@@ -180,8 +185,13 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         md = self.forward_metadata
+        k_mean = self._key_mean(pool, layer)
+        extra = {}
         if self.prefill_from_cache:
+            # stored keys are codes of k - mu: dequantized they are already centered like the prefix
             k, v = self._stored_kv(kb, vb, forward_batch.out_cache_loc, q.dtype)
+        elif k_mean is not None:
+            extra["k_mean"] = k_mean
         self._extend(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous(),
@@ -192,8 +202,20 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
+            **extra,
         )
         return o
+
+    @staticmethod
+    def _key_mean(pool, layer):
+        """The layer's key-centering mean (None without one). Softcapped scores are not shift
+        invariant, so centering is refused there."""
+        get = getattr(pool, "key_mean", None)
+        mu = get(layer.layer_id) if get is not None else None
+        if mu is not None and logit_capping_mod(layer.logit_capping_method, layer.logit_cap):
+            raise NotImplementedError("TurboQuant: key centering (key_means) is not exact with logit "
+                                      "softcapping; remove key_means from the config for this model")
+        return mu
 
     @_no_compile
     def _stored_kv(self, kb, vb, loc, dtype):
@@ -216,6 +238,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         md = self.forward_metadata
+        self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
         bs = q.shape[0]
         extra = {}
         if self.on_cuda:

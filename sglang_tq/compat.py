@@ -134,14 +134,27 @@ def _raise(problems: Iterable[str]) -> None:
     raise TQUnsupportedError(_PREFIX + "this set-up:\n" + "\n".join(f"  - {x}" for x in problems))
 
 
-def resolve_plan_for(num_layers: int, head_dim: int, v_head_dim: Optional[int] = None, cfg_ref: Optional[str] = None):
+def resolve_plan_for(num_layers: int, head_dim: int, v_head_dim: Optional[int] = None, cfg_ref: Optional[str] = None,
+                     num_kv_heads: Optional[int] = None):
     """Load the TurboQuant config named by `cfg_ref` (or $SGLANG_TQ_CONFIG, default turbo4) and
-    resolve it for the model. Raises TQConfigError."""
+    resolve it for the model (num_kv_heads: total KV heads, checked against key_means when given).
+    Raises TQConfigError."""
     from sglang_tq.config import CONFIG_ENV, load_config
 
     ref = cfg_ref if cfg_ref is not None else (os.environ.get(CONFIG_ENV) or None)
     cfg = load_config(ref)
-    return cfg, cfg.resolve(int(num_layers), int(head_dim), None if v_head_dim is None else int(v_head_dim))
+    return cfg, cfg.resolve(int(num_layers), int(head_dim), None if v_head_dim is None else int(v_head_dim),
+                            num_kv_heads=num_kv_heads)
+
+
+def total_kv_heads(mc) -> Optional[int]:
+    """Total (pre-TP) KV head count of an SGLang ModelConfig, or None when it cannot be read."""
+    try:
+        get = getattr(mc, "get_total_num_kv_heads", None)
+        n = get() if get is not None else getattr(mc, "num_key_value_heads", None)
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+    except Exception:
+        return None
 
 
 def check_server_args(server_args, resolve: bool = True):
@@ -159,7 +172,8 @@ def check_server_args(server_args, resolve: bool = True):
         problems += _problems_model_config(mc)
     _raise(problems)
     if mc is not None and resolve:
-        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim)
+        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim,
+                                   num_kv_heads=total_kv_heads(mc))
         return plan
     return None
 

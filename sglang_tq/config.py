@@ -28,6 +28,16 @@ K/V keys:
     `channel_list: [...]` (rotated channels chosen by calibration; length N). N (or F * head_dim)
     must be a power of two dividing head_dim, >= 8 and < head_dim; B > bits, counted like bits.
 
+Key centering (optional, top level)::
+
+    key_means: smollm2_key_means.safetensors   # relative to this YAML's folder unless absolute
+
+A safetensors or .pt file with one float32 tensor `key_means` [num_layers, num_kv_heads_total,
+head_dim] (scripts/calibrate.py --center writes one). Quantized layers then store keys as codes of
+k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu).
+The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
+(layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
+
 Layer formats: `tq` (quantized with the K/V formats above) or `bf16` (stored unquantized, at the
 model's 16-bit dtype). An override that changes k/v of a layer that is bf16 (boundary) must say
 `format: tq`, so that a range never quantizes a boundary layer by accident.
@@ -36,7 +46,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -56,7 +66,8 @@ MSE_BITS_RANGE = (2, 4)   # 1-bit MSE is legal in VecFormat but too lossy to off
 PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
 DEFAULT_BOUNDARY = 2
 
-_TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides")
+_TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides", "key_means")
+KEY_MEANS_TENSOR = "key_means"  # name of the tensor inside a key-means file
 _DEFAULTS_KEYS = ("k", "v")
 _K_KEYS = ("bits", "qjl", "norm_correction", "outliers")
 _V_KEYS = ("bits", "norm_correction", "outliers")
@@ -162,13 +173,17 @@ class TQConfig:
     boundary_format: str = FORMAT_BF16
     overrides: Tuple[Override, ...] = ()
     source: str = "<dict>"
+    key_means: Optional[str] = None  # absolute path of the key-means file (key centering), or None
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "TQConfig":
         return _parse(data, source)
 
-    def resolve(self, num_layers: int, head_dim: int, v_head_dim: Optional[int] = None) -> "ModelPlan":
-        return _resolve(self, num_layers, head_dim, v_head_dim)
+    def resolve(self, num_layers: int, head_dim: int, v_head_dim: Optional[int] = None,
+                num_kv_heads: Optional[int] = None) -> "ModelPlan":
+        """Per-layer plan for the model. num_kv_heads (total, before tensor parallelism), when given,
+        is checked against the key-means file too."""
+        return _resolve(self, num_layers, head_dim, v_head_dim, num_kv_heads)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.source})"
@@ -215,6 +230,17 @@ class ModelPlan:
     head_dim: int
     v_head_dim: int
     layers: Tuple[LayerPlan, ...]
+    key_means_path: Optional[str] = None
+    # float32 CPU [num_layers, num_kv_heads_total, head_dim] (key centering) or None
+    key_means: Optional[Any] = field(default=None, compare=False, repr=False)
+
+    def layer_key_mean(self, layer_id: int, heads: Optional[slice] = None):
+        """fp32 [H, head_dim] mean of layer `layer_id` (heads: a slice of the KV heads), or None when the
+        plan has no key means or the layer is not quantized (bf16 layers store keys as they are)."""
+        if self.key_means is None or not self.layers[layer_id].quantized:
+            return None
+        mu = self.key_means[layer_id]
+        return (mu if heads is None else mu[heads]).contiguous()
 
     def __getitem__(self, layer_id: int) -> LayerPlan:
         return self.layers[layer_id]
@@ -429,12 +455,72 @@ def _parse(data: Any, source: str) -> TQConfig:
     if not isinstance(raw_overrides, list):
         raise _fail(source, "overrides", f"expected a list of overrides, got {type(raw_overrides).__name__}")
     overrides = tuple(_parse_override(o, i, source) for i, o in enumerate(raw_overrides))
-    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source)
+    key_means = _parse_key_means_path(data.get("key_means"), source)
+    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source, key_means)
     # Check every override's k/v against the defaults now, so a bad value fails at load time.
     for o in overrides:
         _override_specs(cfg, o, k, v)
     _check_static_overlaps(cfg)
     return cfg
+
+
+def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
+    """key_means: PATH -> absolute path (relative paths: to the YAML's folder; from_dict: to the cwd)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise _fail(source, "key_means", f"expected a file path (.safetensors or .pt), got {value!r}")
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_absolute():
+        base = Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
+        path = base / path
+    if not path.is_file():
+        raise _fail(source, "key_means", f"{value!r}: no such file ({path}); expected a .safetensors or .pt "
+                                         f"file holding a float32 tensor '{KEY_MEANS_TENSOR}' "
+                                         f"[num_layers, num_kv_heads, head_dim] (scripts/calibrate.py --center)")
+    return str(path.resolve())
+
+
+def load_key_means(path: Union[str, os.PathLike], source: str = "") -> Any:
+    """Load a key-means file -> float32 CPU tensor [num_layers, num_kv_heads, head_dim].
+    .safetensors: the tensor named 'key_means'; otherwise torch.load of a tensor or of a dict
+    holding 'key_means'. Raises TQConfigError."""
+    import torch
+
+    where = f"{source}: key_means" if source else "key_means"
+    path = str(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            data = load_file(path)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError as e:
+        raise TQConfigError(f"{where}: {path}: cannot load ({e}); install safetensors or use a .pt file") from None
+    except Exception as e:  # corrupt file, not a tensor file, ...
+        raise TQConfigError(f"{where}: {path}: cannot load: {type(e).__name__}: {e}") from None
+    t = data.get(KEY_MEANS_TENSOR) if isinstance(data, dict) else data
+    if not isinstance(t, torch.Tensor):
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise TQConfigError(f"{where}: {path}: expected a tensor '{KEY_MEANS_TENSOR}', found {found}")
+    if t.dim() != 3 or not t.is_floating_point():
+        raise TQConfigError(f"{where}: {path}: '{KEY_MEANS_TENSOR}' has shape {list(t.shape)} dtype {t.dtype}; "
+                            f"expected a float tensor [num_layers, num_kv_heads, head_dim]")
+    t = t.to(torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        raise TQConfigError(f"{where}: {path}: '{KEY_MEANS_TENSOR}' holds non-finite values")
+    return t
+
+
+def check_key_means_shape(t: Any, num_layers: int, head_dim: int, num_kv_heads: Optional[int],
+                          where: str) -> None:
+    """Raise TQConfigError unless t is [num_layers, num_kv_heads (if given), head_dim]."""
+    n, h, d = t.shape
+    want = f"[{num_layers}, {num_kv_heads if num_kv_heads is not None else 'num_kv_heads'}, {head_dim}]"
+    if n != num_layers or d != head_dim or (num_kv_heads is not None and h != num_kv_heads):
+        raise TQConfigError(f"{where}: shape {list(t.shape)} does not fit the model; expected {want} "
+                            f"(num_layers, num_kv_heads, head_dim)")
 
 
 def _override_specs(cfg: TQConfig, o: Override, k: VecSpec, v: VecSpec) -> Tuple[VecSpec, VecSpec]:
@@ -460,7 +546,8 @@ def _check_static_overlaps(cfg: TQConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # Resolution
 # --------------------------------------------------------------------------------------------
-def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional[int]) -> ModelPlan:
+def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional[int],
+             num_kv_heads: Optional[int] = None) -> ModelPlan:
     src = cfg.source
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
@@ -503,7 +590,11 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         kf, kl = ks.to_format(head_dim, where + ".k")
         vf, vl = vs.to_format(v_head_dim, where + ".v")
         plans.append(LayerPlan(i, True, kf, vf, kl, vl))
-    return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans))
+    means = None
+    if cfg.key_means is not None:
+        means = load_key_means(cfg.key_means, src)
+        check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
+    return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means, means)
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,6 +712,8 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
              + (f", v_head_dim {dv}" if dv != d else "") + f", seed {plan.seed}",
              fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
     lines += [fmt_row(r) for r in rows]
+    if plan.key_means_path:
+        lines.append(f"key centering: {plan.key_means_path}")
     lines.append(f"total: {total} B/token (bf16 {bf16_total} B/token), "
                  f"compression {bf16_total / total:.2f}x, {len(plan.quantized_layers)}/{plan.num_layers} layers quantized")
     return "\n".join(lines)
@@ -628,5 +721,5 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
 
 __all__ = [
     "CONFIG_ENV", "DEFAULT_PRESET", "TQConfigError", "TQConfig", "VecSpec", "OutlierSpec", "LayerPlan",
-    "ModelPlan", "load_config", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
+    "ModelPlan", "load_config", "load_key_means", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
 ]

@@ -23,6 +23,11 @@ What the accessors return:
   Anything that tries to use it as a tensor fails loudly instead of reading packed bytes as bf16.
 * `get_kv_buffer(l)`: the pair of the above.
 
+Key centering (`key_means:` in the config): the pool holds one fp32 `[H_kv_local, head_dim]` mean per
+quantized layer (`key_mean(l)`, None otherwise) and stores codes of `k - mean`; the attention backend
+centers the new tokens' keys of extend with the same mean. Under tensor parallelism each rank takes
+its own heads of the `[num_layers, H_kv_total, head_dim]` file (`key_mean_heads`).
+
 `self.dtype` is `torch.uint8` (never bf16) on purpose: models with a fused RoPE + KV-write path
 (`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype == torch.bfloat16` and
 would otherwise write raw bf16 rows past `set_kv_buffer`. The model dtype is `self.model_dtype`.
@@ -65,6 +70,33 @@ def kernel_ops(device) -> object:
                     f"{dev}: {e}. Is the repo's kernels/ folder importable as tq_kernels?") from e
         _OPS_CACHE[key] = mod
     return _OPS_CACHE[key]
+
+
+def _attention_tp_rank_size() -> Tuple[int, int]:
+    """(rank, size) of the attention TP group; (0, 1) when SGLang's groups are not initialised."""
+    try:
+        from sglang.srt.layers.dp_attention import get_attention_tp_rank, get_attention_tp_size
+
+        return int(get_attention_tp_rank()), int(get_attention_tp_size())
+    except Exception:  # not initialised (tests, tools) or an older SGLang
+        return 0, 1
+
+
+def key_mean_heads(total: int, local: int, tp_rank: int, tp_size: int) -> slice:
+    """KV heads of this rank in a key-means tensor with `total` heads: all of them when local ==
+    total; heads [rank * local, (rank + 1) * local) when the heads are split over the ranks; the
+    replicated head rank // (tp_size / total) when tp_size > total (SGLang replicates KV heads)."""
+    from sglang_tq.config import TQConfigError
+
+    if total == local:
+        return slice(0, total)
+    if local * tp_size == total and 0 <= tp_rank < tp_size:
+        return slice(tp_rank * local, (tp_rank + 1) * local)
+    if local == 1 and tp_size > total and tp_size % total == 0:
+        h = tp_rank // (tp_size // total)
+        return slice(h, h + 1)
+    raise TQConfigError(f"key_means has {total} KV heads, which does not fit {local} KV heads per rank "
+                        f"(attention TP rank {tp_rank} of {tp_size}); expected the model's total KV head count")
 
 
 class TQLayerBuffer(NamedTuple):
@@ -141,6 +173,7 @@ class TQTokenToKVPool(KVCache):
             self.k_codecs.append(kc)
             self.v_codecs.append(vc)
         self._create_buffers()
+        self.key_means: List[Optional[torch.Tensor]] = self._load_key_means()
         self._ops = kernel_ops(self.device)
         self._finalize_allocation_log(size)
 
@@ -172,6 +205,28 @@ class TQTokenToKVPool(KVCache):
                     self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=self.model_dtype, device=dev))
                     for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales):
                         lst.append(None)
+
+    def _load_key_means(self) -> List[Optional[torch.Tensor]]:
+        """One fp32 [H_local, head_dim] device tensor per quantized local layer (None elsewhere)."""
+        means = getattr(self.plan, "key_means", None)
+        if means is None:
+            return [None] * self.layer_num
+        from sglang_tq.config import TQConfigError
+
+        if means.dim() != 3 or means.shape[0] != self.plan.num_layers or means.shape[2] != self.head_dim:
+            raise TQConfigError(f"key_means {self.plan.key_means_path}: shape {list(means.shape)}; expected "
+                                f"[{self.plan.num_layers}, num_kv_heads, {self.head_dim}]")
+        rank, size = _attention_tp_rank_size()
+        heads = key_mean_heads(int(means.shape[1]), self.head_num, rank, size)
+        out = []
+        for i in range(self.layer_num):
+            mu = self.plan.layer_key_mean(self.start_layer + i, heads)
+            out.append(None if mu is None else mu.to(device=self.device, dtype=torch.float32).contiguous())
+        return out
+
+    def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
+        """fp32 [H_kv, head_dim] key-centering mean of a quantized layer, or None."""
+        return self.key_means[self._local(layer_id)]
 
     def _layer_tensors(self, idx: int, role: str) -> List[torch.Tensor]:
         """Storage tensors of one local layer and role ('k' or 'v'), in a fixed order."""
@@ -276,9 +331,10 @@ class TQTokenToKVPool(KVCache):
         k = cache_k.reshape(-1, self.head_num, self.head_dim)
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.quantized[idx]:
+            extra = {} if self.key_means[idx] is None else {"k_mean": self.key_means[idx]}
             self._ops.compress_and_store(k, v, loc, self.k_codecs[idx], self.v_codecs[idx],
                                          self.k_codes[idx], self.k_scales[idx],
-                                         self.v_codes[idx], self.v_scales[idx])
+                                         self.v_codes[idx], self.v_scales[idx], **extra)
         else:
             kb, vb = self.k_buffer[idx], self.v_buffer[idx]
             kb[loc] = k.to(kb.dtype)

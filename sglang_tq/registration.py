@@ -26,7 +26,8 @@ import functools
 import logging
 import os
 
-from sglang_tq.compat import BACKEND_NAME, check_runner, check_server_args, resolve_plan_for, uses_turboquant
+from sglang_tq.compat import (BACKEND_NAME, check_runner, check_server_args, resolve_plan_for,
+                              total_kv_heads, uses_turboquant)
 
 logger = logging.getLogger("sglang_tq")
 
@@ -93,7 +94,8 @@ def runner_plan(runner):
     plan = getattr(runner, "_tq_plan", None)
     if plan is None:
         mc = runner.model_config
-        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim)
+        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim,
+                                   num_kv_heads=total_kv_heads(mc))
         runner._tq_plan = plan
     return plan
 

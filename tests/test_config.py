@@ -283,3 +283,88 @@ def test_package_imports_without_sglang():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0.1.0"
+
+
+# --- key centering (key_means) -------------------------------------------------------------------
+def _save_means(path, t):
+    import torch
+
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({"key_means": t.contiguous()}, str(path))
+    else:
+        torch.save({"key_means": t}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
+def test_key_means_relative_to_yaml_and_resolved(tmp_path, ext):
+    import torch
+
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    means = torch.randn(6, 4, 64)
+    _save_means(sub / f"m{ext}", means)
+    path = write(sub, f"boundary: {{first: 1, last: 1}}\nkey_means: m{ext}\n")
+    cfg = load_config(str(path))
+    assert cfg.key_means == str((sub / f"m{ext}").resolve())
+    plan = cfg.resolve(6, 64, num_kv_heads=4)
+    assert plan.key_means_path == cfg.key_means
+    assert torch.equal(plan.key_means, means)
+    assert plan.layer_key_mean(0) is None  # bf16 boundary layer: never centered
+    assert torch.equal(plan.layer_key_mean(2), means[2])
+    assert torch.equal(plan.layer_key_mean(3, slice(2, 4)), means[3, 2:4])
+    assert "key centering" in plan.summary(4)
+    # without num_kv_heads only layers and head_dim are checked
+    assert cfg.resolve(6, 64).key_means is not None
+
+
+def test_key_means_absolute_path_and_no_means(tmp_path):
+    import torch
+
+    p = _save_means(tmp_path / "abs.pt", torch.zeros(4, 2, 128))
+    cfg = parse_yaml(f"key_means: {p}\n", str(tmp_path / "elsewhere" / "x.yaml"))
+    assert cfg.resolve(4, 128, num_kv_heads=2).key_means.shape == (4, 2, 128)
+    plain = parse_yaml("seed: 1\n", "x.yaml").resolve(4, 128)
+    assert plain.key_means is None and plain.layer_key_mean(2) is None
+
+
+def test_key_means_missing_file(tmp_path):
+    path = write(tmp_path, "key_means: nowhere.safetensors\n")
+    with pytest.raises(TQConfigError) as err:
+        load_config(str(path))
+    msg = str(err.value)
+    assert "key_means" in msg and "nowhere.safetensors" in msg and "no such file" in msg
+
+
+@pytest.mark.parametrize("shape,resolve_args,fragment", [
+    ((5, 4, 64), (6, 64, None, 4), "[5, 4, 64]"),     # wrong layer count
+    ((6, 4, 128), (6, 64, None, 4), "[6, 4, 128]"),   # wrong head_dim
+    ((6, 2, 64), (6, 64, None, 4), "[6, 2, 64]"),     # wrong KV head count
+    ((6, 64), (6, 64, None, 4), "[6, 64]"),           # not 3-D
+])
+def test_key_means_wrong_shape(tmp_path, shape, resolve_args, fragment):
+    import torch
+
+    _save_means(tmp_path / "m.safetensors", torch.zeros(shape))
+    cfg = load_config(str(write(tmp_path, "key_means: m.safetensors\n")))
+    with pytest.raises(TQConfigError) as err:
+        cfg.resolve(*resolve_args)
+    msg = str(err.value)
+    assert "key_means" in msg and fragment in msg and "expected" in msg
+
+
+def test_key_means_bad_contents(tmp_path):
+    import torch
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    cfg = load_config(str(write(tmp_path, "key_means: junk.safetensors\n")))
+    with pytest.raises(TQConfigError, match="cannot load"):
+        cfg.resolve(4, 64)
+    torch.save({"other": torch.zeros(4, 2, 64)}, str(tmp_path / "other.pt"))
+    cfg = load_config(str(write(tmp_path, "key_means: other.pt\n", "c2.yaml")))
+    with pytest.raises(TQConfigError, match="expected a tensor 'key_means'"):
+        cfg.resolve(4, 64)
+    with pytest.raises(TQConfigError, match="key_means"):
+        parse_yaml("key_means: 3\n", "x.yaml")

@@ -5,6 +5,9 @@ cache (and, like TurboQuant's extend, the new tokens' raw K/V), so both must agr
 Covers GQA (9 q / 3 kv heads, head_dim 64), a bf16 boundary layer, MSE / PROD / outlier formats,
 prefill, a radix-cache hit (prefix shared with another request), a chunked-prefill continuation,
 a 1-token extend (mixed-batch style), decode, and slot reuse after a request is freed (retraction).
+Every test also runs with key centering (`key_means:`, param "centered"): the TurboQuant cache then
+holds codes of k - mu, and the reference pool the dequantized keys + mu -- equal attention by softmax
+invariance.
 """
 import pytest
 
@@ -38,9 +41,27 @@ overrides:
 ATOL = RTOL = 2e-2
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    path = write_tq_config(tmp_path_factory.mktemp("cfg"), CFG)
+def _key_mean(pool, lid):
+    return pool.key_mean(lid) if pool.is_quantized(lid) else None
+
+
+def _uncentered(pool, lid, k):
+    """Dequantized stored keys -> the keys attention sees (+ mu with key centering)."""
+    mu = _key_mean(pool, lid)
+    return k if mu is None else k + mu
+
+
+@pytest.fixture(scope="module", params=["plain", "centered"])
+def setup(tmp_path_factory, request):
+    d = tmp_path_factory.mktemp("cfg")
+    text = CFG
+    if request.param == "centered":
+        from safetensors.torch import save_file
+
+        means = torch.randn(NUM_LAYERS, HKV, D, generator=torch.Generator().manual_seed(11))
+        save_file({"key_means": means}, str(d / "means.safetensors"))
+        text = CFG + "key_means: means.safetensors\n"
+    path = write_tq_config(d, text)
     with env(SGLANG_TQ_CONFIG=path):
         mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
         runner = FakeRunner(mc)
@@ -50,6 +71,12 @@ def setup(tmp_path_factory):
         ref_pool = ref_runner.build_pools(512, max_running_requests=8)
         ref_runner.req_to_token_pool = runner.req_to_token_pool  # same slot mapping for both
     assert isinstance(pool, TQTokenToKVPool) and isinstance(ref_pool, MHATokenToKVPool)
+    if request.param == "centered":
+        assert pool.key_mean(0) is None  # bf16 boundary layer: stored as is
+        for lid in range(1, NUM_LAYERS):
+            assert torch.equal(pool.key_mean(lid), means[lid])
+    else:
+        assert all(pool.key_mean(lid) is None for lid in range(NUM_LAYERS))
     ref = TorchNativeAttnBackend(ref_runner)
     layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(NUM_LAYERS)]
     return dict(runner=runner, pool=pool, backend=backend, ref_runner=ref_runner, ref_pool=ref_pool,
@@ -70,7 +97,8 @@ def _sync_dequantized(s, slots):
         if not pool.is_quantized(lid):
             continue
         kb, vb = pool.get_kv_buffer(lid)
-        ref_pool.k_buffer[lid][slots] = kb.codec.decode(kb.codes[slots], kb.scales[slots]).to(torch.bfloat16)
+        kd = _uncentered(pool, lid, kb.codec.decode(kb.codes[slots], kb.scales[slots]))
+        ref_pool.k_buffer[lid][slots] = kd.to(torch.bfloat16)
         ref_pool.v_buffer[lid][slots] = vb.codec.decode(vb.codes[slots], vb.scales[slots]).to(torch.bfloat16)
 
 
@@ -121,7 +149,10 @@ def _run_decode(s, req_ids):
         lid = layer.layer_id
         if pool.is_quantized(lid):  # reference cache gets the dequantized new token
             kc, vc = pool.codecs(lid)
-            s["ref_pool"].k_buffer[lid][slots] = kc.decode(*kc.encode(k.view(-1, HKV, D).float())).to(torch.bfloat16)
+            mu = _key_mean(pool, lid)
+            kf = k.view(-1, HKV, D).float()
+            kd = kc.decode(*kc.encode(kf if mu is None else kf - mu))
+            s["ref_pool"].k_buffer[lid][slots] = _uncentered(pool, lid, kd).to(torch.bfloat16)
             s["ref_pool"].v_buffer[lid][slots] = vc.decode(*vc.encode(v.view(-1, HKV, D).float())).to(torch.bfloat16)
         else:
             s["ref_pool"].set_kv_buffer(layer, slots, k.view(-1, HKV, D), v.view(-1, HKV, D))
@@ -214,7 +245,8 @@ def test_pool_round_trip_and_slot_zero(setup):
     loc = torch.tensor([0, 500, 501])  # slot 0: the dummy row padded CUDA-graph tokens write to
     pool.set_kv_buffer(layer, loc, k, v)
     kb, vb = pool.get_kv_buffer(1)
-    kc, ks = kb.codec.encode(k.float())
+    mu = _key_mean(pool, 1)
+    kc, ks = kb.codec.encode(k.float() if mu is None else k.float() - mu)
     assert torch.equal(kb.codes[loc], kc) and torch.equal(kb.scales[loc], ks)
     vc, vs = vb.codec.encode(v.float())
     assert torch.equal(vb.codes[loc], vc) and torch.equal(vb.scales[loc], vs)
@@ -243,7 +275,8 @@ def test_prefill_from_cache_flag(setup):
             lid = layer.layer_id
             if pool.is_quantized(lid):
                 kb, vb = pool.get_kv_buffer(lid)
-                s["ref_pool"].k_buffer[lid][slots] = kb.codec.decode(kb.codes[slots], kb.scales[slots]).to(torch.bfloat16)
+                kd = _uncentered(pool, lid, kb.codec.decode(kb.codes[slots], kb.scales[slots]))
+                s["ref_pool"].k_buffer[lid][slots] = kd.to(torch.bfloat16)
                 s["ref_pool"].v_buffer[lid][slots] = vb.codec.decode(vb.codes[slots], vb.scales[slots]).to(torch.bfloat16)
             else:
                 s["ref_pool"].set_kv_buffer(layer, slots, k.view(-1, HKV, D), v.view(-1, HKV, D))

@@ -164,3 +164,26 @@ def test_unsupported_setups_refused(change, message):
     assert message in str(ei.value)
     with pytest.raises(TQUnsupportedError):
         r.get_cell_size_per_token(4)
+
+
+def test_key_mean_heads_tensor_parallel_slicing():
+    from sglang_tq.config import TQConfigError
+    from sglang_tq.pool import key_mean_heads
+
+    assert key_mean_heads(8, 8, 0, 1) == slice(0, 8)
+    assert key_mean_heads(8, 2, 3, 4) == slice(6, 8)          # heads split over 4 ranks
+    assert key_mean_heads(2, 1, 5, 8) == slice(1, 2)          # 2 KV heads replicated over 8 ranks
+    with pytest.raises(TQConfigError, match="KV heads"):
+        key_mean_heads(6, 4, 0, 2)
+
+
+def test_pool_rejects_key_means_with_wrong_heads(tmp_path):
+    from safetensors.torch import save_file
+    from sglang_tq.config import TQConfigError
+
+    save_file({"key_means": torch.zeros(4, 5, 64)}, str(tmp_path / "m.safetensors"))
+    path = write_tq_config(tmp_path, "boundary: {first: 1, last: 0}\nkey_means: m.safetensors\n")
+    with env(SGLANG_TQ_CONFIG=path):
+        runner = FakeRunner(FakeModelConfig(4, 6, 2, 64))
+        with pytest.raises(TQConfigError, match=r"\[4, 5, 64\]|5 KV heads"):
+            runner.build_pools(64, max_running_requests=2)
