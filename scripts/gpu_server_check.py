@@ -156,6 +156,9 @@ def smollm2_servers(a, base, out):
             print(f"  {name}: ppl {r['ppl']['ppl']:.4f} ({r['ppl']['tokens']} tokens)", flush=True)
             r["chat"] = [s.chat(p) for p in PROMPTS[:3]]
             if name != "turbo3":
+                # flush the radix cache first: a busy-run request must not reuse the alone run's cached
+                # prefix (a cache hit reads quantized K/V where the alone run computed them fresh)
+                urllib.request.urlopen(urllib.request.Request(s.url + "/flush_cache", method="POST"), timeout=60).read()
                 r["busy"] = s.generate(PROMPTS + [p + " Answer in detail." for p in PROMPTS] * 3,
                                        concurrent=True)[:len(PROMPTS)]
                 r["badreq"] = {label: raw_status(s.url, path, body) for label, path, body in BAD_REQUESTS}
