@@ -270,3 +270,44 @@ def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: 
         mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
         o = tl.dot(acc, mv, input_precision="ieee")
         tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
+                       kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                       kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr,
+                       USE_CAP: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+                       K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                       K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                       K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                       K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                       V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                       V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr,
+                       V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
+                       V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    """One BLOCK_N tile of packed tokens (slots) for a block of query rows q (rotated, scaled; sk: the
+    QJL sketch for PROD keys): scores from the K codes, online softmax (fp32, log2 units), p * scale0
+    against the V centroids in V's rotated domain. Shared by decode stage 1 and extend's prefix loop.
+    Returns the updated (m_i, l_i, acc)."""
+    krow = kc_ptr + slot * kc_s + hk * kc_h
+    kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
+                         K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+    ksrow = ks_ptr + slot * ks_s + hk * ks_h
+    ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
+    if K_QJLOFF >= 0:
+        sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
+        ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
+        s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
+    s = softcap_log2(s, logit_cap, USE_CAP)
+    s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    vrow = vc_ptr + slot * vc_s + hk * vc_h
+    vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
+                         V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+    vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
+    return m_new, l_i, acc

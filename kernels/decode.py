@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, centroid_tile, fmt_constexprs, kernel_tables, lut_width, next_pow2, qjl_signs,
-                      softcap_log2, unrotate_store)
+from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, packed_tile_update,
+                      unrotate_store)
 from .codec import TQCodec
 
 
@@ -58,6 +58,7 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     dk = tl.arange(0, K_D)
     qrow = qr_ptr + b * qr_b + heads * qr_h
     q = (tl.load(qrow[:, None] + dk[None, :], mask=gmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+    sk = q  # unused unless PROD keys
     if K_QJLOFF >= 0:
         sk = (tl.load(qrow[:, None] + K_D + dk[None, :], mask=gmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
 
@@ -69,30 +70,14 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         nmask = offs < hi
         slot = tl.load(kv_indices + seq_start + offs, mask=nmask, other=0).to(tl.int64)
         # ---- K: scores of the whole GQA group against the tile
-        krow = kc_ptr + slot * kc_s + hk * kc_h
-        kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
-                             K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
-        ksrow = ks_ptr + slot * ks_s + hk * ks_h
-        ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
-        if K_QJLOFF >= 0:
-            sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
-            ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
-            s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
-        s = softcap_log2(s, logit_cap, USE_CAP)
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        # ---- online softmax (fp32, log2 units)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
-        # ---- V: p * scale0 against the tile's centroids (rotated domain)
-        vrow = vc_ptr + slot * vc_s + hk * vc_h
-        vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
-                             V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
-        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
+        m_i, l_i, acc = packed_tile_update(
+            q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
+            kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT,
+            K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
+            K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
+            V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
 
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
