@@ -82,6 +82,9 @@ def _problems_model_config(mc) -> List[str]:
         p.append("encoder-decoder models (cross attention)")
     if getattr(mc, "attention_chunk_size", None):
         p.append(f"chunked local attention (attention_chunk_size={mc.attention_chunk_size})")
+    sw = _model_sliding_window(mc)
+    if sw is not None and sw > 0:
+        p.append(f"sliding-window attention layers (sliding_window_size={sw})")
     hd = getattr(mc, "head_dim", None)
     vhd = getattr(mc, "v_head_dim", hd)
     if hd is not None and hd not in SUPPORTED_HEAD_DIMS:
@@ -89,6 +92,32 @@ def _problems_model_config(mc) -> List[str]:
     if hd is not None and vhd is not None and vhd != hd:
         p.append(f"v_head_dim {vhd} != head_dim {hd}")
     return p
+
+
+def _model_sliding_window(mc) -> Optional[int]:
+    """The sliding window the model class will report, from the HF config alone. ModelRunner asks the
+    loaded model (`model.get_attention_sliding_window_size()`, after the weights); the model modules
+    define the same computation as a module-level function of the config, so the main process can
+    refuse such models before any weight loads."""
+    import sys
+
+    try:
+        from sglang.srt.models.registry import ModelRegistry
+
+        cls, _ = ModelRegistry.resolve_model_cls(mc.hf_config.architectures)
+    except Exception:  # unknown architecture: SGLang itself will complain
+        return None
+    if not hasattr(cls, "get_attention_sliding_window_size"):
+        return None
+    fn = getattr(sys.modules.get(cls.__module__), "get_attention_sliding_window_size", None)
+    for cfg in (getattr(mc, "hf_text_config", None), getattr(mc, "hf_config", None)):
+        if fn is None or cfg is None:
+            continue
+        try:
+            return fn(cfg)
+        except Exception:  # noqa: BLE001 - a config the function does not understand
+            continue
+    return None
 
 
 def _problems_runner(runner) -> List[str]:

@@ -168,3 +168,25 @@ def test_autoload_install_commands(tmp_path, monkeypatch):
     path = _autoload.install()
     assert os.path.dirname(path) == str(tmp_path) and _autoload.status().startswith("installed")
     assert _autoload.uninstall() and not os.path.exists(path)
+
+
+@pytest.mark.parametrize("over, message", [
+    # DeepSeek-V2-Lite shape: latent (MLA) attention
+    (dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048,
+          num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
+          qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1408,
+          n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+          num_hidden_layers=27), "MLA"),
+    # Llama shape with head_dim 80 (hidden 2560 / 32 heads)
+    (dict(hidden_size=2560), "head_dim 80"),
+    # Gemma-2-2B shape: every other layer attends to a 4096-token window (SGLang serves it from one pool)
+    (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=2304, num_attention_heads=8,
+          num_key_value_heads=4, head_dim=256, sliding_window=4096, num_hidden_layers=26,
+          query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+     "sliding-window"),
+])
+def test_unsupported_models_refused_before_weights(tmp_path, over, message):
+    """Refusal happens while the server arguments are built in the main process, from config.json
+    alone: no weights exist in the folder, so nothing could have been loaded."""
+    with env(SGLANG_TQ_CONFIG=None), pytest.raises(TQUnsupportedError, match=message):
+        _server_args(write_hf_config(tmp_path, **over))
