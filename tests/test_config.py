@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -368,3 +369,14 @@ def test_key_means_bad_contents(tmp_path):
         cfg.resolve(4, 64)
     with pytest.raises(TQConfigError, match="key_means"):
         parse_yaml("key_means: 3\n", "x.yaml")
+
+
+def test_calibrated_example_config_loads_with_its_key_means():
+    """configs/examples/calibrated_smollm2.yaml (output of scripts/calibrate.py) resolves for the model it
+    was made for, finds its key-means file next to it, and averages 3 code bits over quantized layers."""
+    pytest.importorskip("safetensors")
+    path = Path(__file__).resolve().parent.parent / "configs" / "examples" / "calibrated_smollm2.yaml"
+    plan = load_config(str(path)).resolve(30, 64, num_kv_heads=3)
+    q = [plan[i] for i in plan.quantized_layers]
+    assert len(q) == 26 and plan.key_means is not None and tuple(plan.key_means.shape) == (30, 3, 64)
+    assert sum(lp.k.bits + lp.v.bits for lp in q) / (2 * len(q)) == 3.0
