@@ -52,8 +52,12 @@ SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # block_n, num_warps, num_stages, use_lut (False: per-code centroid gathers instead of the byte LUT)
 # First run (H100, 2026-11-28): per-code gathers (use_lut False) beat the byte LUT by 2x for K4V4, and
 # 141-223 registers at 4 warps leave 2 programs per SM, so the no-LUT 8-warp points come first.
-SWEEP = [(64, 4, 2, False), (64, 8, 2, False), (64, 8, 3, False), (128, 8, 2, False), (32, 4, 2, False),
-         (128, 4, 2, False), (64, 4, 2, True), (128, 4, 2, True)]
+# The fifth entry selects the no-interleave stage 1 (decode_attention(sliced=True); K/V formats with one
+# 4- or 2-bit field only, others fall back): fewer registers and barriers when compiled, not yet timed.
+SWEEP = [(64, 4, 2, False, False), (64, 8, 2, False, False), (64, 8, 3, False, False),
+         (128, 8, 2, False, False), (32, 4, 2, False, False), (128, 4, 2, False, False),
+         (64, 4, 2, False, True), (64, 8, 2, False, True), (128, 4, 2, False, True), (128, 8, 2, False, True),
+         (64, 4, 2, True, False)]
 
 
 def log(*a):
@@ -148,7 +152,7 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
     ws = DecodeWorkspace.create(B, hq, d, max_splits=max(ns, 1), device="cuda")
     kw = {}
     if cfg is not None:
-        kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3])
+        kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4])
 
     def fn():
         for bufs, indptr, idx, q, out in sets:
@@ -416,6 +420,7 @@ def main():
                                     log(f"    sweep {cfg} splits={sp} failed: {type(e).__name__}: {str(e)[:120]}")
                                     continue
                                 sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
+                                                  sliced=cfg[4],
                                                   splits=sp, ms=t))
                                 if t < best[0]:
                                     best = (t, cfg, sp)

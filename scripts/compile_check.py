@@ -93,6 +93,9 @@ def main():
             jobs[f"decode-bn{bn}"] = lambda bn=bn: decode.decode_attention(
                 torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
                 torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn)
+            jobs[f"decode-sliced-bn{bn}"] = lambda bn=bn: decode.decode_attention(
+                torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
+                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, sliced=True)
         for bm, bn in ((64, 64), (32, 32), (64, 32)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),

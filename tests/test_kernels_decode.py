@@ -145,3 +145,31 @@ def test_decode_cuda_graph_replay():
         torch.cuda.synchronize()
         ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, ip, idx.cpu(), 128 ** -0.5)
         assert rel_err(out.cpu().float(), ref.float()) < TOL
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap", [
+    (F(128, 4), F(128, 4), (8, 2), [1, 70, 129], 0.0),
+    (F(64, 4), F(64, 2), (9, 3), [40, 3], 20.0),
+    (F(64, 2, norm_correction=False), F(64, 4), (4, 4), [3, 0, 40], 0.0),
+    (F(128, 2), F(128, 2), (16, 2), [100], 0.0),
+], ids=["K4V4-d128-g4", "K4V2-d64-g3-cap", "K2V4-d64-g1-empty", "K2V2-d128-g8"])
+def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
+    """The no-interleave stage 1 (one slice per code position of a byte) computes the same attention."""
+    from tq_kernels.decode import sliced_ok
+
+    assert sliced_ok(kfmt) and sliced_ok(vfmt)
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 3, 32, cap, 1234, sliced=True)
+    assert rel_err(out, ref) < TOL
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert float(out[b].abs().max()) == 0.0
+
+
+def test_sliced_ok_formats():
+    from tq_kernels.decode import sliced_ok
+
+    assert sliced_ok(F(128, 4)) and sliced_ok(F(64, 2))
+    assert not sliced_ok(F(128, 3))                                   # two fields
+    assert not sliced_ok(F(128, 3, qjl=True))                         # QJL signs
+    assert not sliced_ok(F(128, 3, outlier_channels=32, outlier_bits=4))
