@@ -29,6 +29,18 @@ from .codec import TQCodec
 
 
 @triton.jit
+def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens [lo, hi) of split `sid` of sequence b (split length rounded up to whole tiles, so the
+    partition depends only on the sequence length and num_splits); and the sequence's start in
+    kv_indices."""
+    seq_start = tl.load(kv_indptr + b)
+    seq_len = tl.load(kv_indptr + b + 1) - seq_start
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = sid * split_len
+    return seq_start, lo, tl.minimum(lo + split_len, seq_len)
+
+
+@triton.jit
 def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, kv_indptr, kv_indices, num_splits,
@@ -46,12 +58,7 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
-    seq_start = tl.load(kv_indptr + b)
-    seq_len = tl.load(kv_indptr + b + 1) - seq_start
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = sid * split_len
-    hi = tl.minimum(lo + split_len, seq_len)
-
+    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
@@ -112,19 +119,14 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     Instead of interleaving the codes of a byte back into coordinate order, every code position of a
     byte is its own slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored
     against the matching columns of the query and accumulated into its own V accumulator. No
-    tl.interleave, fewer layout conversions and live registers (compiled for sm_90: 122 vs 198
+    tl.interleave, fewer layout conversions and live registers (compiled for sm_90: 146 vs 223
     registers at 4 warps for K4V4 d=128)."""
     KS: tl.constexpr = 8 // K_W
     VS: tl.constexpr = 8 // V_W
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
-    seq_start = tl.load(kv_indptr + b)
-    seq_len = tl.load(kv_indptr + b + 1) - seq_start
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    lo = sid * split_len
-    hi = tl.minimum(lo + split_len, seq_len)
-
+    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
