@@ -10,6 +10,8 @@ Stages (--stages, comma-separated):
   smollm2   SmolLM2-135M-Instruct (real weights): BF16 (triton) vs turbo4 vs turbo3 perplexity, chat
             answers; turbo4 with CUDA graphs on vs off (greedy tokens for 20 prompts); the same prompts
             alone vs inside a busy batch (turbo4 and BF16); bad requests answered alike
+  load      scripts/load_test.py (2000 requests, concurrency 256, shared prefixes, 10 % aborts) against a
+            turbo4 SmolLM2 server with a small --max-total-tokens that forces retraction
   capacity  config-only Llama-3-8B shape (--load-format dummy): max_total_num_tokens of BF16 vs
             all-layers K4V4 vs the turbo4 preset at the same --mem-fraction-static
 All TurboQuant servers run with SGLANG_TQ_PREFILL_FROM_CACHE=1: prefill attends to the K/V as stored
@@ -183,6 +185,26 @@ def smollm2_servers(a, base, out):
     return res
 
 
+def stage_load(a, base, out):
+    """scripts/load_test.py against a turbo4 SmolLM2 server whose pool is small enough to force
+    retraction under 256 concurrent requests (shared prefixes, 10 % aborts, logprobs)."""
+    import subprocess
+    s = Server("load_turbo4", base + ["--attention-backend", "turboquant", "--tq-config", "turbo4",
+                                      "--max-total-tokens", str(a.load_max_tokens)], log_dir=out)
+    try:
+        p = subprocess.run([sys.executable, os.path.join(HERE, "load_test.py"), "--url", s.url,
+                            "--requests", str(a.load_requests), "--concurrency", "256",
+                            "--json", os.path.join(out, "load_test.json")], capture_output=True, text=True)
+        print(p.stdout[-3000:], p.stderr[-2000:])
+        res = json.load(open(os.path.join(out, "load_test.json")))
+        log = open(s.log_path).read()
+        res["retractions_in_log"] = log.count("Retract") + log.count("retract")
+        res["leak_messages_in_log"] = log.count("memory leak")
+    finally:
+        s.stop()
+    return res
+
+
 LLAMA8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
            "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
            "num_hidden_layers": 32, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
@@ -243,6 +265,8 @@ def main():
     ap.add_argument("--qa-limit", type=int, default=0)
     ap.add_argument("--stages", default="smollm2,capacity")
     ap.add_argument("--mem-fraction", type=float, default=0.80)
+    ap.add_argument("--load-requests", type=int, default=2000)
+    ap.add_argument("--load-max-tokens", type=int, default=20000)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -252,7 +276,7 @@ def main():
     for st in a.stages.split(","):
         t0 = time.time()
         try:
-            summary[st] = {"smollm2": smollm2_servers, "capacity": stage_capacity}[st](a, base, a.out)
+            summary[st] = {"smollm2": smollm2_servers, "capacity": stage_capacity, "load": stage_load}[st](a, base, a.out)
         except Exception as e:  # noqa: BLE001 - keep the other stages running
             import traceback
             traceback.print_exc()
