@@ -1,0 +1,136 @@
+"""The evaluation and load-test tools (scripts/) against a small stand-in server on 127.0.0.1 that speaks
+the few SGLang HTTP endpoints they use. The real servers only exist on a GPU; this checks the tools'
+own logic: perplexity arithmetic and windows, QA answer parsing, compare mode, load-test accounting
+of aborted / failed requests and the idle check."""
+import json
+import math
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import eval_quality  # noqa: E402
+import load_test  # noqa: E402
+
+LOGPROB = -2.0  # every input token gets this log-probability
+
+
+class FakeSGLang(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state = {"fail_every": 0, "count": 0, "tokens_held": 0}
+
+    def log_message(self, *a):  # keep pytest output clean
+        pass
+
+    def _json(self, obj, code=200):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self._json({})
+        if self.path == "/get_load":
+            return self._json([{"num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": self.state["tokens_held"]}])
+        if self.path == "/server_info":
+            return self._json({"attention_backend": "fake", "max_total_num_tokens": 1000})
+        self._json({"error": "no route"}, 404)
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length", 0))
+        req = json.loads(self.rfile.read(n) or b"{}")
+        if self.path == "/flush_cache":
+            return self._json({})
+        if self.path == "/tokenize":
+            return self._json({"tokens": [ord(c) for c in req["prompt"]]})
+        if self.path == "/v1/chat/completions":
+            msg = req["messages"][0]["content"]
+            a, b = [int(x) for x in msg.split("?")[0].split() if x.isdigit()][:2]
+            return self._json({"choices": [{"message": {"content": f"Reasoning... Answer: {a + b}"}}]})
+        if self.path == "/generate":
+            ids = req.get("input_ids") or [ord(c) for c in req.get("text", "")]
+            if not req.get("stream"):
+                lps = [[None, ids[0], None]] + [[LOGPROB, t, None] for t in ids[1:]]
+                return self._json({"text": "x", "meta_info": {"input_token_logprobs": lps}})
+            self.state["count"] += 1
+            if self.state["fail_every"] and self.state["count"] % self.state["fail_every"] == 0:
+                return self._json({"error": "boom"}, 500)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                for i in range(4):
+                    chunk = {"text": "y" * i, "meta_info": {"output_token_logprobs": [[-0.5, 1, None]]}}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+            return None
+        self._json({"error": "no route"}, 404)
+
+
+@pytest.fixture()
+def server():
+    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_perplexity_whole_text_and_windows(server):
+    text = "abcdefghij" * 5  # 50 tokens in the stand-in tokenizer
+    whole = eval_quality.perplexity(server, text)
+    assert whole["tokens"] == 49 and whole["windows"] == 1
+    assert math.isclose(whole["ppl"], math.exp(-LOGPROB))
+    win = eval_quality.perplexity(server, text, window=16)
+    # windows of 16 tokens at stride 16: the first token of each window is context only
+    assert win["windows"] == 4 and win["tokens"] == 15 * 3 + 1
+    assert math.isclose(win["ppl"], math.exp(-LOGPROB))
+
+
+def test_qa_parses_final_answers(server, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    rows = [{"passage": f"Tom has {a} apples and {b} pears.", "question": "How many fruits?", "answer": f"{a + b} fruits"}
+            for a, b in [(2, 3), (10, 7), (1, 1)]]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    res = eval_quality.qa(server, str(data), limit=10, concurrency=2)
+    assert res == {"accuracy": 1.0, "n": 3}
+
+
+def test_compare_mode(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"results": {"ppl": 10.0, "tokens": 100}}))
+    b.write_text(json.dumps({"results": {"ppl": 10.5, "tokens": 100}}))
+    table = eval_quality.compare(str(a), str(b))
+    assert "+5.00" in table and "ppl" in table
+
+
+def test_load_test_counts_aborts_failures_and_idle_tokens(server, tmp_path, monkeypatch):
+    FakeSGLang.state["fail_every"] = 7
+    monkeypatch.setattr(load_test.time, "sleep", lambda s: None)
+    out = tmp_path / "load.json"
+    monkeypatch.setattr(sys, "argv", ["load_test", "--url", server, "--requests", "60", "--concurrency", "8",
+                                      "--abort-frac", "0.25", "--json", str(out)])
+    load_test.main()
+    r = json.loads(out.read_text())
+    assert r["ok"] + r["aborted"] + r["failed"] == 60
+    assert r["failed"] > 0 and r["aborted"] > 0   # injected server errors and client aborts are both seen
+    assert r["pass"] is False                     # any failure fails the run
+    FakeSGLang.state.update(fail_every=0, tokens_held=5)
+    load_test.main()
+    r = json.loads(out.read_text())
+    assert r["failed"] == 0 and r["idle_tokens_after_flush"] == 5 and r["pass"] is False  # a leak fails too
+    FakeSGLang.state["tokens_held"] = 0
+    load_test.main()
+    assert json.loads(out.read_text())["pass"] is True
