@@ -145,6 +145,35 @@ class Simulator:
         return total / count
 
 
+    @torch.no_grad()
+    def reference_logprobs(self, ids, window):
+        """log-softmax of the current model's next-token logits per window (bf16 storage: this is the
+        reference distribution the KL metric compares against)."""
+        out = []
+        for s in range(0, len(ids) - 1, window):
+            x = torch.tensor(ids[s:s + window], device=self.device)[None]
+            if x.shape[1] < 2:
+                break
+            out.append(torch.log_softmax(self.model(x).logits.float()[0, :-1], -1).to(torch.bfloat16))
+        return out
+
+    @torch.no_grad()
+    def kl_to(self, ids, window, ref):
+        """Mean KL(reference || current) per predicted token over the same windows. Compares whole
+        distributions instead of the log-likelihood of one text, so it is far less noisy than a
+        perplexity difference of the same token count."""
+        total, count = 0.0, 0
+        for i, s in enumerate(range(0, len(ids) - 1, window)):
+            x = torch.tensor(ids[s:s + window], device=self.device)[None]
+            if x.shape[1] < 2:
+                break
+            lq = torch.log_softmax(self.model(x).logits.float()[0, :-1], -1)
+            lp = ref[i].float()
+            total += (lp.exp() * (lp - lq)).sum().item()
+            count += x.shape[1] - 1
+        return total / count
+
+
 def config_dict(per_layer, boundary, seed, name):
     """YAML dict with one override per layer; per_layer[l] = (k_bits, v_bits)."""
     first, last = boundary
@@ -159,19 +188,23 @@ def uniform_config(bits, boundary, seed):
                                "defaults": {"k": {"bits": bits}, "v": {"bits": bits}}})
 
 
-def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None):
+def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None, metric="kl"):
+    """Sensitivity of every (layer, role, bits) with only that role of that layer quantized:
+    metric 'kl' = mean KL divergence of the next-token distribution from the unquantized model's
+    (default: low variance), 'nll' = increase of the text's negative log-likelihood."""
     first, last = boundary
     layers = [l for l in range(sim.num_layers) if first <= l < sim.num_layers - last]
     sim.set_config(None)
     base = sim.nll(ids, window)
-    log(f"baseline nll {base:.5f} (ppl {math.exp(base):.4f})")
+    log(f"baseline nll {base:.5f} (ppl {math.exp(base):.4f}); sensitivity metric: {metric}")
+    ref = sim.reference_logprobs(ids, window) if metric == "kl" else None
     sens = {}
     t0 = time.time()
     for l in layers:
         for role in ("k", "v"):
             for b in cands:
                 sim.set_probe(l, role, b, seed, key_means)
-                sens[(l, role, b)] = sim.nll(ids, window) - base
+                sens[(l, role, b)] = sim.kl_to(ids, window, ref) if metric == "kl" else sim.nll(ids, window) - base
         log(f"layer {l}: " + " ".join(f"{r}{b}={sens[(l, r, b)]:+.4f}" for r in ("k", "v") for b in cands))
     log(f"sensitivity sweep: {time.time() - t0:.0f}s")
     # greedy allocation
@@ -204,6 +237,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the text used")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--candidates", default="2,3,4")
+    ap.add_argument("--metric", choices=("kl", "nll"), default="kl",
+                    help="sensitivity: KL to the unquantized model's next-token distribution, or NLL increase")
+    ap.add_argument("--heldout-text", default="", help="also report PPL of bf16 / uniform / calibrated on this text")
     ap.add_argument("--target-bits", type=float, default=3.0, help="average code bits per K/V element over quantized layers")
     ap.add_argument("--boundary", default="2,2", help="first,last layers kept bf16")
     ap.add_argument("--seed", type=int, default=0)
@@ -275,7 +311,8 @@ def main():
     if not a.no_calibrate:
         cands = [int(x) for x in a.candidates.split(",")]
         per_layer, sens, base = calibrate(sim, ids, a.window, cands, a.target_bits, boundary, a.seed, log,
-                                          key_means=means if a.center else None)
+                                          key_means=means if a.center else None, metric=a.metric)
+        report["metric"] = a.metric
         name = os.path.splitext(os.path.basename(a.out))[0]
         d = config_dict(per_layer, boundary, a.seed, name)
         if a.center:
@@ -301,8 +338,25 @@ def main():
         log(f"calibrated ({report['calibrated']['avg_bits']:.2f} bits): ppl {report['calibrated']['ppl']:.4f}"
             + (f" vs uniform {report['uniform_equal_bytes']['bits']} bits: {report['uniform_equal_bytes']['ppl']:.4f}"
                if "uniform_equal_bytes" in report else "") + f"; bf16 {report['ppl_bf16']:.4f}; wrote {a.out}")
+        if a.heldout_text:
+            report["heldout"] = heldout(sim, a, boundary, means, log)
     if a.json:
         json.dump(report, open(a.json, "w"), indent=1)
+
+
+def heldout(sim, a, boundary, means, log):
+    """BF16 / uniform / calibrated perplexity on a text the calibration never saw (the honest check)."""
+    text = open(a.heldout_text, encoding="utf-8").read()[: a.chars]
+    ids = sim.tok(text, add_special_tokens=False)["input_ids"][: a.tokens]
+    ppl = lambda cfg, km="config": (sim.set_config(cfg, km), math.exp(sim.nll(ids, a.window)))[1]  # noqa: E731
+    out = {"text": a.heldout_text, "tokens": len(ids), "bf16": ppl(None), "calibrated": ppl(load_config(a.out))}
+    if float(a.target_bits).is_integer():
+        out["uniform"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed))
+        if a.center:
+            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed), means)
+            out["calibrated_uncentered"] = ppl(load_config(a.out), None)
+    log("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float)))
+    return out
 
 
 def default_means_path(out: str) -> str:
