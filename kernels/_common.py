@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .codec import FP16_MAX, TQCodec, VecFormat
+from .codec import TQCodec, VecFormat
 
 LOG2E = 1.4426950408889634
 SQRT_PI_2 = math.sqrt(math.pi / 2.0)
@@ -119,7 +119,8 @@ def _patch_interpreter_index() -> None:
     builder.cast_impl = cast_impl
 
 
-_patch_interpreter_index()
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # GPU runs never touch the interpreter
+    _patch_interpreter_index()
 
 
 def lut_width(fmt: VecFormat) -> int:
