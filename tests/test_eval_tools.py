@@ -49,6 +49,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
             return self._json({})
         if self.path == "/tokenize":
             return self._json({"tokens": [ord(c) for c in req["prompt"]]})
+        if self.path == "/detokenize":
+            return self._json({"text": "".join(chr(t) for t in req["tokens"])})
         if self.path == "/v1/chat/completions":
             msg = req["messages"][0]["content"]
             a, b = [int(x) for x in msg.split("?")[0].split() if x.isdigit()][:2]
@@ -57,7 +59,12 @@ class FakeSGLang(BaseHTTPRequestHandler):
             ids = req.get("input_ids") or [ord(c) for c in req.get("text", "")]
             if not req.get("stream"):
                 lps = [[None, ids[0], None]] + [[LOGPROB, t, None] for t in ids[1:]]
-                return self._json({"text": "x", "meta_info": {"input_token_logprobs": lps}})
+                text = req.get("text", "")
+                # a "model" that finds the needle unless it sits in the first 150 characters
+                key = text.split("The pass key is ")[1][:5] if "The pass key is " in text else "x"
+                if "The pass key is " in text and text.index("The pass key is ") < 150:
+                    key = "00000"
+                return self._json({"text": f" {key}.", "meta_info": {"input_token_logprobs": lps}})
             self.state["count"] += 1
             if self.state["fail_every"] and self.state["count"] % self.state["fail_every"] == 0:
                 return self._json({"error": "boom"}, 500)
@@ -134,3 +141,14 @@ def test_load_test_counts_aborts_failures_and_idle_tokens(server, tmp_path, monk
     FakeSGLang.state["tokens_held"] = 0
     load_test.main()
     assert json.loads(out.read_text())["pass"] is True
+
+
+def test_passkey_accuracy_per_depth(server):
+    hay = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 200
+    res = eval_quality.passkey(server, hay, lengths=[400, 800], depths=[0.0, 0.5, 0.9], trials=2)
+    by_depth = {}
+    for row in res["rows"]:
+        by_depth.setdefault(row["depth"], []).append(row["accuracy"])
+    assert by_depth[0.5] == [1.0, 1.0] and by_depth[0.9] == [1.0, 1.0]
+    assert by_depth[0.0] == [0.0, 0.0]  # the stand-in misses needles at the very start
+    assert res["accuracy"] == pytest.approx(4 / 6)
