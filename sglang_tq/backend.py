@@ -44,6 +44,13 @@ logger = logging.getLogger("sglang_tq")
 
 
 PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
+# Opt-in: decode through the no-interleave stage 1 (tq_kernels.decode, sliced=True) where the layer's
+# formats allow it. Off until it has been timed on a GPU.
+DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _no_compile(fn):
@@ -71,8 +78,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.num_sms = self.device_core_count if self.device_core_count > 0 else 1
         if self.on_cuda:
             self._warm_tables()
-        self.prefill_from_cache = os.environ.get(PREFILL_FROM_CACHE_ENV, "0").strip().lower() not in (
-            "", "0", "false", "no", "off")
+        self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
+        self.decode_sliced = _env_flag(DECODE_SLICED_ENV)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -244,7 +251,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.on_cuda:
             # the workspace is sized for the largest captured batch; bigger (eager) batches allocate
             ws = self.decode_workspace if bs <= self._workspace_bs else None
-            extra = dict(workspace=ws, num_splits=self.num_splits(bs))
+            extra = dict(workspace=ws, num_splits=self.num_splits(bs), sliced=self.decode_sliced)
         self._decode(
             q.view(bs, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
