@@ -96,9 +96,36 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
 
 
 @triton.jit
-def _slice_codes(bytes_tile, T: tl.constexpr, W: tl.constexpr):
-    """Codes of slice T of a W-bit field tile: byte j's T-th code is storage coordinate j * (8 / W) + T."""
-    return (bytes_tile >> (T * W)) & ((1 << W) - 1)
+def _field_bits(rows, mask, pos, OFF: tl.constexpr, W: tl.constexpr):
+    """W-bit values at bit positions `pos` ([C] coordinate * W) of the LSB-first field at byte OFF of
+    every row -> int32 [BLOCK_N, C]. Bytes are gathered (duplicate addresses hit L1)."""
+    byt = tl.load(rows[:, None] + OFF + (pos // 8)[None, :], mask=mask, other=0).to(tl.int32)
+    return (byt >> (pos % 8)[None, :]) & ((1 << W) - 1)
+
+
+@triton.jit
+def _slice_index(rows, mask, b0, T: tl.constexpr, D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr,
+                 M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
+                 OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr, X0SH: tl.constexpr,
+                 X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+    """Centroid-table index of slice T: storage coordinates c = S j + T (S = 8 / M0W codes per byte of
+    the first field, whose byte tile b0 [BLOCK_N, D / S] the caller loaded once per tile). The first
+    field needs only a shift; further fields (the high bit of 3-bit codes, outlier refinement bits at
+    positions c % OSTRIDE == 0) are gathered per coordinate."""
+    S: tl.constexpr = 8 // M0W
+    c = tl.arange(0, D // S) * S + T
+    m2 = mask[:, None]
+    idx = (b0 >> (T * M0W)) & ((1 << M0W) - 1)
+    if M1W > 0:
+        idx = idx | (_field_bits(rows, m2, c * M1W, M1OFF, M1W) << M1SH)
+    if NOUT > 0:
+        is_out = (c % OSTRIDE) == 0
+        e = c // OSTRIDE
+        ex = _field_bits(rows, m2 & is_out[None, :], e * X0W, X0OFF, X0W) << X0SH
+        if X1W > 0:
+            ex = ex | (_field_bits(rows, m2 & is_out[None, :], e * X1W, X1OFF, X1W) << X1SH)
+        idx = idx + tl.where(is_out[None, :], ex + (1 << LO), 0)
+    return idx
 
 
 @triton.jit
@@ -109,20 +136,45 @@ def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def _k_slice_score(q, sk, rows, mask, b0, cent_ptr, T: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
+                   M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
+                   QJLOFF: tl.constexpr, NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr,
+                   X0OFF: tl.constexpr, X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr,
+                   X1SH: tl.constexpr):
+    """(MSE scores, QJL scores) of slice T: q_T c_T^T and, for PROD keys, sk_T signs_T^T (unscaled)."""
+    idx = _slice_index(rows, mask, b0, T, D, LO, M0W, M1W, M1OFF, M1SH, NOUT, OSTRIDE, X0W, X0OFF, X0SH,
+                       X1W, X1OFF, X1SH)
+    s = tl.dot(q, tl.trans(tl.load(cent_ptr + idx)))
+    s1 = tl.zeros_like(s)
+    if QJLOFF >= 0:
+        S: tl.constexpr = 8 // M0W
+        c = tl.arange(0, D // S) * S + T
+        sg = (_field_bits(rows, mask[:, None], c, QJLOFF, 1) * 2 - 1).to(tl.float32).to(tl.bfloat16)
+        s1 = tl.dot(sk, tl.trans(sg))
+    return s, s1
+
+
+@triton.jit
 def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
-                          K_D: tl.constexpr, K_W: tl.constexpr, V_D: tl.constexpr, V_W: tl.constexpr):
-    """Stage 1 for formats whose K and V codes are each one 4- or 2-bit field (K4V4, K4V2, K2V2, ...).
-    Instead of interleaving the codes of a byte back into coordinate order, every code position of a
-    byte is its own slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored
-    against the matching columns of the query and accumulated into its own V accumulator. No
-    tl.interleave, fewer layout conversions and live registers (compiled for sm_90: 146 vs 223
-    registers at 4 warps for K4V4 d=128)."""
-    KS: tl.constexpr = 8 // K_W
-    VS: tl.constexpr = 8 // V_W
+                          K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                          K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                          K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                          K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                          V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                          V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
+                          V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
+                          V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    """Stage 1 without tl.interleave, for formats whose first code field is 4 or 2 bits wide (K4, K3,
+    K2, PROD keys, outlier splits over those). Every code position of a first-field byte is its own
+    slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored against the matching
+    query columns and accumulated into its own V accumulator: fewer layout conversions and live
+    registers (compiled for sm_90, K4V4 d=128: 146 vs 223 registers at 4 warps)."""
+    KS: tl.constexpr = 8 // K_M0W
+    VS: tl.constexpr = 8 // V_M0W
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
@@ -138,6 +190,16 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     if KS == 4:
         q2 = _q_slice(qrow, gmask, q_scale, 2, KS, K_D)
         q3 = _q_slice(qrow, gmask, q_scale, 3, KS, K_D)
+    sk0 = q0
+    sk1 = q0
+    sk2 = q0
+    sk3 = q0
+    if K_QJLOFF >= 0:  # the QJL sketch follows the rotated query in each row
+        sk0 = _q_slice(qrow + K_D, gmask, q_scale, 0, KS, K_D)
+        sk1 = _q_slice(qrow + K_D, gmask, q_scale, 1, KS, K_D)
+        if KS == 4:
+            sk2 = _q_slice(qrow + K_D, gmask, q_scale, 2, KS, K_D)
+            sk3 = _q_slice(qrow + K_D, gmask, q_scale, 3, KS, K_D)
     kb_cols = tl.arange(0, K_D // KS)
     vb_cols = tl.arange(0, V_D // VS)
 
@@ -151,15 +213,30 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < hi
         slot = tl.load(kv_indices + seq_start + offs, mask=nmask, other=0).to(tl.int64)
-        kb = tl.load((kc_ptr + slot * kc_s + hk * kc_h)[:, None] + kb_cols[None, :], mask=nmask[:, None],
-                     other=0).to(tl.int32)
-        s = tl.dot(q0, tl.trans(tl.load(kcent_ptr + _slice_codes(kb, 0, K_W))))
-        s += tl.dot(q1, tl.trans(tl.load(kcent_ptr + _slice_codes(kb, 1, K_W))))
+        krow = kc_ptr + slot * kc_s + hk * kc_h
+        kb = tl.load(krow[:, None] + K_M0OFF + kb_cols[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        s, s1 = _k_slice_score(q0, sk0, krow, nmask, kb, kcent_ptr, 0, K_D, K_LO, K_M0W, K_M1W, K_M1OFF, K_M1SH,
+                               K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+        t, t1 = _k_slice_score(q1, sk1, krow, nmask, kb, kcent_ptr, 1, K_D, K_LO, K_M0W, K_M1W, K_M1OFF, K_M1SH,
+                               K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+        s += t
+        s1 += t1
         if KS == 4:
-            s += tl.dot(q2, tl.trans(tl.load(kcent_ptr + _slice_codes(kb, 2, K_W))))
-            s += tl.dot(q3, tl.trans(tl.load(kcent_ptr + _slice_codes(kb, 3, K_W))))
-        ks0 = tl.load(ks_ptr + slot * ks_s + hk * ks_h, mask=nmask, other=0.0).to(tl.float32)
-        s = softcap_log2(s * ks0[None, :], logit_cap, USE_CAP)
+            t, t1 = _k_slice_score(q2, sk2, krow, nmask, kb, kcent_ptr, 2, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
+                                   K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF,
+                                   K_X1SH)
+            s += t
+            s1 += t1
+            t, t1 = _k_slice_score(q3, sk3, krow, nmask, kb, kcent_ptr, 3, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
+                                   K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF,
+                                   K_X1SH)
+            s += t
+            s1 += t1
+        ksrow = ks_ptr + slot * ks_s + hk * ks_h
+        s = s * tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if K_QJLOFF >= 0:
+            s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        s = softcap_log2(s, logit_cap, USE_CAP)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -168,13 +245,21 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         m_i = m_new
         vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
         pv = (p * vs0[None, :]).to(tl.bfloat16)
-        vb = tl.load((vc_ptr + slot * vc_s + hk * vc_h)[:, None] + vb_cols[None, :], mask=nmask[:, None],
-                     other=0).to(tl.int32)
-        a0 = a0 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_codes(vb, 0, V_W)))
-        a1 = a1 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_codes(vb, 1, V_W)))
+        vrow = vc_ptr + slot * vc_s + hk * vc_h
+        vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        a0 = a0 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
+            vrow, nmask, vb, 0, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
+        a1 = a1 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
+            vrow, nmask, vb, 1, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
         if VS == 4:
-            a2 = a2 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_codes(vb, 2, V_W)))
-            a3 = a3 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_codes(vb, 3, V_W)))
+            a2 = a2 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
+                vrow, nmask, vb, 2, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+                V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
+            a3 = a3 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
+                vrow, nmask, vb, 3, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+                V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
 
     has = l_i > 0
     inv = 1.0 / tl.where(has, l_i, 1.0)
@@ -217,10 +302,10 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
 
 
 def sliced_ok(fmt) -> bool:
-    """Formats the sliced stage 1 handles: codes in one 4- or 2-bit field, no outliers, no QJL, and
-    slices of at least 16 columns (tl.dot)."""
-    w = lut_width(fmt)
-    return bool(w) and not fmt.qjl and fmt.head_dim * w // 8 >= 16
+    """Formats the sliced stage 1 handles: the first code field 4 or 2 bits wide (so at most 4 slices)
+    and slices of at least 16 columns (tl.dot's minimum K)."""
+    w = fmt.fields[0][1]
+    return w in (2, 4) and fmt.head_dim * w // 8 >= 16
 
 
 def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
@@ -341,7 +426,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
-            K_D=d_k, K_W=lut_width(kf), V_D=d_v, V_W=lut_width(vf),
+            **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages,
         )
     else:

@@ -52,8 +52,8 @@ SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # block_n, num_warps, num_stages, use_lut (False: per-code centroid gathers instead of the byte LUT)
 # First run (H100, 2026-11-28): per-code gathers (use_lut False) beat the byte LUT by 2x for K4V4, and
 # 141-223 registers at 4 warps leave 2 programs per SM, so the no-LUT 8-warp points come first.
-# The fifth entry selects the no-interleave stage 1 (decode_attention(sliced=True); K/V formats with one
-# 4- or 2-bit field only, others fall back): fewer registers and barriers when compiled, not yet timed.
+# The fifth entry selects the no-interleave stage 1 (decode_attention(sliced=True); formats whose first
+# code field is 4 or 2 bits wide, others fall back): fewer registers and barriers when compiled, not yet timed.
 SWEEP = [(64, 4, 2, False, False), (64, 8, 2, False, False), (64, 8, 3, False, False),
          (128, 8, 2, False, False), (32, 4, 2, False, False), (128, 4, 2, False, False),
          (64, 4, 2, False, True), (64, 8, 2, False, True), (128, 4, 2, False, True), (128, 8, 2, False, True),

@@ -45,7 +45,7 @@ logger = logging.getLogger("sglang_tq")
 
 PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
 # Opt-in: decode through the no-interleave stage 1 (tq_kernels.decode, sliced=True) where the layer's
-# formats allow it. Off until it has been timed on a GPU.
+# formats allow it (first code field 4 or 2 bits wide). Off until it has been timed on a GPU.
 DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
 
 

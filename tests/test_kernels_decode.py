@@ -152,10 +152,18 @@ def test_decode_cuda_graph_replay():
     (F(128, 4), F(128, 4), (8, 2), [1, 70, 129], 0.0),
     (F(64, 4), F(64, 2), (9, 3), [40, 3], 20.0),
     (F(64, 2, norm_correction=False), F(64, 4), (4, 4), [3, 0, 40], 0.0),
-    (F(128, 2), F(128, 2), (16, 2), [100], 0.0),
-], ids=["K4V4-d128-g4", "K4V2-d64-g3-cap", "K2V4-d64-g1-empty", "K2V2-d128-g8"])
+    (F(128, 3), F(128, 3), (16, 2), [100], 0.0),
+    (F(64, 3, qjl=True), F(64, 3), (9, 3), [45, 2], 0.0),
+    (F(128, 4, qjl=True), F(128, 2), (4, 1), [66], 0.0),
+    (F(128, 3, outlier_channels=32, outlier_bits=4), F(64 * 2, 2, outlier_channels=16, outlier_bits=4),
+     (8, 2), [50, 9], 0.0),
+    (F(64, 3, qjl=True, outlier_channels=16, outlier_bits=4), F(64, 3, outlier_channels=8, outlier_bits=4),
+     (6, 2), [37], 0.0),
+], ids=["K4V4-d128-g4", "K4V2-d64-g3-cap", "K2V4-d64-g1-empty", "K3V3-d128-g8", "PROD3-V3-d64-g3",
+        "PROD4-V2-d128-g4", "K3o-V2o2-d128", "PROD3o-V3o-d64"])
 def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
-    """The no-interleave stage 1 (one slice per code position of a byte) computes the same attention."""
+    """The no-interleave stage 1 (one slice per code position of a first-field byte; further fields,
+    QJL signs and outlier bits gathered per slice) computes the same attention."""
     from tq_kernels.decode import sliced_ok
 
     assert sliced_ok(kfmt) and sliced_ok(vfmt)
@@ -169,7 +177,7 @@ def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
 def test_sliced_ok_formats():
     from tq_kernels.decode import sliced_ok
 
-    assert sliced_ok(F(128, 4)) and sliced_ok(F(64, 2))
-    assert not sliced_ok(F(128, 3))                                   # two fields
-    assert not sliced_ok(F(128, 3, qjl=True))                         # QJL signs
-    assert not sliced_ok(F(128, 3, outlier_channels=32, outlier_bits=4))
+    assert sliced_ok(F(128, 4)) and sliced_ok(F(64, 2)) and sliced_ok(F(128, 3))
+    assert sliced_ok(F(128, 3, qjl=True)) and sliced_ok(F(128, 3, outlier_channels=32, outlier_bits=4))
+    assert not sliced_ok(F(128, 1))        # 1-bit first field: 8 slices
+    assert not sliced_ok(F(64, 2, qjl=True))  # 1-bit MSE codes under the QJL bit
