@@ -262,6 +262,19 @@ def softcap_log2(s, logit_cap, USE_CAP: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
+    """One tile of the online softmax over packed tokens: soft-cap, mask the tile's padding columns,
+    new running max (log2 units), rescale factor alpha of the old sums, tile probabilities p.
+    Returns (p, alpha, m_new, l_new)."""
+    s = softcap_log2(s, logit_cap, USE_CAP)
+    s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: tl.constexpr):
     """out[:, j] = sum_k acc[:, k] M_v[k, j] (x = M_v^T u), BLOCK_DO output columns at a time;
     out_ptrs [R] point at each output row (unit stride over the head dim)."""
@@ -300,12 +313,7 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
         sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
         ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
         s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
-    s = softcap_log2(s, logit_cap, USE_CAP)
-    s = tl.where(nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p, alpha, m_new, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
     vrow = vc_ptr + slot * vc_s + hk * vc_h
     vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, packed_tile_update,
-                      softcap_log2, unrotate_store)
+from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, online_softmax_step,
+                      packed_tile_update, unrotate_store)
 from .codec import TQCodec
 
 
@@ -236,13 +236,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         s = s * tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if K_QJLOFF >= 0:
             s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        s = softcap_log2(s, logit_cap, USE_CAP)
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
         vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
         pv = (p * vs0[None, :]).to(tl.bfloat16)
         vrow = vc_ptr + slot * vc_s + hk * vc_h
