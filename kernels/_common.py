@@ -45,6 +45,10 @@ def fmt_constexprs(fmt: VecFormat, prefix: str) -> Dict[str, int]:
     return {prefix + k: vals[k] for k in FMT_KEYS}
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Triton path when the data is on CUDA or the Triton interpreter is on (CPU tensors)."""
     return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -68,6 +72,8 @@ def kernel_tables(codec: TQCodec, device) -> dict:
             st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
             wt=w.t().contiguous(),
         )
+        # the interpreter cannot run inline asm
+        cache[key]["lut_asm"] = "" if interpreting() else register_lut_asm(codec.fmt, cent)
     return cache[key]
 
 
@@ -320,3 +326,143 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
     vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
     return m_new, l_i, acc
+
+
+# --------------------------------------------------------------------------------------------
+# Register LUT: centroids of a whole code byte by PTX byte permutes (no per-code memory gather)
+# --------------------------------------------------------------------------------------------
+# A per-code `tl.load(table + code)` costs one load instruction plus 64-bit address math per
+# element and keeps a pointer tensor live. For the sliced decode path the first code field is a
+# plain 4- or 2-bit field, so its codebook (16 or 4 bf16 values) fits in four / two 32-bit
+# registers, and `prmt` (select 4 bytes out of 8 by 4 nibble selectors) looks up four codes at once.
+# The asm takes 4 code bytes (pack=4, one register) and returns every slice of those bytes: slice T
+# holds the codes at bit position T * w of each byte (storage coordinates S j + T, S = 8 / w), as
+# packed bf16 pairs, identical to gathering `centroids_bf16[code]`.
+
+def _bf16_bits(values) -> list:
+    return [int(v) & 0xFFFF for v in torch.as_tensor(values, dtype=torch.float32).to(torch.bfloat16)
+            .view(torch.int16).to(torch.int32).tolist()]
+
+
+def _word(bytes4) -> int:
+    return bytes4[0] | bytes4[1] << 8 | bytes4[2] << 16 | bytes4[3] << 24
+
+
+def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
+    """PTX of the register LUT of `fmt`'s first code field, or "" where it does not apply (the first
+    field is not the whole low-bit code: 3-bit codes, outliers; or a 4-bit codebook that is not
+    exactly antisymmetric in bf16). The table words (bf16 bits of the codebook) are immediates.
+      w = 4: two outputs (low nibble = slice 0, high nibble = slice 1). The codebook is antisymmetric,
+        c[15 - i] = -c[i], so 8 magnitudes m[k] = c[8 + k] suffice: index k = (i & 7) ^ (7 if i < 8),
+        sign from bit 3; low and high bytes of the magnitudes are looked up separately (two prmt),
+        the sign is xored into the high byte, and two prmt interleave them into bf16 pairs.
+        Operands: $0..$3 out, $4 the 4 code bytes.
+      w = 2: four outputs; the 4 centroids are 8 bytes, so one prmt with selector nibbles (2c, 2c + 1)
+        per code returns two bf16 values. $0..$7 out, $8 the 4 code bytes."""
+    mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
+    if len(mains) != 1 or fmt.outlier_channels or mains[0] not in (2, 4):
+        return ""
+    w = mains[0]
+    bits = _bf16_bits(centroids[: 1 << w])
+    if w == 2:
+        words = [bits[0] | bits[1] << 16, bits[2] | bits[3] << 16]
+        body = []
+        for t in range(4):
+            body += [f"shr.b32 x, $8, {2 * t};", "and.b32 x, x, 0x03030303;",
+                     "mad.lo.u32 z, x, 34, 0x10101010;",  # byte = (2c+1) << 4 | 2c: selectors of c's two bytes
+                     f"prmt.b32 ${2 * t}, $9, $13, z;", "shr.b32 z, z, 16;", f"prmt.b32 ${2 * t + 1}, $9, $13, z;"]
+        return _inline_words("{\n.reg .b32 x, z;\n" + "\n".join(body) + "\n}", words, 8)
+    mags = bits[8:16]
+    if any(bits[7 - k] != (mags[k] ^ 0x8000) for k in range(8)):
+        return ""
+    lo = [m & 0xFF for m in mags]
+    hi = [m >> 8 for m in mags]
+    words = [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
+    body = ["shr.b32 n, $4, 3;", "and.b32 n, n, 0x11111111;", "xor.b32 n, n, 0x11111111;",  # 1: negative code
+            "mul.lo.u32 f, n, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]  # magnitude index per nibble
+    for s in range(2):
+        o0, o1 = f"${2 * s}", f"${2 * s + 1}"
+        body += [("and.b32 t, m, 0x0f0f0f0f;" if s == 0 else "shr.b32 t, m, 4;\nand.b32 t, t, 0x0f0f0f0f;"),
+                 "shr.b32 u, t, 4;", "or.b32 t, t, u;", "prmt.b32 t, t, t, 0x0020;",  # 4 selector nibbles
+                 "prmt.b32 a, $5, $9, t;", "prmt.b32 b, $13, $17, t;",
+                 ("and.b32 u, n, 0x01010101;\nshl.b32 u, u, 7;" if s == 0 else
+                  "shl.b32 u, n, 3;\nand.b32 u, u, 0x80808080;"),
+                 "xor.b32 b, b, u;", f"prmt.b32 {o0}, a, b, 0x5140;", f"prmt.b32 {o1}, a, b, 0x7362;"]
+    return _inline_words("{\n.reg .b32 n, f, m, t, u, a, b;\n" + "\n".join(body) + "\n}", words, 4)
+
+
+def _inline_words(asm: str, words, n_out: int) -> str:
+    """Put the table words into the PTX as immediates (written above as operands $(n_out + 1 + 4 i)).
+    With a single tensor operand Triton loads the code bytes straight into the MMA operand layout and
+    converts nothing but uint8 tiles (table words as extra tensor operands made it round-trip every
+    bf16 tile through shared memory: compiled for sm_90, 2026-11-28)."""
+    for i in reversed(range(len(words))):
+        asm = asm.replace(f"${n_out + 1 + 4 * i},", f"0x{words[i]:08x},")
+    return asm
+
+
+def emulate_register_lut(asm: str, codes: torch.Tensor) -> list:
+    """Run `register_lut_asm`'s PTX on the CPU (the few integer instructions it uses, on uint32
+    words) for code bytes `codes` (uint8, numel % 4 == 0): returns one bf16 tensor per slice.
+    Lets CPU tests check the asm logic; the GPU tests check the real thing."""
+    import re
+    b = codes.to(torch.int64).reshape(-1, 4)
+    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+    operands = {8 if "$8" in asm else 4: word}  # output registers $0 .. $3 (w = 4) or $7 (w = 2)
+    outs = {}
+    regs = {}
+    M = 0xFFFFFFFF
+
+    def val(tok):
+        tok = tok.strip()
+        if tok.startswith("$"):
+            i = int(tok[1:])
+            return operands[i]
+        if tok.startswith("0x") or tok.isdigit():
+            return torch.full_like(word, int(tok, 0))
+        return regs[tok]
+
+    def prmt(a, bb, c):
+        src = a | (bb << 32)
+        r = torch.zeros_like(a)
+        for k in range(4):
+            sel = (c >> (4 * k)) & 7
+            r |= ((src >> (8 * sel)) & 0xFF) << (8 * k)
+        return r
+
+    for line in asm.replace("{", "").replace("}", "").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        a = [x.strip() for x in args.split(",")]
+        x = [val(t) for t in a[1:]]
+        name = op.split(".")[0]
+        r = {"shr": lambda: x[0] >> x[1], "shl": lambda: (x[0] << x[1]) & M, "and": lambda: x[0] & x[1],
+             "or": lambda: x[0] | x[1], "xor": lambda: x[0] ^ x[1], "mul": lambda: (x[0] * x[1]) & M,
+             "mad": lambda: (x[0] * x[1] + x[2]) & M, "prmt": lambda: prmt(x[0], x[1], x[2])}[name]()
+        if a[0].startswith("$"):
+            outs[int(a[0][1:])] = r
+        else:
+            regs[a[0]] = r
+    res = []
+    for s in range(len(outs) // 2):
+        lanes = torch.stack([outs[2 * s] & 0xFFFF, outs[2 * s] >> 16, outs[2 * s + 1] & 0xFFFF,
+                             outs[2 * s + 1] >> 16], dim=1).reshape(-1)
+        res.append(torch.where(lanes >= 32768, lanes - 65536, lanes).to(torch.int16).view(torch.bfloat16))
+    return res
+
+
+@triton.jit
+def register_lut_slices(b, ASM: tl.constexpr, W: tl.constexpr):
+    """uint8 code bytes [R, C] -> the bf16 centroids of every slice (tuple of 8 / W tensors [R, C])."""
+    if W == 4:
+        c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=4)
+        c2 = c0
+        c3 = c0
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                                   dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                                   is_pure=True, pack=4)
+    return c0, c1, c2, c3

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, online_softmax_step,
-                      packed_tile_update, unrotate_store)
+                      packed_tile_update, register_lut_slices,
+                      unrotate_store)
 from .codec import TQCodec
 
 
@@ -136,22 +137,37 @@ def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _k_slice_score(q, sk, rows, mask, b0, cent_ptr, T: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
-                   M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
-                   QJLOFF: tl.constexpr, NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr,
-                   X0OFF: tl.constexpr, X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr,
-                   X1SH: tl.constexpr):
-    """(MSE scores, QJL scores) of slice T: q_T c_T^T and, for PROD keys, sk_T signs_T^T (unscaled)."""
-    idx = _slice_index(rows, mask, b0, T, D, LO, M0W, M1W, M1OFF, M1SH, NOUT, OSTRIDE, X0W, X0OFF, X0SH,
-                       X1W, X1OFF, X1SH)
-    s = tl.dot(q, tl.trans(tl.load(cent_ptr + idx)))
-    s1 = tl.zeros_like(s)
-    if QJLOFF >= 0:
-        S: tl.constexpr = 8 // M0W
-        c = tl.arange(0, D // S) * S + T
-        sg = (_field_bits(rows, mask[:, None], c, QJLOFF, 1) * 2 - 1).to(tl.float32).to(tl.bfloat16)
-        s1 = tl.dot(sk, tl.trans(sg))
-    return s, s1
+def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
+                     M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
+                     NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
+                     X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+    """bf16 centroids [BLOCK_N, D / S] of every slice of a tile (a 4-tuple; unused entries repeat
+    slice 0). ASM: the register LUT over the uint8 first-field bytes b0; "" -> per-code gathers."""
+    S: tl.constexpr = 8 // M0W
+    if ASM != "":
+        c0, c1, c2, c3 = register_lut_slices(b0, ASM, M0W)
+    else:
+        bi = b0.to(tl.int32)
+        c0 = tl.load(cent_ptr + _slice_index(rows, mask, bi, 0, D, LO, M0W, M1W, M1OFF, M1SH, NOUT, OSTRIDE,
+                                             X0W, X0OFF, X0SH, X1W, X1OFF, X1SH))
+        c1 = tl.load(cent_ptr + _slice_index(rows, mask, bi, 1, D, LO, M0W, M1W, M1OFF, M1SH, NOUT, OSTRIDE,
+                                             X0W, X0OFF, X0SH, X1W, X1OFF, X1SH))
+        c2 = c0
+        c3 = c0
+        if S == 4:
+            c2 = tl.load(cent_ptr + _slice_index(rows, mask, bi, 2, D, LO, M0W, M1W, M1OFF, M1SH, NOUT, OSTRIDE,
+                                                 X0W, X0OFF, X0SH, X1W, X1OFF, X1SH))
+            c3 = tl.load(cent_ptr + _slice_index(rows, mask, bi, 3, D, LO, M0W, M1W, M1OFF, M1SH, NOUT, OSTRIDE,
+                                                 X0W, X0OFF, X0SH, X1W, X1OFF, X1SH))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr, QJLOFF: tl.constexpr):
+    """sk_T signs_T^T for PROD keys (signs of coordinates S j + T, gathered per coordinate)."""
+    c = tl.arange(0, D // S) * S + T
+    sg = (_field_bits(rows, mask[:, None], c, QJLOFF, 1) * 2 - 1).to(tl.float32).to(tl.bfloat16)
+    return tl.dot(sk, tl.trans(sg))
 
 
 @triton.jit
@@ -160,6 +176,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
+                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                           K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                           K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -171,8 +188,9 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     """Stage 1 without tl.interleave, for formats whose first code field is 4 or 2 bits wide (K4, K3,
     K2, PROD keys, outlier splits over those). Every code position of a first-field byte is its own
     slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored against the matching
-    query columns and accumulated into its own V accumulator: fewer layout conversions and live
-    registers (compiled for sm_90, K4V4 d=128: 146 vs 223 registers at 4 warps)."""
+    query columns and accumulated into its own V accumulator, so no tile is ever re-ordered.
+    K_ASM / V_ASM (register_lut_asm): centroids of a whole byte by PTX byte permutes instead of a
+    memory gather per code ("": gathers)."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
     b = tl.program_id(0)
@@ -202,6 +220,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
             sk3 = _q_slice(qrow + K_D, gmask, q_scale, 3, KS, K_D)
     kb_cols = tl.arange(0, K_D // KS)
     vb_cols = tl.arange(0, V_D // VS)
+    tok = tl.arange(0, BLOCK_N)
 
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
@@ -209,51 +228,48 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     a1 = tl.zeros((BLOCK_G, V_D // VS), tl.float32)
     a2 = tl.zeros((BLOCK_G, V_D // VS), tl.float32)
     a3 = tl.zeros((BLOCK_G, V_D // VS), tl.float32)
+
+    # Plain loop: Triton's software pipeliner (num_stages) issues the slot loads and the first-field
+    # byte tiles (cp.async into shared memory) of later tiles while this one is computed, and loads
+    # the bytes straight into the MMA operand layout, so only uint8 tiles cross shared memory.
     for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < hi
-        slot = tl.load(kv_indices + seq_start + offs, mask=nmask, other=0).to(tl.int64)
+        nmask = n0 + tok < hi
+        slot = tl.load(kv_indices + seq_start + n0 + tok, mask=nmask, other=0)
+        slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)  # 32-bit offset math where the buffers allow
+        kb = tl.load((kc_ptr + slot * kc_s + hk * kc_h)[:, None] + K_M0OFF + kb_cols[None, :],
+                     mask=nmask[:, None], other=0)
+        vb = tl.load((vc_ptr + slot * vc_s + hk * vc_h)[:, None] + V_M0OFF + vb_cols[None, :],
+                     mask=nmask[:, None], other=0)
+        ks0 = tl.load(ks_ptr + slot * ks_s + hk * ks_h, mask=nmask, other=0.0)
+        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
         krow = kc_ptr + slot * kc_s + hk * kc_h
-        kb = tl.load(krow[:, None] + K_M0OFF + kb_cols[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-        s, s1 = _k_slice_score(q0, sk0, krow, nmask, kb, kcent_ptr, 0, K_D, K_LO, K_M0W, K_M1W, K_M1OFF, K_M1SH,
-                               K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
-        t, t1 = _k_slice_score(q1, sk1, krow, nmask, kb, kcent_ptr, 1, K_D, K_LO, K_M0W, K_M1W, K_M1OFF, K_M1SH,
-                               K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
-        s += t
-        s1 += t1
+        # ---- scores of the whole GQA group against the tile, one tl.dot per slice
+        c0, c1, c2, c3 = _slice_centroids(krow, nmask, kb, kcent_ptr, K_ASM, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
+                                          K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+        s = tl.dot(q0, tl.trans(c0))
+        s = tl.dot(q1, tl.trans(c1), s)
         if KS == 4:
-            t, t1 = _k_slice_score(q2, sk2, krow, nmask, kb, kcent_ptr, 2, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
-                                   K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF,
-                                   K_X1SH)
-            s += t
-            s1 += t1
-            t, t1 = _k_slice_score(q3, sk3, krow, nmask, kb, kcent_ptr, 3, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
-                                   K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF,
-                                   K_X1SH)
-            s += t
-            s1 += t1
-        ksrow = ks_ptr + slot * ks_s + hk * ks_h
-        s = s * tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            s = tl.dot(q2, tl.trans(c2), s)
+            s = tl.dot(q3, tl.trans(c3), s)
+        s = s * ks0.to(tl.float32)[None, :]
         if K_QJLOFF >= 0:
-            s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            s1 = _qjl_slice_score(sk0, krow, nmask, 0, KS, K_D, K_QJLOFF)
+            s1 += _qjl_slice_score(sk1, krow, nmask, 1, KS, K_D, K_QJLOFF)
+            if KS == 4:
+                s1 += _qjl_slice_score(sk2, krow, nmask, 2, KS, K_D, K_QJLOFF)
+                s1 += _qjl_slice_score(sk3, krow, nmask, 3, KS, K_D, K_QJLOFF)
+            s += s1 * tl.load(ks_ptr + slot * ks_s + hk * ks_h + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
         p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
-        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
-        pv = (p * vs0[None, :]).to(tl.bfloat16)
+        # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
+        pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
         vrow = vc_ptr + slot * vc_s + hk * vc_h
-        vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-        a0 = a0 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
-            vrow, nmask, vb, 0, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
-            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
-        a1 = a1 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
-            vrow, nmask, vb, 1, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
-            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
+        e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
+                                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+        a0 = tl.dot(pv, e0, a0 * alpha[:, None])
+        a1 = tl.dot(pv, e1, a1 * alpha[:, None])
         if VS == 4:
-            a2 = a2 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
-                vrow, nmask, vb, 2, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
-                V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
-            a3 = a3 * alpha[:, None] + tl.dot(pv, tl.load(vcent_ptr + _slice_index(
-                vrow, nmask, vb, 3, V_D, V_LO, V_M0W, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
-                V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)))
+            a2 = tl.dot(pv, e2, a2 * alpha[:, None])
+            a3 = tl.dot(pv, e3, a3 * alpha[:, None])
 
     has = l_i > 0
     inv = 1.0 / tl.where(has, l_i, 1.0)
@@ -370,13 +386,15 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
                      block_n: int = 64, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
-                     sliced: bool = False, max_seq_len_hint: Optional[int] = None):
+                     sliced: bool = True, register_lut: bool = True,
+                     max_seq_len_hint: Optional[int] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     use_lut defaults to False: on an H100 (2026-11-28, scripts/bench_kernels.py --sweep) per-code
     gathers ran K4V4 at B=32, ctx 32K in 3.54 ms against 7.24 ms with the byte LUT.
     sliced=True takes the no-interleave stage 1 (`_decode_stage1_sliced`) where both formats allow it
-    (`sliced_ok`); it is checked against the reference on the CPU but not yet timed on a GPU."""
+    (`sliced_ok`); there, register_lut looks 4- and 2-bit codes up with PTX byte permutes (the Triton
+    interpreter has no inline asm: it takes the gathers)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -420,6 +438,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
+            K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
+            WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages,
         )

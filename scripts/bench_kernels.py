@@ -49,15 +49,14 @@ CODECS = {
     "PROD-K3": (dict(bits=3, qjl=True), dict(bits=3)),
 }
 SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
-# block_n, num_warps, num_stages, use_lut (False: per-code centroid gathers instead of the byte LUT)
-# First run (H100, 2026-11-28): per-code gathers (use_lut False) beat the byte LUT by 2x for K4V4, and
-# 141-223 registers at 4 warps leave 2 programs per SM, so the no-LUT 8-warp points come first.
-# The fifth entry selects the no-interleave stage 1 (decode_attention(sliced=True); formats whose first
-# code field is 4 or 2 bits wide, others fall back): fewer registers and barriers when compiled, not yet timed.
-SWEEP = [(64, 4, 2, False, False), (64, 8, 2, False, False), (64, 8, 3, False, False),
-         (128, 8, 2, False, False), (32, 4, 2, False, False), (128, 4, 2, False, False),
-         (64, 4, 2, False, True), (64, 8, 2, False, True), (128, 4, 2, False, True), (128, 8, 2, False, True),
-         (64, 4, 2, True, False)]
+# block_n, num_warps, num_stages, use_lut (byte LUT of the general stage 1), sliced (no-interleave
+# stage 1 where the formats allow it, else the general one), register_lut (sliced: PTX byte-permute
+# centroid lookup instead of per-code gathers).
+# First run (H100, 2026-11-28): general stage 1 with per-code gathers 3.54 ms for K4V4 at B=32, ctx 32K
+# (byte LUT 2x slower); the sliced + register-LUT stage 1 came after that run.
+SWEEP = [(64, 4, 2, False, True, True), (64, 4, 3, False, True, True), (32, 4, 2, False, True, True),
+         (128, 4, 2, False, True, True), (128, 8, 2, False, True, True), (64, 8, 2, False, True, True),
+         (64, 4, 2, False, True, False), (64, 4, 2, False, False, False)]
 
 
 def log(*a):
@@ -152,7 +151,8 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
     ws = DecodeWorkspace.create(B, hq, d, max_splits=max(ns, 1), device="cuda")
     kw = {}
     if cfg is not None:
-        kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4])
+        kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4],
+                  register_lut=cfg[5])
 
     def fn():
         for bufs, indptr, idx, q, out in sets:
@@ -420,8 +420,7 @@ def main():
                                     log(f"    sweep {cfg} splits={sp} failed: {type(e).__name__}: {str(e)[:120]}")
                                     continue
                                 sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
-                                                  sliced=cfg[4],
-                                                  splits=sp, ms=t))
+                                                  sliced=cfg[4], register_lut=cfg[5], splits=sp, ms=t))
                                 if t < best[0]:
                                     best = (t, cfg, sp)
                         pt["sweep"] = sweep

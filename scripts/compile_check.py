@@ -92,7 +92,7 @@ def main():
         for bn in (32, 64):
             jobs[f"decode-bn{bn}"] = lambda bn=bn: decode.decode_attention(
                 torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
-                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn)
+                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, sliced=False)
             jobs[f"decode-sliced-bn{bn}"] = lambda bn=bn: decode.decode_attention(
                 torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
                 torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, sliced=True)

@@ -59,8 +59,9 @@ def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_decode_matches_reference(case):
+    """The general stage 1 (codes put back in coordinate order; every format)."""
     name, kfmt, vfmt, (hq, hkv), lens, ns, bn, cap = case
-    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, ns, bn, cap, zlib.crc32(name.encode()))
+    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, ns, bn, cap, zlib.crc32(name.encode()), sliced=False)
     err = rel_err(out, ref)
     assert err < TOL, f"{name}: rel err {err:.3e}"
     for b, n in enumerate(lens):
@@ -72,7 +73,7 @@ def test_decode_matches_reference(case):
 @pytest.mark.parametrize("use_lut", [True, False])
 def test_decode_byte_lut_and_generic_paths_agree(use_lut):
     """K4 / V2 take the byte-LUT path by default; use_lut=False forces per-code gathers."""
-    out, ref = _run_case(F(64, 4), F(64, 2), 4, 2, [50, 7], 2, 32, 0.0, 99, use_lut=use_lut)
+    out, ref = _run_case(F(64, 4), F(64, 2), 4, 2, [50, 7], 2, 32, 0.0, 99, use_lut=use_lut, sliced=False)
     assert rel_err(out, ref) < TOL
 
 
@@ -172,6 +173,45 @@ def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
     for b, n in enumerate(lens):
         if n == 0:
             assert float(out[b].abs().max()) == 0.0
+
+
+@needs_triton
+@pytest.mark.parametrize("register_lut", [True, False])
+def test_decode_sliced_register_lut_and_gathers_agree(register_lut):
+    """The default decode path (sliced stage 1) with the PTX register LUT (GPU; the interpreter has no
+    inline asm and takes the gathers) and with per-code gathers: the same centroids, the same result."""
+    out, ref = _run_case(F(128, 4), F(128, 2), 8, 2, [200, 31], 2, 64, 0.0, 7, register_lut=register_lut)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("fmt", [F(128, 4), F(64, 4), F(256, 4), F(128, 2), F(64, 2),
+                                 F(128, 3, qjl=True), F(64, 4, norm_correction=False)],
+                         ids=["K4-d128", "K4-d64", "K4-d256", "K2-d128", "K2-d64", "PROD3-d128", "K4-d64-nonc"])
+def test_register_lut_asm_logic(fmt):
+    """The register-LUT PTX, run instruction by instruction on the CPU (kernels._common emulator), maps
+    every code byte to exactly the bf16 centroids a per-code gather returns, slice by slice."""
+    from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
+
+    kc, _ = make_codecs(fmt, fmt)
+    cent = kernel_tables(kc, "cpu")["centroids"]
+    asm = register_lut_asm(fmt, cent)
+    assert asm
+    w = fmt.fields[0][1]
+    codes = torch.arange(256, dtype=torch.uint8)
+    slices = emulate_register_lut(asm, codes)
+    assert len(slices) == 8 // w
+    table = cent.to(torch.bfloat16)
+    for t, got in enumerate(slices):
+        want = table[(codes.long() >> (t * w)) & ((1 << w) - 1)]
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"slice {t}"
+
+
+def test_register_lut_not_for_split_or_outlier_codes():
+    from tq_kernels._common import register_lut_asm
+
+    for fmt in (F(128, 3), F(128, 3, outlier_channels=32, outlier_bits=4), F(64, 2, outlier_channels=16, outlier_bits=3)):
+        kc, _ = make_codecs(fmt, fmt)
+        assert register_lut_asm(fmt, kc.centroid_table()) == ""
 
 
 def test_sliced_ok_formats():
