@@ -72,8 +72,9 @@ def kernel_tables(codec: TQCodec, device) -> dict:
             st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
             wt=w.t().contiguous(),
         )
-        # the interpreter cannot run inline asm
-        cache[key]["lut_asm"] = "" if interpreting() else register_lut_asm(codec.fmt, cent)
+        asm = register_lut_asm(codec.fmt, cent)
+        cache[key]["has_register_lut"] = bool(asm)
+        cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
     return cache[key]
 
 
@@ -288,7 +289,7 @@ def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: 
     for j0 in tl.static_range(0, DV, BLOCK_DO):
         jj = j0 + tl.arange(0, BLOCK_DO)
         mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
-        o = tl.dot(acc, mv, input_precision="ieee")
+        o = tl.dot(acc, mv, input_precision="tf32x3")
         tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])
 
 

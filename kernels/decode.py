@@ -373,7 +373,7 @@ def num_sms(device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_sms: int,
-                      max_splits: int = 64, min_tokens_per_split: int = 256, waves: int = 8) -> int:
+                      max_splits: int = 64, min_tokens_per_split: int = 256, waves: int = 16) -> int:
     """Splits per sequence so that batch * H_kv * splits programs fill ~`waves` programs per SM,
     without splits shorter than `min_tokens_per_split` tokens. A Python int (static grid)."""
     work = max(1, batch * num_kv_heads)
@@ -385,21 +385,23 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
-                     sliced: bool = True, register_lut: bool = True,
+                     block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
+                     sliced: Optional[bool] = None, register_lut: bool = True,
                      max_seq_len_hint: Optional[int] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
-    use_lut defaults to False: on an H100 (2026-11-28, scripts/bench_kernels.py --sweep) per-code
-    gathers ran K4V4 at B=32, ctx 32K in 3.54 ms against 7.24 ms with the byte LUT.
-    sliced=True takes the no-interleave stage 1 (`_decode_stage1_sliced`) where both formats allow it
-    (`sliced_ok`); there, register_lut looks 4- and 2-bit codes up with PTX byte permutes (the Triton
-    interpreter has no inline asm: it takes the gathers)."""
+    Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
+    format; use_lut: byte LUT instead of per-code gathers, slower on the H100) and the sliced one
+    (`_decode_stage1_sliced`, formats with `sliced_ok`) whose register_lut looks 4- and 2-bit codes up
+    with PTX byte permutes (the Triton interpreter has no inline asm: it takes per-code gathers).
+    sliced=None picks the sliced stage 1 when both K and V have a register LUT (K4/K2/PROD-K3, V4/V2):
+    on an H200 (2026-11-28, scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms
+    against 3.64 ms for the general stage 1; with per-code gathers (3-bit codes) it was 3x slower
+    than the general one, which those formats keep.
+    block_n=None: 128 for the sliced stage 1, 64 for the general one (fastest in that sweep)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
-    if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
-        raise ValueError(f"block_n must be >= 32 (got {block_n})")
     d_k, d_v = kf.head_dim, vf.head_dim
     B = q.shape[0]
     q3 = q.reshape(B, -1, d_k)
@@ -423,6 +425,13 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         return out
 
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
+    if sliced is None:
+        sliced = kt["has_register_lut"] and vt["has_register_lut"]
+    sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
+    if block_n is None:
+        block_n = 128 if sliced else 64
+    if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
+        raise ValueError(f"block_n must be >= 32 (got {block_n})")
     qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     use_cap = bool(logit_cap and logit_cap > 0)
     k_lut = lut_width(kf) if use_lut else 0
@@ -430,7 +439,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
-    if sliced and sliced_ok(kf) and sliced_ok(vf):
+    if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits)](
             qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),

@@ -138,12 +138,24 @@ BAD_REQUESTS = [
 
 
 def smollm2_servers(a, base, out):
-    """Four SmolLM2 servers, each asked everything it is needed for (server starts dominate)."""
+    """Six SmolLM2 servers, each asked everything it is needed for (server starts dominate)."""
     text = open(a.text, encoding="utf-8").read()[:6000]
+    heldout = open(a.heldout_text, encoding="utf-8").read()[:6000] if a.heldout_text else ""
+    # turbo4 with SmolLM2's key means (key centering; the means ship with the calibrated example)
+    means = os.path.abspath(os.path.join(os.path.dirname(HERE), "configs", "examples",
+                                         "calibrated_smollm2_key_means.safetensors"))
+    centered = os.path.join(out, "turbo4_centered.yaml")
+    with open(centered, "w") as f:
+        f.write(f"name: turbo4_centered\ndefaults:\n  k: {{bits: 4}}\n  v: {{bits: 4}}\n"
+                f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
+    calibrated = os.path.join(os.path.dirname(HERE), "configs", "examples", "calibrated_smollm2.yaml")
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("turbo4_nograph", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-cuda-graph"]),
-            ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"])]
+            ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"]),
+            ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered]),
+            ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated])]
+    ppl_only = ("turbo4_centered", "calibrated3")
     res = {}
     for name, extra in plan:
         r = {}
@@ -155,7 +167,13 @@ def smollm2_servers(a, base, out):
                 res[name] = r
                 continue
             r["ppl"] = ev.perplexity(s.url, text)
-            print(f"  {name}: ppl {r['ppl']['ppl']:.4f} ({r['ppl']['tokens']} tokens)", flush=True)
+            if heldout:
+                r["ppl_heldout"] = ev.perplexity(s.url, heldout)
+            print(f"  {name}: ppl {r['ppl']['ppl']:.4f} ({r['ppl']['tokens']} tokens)"
+                  + (f", held-out {r['ppl_heldout']['ppl']:.4f}" if heldout else ""), flush=True)
+            if name in ppl_only:
+                res[name] = r
+                continue
             r["chat"] = [s.chat(p) for p in PROMPTS[:3]]
             if name != "turbo3":
                 # flush the radix cache first: a busy-run request must not reuse the alone run's cached
@@ -182,6 +200,13 @@ def smollm2_servers(a, base, out):
         "badreq_same_status": all(b["badreq"][k][0] == t4["badreq"][k][0] for k, _, _ in BAD_REQUESTS),
         "capacity_ratio_smollm2_turbo4": t4["max_total_num_tokens"] / b["max_total_num_tokens"],
     }
+    for name in ("turbo4_centered", "calibrated3"):
+        if "ppl" in res.get(name, {}):
+            res["summary"][f"ppl_delta_pct_{name}"] = (res[name]["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100
+    if heldout:
+        for name in ("bf16", "turbo4", "turbo3", "turbo4_centered", "calibrated3"):
+            if "ppl_heldout" in res.get(name, {}):
+                res["summary"][f"ppl_heldout_{name}"] = res[name]["ppl_heldout"]["ppl"]
     return res
 
 
@@ -261,6 +286,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/models/SmolLM2-135M-Instruct")
     ap.add_argument("--text", default=".gpu_data/prideprejudice.txt")
+    ap.add_argument("--heldout-text", default=".gpu_data/emma.txt",
+                    help="second text for perplexity (the calibrated plan and key means never saw it)")
     ap.add_argument("--asdiv", default=".gpu_data/asdiv.jsonl")
     ap.add_argument("--qa-limit", type=int, default=0)
     ap.add_argument("--stages", default="smollm2,capacity")

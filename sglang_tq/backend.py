@@ -44,8 +44,9 @@ logger = logging.getLogger("sglang_tq")
 
 
 PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
-# Opt-in: decode through the no-interleave stage 1 (tq_kernels.decode, sliced=True) where the layer's
-# formats allow it (first code field 4 or 2 bits wide). Off until it has been timed on a GPU.
+# Decode stage-1 choice (tq_kernels.decode_attention's `sliced`): unset = automatic (the sliced stage 1
+# with the register LUT for K4/K2/V4/V2 layers, the general one otherwise), 1 = sliced wherever the
+# formats allow it, 0 = always the general stage 1.
 DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
 
 
@@ -79,7 +80,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.on_cuda:
             self._warm_tables()
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
-        self.decode_sliced = _env_flag(DECODE_SLICED_ENV)
+        self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}

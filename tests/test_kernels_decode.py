@@ -100,7 +100,7 @@ def test_choose_num_splits():
     from tq_kernels.decode import choose_num_splits
 
     assert choose_num_splits(1, 8, 32768, 132) > 1
-    assert choose_num_splits(128, 8, 32768, 132) <= 2
+    assert choose_num_splits(128, 8, 32768, 132) <= 3  # 1024 (sequence, head) pairs already fill the GPU
     assert choose_num_splits(1, 1, 100, 132) == 1  # short sequences are not split
     assert 1 <= choose_num_splits(32, 8, 32768, 132, max_splits=16) <= 16
 
