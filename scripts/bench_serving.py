@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Serving benchmark: BF16 KV vs FP8 KV vs TurboQuant presets, same model, same card, one run.
 
-For each KV configuration it starts an SGLang server, records max_total_num_tokens, and runs
-`python -m sglang.bench_serving` (random token ids: nothing is downloaded) at each
-(input len, output len, concurrency) point; then prints a table of output tok/s, TTFT and TPOT with
-ratios against BF16 and FP8, writes JSON, and draws throughput-vs-concurrency PNG plots.
+For each KV configuration it starts an SGLang server, records max_total_num_tokens, and at each
+(input len, output len, concurrency) point sends random-token-id requests (nothing is downloaded):
+with the built-in streaming client (`--client native`, default: only the standard library, since
+`sglang.bench_serving` imports Hugging Face `datasets`, which the offline GPU bundle lacks) or with
+`python -m sglang.bench_serving` (`--client sglang`). Then it prints a table of output tok/s, TTFT and
+TPOT with ratios against BF16 and FP8, writes JSON, and draws throughput-vs-concurrency PNG plots.
 
 The default model is a config-only Llama-3-8B shape (32 layers, 32/8 heads, hd 128) served with
 --load-format dummy: speed does not depend on the weights' values. Pass --model for real weights.
@@ -17,13 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from gpu_server_check import Server, make_dummy_8b, tokenizer_dir  # noqa: E402
+from gpu_server_check import Server, Tee, make_dummy_8b, tokenizer_dir  # noqa: E402
 
 CONFIGS = {
     "bf16": ["--attention-backend", "triton"],
@@ -35,6 +41,51 @@ CONFIGS = {
 
 def tq_args(preset):
     return ["--attention-backend", "turboquant", "--tq-config", preset]
+
+
+def stream_request(url, input_ids, osl, timeout=3600):
+    """One streaming /generate request with fixed output length (ignore_eos). Returns TTFT (first
+    chunk), latency and the number of output tokens."""
+    body = {"input_ids": input_ids, "stream": True,
+            "sampling_params": {"max_new_tokens": osl, "temperature": 0.0, "ignore_eos": True}}
+    req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    ttft, n_out, last = None, 0, t0
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - t0
+            n_out = (chunk.get("meta_info") or {}).get("completion_tokens", n_out + 1)
+            last = now
+    return {"ttft": ttft if ttft is not None else last - t0, "latency": last - t0, "out_tokens": n_out}
+
+
+def run_point_native(url, vocab, isl, osl, conc, num_prompts, seed=1):
+    """num_prompts requests of isl random token ids, at most `conc` in flight; the same metrics as
+    sglang.bench_serving: output tok/s over the wall time, mean / median TTFT and TPOT in ms."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, max(101, vocab - 100)) for _ in range(isl)] for _ in range(num_prompts)]
+    stream_request(url, prompts[0][:16], 4)  # warm-up outside the timing
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(conc) as ex:
+        res = list(ex.map(lambda p: stream_request(url, p, osl), prompts))
+    dur = time.perf_counter() - t0
+    ttft = [r["ttft"] * 1e3 for r in res]
+    tpot = [(r["latency"] - r["ttft"]) * 1e3 / (r["out_tokens"] - 1) for r in res if r["out_tokens"] > 1]
+    out = sum(r["out_tokens"] for r in res)
+    return {"output_throughput": out / dur, "mean_ttft_ms": statistics.mean(ttft),
+            "median_ttft_ms": statistics.median(ttft), "mean_tpot_ms": statistics.mean(tpot) if tpot else None,
+            "median_tpot_ms": statistics.median(tpot) if tpot else None, "completed": len(res),
+            "duration": dur, "total_output_tokens": out}
 
 
 def run_point(url, tokenizer, isl, osl, conc, num_prompts, out_json):
@@ -81,15 +132,19 @@ def main():
     ap.add_argument("--tokenizer-from", default="/tmp/models/SmolLM2-135M-Instruct")
     ap.add_argument("--configs", default="bf16,fp8,turbo4")
     ap.add_argument("--points", default="16384:512:64,1024:256:8", help="isl:osl:concurrency,...")
-    ap.add_argument("--prompts-per-conc", type=float, default=2.0, help="num_prompts = this x concurrency")
+    ap.add_argument("--prompts-per-conc", type=float, default=1.0, help="num_prompts = this x concurrency")
     ap.add_argument("--min-prompts", type=int, default=16)
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--extra", default="", help="extra server args, space separated")
+    ap.add_argument("--client", choices=["native", "sglang"], default="native",
+                    help="native: built-in streaming client; sglang: python -m sglang.bench_serving")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    sys.stdout = Tee(os.path.join(a.out, "progress.log"), sys.stdout)
     points = [tuple(int(x) for x in p.split(":")) for p in a.points.split(",")]
     model = a.model or make_dummy_8b(tokenizer_dir(a.tokenizer_from))
+    vocab = json.load(open(os.path.join(model, "config.json"))).get("vocab_size", 32000)
     max_ctx = max(i + o for i, o, _ in points) + 64
     base = ["--model-path", model, "--grammar-backend", "none", "--mem-fraction-static", str(a.mem_fraction),
             "--context-length", str(max(max_ctx, 4096))] + (["--load-format", "dummy"] if not a.model else [])
@@ -109,8 +164,11 @@ def main():
                 n = max(a.min_prompts, int(a.prompts_per_conc * conc))
                 key = f"{isl}:{osl}:{conc}"
                 try:
-                    r["points"][key] = run_point(s.url, model, isl, osl, conc, n,
-                                                 os.path.join("/tmp", f"bs_{cfg}_{key.replace(':', '_')}.jsonl"))
+                    if a.client == "native":
+                        r["points"][key] = run_point_native(s.url, vocab, isl, osl, conc, n)
+                    else:
+                        r["points"][key] = run_point(s.url, model, isl, osl, conc, n,
+                                                     os.path.join("/tmp", f"bs_{cfg}_{key.replace(':', '_')}.jsonl"))
                 except Exception as e:  # noqa: BLE001
                     r["points"][key] = {"error": repr(e)[:3000]}
                 print(f"[{cfg}] {key}: {r['points'][key]}", flush=True)

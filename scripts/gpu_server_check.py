@@ -60,9 +60,34 @@ def wait_healthy(url, proc, timeout=600):
     raise TimeoutError("server did not become healthy")
 
 
+class Tee:
+    """stdout also into a file under --out, so a run cut off by a time limit still leaves its lines."""
+
+    def __init__(self, path, stream):
+        self.f, self.stream = open(path, "a", buffering=1), stream
+
+    def write(self, s):
+        self.stream.write(s)
+        self.f.write(s)
+
+    def flush(self):
+        self.stream.flush()
+        self.f.flush()
+
+
+def port_in_use(port, host="127.0.0.1"):
+    import socket
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
 class Server:
     def __init__(self, name, args, env_extra=None, port=30000, log_dir="."):
         self.name, self.url = name, f"http://127.0.0.1:{port}"
+        if port_in_use(port):  # a server left over from a killed run would answer in its place
+            raise RuntimeError(f"port {port} is already in use: stop the old server first "
+                               f"(e.g. pkill -f 'sglang[._]launch_serve[r]')")
         tq = "--attention-backend" in args and args[args.index("--attention-backend") + 1] == "turboquant"
         mod = "sglang_tq.launch_server" if tq else "sglang.launch_server"
         cmd = [sys.executable, "-m", mod, *args, "--port", str(port), "--host", "127.0.0.1"]
@@ -153,8 +178,9 @@ def smollm2_servers(a, base, out):
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("turbo4_nograph", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-cuda-graph"]),
             ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"]),
-            ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered]),
-            ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated])]
+            # perplexity only (prefill): no CUDA graphs, whose capture took minutes for the mixed-format plan
+            ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
+            ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"])]
     ppl_only = ("turbo4_centered", "calibrated3")
     res = {}
     for name, extra in plan:
@@ -188,6 +214,7 @@ def smollm2_servers(a, base, out):
         finally:
             s.stop()
         res[name] = r
+        json.dump(res, open(os.path.join(out, "smollm2_partial.json"), "w"), indent=1, default=str)
     same = lambda x, y: sum(i == j for i, j in zip(x, y))  # noqa: E731
     b, t4 = res["bf16"], res["turbo4"]
     res["summary"] = {
@@ -297,6 +324,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    sys.stdout = Tee(os.path.join(a.out, "progress.log"), sys.stdout)
     base = ["--model-path", a.model, "--grammar-backend", "none", "--mem-fraction-static", "0.5",
             "--cuda-graph-max-bs", "64"]
     summary = {}

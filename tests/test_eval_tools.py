@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import bench_serving  # noqa: E402
 import eval_quality  # noqa: E402
 import load_test  # noqa: E402
 
@@ -20,7 +21,7 @@ LOGPROB = -2.0  # every input token gets this log-probability
 
 class FakeSGLang(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    state = {"fail_every": 0, "count": 0, "tokens_held": 0}
+    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": []}
 
     def log_message(self, *a):  # keep pytest output clean
         pass
@@ -73,8 +74,10 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             try:
+                self.state["stream_ids"].append(len(ids))
                 for i in range(4):
-                    chunk = {"text": "y" * i, "meta_info": {"output_token_logprobs": [[-0.5, 1, None]]}}
+                    chunk = {"text": "y" * i, "meta_info": {"output_token_logprobs": [[-0.5, 1, None]],
+                                                            "completion_tokens": i + 1}}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
                 self.wfile.write(b"data: [DONE]\n\n")
@@ -87,7 +90,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0)
+    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[])
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -152,3 +155,13 @@ def test_passkey_accuracy_per_depth(server):
     assert by_depth[0.5] == [1.0, 1.0] and by_depth[0.9] == [1.0, 1.0]
     assert by_depth[0.0] == [0.0, 0.0]  # the stand-in misses needles at the very start
     assert res["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_bench_serving_native_client(server):
+    """The built-in streaming client: every request sent with isl token ids, output tokens counted from
+    the streamed completion_tokens, throughput / TTFT / TPOT filled in."""
+    r = bench_serving.run_point_native(server, vocab=1000, isl=12, osl=4, conc=3, num_prompts=7)
+    assert r["completed"] == 7 and r["total_output_tokens"] == 28
+    assert FakeSGLang.state["stream_ids"][1:] == [12] * 7   # the first one is the short warm-up request
+    assert r["output_throughput"] > 0 and r["mean_ttft_ms"] >= 0 and r["mean_tpot_ms"] >= 0
+    assert r["median_ttft_ms"] <= r["duration"] * 1e3
