@@ -14,8 +14,8 @@ Layout of one token-head (see docs/LAYOUT.md for the table):
   codes  uint8[code_bytes]  = [main fields over all d coordinates][QJL signs][outlier refinement fields]
   scales fp16[n_scales]     = [norm scale] or [norm scale, QJL scale]
 Each field packs fixed-width codes LSB-first inside bytes (coordinate i of a w-bit field sits in
-byte i*w//8 at bit (i*w)%8); b-bit codes are split into power-of-two fields (4 -> [4], 3 -> [2, 1],
-2 -> [2], 1 -> [1]), low bits first. Every field starts at a multiple of d/8 bytes, so fields are
+byte i*w//8 at bit (i*w)%8); b-bit codes are split into power-of-two fields (6 -> [4, 2],
+5 -> [4, 1], 4 -> [4], 3 -> [2, 1], 2 -> [2], 1 -> [1]), low bits first. Every field starts at a multiple of d/8 bytes, so fields are
 16-byte aligned for d >= 128 and rows stay vector-loadable. Unpacking a field is a shift-and-mask
 per field plus an interleave, the cheapest thing a GPU can do with bytes.
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-MIN_BITS, MAX_BITS = 1, 4
+MIN_BITS, MAX_BITS = 1, 6
 SCALE_DTYPE = torch.float16
 FP16_MAX = 65504.0
 
@@ -47,7 +47,7 @@ ROLE_K, ROLE_V, ROLE_QJL = 0, 1, 2
 # --------------------------------------------------------------------------------------------
 def field_widths(bits: int) -> Tuple[int, ...]:
     """Power-of-two field widths (low bits first) that together hold a `bits`-bit code."""
-    return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,)}[bits]
+    return {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2)}[bits]
 
 
 @dataclass(frozen=True)

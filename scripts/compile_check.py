@@ -61,6 +61,7 @@ def configs():
     out = []
     for d, (hq, hkv) in [(64, (9, 3)), (128, (32, 8))]:
         for name, kf, vf in [("K4V4", F(d, 4), F(d, 4)), ("K3V3", F(d, 3), F(d, 3)), ("K4V2", F(d, 4), F(d, 2)),
+                             ("K5V4", F(d, 5), F(d, 4)),
                              ("PROD3", F(d, 3, qjl=True), F(d, 3)),
                              ("K3.5o", F(d, 3, outlier_channels=d // 4, outlier_bits=4),
                               F(d, 3, outlier_channels=d // 4, outlier_bits=4))]:

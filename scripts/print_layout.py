@@ -12,6 +12,7 @@ FORMATS = [
     ("PROD3 keys (prod3: 2-bit MSE + QJL), d=128", VecFormat(128, 3, qjl=True)),
     ("3.5-style outliers (turbo3.5: 3 bits + 32 channels at 4 bits), d=128",
      VecFormat(128, 3, outlier_channels=32, outlier_bits=4)),
+    ("K5 keys (k5v4), d=128", VecFormat(128, 5)),
     ("K4 / V4, d=64", VecFormat(64, 4)),
 ]
 

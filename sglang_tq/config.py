@@ -62,7 +62,8 @@ DEFAULT_PRESET = "turbo4"
 FORMAT_TQ, FORMAT_BF16 = "tq", "bf16"
 LAYER_FORMATS = (FORMAT_TQ, FORMAT_BF16)
 BOUNDARY_FORMATS = (FORMAT_BF16,)
-MSE_BITS_RANGE = (2, 4)   # 1-bit MSE is legal in VecFormat but too lossy to offer for K or V alone
+MSE_BITS_RANGE = (2, 6)   # 1-bit MSE is legal in VecFormat but too lossy to offer for K or V alone;
+                          # 5 and 6 bits (fields [4, 1] / [4, 2]) are for keys of small, sensitive models
 PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
 DEFAULT_BOUNDARY = 2
 

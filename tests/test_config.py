@@ -12,7 +12,7 @@ from sglang_tq.config import (
 )
 from tq_kernels.codec import ROLE_K, ROLE_V, VecFormat
 
-PRESETS = ["turbo4", "turbo3", "k4v2", "turbo2", "turbo3.5", "prod3", "example_per_layer"]
+PRESETS = ["turbo4", "turbo3", "k4v2", "turbo2", "turbo3.5", "prod3", "k5v4", "example_per_layer"]
 LLAMA3_8B = dict(num_layers=32, num_kv_heads=8, head_dim=128)
 
 
@@ -28,8 +28,8 @@ BAD = [
     ("unknown k key", "defaults:\n  k: {bist: 3}\n", ["defaults.k.bist", "did you mean 'bits'"]),
     ("wrong type bits", "defaults:\n  k: {bits: four}\n", ["defaults.k.bits", "expected an integer", "'four'"]),
     ("bool is not an int", "defaults:\n  v: {bits: true}\n", ["defaults.v.bits", "expected an integer"]),
-    ("bits too high", "defaults:\n  k: {bits: 5}\n", ["defaults.k.bits", "5 is out of range", "allowed 2..4"]),
-    ("bits too low", "defaults:\n  v: {bits: 1}\n", ["defaults.v.bits", "1 is out of range", "allowed 2..4"]),
+    ("bits too high", "defaults:\n  k: {bits: 7}\n", ["defaults.k.bits", "7 is out of range", "allowed 2..6"]),
+    ("bits too low", "defaults:\n  v: {bits: 1}\n", ["defaults.v.bits", "1 is out of range", "allowed 2..6"]),
     ("prod bits too high", "defaults:\n  k: {bits: 6, qjl: true}\n", ["defaults.k.bits", "6", "allowed 2..5"]),
     ("qjl on V", "defaults:\n  v: {bits: 3, qjl: true}\n", ["defaults.v.qjl", "V may not use qjl"]),
     ("qjl not a bool", "defaults:\n  k: {qjl: 1}\n", ["defaults.k.qjl", "expected true or false"]),
@@ -38,7 +38,7 @@ BAD = [
     ("outlier channels not power of two", "defaults:\n  k: {bits: 3, outliers: {channels: 24, bits: 4}}\n",
      ["defaults.k.outliers.channels", "24", "power of two"]),
     ("outlier bits not above bits", "defaults:\n  v: {bits: 3, outliers: {channels: 32, bits: 3}}\n",
-     ["defaults.v.outliers.bits", "3 is out of range", "allowed 4..4"]),
+     ["defaults.v.outliers.bits", "3 is out of range", "allowed 4..6"]),
     ("outlier list duplicates", "defaults:\n  k: {bits: 3, outliers: {channels: 8, bits: 4, channel_list: [1,1,2,3,4,5,6,7]}}\n",
      ["defaults.k.outliers.channel_list", "[1] repeated"]),
     ("overlapping overrides", "overrides:\n  - {layers: \"4-8\", k: {bits: 3}}\n  - {layers: [8, 9], v: {bits: 2}}\n",
@@ -206,7 +206,7 @@ def test_default_preset_and_env_name():
 
 
 @pytest.mark.parametrize("name,per_head", [("turbo4", 132), ("turbo3", 100), ("k4v2", 100), ("turbo2", 68),
-                                            ("turbo3.5", 108), ("prod3", 102)])
+                                            ("turbo3.5", 108), ("prod3", 102), ("k5v4", 148)])
 def test_preset_bytes_match_their_comment(name, per_head):
     plan = load_config(name).resolve(32, 128)
     assert plan[10].bytes_per_token_head(128, 128) == per_head

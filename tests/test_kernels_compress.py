@@ -23,6 +23,8 @@ DEV = pick_device()
 # (K format, V format): MSE 2/3/4, PROD 3/4, outliers d/4 channels at +1 bit, norm correction on/off
 CASES = [
     ("K4V4-d128", VecFormat(128, 4), VecFormat(128, 4), torch.bfloat16),
+    ("K5V4-d128", VecFormat(128, 5), VecFormat(128, 4), torch.bfloat16),
+    ("K6V3o-d64", VecFormat(64, 6), VecFormat(64, 3, outlier_channels=16, outlier_bits=6), torch.bfloat16),
     ("K3V3-d64-fp16", VecFormat(64, 3), VecFormat(64, 3), torch.float16),
     ("K2V2-d128-nonc-fp32", VecFormat(128, 2, norm_correction=False), VecFormat(128, 2, norm_correction=False),
      torch.float32),

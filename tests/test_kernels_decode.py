@@ -18,6 +18,8 @@ F = VecFormat
 # name, K format, V format, (H_q, H_kv), sequence lengths, num_splits, block_n, logit_cap
 CASES = [
     ("K4V4-d128-g4", F(128, 4), F(128, 4), (8, 2), [1, 37, 100], 3, 32, 0.0),
+    ("K5V4-d128-g4", F(128, 5), F(128, 4), (8, 2), [41, 9], 2, 32, 0.0),
+    ("K6V2-d64-g3", F(64, 6), F(64, 2), (9, 3), [30], 1, 32, 0.0),
     ("K3V3-d64-g3", F(64, 3), F(64, 3), (9, 3), [70, 5], 2, 32, 0.0),
     ("K2V2-d128-g1-nonc", F(128, 2, norm_correction=False), F(128, 2, norm_correction=False), (2, 2), [45], 1, 32, 0.0),
     ("PROD3-V3-d64-g8", F(64, 3, qjl=True), F(64, 3), (16, 2), [33, 1], 2, 32, 0.0),
