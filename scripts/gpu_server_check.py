@@ -9,7 +9,10 @@ summary table last.
 Stages (--stages, comma-separated):
   smollm2   SmolLM2-135M-Instruct (real weights): BF16 (triton) vs turbo4 vs turbo3 perplexity, chat
             answers; turbo4 with CUDA graphs on vs off (greedy tokens for 20 prompts); the same prompts
-            alone vs inside a busy batch (turbo4 and BF16); bad requests answered alike
+            alone vs inside a busy batch (turbo4 and BF16); bad requests answered alike; perplexity only
+            (no CUDA graphs) of turbo4 with key centering, the calibrated 3-bit example plan and k5v4
+            with key centering; also perplexity on --heldout-text
+  Progress goes to stdout and --out/progress.log, partial results to --out/smollm2_partial.json.
   load      scripts/load_test.py (2000 requests, concurrency 256, shared prefixes, 10 % aborts) against a
             turbo4 SmolLM2 server with a small --max-total-tokens that forces retraction
   capacity  config-only Llama-3-8B shape (--load-format dummy): max_total_num_tokens of BF16 vs
@@ -163,7 +166,7 @@ BAD_REQUESTS = [
 
 
 def smollm2_servers(a, base, out):
-    """Six SmolLM2 servers, each asked everything it is needed for (server starts dominate)."""
+    """Seven SmolLM2 servers, each asked everything it is needed for (server starts dominate)."""
     text = open(a.text, encoding="utf-8").read()[:6000]
     heldout = open(a.heldout_text, encoding="utf-8").read()[:6000] if a.heldout_text else ""
     # turbo4 with SmolLM2's key means (key centering; the means ship with the calibrated example)
@@ -173,6 +176,10 @@ def smollm2_servers(a, base, out):
     with open(centered, "w") as f:
         f.write(f"name: turbo4_centered\ndefaults:\n  k: {{bits: 4}}\n  v: {{bits: 4}}\n"
                 f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
+    k5_centered = os.path.join(out, "k5v4_centered.yaml")  # 5-bit keys: ~1 % in simulation (docs/RESULTS.md)
+    with open(k5_centered, "w") as f:
+        f.write(f"name: k5v4_centered\ndefaults:\n  k: {{bits: 5}}\n  v: {{bits: 4}}\n"
+                f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
     calibrated = os.path.join(os.path.dirname(HERE), "configs", "examples", "calibrated_smollm2.yaml")
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
@@ -180,8 +187,9 @@ def smollm2_servers(a, base, out):
             ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"]),
             # perplexity only (prefill): no CUDA graphs, whose capture took minutes for the mixed-format plan
             ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
-            ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"])]
-    ppl_only = ("turbo4_centered", "calibrated3")
+            ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"]),
+            ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"])]
+    ppl_only = ("turbo4_centered", "calibrated3", "k5v4_centered")
     res = {}
     for name, extra in plan:
         r = {}
@@ -227,11 +235,11 @@ def smollm2_servers(a, base, out):
         "badreq_same_status": all(b["badreq"][k][0] == t4["badreq"][k][0] for k, _, _ in BAD_REQUESTS),
         "capacity_ratio_smollm2_turbo4": t4["max_total_num_tokens"] / b["max_total_num_tokens"],
     }
-    for name in ("turbo4_centered", "calibrated3"):
+    for name in ppl_only:
         if "ppl" in res.get(name, {}):
             res["summary"][f"ppl_delta_pct_{name}"] = (res[name]["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100
     if heldout:
-        for name in ("bf16", "turbo4", "turbo3", "turbo4_centered", "calibrated3"):
+        for name in ("bf16", "turbo4", "turbo3") + ppl_only:
             if "ppl_heldout" in res.get(name, {}):
                 res["summary"][f"ppl_heldout_{name}"] = res[name]["ppl_heldout"]["ppl"]
     return res
