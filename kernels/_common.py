@@ -73,7 +73,8 @@ def kernel_tables(codec: TQCodec, device) -> dict:
             wt=w.t().contiguous(),
         )
         asm = register_lut_asm(codec.fmt, cent)
-        cache[key]["has_register_lut"] = bool(asm)
+        # "single": one 4-/2-bit field (timed: the default decode path); "split": 3-bit codes (untimed)
+        cache[key]["register_lut_kind"] = "" if not asm else ("split" if "$9" in asm else "single")
         cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
     return cache[key]
 
@@ -350,19 +351,38 @@ def _word(bytes4) -> int:
 
 
 def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
-    """PTX of the register LUT of `fmt`'s first code field, or "" where it does not apply (the first
-    field is not the whole low-bit code: 3-bit codes, outliers; or a 4-bit codebook that is not
-    exactly antisymmetric in bf16). The table words (bf16 bits of the codebook) are immediates.
+    """PTX of the register LUT of `fmt`'s codes, or "" where it does not apply (outliers; codes wider
+    than 4 bits; a 4-bit codebook that is not exactly antisymmetric in bf16). The table words (bf16
+    bits of the codebook) are immediates.
       w = 4: two outputs (low nibble = slice 0, high nibble = slice 1). The codebook is antisymmetric,
         c[15 - i] = -c[i], so 8 magnitudes m[k] = c[8 + k] suffice: index k = (i & 7) ^ (7 if i < 8),
         sign from bit 3; low and high bytes of the magnitudes are looked up separately (two prmt),
         the sign is xored into the high byte, and two prmt interleave them into bf16 pairs.
         Operands: $0..$3 out, $4 the 4 code bytes.
       w = 2: four outputs; the 4 centroids are 8 bytes, so one prmt with selector nibbles (2c, 2c + 1)
-        per code returns two bf16 values. $0..$7 out, $8 the 4 code bytes."""
+        per code returns two bf16 values. $0..$7 out, $8 the 4 code bytes.
+      3-bit codes (fields [2, 1]): four outputs; $8 the 4 bytes of the 2-bit field, $9 4 bytes whose low
+        nibble holds bit 2 of the same 4 coordinates each (bit T for slice T; `split_high_nibbles`);
+        the 8 centroids' low and high bytes are two 8-byte tables, so per 4 codes: the code bytes,
+        selector nibbles, two lookups and two interleaving prmt."""
     mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
-    if len(mains) != 1 or fmt.outlier_channels or mains[0] not in (2, 4):
+    if fmt.outlier_channels or mains not in ([2], [4], [2, 1]):
         return ""
+    if mains == [2, 1]:
+        bits = _bf16_bits(centroids[:8])
+        lo = [b & 0xFF for b in bits]
+        hi = [b >> 8 for b in bits]
+        words = [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
+        body = []
+        for t in range(4):
+            body += [f"shr.b32 x, $8, {2 * t};", "and.b32 x, x, 0x03030303;",
+                     f"shr.b32 h, $9, {t};", "and.b32 h, h, 0x01010101;", "shl.b32 h, h, 2;",
+                     "or.b32 x, x, h;",  # 3-bit code per byte
+                     "shr.b32 u, x, 4;", "or.b32 u, x, u;", "prmt.b32 u, u, u, 0x0020;",  # 4 selector nibbles
+                     f"prmt.b32 a, 0x{words[0]:08x}, 0x{words[1]:08x}, u;",
+                     f"prmt.b32 b, 0x{words[2]:08x}, 0x{words[3]:08x}, u;",
+                     f"prmt.b32 ${2 * t}, a, b, 0x5140;", f"prmt.b32 ${2 * t + 1}, a, b, 0x7362;"]
+        return "{\n.reg .b32 x, h, u, a, b;\n" + "\n".join(body) + "\n}"
     w = mains[0]
     bits = _bf16_bits(centroids[: 1 << w])
     if w == 2:
@@ -402,14 +422,19 @@ def _inline_words(asm: str, words, n_out: int) -> str:
     return asm
 
 
-def emulate_register_lut(asm: str, codes: torch.Tensor) -> list:
+def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = None) -> list:
     """Run `register_lut_asm`'s PTX on the CPU (the few integer instructions it uses, on uint32
-    words) for code bytes `codes` (uint8, numel % 4 == 0): returns one bf16 tensor per slice.
-    Lets CPU tests check the asm logic; the GPU tests check the real thing."""
-    import re
-    b = codes.to(torch.int64).reshape(-1, 4)
-    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
-    operands = {8 if "$8" in asm else 4: word}  # output registers $0 .. $3 (w = 4) or $7 (w = 2)
+    words) for code bytes `codes` (uint8, numel % 4 == 0; 3-bit codes: and their high-bit nibbles
+    `high`): returns one bf16 tensor per slice. Lets CPU tests check the asm logic; the GPU tests
+    check the real thing."""
+    def words(t):
+        b = t.to(torch.int64).reshape(-1, 4)
+        return b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+
+    word = words(codes)
+    operands = {8 if "$8" in asm else 4: word}  # output registers $0 .. $3 (w = 4) or $7 (w = 2, 3)
+    if high is not None:
+        operands[9] = words(high)
     outs = {}
     regs = {}
     M = 0xFFFFFFFF
@@ -452,6 +477,25 @@ def emulate_register_lut(asm: str, codes: torch.Tensor) -> list:
                              outs[2 * s + 1] >> 16], dim=1).reshape(-1)
         res.append(torch.where(lanes >= 32768, lanes - 65536, lanes).to(torch.int16).view(torch.bfloat16))
     return res
+
+
+@triton.jit
+def split_high_nibbles(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
+    """The 1-bit field of 3-bit codes (bit 2 of coordinate i at byte OFF + i // 8, bit i % 8), as one
+    byte per byte of the 2-bit field (coordinates 4 j .. 4 j + 3): [BLOCK_N, D / 4] uint8 whose low
+    nibble holds their high bits (bit T for coordinate 4 j + T)."""
+    hb = tl.load(rows[:, None] + OFF + tl.arange(0, D // 8)[None, :], mask=mask[:, None], other=0)
+    return tl.interleave(hb & 15, hb >> 4)
+
+
+@triton.jit
+def register_lut_slices3(b, hn, ASM: tl.constexpr):
+    """3-bit codes: 2-bit field bytes b and their high-bit nibbles hn ([R, C] uint8 each) -> the bf16
+    centroids of the 4 slices."""
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [b, hn],
+                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+    return c0, c1, c2, c3
 
 
 @triton.jit

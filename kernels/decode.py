@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, online_softmax_step,
                       packed_tile_update, register_lut_slices,
-                      unrotate_store)
+                      register_lut_slices3, split_high_nibbles, unrotate_store)
 from .codec import TQCodec
 
 
@@ -144,7 +144,9 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexp
     """bf16 centroids [BLOCK_N, D / S] of every slice of a tile (a 4-tuple; unused entries repeat
     slice 0). ASM: the register LUT over the uint8 first-field bytes b0; "" -> per-code gathers."""
     S: tl.constexpr = 8 // M0W
-    if ASM != "":
+    if ASM != "" and M1W == 1:  # 3-bit codes: the high bits come from the 1-bit field, per byte
+        c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, M1OFF, D), ASM)
+    elif ASM != "":
         c0, c1, c2, c3 = register_lut_slices(b0, ASM, M0W)
     else:
         bi = b0.to(tl.int32)
@@ -394,11 +396,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     format; use_lut: byte LUT instead of per-code gathers, slower on the H100) and the sliced one
     (`_decode_stage1_sliced`, formats with `sliced_ok`) whose register_lut looks 4- and 2-bit codes up
     with PTX byte permutes (the Triton interpreter has no inline asm: it takes per-code gathers).
-    sliced=None picks the sliced stage 1 when both K and V have a register LUT (K4/K2/PROD-K3, V4/V2):
+    sliced=None picks the sliced stage 1 when both K and V have a one-field register LUT (K4/K2/PROD-K3,
+    V4/V2; the 3-bit LUT, `register_lut_slices3`, runs only with sliced=True until it is timed):
     on an H200 (2026-11-28, scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms
     against 3.64 ms for the general stage 1; with per-code gathers (3-bit codes) it was 3x slower
     than the general one, which those formats keep.
-    block_n=None: 128 for the sliced stage 1, 64 for the general one (fastest in that sweep)."""
+    block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -425,11 +428,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         return out
 
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
-    if sliced is None:
-        sliced = kt["has_register_lut"] and vt["has_register_lut"]
+    if sliced is None:  # the 3-bit register LUT ("split") is not timed yet: general stage 1 for those
+        sliced = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
-    if block_n is None:
-        block_n = 128 if sliced else 64
+    if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
+        single = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
+        block_n = 128 if sliced and single else 64
     if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
         raise ValueError(f"block_n must be >= 32 (got {block_n})")
     qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]

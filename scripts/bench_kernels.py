@@ -53,7 +53,8 @@ SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # stage 1 where the formats allow it, else the general one), register_lut (sliced: PTX byte-permute
 # centroid lookup instead of per-code gathers).
 # First run (H100, 2026-11-28): general stage 1 with per-code gathers 3.54 ms for K4V4 at B=32, ctx 32K
-# (byte LUT 2x slower); the sliced + register-LUT stage 1 came after that run.
+# (byte LUT 2x slower). H200 sweep (2026-11-28): sliced + register LUT 0.97 ms at (128, 4, 2), the
+# default since. The 3-bit register LUT (K3V3 with sliced=True) came after that sweep: untimed.
 SWEEP = [(64, 4, 2, False, True, True), (64, 4, 3, False, True, True), (32, 4, 2, False, True, True),
          (128, 4, 2, False, True, True), (128, 8, 2, False, True, True), (64, 8, 2, False, True, True),
          (64, 4, 2, False, True, False), (64, 4, 2, False, False, False)]

@@ -4,6 +4,10 @@ import zlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from tq_kernels._common import split_high_nibbles
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
@@ -208,12 +212,57 @@ def test_register_lut_asm_logic(fmt):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"slice {t}"
 
 
-def test_register_lut_not_for_split_or_outlier_codes():
-    from tq_kernels._common import register_lut_asm
+def test_register_lut_formats():
+    """Register LUTs exist for 4-/2-bit codes ("single": the default decode path) and 3-bit codes
+    ("split", opt-in until timed), not for outliers or 5-/6-bit codes."""
+    from tq_kernels._common import kernel_tables, register_lut_asm
 
-    for fmt in (F(128, 3), F(128, 3, outlier_channels=32, outlier_bits=4), F(64, 2, outlier_channels=16, outlier_bits=3)):
+    for fmt, kind in ((F(128, 4), "single"), (F(64, 2), "single"), (F(128, 3, qjl=True), "single"),
+                      (F(128, 3), "split"), (F(64, 3), "split"), (F(128, 5), ""),
+                      (F(128, 3, outlier_channels=32, outlier_bits=4), ""), (F(64, 2, outlier_channels=16, outlier_bits=3), "")):
         kc, _ = make_codecs(fmt, fmt)
-        assert register_lut_asm(fmt, kc.centroid_table()) == ""
+        assert bool(register_lut_asm(fmt, kc.centroid_table())) == bool(kind), fmt
+        assert kernel_tables(kc, "cpu")["register_lut_kind"] == kind, fmt
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_register_lut_asm_logic_3bit(d):
+    """3-bit codes: the PTX (emulated on the CPU) combines every 2-bit code byte with every high-bit
+    nibble into exactly the bf16 centroids of the 8-entry codebook, slice by slice."""
+    from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
+
+    fmt = F(d, 3)
+    kc, _ = make_codecs(fmt, fmt)
+    cent = kernel_tables(kc, "cpu")["centroids"]
+    asm = register_lut_asm(fmt, cent)
+    codes = torch.arange(256, dtype=torch.uint8).repeat(16)
+    high = torch.arange(16, dtype=torch.uint8).repeat_interleave(256)
+    slices = emulate_register_lut(asm, codes, high)
+    table = cent.to(torch.bfloat16)
+    for t, got in enumerate(slices):
+        idx = ((codes.long() >> (2 * t)) & 3) | (((high.long() >> t) & 1) << 2)
+        assert torch.equal(got.view(torch.int16), table[idx].view(torch.int16)), f"slice {t}"
+
+
+@triton.jit
+def _split_high_nibbles_kernel(src, dst, ROWS: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr):
+    r = tl.arange(0, ROWS)
+    hn = split_high_nibbles(src + r * STRIDE, r < ROWS, 0, D)
+    tl.store(dst + r[:, None] * (D // 4) + tl.arange(0, D // 4)[None, :], hn)
+
+
+@needs_triton
+def test_split_high_nibbles_matches_the_field_layout():
+    """The jit helper that feeds the 3-bit LUT: nibble of 2-bit byte j, bit T = bit 2 of coordinate
+    4 j + T, read from the 1-bit field (coordinate i at byte i // 8, bit i % 8)."""
+    D, rows = 128, 4
+    bits = torch.randint(0, 2, (rows, D), generator=torch.Generator().manual_seed(0))
+    field = (bits.reshape(rows, D // 8, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+    out = torch.zeros(rows, D // 4, dtype=torch.uint8)
+    out_d = out.to(DEV)
+    _split_high_nibbles_kernel[(1,)](field.to(DEV), out_d, rows, D, D // 8)
+    want = (bits.reshape(rows, D // 4, 4) << torch.arange(4)).sum(-1).to(torch.uint8)
+    assert torch.equal(out_d.cpu(), want)
 
 
 def test_sliced_ok_formats():
