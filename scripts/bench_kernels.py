@@ -47,6 +47,7 @@ CODECS = {
     "K3V3": (dict(bits=3), dict(bits=3)),
     "K4V2": (dict(bits=4), dict(bits=2)),
     "PROD-K3": (dict(bits=3, qjl=True), dict(bits=3)),
+    "K5V4": (dict(bits=5), dict(bits=4)),  # k5v4 preset: 5-bit keys take the general stage 1
 }
 SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # block_n, num_warps, num_stages, use_lut (byte LUT of the general stage 1), sliced (no-interleave
