@@ -46,12 +46,13 @@ def fmt_constexprs(fmt: VecFormat, prefix: str) -> Dict[str, int]:
 
 
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run in Triton's CPU interpreter (no inline asm there)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """Triton path when the data is on CUDA or the Triton interpreter is on (CPU tensors)."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return t.is_cuda or interpreting()
 
 
 def kernel_tables(codec: TQCodec, device) -> dict:
@@ -74,7 +75,8 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         )
         asm = register_lut_asm(codec.fmt, cent)
         # "single": one 4-/2-bit field (timed: the default decode path); "split": 3-bit codes (untimed)
-        cache[key]["register_lut_kind"] = "" if not asm else ("split" if "$9" in asm else "single")
+        n_mains = sum(kind == "main" for kind, *_ in codec.fmt.fields)
+        cache[key]["register_lut_kind"] = "" if not asm else ("split" if n_mains == 2 else "single")
         cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
     return cache[key]
 
@@ -127,7 +129,7 @@ def _patch_interpreter_index() -> None:
     builder.cast_impl = cast_impl
 
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # GPU runs never touch the interpreter
+if interpreting():  # GPU runs never touch the interpreter
     _patch_interpreter_index()
 
 
@@ -346,14 +348,20 @@ def _bf16_bits(values) -> list:
             .view(torch.int16).to(torch.int32).tolist()]
 
 
-def _word(bytes4) -> int:
-    return bytes4[0] | bytes4[1] << 8 | bytes4[2] << 16 | bytes4[3] << 24
+def _byte_tables(bits16) -> list:
+    """bf16 bit patterns (8 values) -> 4 hex words: their low bytes (2 words), then their high bytes,
+    so that one `prmt` over a word pair looks up the low or the high byte of any of the 8 values."""
+    lo = [b & 0xFF for b in bits16]
+    hi = [b >> 8 for b in bits16]
+    return ["0x%08x" % (x[0] | x[1] << 8 | x[2] << 16 | x[3] << 24) for x in (lo[:4], lo[4:], hi[:4], hi[4:])]
 
 
 def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
     """PTX of the register LUT of `fmt`'s codes, or "" where it does not apply (outliers; codes wider
     than 4 bits; a 4-bit codebook that is not exactly antisymmetric in bf16). The table words (bf16
-    bits of the codebook) are immediates.
+    bits of the codebook) are immediates: with a single tensor operand Triton loads the code bytes
+    straight into the MMA operand layout and converts nothing but uint8 tiles (table words as extra
+    tensor operands made it round-trip every bf16 tile through shared memory: sm_90, 2026-11-28).
       w = 4: two outputs (low nibble = slice 0, high nibble = slice 1). The codebook is antisymmetric,
         c[15 - i] = -c[i], so 8 magnitudes m[k] = c[8 + k] suffice: index k = (i & 7) ^ (7 if i < 8),
         sign from bit 3; low and high bytes of the magnitudes are looked up separately (two prmt),
@@ -369,57 +377,41 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
     if fmt.outlier_channels or mains not in ([2], [4], [2, 1]):
         return ""
     if mains == [2, 1]:
-        bits = _bf16_bits(centroids[:8])
-        lo = [b & 0xFF for b in bits]
-        hi = [b >> 8 for b in bits]
-        words = [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
+        lo0, lo1, hi0, hi1 = _byte_tables(_bf16_bits(centroids[:8]))
         body = []
         for t in range(4):
             body += [f"shr.b32 x, $8, {2 * t};", "and.b32 x, x, 0x03030303;",
                      f"shr.b32 h, $9, {t};", "and.b32 h, h, 0x01010101;", "shl.b32 h, h, 2;",
                      "or.b32 x, x, h;",  # 3-bit code per byte
                      "shr.b32 u, x, 4;", "or.b32 u, x, u;", "prmt.b32 u, u, u, 0x0020;",  # 4 selector nibbles
-                     f"prmt.b32 a, 0x{words[0]:08x}, 0x{words[1]:08x}, u;",
-                     f"prmt.b32 b, 0x{words[2]:08x}, 0x{words[3]:08x}, u;",
+                     f"prmt.b32 a, {lo0}, {lo1}, u;", f"prmt.b32 b, {hi0}, {hi1}, u;",
                      f"prmt.b32 ${2 * t}, a, b, 0x5140;", f"prmt.b32 ${2 * t + 1}, a, b, 0x7362;"]
         return "{\n.reg .b32 x, h, u, a, b;\n" + "\n".join(body) + "\n}"
     w = mains[0]
     bits = _bf16_bits(centroids[: 1 << w])
     if w == 2:
-        words = [bits[0] | bits[1] << 16, bits[2] | bits[3] << 16]
+        t0, t1 = "0x%08x" % (bits[0] | bits[1] << 16), "0x%08x" % (bits[2] | bits[3] << 16)
         body = []
         for t in range(4):
             body += [f"shr.b32 x, $8, {2 * t};", "and.b32 x, x, 0x03030303;",
                      "mad.lo.u32 z, x, 34, 0x10101010;",  # byte = (2c+1) << 4 | 2c: selectors of c's two bytes
-                     f"prmt.b32 ${2 * t}, $9, $13, z;", "shr.b32 z, z, 16;", f"prmt.b32 ${2 * t + 1}, $9, $13, z;"]
-        return _inline_words("{\n.reg .b32 x, z;\n" + "\n".join(body) + "\n}", words, 8)
+                     f"prmt.b32 ${2 * t}, {t0}, {t1}, z;", "shr.b32 z, z, 16;", f"prmt.b32 ${2 * t + 1}, {t0}, {t1}, z;"]
+        return "{\n.reg .b32 x, z;\n" + "\n".join(body) + "\n}"
     mags = bits[8:16]
     if any(bits[7 - k] != (mags[k] ^ 0x8000) for k in range(8)):
         return ""
-    lo = [m & 0xFF for m in mags]
-    hi = [m >> 8 for m in mags]
-    words = [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
+    lo0, lo1, hi0, hi1 = _byte_tables(mags)
     body = ["shr.b32 n, $4, 3;", "and.b32 n, n, 0x11111111;", "xor.b32 n, n, 0x11111111;",  # 1: negative code
             "mul.lo.u32 f, n, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]  # magnitude index per nibble
     for s in range(2):
         o0, o1 = f"${2 * s}", f"${2 * s + 1}"
         body += [("and.b32 t, m, 0x0f0f0f0f;" if s == 0 else "shr.b32 t, m, 4;\nand.b32 t, t, 0x0f0f0f0f;"),
                  "shr.b32 u, t, 4;", "or.b32 t, t, u;", "prmt.b32 t, t, t, 0x0020;",  # 4 selector nibbles
-                 "prmt.b32 a, $5, $9, t;", "prmt.b32 b, $13, $17, t;",
+                 f"prmt.b32 a, {lo0}, {lo1}, t;", f"prmt.b32 b, {hi0}, {hi1}, t;",
                  ("and.b32 u, n, 0x01010101;\nshl.b32 u, u, 7;" if s == 0 else
                   "shl.b32 u, n, 3;\nand.b32 u, u, 0x80808080;"),
                  "xor.b32 b, b, u;", f"prmt.b32 {o0}, a, b, 0x5140;", f"prmt.b32 {o1}, a, b, 0x7362;"]
-    return _inline_words("{\n.reg .b32 n, f, m, t, u, a, b;\n" + "\n".join(body) + "\n}", words, 4)
-
-
-def _inline_words(asm: str, words, n_out: int) -> str:
-    """Put the table words into the PTX as immediates (written above as operands $(n_out + 1 + 4 i)).
-    With a single tensor operand Triton loads the code bytes straight into the MMA operand layout and
-    converts nothing but uint8 tiles (table words as extra tensor operands made it round-trip every
-    bf16 tile through shared memory: compiled for sm_90, 2026-11-28)."""
-    for i in reversed(range(len(words))):
-        asm = asm.replace(f"${n_out + 1 + 4 * i},", f"0x{words[i]:08x},")
-    return asm
+    return "{\n.reg .b32 n, f, m, t, u, a, b;\n" + "\n".join(body) + "\n}"
 
 
 def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = None) -> list:

@@ -238,13 +238,13 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         nmask = n0 + tok < hi
         slot = tl.load(kv_indices + seq_start + n0 + tok, mask=nmask, other=0)
         slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)  # 32-bit offset math where the buffers allow
-        kb = tl.load((kc_ptr + slot * kc_s + hk * kc_h)[:, None] + K_M0OFF + kb_cols[None, :],
-                     mask=nmask[:, None], other=0)
-        vb = tl.load((vc_ptr + slot * vc_s + hk * vc_h)[:, None] + V_M0OFF + vb_cols[None, :],
-                     mask=nmask[:, None], other=0)
-        ks0 = tl.load(ks_ptr + slot * ks_s + hk * ks_h, mask=nmask, other=0.0)
-        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
         krow = kc_ptr + slot * kc_s + hk * kc_h
+        vrow = vc_ptr + slot * vc_s + hk * vc_h
+        ksrow = ks_ptr + slot * ks_s + hk * ks_h
+        kb = tl.load(krow[:, None] + K_M0OFF + kb_cols[None, :], mask=nmask[:, None], other=0)
+        vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0)
+        ks0 = tl.load(ksrow, mask=nmask, other=0.0)
+        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
         # ---- scores of the whole GQA group against the tile, one tl.dot per slice
         c0, c1, c2, c3 = _slice_centroids(krow, nmask, kb, kcent_ptr, K_ASM, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
                                           K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
@@ -260,11 +260,10 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
             if KS == 4:
                 s1 += _qjl_slice_score(sk2, krow, nmask, 2, KS, K_D, K_QJLOFF)
                 s1 += _qjl_slice_score(sk3, krow, nmask, 3, KS, K_D, K_QJLOFF)
-            s += s1 * tl.load(ks_ptr + slot * ks_s + hk * ks_h + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
         p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
         # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
         pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
-        vrow = vc_ptr + slot * vc_s + hk * vc_h
         e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
                                           V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
         a0 = tl.dot(pv, e0, a0 * alpha[:, None])
@@ -428,11 +427,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         return out
 
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
+    single = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
     if sliced is None:  # the 3-bit register LUT ("split") is not timed yet: general stage 1 for those
-        sliced = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
+        sliced = single
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
-        single = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
         block_n = 128 if sliced and single else 64
     if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
         raise ValueError(f"block_n must be >= 32 (got {block_n})")

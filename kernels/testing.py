@@ -2,12 +2,12 @@
 layer, random sequences written to random (non-contiguous) slots. Pure PyTorch."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ._common import interpreting
 from .codec import ROLE_K, ROLE_V, TQCodec, VecFormat
 
 
@@ -19,7 +19,7 @@ def triton_runnable() -> Tuple[bool, str]:
     """(can the Triton kernels run here, reason if not)."""
     if torch.cuda.is_available():
         return True, ""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         return True, ""
     return False, "no CUDA device and TRITON_INTERPRET is not set (run with TRITON_INTERPRET=1 on CPU)"
 

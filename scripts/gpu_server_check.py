@@ -172,14 +172,15 @@ def smollm2_servers(a, base, out):
     # turbo4 with SmolLM2's key means (key centering; the means ship with the calibrated example)
     means = os.path.abspath(os.path.join(os.path.dirname(HERE), "configs", "examples",
                                          "calibrated_smollm2_key_means.safetensors"))
-    centered = os.path.join(out, "turbo4_centered.yaml")
-    with open(centered, "w") as f:
-        f.write(f"name: turbo4_centered\ndefaults:\n  k: {{bits: 4}}\n  v: {{bits: 4}}\n"
-                f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
-    k5_centered = os.path.join(out, "k5v4_centered.yaml")  # 5-bit keys: ~1 % in simulation (docs/RESULTS.md)
-    with open(k5_centered, "w") as f:
-        f.write(f"name: k5v4_centered\ndefaults:\n  k: {{bits: 5}}\n  v: {{bits: 4}}\n"
-                f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
+    def centered_config(name, k_bits, v_bits):
+        path = os.path.join(out, f"{name}.yaml")
+        with open(path, "w") as f:
+            f.write(f"name: {name}\ndefaults:\n  k: {{bits: {k_bits}}}\n  v: {{bits: {v_bits}}}\n"
+                    f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
+        return path
+
+    centered = centered_config("turbo4_centered", 4, 4)
+    k5_centered = centered_config("k5v4_centered", 5, 4)  # 5-bit keys: ~1 % in simulation (docs/RESULTS.md)
     calibrated = os.path.join(os.path.dirname(HERE), "configs", "examples", "calibrated_smollm2.yaml")
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
