@@ -57,8 +57,9 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def kernel_tables(codec: TQCodec, device) -> dict:
     """Device tables of one codec, cached inside the codec next to its own device_tables():
-    M (u = M x), M^T, centroid table, boundaries, S^T (PROD), and the query matrix W with
-    q_all = q @ W^T = [M q ; S M q] (one matmul gives the rotated query and its QJL sketch)."""
+    M (u = M x), M^T, centroid table, boundaries, S^T (PROD), the query matrix W with
+    q_all = q @ W^T = [M q ; S M q] (one matmul gives the rotated query and its QJL sketch), and
+    M^T as int8 signs with M's one magnitude (msign_t, mscale; None / 0.0 if M is not of that form)."""
     key = ("tq_kernels", str(torch.device(device)))
     cache = codec._cache
     if key not in cache:
@@ -73,8 +74,15 @@ def kernel_tables(codec: TQCodec, device) -> dict:
             st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
             wt=w.t().contiguous(),
         )
+        # M = (+-1 matrix) / sqrt(d): x M^T is exact as a 16-bit MMA with fp32 accumulation of a
+        # bf16/fp16 x against the int8 sign matrix, scaled afterwards (decode's fused q rotation)
+        mag = m.abs()
+        scale = float(mag.max())
+        exact = bool(torch.allclose(mag, torch.full_like(mag, scale), rtol=1e-6, atol=0.0))
+        cache[key]["msign_t"] = torch.sign(m).t().to(torch.int8).contiguous() if exact else None
+        cache[key]["mscale"] = scale if exact else 0.0
         asm = register_lut_asm(codec.fmt, cent)
-        # "single": one 4-/2-bit field (timed: the default decode path); "split": 3-bit codes (untimed)
+        # "single": one 4-/2-bit field; "split": 3-bit codes (both default decode paths)
         n_mains = sum(kind == "main" for kind, *_ in codec.fmt.fields)
         cache[key]["register_lut_kind"] = "" if not asm else ("split" if n_mains == 2 else "single")
         cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm

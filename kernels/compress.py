@@ -36,7 +36,7 @@ def _pack_store(rows, mask, vals, off, W: tl.constexpr, N: tl.constexpr, BLOCK_T
 
 @triton.jit
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
-                  mt_ptr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
+                  mt_ptr, ms_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
                   BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
@@ -54,17 +54,32 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     nrm = tl.sqrt(tl.sum(x * x, axis=1))
     inv = 1.0 / tl.maximum(nrm, 1e-30)
 
-    # u = (x / |x|) M^T, fp32-exact, K in chunks of BK
     BK: tl.constexpr = 32 if D > 32 else D
     u = tl.zeros((BLOCK_T, D), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        if HAS_MU:
-            xk -= tl.load(mu_ptr + h * D + kk)[None, :]
-        xk = xk * inv[:, None]
-        mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
-        u += tl.dot(xk, mk, input_precision="ieee")
+    if MSCALE > 0:
+        # u = (x M^T) / |x| with M = signs * MSCALE: x split into bf16 hi + lo (exact for bf16/fp16
+        # rows, 16 mantissa bits otherwise) against the int8 signs on tensor cores, fp32 sums
+        for k0 in range(0, D, BK):
+            kk = k0 + tl.arange(0, BK)
+            xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+            if HAS_MU:
+                xk -= tl.load(mu_ptr + h * D + kk)[None, :]
+            xh = xk.to(tl.bfloat16)
+            xl = (xk - xh.to(tl.float32)).to(tl.bfloat16)
+            sk = tl.load(ms_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
+            u = tl.dot(xh, sk, u)
+            u = tl.dot(xl, sk, u)
+        u = u * (inv * MSCALE)[:, None]
+    else:
+        # u = (x / |x|) M^T, fp32-exact, K in chunks of BK
+        for k0 in range(0, D, BK):
+            kk = k0 + tl.arange(0, BK)
+            xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+            if HAS_MU:
+                xk -= tl.load(mu_ptr + h * D + kk)[None, :]
+            xk = xk * inv[:, None]
+            mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
+            u += tl.dot(xk, mk, input_precision="ieee")
 
     # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
     NB_LO: tl.constexpr = (1 << LO) - 1
@@ -120,8 +135,8 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
 @triton.jit
 def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                     kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
-                     kmu_ptr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
+                     kmt_ptr, kms_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vms_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
+                     K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                      K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
@@ -134,12 +149,12 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
     role = tl.program_id(2)
     if role == 0:
         _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
-                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
+                      kmt_ptr, kms_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
                       K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
                       K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
     else:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                      vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
+                      vmt_ptr, vms_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
 
@@ -159,11 +174,21 @@ def check_k_mean(k_mean, h: int, d: int, device):
     return k_mean.to(device=device, dtype=torch.float32).contiguous()
 
 
+def _signs(tables, exact: bool):
+    return tables["msign_t"] if exact and tables["msign_t"] is not None else tables["mt"]
+
+
+def _mscale(tables, exact: bool) -> float:
+    return float(tables["mscale"]) if exact and tables["msign_t"] is not None else 0.0
+
+
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
-                       *, k_mean=None, block_t: int = 16, num_warps: int = 4) -> None:
+                       *, k_mean=None, block_t: int = 16, num_warps: int = 4, exact_rotation: bool = True) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
-    k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h]."""
+    k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h].
+    exact_rotation: rotate on tensor cores against M's signs (bf16 hi/lo split of the rows);
+    False: an fp32 FMA matmul with M (the first kernels' way; slower, same codes up to ties)."""
     n = k.shape[0]
     if n == 0:
         return
@@ -184,9 +209,11 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
         k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-        kt["mt"], kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
-        vt["mt"], vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
-        kmu if kmu is not None else dummy, HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        kt["mt"], _signs(kt, exact_rotation), kt["centroids"], kt["boundaries"],
+        kt["st"] if kt["st"] is not None else dummy,
+        vt["mt"], _signs(vt, exact_rotation), vt["centroids"], vt["boundaries"],
+        vt["st"] if vt["st"] is not None else dummy,
+        _mscale(kt, exact_rotation), _mscale(vt, exact_rotation), kmu if kmu is not None else dummy, HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
     )

@@ -137,6 +137,28 @@ def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def _q_rot_slice(q, rs_ptr, rot_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
+    """Slice T of the rotated query computed in the kernel: q [BLOCK_G, D] (bf16/fp16, as given)
+    against the +-1 columns T, T + S, ... of M^T (int8 rs_ptr [D, D]); exact products, fp32 sums,
+    one scale (rot_scale = M's magnitude times the softmax scale) -> bf16 like _q_slice."""
+    cols = tl.arange(0, D // S) * S + T
+    rows = tl.arange(0, D)
+    sg = tl.load(rs_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32).to(q.dtype)  # via fp32: exact
+    return (tl.dot(q, sg) * rot_scale).to(tl.bfloat16)
+
+
+@triton.jit
+def _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+            FUSE: tl.constexpr):
+    """Slice T of the scaled, rotated query: rotated here from the raw rows qraw (FUSE) or read from
+    the pre-rotated rows at qrow."""
+    if FUSE:
+        return _q_rot_slice(qraw, rs_ptr, rot_scale, T, S, D)
+    else:
+        return _q_slice(qrow, gmask, q_scale, T, S, D)
+
+
+@triton.jit
 def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
                      M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
                      NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
@@ -173,12 +195,12 @@ def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
+def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_scale,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
-                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr,
+                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr, FUSE_QROT: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                           K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                           K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -192,7 +214,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored against the matching
     query columns and accumulated into its own V accumulator, so no tile is ever re-ordered.
     K_ASM / V_ASM (register_lut_asm): centroids of a whole byte by PTX byte permutes instead of a
-    memory gather per code ("": gathers)."""
+    memory gather per code ("": gathers). FUSE_QROT: qr_ptr holds the raw query (bf16/fp16) and each
+    program rotates its group's rows itself (no separate rotation launches; keys without QJL)."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
     b = tl.program_id(0)
@@ -203,13 +226,16 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     gmask = g < G
     heads = hk * G + g
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    q0 = _q_slice(qrow, gmask, q_scale, 0, KS, K_D)
-    q1 = _q_slice(qrow, gmask, q_scale, 1, KS, K_D)
+    qraw = q_scale
+    if FUSE_QROT:
+        qraw = tl.load(qrow[:, None] + tl.arange(0, K_D)[None, :], mask=gmask[:, None], other=0.0)
+    q0 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 0, KS, K_D, FUSE_QROT)
+    q1 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 1, KS, K_D, FUSE_QROT)
     q2 = q0
     q3 = q0
     if KS == 4:
-        q2 = _q_slice(qrow, gmask, q_scale, 2, KS, K_D)
-        q3 = _q_slice(qrow, gmask, q_scale, 3, KS, K_D)
+        q2 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 2, KS, K_D, FUSE_QROT)
+        q3 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 3, KS, K_D, FUSE_QROT)
     sk0 = q0
     sk1 = q0
     sk2 = q0
@@ -387,7 +413,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
                      block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
-                     sliced: Optional[bool] = None, register_lut: bool = True,
+                     sliced: Optional[bool] = None, register_lut: bool = True, fuse_q_rotation: bool = True,
                      max_seq_len_hint: Optional[int] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
@@ -395,12 +421,14 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     format; use_lut: byte LUT instead of per-code gathers, slower on the H100) and the sliced one
     (`_decode_stage1_sliced`, formats with `sliced_ok`) whose register_lut looks 4- and 2-bit codes up
     with PTX byte permutes (the Triton interpreter has no inline asm: it takes per-code gathers).
-    sliced=None picks the sliced stage 1 when both K and V have a one-field register LUT (K4/K2/PROD-K3,
-    V4/V2; the 3-bit LUT, `register_lut_slices3`, runs only with sliced=True until it is timed):
-    on an H200 (2026-11-28, scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms
-    against 3.64 ms for the general stage 1; with per-code gathers (3-bit codes) it was 3x slower
-    than the general one, which those formats keep.
-    block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep)."""
+    sliced=None picks the sliced stage 1 when both K and V have a register LUT (4-/2-bit first fields:
+    K4/K2/PROD-K3, V4/V2; 3-bit codes: `register_lut_slices3`): on an H200 (2026-11-28,
+    scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms against 3.64 ms for the
+    general stage 1, and on an H100 (scripts/profile_decode.py) K3V3 took 1.37 ms against 3.65 ms; with
+    per-code gathers it is slower than the general one, which formats without a LUT (K5, K6) keep.
+    block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep).
+    fuse_q_rotation: the sliced stage 1 rotates a bf16/fp16 q itself (keys without QJL), exact
+    products against M's signs; False: a separate fp32 matmul (the only way for PROD keys)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -428,30 +456,37 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
 
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
     single = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
-    if sliced is None:  # the 3-bit register LUT ("split") is not timed yet: general stage 1 for those
-        sliced = single
+    if sliced is None:  # per-code gathers lose to the general stage 1: sliced only with register LUTs
+        sliced = bool(kt["register_lut_kind"] and vt["register_lut_kind"] and register_lut)
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
         block_n = 128 if sliced and single else 64
     if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
         raise ValueError(f"block_n must be >= 32 (got {block_n})")
-    qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     use_cap = bool(logit_cap and logit_cap > 0)
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
+    # the sliced stage 1 rotates q itself where that is exact in 16-bit MMAs (saves three launches)
+    fuse_qrot = bool(sliced and fuse_q_rotation and not kf.qjl and kt["msign_t"] is not None
+                     and q3.dtype in (torch.bfloat16, torch.float16) and q3.stride(2) == 1)
+    if fuse_qrot:
+        qr = q3
+    else:
+        qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits)](
             qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
+            kt["msign_t"] if fuse_qrot else kt["wt"], kt["mscale"] * q_scale,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
-            WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
+            WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, FUSE_QROT=fuse_qrot,
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages,
         )

@@ -2,8 +2,8 @@
 
 Run on CPU with TRITON_INTERPRET=1 (the Triton comparisons skip otherwise); unchanged on a GPU.
 
-Float-tie exception: the kernel rotates with a dense fp32 matmul, the reference with the butterfly
-FWHT, so a code may differ where u lies within float rounding of a codebook boundary (or, for QJL
+Float-tie exception: the kernel rotates with tensor-core matmuls against M's signs (bf16 hi/lo rows,
+fp32 sums; or a dense fp32 matmul), the reference with the butterfly FWHT, so a code may differ where u lies within float rounding of a codebook boundary (or, for QJL
 signs, where the projection is within rounding of 0). The tests allow only such cases.
 """
 import math
@@ -76,9 +76,18 @@ def _check_role(codec, x, slots, codes, scales, rcodes, rscales):
     assert not torch.isnan(qt.scales).any()
 
 
-@pytest.mark.parametrize("name,kfmt,vfmt,dtype", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,kfmt,vfmt,dtype", CASES + [
+    ("K4V3-d64-fp32-fma", VecFormat(64, 4), VecFormat(64, 3), torch.float32),
+    ("K3V2-d128-fma", VecFormat(128, 3), VecFormat(128, 2), torch.bfloat16)],
+    ids=[c[0] for c in CASES] + ["K4V3-d64-fp32-fma", "K3V2-d128-fma"])
 def test_compress_matches_reference(name, kfmt, vfmt, dtype):
+    """Every codec; the "-fma" cases take the fp32 FMA rotation instead of the tensor-core one."""
+    import functools
+
     from tq_kernels.compress import compress_and_store
+
+    if name.endswith("-fma"):
+        compress_and_store = functools.partial(compress_and_store, exact_rotation=False)
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     kc, vc = make_codecs(kfmt, vfmt, seed=3)

@@ -182,6 +182,32 @@ def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
 
 
 @needs_triton
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kfmt, vfmt", [(F(128, 4), F(128, 4)),
+                                        (F(128, 3, outlier_channels=32, outlier_bits=4), F(128, 3))],
+                         ids=["K4V4", "K3o-V3"])
+def test_decode_fused_q_rotation(kfmt, vfmt, q_dtype):
+    """The sliced stage 1 rotating q itself (int8 signs, 16-bit MMA) matches the reference and the
+    separate fp32 rotation."""
+    fused, ref = _run_case(kfmt, vfmt, 8, 2, [90, 1], 2, 32, 0.0, 5, q_dtype=q_dtype, sliced=True)
+    plain, _ = _run_case(kfmt, vfmt, 8, 2, [90, 1], 2, 32, 0.0, 5, q_dtype=q_dtype, sliced=True,
+                         fuse_q_rotation=False)
+    assert rel_err(fused, ref) < TOL
+    assert rel_err(fused, plain) < 1e-2
+
+
+def test_rotation_sign_tables_reproduce_m():
+    """M = signs / sqrt(d) (also with an outlier permutation): the fused q rotation is exact."""
+    from tq_kernels._common import kernel_tables
+
+    for kfmt in (F(64, 4), F(128, 3, outlier_channels=32, outlier_bits=4)):
+        kc, _ = make_codecs(kfmt, kfmt, seed=3)
+        t = kernel_tables(kc, "cpu")
+        assert t["msign_t"] is not None and t["msign_t"].dtype == torch.int8
+        torch.testing.assert_close(t["msign_t"].float() * t["mscale"], t["mt"], rtol=0, atol=1e-7)
+
+
+@needs_triton
 @pytest.mark.parametrize("register_lut", [True, False])
 def test_decode_sliced_register_lut_and_gathers_agree(register_lut):
     """The default decode path (sliced stage 1) with the PTX register LUT (GPU; the interpreter has no
