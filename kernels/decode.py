@@ -312,7 +312,11 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
 
 @triton.jit
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+                   kv_indptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
+    CUDA graphs and sized for the longest context, so short sequences leave most splits empty), then
+    one un-rotation."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
@@ -324,7 +328,10 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
     acc = tl.zeros((BLOCK_G, V_D), tl.float32)
     po = po_ptr + b * po_b + heads * po_h
     pl = pl_ptr + b * pl_b + heads * pl_h
-    for sid in range(0, num_splits):
+    seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    used = tl.cdiv(seq_len, tl.maximum(split_len, 1))
+    for sid in range(0, used):
         lse = tl.load(pl + sid, mask=gmask, other=float("-inf"))
         o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0)
         m_new = tl.maximum(m, lse)
@@ -496,7 +503,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                        num_warps, num_stages)
     _decode_stage2[(B, h_kv)](
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
-        vt["m"], out3, out3.stride(0), out3.stride(1),
-        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), num_warps=4,
+        vt["m"], out3, out3.stride(0), out3.stride(1), kv_indptr,
+        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, num_warps=4,
     )
     return out
