@@ -15,6 +15,8 @@ Stages (--stages, comma-separated):
   Progress goes to stdout and --out/progress.log, partial results to --out/smollm2_partial.json.
   load      scripts/load_test.py (2000 requests, concurrency 256, shared prefixes, 10 % aborts) against a
             turbo4 SmolLM2 server with a small --max-total-tokens that forces retraction
+  tp        TP = 2 vs TP = 1 (needs 2 GPUs): SmolLM2 with duplicated heads (scripts/make_tp_model.py),
+            BF16 and turbo4 at both TP sizes: perplexity, greedy tokens, chat
   capacity  config-only Llama-3-8B shape (--load-format dummy): max_total_num_tokens of BF16 vs
             all-layers K4V4 vs the turbo4 preset at the same --mem-fraction-static
 All TurboQuant servers run with SGLANG_TQ_PREFILL_FROM_CACHE=1: prefill attends to the K/V as stored
@@ -85,8 +87,12 @@ def port_in_use(port, host="127.0.0.1"):
         return s.connect_ex((host, port)) == 0
 
 
+DEFAULT_PORT = int(os.environ.get("TQ_CHECK_PORT", "30000"))  # two scripts on two GPUs need two ports
+
+
 class Server:
-    def __init__(self, name, args, env_extra=None, port=30000, log_dir="."):
+    def __init__(self, name, args, env_extra=None, port=None, log_dir="."):
+        port = port or DEFAULT_PORT
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         if port_in_use(port):  # a server left over from a killed run would answer in its place
             raise RuntimeError(f"port {port} is already in use: stop the old server first "
@@ -172,25 +178,30 @@ def smollm2_servers(a, base, out):
     # turbo4 with SmolLM2's key means (key centering; the means ship with the calibrated example)
     means = os.path.abspath(os.path.join(os.path.dirname(HERE), "configs", "examples",
                                          "calibrated_smollm2_key_means.safetensors"))
-    def centered_config(name, k_bits, v_bits):
+    def centered_config(name, k_bits, v_bits):  # the turbo4 preset's boundary (first layer bf16)
         path = os.path.join(out, f"{name}.yaml")
         with open(path, "w") as f:
             f.write(f"name: {name}\ndefaults:\n  k: {{bits: {k_bits}}}\n  v: {{bits: {v_bits}}}\n"
-                    f"boundary: {{first: 2, last: 2, format: bf16}}\nkey_means: {means}\n")
+                    f"boundary: {{first: 1, last: 0, format: bf16}}\nkey_means: {means}\n")
         return path
 
     centered = centered_config("turbo4_centered", 4, 4)
     k5_centered = centered_config("k5v4_centered", 5, 4)  # 5-bit keys: ~1 % in simulation (docs/RESULTS.md)
-    calibrated = os.path.join(os.path.dirname(HERE), "configs", "examples", "calibrated_smollm2.yaml")
+    examples = os.path.join(os.path.dirname(HERE), "configs", "examples")
+    calibrated = os.path.join(examples, "calibrated_smollm2.yaml")
+    boundary2 = os.path.join(examples, "turbo4_boundary2.yaml")
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("turbo4_nograph", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-cuda-graph"]),
             ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"]),
             # perplexity only (prefill): no CUDA graphs, whose capture took minutes for the mixed-format plan
+            ("turbo4_boundary2", ["--attention-backend", "turboquant", "--tq-config", boundary2, "--disable-cuda-graph"]),
             ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
             ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"]),
             ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"])]
-    ppl_only = ("turbo4_centered", "calibrated3", "k5v4_centered")
+    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "k5v4_centered")
+    if a.servers:  # a subset (e.g. split over two device calls); the summary covers what ran
+        plan = [p for p in plan if p[0] in a.servers.split(",")]
     res = {}
     for name, extra in plan:
         r = {}
@@ -224,26 +235,32 @@ def smollm2_servers(a, base, out):
             s.stop()
         res[name] = r
         json.dump(res, open(os.path.join(out, "smollm2_partial.json"), "w"), indent=1, default=str)
-    same = lambda x, y: sum(i == j for i, j in zip(x, y))  # noqa: E731
-    b, t4 = res["bf16"], res["turbo4"]
-    res["summary"] = {
-        "ppl_bf16": b["ppl"]["ppl"], "ppl_turbo4": t4["ppl"]["ppl"], "ppl_turbo3": res["turbo3"]["ppl"]["ppl"],
-        "ppl_delta_pct_turbo4": (t4["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100,
-        "ppl_delta_pct_turbo3": (res["turbo3"]["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100,
-        "graphs_on_vs_off_identical": f"{same(t4['alone'], res['turbo4_nograph']['alone'])}/{len(PROMPTS)}",
-        "turbo4_alone_vs_busy_identical": f"{same(t4['alone'], t4['busy'])}/{len(PROMPTS)}",
-        "bf16_alone_vs_busy_identical": f"{same(b['alone'], b['busy'])}/{len(PROMPTS)}",
-        "badreq_same_status": all(b["badreq"][k][0] == t4["badreq"][k][0] for k, _, _ in BAD_REQUESTS),
-        "capacity_ratio_smollm2_turbo4": t4["max_total_num_tokens"] / b["max_total_num_tokens"],
-    }
-    for name in ppl_only:
-        if "ppl" in res.get(name, {}):
-            res["summary"][f"ppl_delta_pct_{name}"] = (res[name]["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100
-    if heldout:
-        for name in ("bf16", "turbo4", "turbo3") + ppl_only:
-            if "ppl_heldout" in res.get(name, {}):
-                res["summary"][f"ppl_heldout_{name}"] = res[name]["ppl_heldout"]["ppl"]
+    res["summary"] = smollm2_summary(res, bool(heldout))
     return res
+
+
+def smollm2_summary(res, heldout=True):
+    """Perplexities and their change against BF16, parity counts: whatever the servers that ran allow."""
+    same = lambda x, y: f"{sum(i == j for i, j in zip(x, y))}/{len(PROMPTS)}"  # noqa: E731
+    b, t4 = res.get("bf16", {}), res.get("turbo4", {})
+    summ = {}
+    for name, r in res.items():
+        if "ppl" in r:
+            summ[f"ppl_{name}"] = r["ppl"]["ppl"]
+            if "ppl" in b and name != "bf16":
+                summ[f"ppl_delta_pct_{name}"] = (r["ppl"]["ppl"] / b["ppl"]["ppl"] - 1) * 100
+        if heldout and "ppl_heldout" in r:
+            summ[f"ppl_heldout_{name}"] = r["ppl_heldout"]["ppl"]
+    if "alone" in t4 and "alone" in res.get("turbo4_nograph", {}):
+        summ["graphs_on_vs_off_identical"] = same(t4["alone"], res["turbo4_nograph"]["alone"])
+    for name, r in (("turbo4", t4), ("bf16", b)):
+        if "busy" in r:
+            summ[f"{name}_alone_vs_busy_identical"] = same(r["alone"], r["busy"])
+    if "badreq" in b and "badreq" in t4:
+        summ["badreq_same_status"] = all(b["badreq"][k][0] == t4["badreq"][k][0] for k, _, _ in BAD_REQUESTS)
+    if b.get("max_total_num_tokens") and t4.get("max_total_num_tokens"):
+        summ["capacity_ratio_smollm2_turbo4"] = t4["max_total_num_tokens"] / b["max_total_num_tokens"]
+    return summ
 
 
 def stage_load(a, base, out):
@@ -263,6 +280,39 @@ def stage_load(a, base, out):
         res["leak_messages_in_log"] = log.count("memory leak")
     finally:
         s.stop()
+    return res
+
+
+def stage_tp(a, base, out):
+    """TP = 2 against TP = 1 on real weights: SmolLM2 with every head duplicated
+    (scripts/make_tp_model.py: 18 query / 6 KV heads, the same function), BF16 and turbo4, each at
+    TP 1 and TP 2 with CUDA graphs; perplexity, greedy tokens of the 20 prompts, one chat answer."""
+    text = open(a.text, encoding="utf-8").read()[:6000]
+    dup = "/tmp/models/SmolLM2-dup"
+    if not os.path.exists(os.path.join(dup, "model.safetensors")):
+        subprocess.run([sys.executable, os.path.join(HERE, "make_tp_model.py"), a.model, dup], check=True)
+    common = [x if x != a.model else dup for x in base]
+    common[common.index("--cuda-graph-max-bs") + 1] = "16"
+    res = {}
+    for name, extra in [("tp1_bf16", ["--attention-backend", "triton"]),
+                        ("tp2_bf16", ["--attention-backend", "triton", "--tp", "2"]),
+                        ("tp1_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
+                        ("tp2_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--tp", "2"])]:
+        s = Server(name, common + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
+        try:
+            r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "ppl": ev.perplexity(s.url, text),
+                 "alone": s.generate(PROMPTS), "chat": s.chat(PROMPTS[0])}
+        finally:
+            s.stop()
+        print(f"  {name}: ppl {r['ppl']['ppl']:.4f}, max_total_num_tokens {r['max_total_num_tokens']}", flush=True)
+        res[name] = r
+        json.dump(res, open(os.path.join(out, "tp_partial.json"), "w"), indent=1, default=str)
+    same = lambda x, y: sum(i == j for i, j in zip(x, y))  # noqa: E731
+    res["summary"] = {f"ppl_{k}": res[k]["ppl"]["ppl"] for k in res}
+    for kind in ("bf16", "turbo4"):
+        one, two = res[f"tp1_{kind}"], res[f"tp2_{kind}"]
+        res["summary"][f"ppl_delta_pct_tp2_vs_tp1_{kind}"] = (two["ppl"]["ppl"] / one["ppl"]["ppl"] - 1) * 100
+        res["summary"][f"greedy_identical_tp2_vs_tp1_{kind}"] = f"{same(one['alone'], two['alone'])}/{len(PROMPTS)}"
     return res
 
 
@@ -314,7 +364,7 @@ def stage_capacity(a, base_unused, out):
     res["ratio_all_k4v4"] = res["all_k4v4"] / res["bf16"]
     res["ratio_turbo4"] = res["turbo4"] / res["bf16"]
     res["expected_all_k4v4"] = 512 / 132
-    res["expected_turbo4"] = 32 * 512 / (28 * 132 + 4 * 512)
+    res["expected_turbo4"] = 32 * 512 / (31 * 132 + 512)  # first layer bf16
     return res
 
 
@@ -327,11 +377,16 @@ def main():
     ap.add_argument("--asdiv", default=".gpu_data/asdiv.jsonl")
     ap.add_argument("--qa-limit", type=int, default=0)
     ap.add_argument("--stages", default="smollm2,capacity")
+    ap.add_argument("--servers", default="", help="smollm2 stage: only these servers (comma-separated names)")
     ap.add_argument("--mem-fraction", type=float, default=0.80)
     ap.add_argument("--load-requests", type=int, default=2000)
     ap.add_argument("--load-max-tokens", type=int, default=20000)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    ap.add_argument("--port", type=int, default=0, help="servers listen here, one at a time (default: "
+                    "$TQ_CHECK_PORT or 30000)")
     a = ap.parse_args()
+    global DEFAULT_PORT
+    DEFAULT_PORT = a.port or DEFAULT_PORT
     os.makedirs(a.out, exist_ok=True)
     sys.stdout = Tee(os.path.join(a.out, "progress.log"), sys.stdout)
     base = ["--model-path", a.model, "--grammar-backend", "none", "--mem-fraction-static", "0.5",
@@ -340,7 +395,8 @@ def main():
     for st in a.stages.split(","):
         t0 = time.time()
         try:
-            summary[st] = {"smollm2": smollm2_servers, "capacity": stage_capacity, "load": stage_load}[st](a, base, a.out)
+            stage = {"smollm2": smollm2_servers, "capacity": stage_capacity, "load": stage_load, "tp": stage_tp}[st]
+            summary[st] = stage(a, base, a.out)
         except Exception as e:  # noqa: BLE001 - keep the other stages running
             import traceback
             traceback.print_exc()

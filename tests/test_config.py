@@ -137,7 +137,7 @@ def test_channel_list_checked_against_head_dim():
 
 
 # --- resolution -----------------------------------------------------------------------------------
-def test_defaults_without_a_file_are_turbo4_shape():
+def test_defaults_without_a_file_keep_two_boundary_layers_each_side():
     plan = parse_yaml("name: bare\n", "bare.yaml").resolve(32, 128)
     assert [lp.quantized for lp in plan.layers] == [False] * 2 + [True] * 28 + [False] * 2
     assert plan[5].k == VecFormat(128, 4) and plan[5].v == VecFormat(128, 4)
@@ -223,17 +223,19 @@ def test_llama3_8b_all_layers_k4v4():
 
 def test_llama3_8b_turbo4_with_boundary():
     plan = load_config("turbo4").resolve(32, 128)
-    per_head = 28 * 132 + 4 * 512
-    assert bytes_per_token(plan, **LLAMA3_8B) == 8 * per_head == 45952
+    per_head = 31 * 132 + 512  # the first layer bf16
+    assert bytes_per_token(plan, **LLAMA3_8B) == 8 * per_head == 36832
     assert plan.compression_ratio() == pytest.approx(32 * 512 / per_head)
-    assert f"{plan.compression_ratio():.2f}" == "2.85"
+    assert f"{plan.compression_ratio():.2f}" == "3.56"
+    two = load_config(str(presets_dir() / "examples" / "turbo4_boundary2.yaml")).resolve(32, 128)
+    assert bytes_per_token(two, **LLAMA3_8B) == 8 * (28 * 132 + 4 * 512) == 45952
     with pytest.raises(TQConfigError, match="was resolved for"):
         bytes_per_token(plan, 30, 8, 128)
 
 
 def test_v_head_dim_counts_separately():
     plan = load_config("turbo4").resolve(4, 128, v_head_dim=64)
-    assert plan.bytes_per_token(1) == 4 * (256 + 128)  # all four layers are boundary (bf16)
+    assert plan.bytes_per_token(1) == (256 + 128) + 3 * (66 + 34)  # layer 0 bf16, then K4 d128 + V4 d64
     plan = parse_yaml("boundary: {first: 0, last: 0}\n", "v.yaml").resolve(2, 128, v_head_dim=64)
     assert plan.bytes_per_token(2) == 2 * 2 * (66 + 34)
 
@@ -243,10 +245,9 @@ def test_cli_summary_groups_layers(capsys):
     assert cli.main(["summary", "turbo4", "--layers", "32", "--kv-heads", "8", "--head-dim", "128"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines()]
-    assert ["0-1", "bf16", "bf16", "4096", "1.00x"] in rows
-    assert ["2-29", "MSE4/nc", "MSE4/nc", "1056", "3.88x"] in rows
-    assert ["30-31", "bf16", "bf16", "4096", "1.00x"] in rows
-    assert "total: 45952 B/token (bf16 131072 B/token), compression 2.85x, 28/32 layers quantized" in out
+    assert ["0", "bf16", "bf16", "4096", "1.00x"] in rows
+    assert ["1-31", "MSE4/nc", "MSE4/nc", "1056", "3.88x"] in rows
+    assert "total: 36832 B/token (bf16 131072 B/token), compression 3.56x, 31/32 layers quantized" in out
 
 
 def test_cli_validate(tmp_path, capsys):
