@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The device calls of one evaluation session on a two-GPU machine (nvidia-h100-x2), back to back (the
+# The device calls of one evaluation session on a two- or four-GPU machine (nvidia-h100-x2/x4; on four
+# GPUs step 3 also runs the TP check on GPUs 2 and 3), back to back (the
 # machine keeps /tmp only while warm, 30 s between calls). Each step is one call; carry what it says:
 #   1. upload-a           carry .gpu_model/a           first GGUF half into /tmp/models
 #   2. upload-b           carry .gpu_model/b           second half, assemble SmolLM2, build its TP copy
@@ -28,16 +29,23 @@ serve-and-quality)
     CUDA_VISIBLE_DEVICES=0 TQ_CHECK_PORT=30000 timeout -s INT 560 python3 scripts/bench_serving.py \
         --configs turbo4,bf16,fp8 --points 16384:512:64,1024:256:8 \
         --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$OUT/serving" > "$OUT/serving.log" 2>&1 &
+    if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then  # a 4-GPU machine: the TP check on GPUs 2, 3 meanwhile
+        CUDA_VISIBLE_DEVICES=2,3 TQ_CHECK_PORT=30200 timeout -s INT 400 python3 scripts/gpu_server_check.py --stages tp \
+            --out "$OUT/tp" > "$OUT/tp.log" 2>&1 && touch /tmp/tq_tp_done &
+    fi
     CUDA_VISIBLE_DEVICES=1 TQ_CHECK_PORT=30100 timeout -s INT 560 python3 scripts/gpu_server_check.py --stages smollm2 \
         --out "$OUT/check" > "$OUT/check.log" 2>&1
     wait
     kill_gpu_procs
-    tail -25 "$OUT/serving.log"; tail -30 "$OUT/check.log" ;;
+    tail -25 "$OUT/serving.log"; tail -30 "$OUT/check.log"; tail -12 "$OUT/tp.log" 2>/dev/null ;;
 tp-load-kernels)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    TQ_CHECK_PORT=30200 timeout -s INT 240 python3 scripts/gpu_server_check.py --stages tp --out "$OUT/tp" > "$OUT/tp.log" 2>&1
-    kill_gpu_procs
+    if [ ! -f /tmp/tq_tp_done ]; then
+        CUDA_VISIBLE_DEVICES=0,1 TQ_CHECK_PORT=30200 timeout -s INT 240 python3 scripts/gpu_server_check.py --stages tp \
+            --out "$OUT/tp" > "$OUT/tp.log" 2>&1
+        kill_gpu_procs
+    fi
     CUDA_VISIBLE_DEVICES=0 timeout -s INT 300 python3 scripts/bench_kernels.py --quick --codecs K4V4 K3V3 \
         --out "$OUT/bench" > "$OUT/bench.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 TQ_CHECK_PORT=30300 timeout -s INT 300 python3 scripts/gpu_server_check.py --stages load \
