@@ -1,58 +1,59 @@
 #!/usr/bin/env bash
-# The device calls of one evaluation session on a two- or four-GPU machine (nvidia-h100-x2/x4; on four
-# GPUs step 3 also runs the TP check on GPUs 2 and 3), back to back (the
-# machine keeps /tmp only while warm, 30 s between calls). Each step is one call; carry what it says:
-#   1. upload-a           carry .gpu_model/a           first GGUF half into /tmp/models
-#   2. upload-b           carry .gpu_model/b           second half, assemble SmolLM2, build its TP copy
-#   3. serve-and-quality  carry .gpu_bundle .gpu_data .gpu_tok
-#        GPU 0: scripts/bench_serving.py (8B shape, dummy weights: turbo4, BF16, FP8 KV)
-#        GPU 1: scripts/gpu_server_check.py --stages smollm2 (perplexity, parity, bad requests)
-#   4. tp-load-kernels    carry .gpu_data               (the bundle is still installed in /tmp/site)
-#        both GPUs: --stages tp (TP = 2 vs TP = 1); then GPU 0: scripts/bench_kernels.py --quick,
-#        GPU 1: --stages load (2000 requests, aborts, retraction)
-# Results under $OUT/<part>/; logs in $OUT/*.log. Servers left by a cut-off step are killed first.
+# The device calls of one evaluation session, back to back (the machine keeps /tmp only while warm,
+# 30 s between calls). Each step is one call; carry what it says. Work goes to /tmp/work/<step>; each
+# step ends by packing it into $OUT/<step>.tgz (a call returns at most 8 files).
+#   1. upload-a   carry .gpu_model/a                    first GGUF half into /tmp/models
+#   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy
+#   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each:
+#        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
+#        --stages tp on GPUs 2, 3 (4-GPU machine) or on 0, 1 afterwards (2-GPU machine)
+#   4. timed      carry .gpu_bundle .gpu_tok            alone on the machine: scripts/bench_serving.py
+#        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (fused q rotation on / off)
+# Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-kill_gpu_procs() {  # every process on the GPUs is ours: servers of an earlier, cut-off step
+STEP=${1:-}
+W=/tmp/work/$STEP
+mkdir -p "$OUT" "$W"
+NGPU=$(nvidia-smi -L | wc -l)
+kill_gpu_procs() {
     nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
     sleep 2
 }
-case "${1:-}" in
+pack() { kill_gpu_procs; tar czf "$OUT/$STEP.tgz" -C /tmp/work "$STEP"; ls -la "$OUT"; }
+check() {  # check GPUS PORT LIMIT_S NAME ARGS...
+    local gpus=$1 port=$2 lim=$3 name=$4; shift 4
+    CUDA_VISIBLE_DEVICES=$gpus TQ_CHECK_PORT=$port timeout -s INT "$lim" python3 scripts/gpu_server_check.py \
+        --out "$W/$name" "$@" > "$W/$name.log" 2>&1
+}
+case "$STEP" in
 upload-a)
     mkdir -p /tmp/models && cp .gpu_model/a/* /tmp/models/ && ls -la /tmp/models && nvidia-smi -L ;;
 upload-b)
     bash .gpu_model/b/assemble.sh && python3 scripts/make_tp_model.py /tmp/models/SmolLM2-135M-Instruct /tmp/models/SmolLM2-dup ;;
-serve-and-quality)
+checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    CUDA_VISIBLE_DEVICES=0 TQ_CHECK_PORT=30000 timeout -s INT 560 python3 scripts/bench_serving.py \
-        --configs turbo4,bf16,fp8 --points 16384:512:64,1024:256:8 \
-        --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$OUT/serving" > "$OUT/serving.log" 2>&1 &
-    if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then  # a 4-GPU machine: the TP check on GPUs 2, 3 meanwhile
-        CUDA_VISIBLE_DEVICES=2,3 TQ_CHECK_PORT=30200 timeout -s INT 400 python3 scripts/gpu_server_check.py --stages tp \
-            --out "$OUT/tp" > "$OUT/tp.log" 2>&1 && touch /tmp/tq_tp_done &
+    check 0 30000 320 load --stages load &
+    if [ "$NGPU" -ge 2 ]; then
+        check 1 30100 320 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph}" &
     fi
-    CUDA_VISIBLE_DEVICES=1 TQ_CHECK_PORT=30100 timeout -s INT 560 python3 scripts/gpu_server_check.py --stages smollm2 \
-        --out "$OUT/check" > "$OUT/check.log" 2>&1
+    if [ "$NGPU" -ge 4 ]; then check 2,3 30200 320 tp --stages tp & fi
     wait
-    kill_gpu_procs
-    tail -25 "$OUT/serving.log"; tail -30 "$OUT/check.log"; tail -12 "$OUT/tp.log" 2>/dev/null ;;
-tp-load-kernels)
+    if [ "$NGPU" -ge 2 ] && [ "$NGPU" -lt 4 ]; then kill_gpu_procs; check 0,1 30200 230 tp --stages tp; fi
+    pack
+    for f in "$W"/*.log; do echo "== $f"; tail -15 "$f"; done ;;
+timed)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    if [ ! -f /tmp/tq_tp_done ]; then
-        CUDA_VISIBLE_DEVICES=0,1 TQ_CHECK_PORT=30200 timeout -s INT 240 python3 scripts/gpu_server_check.py --stages tp \
-            --out "$OUT/tp" > "$OUT/tp.log" 2>&1
-        kill_gpu_procs
-    fi
-    CUDA_VISIBLE_DEVICES=0 timeout -s INT 300 python3 scripts/bench_kernels.py --quick --codecs K4V4 K3V3 \
-        --out "$OUT/bench" > "$OUT/bench.log" 2>&1 &
-    CUDA_VISIBLE_DEVICES=1 TQ_CHECK_PORT=30300 timeout -s INT 300 python3 scripts/gpu_server_check.py --stages load \
-        --out "$OUT/load" > "$OUT/load.log" 2>&1
-    wait
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${SERVING_LIMIT_S:-360}" python3 scripts/bench_serving.py \
+        --configs "${SERVING_CONFIGS:-turbo4,bf16}" --points "${SERVING_POINTS:-1024:256:8}" \
+        --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$W/serving" > "$W/serving.log" 2>&1
     kill_gpu_procs
-    tail -12 "$OUT/tp.log"; tail -40 "$OUT/bench.log"; tail -15 "$OUT/load.log" ;;
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-fused-q \
+        --points 1:1024 8:1024 32:1024 32:32768 --out "$W/profile" > "$W/profile.log" 2>&1
+    pack
+    tail -12 "$W/serving.log"; grep -v "^    " "$W/profile.log" ;;
 *)
-    echo "usage: $0 upload-a|upload-b|serve-and-quality|tp-load-kernels" >&2; exit 2 ;;
+    echo "usage: $0 upload-a|upload-b|checks|timed" >&2; exit 2 ;;
 esac

@@ -73,17 +73,20 @@ def main():
     ap.add_argument("--codecs", nargs="*", default=["K4V4"])
     ap.add_argument("--points", nargs="*", default=["1:1024", "8:1024", "32:1024", "1:32768", "32:32768"])
     ap.add_argument("--sliced", choices=["auto", "1", "0"], default="auto")
+    ap.add_argument("--compare-fused-q", action="store_true",
+                    help="each point also with fuse_q_rotation=False (the separate fp32 q rotation)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     kw = {} if a.sliced == "auto" else {"sliced": a.sliced == "1"}
+    variants = [kw] + ([dict(kw, fuse_q_rotation=False)] if a.compare_fused_q else [])
     print("GPU", torch.cuda.get_device_name(0), flush=True)
     rows = []
     for codec in a.codecs:
-        for p in a.points:
+        for p, v in [(p, v) for p in a.points for v in variants]:
             B, ctx = (int(x) for x in p.split(":"))
-            r = point(codec, B, ctx, decode_kw=kw)
+            r = point(codec, B, ctx, decode_kw=v)
             rows.append(r)
-            print(f"{codec} B={B} ctx={ctx} splits={r['splits']}: decode graph {r['decode_graph_us']:.1f} us, "
+            print(f"{codec} B={B} ctx={ctx} splits={r['splits']} {v or ''}: decode graph {r['decode_graph_us']:.1f} us, "
                   f"compress graph {r['compress_graph_us']:.1f} us", flush=True)
             for name, us in list(r["decode_kernels_us"].items())[:8]:
                 print(f"    decode  {us:8.1f} us  {name}", flush=True)
