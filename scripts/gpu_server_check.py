@@ -294,10 +294,11 @@ def stage_tp(a, base, out):
     common = [x if x != a.model else dup for x in base]
     common[common.index("--cuda-graph-max-bs") + 1] = "16"
     res = {}
-    for name, extra in [("tp1_bf16", ["--attention-backend", "triton"]),
-                        ("tp2_bf16", ["--attention-backend", "triton", "--tp", "2"]),
-                        ("tp1_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
-                        ("tp2_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--tp", "2"])]:
+    plan = [("tp1_bf16", ["--attention-backend", "triton"]),
+            ("tp2_bf16", ["--attention-backend", "triton", "--tp", "2"]),
+            ("tp1_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
+            ("tp2_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--tp", "2"])]
+    for name, extra in [p for p in plan if not a.servers or p[0] in a.servers.split(",")]:
         s = Server(name, common + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
         try:
             r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "ppl": ev.perplexity(s.url, text),
@@ -310,6 +311,8 @@ def stage_tp(a, base, out):
     same = lambda x, y: sum(i == j for i, j in zip(x, y))  # noqa: E731
     res["summary"] = {f"ppl_{k}": res[k]["ppl"]["ppl"] for k in res}
     for kind in ("bf16", "turbo4"):
+        if f"tp1_{kind}" not in res or f"tp2_{kind}" not in res:
+            continue
         one, two = res[f"tp1_{kind}"], res[f"tp2_{kind}"]
         res["summary"][f"ppl_delta_pct_tp2_vs_tp1_{kind}"] = (two["ppl"]["ppl"] / one["ppl"]["ppl"] - 1) * 100
         res["summary"][f"greedy_identical_tp2_vs_tp1_{kind}"] = f"{same(one['alone'], two['alone'])}/{len(PROMPTS)}"
@@ -377,7 +380,7 @@ def main():
     ap.add_argument("--asdiv", default=".gpu_data/asdiv.jsonl")
     ap.add_argument("--qa-limit", type=int, default=0)
     ap.add_argument("--stages", default="smollm2,capacity")
-    ap.add_argument("--servers", default="", help="smollm2 stage: only these servers (comma-separated names)")
+    ap.add_argument("--servers", default="", help="smollm2 / tp stages: only these servers (comma-separated names)")
     ap.add_argument("--mem-fraction", type=float, default=0.80)
     ap.add_argument("--load-requests", type=int, default=2000)
     ap.add_argument("--load-max-tokens", type=int, default=20000)

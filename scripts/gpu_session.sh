@@ -38,9 +38,10 @@ checks)
     if [ "$NGPU" -ge 2 ]; then
         check 1 30100 320 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph}" &
     fi
-    if [ "$NGPU" -ge 4 ]; then check 2,3 30200 320 tp --stages tp & fi
+    TP_SERVERS=${TP_SERVERS:-tp1_bf16,tp2_bf16,tp1_turbo4,tp2_turbo4}
+    if [ "$NGPU" -ge 4 ]; then check 2,3 30200 320 tp --stages tp --servers "$TP_SERVERS" & fi
     wait
-    if [ "$NGPU" -ge 2 ] && [ "$NGPU" -lt 4 ]; then kill_gpu_procs; check 0,1 30200 230 tp --stages tp; fi
+    if [ "$NGPU" -ge 2 ] && [ "$NGPU" -lt 4 ]; then kill_gpu_procs; check 0,1 30200 230 tp --stages tp --servers "$TP_SERVERS"; fi
     pack
     for f in "$W"/*.log; do echo "== $f"; tail -15 "$f"; done ;;
 timed)
