@@ -102,6 +102,30 @@ def run_point(url, tokenizer, isl, osl, conc, num_prompts, out_json):
                                   "median_tpot_ms", "completed", "duration", "total_output_tokens")}
 
 
+def server_log_stats(path):
+    """What the server's own log says about the run: decode batches with and without CUDA graphs, and
+    the median decode (gen) and prefill (input) throughput SGLang reports per logged batch. Tells a slow
+    kernel from a server that replays no graphs or stalls in prefill."""
+    import re
+    dec_graph, dec_eager, gen, inp = 0, 0, [], []
+    for line in open(path, errors="replace"):
+        if "Decode batch" in line:
+            if "cuda graph: True" in line:
+                dec_graph += 1
+            else:
+                dec_eager += 1
+            m = re.search(r"gen throughput \(token/s\): ([0-9.]+)", line)
+            if m:
+                gen.append(float(m.group(1)))
+        elif "Prefill batch" in line:
+            m = re.search(r"input throughput \(token/s\): ([0-9.]+)", line)
+            if m and float(m.group(1)) > 0:
+                inp.append(float(m.group(1)))
+    med = lambda v: statistics.median(v) if v else None  # noqa: E731
+    return {"decode_batches_cuda_graph": dec_graph, "decode_batches_eager": dec_eager,
+            "median_gen_throughput": med(gen), "median_input_throughput": med(inp)}
+
+
 def plot(results, points, path):
     try:
         import matplotlib
@@ -174,6 +198,11 @@ def main():
                 print(f"[{cfg}] {key}: {r['points'][key]}", flush=True)
         finally:
             s.stop()
+        try:
+            r["server_log"] = server_log_stats(s.log_path)
+            print(f"[{cfg}] server log: {r['server_log']}", flush=True)
+        except OSError:
+            pass
         r["seconds"] = round(time.time() - t0)
         results[cfg] = r
         json.dump(results, open(os.path.join(a.out, "bench_serving.json"), "w"), indent=1)

@@ -165,3 +165,18 @@ def test_bench_serving_native_client(server):
     assert FakeSGLang.state["stream_ids"][1:] == [12] * 7   # the first one is the short warm-up request
     assert r["output_throughput"] > 0 and r["mean_ttft_ms"] >= 0 and r["mean_tpot_ms"] >= 0
     assert r["median_ttft_ms"] <= r["duration"] * 1e3
+
+
+def test_bench_serving_server_log_stats(tmp_path):
+    """The server-log summary counts graph and eager decode batches and takes median throughputs."""
+    log = tmp_path / "server.log"
+    log.write_text(
+        "[t] Prefill batch, #new-seq: 1, #new-token: 6, cuda graph: False, input throughput (token/s): 0.00\n"
+        "[t] Prefill batch, #new-seq: 8, #new-token: 8192, cuda graph: False, input throughput (token/s): 5000.0\n"
+        "[t] Decode batch, #running-req: 8, cuda graph: True, gen throughput (token/s): 1500.0, #queue-req: 0\n"
+        "[t] Decode batch, #running-req: 8, cuda graph: True, gen throughput (token/s): 1300.0, #queue-req: 0\n"
+        "[t] Decode batch, #running-req: 80, cuda graph: False, gen throughput (token/s): 900.0, #queue-req: 0\n"
+        "unrelated line\n")
+    st = bench_serving.server_log_stats(str(log))
+    assert st == {"decode_batches_cuda_graph": 2, "decode_batches_eager": 1, "median_gen_throughput": 1300.0,
+                  "median_input_throughput": 5000.0}
