@@ -82,7 +82,7 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         cache[key]["msign_t"] = torch.sign(m).t().to(torch.int8).contiguous() if exact else None
         cache[key]["mscale"] = scale if exact else 0.0
         asm = register_lut_asm(codec.fmt, cent)
-        # "single": one 4-/2-bit field; "split": 3-bit codes (both default decode paths)
+        # "single": one 4-/2-bit field; "split": 3-/5-bit codes, high bits from a second field
         n_mains = sum(kind == "main" for kind, *_ in codec.fmt.fields)
         cache[key]["register_lut_kind"] = "" if not asm else ("split" if n_mains == 2 else "single")
         cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
@@ -364,6 +364,36 @@ def _byte_tables(bits16) -> list:
     return ["0x%08x" % (x[0] | x[1] << 8 | x[2] << 16 | x[3] << 24) for x in (lo[:4], lo[4:], hi[:4], hi[4:])]
 
 
+def _register_lut_asm_5bit(bits) -> str:
+    """5-bit codes (fields [4, 1]): two outputs per slice like w = 4; $4 the 4 bytes of the 4-bit field
+    (slice 0 = low nibble, slice 1 = high nibble), $5 4 bytes whose bits 0 and 1 hold bit 4 of the same two
+    coordinates (`split_high_crumbs`). The 32-entry codebook is antisymmetric, c[31 - i] = -c[i], so 16
+    magnitudes m[k] = c[16 + k] suffice: k = lo4 ^ (15 if bit 4 is 0), negative iff bit 4 is 0. The low
+    and the high bytes of the magnitudes are two 16-byte tables; each is read as two 8-byte halves (two
+    prmt) and the half picked per byte by bit 3 of k. "" if the codebook is not antisymmetric in bf16."""
+    mags = bits[16:32]
+    if any(bits[15 - k] != (mags[k] ^ 0x8000) for k in range(16)):
+        return ""
+    lo_a, lo_b, hi_a, hi_b = _byte_tables(mags[:8])
+    lo_c, lo_d, hi_c, hi_d = _byte_tables(mags[8:])
+    body = []
+    for s in range(2):
+        body += [("and.b32 x, $4, 0x0f0f0f0f;" if s == 0 else "shr.b32 x, $4, 4;\nand.b32 x, x, 0x0f0f0f0f;"),
+                 ("and.b32 f, $5, 0x01010101;" if s == 0 else "shr.b32 f, $5, 1;\nand.b32 f, f, 0x01010101;"),
+                 "xor.b32 f, f, 0x01010101;",  # 1 per byte: negative code
+                 "mul.lo.u32 m, f, 15;", "xor.b32 k, x, m;",  # magnitude index 0..15 per byte
+                 "and.b32 t, k, 0x07070707;", "shr.b32 u, t, 4;", "or.b32 t, t, u;",
+                 "prmt.b32 t, t, t, 0x0020;",  # 4 selector nibbles (index within a half)
+                 "and.b32 h, k, 0x08080808;", "shr.b32 h, h, 3;", "mul.lo.u32 h, h, 255;",  # 0xff: upper half
+                 f"prmt.b32 a, {lo_a}, {lo_b}, t;", f"prmt.b32 u, {lo_c}, {lo_d}, t;",
+                 "xor.b32 u, u, a;", "and.b32 u, u, h;", "xor.b32 a, a, u;",
+                 f"prmt.b32 b, {hi_a}, {hi_b}, t;", f"prmt.b32 u, {hi_c}, {hi_d}, t;",
+                 "xor.b32 u, u, b;", "and.b32 u, u, h;", "xor.b32 b, b, u;",
+                 "shl.b32 u, f, 7;", "xor.b32 b, b, u;",  # sign into the high byte
+                 f"prmt.b32 ${2 * s}, a, b, 0x5140;", f"prmt.b32 ${2 * s + 1}, a, b, 0x7362;"]
+    return "{\n.reg .b32 x, f, m, k, t, u, h, a, b;\n" + "\n".join(body) + "\n}"
+
+
 def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
     """PTX of the register LUT of `fmt`'s codes, or "" where it does not apply (outliers; codes wider
     than 4 bits; a 4-bit codebook that is not exactly antisymmetric in bf16). The table words (bf16
@@ -380,10 +410,13 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
       3-bit codes (fields [2, 1]): four outputs; $8 the 4 bytes of the 2-bit field, $9 4 bytes whose low
         nibble holds bit 2 of the same 4 coordinates each (bit T for slice T; `split_high_nibbles`);
         the 8 centroids' low and high bytes are two 8-byte tables, so per 4 codes: the code bytes,
-        selector nibbles, two lookups and two interleaving prmt."""
+        selector nibbles, two lookups and two interleaving prmt.
+      5-bit codes (fields [4, 1]): `_register_lut_asm_5bit`."""
     mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
-    if fmt.outlier_channels or mains not in ([2], [4], [2, 1]):
+    if fmt.outlier_channels or mains not in ([2], [4], [2, 1], [4, 1]):
         return ""
+    if mains == [4, 1]:
+        return _register_lut_asm_5bit(_bf16_bits(centroids[:32]))
     if mains == [2, 1]:
         lo0, lo1, hi0, hi1 = _byte_tables(_bf16_bits(centroids[:8]))
         body = []
@@ -432,9 +465,10 @@ def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = Non
         return b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
 
     word = words(codes)
-    operands = {8 if "$8" in asm else 4: word}  # output registers $0 .. $3 (w = 4) or $7 (w = 2, 3)
-    if high is not None:
-        operands[9] = words(high)
+    first = 8 if "$8" in asm else 4  # output registers $0 .. $3 (4- and 5-bit codes) or $7 (2-, 3-bit)
+    operands = {first: word}
+    if high is not None:  # 3-/5-bit codes: the spread high bits follow the code bytes
+        operands[first + 1] = words(high)
     outs = {}
     regs = {}
     M = 0xFFFFFFFF
@@ -486,6 +520,24 @@ def split_high_nibbles(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
     nibble holds their high bits (bit T for coordinate 4 j + T)."""
     hb = tl.load(rows[:, None] + OFF + tl.arange(0, D // 8)[None, :], mask=mask[:, None], other=0)
     return tl.interleave(hb & 15, hb >> 4)
+
+
+@triton.jit
+def split_high_crumbs(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
+    """The 1-bit field of 5-bit codes (bit 4 of coordinate i at byte OFF + i // 8, bit i % 8), as one
+    byte per byte of the 4-bit field (coordinates 2 j, 2 j + 1): [BLOCK_N, D / 2] uint8 whose bits 0 and 1
+    hold their high bits."""
+    hn = split_high_nibbles(rows, mask, OFF, D)
+    return tl.interleave(hn & 3, hn >> 2)
+
+
+@triton.jit
+def register_lut_slices5(b, hc, ASM: tl.constexpr):
+    """5-bit codes: 4-bit field bytes b and their high-bit crumbs hc ([R, C] uint8 each) -> the bf16
+    centroids of the 2 slices (a 4-tuple like register_lut_slices; entries 2, 3 repeat slice 0)."""
+    c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r", [b, hc], dtype=(tl.bfloat16, tl.bfloat16),
+                                       is_pure=True, pack=4)
+    return c0, c1, c0, c0
 
 
 @triton.jit

@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, online_softmax_step,
-                      packed_tile_update, register_lut_slices,
-                      register_lut_slices3, split_high_nibbles, unrotate_store)
+                      packed_tile_update, register_lut_slices, register_lut_slices3, register_lut_slices5,
+                      split_high_crumbs, split_high_nibbles, unrotate_store)
 from .codec import TQCodec
 
 
@@ -166,8 +166,10 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexp
     """bf16 centroids [BLOCK_N, D / S] of every slice of a tile (a 4-tuple; unused entries repeat
     slice 0). ASM: the register LUT over the uint8 first-field bytes b0; "" -> per-code gathers."""
     S: tl.constexpr = 8 // M0W
-    if ASM != "" and M1W == 1:  # 3-bit codes: the high bits come from the 1-bit field, per byte
+    if ASM != "" and M1W == 1 and M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
         c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, M1OFF, D), ASM)
+    elif ASM != "" and M1W == 1:  # 5-bit codes: the same, two coordinates per byte
+        c0, c1, c2, c3 = register_lut_slices5(b0, split_high_crumbs(rows, mask, M1OFF, D), ASM)
     elif ASM != "":
         c0, c1, c2, c3 = register_lut_slices(b0, ASM, M0W)
     else:
@@ -429,10 +431,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     (`_decode_stage1_sliced`, formats with `sliced_ok`) whose register_lut looks 4- and 2-bit codes up
     with PTX byte permutes (the Triton interpreter has no inline asm: it takes per-code gathers).
     sliced=None picks the sliced stage 1 when both K and V have a register LUT (4-/2-bit first fields:
-    K4/K2/PROD-K3, V4/V2; 3-bit codes: `register_lut_slices3`): on an H200 (2026-11-28,
+    K4/K2/PROD-K3, V4/V2; 3- and 5-bit codes: `register_lut_slices3` / `register_lut_slices5`; the
+    5-bit one is compiled and emulated, not timed yet): on an H200 (2026-11-28,
     scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms against 3.64 ms for the
     general stage 1, and on an H100 (scripts/profile_decode.py) K3V3 took 1.37 ms against 3.65 ms; with
-    per-code gathers it is slower than the general one, which formats without a LUT (K5, K6) keep.
+    per-code gathers it is slower than the general one, which formats without a LUT (6-bit codes,
+    outliers) keep.
     block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep).
     fuse_q_rotation: the sliced stage 1 rotates a bf16/fp16 q itself (keys without QJL), exact
     products against M's signs; False: a separate fp32 matmul (the only way for PROD keys)."""

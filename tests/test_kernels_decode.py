@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tq_kernels._common import split_high_nibbles
+from tq_kernels._common import split_high_crumbs, split_high_nibbles
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
@@ -166,8 +166,10 @@ def test_decode_cuda_graph_replay():
      (8, 2), [50, 9], 0.0),
     (F(64, 3, qjl=True, outlier_channels=16, outlier_bits=4), F(64, 3, outlier_channels=8, outlier_bits=4),
      (6, 2), [37], 0.0),
+    (F(128, 5), F(128, 4), (8, 2), [70, 33], 0.0),
+    (F(64, 5), F(64, 3), (9, 3), [40, 1], 0.0),
 ], ids=["K4V4-d128-g4", "K4V2-d64-g3-cap", "K2V4-d64-g1-empty", "K3V3-d128-g8", "PROD3-V3-d64-g3",
-        "PROD4-V2-d128-g4", "K3o-V2o2-d128", "PROD3o-V3o-d64"])
+        "PROD4-V2-d128-g4", "K3o-V2o2-d128", "PROD3o-V3o-d64", "K5V4-d128-g4", "K5V3-d64-g3"])
 def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
     """The no-interleave stage 1 (one slice per code position of a first-field byte; further fields,
     QJL signs and outlier bits gathered per slice) computes the same attention."""
@@ -239,55 +241,69 @@ def test_register_lut_asm_logic(fmt):
 
 
 def test_register_lut_formats():
-    """Register LUTs exist for 4-/2-bit codes ("single": the default decode path) and 3-bit codes
-    ("split", opt-in until timed), not for outliers or 5-/6-bit codes."""
+    """Register LUTs exist for 4-/2-bit codes ("single") and 3-/5-bit codes ("split": high bits from a
+    second field), not for outliers or 6-bit codes."""
     from tq_kernels._common import kernel_tables, register_lut_asm
 
     for fmt, kind in ((F(128, 4), "single"), (F(64, 2), "single"), (F(128, 3, qjl=True), "single"),
-                      (F(128, 3), "split"), (F(64, 3), "split"), (F(128, 5), ""),
+                      (F(128, 3), "split"), (F(64, 3), "split"), (F(128, 5), "split"), (F(64, 5), "split"),
+                      (F(128, 6), ""),
                       (F(128, 3, outlier_channels=32, outlier_bits=4), ""), (F(64, 2, outlier_channels=16, outlier_bits=3), "")):
         kc, _ = make_codecs(fmt, fmt)
         assert bool(register_lut_asm(fmt, kc.centroid_table())) == bool(kind), fmt
         assert kernel_tables(kc, "cpu")["register_lut_kind"] == kind, fmt
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_register_lut_asm_logic_3bit(d):
-    """3-bit codes: the PTX (emulated on the CPU) combines every 2-bit code byte with every high-bit
-    nibble into exactly the bf16 centroids of the 8-entry codebook, slice by slice."""
+@pytest.mark.parametrize("bits, d", [(3, 64), (3, 128), (5, 64), (5, 128), (5, 256)])
+def test_register_lut_asm_logic_split(bits, d):
+    """3-/5-bit codes: the PTX (emulated on the CPU) combines every (bits-1)-bit code byte with every
+    combination of its coordinates' high bits (spread per byte) into exactly the bf16 centroids of the
+    2^bits-entry codebook, slice by slice."""
     from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
 
-    fmt = F(d, 3)
+    fmt = F(d, bits)
     kc, _ = make_codecs(fmt, fmt)
     cent = kernel_tables(kc, "cpu")["centroids"]
     asm = register_lut_asm(fmt, cent)
-    codes = torch.arange(256, dtype=torch.uint8).repeat(16)
-    high = torch.arange(16, dtype=torch.uint8).repeat_interleave(256)
+    w = bits - 1
+    n_high = 1 << (8 // w)  # one high bit per slice
+    codes = torch.arange(256, dtype=torch.uint8).repeat(n_high)
+    high = torch.arange(n_high, dtype=torch.uint8).repeat_interleave(256)
     slices = emulate_register_lut(asm, codes, high)
+    assert len(slices) == 8 // w
     table = cent.to(torch.bfloat16)
     for t, got in enumerate(slices):
-        idx = ((codes.long() >> (2 * t)) & 3) | (((high.long() >> t) & 1) << 2)
+        idx = ((codes.long() >> (w * t)) & ((1 << w) - 1)) | (((high.long() >> t) & 1) << w)
         assert torch.equal(got.view(torch.int16), table[idx].view(torch.int16)), f"slice {t}"
+    # a codebook that is not antisymmetric in bf16 gets no 5-bit LUT (the general path decodes it)
+    if bits == 5:
+        bad = cent.clone()
+        bad[0] *= 1.01
+        assert register_lut_asm(fmt, bad) == ""
 
 
 @triton.jit
-def _split_high_nibbles_kernel(src, dst, ROWS: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr):
+def _split_high_bits_kernel(src, dst, ROWS: tl.constexpr, D: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr):
     r = tl.arange(0, ROWS)
-    hn = split_high_nibbles(src + r * STRIDE, r < ROWS, 0, D)
-    tl.store(dst + r[:, None] * (D // 4) + tl.arange(0, D // 4)[None, :], hn)
+    if PER == 4:
+        hb = split_high_nibbles(src + r * STRIDE, r < ROWS, 0, D)
+    else:
+        hb = split_high_crumbs(src + r * STRIDE, r < ROWS, 0, D)
+    tl.store(dst + r[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :], hb)
 
 
 @needs_triton
-def test_split_high_nibbles_matches_the_field_layout():
-    """The jit helper that feeds the 3-bit LUT: nibble of 2-bit byte j, bit T = bit 2 of coordinate
-    4 j + T, read from the 1-bit field (coordinate i at byte i // 8, bit i % 8)."""
-    D, rows = 128, 4
-    bits = torch.randint(0, 2, (rows, D), generator=torch.Generator().manual_seed(0))
-    field = (bits.reshape(rows, D // 8, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
-    out = torch.zeros(rows, D // 4, dtype=torch.uint8)
-    out_d = out.to(DEV)
-    _split_high_nibbles_kernel[(1,)](field.to(DEV), out_d, rows, D, D // 8)
-    want = (bits.reshape(rows, D // 4, 4) << torch.arange(4)).sum(-1).to(torch.uint8)
+@pytest.mark.parametrize("per, d", [(4, 128), (2, 64)], ids=["nibbles-3bit", "crumbs-5bit"])
+def test_split_high_bits_match_the_field_layout(per, d):
+    """The jit helpers that feed the 3-/5-bit LUTs: for the code byte j of the first field (coordinates
+    per j .. per j + per - 1), bit T = the high bit of coordinate per j + T, read from the 1-bit field
+    (coordinate i at byte i // 8, bit i % 8). split_high_nibbles: per = 4; split_high_crumbs: per = 2."""
+    rows = 4
+    bits = torch.randint(0, 2, (rows, d), generator=torch.Generator().manual_seed(per))
+    field = (bits.reshape(rows, d // 8, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+    out_d = torch.zeros(rows, d // per, dtype=torch.uint8).to(DEV)
+    _split_high_bits_kernel[(1,)](field.to(DEV), out_d, rows, d, d // 8, per)
+    want = (bits.reshape(rows, d // per, per) << torch.arange(per)).sum(-1).to(torch.uint8)
     assert torch.equal(out_d.cpu(), want)
 
 
