@@ -82,9 +82,11 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         cache[key]["msign_t"] = torch.sign(m).t().to(torch.int8).contiguous() if exact else None
         cache[key]["mscale"] = scale if exact else 0.0
         asm = register_lut_asm(codec.fmt, cent)
-        # "single": one 4-/2-bit field; "split": 3-/5-bit codes, high bits from a second field
-        n_mains = sum(kind == "main" for kind, *_ in codec.fmt.fields)
-        cache[key]["register_lut_kind"] = "" if not asm else ("split" if n_mains == 2 else "single")
+        # "single": one 4-/2-bit field; "split": 3-bit codes, high bits from a second field (both run on
+        # GPUs by default); "split5": 5-bit codes, the same scheme, not yet run on a GPU (opt-in)
+        mains = [w for kind, w, *_ in codec.fmt.fields if kind == "main"]
+        cache[key]["register_lut_kind"] = ("" if not asm else "single" if len(mains) == 1
+                                           else "split5" if mains[0] == 4 else "split")
         cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
     return cache[key]
 

@@ -431,8 +431,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     (`_decode_stage1_sliced`, formats with `sliced_ok`) whose register_lut looks 4- and 2-bit codes up
     with PTX byte permutes (the Triton interpreter has no inline asm: it takes per-code gathers).
     sliced=None picks the sliced stage 1 when both K and V have a register LUT (4-/2-bit first fields:
-    K4/K2/PROD-K3, V4/V2; 3- and 5-bit codes: `register_lut_slices3` / `register_lut_slices5`; the
-    5-bit one is compiled and emulated, not timed yet): on an H200 (2026-11-28,
+    K4/K2/PROD-K3, V4/V2; 3-bit codes: `register_lut_slices3`; the 5-bit LUT, `register_lut_slices5`,
+    is compiled and emulated but has not run on a GPU, so only sliced=True takes it): on an H200 (2026-11-28,
     scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms against 3.64 ms for the
     general stage 1, and on an H100 (scripts/profile_decode.py) K3V3 took 1.37 ms against 3.65 ms; with
     per-code gathers it is slower than the general one, which formats without a LUT (6-bit codes,
@@ -468,7 +468,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
     single = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
     if sliced is None:  # per-code gathers lose to the general stage 1: sliced only with register LUTs
-        sliced = bool(kt["register_lut_kind"] and vt["register_lut_kind"] and register_lut)
+        # that have passed the GPU tests (the 5-bit one, "split5", runs with sliced=True only)
+        sliced = bool(register_lut and {kt["register_lut_kind"], vt["register_lut_kind"]} <= {"single", "split"})
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
         block_n = 128 if sliced and single else 64

@@ -241,12 +241,12 @@ def test_register_lut_asm_logic(fmt):
 
 
 def test_register_lut_formats():
-    """Register LUTs exist for 4-/2-bit codes ("single") and 3-/5-bit codes ("split": high bits from a
-    second field), not for outliers or 6-bit codes."""
+    """Register LUTs exist for 4-/2-bit codes ("single") and 3-/5-bit codes ("split", "split5": high
+    bits from a second field), not for outliers or 6-bit codes."""
     from tq_kernels._common import kernel_tables, register_lut_asm
 
     for fmt, kind in ((F(128, 4), "single"), (F(64, 2), "single"), (F(128, 3, qjl=True), "single"),
-                      (F(128, 3), "split"), (F(64, 3), "split"), (F(128, 5), "split"), (F(64, 5), "split"),
+                      (F(128, 3), "split"), (F(64, 3), "split"), (F(128, 5), "split5"), (F(64, 5), "split5"),
                       (F(128, 6), ""),
                       (F(128, 3, outlier_channels=32, outlier_bits=4), ""), (F(64, 2, outlier_channels=16, outlier_bits=3), "")):
         kc, _ = make_codecs(fmt, fmt)
