@@ -270,10 +270,11 @@ def stage_load(a, base, out):
     s = Server("load_turbo4", base + ["--attention-backend", "turboquant", "--tq-config", "turbo4",
                                       "--max-total-tokens", str(a.load_max_tokens)], log_dir=out)
     try:
-        p = subprocess.run([sys.executable, os.path.join(HERE, "load_test.py"), "--url", s.url,
+        with open(os.path.join(out, "load_test.log"), "w") as log:  # streamed: a cut-off run keeps its progress
+            subprocess.run([sys.executable, os.path.join(HERE, "load_test.py"), "--url", s.url,
                             "--requests", str(a.load_requests), "--concurrency", "256",
-                            "--json", os.path.join(out, "load_test.json")], capture_output=True, text=True)
-        print(p.stdout[-3000:], p.stderr[-2000:])
+                            "--json", os.path.join(out, "load_test.json")], stdout=log, stderr=subprocess.STDOUT)
+        print(open(os.path.join(out, "load_test.log")).read()[-3000:])
         res = json.load(open(os.path.join(out, "load_test.json")))
         log = open(s.log_path).read()
         res["retractions_in_log"] = log.count("Retract") + log.count("retract")
@@ -383,7 +384,9 @@ def main():
     ap.add_argument("--servers", default="", help="smollm2 / tp stages: only these servers (comma-separated names)")
     ap.add_argument("--mem-fraction", type=float, default=0.80)
     ap.add_argument("--load-requests", type=int, default=2000)
-    ap.add_argument("--load-max-tokens", type=int, default=20000)
+    ap.add_argument("--load-max-tokens", type=int, default=60000,
+                    help="the load server's pool: small enough that 256 concurrent requests (prompts up to "
+                         "~2.6K tokens) force retraction; 20000 served too few at once to finish in a call")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--port", type=int, default=0, help="servers listen here, one at a time (default: "
                     "$TQ_CHECK_PORT or 30000)")

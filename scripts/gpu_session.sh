@@ -4,9 +4,10 @@
 # step ends by packing it into $OUT/<step>.tgz (a call returns at most 8 files).
 #   1. upload-a   carry .gpu_model/a                    first GGUF half into /tmp/models
 #   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy
-#   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each:
+#   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9 minutes:
 #        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
-#        --stages tp on GPUs 2, 3 (4-GPU machine) or on 0, 1 afterwards (2-GPU machine)
+#        --stages tp on GPUs 2, 3 (4-GPU machine only)
+#   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   4. timed      carry .gpu_bundle .gpu_tok            alone on the machine: scripts/bench_serving.py
 #        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (fused q rotation on / off)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
@@ -16,6 +17,7 @@ STEP=${1:-}
 W=/tmp/work/$STEP
 mkdir -p "$OUT" "$W"
 NGPU=$(nvidia-smi -L | wc -l)
+TP_SERVERS=${TP_SERVERS:-tp1_bf16,tp2_bf16,tp1_turbo4,tp2_turbo4}
 kill_gpu_procs() {
     nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
     sleep 2
@@ -34,16 +36,20 @@ upload-b)
 checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    check 0 30000 320 load --stages load &
+    check 0 30000 540 load --stages load &
     if [ "$NGPU" -ge 2 ]; then
-        check 1 30100 320 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph}" &
+        check 1 30100 540 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph}" &
     fi
-    TP_SERVERS=${TP_SERVERS:-tp1_bf16,tp2_bf16,tp1_turbo4,tp2_turbo4}
-    if [ "$NGPU" -ge 4 ]; then check 2,3 30200 320 tp --stages tp --servers "$TP_SERVERS" & fi
+    if [ "$NGPU" -ge 4 ]; then check 2,3 30200 540 tp --stages tp --servers "$TP_SERVERS" & fi
     wait
-    if [ "$NGPU" -ge 2 ] && [ "$NGPU" -lt 4 ]; then kill_gpu_procs; check 0,1 30200 230 tp --stages tp --servers "$TP_SERVERS"; fi
     pack
     for f in "$W"/*.log; do echo "== $f"; tail -15 "$f"; done ;;
+tp)
+    source scripts/gpu_env.sh
+    kill_gpu_procs
+    check 0,1 30200 540 tp --stages tp --servers "$TP_SERVERS"
+    pack
+    tail -15 "$W/tp.log" ;;
 timed)
     source scripts/gpu_env.sh
     kill_gpu_procs
@@ -56,5 +62,5 @@ timed)
     pack
     tail -12 "$W/serving.log"; grep -v "^    " "$W/profile.log" ;;
 *)
-    echo "usage: $0 upload-a|upload-b|checks|timed" >&2; exit 2 ;;
+    echo "usage: $0 upload-a|upload-b|checks|tp|timed" >&2; exit 2 ;;
 esac

@@ -63,6 +63,13 @@ def one_request(url, i, rng, prefixes, abort_frac, max_new):
         return {"status": "aborted" if abort else "failed", "error": repr(e)[:300], "bad_logprobs": bad_lp}
 
 
+def counts(results):
+    """ok / aborted / failed counts, non-finite logprobs and the first errors of finished requests."""
+    n = {st: sum(r["status"] == st for r in results) for st in ("ok", "aborted", "failed")}
+    return {**n, "bad_logprobs": sum(r["bad_logprobs"] for r in results),
+            "errors": [r.get("error") for r in results if r["status"] == "failed"][:10]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:30000")
@@ -76,16 +83,20 @@ def main():
     rng0 = random.Random(a.seed)
     prefixes = [_text(rng0, rng0.choice([64, 256, 1024])) + " " for _ in range(12)]
     seeds = [rng0.randrange(1 << 30) for _ in range(a.requests)]
-    done = [0]
+    finished = []
     lock = threading.Lock()
     t0 = time.time()
 
     def run(i):
         r = one_request(a.url, i, random.Random(seeds[i]), prefixes, a.abort_frac, a.max_new)
         with lock:
-            done[0] += 1
-            if done[0] % 200 == 0:
-                print(f"  {done[0]}/{a.requests} in {time.time() - t0:.0f}s", flush=True)
+            finished.append(r)
+            if len(finished) % 200 == 0:
+                part = counts(finished)
+                print(f"  {len(finished)}/{a.requests} in {time.time() - t0:.0f}s: {part}", flush=True)
+                if a.json:  # a run cut off from outside still leaves what it saw
+                    json.dump({"partial": True, "finished": len(finished), "requests": a.requests,
+                               "wall_s": round(time.time() - t0, 1), **part}, open(a.json, "w"), indent=1)
         return r
 
     with ThreadPoolExecutor(a.concurrency) as ex:
@@ -98,16 +109,14 @@ def main():
     time.sleep(2)
     load_after = get("/get_load")
     healthy = urllib.request.urlopen(a.url + "/health", timeout=30).status == 200
-    n = {s: sum(r["status"] == s for r in results) for s in ("ok", "aborted", "failed")}
-    bad = sum(r["bad_logprobs"] for r in results)
+    c = counts(results)
     loads = load_after if isinstance(load_after, list) else [load_after]
     idle_tokens = sum(x.get("num_tokens", 0) for x in loads)
     idle_reqs = sum(x.get("num_reqs", 0) for x in loads)  # running + waiting
-    report = {"requests": a.requests, "concurrency": a.concurrency, "wall_s": round(wall, 1), **n,
-              "bad_logprobs": bad, "idle_tokens_after_flush": idle_tokens, "idle_requests": idle_reqs,
-              "healthy": healthy, "load_before_flush": load_before,
-              "errors": [r.get("error") for r in results if r["status"] == "failed"][:10]}
-    report["pass"] = n["failed"] == 0 and bad == 0 and idle_tokens == 0 and idle_reqs == 0 and healthy
+    report = {"requests": a.requests, "concurrency": a.concurrency, "wall_s": round(wall, 1), **c,
+              "idle_tokens_after_flush": idle_tokens, "idle_requests": idle_reqs,
+              "healthy": healthy, "load_before_flush": load_before}
+    report["pass"] = c["failed"] == 0 and c["bad_logprobs"] == 0 and idle_tokens == 0 and idle_reqs == 0 and healthy
     print(json.dumps(report, indent=1))
     if a.json:
         json.dump(report, open(a.json, "w"), indent=1)

@@ -146,6 +146,23 @@ def test_load_test_counts_aborts_failures_and_idle_tokens(server, tmp_path, monk
     assert json.loads(out.read_text())["pass"] is True
 
 
+def test_load_test_leaves_partial_counts(server, tmp_path, monkeypatch):
+    """Every 200 finished requests the JSON holds the counts so far: a run stopped from outside (a device
+    call's time limit) still says how many requests finished and whether any failed."""
+    FakeSGLang.state.update(fail_every=0, tokens_held=0)
+    monkeypatch.setattr(load_test.time, "sleep", lambda s: None)
+    dumps = []
+    real_dump = load_test.json.dump
+    monkeypatch.setattr(load_test.json, "dump", lambda obj, f, **kw: (dumps.append(dict(obj)), real_dump(obj, f, **kw)))
+    out = tmp_path / "load.json"
+    monkeypatch.setattr(sys, "argv", ["load_test", "--url", server, "--requests", "200", "--concurrency", "8",
+                                      "--abort-frac", "0", "--json", str(out)])
+    load_test.main()
+    partial = [d for d in dumps if d.get("partial")]
+    assert partial and partial[0]["finished"] == 200 and partial[0]["ok"] == 200 and partial[0]["failed"] == 0
+    assert json.loads(out.read_text())["pass"] is True  # the final report replaces it
+
+
 def test_passkey_accuracy_per_depth(server):
     hay = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 200
     res = eval_quality.passkey(server, hay, lengths=[400, 800], depths=[0.0, 0.5, 0.9], trials=2)
