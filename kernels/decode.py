@@ -60,6 +60,8 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     hk = tl.program_id(1)
     sid = tl.program_id(2)
     seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
+    if lo >= hi:  # an empty split: stage 2 never reads its partials
+        return
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
@@ -224,6 +226,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
     hk = tl.program_id(1)
     sid = tl.program_id(2)
     seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
+    if lo >= hi:  # an empty split: stage 2 never reads its partials
+        return
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
