@@ -10,8 +10,9 @@ Stages (--stages, comma-separated):
   smollm2   SmolLM2-135M-Instruct (real weights): BF16 (triton) vs turbo4 vs turbo3 perplexity, chat
             answers; turbo4 with CUDA graphs on vs off (greedy tokens for 20 prompts); the same prompts
             alone vs inside a busy batch (turbo4 and BF16); bad requests answered alike; perplexity only
-            (no CUDA graphs) of turbo4 with key centering, the calibrated 3-bit example plan and k5v4
-            with key centering; also perplexity on --heldout-text
+            (no CUDA graphs) of turbo4 with 2 + 2 BF16 layers, turbo4 with key centering, the calibrated
+            3-bit example plan and k5v4 with key centering; turbo4 with SGLANG_TQ_BATCH_INVARIANT=1
+            (alone vs busy again); also perplexity on --heldout-text
   Progress goes to stdout and --out/progress.log, partial results to --out/smollm2_partial.json.
   load      scripts/load_test.py (2000 requests, concurrency 256, shared prefixes, 10 % aborts) against a
             turbo4 SmolLM2 server with a small --max-total-tokens that forces retraction
@@ -198,14 +199,17 @@ def smollm2_servers(a, base, out):
             ("turbo4_boundary2", ["--attention-backend", "turboquant", "--tq-config", boundary2, "--disable-cuda-graph"]),
             ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
             ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"]),
-            ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"])]
+            ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"]),
+            # one split count for every batch size: is a request's decode then the same alone and in a batch?
+            ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
+             {"SGLANG_TQ_BATCH_INVARIANT": "1"})]
     ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "k5v4_centered")
     if a.servers:  # a subset (e.g. split over two device calls); the summary covers what ran
         plan = [p for p in plan if p[0] in a.servers.split(",")]
     res = {}
-    for name, extra in plan:
+    for name, extra, *env in plan:
         r = {}
-        s = Server(name, base + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
+        s = Server(name, base + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1", **(env[0] if env else {})}, log_dir=out)
         try:
             r["max_total_num_tokens"] = s.info.get("max_total_num_tokens")
             r["alone"] = s.generate(PROMPTS)
@@ -253,7 +257,7 @@ def smollm2_summary(res, heldout=True):
             summ[f"ppl_heldout_{name}"] = r["ppl_heldout"]["ppl"]
     if "alone" in t4 and "alone" in res.get("turbo4_nograph", {}):
         summ["graphs_on_vs_off_identical"] = same(t4["alone"], res["turbo4_nograph"]["alone"])
-    for name, r in (("turbo4", t4), ("bf16", b)):
+    for name, r in res.items():
         if "busy" in r:
             summ[f"{name}_alone_vs_busy_identical"] = same(r["alone"], r["busy"])
     if "badreq" in b and "badreq" in t4:

@@ -38,7 +38,7 @@ checks)
     kill_gpu_procs
     check 0 30000 540 load --stages load &
     if [ "$NGPU" -ge 2 ]; then
-        check 1 30100 540 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph}" &
+        check 1 30100 540 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_invariant,k5v4_centered}" &
     fi
     if [ "$NGPU" -ge 4 ]; then check 2,3 30200 540 tp --stages tp --servers "$TP_SERVERS" & fi
     wait

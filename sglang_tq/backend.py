@@ -45,9 +45,14 @@ logger = logging.getLogger("sglang_tq")
 
 PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
 # Decode stage-1 choice (tq_kernels.decode_attention's `sliced`): unset = automatic (the sliced stage 1
-# with the register LUT for K4/K2/V4/V2 layers, the general one otherwise), 1 = sliced wherever the
+# with a register LUT for 2-/3-/4-bit layers, the general one otherwise), 1 = sliced wherever the
 # formats allow it, 0 = always the general stage 1.
 DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
+# 1 = one split count for every decode batch size (the count of batch size 1). A sequence's split-K
+# partition then depends on its length alone, so its decode attention is bit-identical alone or in a
+# batch. Quantized K/V turn tiny upstream differences into other codes, so this matters more than with
+# bf16 KV. It costs more partials at large batches, so it is off by default.
+BATCH_INVARIANT_ENV = "SGLANG_TQ_BATCH_INVARIANT"
 
 
 def _env_flag(name: str) -> bool:
@@ -81,6 +86,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             self._warm_tables()
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
         self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
+        self.batch_invariant = _env_flag(BATCH_INVARIANT_ENV)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -153,11 +159,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                     kernel_tables(codec, self.device)
 
     def num_splits(self, bs: int) -> Optional[int]:
-        """Static split-K count for a decode batch of `bs` (cached): the same for eager and graph runs."""
+        """Static split-K count for a decode batch of `bs` (cached): the same for eager and graph runs;
+        with SGLANG_TQ_BATCH_INVARIANT=1 the batch-size-1 count for every batch."""
         n = self._splits.get(bs, 0)
         if n == 0:
             choose = getattr(self.ops, "choose_num_splits", None)
-            n = (choose(bs, self.num_kv_head, self.max_context_len, self.num_sms)
+            n = (choose(1 if self.batch_invariant else bs, self.num_kv_head, self.max_context_len, self.num_sms)
                  if (choose is not None and self.on_cuda) else None)
             self._splits[bs] = n
         return n

@@ -284,3 +284,23 @@ def test_prefill_from_cache_flag(setup):
             torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
     finally:
         backend.prefill_from_cache = False
+
+
+def test_batch_invariant_split_count(setup, monkeypatch):
+    """SGLANG_TQ_BATCH_INVARIANT=1: every decode batch size gets batch size 1's split count (a sequence's
+    split-K partition then depends on its length only); otherwise the count falls as batches grow."""
+    backend = setup["backend"]
+    from tq_kernels.decode import choose_num_splits
+
+    monkeypatch.setattr(backend, "on_cuda", True)  # the split count is a GPU-path choice
+    monkeypatch.setattr(backend, "ops", type("Ops", (), {"choose_num_splits": staticmethod(choose_num_splits)}))
+    monkeypatch.setattr(backend, "num_sms", 132)
+    monkeypatch.setattr(backend, "max_context_len", 16960)
+    for invariant in (False, True):
+        monkeypatch.setattr(backend, "batch_invariant", invariant)
+        monkeypatch.setattr(backend, "_splits", {})
+        counts = {bs: backend.num_splits(bs) for bs in (1, 64, 512)}
+        if invariant:
+            assert counts[1] == counts[64] == counts[512] > 1
+        else:
+            assert counts[1] > counts[64] > counts[512]
