@@ -53,8 +53,8 @@ tp)
 timed)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${SERVING_LIMIT_S:-360}" python3 scripts/bench_serving.py \
-        --configs "${SERVING_CONFIGS:-turbo4,bf16}" --points "${SERVING_POINTS:-1024:256:8}" \
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${SERVING_LIMIT_S:-420}" python3 scripts/bench_serving.py \
+        --configs "${SERVING_CONFIGS:-turbo4,bf16}" --points "${SERVING_POINTS:-1024:256:8,16384:512:64}" \
         --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$W/serving" > "$W/serving.log" 2>&1
     kill_gpu_procs
     CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-fused-q \
