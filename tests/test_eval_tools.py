@@ -179,7 +179,8 @@ def test_bench_serving_native_client(server):
     the streamed completion_tokens, throughput / TTFT / TPOT filled in."""
     r = bench_serving.run_point_native(server, vocab=1000, isl=12, osl=4, conc=3, num_prompts=7)
     assert r["completed"] == 7 and r["total_output_tokens"] == 28
-    assert FakeSGLang.state["stream_ids"][1:] == [12] * 7   # the first one is the short warm-up request
+    # first the warm-up batch (min(conc, 8) requests of min(isl, 1024) ids), then the 7 timed requests
+    assert FakeSGLang.state["stream_ids"] == [12] * (3 + 7)
     assert r["output_throughput"] > 0 and r["mean_ttft_ms"] >= 0 and r["mean_tpot_ms"] >= 0
     assert r["median_ttft_ms"] <= r["duration"] * 1e3
 
