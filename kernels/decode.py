@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, online_softmax_step,
-                      packed_tile_update, register_lut_slices, register_lut_slices3, register_lut_slices5,
-                      split_high_crumbs, split_high_nibbles, unrotate_store)
+from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
+                      online_softmax_step, packed_tile_update, register_lut_slices, register_lut_slices3,
+                      register_lut_slices5, split_high_crumbs, split_high_nibbles, unrotate_store)
 from .codec import TQCodec
 
 
@@ -203,8 +203,10 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                          cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr, FUSE_QROT: tl.constexpr,
+                          FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                           K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                           K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -219,18 +221,26 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
     query columns and accumulated into its own V accumulator, so no tile is ever re-ordered.
     K_ASM / V_ASM (register_lut_asm): centroids of a whole byte by PTX byte permutes instead of a
     memory gather per code ("": gathers). FUSE_QROT: qr_ptr holds the raw query (bf16/fp16) and each
-    program rotates its group's rows itself (no separate rotation launches; keys without QJL)."""
+    program rotates its group's rows itself (no separate rotation launches; keys without QJL).
+    FUSED_MERGE: no stage 2; the last split of each (sequence, KV head) to finish, found with an atomic
+    counter in cnt_ptr, merges all of them and writes out_ptr (FENCE: a gpu-scope fence by every thread
+    first, so the other programs see its partials; the interpreter runs programs one by one)."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
     seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
-    if lo >= hi:  # an empty split: stage 2 never reads its partials
-        return
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
+    if lo >= hi:  # an empty split: the merge never reads its partials
+        if FUSED_MERGE and sid == 0:  # an empty sequence: nobody merges, its output is zeros
+            orow = out_ptr + b * out_b + heads * out_h
+            dv = tl.arange(0, V_D)
+            tl.store(orow[:, None] + dv[None, :], tl.zeros((BLOCK_G, V_D), tl.float32).to(orow.dtype.element_ty),
+                     mask=gmask[:, None])
+        return
     qrow = qr_ptr + b * qr_b + heads * qr_h
     qraw = q_scale
     if FUSE_QROT:
@@ -314,6 +324,51 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
         tl.store(po + 2, a2 * inv[:, None], mask=gmask[:, None])
         tl.store(po + 3, a3 * inv[:, None], mask=gmask[:, None])
     tl.store(pl_ptr + b * pl_b + heads * pl_h + sid, lse, mask=gmask)
+    if FUSED_MERGE:
+        if FENCE:  # every thread's partial stores reach the gpu scope before the count says so
+            tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.u32 $0, $1;", "=r,r", [gmask.to(tl.int32)],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        cnt = cnt_ptr + b * tl.num_programs(1) + hk
+        used = _used_splits(tl.load(kv_indptr + b + 1) - seq_start, num_splits, BLOCK_N)
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == used - 1:  # the last split to finish
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
+            _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
+                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, True)
+
+
+@triton.jit
+def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """How many splits of a sequence hold tokens (stage 1's partition, `_split_range`)."""
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    return tl.cdiv(seq_len, tl.maximum(split_len, 1))
+
+
+@triton.jit
+def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
+                  BLOCK_DO: tl.constexpr, CG: tl.constexpr):
+    """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers), then
+    one un-rotation into out_rows. CG: read the partials past L1 (they were written by other programs)."""
+    dv = tl.arange(0, V_D)
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, V_D), tl.float32)
+    for sid in range(0, used):
+        if CG:
+            lse = tl.load(pl + sid, mask=gmask, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+        else:
+            lse = tl.load(pl + sid, mask=gmask, other=float("-inf"))
+            o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        beta = tl.exp2(lse - m_use)
+        l = l * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * o
+        m = m_new
+    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
+    unrotate_store(acc, mv_ptr, out_rows, gmask, V_D, BLOCK_DO)
 
 
 @triton.jit
@@ -328,27 +383,9 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
-    dv = tl.arange(0, V_D)
-    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, V_D), tl.float32)
-    po = po_ptr + b * po_b + heads * po_h
-    pl = pl_ptr + b * pl_b + heads * pl_h
-    seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    used = tl.cdiv(seq_len, tl.maximum(split_len, 1))
-    for sid in range(0, used):
-        lse = tl.load(pl + sid, mask=gmask, other=float("-inf"))
-        o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        beta = tl.exp2(lse - m_use)
-        l = l * alpha + beta
-        acc = acc * alpha[:, None] + beta[:, None] * o
-        m = m_new
-    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
-    unrotate_store(acc, mv_ptr, out_ptr + b * out_b + heads * out_h, gmask, V_D, BLOCK_DO)
+    used = _used_splits(tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b), num_splits, BLOCK_N)
+    _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
+                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, False)
 
 
 def sliced_ok(fmt) -> bool:
@@ -379,16 +416,20 @@ def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, 
 @dataclass
 class DecodeWorkspace:
     """Preallocated scratch of decode_attention (allocate once, outside any CUDA graph):
-    part_out [max_batch, H_q, max_splits, d_v] fp32 and part_lse [max_batch, H_q, max_splits] fp32."""
+    part_out [max_batch, H_q, max_splits, d_v] fp32, part_lse [max_batch, H_q, max_splits] fp32, and
+    split_counts int32 [max_batch * H_q] (zeros; fused_merge counts finished splits per (sequence, KV
+    head) there and the merging program sets its count back to 0, so replays start from zeros again)."""
 
     part_out: torch.Tensor
     part_lse: torch.Tensor
+    split_counts: torch.Tensor
 
     @classmethod
     def create(cls, max_batch: int, num_q_heads: int, head_dim_v: int, max_splits: int = 64,
                device="cuda") -> "DecodeWorkspace":
         return cls(torch.empty(max_batch, num_q_heads, max_splits, head_dim_v, dtype=torch.float32, device=device),
-                   torch.empty(max_batch, num_q_heads, max_splits, dtype=torch.float32, device=device))
+                   torch.empty(max_batch, num_q_heads, max_splits, dtype=torch.float32, device=device),
+                   torch.zeros(max_batch * num_q_heads, dtype=torch.int32, device=device))
 
     @property
     def max_batch(self) -> int:
@@ -427,6 +468,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
                      block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
                      sliced: Optional[bool] = None, register_lut: bool = True, fuse_q_rotation: bool = True,
+                     fused_merge: bool = False,
                      max_seq_len_hint: Optional[int] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
@@ -443,7 +485,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     outliers) keep.
     block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep).
     fuse_q_rotation: the sliced stage 1 rotates a bf16/fp16 q itself (keys without QJL), exact
-    products against M's signs; False: a separate fp32 matmul (the only way for PROD keys)."""
+    products against M's signs; False: a separate fp32 matmul (the only way for PROD keys).
+    fused_merge (sliced stage 1 only; not yet run on a GPU): the last split program of each (sequence,
+    KV head) merges the splits and un-rotates, so a call is one launch instead of two."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -488,6 +532,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     # the sliced stage 1 rotates q itself where that is exact in 16-bit MMAs (saves three launches)
     fuse_qrot = bool(sliced and fuse_q_rotation and not kf.qjl and kt["msign_t"] is not None
                      and q3.dtype in (torch.bfloat16, torch.float16) and q3.stride(2) == 1)
+    merge_in_stage1 = bool(sliced and fused_merge)
+    if merge_in_stage1:
+        assert workspace.split_counts.numel() >= B * h_kv
     if fuse_qrot:
         qr = q3
     else:
@@ -500,9 +547,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
+            workspace.split_counts, vt["m"], out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, FUSE_QROT=fuse_qrot,
+            FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 64),
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -510,6 +559,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                        kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
                        num_warps, num_stages)
+    if merge_in_stage1:
+        return out
     _decode_stage2[(B, h_kv)](
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
         vt["m"], out3, out3.stride(0), out3.stride(1), kv_indptr,

@@ -90,13 +90,15 @@ def main():
                 torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
                 torch.arange(1, 9), kc, vc, *bufs, k_mean=torch.randn(hkv, d)),
         }
+        def decode_job(bn, **kw):
+            return lambda: decode.decode_attention(
+                torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
+                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, **kw)
+
         for bn in (32, 64):
-            jobs[f"decode-bn{bn}"] = lambda bn=bn: decode.decode_attention(
-                torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
-                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, sliced=False)
-            jobs[f"decode-sliced-bn{bn}"] = lambda bn=bn: decode.decode_attention(
-                torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
-                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, sliced=True)
+            jobs[f"decode-bn{bn}"] = decode_job(bn, sliced=False)
+            jobs[f"decode-sliced-bn{bn}"] = decode_job(bn, sliced=True)
+        jobs["decode-sliced-merge"] = decode_job(64, sliced=True, fused_merge=True)
         for bm, bn in ((64, 64), (32, 32), (64, 32)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),

@@ -9,7 +9,8 @@
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   4. timed      carry .gpu_bundle .gpu_tok            alone on the machine: scripts/bench_serving.py
-#        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (fused q rotation on / off)
+#        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (fused q rotation on / off,
+#        stage 2 vs the merge in stage 1)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -57,7 +58,7 @@ timed)
         --configs "${SERVING_CONFIGS:-turbo4,bf16}" --points "${SERVING_POINTS:-1024:256:8,16384:512:64}" \
         --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$W/serving" > "$W/serving.log" 2>&1
     kill_gpu_procs
-    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-fused-q \
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-fused-q --compare-merge \
         --points 1:1024 8:1024 32:1024 32:32768 --out "$W/profile" > "$W/profile.log" 2>&1
     pack
     tail -12 "$W/serving.log"; grep -v "^    " "$W/profile.log" ;;

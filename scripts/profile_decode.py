@@ -75,10 +75,13 @@ def main():
     ap.add_argument("--sliced", choices=["auto", "1", "0"], default="auto")
     ap.add_argument("--compare-fused-q", action="store_true",
                     help="each point also with fuse_q_rotation=False (the separate fp32 q rotation)")
+    ap.add_argument("--compare-merge", action="store_true",
+                    help="each point also with fused_merge=True (no stage 2: the last split merges)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     kw = {} if a.sliced == "auto" else {"sliced": a.sliced == "1"}
-    variants = [kw] + ([dict(kw, fuse_q_rotation=False)] if a.compare_fused_q else [])
+    variants = ([kw] + ([dict(kw, fuse_q_rotation=False)] if a.compare_fused_q else [])
+                + ([dict(kw, fused_merge=True)] if a.compare_merge else []))
     print("GPU", torch.cuda.get_device_name(0), flush=True)
     rows = []
     for codec in a.codecs:

@@ -53,6 +53,9 @@ DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
 # batch. Quantized K/V turn tiny upstream differences into other codes, so this matters more than with
 # bf16 KV. It costs more partials at large batches, so it is off by default.
 BATCH_INVARIANT_ENV = "SGLANG_TQ_BATCH_INVARIANT"
+# 1 = decode without stage 2: the last split program of each (sequence, KV head) merges the splits
+# (tq_kernels.decode_attention's fused_merge; one launch fewer per layer). Off until timed on a GPU.
+FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
 
 
 def _env_flag(name: str) -> bool:
@@ -87,6 +90,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
         self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
         self.batch_invariant = _env_flag(BATCH_INVARIANT_ENV)
+        self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -260,6 +264,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             # the workspace is sized for the largest captured batch; bigger (eager) batches allocate
             ws = self.decode_workspace if bs <= self._workspace_bs else None
             extra = dict(workspace=ws, num_splits=self.num_splits(bs), sliced=self.decode_sliced)
+            if self.fused_merge:
+                extra["fused_merge"] = True
         self._decode(
             q.view(bs, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,

@@ -40,7 +40,8 @@ CASES = [
 ]
 
 
-def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype=torch.bfloat16, **kw):
+def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype=torch.bfloat16, workspace=None,
+              **kw):
     from tq_kernels.decode import DecodeWorkspace, decode_attention
 
     gen = torch.Generator().manual_seed(seed)
@@ -51,7 +52,7 @@ def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype
     B, d = len(lens), kfmt.head_dim
     q = (torch.randn(B, hq, d, generator=gen) * 2).to(DEV, q_dtype)
     sm = d ** -0.5
-    ws = DecodeWorkspace.create(B + 1, hq, vfmt.head_dim, max_splits=max(num_splits, 4), device=DEV)
+    ws = workspace or DecodeWorkspace.create(B + 1, hq, vfmt.head_dim, max_splits=max(num_splits, 4), device=DEV)
     out = torch.full((B, hq, vfmt.head_dim), float("nan"), dtype=q_dtype, device=DEV)
     ret = decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, sm, cap, out,
                            workspace=ws, num_splits=num_splits, block_n=block_n, **kw)
@@ -196,6 +197,30 @@ def test_decode_fused_q_rotation(kfmt, vfmt, q_dtype):
                          fuse_q_rotation=False)
     assert rel_err(fused, ref) < TOL
     assert rel_err(fused, plain) < 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, splits", [
+    (F(128, 4), F(128, 4), (8, 2), [1, 70, 129], 3),
+    (F(64, 4), F(64, 2), (9, 3), [3, 0, 40], 8),      # an empty sequence, more splits than tiles
+    (F(128, 3), F(128, 3), (16, 2), [100], 2),
+], ids=["K4V4-d128", "K4V2-d64-empty", "K3V3-d128-g8"])
+def test_decode_fused_merge(kfmt, vfmt, heads, lens, splits):
+    """fused_merge: the last split of each (sequence, KV head) merges them all in stage 1. Same result as
+    the reference, zeros for an empty sequence, and the split counters are back to 0 after every call
+    (two calls on one workspace, as CUDA-graph replays would)."""
+    from tq_kernels.decode import DecodeWorkspace
+
+    hq, hkv = heads
+    ws = DecodeWorkspace.create(len(lens) + 1, hq, vfmt.head_dim, max_splits=max(splits, 4), device=DEV)
+    for call in range(2):
+        out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 11 + call, sliced=True, fused_merge=True,
+                             workspace=ws)
+        assert rel_err(out, ref) < TOL
+        for b, n in enumerate(lens):
+            if n == 0:
+                assert float(out[b].abs().max()) == 0.0
+        assert int(ws.split_counts.abs().sum()) == 0
 
 
 def test_rotation_sign_tables_reproduce_m():
