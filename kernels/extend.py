@@ -1,9 +1,7 @@
 """Triton extend (chunked prefill) attention over a packed prefix plus the new, unquantized tokens.
 
-Grid (num_seqs, H_kv, cdiv(max_extend_len, TOK_M)): a program takes TOK_M new tokens of one sequence
-with all G query heads of one KV head as its rows (GQA packing: each prefix tile and each new-token K/V
-tile is read and dequantized once per KV head, not once per query head). The launch function rotates
-everything into the storage domain with small torch matmuls: q_all = q [M_k; S M_k]^T (rotated query + QJL sketch),
+Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)). The launch function rotates everything into the
+storage domain with small torch matmuls: q_all = q [M_k; S M_k]^T (rotated query + QJL sketch),
 k~ = (k_new - mu) M_k^T (mu: the optional key-centering mean, the same one compress subtracted from
 the stored prefix keys; scores of prefix and new tokens then shift by the same q.mu), v~ = v_new M_v^T (PROD keys: the new tokens use their exact k~, no QJL). One
 fp32 accumulator in V's rotated domain then serves both parts:
@@ -20,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, next_pow2, packed_tile_update,
-                      softcap_log2, unrotate_store)
+from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, softcap_log2,
+                      unrotate_store)
 from .codec import TQCodec
 
 
@@ -30,8 +28,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
                    out_ptr, out_t, out_h,
-                   G: tl.constexpr, TOK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr,
+                   G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                    K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
@@ -42,29 +39,26 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
                    V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
                    V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
     i = tl.program_id(0)
-    hk = tl.program_id(1)
+    h = tl.program_id(1)
     mb = tl.program_id(2)
     q0 = tl.load(qo_indptr + i)
     ext = tl.load(qo_indptr + i + 1) - q0
-    if mb * TOK_M >= ext:
+    if mb * BLOCK_M >= ext:
         return
-    # one program serves a KV head's whole GQA group: row r is query head hk * G + r % G of new token
-    # mb * TOK_M + r // G, so every prefix tile is dequantized once for all G heads
-    r = tl.arange(0, ROWS)
-    rows = mb * TOK_M + r // G                       # new-token index of each row
-    rmask = (r < TOK_M * G) & (rows < ext)
-    heads = hk * G + r % G
+    hk = h // G
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < ext
     dk = tl.arange(0, K_D)
     dv = tl.arange(0, V_D)
-    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + heads * qr_h
+    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + h * qr_h
     q = (tl.load(qrow[:, None] + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
     sk = q  # unused unless PROD keys
     if K_QJLOFF >= 0:
         sk = (tl.load(qrow[:, None] + K_D + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
 
-    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, V_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, V_D), tl.float32)
 
     # ---- packed prefix: dequantized tile by tile in registers
     kv0 = tl.load(kv_indptr + i)
@@ -84,7 +78,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
 
     # ---- new tokens (already rotated, unquantized), causal
     if CAUSAL:
-        hi = tl.minimum(ext, (mb + 1) * TOK_M)
+        hi = tl.minimum(ext, (mb + 1) * BLOCK_M)
     else:
         hi = ext
     for n0 in range(0, hi, BLOCK_N):
@@ -108,7 +102,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + heads * out_h
+    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
     unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO)
 
 
@@ -122,8 +116,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     when not given.
     k_mean: optional fp32 [H_kv, d_k], the key-centering mean the cache was written with: the new
     tokens' keys are centered the same way (k_new - k_mean) so all scores shift by the same q.k_mean.
-    block_m: query rows per program (new tokens x the G heads of a KV head; tokens = block_m // G).
-    use_lut defaults to False here: with 64 rows the byte-LUT tile (bitcast lanes feeding a wgmma
+    use_lut defaults to False here: with BLOCK_M = 64 the byte-LUT tile (bitcast lanes feeding a wgmma
     operand) crashes Triton 3.6's TritonGPUOptimizeDotOperands pass (seen compiling for sm_90;
     scripts/compile_check.py reproduces it without a GPU). Extend is not bound by the gathers.
     block_m / block_n must be >= 32: with 16-wide tiles the compiled kernel gave wrong results on an
@@ -163,9 +156,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
-    tok_m = max(1, block_m // G)  # new tokens per program: block_m query rows, the whole GQA group each
-    rows = next_pow2(tok_m * G)
-    grid = (n_seqs, h_kv, triton.cdiv(max_extend_len, tok_m))
+    grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
         q_scale, float(logit_cap) if use_cap else 1.0,
@@ -175,7 +166,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, vt["m"], out3,
         out3.stride(0), out3.stride(1),
-        G=G, TOK_M=tok_m, ROWS=rows, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
+        G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
         BLOCK_DO=min(d_v, 64),
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,
