@@ -3,7 +3,8 @@
 # 30 s between calls). Each step is one call; carry what it says. Work goes to /tmp/work/<step>; each
 # step ends by packing it into $OUT/<step>.tgz (a call returns at most 8 files).
 #   1. upload-a   carry .gpu_model/a                    first GGUF half into /tmp/models
-#   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy
+#   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy,
+#                                                       run the kernel tests on the GPU
 #   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9 minutes:
 #        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
@@ -33,7 +34,11 @@ case "$STEP" in
 upload-a)
     mkdir -p /tmp/models && cp .gpu_model/a/* /tmp/models/ && ls -la /tmp/models && nvidia-smi -L ;;
 upload-b)
-    bash .gpu_model/b/assemble.sh && python3 scripts/make_tp_model.py /tmp/models/SmolLM2-135M-Instruct /tmp/models/SmolLM2-dup ;;
+    bash .gpu_model/b/assemble.sh && python3 scripts/make_tp_model.py /tmp/models/SmolLM2-135M-Instruct /tmp/models/SmolLM2-dup
+    # the kernel tests on this GPU before any server uses the kernels (about 2 minutes)
+    source scripts/gpu_env.sh
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
+        tests/test_kernels_compress.py 2>&1 | tail -15 ;;
 checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
