@@ -551,7 +551,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, FUSE_QROT=fuse_qrot,
-            FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 64),
+            FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32),
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages,
         )
