@@ -80,6 +80,7 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         scale = float(mag.max())
         exact = bool(torch.allclose(mag, torch.full_like(mag, scale), rtol=1e-6, atol=0.0))
         cache[key]["msign_t"] = torch.sign(m).t().to(torch.int8).contiguous() if exact else None
+        cache[key]["msign"] = torch.sign(m).to(torch.int8).contiguous() if exact else None  # un-rotation
         cache[key]["mscale"] = scale if exact else 0.0
         asm = register_lut_asm(codec.fmt, cent)
         # "single": one 4-/2-bit field; "split": 3-bit codes, high bits from a second field (both run on
@@ -295,15 +296,34 @@ def online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
 
 
 @triton.jit
-def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: tl.constexpr):
+def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   MV_SCALE: tl.constexpr = 0.0):
     """out[:, j] = sum_k acc[:, k] M_v[k, j] (x = M_v^T u), BLOCK_DO output columns at a time;
-    out_ptrs [R] point at each output row (unit stride over the head dim)."""
+    out_ptrs [R] point at each output row (unit stride over the head dim).
+    MV_SCALE > 0: mv_ptr holds M_v's int8 signs (M_v = signs * MV_SCALE; `unrotate_tables`), and acc
+    goes through two bf16 MMAs as hi + lo (16 mantissa bits, exact products, fp32 sums); else mv_ptr
+    holds M_v in fp32 and one tf32x3 dot does it (three MMAs on fp32 operands)."""
     kk = tl.arange(0, DV)
+    if MV_SCALE > 0:
+        hi = acc.to(tl.bfloat16)
+        lo = (acc - hi.to(tl.float32)).to(tl.bfloat16)
     for j0 in tl.static_range(0, DV, BLOCK_DO):
         jj = j0 + tl.arange(0, BLOCK_DO)
-        mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
-        o = tl.dot(acc, mv, input_precision="tf32x3")
+        if MV_SCALE > 0:
+            sg = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :]).to(tl.float32).to(tl.bfloat16)
+            o = tl.dot(lo, sg, tl.dot(hi, sg)) * MV_SCALE
+        else:
+            mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
+            o = tl.dot(acc, mv, input_precision="tf32x3")
         tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])
+
+
+def unrotate_tables(tables) -> tuple:
+    """(matrix, MV_SCALE) for unrotate_store from a V codec's kernel_tables: M_v's int8 signs and its
+    magnitude where M_v has that form (always, for these rotations), else the fp32 matrix and 0.0."""
+    if tables["msign"] is not None:
+        return tables["msign"], float(tables["mscale"])
+    return tables["m"], 0.0
 
 
 @triton.jit

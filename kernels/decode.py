@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
                       online_softmax_step, packed_tile_update, register_lut_slices, register_lut_slices3,
-                      register_lut_slices5, split_high_crumbs, split_high_nibbles, unrotate_store)
+                      register_lut_slices5, split_high_crumbs, split_high_nibbles, unrotate_store,
+                      unrotate_tables)
 from .codec import TQCodec
 
 
@@ -207,6 +208,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr, FUSE_QROT: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
+                          MV_SCALE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                           K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                           K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -334,7 +336,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == used - 1:  # the last split to finish
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
             _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, True)
+                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, True, MV_SCALE)
 
 
 @triton.jit
@@ -346,7 +348,7 @@ def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
-                  BLOCK_DO: tl.constexpr, CG: tl.constexpr):
+                  BLOCK_DO: tl.constexpr, CG: tl.constexpr, MV_SCALE: tl.constexpr):
     """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers), then
     one un-rotation into out_rows. CG: read the partials past L1 (they were written by other programs)."""
     dv = tl.arange(0, V_D)
@@ -368,13 +370,13 @@ def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.const
         acc = acc * alpha[:, None] + beta[:, None] * o
         m = m_new
     acc = acc / tl.where(l > 0, l, 1.0)[:, None]
-    unrotate_store(acc, mv_ptr, out_rows, gmask, V_D, BLOCK_DO)
+    unrotate_store(acc, mv_ptr, out_rows, gmask, V_D, BLOCK_DO, MV_SCALE)
 
 
 @triton.jit
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
                    kv_indptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
     CUDA graphs and sized for the longest context, so short sequences leave most splits empty), then
     one un-rotation."""
@@ -385,7 +387,7 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
     heads = hk * G + g
     used = _used_splits(tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b), num_splits, BLOCK_N)
     _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, False)
+                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, False, MV_SCALE)
 
 
 def sliced_ok(fmt) -> bool:
@@ -533,6 +535,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     fuse_qrot = bool(sliced and fuse_q_rotation and not kf.qjl and kt["msign_t"] is not None
                      and q3.dtype in (torch.bfloat16, torch.float16) and q3.stride(2) == 1)
     merge_in_stage1 = bool(sliced and fused_merge)
+    mv, mv_scale = unrotate_tables(vt)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv
     if fuse_qrot:
@@ -547,11 +550,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
-            workspace.split_counts, vt["m"], out3, out3.stride(0), out3.stride(1),
+            workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, FUSE_QROT=fuse_qrot,
-            FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32),
+            FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -563,7 +566,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         return out
     _decode_stage2[(B, h_kv)](
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
-        vt["m"], out3, out3.stride(0), out3.stride(1), kv_indptr,
-        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, num_warps=4,
+        mv, out3, out3.stride(0), out3.stride(1), kv_indptr,
+        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale, num_warps=4,
     )
     return out

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, softcap_log2,
-                      unrotate_store)
+                      unrotate_store, unrotate_tables)
 from .codec import TQCodec
 
 
@@ -29,7 +29,8 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
                    out_ptr, out_t, out_h,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                   USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+                   USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
+                   K_LUT: tl.constexpr, V_LUT: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                    K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                    K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -103,7 +104,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
-    unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO)
+    unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
 def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
@@ -157,6 +158,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
+    mv, mv_scale = unrotate_tables(vt)
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
         q_scale, float(logit_cap) if use_cap else 1.0,
@@ -164,10 +166,10 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
         kt["centroids_bf16"], vt["centroids_bf16"],
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
-        qo_indptr, kv_indptr, kv_indices, vt["m"], out3,
+        qo_indptr, kv_indptr, kv_indices, mv, out3,
         out3.stride(0), out3.stride(1),
         G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
-        BLOCK_DO=min(d_v, 64),
+        BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,
     )
