@@ -300,7 +300,7 @@ def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: 
                    MV_SCALE: tl.constexpr = 0.0):
     """out[:, j] = sum_k acc[:, k] M_v[k, j] (x = M_v^T u), BLOCK_DO output columns at a time;
     out_ptrs [R] point at each output row (unit stride over the head dim).
-    MV_SCALE > 0: mv_ptr holds M_v's int8 signs (M_v = signs * MV_SCALE; `unrotate_tables`), and acc
+    MV_SCALE > 0: mv_ptr holds M_v's int8 signs (M_v = signs * MV_SCALE; `rotation_operand`), and acc
     goes through two bf16 MMAs as hi + lo (16 mantissa bits, exact products, fp32 sums); else mv_ptr
     holds M_v in fp32 and one tf32x3 dot does it (three MMAs on fp32 operands)."""
     kk = tl.arange(0, DV)
@@ -318,12 +318,13 @@ def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: 
         tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])
 
 
-def unrotate_tables(tables) -> tuple:
-    """(matrix, MV_SCALE) for unrotate_store from a V codec's kernel_tables: M_v's int8 signs and its
-    magnitude where M_v has that form (always, for these rotations), else the fp32 matrix and 0.0."""
-    if tables["msign"] is not None:
-        return tables["msign"], float(tables["mscale"])
-    return tables["m"], 0.0
+def rotation_operand(tables, transposed: bool, signs: bool = True) -> tuple:
+    """(matrix, scale) of a codec's rotation M for a kernel from its kernel_tables: M's int8 signs and
+    its one magnitude where M has that form (always, for these rotations) and `signs`, else the fp32
+    matrix and 0.0. transposed: M^T (rotating rows x into u = x M^T) instead of M (un-rotating)."""
+    if signs and tables["msign"] is not None:
+        return tables["msign_t" if transposed else "msign"], float(tables["mscale"])
+    return tables["mt" if transposed else "m"], 0.0
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SQRT_PI_2, fmt_constexprs, kernel_tables
+from ._common import SQRT_PI_2, fmt_constexprs, kernel_tables, rotation_operand
 from .codec import FP16_MAX, TQCodec
 
 
@@ -36,7 +36,7 @@ def _pack_store(rows, mask, vals, off, W: tl.constexpr, N: tl.constexpr, BLOCK_T
 
 @triton.jit
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
-                  mt_ptr, ms_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
+                  mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
                   BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
@@ -54,32 +54,26 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     nrm = tl.sqrt(tl.sum(x * x, axis=1))
     inv = 1.0 / tl.maximum(nrm, 1e-30)
 
+    # u = (x / |x|) M^T, K in chunks of BK. MSCALE > 0: M = signs * MSCALE and mt_ptr holds the int8
+    # signs; x goes in as bf16 hi + lo (exact for bf16/fp16 rows, 16 mantissa bits otherwise) on tensor
+    # cores with fp32 sums. Else mt_ptr holds M^T in fp32 and an fp32-exact FMA dot does it.
     BK: tl.constexpr = 32 if D > 32 else D
     u = tl.zeros((BLOCK_T, D), dtype=tl.float32)
-    if MSCALE > 0:
-        # u = (x M^T) / |x| with M = signs * MSCALE: x split into bf16 hi + lo (exact for bf16/fp16
-        # rows, 16 mantissa bits otherwise) against the int8 signs on tensor cores, fp32 sums
-        for k0 in range(0, D, BK):
-            kk = k0 + tl.arange(0, BK)
-            xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-            if HAS_MU:
-                xk -= tl.load(mu_ptr + h * D + kk)[None, :]
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        if HAS_MU:
+            xk -= tl.load(mu_ptr + h * D + kk)[None, :]
+        if MSCALE > 0:
             xh = xk.to(tl.bfloat16)
             xl = (xk - xh.to(tl.float32)).to(tl.bfloat16)
-            sk = tl.load(ms_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
-            u = tl.dot(xh, sk, u)
-            u = tl.dot(xl, sk, u)
-        u = u * (inv * MSCALE)[:, None]
-    else:
-        # u = (x / |x|) M^T, fp32-exact, K in chunks of BK
-        for k0 in range(0, D, BK):
-            kk = k0 + tl.arange(0, BK)
-            xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-            if HAS_MU:
-                xk -= tl.load(mu_ptr + h * D + kk)[None, :]
-            xk = xk * inv[:, None]
+            sk = tl.load(mt_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
+            u = tl.dot(xl, sk, tl.dot(xh, sk, u))
+        else:
             mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
-            u += tl.dot(xk, mk, input_precision="ieee")
+            u += tl.dot(xk * inv[:, None], mk, input_precision="ieee")
+    if MSCALE > 0:
+        u = u * (inv * MSCALE)[:, None]
 
     # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
     NB_LO: tl.constexpr = (1 << LO) - 1
@@ -135,7 +129,7 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
 @triton.jit
 def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                     kmt_ptr, kms_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vms_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
+                     kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
                      K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -149,12 +143,12 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
     role = tl.program_id(2)
     if role == 0:
         _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
-                      kmt_ptr, kms_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
+                      kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
                       K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
                       K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
     else:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                      vmt_ptr, vms_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
+                      vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
 
@@ -172,14 +166,6 @@ def check_k_mean(k_mean, h: int, d: int, device):
         return None
     assert tuple(k_mean.shape) == (h, d), f"k_mean must be [H_kv={h}, d={d}], got {tuple(k_mean.shape)}"
     return k_mean.to(device=device, dtype=torch.float32).contiguous()
-
-
-def _signs(tables, exact: bool):
-    return tables["msign_t"] if exact and tables["msign_t"] is not None else tables["mt"]
-
-
-def _mscale(tables, exact: bool) -> float:
-    return float(tables["mscale"]) if exact and tables["msign_t"] is not None else 0.0
 
 
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
@@ -202,6 +188,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     k3, v3 = _rows(k, n, h, kf.head_dim), _rows(v, n, h, vf.head_dim)
     slots = slots.reshape(n)
     kt, vt = kernel_tables(kcodec, k.device), kernel_tables(vcodec, v.device)
+    kmt, k_mscale = rotation_operand(kt, transposed=True, signs=exact_rotation)
+    vmt, v_mscale = rotation_operand(vt, transposed=True, signs=exact_rotation)
     dummy = kt["mt"]
     kmu = check_k_mean(k_mean, h, kf.head_dim, k.device)
     grid = (triton.cdiv(n, block_t), h, 2)
@@ -209,11 +197,9 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
         k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-        kt["mt"], _signs(kt, exact_rotation), kt["centroids"], kt["boundaries"],
-        kt["st"] if kt["st"] is not None else dummy,
-        vt["mt"], _signs(vt, exact_rotation), vt["centroids"], vt["boundaries"],
-        vt["st"] if vt["st"] is not None else dummy,
-        _mscale(kt, exact_rotation), _mscale(vt, exact_rotation), kmu if kmu is not None else dummy, HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        kmt, kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
+        vmt, vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
+        k_mscale, v_mscale, kmu if kmu is not None else dummy, HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
     )

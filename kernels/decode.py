@@ -25,8 +25,8 @@ import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
                       online_softmax_step, packed_tile_update, register_lut_slices, register_lut_slices3,
-                      register_lut_slices5, split_high_crumbs, split_high_nibbles, unrotate_store,
-                      unrotate_tables)
+                      register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
+                      unrotate_store)
 from .codec import TQCodec
 
 
@@ -37,9 +37,15 @@ def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr):
     kv_indices."""
     seq_start = tl.load(kv_indptr + b)
     seq_len = tl.load(kv_indptr + b + 1) - seq_start
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = _split_len(seq_len, num_splits, BLOCK_N)
     lo = sid * split_len
     return seq_start, lo, tl.minimum(lo + split_len, seq_len)
+
+
+@triton.jit
+def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens per split: seq_len / num_splits rounded up to whole BLOCK_N tiles."""
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -336,32 +342,28 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == used - 1:  # the last split to finish
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
             _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, True, MV_SCALE)
+                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, ".cg", MV_SCALE)
 
 
 @triton.jit
 def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
     """How many splits of a sequence hold tokens (stage 1's partition, `_split_range`)."""
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    return tl.cdiv(seq_len, tl.maximum(split_len, 1))
+    return tl.cdiv(seq_len, tl.maximum(_split_len(seq_len, num_splits, BLOCK_N), 1))
 
 
 @triton.jit
 def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
-                  BLOCK_DO: tl.constexpr, CG: tl.constexpr, MV_SCALE: tl.constexpr):
+                  BLOCK_DO: tl.constexpr, CACHE: tl.constexpr, MV_SCALE: tl.constexpr):
     """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers), then
-    one un-rotation into out_rows. CG: read the partials past L1 (they were written by other programs)."""
+    one un-rotation into out_rows. CACHE: the loads' cache modifier (".cg": past L1, for partials other
+    programs of the same launch wrote; "" otherwise)."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, V_D), tl.float32)
     for sid in range(0, used):
-        if CG:
-            lse = tl.load(pl + sid, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0, cache_modifier=".cg")
-        else:
-            lse = tl.load(pl + sid, mask=gmask, other=float("-inf"))
-            o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0)
+        lse = tl.load(pl + sid, mask=gmask, other=float("-inf"), cache_modifier=CACHE)
+        o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0, cache_modifier=CACHE)
         m_new = tl.maximum(m, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m - m_use)
@@ -387,7 +389,7 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
     heads = hk * G + g
     used = _used_splits(tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b), num_splits, BLOCK_N)
     _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, False, MV_SCALE)
+                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE)
 
 
 def sliced_ok(fmt) -> bool:
@@ -532,10 +534,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
     # the sliced stage 1 rotates q itself where that is exact in 16-bit MMAs (saves three launches)
-    fuse_qrot = bool(sliced and fuse_q_rotation and not kf.qjl and kt["msign_t"] is not None
+    q_signs, q_rot_scale = rotation_operand(kt, transposed=True)
+    fuse_qrot = bool(sliced and fuse_q_rotation and not kf.qjl and q_rot_scale > 0
                      and q3.dtype in (torch.bfloat16, torch.float16) and q3.stride(2) == 1)
     merge_in_stage1 = bool(sliced and fused_merge)
-    mv, mv_scale = unrotate_tables(vt)
+    mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv
     if fuse_qrot:
@@ -545,7 +548,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits)](
             qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
-            kt["msign_t"] if fuse_qrot else kt["wt"], kt["mscale"] * q_scale,
+            q_signs if fuse_qrot else kt["wt"], q_rot_scale * q_scale,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, softcap_log2,
-                      unrotate_store, unrotate_tables)
+from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
+                      softcap_log2, unrotate_store)
 from .codec import TQCodec
 
 
@@ -158,7 +158,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
-    mv, mv_scale = unrotate_tables(vt)
+    mv, mv_scale = rotation_operand(vt, transposed=False)
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
         q_scale, float(logit_cap) if use_cap else 1.0,

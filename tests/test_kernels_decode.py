@@ -225,13 +225,17 @@ def test_decode_fused_merge(kfmt, vfmt, heads, lens, splits):
 
 def test_rotation_sign_tables_reproduce_m():
     """M = signs / sqrt(d) (also with an outlier permutation): the fused q rotation is exact."""
-    from tq_kernels._common import kernel_tables
+    from tq_kernels._common import kernel_tables, rotation_operand
 
     for kfmt in (F(64, 4), F(128, 3, outlier_channels=32, outlier_bits=4)):
         kc, _ = make_codecs(kfmt, kfmt, seed=3)
         t = kernel_tables(kc, "cpu")
         assert t["msign_t"] is not None and t["msign_t"].dtype == torch.int8
         torch.testing.assert_close(t["msign_t"].float() * t["mscale"], t["mt"], rtol=0, atol=1e-7)
+        for transposed in (True, False):  # what the kernels are handed: M^T to rotate, M to un-rotate
+            mat, scale = rotation_operand(t, transposed)
+            torch.testing.assert_close(mat.float() * scale, t["mt" if transposed else "m"], rtol=0, atol=1e-7)
+        assert rotation_operand(t, True, signs=False) == (t["mt"], 0.0)
 
 
 @needs_triton
