@@ -73,10 +73,11 @@ def run_point_native(url, vocab, isl, osl, conc, num_prompts, seed=1):
     """num_prompts requests of isl random token ids, at most `conc` in flight; the same metrics as
     sglang.bench_serving: output tok/s over the wall time, mean / median TTFT and TPOT in ms."""
     rng = random.Random(seed)
-    prompts = [[rng.randrange(100, max(101, vocab - 100)) for _ in range(isl)] for _ in range(num_prompts)]
+    random_ids = lambda n: [rng.randrange(100, max(101, vocab - 100)) for _ in range(n)]  # noqa: E731
+    prompts = [random_ids(isl) for _ in range(num_prompts)]
     # warm-up outside the timing: a batch like the point's (up to 8 requests of up to 1,024 tokens), so
     # that first-use costs (kernel compilation for new shapes, allocator growth) do not land in TTFT
-    warm = [[rng.randrange(100, max(101, vocab - 100)) for _ in range(min(isl, 1024))] for _ in range(min(conc, 8))]
+    warm = [random_ids(min(isl, 1024)) for _ in range(min(conc, 8))]
     with ThreadPoolExecutor(len(warm)) as ex:
         list(ex.map(lambda p: stream_request(url, p, 4), warm))
     t0 = time.perf_counter()

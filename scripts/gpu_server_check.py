@@ -91,6 +91,16 @@ def port_in_use(port, host="127.0.0.1"):
 DEFAULT_PORT = int(os.environ.get("TQ_CHECK_PORT", "30000"))  # two scripts on two GPUs need two ports
 
 
+def identical(x, y):
+    """'n/20': how many of the PROMPTS got the same greedy tokens in two runs."""
+    return f"{sum(i == j for i, j in zip(x, y))}/{len(PROMPTS)}"
+
+
+def selected(plan, servers):
+    """The plan's (name, ...) entries named in the comma-separated `servers` (all when empty)."""
+    return [p for p in plan if not servers or p[0] in servers.split(",")]
+
+
 class Server:
     def __init__(self, name, args, env_extra=None, port=None, log_dir="."):
         port = port or DEFAULT_PORT
@@ -204,10 +214,8 @@ def smollm2_servers(a, base, out):
             ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
              {"SGLANG_TQ_BATCH_INVARIANT": "1"})]
     ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "k5v4_centered")
-    if a.servers:  # a subset (e.g. split over two device calls); the summary covers what ran
-        plan = [p for p in plan if p[0] in a.servers.split(",")]
-    res = {}
-    for name, extra, *env in plan:
+    res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
+    for name, extra, *env in selected(plan, a.servers):
         r = {}
         s = Server(name, base + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1", **(env[0] if env else {})}, log_dir=out)
         try:
@@ -245,7 +253,6 @@ def smollm2_servers(a, base, out):
 
 def smollm2_summary(res, heldout=True):
     """Perplexities and their change against BF16, parity counts: whatever the servers that ran allow."""
-    same = lambda x, y: f"{sum(i == j for i, j in zip(x, y))}/{len(PROMPTS)}"  # noqa: E731
     b, t4 = res.get("bf16", {}), res.get("turbo4", {})
     summ = {}
     for name, r in res.items():
@@ -256,10 +263,10 @@ def smollm2_summary(res, heldout=True):
         if heldout and "ppl_heldout" in r:
             summ[f"ppl_heldout_{name}"] = r["ppl_heldout"]["ppl"]
     if "alone" in t4 and "alone" in res.get("turbo4_nograph", {}):
-        summ["graphs_on_vs_off_identical"] = same(t4["alone"], res["turbo4_nograph"]["alone"])
+        summ["graphs_on_vs_off_identical"] = identical(t4["alone"], res["turbo4_nograph"]["alone"])
     for name, r in res.items():
         if "busy" in r:
-            summ[f"{name}_alone_vs_busy_identical"] = same(r["alone"], r["busy"])
+            summ[f"{name}_alone_vs_busy_identical"] = identical(r["alone"], r["busy"])
     if "badreq" in b and "badreq" in t4:
         summ["badreq_same_status"] = all(b["badreq"][k][0] == t4["badreq"][k][0] for k, _, _ in BAD_REQUESTS)
     if b.get("max_total_num_tokens") and t4.get("max_total_num_tokens"):
@@ -303,7 +310,7 @@ def stage_tp(a, base, out):
             ("tp2_bf16", ["--attention-backend", "triton", "--tp", "2"]),
             ("tp1_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("tp2_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--tp", "2"])]
-    for name, extra in [p for p in plan if not a.servers or p[0] in a.servers.split(",")]:
+    for name, extra in selected(plan, a.servers):
         s = Server(name, common + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
         try:
             r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "ppl": ev.perplexity(s.url, text),
@@ -313,14 +320,13 @@ def stage_tp(a, base, out):
         print(f"  {name}: ppl {r['ppl']['ppl']:.4f}, max_total_num_tokens {r['max_total_num_tokens']}", flush=True)
         res[name] = r
         json.dump(res, open(os.path.join(out, "tp_partial.json"), "w"), indent=1, default=str)
-    same = lambda x, y: sum(i == j for i, j in zip(x, y))  # noqa: E731
     res["summary"] = {f"ppl_{k}": res[k]["ppl"]["ppl"] for k in res}
     for kind in ("bf16", "turbo4"):
         if f"tp1_{kind}" not in res or f"tp2_{kind}" not in res:
             continue
         one, two = res[f"tp1_{kind}"], res[f"tp2_{kind}"]
         res["summary"][f"ppl_delta_pct_tp2_vs_tp1_{kind}"] = (two["ppl"]["ppl"] / one["ppl"]["ppl"] - 1) * 100
-        res["summary"][f"greedy_identical_tp2_vs_tp1_{kind}"] = f"{same(one['alone'], two['alone'])}/{len(PROMPTS)}"
+        res["summary"][f"greedy_identical_tp2_vs_tp1_{kind}"] = identical(one["alone"], two["alone"])
     return res
 
 
@@ -371,8 +377,10 @@ def stage_capacity(a, base_unused, out):
             s.stop()
     res["ratio_all_k4v4"] = res["all_k4v4"] / res["bf16"]
     res["ratio_turbo4"] = res["turbo4"] / res["bf16"]
-    res["expected_all_k4v4"] = 512 / 132
-    res["expected_turbo4"] = 32 * 512 / (31 * 132 + 512)  # first layer bf16
+    # the byte ratios the configs themselves state (Llama-3-8B shape: 32 layers, head_dim 128)
+    from sglang_tq.config import load_config
+    res["expected_all_k4v4"] = load_config(all4).resolve(32, 128).compression_ratio()
+    res["expected_turbo4"] = load_config("turbo4").resolve(32, 128).compression_ratio()
     return res
 
 
