@@ -9,6 +9,8 @@
 #        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
+#   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines), a
+#        config sweep at B=32, 32K and profile_decode's variants (fused q, merge, 5-bit LUT): no model needed
 #   4. timed      carry .gpu_bundle .gpu_tok            alone on the machine: scripts/bench_serving.py
 #        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (fused q rotation on / off,
 #        stage 2 vs the merge in stage 1)
@@ -39,6 +41,19 @@ upload-b)
     source scripts/gpu_env.sh
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py 2>&1 | tail -15 ;;
+kernels)
+    source scripts/gpu_env.sh
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
+        tests/test_kernels_compress.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
+    timeout 150 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 K5V4 --shapes hd128 \
+        --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -30
+    timeout 60 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 32 --ctx 32768 --codecs K4V4 --shapes hd128 \
+        --out "$W/sweep" > "$W/sweep.log" 2>&1; tail -20 "$W/sweep.log"
+    timeout 70 python3 scripts/profile_decode.py --compare-fused-q --compare-merge --points 1:1024 8:1024 32:32768 \
+        --out "$W/profile" > "$W/profile.log" 2>&1; grep -v "^    " "$W/profile.log"
+    timeout 40 python3 scripts/profile_decode.py --codecs K5V4 --sliced 1 --points 1:1024 32:32768 \
+        --out "$W/profile_k5" > "$W/profile_k5.log" 2>&1; grep -v "^    " "$W/profile_k5.log"
+    pack ;;
 checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
@@ -68,5 +83,5 @@ timed)
     pack
     tail -12 "$W/serving.log"; grep -v "^    " "$W/profile.log" ;;
 *)
-    echo "usage: $0 upload-a|upload-b|checks|tp|timed" >&2; exit 2 ;;
+    echo "usage: $0 kernels|upload-a|upload-b|checks|tp|timed" >&2; exit 2 ;;
 esac
