@@ -75,7 +75,7 @@ def kernel_tables(codec: TQCodec, device) -> dict:
             wt=w.t().contiguous(),
         )
         # M = (+-1 matrix) / sqrt(d): x M^T is exact as a 16-bit MMA with fp32 accumulation of a
-        # bf16/fp16 x against the int8 sign matrix, scaled afterwards (decode's fused q rotation)
+        # bf16/fp16 x against the int8 sign matrix, scaled afterwards (compress, un-rotation)
         mag = m.abs()
         scale = float(mag.max())
         exact = bool(torch.allclose(mag, torch.full_like(mag, scale), rtol=1e-6, atol=0.0))
@@ -83,8 +83,8 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         cache[key]["msign"] = torch.sign(m).to(torch.int8).contiguous() if exact else None  # un-rotation
         cache[key]["mscale"] = scale if exact else 0.0
         asm = register_lut_asm(codec.fmt, cent)
-        # "single": one 4-/2-bit field; "split": 3-bit codes, high bits from a second field (both run on
-        # GPUs by default); "split5": 5-bit codes, the same scheme, not yet run on a GPU (opt-in)
+        # "single": one 4-/2-bit field; "split": 3-bit codes, high bits from a second field; "split5":
+        # 5-bit codes, the same scheme (all three pass the GPU tests and are decode's default)
         mains = [w for kind, w, *_ in codec.fmt.fields if kind == "main"]
         cache[key]["register_lut_kind"] = ("" if not asm else "single" if len(mains) == 1
                                            else "split5" if mains[0] == 4 else "split")

@@ -1,10 +1,11 @@
 """Triton compress-and-store: one launch per layer quantizes and packs K and V of N new tokens.
 
-Grid (cdiv(N, BLOCK_T), H_kv, 2); axis 2 is the role (0: K, 1: V), each with its own constexpr
-format. Per tile of BLOCK_T token-heads: load rows (bf16/fp16/fp32) -> (keys with a calibrated mean
+Grid (cdiv(N, BLOCK_T), H_kv, 2 or 3); axis 2 is the role (0: K, 1: V, each with its own constexpr
+format; 2: the decode queries of the head's GQA group rotated like the keys, so that decode needs no
+rotation launches of its own). Per tile of BLOCK_T token-heads: load rows (bf16/fp16/fp32) -> (keys with a calibrated mean
 mu [H_kv, d]: x -= mu[h], key centering; softmax attention is invariant to it) -> fp32 norm -> normalize ->
-rotate u = x M^T with fp32 tl.dot (input_precision="ieee", K chunked by 32 so a d=256 matrix never
-sits in registers) -> bucketize count(u > boundary) (= torch.searchsorted(right=False)), outlier
+rotate u = x M^T (bf16 hi/lo rows against M's int8 signs on tensor cores, or an fp32 FMA dot;
+K chunked by 32 so a d=256 matrix never sits in registers) -> bucketize count(u > boundary) (= torch.searchsorted(right=False)), outlier
 positions against the outlier codebook -> norm correction scale0 = |x| / |c[idx]| -> PROD: residual
 r = u - a c, signs of r S^T (>= 0 -> 1) in column chunks, scale1 = |x| |r| sqrt(pi/2) / m -> clamp
 scales to fp16 max -> pack each field LSB-first and store at the slot's row.
@@ -35,6 +36,48 @@ def _pack_store(rows, mask, vals, off, W: tl.constexpr, N: tl.constexpr, BLOCK_T
 
 
 @triton.jit
+def _rotate_rows(xrow, tmask, mu_row, HAS_MU: tl.constexpr, mt_ptr, MSCALE: tl.constexpr,
+                 BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """(x - mu) M^T in fp32 for the rows at xrow [BLOCK_T], K in chunks of BK. MSCALE > 0: M = signs *
+    MSCALE and mt_ptr holds the int8 signs; x goes in as bf16 hi + lo (exact for bf16/fp16 rows, 16
+    mantissa bits otherwise) on tensor cores with fp32 sums. Else mt_ptr holds M^T in fp32 and an
+    fp32-exact FMA dot does it."""
+    d = tl.arange(0, D)
+    BK: tl.constexpr = 32 if D > 32 else D
+    u = tl.zeros((BLOCK_T, D), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        if HAS_MU:
+            xk -= tl.load(mu_row + kk)[None, :]
+        if MSCALE > 0:
+            xh = xk.to(tl.bfloat16)
+            xl = (xk - xh.to(tl.float32)).to(tl.bfloat16)
+            sk = tl.load(mt_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
+            u = tl.dot(xl, sk, tl.dot(xh, sk, u))
+        else:
+            mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
+            u += tl.dot(xk, mk, input_precision="ieee")
+    if MSCALE > 0:
+        u = u * MSCALE
+    return u
+
+
+@triton.jit
+def _rotate_queries(q_ptr, q_t, q_h, N, G: tl.constexpr, qr_ptr, qr_t, qr_h, mt_ptr, MSCALE: tl.constexpr,
+                    BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """The decode queries of KV head h's group, rotated like its keys (q M_k^T, fp32): the decode kernel
+    then reads them instead of running its own rotation launches."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < N
+    d = tl.arange(0, D)
+    for g in range(G):
+        head = tl.program_id(1) * G + g
+        u = _rotate_rows(q_ptr + t.to(tl.int64) * q_t + head * q_h, tmask, q_ptr, False, mt_ptr, MSCALE, BLOCK_T, D)
+        tl.store((qr_ptr + t.to(tl.int64) * qr_t + head * qr_h)[:, None] + d[None, :], u, mask=tmask[:, None])
+
+
+@triton.jit
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
                   mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
                   BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
@@ -54,26 +97,7 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     nrm = tl.sqrt(tl.sum(x * x, axis=1))
     inv = 1.0 / tl.maximum(nrm, 1e-30)
 
-    # u = (x / |x|) M^T, K in chunks of BK. MSCALE > 0: M = signs * MSCALE and mt_ptr holds the int8
-    # signs; x goes in as bf16 hi + lo (exact for bf16/fp16 rows, 16 mantissa bits otherwise) on tensor
-    # cores with fp32 sums. Else mt_ptr holds M^T in fp32 and an fp32-exact FMA dot does it.
-    BK: tl.constexpr = 32 if D > 32 else D
-    u = tl.zeros((BLOCK_T, D), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        if HAS_MU:
-            xk -= tl.load(mu_ptr + h * D + kk)[None, :]
-        if MSCALE > 0:
-            xh = xk.to(tl.bfloat16)
-            xl = (xk - xh.to(tl.float32)).to(tl.bfloat16)
-            sk = tl.load(mt_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
-            u = tl.dot(xl, sk, tl.dot(xh, sk, u))
-        else:
-            mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
-            u += tl.dot(xk * inv[:, None], mk, input_precision="ieee")
-    if MSCALE > 0:
-        u = u * (inv * MSCALE)[:, None]
+    u = _rotate_rows(xrow, tmask, mu_ptr + h * D, HAS_MU, mt_ptr, MSCALE, BLOCK_T, D) * inv[:, None]
 
     # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
     NB_LO: tl.constexpr = (1 << LO) - 1
@@ -130,7 +154,8 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
 def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
-                     K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
+                     K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr,
+                     q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                      K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
@@ -146,11 +171,13 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                       kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
                       K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
                       K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
-    else:
+    elif role == 1:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                       vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+    else:
+        _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, K_D)
 
 
 def _rows(x, n, h, d):
@@ -169,9 +196,13 @@ def check_k_mean(k_mean, h: int, d: int, device):
 
 
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
-                       *, k_mean=None, block_t: int = 16, num_warps: int = 4, exact_rotation: bool = True) -> None:
+                       *, k_mean=None, q=None, q_rot=None, block_t: int = 16, num_warps: int = 4,
+                       exact_rotation: bool = True) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
+    q [N, H_q, d_k] with q_rot (fp32, [N, H_q, d_k] or larger in dim 0, unit last stride): the same
+    launch writes the decode queries rotated like the keys, q_rot[:N] = q M_k^T, for
+    decode_attention(q_rotated=...) (keys without QJL: their queries also need the sketch).
     k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h].
     exact_rotation: rotate on tensor cores against M's signs (bf16 hi/lo split of the rows);
     False: an fp32 FMA matmul with M (the first kernels' way; slower, same codes up to ties)."""
@@ -192,14 +223,25 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     vmt, v_mscale = rotation_operand(vt, transposed=True, signs=exact_rotation)
     dummy = kt["mt"]
     kmu = check_k_mean(k_mean, h, kf.head_dim, k.device)
-    grid = (triton.cdiv(n, block_t), h, 2)
+    with_q = q is not None
+    if with_q:
+        assert q_rot is not None and not kf.qjl, "q rotation in compress: keys without QJL, q_rot given"
+        q3 = _rows(q, n, q.reshape(n, -1).shape[1] // kf.head_dim, kf.head_dim)
+        assert q3.shape[1] % h == 0 and q_rot.dtype == torch.float32 and q_rot.shape[0] >= n
+        qr3 = q_rot.view(q_rot.shape[0], q3.shape[1], kf.head_dim)
+        assert qr3.stride(2) == 1
+    else:
+        q3 = qr3 = k3
+    grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
         k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
         kmt, kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
         vmt, vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
-        k_mscale, v_mscale, kmu if kmu is not None else dummy, HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        k_mscale, v_mscale, kmu if kmu is not None else dummy,
+        q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), q3.shape[1] // h,
+        HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
     )

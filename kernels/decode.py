@@ -146,28 +146,6 @@ def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _q_rot_slice(q, rs_ptr, rot_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
-    """Slice T of the rotated query computed in the kernel: q [BLOCK_G, D] (bf16/fp16, as given)
-    against the +-1 columns T, T + S, ... of M^T (int8 rs_ptr [D, D]); exact products, fp32 sums,
-    one scale (rot_scale = M's magnitude times the softmax scale) -> bf16 like _q_slice."""
-    cols = tl.arange(0, D // S) * S + T
-    rows = tl.arange(0, D)
-    sg = tl.load(rs_ptr + rows[:, None] * D + cols[None, :]).to(tl.float32).to(q.dtype)  # via fp32: exact
-    return (tl.dot(q, sg) * rot_scale).to(tl.bfloat16)
-
-
-@triton.jit
-def _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
-            FUSE: tl.constexpr):
-    """Slice T of the scaled, rotated query: rotated here from the raw rows qraw (FUSE) or read from
-    the pre-rotated rows at qrow."""
-    if FUSE:
-        return _q_rot_slice(qraw, rs_ptr, rot_scale, T, S, D)
-    else:
-        return _q_slice(qrow, gmask, q_scale, T, S, D)
-
-
-@triton.jit
 def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
                      M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
                      NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
@@ -206,13 +184,13 @@ def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_scale,
+def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                           cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
-                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr, FUSE_QROT: tl.constexpr,
+                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
                           MV_SCALE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -228,10 +206,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
     slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored against the matching
     query columns and accumulated into its own V accumulator, so no tile is ever re-ordered.
     K_ASM / V_ASM (register_lut_asm): centroids of a whole byte by PTX byte permutes instead of a
-    memory gather per code ("": gathers). FUSE_QROT: qr_ptr holds the raw query (bf16/fp16) and each
-    program rotates its group's rows itself (no separate rotation launches; keys without QJL).
-    FUSED_MERGE: no stage 2; the last split of each (sequence, KV head) to finish, found with an atomic
-    counter in cnt_ptr, merges all of them and writes out_ptr (FENCE: a gpu-scope fence by every thread
+    memory gather per code ("": gathers). FUSED_MERGE: no stage 2; the last split of each (sequence,
+    KV head) to finish, found with an atomic counter in cnt_ptr, merges all of them and writes out_ptr (FENCE: a gpu-scope fence by every thread
     first, so the other programs see its partials; the interpreter runs programs one by one)."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
@@ -250,16 +226,13 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap, rs_ptr, rot_sc
                      mask=gmask[:, None])
         return
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    qraw = q_scale
-    if FUSE_QROT:
-        qraw = tl.load(qrow[:, None] + tl.arange(0, K_D)[None, :], mask=gmask[:, None], other=0.0)
-    q0 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 0, KS, K_D, FUSE_QROT)
-    q1 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 1, KS, K_D, FUSE_QROT)
+    q0 = _q_slice(qrow, gmask, q_scale, 0, KS, K_D)
+    q1 = _q_slice(qrow, gmask, q_scale, 1, KS, K_D)
     q2 = q0
     q3 = q0
     if KS == 4:
-        q2 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 2, KS, K_D, FUSE_QROT)
-        q3 = _q_part(qrow, qraw, gmask, q_scale, rs_ptr, rot_scale, 3, KS, K_D, FUSE_QROT)
+        q2 = _q_slice(qrow, gmask, q_scale, 2, KS, K_D)
+        q3 = _q_slice(qrow, gmask, q_scale, 3, KS, K_D)
     sk0 = q0
     sk1 = q0
     sk2 = q0
@@ -420,20 +393,25 @@ def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, 
 @dataclass
 class DecodeWorkspace:
     """Preallocated scratch of decode_attention (allocate once, outside any CUDA graph):
-    part_out [max_batch, H_q, max_splits, d_v] fp32, part_lse [max_batch, H_q, max_splits] fp32, and
+    part_out [max_batch, H_q, max_splits, d_v] fp32, part_lse [max_batch, H_q, max_splits] fp32,
     split_counts int32 [max_batch * H_q] (zeros; fused_merge counts finished splits per (sequence, KV
-    head) there and the merging program sets its count back to 0, so replays start from zeros again)."""
+    head) there and the merging program sets its count back to 0, so replays start from zeros again),
+    and q_rot [max_batch, H_q, d_k] fp32 (the rotated queries: compress_and_store(q=, q_rot=) writes
+    them, decode_attention(q_rotated=) reads them)."""
 
     part_out: torch.Tensor
     part_lse: torch.Tensor
     split_counts: torch.Tensor
+    q_rot: torch.Tensor
 
     @classmethod
     def create(cls, max_batch: int, num_q_heads: int, head_dim_v: int, max_splits: int = 64,
-               device="cuda") -> "DecodeWorkspace":
-        return cls(torch.empty(max_batch, num_q_heads, max_splits, head_dim_v, dtype=torch.float32, device=device),
-                   torch.empty(max_batch, num_q_heads, max_splits, dtype=torch.float32, device=device),
-                   torch.zeros(max_batch * num_q_heads, dtype=torch.int32, device=device))
+               device="cuda", head_dim_k: Optional[int] = None) -> "DecodeWorkspace":
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(torch.empty(max_batch, num_q_heads, max_splits, head_dim_v, **f32),
+                   torch.empty(max_batch, num_q_heads, max_splits, **f32),
+                   torch.zeros(max_batch * num_q_heads, dtype=torch.int32, device=device),
+                   torch.empty(max_batch, num_q_heads, head_dim_k or head_dim_v, **f32))
 
     @property
     def max_batch(self) -> int:
@@ -471,8 +449,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
                      block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
-                     sliced: Optional[bool] = None, register_lut: bool = True, fuse_q_rotation: bool = True,
-                     fused_merge: bool = False,
+                     sliced: Optional[bool] = None, register_lut: bool = True, fused_merge: bool = False,
+                     q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
                      max_seq_len_hint: Optional[int] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
@@ -481,17 +459,21 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     (`_decode_stage1_sliced`, formats with `sliced_ok`) whose register_lut looks 4- and 2-bit codes up
     with PTX byte permutes (the Triton interpreter has no inline asm: it takes per-code gathers).
     sliced=None picks the sliced stage 1 when both K and V have a register LUT (4-/2-bit first fields:
-    K4/K2/PROD-K3, V4/V2; 3-bit codes: `register_lut_slices3`; the 5-bit LUT, `register_lut_slices5`,
-    is compiled and emulated but has not run on a GPU, so only sliced=True takes it): on an H200 (2026-11-28,
-    scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms against 3.64 ms for the
-    general stage 1, and on an H100 (scripts/profile_decode.py) K3V3 took 1.37 ms against 3.65 ms; with
-    per-code gathers it is slower than the general one, which formats without a LUT (6-bit codes,
-    outliers) keep.
+    K4/K2/PROD-K3, V4/V2; 3-bit codes: `register_lut_slices3`; 5-bit: `register_lut_slices5`): on an
+    H200 (2026-11-28, scripts/bench_kernels.py --sweep, B=32, ctx 32K, K4V4) it ran in 0.97 ms against
+    3.64 ms for the general stage 1; on an H100 (scripts/profile_decode.py) K3V3 took 1.37 ms against
+    3.65 ms and K5V4 1.38 ms against 3.39 ms (2026-11-28, fourth session); with per-code gathers it is
+    slower than the general one, which formats without a LUT (6-bit codes, outliers) keep.
     block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep).
-    fuse_q_rotation: the sliced stage 1 rotates a bf16/fp16 q itself (keys without QJL), exact
-    products against M's signs; False: a separate fp32 matmul (the only way for PROD keys).
-    fused_merge (sliced stage 1 only; not yet run on a GPU): the last split program of each (sequence,
-    KV head) merges the splits and un-rotates, so a call is one launch instead of two."""
+    q_rotated: fp32 [>= B, H_q, d_k] queries already rotated (compress_and_store(q=..., q_rot=...) in
+    the same launch as the new K/V: keys without QJL); q then gives only shapes and the output dtype.
+    Else q is rotated here by an fp32 matmul (three small launches; rotating q inside stage 1 instead
+    cost 10 us per program on an H100: 1.03 against 0.88 ms at B=32, 32K).
+    max_registers (sliced stage 1): a per-thread register cap (Triton's maxnreg); 128 lets four 4-warp
+    programs share an SM instead of three, at the price of a few spills for K4V4.
+    fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
+    splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against
+    27.9 us at B=1, 1K): off by default."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -521,7 +503,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     single = kt["register_lut_kind"] == "single" and vt["register_lut_kind"] == "single"
     if sliced is None:  # per-code gathers lose to the general stage 1: sliced only with register LUTs
         # that have passed the GPU tests (the 5-bit one, "split5", runs with sliced=True only)
-        sliced = bool(register_lut and {kt["register_lut_kind"], vt["register_lut_kind"]} <= {"single", "split"})
+        sliced = bool(register_lut and {kt["register_lut_kind"], vt["register_lut_kind"]} <= {"single", "split",
+                                                                                              "split5"})
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
         block_n = 128 if sliced and single else 64
@@ -533,22 +516,18 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
-    # the sliced stage 1 rotates q itself where that is exact in 16-bit MMAs (saves three launches)
-    q_signs, q_rot_scale = rotation_operand(kt, transposed=True)
-    fuse_qrot = bool(sliced and fuse_q_rotation and not kf.qjl and q_rot_scale > 0
-                     and q3.dtype in (torch.bfloat16, torch.float16) and q3.stride(2) == 1)
     merge_in_stage1 = bool(sliced and fused_merge)
     mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv
-    if fuse_qrot:
-        qr = q3
+    if q_rotated is not None:
+        assert q_rotated.dtype == torch.float32 and q_rotated.shape[0] >= B and q_rotated.stride(-1) == 1
+        qr = q_rotated.view(q_rotated.shape[0], h_q, kt["wt"].shape[1])
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits)](
             qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
-            q_signs if fuse_qrot else kt["wt"], q_rot_scale * q_scale,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
             kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
@@ -556,10 +535,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
-            WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, FUSE_QROT=fuse_qrot,
+            WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
         )
     else:
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,

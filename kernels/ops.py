@@ -13,8 +13,12 @@ def compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, 
     if use_triton(k_codes):
         from .compress import compress_and_store as fn
         return fn(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, **kw)
-    return _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales,
-                                   k_mean=kw.get("k_mean"))
+    _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales,
+                            k_mean=kw.get("k_mean"))
+    if kw.get("q") is not None:  # the decode queries rotated like the keys (decode_attention's q_rotated)
+        q, q_rot = kw["q"], kw["q_rot"]
+        n = k.shape[0]
+        q_rot[:n] = (q.reshape(n, -1, kcodec.fmt.head_dim).float() @ kcodec.rotation.matrix().T.float()).view_as(q_rot[:n])
 
 
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,

@@ -10,6 +10,8 @@ Every baseline is optional (lazy imports, try/except): a missing or failing Flas
 blanks its columns. Times are medians of CUDA-graph replays (falls back to plain launches when a
 capture fails); when a point's data would fit in L2, several buffer sets are cycled.
 Bytes of our kernel = B*ctx*H_kv*(k slot_bytes + v slot_bytes) + q + out.
+Our decode reads queries already rotated, as in the server, where the step's compress launch rotates
+them (its time, "compress", includes that); PROD (QJL) keys rotate inside decode.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ except ImportError:  # fall back to the repo's kernels/ folder, loaded under the
     sys.modules["tq_kernels"] = _mod
     _spec.loader.exec_module(_mod)
 
+from tq_kernels._common import kernel_tables
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
 from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms
@@ -52,14 +55,14 @@ CODECS = {
 SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # block_n, num_warps, num_stages, use_lut (byte LUT of the general stage 1), sliced (no-interleave
 # stage 1 where the formats allow it, else the general one), register_lut (sliced: PTX byte-permute
-# centroid lookup instead of per-code gathers).
+# centroid lookup instead of per-code gathers), max_registers (0: Triton's choice).
 # First run (H100, 2026-11-28): general stage 1 with per-code gathers 3.54 ms for K4V4 at B=32, ctx 32K
 # (byte LUT 2x slower). H200 sweep (2026-11-28): sliced + register LUT 0.97 ms at (128, 4, 2), the
 # default since. The 3-bit register LUT came after that sweep; on an H100 (profile_decode.py) K3V3 ran
 # 1.37 ms with it against 3.65 ms general, and it is the default for 3-bit codes since.
-SWEEP = [(64, 4, 2, False, True, True), (64, 4, 3, False, True, True), (32, 4, 2, False, True, True),
-         (128, 4, 2, False, True, True), (128, 8, 2, False, True, True), (64, 8, 2, False, True, True),
-         (64, 4, 2, False, True, False), (64, 4, 2, False, False, False)]
+SWEEP = [(128, 4, 2, False, True, True, 0), (128, 4, 2, False, True, True, 128), (128, 4, 3, False, True, True, 0),
+         (128, 8, 2, False, True, True, 0), (64, 4, 2, False, True, True, 0), (64, 4, 3, False, True, True, 0),
+         (64, 4, 2, False, True, True, 128), (64, 8, 2, False, True, True, 0), (32, 4, 2, False, True, True, 0)]
 
 
 def log(*a):
@@ -149,17 +152,21 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
         indptr, idx = paged_indices(B, ctx, n_slots, seed + 100 + i)
         q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(B, hq, d, device="cuda", dtype=torch.bfloat16)
-        sets.append((bufs, indptr, idx, q, out))
+        # the queries as the server's compress launch leaves them rotated (q M_k^T; QJL keys: decode
+        # rotates and sketches them itself)
+        qrot = None if kfmt.qjl else (q.float() @ kernel_tables(kc, "cuda")["wt"]).contiguous()
+        sets.append((bufs, indptr, idx, q, out, qrot))
     ns = splits or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
     ws = DecodeWorkspace.create(B, hq, d, max_splits=max(ns, 1), device="cuda")
     kw = {}
     if cfg is not None:
         kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4],
-                  register_lut=cfg[5])
+                  register_lut=cfg[5], max_registers=cfg[6] or None)
 
     def fn():
-        for bufs, indptr, idx, q, out in sets:
-            decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns, **kw)
+        for bufs, indptr, idx, q, out, qrot in sets:
+            decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
+                             q_rotated=qrot, **kw)
 
     ms = bench(fn, n_inner=n_sets)
     qo_bytes = 2 * B * hq * d * 2
@@ -250,7 +257,9 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
     return ms
 
 
-def run_compress(B, hkv, d, codec_name, seed):
+def run_compress(B, hkv, d, codec_name, seed, hq=None):
+    """compress_and_store of B new tokens; with hq (keys without QJL) also rotating the B decode
+    queries, as the server's decode step does."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     n_slots = 4 * B + 1
@@ -258,7 +267,11 @@ def run_compress(B, hkv, d, codec_name, seed):
     k = torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16)
     slots = (torch.randperm(n_slots - 1, device="cuda")[:B] + 1).to(torch.int32)
-    return bench(lambda: compress_and_store(k, v, slots, kc, vc, *bufs))
+    qkw = {}
+    if hq and not kfmt.qjl:
+        qkw = dict(q=torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16),
+                   q_rot=torch.empty(B, hq, d, device="cuda", dtype=torch.float32))
+    return bench(lambda: compress_and_store(k, v, slots, kc, vc, *bufs, **qkw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,14 +429,15 @@ def main():
                         best = (ms, None, ns)
                         sweep = []
                         for cfg in SWEEP:
-                            for sp in sorted({ns, max(1, ns // 2), ns * 2}):
+                            for sp in sorted({ns, max(1, ns // 4), max(1, ns // 2), ns * 2}):
                                 try:
                                     t, _, _ = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, cfg=cfg, splits=sp)
                                 except Exception as e:
                                     log(f"    sweep {cfg} splits={sp} failed: {type(e).__name__}: {str(e)[:120]}")
                                     continue
                                 sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
-                                                  sliced=cfg[4], register_lut=cfg[5], splits=sp, ms=t))
+                                                  sliced=cfg[4], register_lut=cfg[5], max_registers=cfg[6],
+                                                  splits=sp, ms=t))
                                 if t < best[0]:
                                     best = (t, cfg, sp)
                         pt["sweep"] = sweep
@@ -437,7 +451,7 @@ def main():
         for codec in codecs:
             for B in batches:
                 try:
-                    ms = run_compress(B, hkv, d, codec, 5)
+                    ms = run_compress(B, hkv, d, codec, 5, hq=hq)
                     dec = sorted((p["ctx"], p["ms"]) for p in results["points"] if p["shape"] == shape
                                  and p["codec"] == codec and p["B"] == B)
                     results["compress"].append(dict(shape=shape, codec=codec, B=B, ms=ms,

@@ -10,9 +10,9 @@
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines), a
-#        config sweep at B=32, 32K and profile_decode's variants (fused q, merge, 5-bit LUT): no model needed
+#        config sweep (B 1 / 32, 1K / 32K) and profile_decode's variants (q rotation, merge): no model needed
 #   4. timed      carry .gpu_bundle .gpu_tok            alone on the machine: scripts/bench_serving.py
-#        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (fused q rotation on / off,
+#        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (q rotated in compress or in decode,
 #        stage 2 vs the merge in stage 1)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
@@ -47,12 +47,10 @@ kernels)
         tests/test_kernels_compress.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
     timeout 150 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 K5V4 --shapes hd128 \
         --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -30
-    timeout 60 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 32 --ctx 32768 --codecs K4V4 --shapes hd128 \
-        --out "$W/sweep" > "$W/sweep.log" 2>&1; tail -20 "$W/sweep.log"
-    timeout 70 python3 scripts/profile_decode.py --compare-fused-q --compare-merge --points 1:1024 8:1024 32:32768 \
+    timeout 150 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
+        --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1; grep "best" "$W/sweep.log" | tail -8
+    timeout 80 python3 scripts/profile_decode.py --compare-q-rotation --compare-merge --points 1:1024 8:1024 32:32768 \
         --out "$W/profile" > "$W/profile.log" 2>&1; grep -v "^    " "$W/profile.log"
-    timeout 40 python3 scripts/profile_decode.py --codecs K5V4 --sliced 1 --points 1:1024 32:32768 \
-        --out "$W/profile_k5" > "$W/profile_k5.log" 2>&1; grep -v "^    " "$W/profile_k5.log"
     pack ;;
 checks)
     source scripts/gpu_env.sh
@@ -78,7 +76,7 @@ timed)
         --configs "${SERVING_CONFIGS:-turbo4,bf16}" --points "${SERVING_POINTS:-1024:256:8,16384:512:64}" \
         --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$W/serving" > "$W/serving.log" 2>&1
     kill_gpu_procs
-    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-fused-q --compare-merge \
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-q-rotation --compare-merge \
         --points 1:1024 8:1024 32:1024 32:32768 --out "$W/profile" > "$W/profile.log" 2>&1
     pack
     tail -12 "$W/serving.log"; grep -v "^    " "$W/profile.log" ;;

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Where the time of one decode step goes (GPU): per-kernel device time of compress_and_store and
 decode_attention at a few (B, context) points, from torch.profiler over plain launches, next to the
-CUDA-graph time of the whole call (what a server's decode graph pays).
+CUDA-graph times of each call and of the layer's whole step (compress, then decode: what a server's
+decode graph pays per quantized layer). By default the compress launch also rotates the queries, as in
+the server; --compare-q-rotation adds each point with decode's own rotation (three launches).
 
     python3 scripts/profile_decode.py [--codecs K4V4 K3V3] [--points 1:1024 8:1024 32:32768] [--out DIR]
 """
@@ -47,21 +49,30 @@ def point(codec, B, ctx, hq=32, hkv=8, d=128, decode_kw=None):
     indptr, idx = paged_indices(B, ctx, n_slots, 2)
     q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    ns = choose_num_splits(B, hkv, ctx, num_sms("cuda"))
+    kw = dict(decode_kw or {})
+    q_in_compress = kw.pop("q_in_compress", True) and not kfmt.qjl
+    ns = kw.pop("num_splits", None) or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
     ws = DecodeWorkspace.create(B, hq, d, max_splits=ns, device="cuda")
     k = torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     slots = (torch.randperm(n_slots - 1, device="cuda")[:B] + 1).to(torch.int64)
-    kw = decode_kw or {}
+    qkw = dict(q=q, q_rot=ws.q_rot) if q_in_compress else {}
 
     def dec():
-        decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns, **kw)
+        decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
+                         q_rotated=ws.q_rot if q_in_compress else None, **kw)
 
     def comp():
-        compress_and_store(k, v, slots, kc, vc, *bufs)
+        compress_and_store(k, v, slots, kc, vc, *bufs, **qkw)
 
-    res = {"codec": codec, "B": B, "ctx": ctx, "splits": ns, "decode_kw": {k_: str(v_) for k_, v_ in kw.items()},
+    def step():
+        comp()
+        dec()
+
+    res = {"codec": codec, "B": B, "ctx": ctx, "splits": ns, "q_in_compress": q_in_compress,
+           "decode_kw": {k_: str(v_) for k_, v_ in kw.items()},
            "decode_graph_us": bench(dec) * 1e3, "compress_graph_us": bench(comp) * 1e3,
+           "step_graph_us": bench(step) * 1e3,
            "decode_kernels_us": kernel_times(dec), "compress_kernels_us": kernel_times(comp)}
     del bufs
     torch.cuda.empty_cache()
@@ -73,15 +84,18 @@ def main():
     ap.add_argument("--codecs", nargs="*", default=["K4V4"])
     ap.add_argument("--points", nargs="*", default=["1:1024", "8:1024", "32:1024", "1:32768", "32:32768"])
     ap.add_argument("--sliced", choices=["auto", "1", "0"], default="auto")
-    ap.add_argument("--compare-fused-q", action="store_true",
-                    help="each point also with fuse_q_rotation=False (the separate fp32 q rotation)")
+    ap.add_argument("--compare-q-rotation", action="store_true",
+                    help="each point also with decode's own q rotation (not in the compress launch)")
+    ap.add_argument("--splits", type=int, nargs="*", default=[],
+                    help="each point also with these split counts (default: choose_num_splits)")
     ap.add_argument("--compare-merge", action="store_true",
                     help="each point also with fused_merge=True (no stage 2: the last split merges)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     kw = {} if a.sliced == "auto" else {"sliced": a.sliced == "1"}
-    variants = ([kw] + ([dict(kw, fuse_q_rotation=False)] if a.compare_fused_q else [])
-                + ([dict(kw, fused_merge=True)] if a.compare_merge else []))
+    variants = ([kw] + ([dict(kw, q_in_compress=False)] if a.compare_q_rotation else [])
+                + ([dict(kw, fused_merge=True)] if a.compare_merge else [])
+                + [dict(kw, num_splits=n) for n in a.splits])
     print("GPU", torch.cuda.get_device_name(0), flush=True)
     rows = []
     for codec in a.codecs:
@@ -90,7 +104,7 @@ def main():
             r = point(codec, B, ctx, decode_kw=v)
             rows.append(r)
             print(f"{codec} B={B} ctx={ctx} splits={r['splits']} {v or ''}: decode graph {r['decode_graph_us']:.1f} us, "
-                  f"compress graph {r['compress_graph_us']:.1f} us", flush=True)
+                  f"compress graph {r['compress_graph_us']:.1f} us, step graph {r['step_graph_us']:.1f} us", flush=True)
             for name, us in list(r["decode_kernels_us"].items())[:8]:
                 print(f"    decode  {us:8.1f} us  {name}", flush=True)
             for name, us in list(r["compress_kernels_us"].items())[:4]:

@@ -149,7 +149,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if ws_cls is None or not self.on_cuda:
             return None
         max_splits = max(self.num_splits(b) or 1 for b in range(1, max_bs + 1))
-        return ws_cls.create(max_bs, self.num_head, self.v_head_dim, max_splits, self.device)
+        return ws_cls.create(max_bs, self.num_head, self.v_head_dim, max_splits, self.device,
+                             head_dim_k=self.tq_pool.head_dim)
 
     def _warm_tables(self):
         """Build every codec's device tables now (eagerly), never inside a CUDA-graph capture."""
@@ -253,11 +254,6 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self._check_layer(layer, sinks)
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
-        if save_kv_cache:
-            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-        kb, vb = pool.get_kv_buffer(layer.layer_id)
-        md = self.forward_metadata
-        self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
         bs = q.shape[0]
         extra = {}
         if self.on_cuda:
@@ -266,6 +262,17 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             extra = dict(workspace=ws, num_splits=self.num_splits(bs), sliced=self.decode_sliced)
             if self.fused_merge:
                 extra["fused_merge"] = True
+        kb, vb = pool.get_kv_buffer(layer.layer_id)
+        if save_kv_cache:
+            rot = {}
+            if self.on_cuda and not kb.codec.fmt.qjl:  # the new K/V's launch also rotates the queries
+                q_rot = (ws.q_rot if ws is not None
+                         else q.new_empty((bs, layer.tp_q_head_num, layer.qk_head_dim), dtype=torch.float32))
+                rot = dict(q=q, q_rot=q_rot)
+                extra["q_rotated"] = q_rot
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, **rot)
+        md = self.forward_metadata
+        self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
         self._decode(
             q.view(bs, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,

@@ -323,7 +323,11 @@ class TQTokenToKVPool(KVCache):
         k_scale: Optional[float] = None,
         v_scale: Optional[float] = None,
         layer_id_override: Optional[int] = None,
+        q: Optional[torch.Tensor] = None,
+        q_rot: Optional[torch.Tensor] = None,
     ) -> None:
+        """q / q_rot (quantized layers, decode): the same compress launch writes the queries rotated like
+        the keys into q_rot (tq_kernels.compress_and_store); the decode kernel then reads them."""
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = self._local(layer_id)
         # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored, as MHATokenToKVPool
@@ -332,6 +336,8 @@ class TQTokenToKVPool(KVCache):
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.quantized[idx]:
             extra = {} if self.key_means[idx] is None else {"k_mean": self.key_means[idx]}
+            if q is not None:
+                extra.update(q=q, q_rot=q_rot)
             self._ops.compress_and_store(k, v, loc, self.k_codecs[idx], self.v_codecs[idx],
                                          self.k_codes[idx], self.k_scales[idx],
                                          self.v_codes[idx], self.v_scales[idx], **extra)

@@ -186,17 +186,41 @@ def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
 
 @needs_triton
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kfmt, vfmt", [(F(128, 4), F(128, 4)),
-                                        (F(128, 3, outlier_channels=32, outlier_bits=4), F(128, 3))],
-                         ids=["K4V4", "K3o-V3"])
-def test_decode_fused_q_rotation(kfmt, vfmt, q_dtype):
-    """The sliced stage 1 rotating q itself (int8 signs, 16-bit MMA) matches the reference and the
-    separate fp32 rotation."""
-    fused, ref = _run_case(kfmt, vfmt, 8, 2, [90, 1], 2, 32, 0.0, 5, q_dtype=q_dtype, sliced=True)
-    plain, _ = _run_case(kfmt, vfmt, 8, 2, [90, 1], 2, 32, 0.0, 5, q_dtype=q_dtype, sliced=True,
-                         fuse_q_rotation=False)
-    assert rel_err(fused, ref) < TOL
-    assert rel_err(fused, plain) < 1e-2
+@pytest.mark.parametrize("kfmt, vfmt, hq, hkv", [(F(128, 4), F(128, 4), 8, 2),
+                                                 (F(64, 3, outlier_channels=16, outlier_bits=4), F(64, 3), 9, 3)],
+                         ids=["K4V4-g4", "K3o-V3-g3"])
+def test_decode_with_queries_rotated_by_compress(kfmt, vfmt, hq, hkv, q_dtype):
+    """compress_and_store(q=, q_rot=) rotates the decode queries in its launch (q M_k^T, fp32); decode
+    on them (q_rotated=) matches decode's own rotation and the reference."""
+    from tq_kernels.compress import compress_and_store
+    from tq_kernels.decode import DecodeWorkspace, decode_attention
+
+    gen = torch.Generator().manual_seed(21)
+    kc, vc = make_codecs(kfmt, vfmt, seed=2)
+    lens = [90, 1, 17]
+    bufs = alloc_cache(kfmt, vfmt, sum(lens) + 13, hkv, DEV)
+    batch = fill_random_kv(lens, hkv, kc, vc, bufs, gen, DEV)
+    B, d = len(lens), kfmt.head_dim
+    q = (torch.randn(B, hq, d, generator=gen) * 2).to(DEV, q_dtype)
+    # the new token of each sequence: its K/V go to the last slot of the sequence, as in a decode step
+    last = batch.kv_indices[batch.kv_indptr[1:].long() - 1]
+    k_new = torch.randn(B, hkv, d, generator=gen).to(DEV, q_dtype)
+    v_new = torch.randn(B, hkv, vfmt.head_dim, generator=gen).to(DEV, q_dtype)
+    ws = DecodeWorkspace.create(B + 2, hq, vfmt.head_dim, max_splits=4, device=DEV, head_dim_k=d)
+    ws.q_rot.fill_(float("nan"))
+    compress_and_store(k_new, v_new, last, kc, vc, *bufs, q=q, q_rot=ws.q_rot)
+    want = q.float().cpu() @ kc.rotation.matrix().T.float()
+    torch.testing.assert_close(ws.q_rot[:B].cpu(), want, rtol=1e-5, atol=1e-5)
+    outs = []
+    for qrot in (ws.q_rot, None):
+        out = torch.empty(B, hq, vfmt.head_dim, dtype=q_dtype, device=DEV)
+        decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, 0.0, out,
+                         workspace=ws, num_splits=2, block_n=32, q_rotated=qrot)
+        outs.append(out.float().cpu())
+    ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, batch.kv_indptr.cpu(),
+                                     batch.kv_indices.cpu(), d ** -0.5, 0.0)
+    assert rel_err(outs[0], ref.float()) < TOL
+    assert rel_err(outs[0], outs[1]) < 1e-2
 
 
 @needs_triton
@@ -224,7 +248,7 @@ def test_decode_fused_merge(kfmt, vfmt, heads, lens, splits):
 
 
 def test_rotation_sign_tables_reproduce_m():
-    """M = signs / sqrt(d) (also with an outlier permutation): the fused q rotation is exact."""
+    """M = signs / sqrt(d) (also with an outlier permutation): the rotations on signs are exact."""
     from tq_kernels._common import kernel_tables, rotation_operand
 
     for kfmt in (F(64, 4), F(128, 3, outlier_channels=32, outlier_bits=4)):
