@@ -436,12 +436,17 @@ def num_sms(device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_sms: int,
-                      max_splits: int = 64, min_tokens_per_split: int = 256, waves: int = 16) -> int:
-    """Splits per sequence so that batch * H_kv * splits programs fill ~`waves` programs per SM,
-    without splits shorter than `min_tokens_per_split` tokens. A Python int (static grid)."""
+                      max_splits: int = 64) -> int:
+    """Split-K count per sequence (a Python int: static grid): ~8 programs per (sequence, KV head),
+    at least 2 and at most 16 per SM, splits of at least 128 tokens (256 once the pairs alone fill the
+    SMs). From an H100 sweep (scripts/bench_kernels.py --sweep, K4V4, hd 128, 2026-11-28, fourth
+    session): B=1, 1K: 8 splits 12.5 us against 14.4 us with 4; B=1, 32K: 32 splits 47.5 us against
+    56.1 us with 64; B=32, 1K: 4 splits 43.6 us against 49.5 us with 8; B=32, 32K: 872 us with 9
+    splits, 891 us with 4."""
     work = max(1, batch * num_kv_heads)
-    s = triton.cdiv(waves * num_sms, work)
-    s = min(s, triton.cdiv(max(1, max_seq_len_hint), min_tokens_per_split), max_splits)
+    programs = max(2 * num_sms, min(16 * num_sms, 8 * work))
+    min_tokens = 128 if work < num_sms else 256
+    s = min(triton.cdiv(programs, work), triton.cdiv(max(1, max_seq_len_hint), min_tokens), max_splits)
     return max(1, int(s))
 
 

@@ -45,7 +45,7 @@ logger = logging.getLogger("sglang_tq")
 
 PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
 # Decode stage-1 choice (tq_kernels.decode_attention's `sliced`): unset = automatic (the sliced stage 1
-# with a register LUT for 2-/3-/4-bit layers, the general one otherwise), 1 = sliced wherever the
+# with a register LUT for 2-/3-/4-/5-bit layers, the general one otherwise), 1 = sliced wherever the
 # formats allow it, 0 = always the general stage 1.
 DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
 # 1 = one split count for every decode batch size (the count of batch size 1). A sequence's split-K
@@ -54,7 +54,7 @@ DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
 # bf16 KV. It costs more partials at large batches, so it is off by default.
 BATCH_INVARIANT_ENV = "SGLANG_TQ_BATCH_INVARIANT"
 # 1 = decode without stage 2: the last split program of each (sequence, KV head) merges the splits
-# (tq_kernels.decode_attention's fused_merge; one launch fewer per layer). Off until timed on a GPU.
+# (tq_kernels.decode_attention's fused_merge; one launch fewer per layer). Off: not faster on an H100.
 FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
 
 

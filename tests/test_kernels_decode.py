@@ -106,7 +106,10 @@ def test_decode_fp32_query_and_default_splits():
 def test_choose_num_splits():
     from tq_kernels.decode import choose_num_splits
 
-    assert choose_num_splits(1, 8, 32768, 132) > 1
+    assert choose_num_splits(1, 8, 32768, 132) == 33  # few (sequence, head) pairs: ~2 programs per SM
+    assert choose_num_splits(1, 8, 1024, 132) == 8  # ... with splits down to 128 tokens
+    assert choose_num_splits(32, 8, 32768, 132) == 8  # ~8 programs per pair
+    assert choose_num_splits(32, 8, 1024, 132) == 4  # pairs fill the SMs: splits of at least 256 tokens
     assert choose_num_splits(128, 8, 32768, 132) <= 3  # 1024 (sequence, head) pairs already fill the GPU
     assert choose_num_splits(1, 1, 100, 132) == 1  # short sequences are not split
     assert 1 <= choose_num_splits(32, 8, 32768, 132, max_splits=16) <= 16
