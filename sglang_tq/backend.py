@@ -9,7 +9,9 @@ functions change:
 * quantized layer, extend (prefill, chunked prefill, radix-cache hits, mixed batches):
   `compress_and_store` of the new tokens (if `save_kv_cache`), then `extend_attention` = queries
   attend to the dequantized prefix from the packed cache plus (causally) to the new tokens'
-  unquantized K/V.
+  unquantized K/V. A batch in which no sequence has a cached prefix (a first prefill chunk without
+  a radix hit) reads nothing from the cache: SGLang's own Triton extend kernel runs it on the bf16 K/V
+  (`SGLANG_TQ_PLAIN_PREFILL=0` turns that off).
 * quantized layer, decode: `compress_and_store` of the new token, then `decode_attention` over the
   packed cache (split-K with a static per-batch-size split count and a preallocated
   `DecodeWorkspace` under CUDA graphs: no host syncs, static grid).
@@ -56,6 +58,10 @@ BATCH_INVARIANT_ENV = "SGLANG_TQ_BATCH_INVARIANT"
 # 1 = decode without stage 2: the last split program of each (sequence, KV head) merges the splits
 # (tq_kernels.decode_attention's fused_merge; one launch fewer per layer). Off: not faster on an H100.
 FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
+# 0 = every quantized-layer prefill through the TurboQuant extend kernel. Default 1: a batch without
+# cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
+# bf16 K/V (same result up to rounding, BF16-KV prefill speed).
+PLAIN_PREFILL_ENV = "SGLANG_TQ_PLAIN_PREFILL"
 
 
 def _env_flag(name: str) -> bool:
@@ -91,6 +97,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
         self.batch_invariant = _env_flag(BATCH_INVARIANT_ENV)
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
+        self.plain_prefill = os.environ.get(PLAIN_PREFILL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -206,6 +213,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         md = self.forward_metadata
         k_mean = self._key_mean(pool, layer)
+        if (self.on_cuda and self.plain_prefill and not self.prefill_from_cache
+                and self._no_cached_prefix(forward_batch)):
+            return self._plain_extend(q, k, v, o, layer)
         extra = {}
         if self.prefill_from_cache:
             # stored keys are codes of k - mu: dequantized they are already centered like the prefix
@@ -223,6 +233,33 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
             **extra,
+        )
+        return o
+
+    @staticmethod
+    def _no_cached_prefix(forward_batch) -> bool:
+        """True when no sequence of this extend batch reads a prefix from the cache (host-side lengths:
+        no sync). A first prefill chunk without a radix hit is such a batch."""
+        lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+        return lens is not None and len(lens) > 0 and not any(lens)
+
+    def _plain_extend(self, q, k, v, o, layer):
+        """Attention of new tokens without a cached prefix: nothing is read from the packed cache, and
+        the rotation is orthogonal, so this is plain attention over the new bf16 K/V (key centering
+        only shifts each query's scores by a constant). SGLang's own Triton extend kernel serves it,
+        so such a prefill runs as fast as with BF16 KV; the K/V were already stored packed."""
+        md = self.forward_metadata
+        k3 = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous()
+        v3 = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).contiguous()
+        self.extend_attention_fwd(
+            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(), k3, v3,
+            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            k3, v3,  # the prefix buffers: every prefix is empty, so the kernel reads none of them
+            md.qo_indptr, md.kv_indptr, md.kv_indices, md.custom_mask, self._causal(layer), md.mask_indptr,
+            md.max_extend_len, 1.0, 1.0, layer.scaling,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+            xai_temperature_len=getattr(layer, "xai_temperature_len", -1),
         )
         return o
 

@@ -9,6 +9,8 @@ Every test also runs with key centering (`key_means:`, param "centered"): the Tu
 holds codes of k - mu, and the reference pool the dequantized keys + mu -- equal attention by softmax
 invariance.
 """
+import os
+
 import pytest
 
 pytest.importorskip("sglang")
@@ -304,3 +306,29 @@ def test_batch_invariant_split_count(setup, monkeypatch):
             assert counts[1] == counts[64] == counts[512] > 1
         else:
             assert counts[1] > counts[64] > counts[512]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="SGLang's Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
+def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
+    """A prefill batch in which no sequence has a cached prefix never reads the packed cache: the
+    backend's GPU path hands it to SGLang's own Triton extend kernel over the new bf16 K/V (run here in
+    the interpreter), which must match the reference; a batch with a prefix must not take that path."""
+    s = setup
+    runner, ref_runner, backend = s["runner"], s["ref_runner"], s["backend"]
+    r2t = runner.req_to_token_pool.req_to_token
+    new = [7, 12]
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t[4, :7] = slots[:7].to(r2t.dtype)
+    r2t[7, :12] = slots[7:].to(r2t.dtype)
+    fb = extend_batch(runner, [4, 7], [0, 0], new, slots, backend)
+    fb_ref = extend_batch(ref_runner, [4, 7], [0, 0], new, slots, s["ref"])
+    assert backend._no_cached_prefix(fb)
+    assert not backend._no_cached_prefix(extend_batch(runner, [4, 7], [3, 0], new, slots, backend))
+    backend.init_forward_metadata(fb)
+    s["ref"].init_forward_metadata(fb_ref)
+    for layer in s["layers"][1:]:  # the quantized layers
+        q, k, v = _qkv(s["gen"], sum(new))
+        o = backend._plain_extend(q, k, v, q.new_empty(sum(new), HQ * D), layer)
+        o_ref = layer(q, k, v, fb_ref)
+        torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
