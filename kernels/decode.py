@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
                       online_softmax_step, packed_tile_update, register_lut_slices, register_lut_slices3,
+                      register_poly_slices,
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
                       unrotate_store)
 from .codec import TQCodec
@@ -139,21 +140,30 @@ def _slice_index(rows, mask, b0, T: tl.constexpr, D: tl.constexpr, LO: tl.conste
 
 
 @triton.jit
-def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
-    """Columns T, T + S, T + 2S, ... of the rotated query rows (bf16, scaled)."""
+def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr, F16: tl.constexpr = False):
+    """Columns T, T + S, T + 2S, ... of the rotated query rows (scaled; bf16, or f16 against f16 keys)."""
     cols = tl.arange(0, D // S) * S + T
-    return (tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+    q = tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    if F16:
+        q16 = q.to(tl.float16)
+    else:
+        q16 = q.to(tl.bfloat16)
+    return q16
 
 
 @triton.jit
 def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
                      M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
                      NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
-                     X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
-    """bf16 centroids [BLOCK_N, D / S] of every slice of a tile (a 4-tuple; unused entries repeat
-    slice 0). ASM: the register LUT over the uint8 first-field bytes b0; "" -> per-code gathers."""
+                     X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr,
+                     POLY: tl.constexpr = False):
+    """Centroids [BLOCK_N, D / S] of every slice of a tile (a 4-tuple; unused entries repeat slice 0),
+    in cent_ptr's dtype (bf16; f16 with POLY). ASM: the register LUT (POLY: the polynomial,
+    `register_poly_asm`) over the uint8 first-field bytes b0; "" -> per-code gathers."""
     S: tl.constexpr = 8 // M0W
-    if ASM != "" and M1W == 1 and M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
+    if ASM != "" and POLY:
+        c0, c1, c2, c3 = register_poly_slices(b0, ASM)
+    elif ASM != "" and M1W == 1 and M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
         c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, M1OFF, D), ASM)
     elif ASM != "" and M1W == 1:  # 5-bit codes: the same, two coordinates per byte
         c0, c1, c2, c3 = register_lut_slices5(b0, split_high_crumbs(rows, mask, M1OFF, D), ASM)
@@ -190,7 +200,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                           cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
-                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, WIDE: tl.constexpr,
+                          K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
+                          WIDE: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
                           MV_SCALE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -206,7 +217,9 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored against the matching
     query columns and accumulated into its own V accumulator, so no tile is ever re-ordered.
     K_ASM / V_ASM (register_lut_asm): centroids of a whole byte by PTX byte permutes instead of a
-    memory gather per code ("": gathers). FUSED_MERGE: no stage 2; the last split of each (sequence,
+    memory gather per code ("": gathers). K_POLY / V_POLY: K_ASM / V_ASM compute 4-bit centroids as a
+    polynomial in f16 (`register_poly_asm`; gathers from an f16 table in the interpreter), and that
+    role's MMA runs in f16 (its query slices, or p * |v|, are cast to f16). FUSED_MERGE: no stage 2; the last split of each (sequence,
     KV head) to finish, found with an atomic counter in cnt_ptr, merges all of them and writes out_ptr (FENCE: a gpu-scope fence by every thread
     first, so the other programs see its partials; the interpreter runs programs one by one)."""
     KS: tl.constexpr = 8 // K_M0W
@@ -226,13 +239,13 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                      mask=gmask[:, None])
         return
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    q0 = _q_slice(qrow, gmask, q_scale, 0, KS, K_D)
-    q1 = _q_slice(qrow, gmask, q_scale, 1, KS, K_D)
+    q0 = _q_slice(qrow, gmask, q_scale, 0, KS, K_D, K_POLY)
+    q1 = _q_slice(qrow, gmask, q_scale, 1, KS, K_D, K_POLY)
     q2 = q0
     q3 = q0
     if KS == 4:
-        q2 = _q_slice(qrow, gmask, q_scale, 2, KS, K_D)
-        q3 = _q_slice(qrow, gmask, q_scale, 3, KS, K_D)
+        q2 = _q_slice(qrow, gmask, q_scale, 2, KS, K_D, K_POLY)
+        q3 = _q_slice(qrow, gmask, q_scale, 3, KS, K_D, K_POLY)
     sk0 = q0
     sk1 = q0
     sk2 = q0
@@ -270,7 +283,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
         # ---- scores of the whole GQA group against the tile, one tl.dot per slice
         c0, c1, c2, c3 = _slice_centroids(krow, nmask, kb, kcent_ptr, K_ASM, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
-                                          K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+                                          K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
+                                          K_POLY)
         s = tl.dot(q0, tl.trans(c0))
         s = tl.dot(q1, tl.trans(c1), s)
         if KS == 4:
@@ -286,9 +300,13 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
             s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
         p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
         # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
-        pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
+        if V_POLY:
+            pv = (p * vs0.to(tl.float32)[None, :]).to(tl.float16)
+        else:
+            pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
         e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
-                                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+                                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH,
+                                          V_POLY)
         a0 = tl.dot(pv, e0, a0 * alpha[:, None])
         a1 = tl.dot(pv, e1, a1 * alpha[:, None])
         if VS == 4:
@@ -454,7 +472,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
                      block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
-                     sliced: Optional[bool] = None, register_lut: bool = True, fused_merge: bool = False,
+                     sliced: Optional[bool] = None, register_lut: bool = True, centroid_poly: bool = False,
+                     fused_merge: bool = False,
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
                      max_seq_len_hint: Optional[int] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
@@ -474,6 +493,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     the same launch as the new K/V: keys without QJL); q then gives only shapes and the output dtype.
     Else q is rotated here by an fp32 matmul (three small launches; rotating q inside stage 1 instead
     cost 10 us per program on an H100: 1.03 against 0.88 ms at B=32, 32K).
+    centroid_poly (sliced stage 1, 4-bit single-field K and/or V): compute the centroids as an f16
+    polynomial of the code (`register_poly_asm`: 6 integer + 26 f16x2 instructions per 8 codes against
+    ~23 integer ones for the lookup, more accurate than the bf16 table) and run that role's MMA in f16.
+    Opt-in: compiled for sm_90 and checked by the PTX emulator, not yet run on a GPU.
     max_registers (sliced stage 1): a per-thread register cap (Triton's maxnreg); 128 lets four 4-warp
     programs share an SM instead of three, at the price of a few spills for K4V4.
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
@@ -522,6 +545,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
     merge_in_stage1 = bool(sliced and fused_merge)
+    k_poly = bool(sliced and centroid_poly and kt["has_poly"])
+    v_poly = bool(sliced and centroid_poly and vt["has_poly"])
     mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv
@@ -535,11 +560,14 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-            kt["centroids_bf16"], vt["centroids_bf16"], kv_indptr, kv_indices, num_splits,
+            kt["centroids_f16" if k_poly else "centroids_bf16"], vt["centroids_f16" if v_poly else "centroids_bf16"],
+            kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
-            K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
+            K_ASM=kt["poly_asm"] if k_poly else kt["lut_asm"] if register_lut else "",
+            V_ASM=vt["poly_asm"] if v_poly else vt["lut_asm"] if register_lut else "",
+            K_POLY=k_poly, V_POLY=v_poly,
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),

@@ -55,14 +55,16 @@ CODECS = {
 SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # block_n, num_warps, num_stages, use_lut (byte LUT of the general stage 1), sliced (no-interleave
 # stage 1 where the formats allow it, else the general one), register_lut (sliced: PTX byte-permute
-# centroid lookup instead of per-code gathers), max_registers (0: Triton's choice).
+# centroid lookup instead of per-code gathers), max_registers (0: Triton's choice), centroid_poly (4-bit
+# centroids as an f16 polynomial instead of the lookup; optional 8th entry).
 # First run (H100, 2026-11-28): general stage 1 with per-code gathers 3.54 ms for K4V4 at B=32, ctx 32K
 # (byte LUT 2x slower). H200 sweep (2026-11-28): sliced + register LUT 0.97 ms at (128, 4, 2), the
 # default since. The 3-bit register LUT came after that sweep; on an H100 (profile_decode.py) K3V3 ran
 # 1.37 ms with it against 3.65 ms general, and it is the default for 3-bit codes since.
 SWEEP = [(128, 4, 2, False, True, True, 0), (128, 4, 2, False, True, True, 128), (128, 4, 3, False, True, True, 0),
          (128, 8, 2, False, True, True, 0), (64, 4, 2, False, True, True, 0), (64, 4, 3, False, True, True, 0),
-         (64, 4, 2, False, True, True, 128), (64, 8, 2, False, True, True, 0), (32, 4, 2, False, True, True, 0)]
+         (64, 4, 2, False, True, True, 128), (64, 8, 2, False, True, True, 0), (32, 4, 2, False, True, True, 0),
+         (128, 4, 2, False, True, True, 0, True), (64, 4, 2, False, True, True, 0, True)]
 
 
 def log(*a):
@@ -161,7 +163,7 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
     kw = {}
     if cfg is not None:
         kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4],
-                  register_lut=cfg[5], max_registers=cfg[6] or None)
+                  register_lut=cfg[5], max_registers=cfg[6] or None, centroid_poly=len(cfg) > 7 and cfg[7])
 
     def fn():
         for bufs, indptr, idx, q, out, qrot in sets:
@@ -437,6 +439,7 @@ def main():
                                     continue
                                 sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
                                                   sliced=cfg[4], register_lut=cfg[5], max_registers=cfg[6],
+                                                  centroid_poly=len(cfg) > 7 and cfg[7],
                                                   splits=sp, ms=t))
                                 if t < best[0]:
                                     best = (t, cfg, sp)

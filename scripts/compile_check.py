@@ -104,6 +104,7 @@ def main():
             jobs[f"decode-bn{bn}"] = decode_job(bn, sliced=False)
             jobs[f"decode-sliced-bn{bn}"] = decode_job(bn, sliced=True)
         jobs["decode-sliced-merge"] = decode_job(64, sliced=True, fused_merge=True)
+        jobs["decode-sliced-poly"] = decode_job(128, sliced=True, centroid_poly=True)
         for bm, bn in ((64, 64), (32, 32), (64, 32)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),

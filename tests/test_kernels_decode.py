@@ -370,3 +370,36 @@ def test_sliced_ok_formats():
     assert sliced_ok(F(128, 3, qjl=True)) and sliced_ok(F(128, 3, outlier_channels=32, outlier_bits=4))
     assert not sliced_ok(F(128, 1))        # 1-bit first field: 8 slices
     assert not sliced_ok(F(64, 2, qjl=True))  # 1-bit MSE codes under the QJL bit
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_register_poly_asm_logic(d):
+    """The polynomial PTX for 4-bit codes, run on the CPU emulator (f16x2 lanes rounded once per
+    instruction), gives every code of every byte in element order, closer to the exact centroid than
+    the bf16 table the lookup uses."""
+    from tq_kernels._common import emulate_register_lut, kernel_tables, register_poly_asm
+
+    kc, _ = make_codecs(F(d, 4), F(d, 4))
+    cent = kernel_tables(kc, "cpu")["centroids"].double()
+    asm = register_poly_asm(kc.fmt, cent.float())
+    assert asm and register_poly_asm(F(d, 3), cent) == "" and register_poly_asm(F(d, 2), cent) == ""
+    codes = torch.arange(256, dtype=torch.uint8)
+    slices = emulate_register_lut(asm, codes)
+    bf16_err = (cent.to(torch.bfloat16).double() - cent).abs().max()
+    for t, got in enumerate(slices):
+        assert got.dtype == torch.float16
+        want = cent[(codes.long() >> (4 * t)) & 15]
+        assert (got.double() - want).abs().max() < bf16_err, f"slice {t}"
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens", [
+    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33]),
+    (F(64, 4), F(64, 2), (9, 3), [40]),
+    (F(64, 3), F(64, 4), (6, 2), [70, 5]),
+], ids=["K4V4", "K4V2-g3", "K3V4"])
+def test_decode_centroid_poly(kfmt, vfmt, heads, lens):
+    """centroid_poly: 4-bit roles take f16 centroids (the polynomial on a GPU, an f16 table in the
+    interpreter) and f16 MMAs; same result as the reference."""
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, 32, 0.0, 77, sliced=True, centroid_poly=True)
+    assert rel_err(out, ref) < TOL
