@@ -200,6 +200,17 @@ def smollm2_servers(a, base, out):
                     f"boundary: {{first: 1, last: 0, format: bf16}}\nkey_means: {means}\n")
         return path
 
+    def no_boundary_config(preset):  # the preset with every layer quantized (its boundary layers too)
+        import yaml
+
+        cfg = yaml.safe_load(open(os.path.join(os.path.dirname(HERE), "configs", f"{preset}.yaml")))
+        cfg["name"] = f"{preset}_noboundary"
+        cfg["boundary"] = {"first": 0, "last": 0}
+        path = os.path.join(out, f"{preset}_noboundary.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return path
+
     centered = centered_config("turbo4_centered", 4, 4)
     k5_centered = centered_config("k5v4_centered", 5, 4)  # 5-bit keys: ~1 % in simulation (docs/RESULTS.md)
     examples = os.path.join(os.path.dirname(HERE), "configs", "examples")
@@ -214,10 +225,16 @@ def smollm2_servers(a, base, out):
             ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
             ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"]),
             ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"]),
+            # the other presets, and presets without their boundary layers (perplexity only)
+            *[(p, ["--attention-backend", "turboquant", "--tq-config", p, "--disable-cuda-graph"])
+              for p in ("turbo2", "turbo3.5", "k4v2")],
+            *[(f"{p}_noboundary", ["--attention-backend", "turboquant", "--tq-config", no_boundary_config(p),
+                                   "--disable-cuda-graph"]) for p in ("turbo4", "turbo3", "k4v2")],
             # one split count for every batch size: is a request's decode then the same alone and in a batch?
             ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
              {"SGLANG_TQ_BATCH_INVARIANT": "1"})]
-    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "k5v4_centered")
+    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "k5v4_centered", "turbo2", "turbo3.5", "k4v2",
+                "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary")
     res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
     for name, extra, *env in selected(plan, a.servers):
         r = {}
