@@ -468,10 +468,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_
     return max(1, int(s))
 
 
+def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Warps per program of the sliced stage 1 with a one-field LUT (BLOCK_N 128): 8 while the
+    (sequence, KV head) pairs alone leave SMs idle (latency-bound: each warp's share of a tile is
+    shorter), else 4. H100 sweep (2026-11-28): B=1, 1K, 8 splits 11.8 us with 8 warps against 12.5 us
+    with 4; B=1, 32K, 32 splits 48.3 against 47.5 us; B=32, 32K: 4 warps best."""
+    return 8 if batch * num_kv_heads < num_sms else 4
+
+
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      workspace: Optional[DecodeWorkspace] = None, num_splits: Optional[int] = None,
-                     block_n: Optional[int] = None, num_warps: int = 4, num_stages: int = 2, use_lut: bool = False,
+                     block_n: Optional[int] = None, num_warps: Optional[int] = None, num_stages: int = 2,
+                     use_lut: bool = False, warps_for_batch: Optional[int] = None,
                      sliced: Optional[bool] = None, register_lut: bool = True, centroid_poly: bool = False,
                      fused_merge: bool = False,
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
@@ -489,6 +498,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     3.65 ms and K5V4 1.38 ms against 3.39 ms (2026-11-28, fourth session); with per-code gathers it is
     slower than the general one, which formats without a LUT (6-bit codes, outliers) keep.
     block_n=None: 128 for the sliced stage 1 with one-field LUTs, else 64 (fastest in that sweep).
+    num_warps=None: `choose_num_warps(warps_for_batch or B, ...)` for that stage 1 at BLOCK_N 128, else 4
+    (warps_for_batch=1 keeps the choice of batch size 1 for every batch, as the batch-invariant mode does).
     q_rotated: fp32 [>= B, H_q, d_k] queries already rotated (compress_and_store(q=..., q_rot=...) in
     the same launch as the new K/V: keys without QJL); q then gives only shapes and the output dtype.
     Else q is rotated here by an fp32 matmul (three small launches; rotating q inside stage 1 instead
@@ -536,6 +547,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
         block_n = 128 if sliced and single else 64
+    if num_warps is None:
+        num_warps = (choose_num_warps(warps_for_batch or B, h_kv, num_sms(dev)) if sliced and single and block_n == 128
+                     else 4)
     if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
         raise ValueError(f"block_n must be >= 32 (got {block_n})")
     use_cap = bool(logit_cap and logit_cap > 0)

@@ -296,7 +296,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.on_cuda:
             # the workspace is sized for the largest captured batch; bigger (eager) batches allocate
             ws = self.decode_workspace if bs <= self._workspace_bs else None
-            extra = dict(workspace=ws, num_splits=self.num_splits(bs), sliced=self.decode_sliced)
+            extra = dict(workspace=ws, num_splits=self.num_splits(bs), sliced=self.decode_sliced,
+                         warps_for_batch=1 if self.batch_invariant else bs)
             if self.fused_merge:
                 extra["fused_merge"] = True
         kb, vb = pool.get_kv_buffer(layer.layer_id)

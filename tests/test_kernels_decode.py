@@ -115,6 +115,13 @@ def test_choose_num_splits():
     assert 1 <= choose_num_splits(32, 8, 32768, 132, max_splits=16) <= 16
 
 
+def test_choose_num_warps():
+    from tq_kernels.decode import choose_num_warps
+
+    assert choose_num_warps(1, 8, 132) == 8 and choose_num_warps(16, 8, 132) == 8  # pairs leave SMs idle
+    assert choose_num_warps(17, 8, 132) == 4 and choose_num_warps(32, 8, 132) == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_decode_cuda_graph_replay():
     """Capture decode_attention with a workspace, change lengths / indices in place, replay."""
