@@ -6,7 +6,8 @@
 #   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy,
 #                                                       run the kernel tests on the GPU
 #   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9 minutes:
-#        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
+#        scripts/gpu_server_check.py --stages load, then --stages smollm2 for $SMOLLM2_PRESETS (GPU 0);
+#        --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines), a
@@ -55,7 +56,10 @@ kernels)
 checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    check 0 30000 540 load --stages load &
+    # GPU 0: the load test (~4 min), then perplexity-only servers of the other presets
+    ( check 0 30000 300 load --stages load
+      check 0 30050 230 presets --stages smollm2 \
+          --servers "${SMOLLM2_PRESETS:-turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}" ) &
     if [ "$NGPU" -ge 2 ]; then
         check 1 30100 540 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_invariant,k5v4_centered}" &
     fi
