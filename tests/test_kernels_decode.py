@@ -103,6 +103,27 @@ def test_decode_fp32_query_and_default_splits():
     assert rel_err(out.cpu(), ref) < TOL
 
 
+@needs_triton
+@pytest.mark.parametrize("kbits, vbits", [(4, 4), (3, 3), (5, 4)], ids=["K4V4", "K3V3", "K5V4"])
+def test_decode_launch_defaults(kbits, vbits):
+    """Every launch choice left to decode_attention (block size, warps, splits, stage 1) on bf16 queries,
+    for each register-LUT kind, at a small batch: on a GPU this is the 8-warp, 128-token-tile
+    configuration of `choose_num_warps` for K4V4."""
+    from tq_kernels.decode import decode_attention
+
+    gen = torch.Generator().manual_seed(5)
+    kfmt, vfmt = F(128, kbits), F(128, vbits)
+    kc, vc = make_codecs(kfmt, vfmt)
+    lens, hq, hkv = [300, 1], 8, 2
+    bufs = alloc_cache(kfmt, vfmt, sum(lens) + 5, hkv, DEV)
+    batch = fill_random_kv(lens, hkv, kc, vc, bufs, gen, DEV)
+    q = (torch.randn(2, hq, 128, generator=gen) * 2).to(DEV, torch.bfloat16)
+    out = decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, 128 ** -0.5)
+    ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, batch.kv_indptr.cpu(),
+                                     batch.kv_indices.cpu(), 128 ** -0.5)
+    assert rel_err(out.cpu().float(), ref.float()) < TOL
+
+
 def test_choose_num_splits():
     from tq_kernels.decode import choose_num_splits
 
