@@ -324,8 +324,13 @@ def stage_load(a, base, out):
 def stage_tp(a, base, out):
     """TP = 2 against TP = 1 on real weights: SmolLM2 with every head duplicated
     (scripts/make_tp_model.py: 18 query / 6 KV heads, the same function), BF16 and turbo4, each at
-    TP 1 and TP 2 with CUDA graphs; perplexity, greedy tokens of the 20 prompts, one chat answer."""
-    text = open(a.text, encoding="utf-8").read()[:6000]
+    TP 1 and TP 2 with CUDA graphs; perplexity, greedy tokens of the 20 prompts, one chat answer.
+    Perplexity twice: the issue's text (first 6,000 characters, 1,628 tokens) and the first 36,000
+    characters in 2,048-token windows ("ppl_long"). The TP layouts round differently, which flips some
+    4-bit codes: on the short text that alone moves perplexity by about 1 % (scripts/quant_noise.py), the
+    size of the tolerance, so the long text tells a TP bug from that noise."""
+    full = open(a.text, encoding="utf-8").read()
+    text = full[:6000]
     dup = "/tmp/models/SmolLM2-dup"
     if not os.path.exists(os.path.join(dup, "model.safetensors")):
         subprocess.run([sys.executable, os.path.join(HERE, "make_tp_model.py"), a.model, dup], check=True)
@@ -340,6 +345,7 @@ def stage_tp(a, base, out):
         s = Server(name, common + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
         try:
             r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "ppl": ev.perplexity(s.url, text),
+                 "ppl_long": ev.perplexity(s.url, full[:36000], window=2048),
                  "alone": s.generate(PROMPTS), "chat": s.chat(PROMPTS[0])}
         finally:
             s.stop()
@@ -352,6 +358,8 @@ def stage_tp(a, base, out):
             continue
         one, two = res[f"tp1_{kind}"], res[f"tp2_{kind}"]
         res["summary"][f"ppl_delta_pct_tp2_vs_tp1_{kind}"] = (two["ppl"]["ppl"] / one["ppl"]["ppl"] - 1) * 100
+        res["summary"][f"ppl_long_delta_pct_tp2_vs_tp1_{kind}"] = (two["ppl_long"]["ppl"] / one["ppl_long"]["ppl"]
+                                                                    - 1) * 100
         res["summary"][f"greedy_identical_tp2_vs_tp1_{kind}"] = identical(one["alone"], two["alone"])
     return res
 
