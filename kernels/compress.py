@@ -65,16 +65,19 @@ def _rotate_rows(xrow, tmask, mu_row, HAS_MU: tl.constexpr, mt_ptr, MSCALE: tl.c
 
 @triton.jit
 def _rotate_queries(q_ptr, q_t, q_h, N, G: tl.constexpr, qr_ptr, qr_t, qr_h, mt_ptr, MSCALE: tl.constexpr,
-                    BLOCK_T: tl.constexpr, D: tl.constexpr):
+                    BLOCK_T: tl.constexpr, QROWS: tl.constexpr, D: tl.constexpr):
     """The decode queries of KV head h's group, rotated like its keys (q M_k^T, fp32): the decode kernel
-    then reads them instead of running its own rotation launches."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < N
+    then reads them instead of running its own rotation launches. One tile of QROWS >= BLOCK_T * G rows
+    (token-major, the group's heads inside) at a time: the sign matrix is read once per tile instead of
+    once per head."""
     d = tl.arange(0, D)
-    for g in range(G):
-        head = tl.program_id(1) * G + g
-        u = _rotate_rows(q_ptr + t.to(tl.int64) * q_t + head * q_h, tmask, q_ptr, False, mt_ptr, MSCALE, BLOCK_T, D)
-        tl.store((qr_ptr + t.to(tl.int64) * qr_t + head * qr_h)[:, None] + d[None, :], u, mask=tmask[:, None])
+    for r0 in range(0, BLOCK_T * G, QROWS):
+        r = r0 + tl.arange(0, QROWS)
+        t = tl.program_id(0) * BLOCK_T + r // G
+        head = tl.program_id(1) * G + r % G
+        rmask = (r < BLOCK_T * G) & (t < N)
+        u = _rotate_rows(q_ptr + t.to(tl.int64) * q_t + head * q_h, rmask, q_ptr, False, mt_ptr, MSCALE, QROWS, D)
+        tl.store((qr_ptr + t.to(tl.int64) * qr_t + head * qr_h)[:, None] + d[None, :], u, mask=rmask[:, None])
 
 
 @triton.jit
@@ -155,7 +158,7 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
                      K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr,
-                     q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
+                     q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, QROWS: tl.constexpr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                      K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
@@ -177,7 +180,7 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
     else:
-        _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, K_D)
+        _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, QROWS, K_D)
 
 
 def _rows(x, n, h, d):
@@ -241,6 +244,7 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         vmt, vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
         k_mscale, v_mscale, kmu if kmu is not None else dummy,
         q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), q3.shape[1] // h,
+        min(triton.next_power_of_2(block_t * (q3.shape[1] // h)), max(16, 8192 // kf.head_dim)),
         HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,

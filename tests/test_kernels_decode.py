@@ -218,8 +218,9 @@ def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
 @needs_triton
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kfmt, vfmt, hq, hkv", [(F(128, 4), F(128, 4), 8, 2),
-                                                 (F(64, 3, outlier_channels=16, outlier_bits=4), F(64, 3), 9, 3)],
-                         ids=["K4V4-g4", "K3o-V3-g3"])
+                                                 (F(64, 3, outlier_channels=16, outlier_bits=4), F(64, 3), 9, 3),
+                                                 (F(256, 4), F(256, 4), 16, 2)],
+                         ids=["K4V4-g4", "K3o-V3-g3", "K4V4-d256-g8"])
 def test_decode_with_queries_rotated_by_compress(kfmt, vfmt, hq, hkv, q_dtype):
     """compress_and_store(q=, q_rot=) rotates the decode queries in its launch (q M_k^T, fp32); decode
     on them (q_rotated=) matches decode's own rotation and the reference."""
