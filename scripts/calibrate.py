@@ -23,13 +23,6 @@ without safetensors) and written into the calibrated YAML as `key_means:`; the s
 probes centered keys, and PPL is reported with and without centering for the calibrated plan and for
 every --presets entry. The simulator centers whenever a config has key_means: it quantizes k - mu
 and adds mu back (the same attention as the server's centered cache, by softmax invariance).
-
-Key smoothing (--smooth, implies --center): the same pass also measures per-channel scales
-s = sqrt(rms(k - mu) / rms(q)) (queries grouped by KV head; normalised to mean(s^2) = 1 per head) and
-saves them as `key_scales` in the means file. The server then stores codes of (k - mu) / s and
-multiplies queries by s: the scores are unchanged and the 4-bit codes see evened-out channels
-(simulation, 2,048 tokens: `turbo4` centered +3.08 % -> +2.30 %, `k5v4` centered +1.13 % -> +0.78 %).
-The sensitivity sweep probes centered keys without scales; the calibrated plan is then measured with both.
 """
 from __future__ import annotations
 
@@ -57,35 +50,26 @@ class Simulator:
 
         self.layer_codecs = {}  # layer -> (K codec or None, V codec or None); absent = exact
         self.layer_means = {}   # layer -> fp32 [H_kv, d] key-centering mean on the device; absent = none
-        self.layer_scales = {}  # layer -> fp32 [H_kv, d] key-smoothing scale s; absent = none
         self.collect = None     # while measuring means: layer -> [sum over tokens [H_kv, d], token count]
         sim = self
 
         def tq_attention(module, query, key, value, attention_mask, **kwargs):
             layer = getattr(module, "layer_idx", None)
             if sim.collect is not None and layer is not None:  # key: [B, H_kv, T, d], post-RoPE
-                acc = sim.collect.setdefault(layer, [0.0, 0, 0.0, 0.0, 0.0])
+                acc = sim.collect.setdefault(layer, [0.0, 0, 0.0])
                 kf = key.float()
                 acc[0] = acc[0] + kf.sum(dim=(0, 2))             # [H_kv, d]
                 acc[1] += key.shape[0] * key.shape[2]
                 acc[2] = acc[2] + kf.square().sum(dim=(0, 2, 3))  # [H_kv]: for |mu| / rms
-                acc[3] = acc[3] + kf.square().sum(dim=(0, 2))     # [H_kv, d]: per-channel key energy
-                b, hq, t, d = query.shape                         # queries grouped by their KV head
-                acc[4] = acc[4] + query.float().reshape(b, key.shape[1], hq // key.shape[1], t, d).square().sum(
-                    dim=(0, 2, 3)) / (hq // key.shape[1])
             if layer in sim.layer_codecs:
                 kc, vc = sim.layer_codecs[layer]
                 if kc is not None:
                     mu = sim.layer_means.get(layer)
-                    sc = sim.layer_scales.get(layer)
                     if mu is None:
                         key = kc.decode(*kc.encode(key.float())).to(key.dtype)
-                    elif sc is None:  # centered: quantize k - mu, attention sees k_hat + mu (= server by invariance)
+                    else:  # centered: quantize k - mu, attention sees k_hat + mu (= server by invariance)
                         mu = mu[None, :, None, :]
                         key = (kc.decode(*kc.encode(key.float() - mu)) + mu).to(key.dtype)
-                    else:  # smoothed: quantize (k - mu) / s; the server's q * s against it is this
-                        mu, sc = mu[None, :, None, :], sc[None, :, None, :]
-                        key = (kc.decode(*kc.encode((key.float() - mu) / sc)) * sc + mu).to(key.dtype)
                 if vc is not None:
                     value = vc.decode(*vc.encode(value.float())).to(value.dtype)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -107,19 +91,15 @@ class Simulator:
         t = key_means.to(device=self.device, dtype=torch.float32)
         return {l: t[l].contiguous() for l in layers}
 
-    def set_config(self, cfg, key_means="config", key_scales=None):
+    def set_config(self, cfg, key_means="config"):
         """Quantize as the server would with this config (None = every layer exact). key_means:
-        "config" = the config's own key_means and key_scales (if any); None = no centering; a tensor =
-        these means (and key_scales, when given, these smoothing scales)."""
-        self.layer_codecs, self.layer_means, self.layer_scales = {}, {}, {}
+        "config" = the config's own key_means (if any); None = no centering; a tensor = these means."""
+        self.layer_codecs, self.layer_means = {}, {}
         if cfg is not None:
             plan = cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
             self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
             means = plan.key_means if isinstance(key_means, str) else key_means
             self.layer_means = self._means(means, plan.quantized_layers)
-            if isinstance(key_means, str) or key_scales is not None:
-                scales = plan.key_scales if key_scales is None else key_scales
-                self.layer_scales = self._means(scales, plan.quantized_layers) if means is not None else {}
 
     def set_probe(self, layer, role, bits, seed, key_means=None):
         """Only `role` ('k' or 'v') of `layer` quantized at `bits`, everything else exact (K centered
@@ -145,14 +125,7 @@ class Simulator:
                 raise RuntimeError(f"attention hook saw {len(self.collect)} of {self.num_layers} layers")
             acc = [self.collect[l] for l in range(self.num_layers)]
             self.last_key_rms = torch.stack([(c[2] / c[1]).sqrt() for c in acc]).float().cpu()  # [L, H_kv]
-            means = torch.stack([c[0] / c[1] for c in acc]).float().cpu()
-            # smoothing scales s = sqrt(rms(k - mu) / rms(q)) per channel, normalised to mean(s^2) = 1 per
-            # head: the quantization error of <q, k> is then spread evenly over the channels
-            rk = torch.stack([(c[3] / c[1]).float().cpu() for c in acc]) - means.square()
-            rq = torch.stack([(c[4] / c[1]).float().cpu() for c in acc])
-            sc = (rk.clamp_min(0).sqrt().clamp_min(1e-6) / rq.sqrt().clamp_min(1e-6)).sqrt()
-            self.last_key_scales = (sc / sc.square().mean(-1, keepdim=True).sqrt()).contiguous()
-            return means
+            return torch.stack([c[0] / c[1] for c in acc]).float().cpu()
         finally:
             self.collect = None
 
@@ -277,9 +250,6 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--center", action="store_true",
                     help="key centering: measure key means, write key_means: into the YAML, report PPL with/without")
-    ap.add_argument("--smooth", action="store_true",
-                    help="key smoothing (implies --center): also per-channel key scales in the means file; "
-                         "presets are reported centered and centered + smoothed")
     ap.add_argument("--key-means-out", default="",
                     help="where to save the key means (default: <out stem>_key_means.safetensors); also measures "
                          "them without --center")
@@ -287,7 +257,6 @@ def main():
                     help="text for the key means (default: the --text file from character --chars onward)")
     ap.add_argument("--means-tokens", type=int, default=0, help="tokens for the key means (default: --tokens)")
     a = ap.parse_args()
-    a.center = a.center or a.smooth
     log = lambda m: print(m, flush=True)  # noqa: E731
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     sim = Simulator(a.model, a.device, dtype)
@@ -300,11 +269,11 @@ def main():
     if torch.cuda.is_available() and a.device == "cuda":
         report["card"] = torch.cuda.get_device_name(0)
 
-    def ppl_of(cfg, key_means="config", key_scales=None):
-        sim.set_config(cfg, key_means, key_scales)
+    def ppl_of(cfg, key_means="config"):
+        sim.set_config(cfg, key_means)
         return math.exp(sim.nll(ids, a.window))
 
-    means, scales, means_path = None, None, ""
+    means, means_path = None, ""
     if a.center or a.key_means_out:
         if a.means_text:
             mtext, msrc = open(a.means_text, encoding="utf-8").read()[: a.chars], a.means_text
@@ -316,8 +285,7 @@ def main():
                              f"give --means-text FILE (text other than the evaluation text)")
         t0 = time.time()
         means = sim.key_means(mids, a.window)
-        scales = sim.last_key_scales if a.smooth else None
-        means_path = save_key_means(means, a.key_means_out or default_means_path(a.out), scales)
+        means_path = save_key_means(means, a.key_means_out or default_means_path(a.out))
         ratio = key_mean_ratio(means, sim.last_key_rms)
         log(f"key means over {len(mids)} tokens of {msrc} ({time.time() - t0:.1f}s) -> {means_path}; "
             f"|mean|/rms per layer: " + " ".join(f"{r:.2f}" for r in ratio))
@@ -338,11 +306,6 @@ def main():
                 rows[name]["no_boundary_centered"] = ppl_of(d, means)
                 line += (f"; centered {rows[name]['with_boundary_centered']:.4f} (boundary) "
                          f"{rows[name]['no_boundary_centered']:.4f} (all layers)")
-            if scales is not None:
-                rows[name]["with_boundary_smoothed"] = ppl_of(cfg, means, scales)
-                rows[name]["no_boundary_smoothed"] = ppl_of(d, means, scales)
-                line += (f"; centered + smoothed {rows[name]['with_boundary_smoothed']:.4f} (boundary) "
-                         f"{rows[name]['no_boundary_smoothed']:.4f} (all layers)")
             log(line + f"  bf16 {report['ppl_bf16']:.4f}")
         report["presets"] = rows
     if not a.no_calibrate:
@@ -400,12 +363,10 @@ def default_means_path(out: str) -> str:
     return os.path.splitext(out)[0] + "_key_means.safetensors"
 
 
-def save_key_means(means: torch.Tensor, path: str, scales: torch.Tensor = None) -> str:
-    """Save {"key_means": [L, H_kv, d] fp32} (+ "key_scales", same shape: key smoothing) as safetensors
-    (or .pt when safetensors is missing or the path does not end in .safetensors). Returns the path."""
-    tensors = {"key_means": means.to(torch.float32).contiguous()}
-    if scales is not None:
-        tensors["key_scales"] = scales.to(torch.float32).contiguous()
+def save_key_means(means: torch.Tensor, path: str) -> str:
+    """Save {"key_means": [L, H_kv, d] fp32} as safetensors (or .pt when safetensors is missing or the
+    path does not end in .safetensors). Returns the path written."""
+    means = means.to(torch.float32).contiguous()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
         try:
@@ -413,9 +374,9 @@ def save_key_means(means: torch.Tensor, path: str, scales: torch.Tensor = None) 
         except ImportError:
             path = path[: -len(".safetensors")] + ".pt"
         else:
-            save_file(tensors, path)
+            save_file({"key_means": means}, path)
             return path
-    torch.save(tensors, path)
+    torch.save({"key_means": means}, path)
     return path
 
 

@@ -217,15 +217,11 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 and self._no_cached_prefix(forward_batch)):
             return self._plain_extend(q, k, v, o, layer)
         extra = {}
-        lid = layer.layer_id
-        q = self._smooth_queries(pool, lid, q)
         if self.prefill_from_cache:
-            # stored keys are codes of (k - mu) / s: dequantized they are already in the prefix's domain
+            # stored keys are codes of k - mu: dequantized they are already centered like the prefix
             k, v = self._stored_kv(kb, vb, forward_batch.out_cache_loc, q.dtype)
-        else:
-            k = self._smooth_keys(pool, lid, k)
-            if k_mean is not None:
-                extra["k_mean"] = pool.stored_key_mean(lid)
+        elif k_mean is not None:
+            extra["k_mean"] = k_mean
         self._extend(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous(),
@@ -268,17 +264,6 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         return o
 
     @staticmethod
-    def _smooth_queries(pool, layer_id, q):
-        """q times the layer's key-smoothing scale (pools without smoothing: q)."""
-        fn = getattr(pool, "smooth_queries", None)
-        return q if fn is None else fn(layer_id, q)
-
-    @staticmethod
-    def _smooth_keys(pool, layer_id, k):
-        fn = getattr(pool, "smooth_keys", None)
-        return k if fn is None else fn(layer_id, k)
-
-    @staticmethod
     def _key_mean(pool, layer):
         """The layer's key-centering mean (None without one). Softcapped scores are not shift
         invariant, so centering is refused there."""
@@ -306,7 +291,6 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self._check_layer(layer, sinks)
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
-        q = self._smooth_queries(pool, layer.layer_id, q)  # key smoothing: fp32 q * s
         bs = q.shape[0]
         extra = {}
         if self.on_cuda:

@@ -37,9 +37,6 @@ head_dim] (scripts/calibrate.py --center writes one). Quantized layers then stor
 k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu).
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
 (layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
-The file may also hold `key_scales` (same shape, > 0; scripts/calibrate.py --smooth): key smoothing.
-Keys are then stored as codes of (k - mu) / s and queries are multiplied by s, so <q, k - mu> is
-unchanged while the channels the 4-bit codes see are evened out.
 
 Layer formats: `tq` (quantized with the K/V formats above) or `bf16` (stored unquantized, at the
 model's 16-bit dtype). An override that changes k/v of a layer that is bf16 (boundary) must say
@@ -72,7 +69,6 @@ DEFAULT_BOUNDARY = 2
 
 _TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides", "key_means")
 KEY_MEANS_TENSOR = "key_means"  # name of the tensor inside a key-means file
-KEY_SCALES_TENSOR = "key_scales"  # optional second tensor of that file: per-channel key smoothing
 _DEFAULTS_KEYS = ("k", "v")
 _K_KEYS = ("bits", "qjl", "norm_correction", "outliers")
 _V_KEYS = ("bits", "norm_correction", "outliers")
@@ -238,15 +234,6 @@ class ModelPlan:
     key_means_path: Optional[str] = None
     # float32 CPU [num_layers, num_kv_heads_total, head_dim] (key centering) or None
     key_means: Optional[Any] = field(default=None, compare=False, repr=False)
-    # float32 CPU, same shape, > 0 (key smoothing: codes of (k - mu) / s, queries times s) or None
-    key_scales: Optional[Any] = field(default=None, compare=False, repr=False)
-
-    def layer_key_scale(self, layer_id: int, heads: Optional[slice] = None):
-        """fp32 [H, head_dim] smoothing scale of layer `layer_id`, or None (no scales, bf16 layer)."""
-        if self.key_scales is None or not self.layers[layer_id].quantized:
-            return None
-        s = self.key_scales[layer_id]
-        return (s if heads is None else s[heads]).contiguous()
 
     def layer_key_mean(self, layer_id: int, heads: Optional[slice] = None):
         """fp32 [H, head_dim] mean of layer `layer_id` (heads: a slice of the KV heads), or None when the
@@ -527,29 +514,6 @@ def load_key_means(path: Union[str, os.PathLike], source: str = "") -> Any:
     return t
 
 
-def load_key_scales(path: Union[str, os.PathLike], source: str = "") -> Any:
-    """The optional 'key_scales' tensor of a key-means file (key smoothing; scripts/calibrate.py
-    --smooth) -> float32 CPU tensor, or None when the file has none. Every entry must be finite and > 0."""
-    import torch
-
-    where = f"{source}: key_means" if source else "key_means"
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        data = load_file(path)
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    t = data.get(KEY_SCALES_TENSOR) if isinstance(data, dict) else None
-    if t is None:
-        return None
-    t = t.to(torch.float32).contiguous()
-    if t.dim() != 3 or not torch.isfinite(t).all() or not bool((t > 0).all()):
-        raise TQConfigError(f"{where}: {path}: '{KEY_SCALES_TENSOR}' must be a finite, positive float tensor "
-                            f"[num_layers, num_kv_heads, head_dim] (got shape {list(t.shape)})")
-    return t
-
-
 def check_key_means_shape(t: Any, num_layers: int, head_dim: int, num_kv_heads: Optional[int],
                           where: str) -> None:
     """Raise TQConfigError unless t is [num_layers, num_kv_heads (if given), head_dim]."""
@@ -627,16 +591,11 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         kf, kl = ks.to_format(head_dim, where + ".k")
         vf, vl = vs.to_format(v_head_dim, where + ".v")
         plans.append(LayerPlan(i, True, kf, vf, kl, vl))
-    means = scales = None
+    means = None
     if cfg.key_means is not None:
         means = load_key_means(cfg.key_means, src)
         check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
-        scales = load_key_scales(cfg.key_means, src)
-        if scales is not None and tuple(scales.shape) != tuple(means.shape):
-            raise TQConfigError(f"{src}: key_means: {cfg.key_means}: '{KEY_SCALES_TENSOR}' has shape "
-                                f"{list(scales.shape)}, '{KEY_MEANS_TENSOR}' {list(means.shape)}; they must match")
-    return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means, means,
-                     scales)
+    return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means, means)
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,8 +714,7 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
              fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
     lines += [fmt_row(r) for r in rows]
     if plan.key_means_path:
-        lines.append(f"key centering{' and smoothing' if plan.key_scales is not None else ''}: "
-                     f"{plan.key_means_path}")
+        lines.append(f"key centering: {plan.key_means_path}")
     lines.append(f"total: {total} B/token (bf16 {bf16_total} B/token), "
                  f"compression {bf16_total / total:.2f}x, {len(plan.quantized_layers)}/{plan.num_layers} layers quantized")
     return "\n".join(lines)
@@ -764,5 +722,5 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
 
 __all__ = [
     "CONFIG_ENV", "DEFAULT_PRESET", "TQConfigError", "TQConfig", "VecSpec", "OutlierSpec", "LayerPlan",
-    "ModelPlan", "load_config", "load_key_means", "load_key_scales", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
+    "ModelPlan", "load_config", "load_key_means", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
 ]

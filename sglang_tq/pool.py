@@ -26,9 +26,7 @@ What the accessors return:
 Key centering (`key_means:` in the config): the pool holds one fp32 `[H_kv_local, head_dim]` mean per
 quantized layer (`key_mean(l)`, None otherwise) and stores codes of `k - mean`; the attention backend
 centers the new tokens' keys of extend with the same mean. Under tensor parallelism each rank takes
-its own heads of the `[num_layers, H_kv_total, head_dim]` file (`key_mean_heads`). Key smoothing (a
-`key_scales` tensor in the same file): codes of (k - mean) / s, `stored_key_mean(l)` = mean / s, and
-the backend multiplies the layer's queries by s (`smooth_queries`) so that scores are unchanged.
+its own heads of the `[num_layers, H_kv_total, head_dim]` file (`key_mean_heads`).
 
 `self.dtype` is `torch.uint8` (never bf16) on purpose: models with a fused RoPE + KV-write path
 (`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype == torch.bfloat16` and
@@ -176,10 +174,6 @@ class TQTokenToKVPool(KVCache):
             self.v_codecs.append(vc)
         self._create_buffers()
         self.key_means: List[Optional[torch.Tensor]] = self._load_key_means()
-        self.key_scales: List[Optional[torch.Tensor]] = self._load_key_scales()
-        # the mean in the stored domain, (mu / s) with smoothing: codes hold k / s - mu / s
-        self.stored_key_means = [None if mu is None else mu if sc is None else (mu / sc).contiguous()
-                                 for mu, sc in zip(self.key_means, self.key_scales)]
         self._ops = kernel_ops(self.device)
         self._finalize_allocation_log(size)
 
@@ -230,46 +224,9 @@ class TQTokenToKVPool(KVCache):
             out.append(None if mu is None else mu.to(device=self.device, dtype=torch.float32).contiguous())
         return out
 
-    def _load_key_scales(self) -> List[Optional[torch.Tensor]]:
-        """Key smoothing: one fp32 [H_local, head_dim] scale per quantized local layer (None elsewhere)."""
-        if getattr(self.plan, "key_scales", None) is None:
-            return [None] * self.layer_num
-        rank, size = _attention_tp_rank_size()
-        heads = key_mean_heads(int(self.plan.key_scales.shape[1]), self.head_num, rank, size)
-        out = []
-        for i in range(self.layer_num):
-            sc = self.plan.layer_key_scale(self.start_layer + i, heads)
-            out.append(None if sc is None else sc.to(device=self.device, dtype=torch.float32).contiguous())
-        return out
-
     def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
         """fp32 [H_kv, head_dim] key-centering mean of a quantized layer, or None."""
         return self.key_means[self._local(layer_id)]
-
-    def key_scale(self, layer_id: int) -> Optional[torch.Tensor]:
-        """fp32 [H_kv, head_dim] key-smoothing scale s of a quantized layer, or None. The layer stores
-        codes of (k - mu) / s; its queries must be multiplied by s (`smooth_queries`)."""
-        return self.key_scales[self._local(layer_id)]
-
-    def stored_key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
-        """The key mean in the stored domain (mu / s with smoothing, else mu): what extend subtracts from
-        `smooth_keys(k)` of the new tokens."""
-        return self.stored_key_means[self._local(layer_id)]
-
-    def smooth_keys(self, layer_id: int, k: torch.Tensor) -> torch.Tensor:
-        """k [N, H_kv, head_dim] -> k / s (fp32) for a smoothed layer; k itself otherwise."""
-        sc = self.key_scales[self._local(layer_id)]
-        return k if sc is None else k.reshape(-1, self.head_num, self.head_dim).float() / sc
-
-    def smooth_queries(self, layer_id: int, q: torch.Tensor) -> torch.Tensor:
-        """q [N, H_q * head_dim] or [N, H_q, head_dim] -> q * s (each KV head's scale over its query
-        heads) in fp32 (no second rounding to 16 bits), same shape, for a smoothed layer; q otherwise."""
-        sc = self.key_scales[self._local(layer_id)]
-        if sc is None:
-            return q
-        n = q.shape[0]
-        q4 = q.reshape(n, self.head_num, -1, self.head_dim)
-        return (q4.float() * sc[None, :, None, :]).reshape(q.shape)
 
     def _layer_tensors(self, idx: int, role: str) -> List[torch.Tensor]:
         """Storage tensors of one local layer and role ('k' or 'v'), in a fixed order."""
@@ -378,10 +335,7 @@ class TQTokenToKVPool(KVCache):
         k = cache_k.reshape(-1, self.head_num, self.head_dim)
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.quantized[idx]:
-            # smoothing: codes of k / s - mu / s; the caller passes q already multiplied by s
-            extra = {} if self.stored_key_means[idx] is None else {"k_mean": self.stored_key_means[idx]}
-            if self.key_scales[idx] is not None:
-                k = k.float() / self.key_scales[idx]
+            extra = {} if self.key_means[idx] is None else {"k_mean": self.key_means[idx]}
             if q is not None:
                 extra.update(q=q, q_rot=q_rot)
             self._ops.compress_and_store(k, v, loc, self.k_codecs[idx], self.v_codecs[idx],

@@ -322,37 +322,6 @@ def test_key_means_relative_to_yaml_and_resolved(tmp_path, ext):
     assert cfg.resolve(6, 64).key_means is not None
 
 
-@pytest.mark.parametrize("ext", [".safetensors", ".pt"])
-def test_key_scales_in_the_means_file(tmp_path, ext):
-    """An optional 'key_scales' tensor next to 'key_means' turns on key smoothing; it must match the
-    means' shape and be finite and positive, else the config fails before any weight loads."""
-    import torch
-
-    means, scales = torch.randn(6, 4, 64), torch.rand(6, 4, 64) + 0.5
-
-    def save(name, tensors):
-        path = tmp_path / f"{name}{ext}"
-        if ext == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(path))
-        else:
-            torch.save(tensors, str(path))
-        return write(tmp_path, f"boundary: {{first: 1, last: 1}}\nkey_means: {name}{ext}\n")
-
-    plan = load_config(str(save("ms", {"key_means": means, "key_scales": scales}))).resolve(6, 64, num_kv_heads=4)
-    assert torch.equal(plan.key_scales, scales)
-    assert plan.layer_key_scale(0) is None and torch.equal(plan.layer_key_scale(3, slice(0, 2)), scales[3, :2])
-    assert "key centering and smoothing" in plan.summary(4)
-    assert load_config(str(save("m", {"key_means": means}))).resolve(6, 64).key_scales is None
-    bad = scales.clone()
-    bad[1, 2, 3] = -1.0
-    with pytest.raises(TQConfigError, match="key_scales"):
-        load_config(str(save("neg", {"key_means": means, "key_scales": bad}))).resolve(6, 64)
-    with pytest.raises(TQConfigError, match="key_scales"):
-        load_config(str(save("shape", {"key_means": means, "key_scales": scales[:, :2].contiguous()}))).resolve(6, 64)
-
-
 def test_key_means_absolute_path_and_no_means(tmp_path):
     import torch
 

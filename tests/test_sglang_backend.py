@@ -7,8 +7,7 @@ prefill, a radix-cache hit (prefix shared with another request), a chunked-prefi
 a 1-token extend (mixed-batch style), decode, and slot reuse after a request is freed (retraction).
 Every test also runs with key centering (`key_means:`, param "centered"): the TurboQuant cache then
 holds codes of k - mu, and the reference pool the dequantized keys + mu -- equal attention by softmax
-invariance; and with key smoothing (param "smoothed", a `key_scales` tensor too): codes of (k - mu) / s,
-queries times s, reference keys dequantized * s + mu.
+invariance.
 """
 import os
 
@@ -48,37 +47,21 @@ def _key_mean(pool, lid):
     return pool.key_mean(lid) if pool.is_quantized(lid) else None
 
 
-def _scale(pool, lid):
-    return pool.key_scale(lid) if pool.is_quantized(lid) else None
-
-
 def _uncentered(pool, lid, k):
-    """Dequantized stored keys -> the keys attention sees (times s with smoothing, + mu with centering)."""
-    mu, sc = _key_mean(pool, lid), _scale(pool, lid)
-    k = k if sc is None else k * sc
+    """Dequantized stored keys -> the keys attention sees (+ mu with key centering)."""
+    mu = _key_mean(pool, lid)
     return k if mu is None else k + mu
 
 
-def _to_stored(pool, lid, k):
-    """Fresh keys -> what the cache encodes: (k - mu) / s."""
-    mu, sc = _key_mean(pool, lid), _scale(pool, lid)
-    k = k if mu is None else k - mu
-    return k if sc is None else k / sc
-
-
-@pytest.fixture(scope="module", params=["plain", "centered", "smoothed"])
+@pytest.fixture(scope="module", params=["plain", "centered"])
 def setup(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("cfg")
     text = CFG
-    if request.param in ("centered", "smoothed"):
+    if request.param == "centered":
         from safetensors.torch import save_file
 
-        gen = torch.Generator().manual_seed(11)
-        means = torch.randn(NUM_LAYERS, HKV, D, generator=gen)
-        tensors = {"key_means": means}
-        if request.param == "smoothed":  # per-channel scales over a 4x range
-            tensors["key_scales"] = torch.exp(torch.rand(NUM_LAYERS, HKV, D, generator=gen) * 1.4 - 0.7)
-        save_file(tensors, str(d / "means.safetensors"))
+        means = torch.randn(NUM_LAYERS, HKV, D, generator=torch.Generator().manual_seed(11))
+        save_file({"key_means": means}, str(d / "means.safetensors"))
         text = CFG + "key_means: means.safetensors\n"
     path = write_tq_config(d, text)
     with env(SGLANG_TQ_CONFIG=path):
@@ -90,14 +73,10 @@ def setup(tmp_path_factory, request):
         ref_pool = ref_runner.build_pools(512, max_running_requests=8)
         ref_runner.req_to_token_pool = runner.req_to_token_pool  # same slot mapping for both
     assert isinstance(pool, TQTokenToKVPool) and isinstance(ref_pool, MHATokenToKVPool)
-    if request.param in ("centered", "smoothed"):
-        assert pool.key_mean(0) is None and pool.key_scale(0) is None  # bf16 boundary layer: stored as is
+    if request.param == "centered":
+        assert pool.key_mean(0) is None  # bf16 boundary layer: stored as is
         for lid in range(1, NUM_LAYERS):
             assert torch.equal(pool.key_mean(lid), means[lid])
-            if request.param == "smoothed":
-                assert torch.equal(pool.key_scale(lid), tensors["key_scales"][lid])
-            else:
-                assert pool.key_scale(lid) is None
     else:
         assert all(pool.key_mean(lid) is None for lid in range(NUM_LAYERS))
     ref = TorchNativeAttnBackend(ref_runner)
@@ -172,8 +151,9 @@ def _run_decode(s, req_ids):
         lid = layer.layer_id
         if pool.is_quantized(lid):  # reference cache gets the dequantized new token
             kc, vc = pool.codecs(lid)
+            mu = _key_mean(pool, lid)
             kf = k.view(-1, HKV, D).float()
-            kd = kc.decode(*kc.encode(_to_stored(pool, lid, kf)))
+            kd = kc.decode(*kc.encode(kf if mu is None else kf - mu))
             s["ref_pool"].k_buffer[lid][slots] = _uncentered(pool, lid, kd).to(torch.bfloat16)
             s["ref_pool"].v_buffer[lid][slots] = vc.decode(*vc.encode(v.view(-1, HKV, D).float())).to(torch.bfloat16)
         else:
@@ -267,7 +247,8 @@ def test_pool_round_trip_and_slot_zero(setup):
     loc = torch.tensor([0, 500, 501])  # slot 0: the dummy row padded CUDA-graph tokens write to
     pool.set_kv_buffer(layer, loc, k, v)
     kb, vb = pool.get_kv_buffer(1)
-    kc, ks = kb.codec.encode(_to_stored(pool, 1, k.float()))
+    mu = _key_mean(pool, 1)
+    kc, ks = kb.codec.encode(k.float() if mu is None else k.float() - mu)
     assert torch.equal(kb.codes[loc], kc) and torch.equal(kb.scales[loc], ks)
     vc, vs = vb.codec.encode(v.float())
     assert torch.equal(vb.codes[loc], vc) and torch.equal(vb.scales[loc], vs)
