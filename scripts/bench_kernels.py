@@ -5,6 +5,7 @@ SGLang's Triton decode, on one GPU, in one run.
   python scripts/bench_kernels.py --check --quick            # validate every codec, then a short bench
   python scripts/bench_kernels.py --check --out results/     # full grid, JSON + PNG
   python scripts/bench_kernels.py --quick --sweep            # also sweep BLOCK_N / warps / stages / splits
+  python scripts/bench_kernels.py --quick --extend 8192:8192  # also extend over a packed 8K prefix, 8K new
 
 Every baseline is optional (lazy imports, try/except): a missing or failing FlashInfer / SGLang only
 blanks its columns. Times are medians of CUDA-graph replays (falls back to plain launches when a
@@ -259,6 +260,39 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
     return ms
 
 
+def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed):
+    """One sequence's chunked-prefill continuation (a radix hit or the second chunk of a long prompt):
+    `new` queries attend to `prefix` cached tokens plus, causally, to themselves. -> (ms of our extend
+    over the packed prefix, ms of SGLang's Triton extend over a BF16 prefix, or None)."""
+    kfmt, vfmt = fmts(codec_name, d)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed)
+    n_slots = prefix + 1
+    bufs = random_packed(kfmt, vfmt, n_slots, hkv, seed)
+    dev = "cuda"
+    idx = (torch.randperm(prefix, device=dev) + 1).to(torch.int64)
+    qo = torch.tensor([0, new], dtype=torch.int32, device=dev)
+    kvp = torch.tensor([0, prefix], dtype=torch.int32, device=dev)
+    q = torch.randn(new, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(new, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(new, hkv, d, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(new, hq, d, device=dev, dtype=torch.bfloat16)
+    ours = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
+                                          max_extend_len=new))
+    del bufs
+    try:
+        from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+    except Exception as e:  # noqa: BLE001 - the baseline is optional
+        log(f"  sglang extend not available: {type(e).__name__}: {e}")
+        return ours, None
+    kb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
+    vb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
+    base = bench(lambda: extend_attention_fwd(q, k, v, out, kb, vb, qo, kvp, idx, None, True, None, new,
+                                              1.0, 1.0, d ** -0.5))
+    del kb, vb
+    torch.cuda.empty_cache()
+    return ours, base
+
+
 def run_compress(B, hkv, d, codec_name, seed, hq=None):
     """compress_and_store of B new tokens; with hq (keys without QJL) also rotating the B decode
     queries, as the server's decode step does."""
@@ -356,6 +390,9 @@ def main():
     ap.add_argument("--ctx", type=int, nargs="*", default=None)
     ap.add_argument("--codecs", nargs="*", default=None)
     ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES))
+    ap.add_argument("--extend", nargs="*", default=[], metavar="PREFIX:NEW",
+                    help="also time extend over a packed prefix (chunked prefill / radix hit) against SGLang's "
+                         "Triton extend over a BF16 prefix, per codec, at (32, 8, 128)")
     args = ap.parse_args()
 
     import triton
@@ -462,6 +499,20 @@ def main():
                                                     decode_ms=dec[0][1] if dec else None))
                 except Exception as e:
                     log(f"  compress failed {shape} {codec} B={B}: {type(e).__name__}: {e}")
+
+    results["extend"] = []
+    for pt in args.extend:
+        prefix, new = (int(x) for x in pt.split(":"))
+        hq, hkv, d = SHAPES["hd128"]
+        for codec in codecs:
+            try:
+                ours, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9)
+            except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
+                log(f"  extend failed {codec} {pt}: {type(e).__name__}: {e}")
+                continue
+            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, ms=ours, sgl_triton_bf16=base))
+            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} ours {ours * 1e3:9.1f} us  SGLang triton BF16 "
+                + (f"{base * 1e3:9.1f} us  ratio {base / ours:.2f}x" if base else "-"))
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)

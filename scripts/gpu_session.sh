@@ -46,8 +46,8 @@ kernels)
     source scripts/gpu_env.sh
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
-    timeout 150 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 K5V4 --shapes hd128 \
-        --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -30
+    timeout 180 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 K5V4 --shapes hd128 \
+        --extend 8192:8192 16384:2048 2048:512 --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -40
     timeout 150 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
         --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1; grep "best" "$W/sweep.log" | tail -8
     timeout 80 python3 scripts/profile_decode.py --compare-q-rotation --compare-merge --points 1:1024 8:1024 32:32768 \
