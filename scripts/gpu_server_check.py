@@ -215,6 +215,7 @@ def smollm2_servers(a, base, out):
     k5_centered = centered_config("k5v4_centered", 5, 4)  # 5-bit keys: ~1 % in simulation (docs/RESULTS.md)
     examples = os.path.join(os.path.dirname(HERE), "configs", "examples")
     calibrated = os.path.join(examples, "calibrated_smollm2.yaml")
+    calibrated4 = os.path.join(examples, "calibrated4_smollm2.yaml")  # 4.00 bits, the bytes of turbo4
     boundary2 = os.path.join(examples, "turbo4_boundary2.yaml")
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
@@ -224,6 +225,7 @@ def smollm2_servers(a, base, out):
             ("turbo4_boundary2", ["--attention-backend", "turboquant", "--tq-config", boundary2, "--disable-cuda-graph"]),
             ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
             ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"]),
+            ("calibrated4", ["--attention-backend", "turboquant", "--tq-config", calibrated4, "--disable-cuda-graph"]),
             ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"]),
             # the other presets, and presets without their boundary layers (perplexity only)
             *[(p, ["--attention-backend", "turboquant", "--tq-config", p, "--disable-cuda-graph"])
@@ -233,7 +235,8 @@ def smollm2_servers(a, base, out):
             # one split count for every batch size: is a request's decode then the same alone and in a batch?
             ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
              {"SGLANG_TQ_BATCH_INVARIANT": "1"})]
-    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "k5v4_centered", "turbo2", "turbo3.5", "k4v2",
+    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "k5v4_centered", "turbo2",
+                "turbo3.5", "k4v2",
                 "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary")
     res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
     for name, extra, *env in selected(plan, a.servers):

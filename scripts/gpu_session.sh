@@ -59,7 +59,7 @@ checks)
     # GPU 0: the load test (~4 min), then perplexity-only servers of the other presets
     ( check 0 30000 300 load --stages load
       check 0 30050 230 presets --stages smollm2 \
-          --servers "${SMOLLM2_PRESETS:-turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}" ) &
+          --servers "${SMOLLM2_PRESETS:-calibrated4,turbo4_centered,turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}" ) &
     if [ "$NGPU" -ge 2 ]; then
         check 1 30100 540 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_invariant,k5v4_centered}" &
     fi
