@@ -372,12 +372,17 @@ def test_key_means_bad_contents(tmp_path):
         parse_yaml("key_means: 3\n", "x.yaml")
 
 
-def test_calibrated_example_config_loads_with_its_key_means():
-    """configs/examples/calibrated_smollm2.yaml (output of scripts/calibrate.py) resolves for the model it
-    was made for, finds its key-means file next to it, and averages 3 code bits over quantized layers."""
+@pytest.mark.parametrize("name, n_quantized, avg_bits", [("calibrated_smollm2", 26, 3.0),
+                                                         ("calibrated4_smollm2", 29, 4.0)])
+def test_calibrated_example_config_loads_with_its_key_means(name, n_quantized, avg_bits):
+    """configs/examples/calibrated*_smollm2.yaml (outputs of scripts/calibrate.py) resolve for the model
+    they were made for, find their key-means files next to them, and average their target code bits
+    over quantized layers (the 4-bit plan: exactly turbo4's bytes)."""
     pytest.importorskip("safetensors")
-    path = Path(__file__).resolve().parent.parent / "configs" / "examples" / "calibrated_smollm2.yaml"
+    path = Path(__file__).resolve().parent.parent / "configs" / "examples" / f"{name}.yaml"
     plan = load_config(str(path)).resolve(30, 64, num_kv_heads=3)
     q = [plan[i] for i in plan.quantized_layers]
-    assert len(q) == 26 and plan.key_means is not None and tuple(plan.key_means.shape) == (30, 3, 64)
-    assert sum(lp.k.bits + lp.v.bits for lp in q) / (2 * len(q)) == 3.0
+    assert len(q) == n_quantized and plan.key_means is not None and tuple(plan.key_means.shape) == (30, 3, 64)
+    assert sum(lp.k.bits + lp.v.bits for lp in q) / (2 * len(q)) == avg_bits
+    if avg_bits == 4.0:
+        assert plan.bytes_per_token(3) == load_config("turbo4").resolve(30, 64).bytes_per_token(3)
