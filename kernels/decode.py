@@ -194,6 +194,68 @@ def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.con
 
 
 @triton.jit
+def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
+                       kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                       kcent_ptr, vcent_ptr, USE_CAP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+                       K_POLY: tl.constexpr, V_POLY: tl.constexpr,
+                       K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                       K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                       K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                       K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                       V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                       V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_NOUT: tl.constexpr,
+                       V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr, V_X0SH: tl.constexpr,
+                       V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    """One BLOCK_N tile of packed tokens in the sliced layout for query rows given as slices q0..q3
+    (sk0..sk3: their QJL sketch for PROD keys): scores slice by slice from the register LUT, online
+    softmax, p * |v| against every V slice into accumulators a0..a3. Shared by decode's sliced stage 1
+    and the sliced extend kernel. Returns (m_i, l_i, a0, a1, a2, a3)."""
+    KS: tl.constexpr = 8 // K_M0W
+    VS: tl.constexpr = 8 // V_M0W
+    kb_cols = tl.arange(0, K_D // KS)
+    vb_cols = tl.arange(0, V_D // VS)
+    krow = kc_ptr + slot * kc_s + hk * kc_h
+    vrow = vc_ptr + slot * vc_s + hk * vc_h
+    ksrow = ks_ptr + slot * ks_s + hk * ks_h
+    kb = tl.load(krow[:, None] + K_M0OFF + kb_cols[None, :], mask=nmask[:, None], other=0)
+    vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0)
+    ks0 = tl.load(ksrow, mask=nmask, other=0.0)
+    vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
+    # ---- scores of the whole GQA group against the tile, one tl.dot per slice
+    c0, c1, c2, c3 = _slice_centroids(krow, nmask, kb, kcent_ptr, K_ASM, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
+                                      K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
+                                      K_POLY)
+    s = tl.dot(q0, tl.trans(c0))
+    s = tl.dot(q1, tl.trans(c1), s)
+    if KS == 4:
+        s = tl.dot(q2, tl.trans(c2), s)
+        s = tl.dot(q3, tl.trans(c3), s)
+    s = s * ks0.to(tl.float32)[None, :]
+    if K_QJLOFF >= 0:
+        s1 = _qjl_slice_score(sk0, krow, nmask, 0, KS, K_D, K_QJLOFF)
+        s1 += _qjl_slice_score(sk1, krow, nmask, 1, KS, K_D, K_QJLOFF)
+        if KS == 4:
+            s1 += _qjl_slice_score(sk2, krow, nmask, 2, KS, K_D, K_QJLOFF)
+            s1 += _qjl_slice_score(sk3, krow, nmask, 3, KS, K_D, K_QJLOFF)
+        s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
+    # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
+    if V_POLY:
+        pv = (p * vs0.to(tl.float32)[None, :]).to(tl.float16)
+    else:
+        pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
+    e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
+                                      V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH,
+                                      V_POLY)
+    a0 = tl.dot(pv, e0, a0 * alpha[:, None])
+    a1 = tl.dot(pv, e1, a1 * alpha[:, None])
+    if VS == 4:
+        a2 = tl.dot(pv, e2, a2 * alpha[:, None])
+        a3 = tl.dot(pv, e3, a3 * alpha[:, None])
+    return m_i, l_i, a0, a1, a2, a3
+
+
+@triton.jit
 def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
@@ -256,7 +318,6 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         if KS == 4:
             sk2 = _q_slice(qrow + K_D, gmask, q_scale, 2, KS, K_D)
             sk3 = _q_slice(qrow + K_D, gmask, q_scale, 3, KS, K_D)
-    kb_cols = tl.arange(0, K_D // KS)
     vb_cols = tl.arange(0, V_D // VS)
     tok = tl.arange(0, BLOCK_N)
 
@@ -274,44 +335,14 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         nmask = n0 + tok < hi
         slot = tl.load(kv_indices + seq_start + n0 + tok, mask=nmask, other=0)
         slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)  # 32-bit offset math where the buffers allow
-        krow = kc_ptr + slot * kc_s + hk * kc_h
-        vrow = vc_ptr + slot * vc_s + hk * vc_h
-        ksrow = ks_ptr + slot * ks_s + hk * ks_h
-        kb = tl.load(krow[:, None] + K_M0OFF + kb_cols[None, :], mask=nmask[:, None], other=0)
-        vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0)
-        ks0 = tl.load(ksrow, mask=nmask, other=0.0)
-        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
-        # ---- scores of the whole GQA group against the tile, one tl.dot per slice
-        c0, c1, c2, c3 = _slice_centroids(krow, nmask, kb, kcent_ptr, K_ASM, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
-                                          K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
-                                          K_POLY)
-        s = tl.dot(q0, tl.trans(c0))
-        s = tl.dot(q1, tl.trans(c1), s)
-        if KS == 4:
-            s = tl.dot(q2, tl.trans(c2), s)
-            s = tl.dot(q3, tl.trans(c3), s)
-        s = s * ks0.to(tl.float32)[None, :]
-        if K_QJLOFF >= 0:
-            s1 = _qjl_slice_score(sk0, krow, nmask, 0, KS, K_D, K_QJLOFF)
-            s1 += _qjl_slice_score(sk1, krow, nmask, 1, KS, K_D, K_QJLOFF)
-            if KS == 4:
-                s1 += _qjl_slice_score(sk2, krow, nmask, 2, KS, K_D, K_QJLOFF)
-                s1 += _qjl_slice_score(sk3, krow, nmask, 3, KS, K_D, K_QJLOFF)
-            s += s1 * tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
-        # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
-        if V_POLY:
-            pv = (p * vs0.to(tl.float32)[None, :]).to(tl.float16)
-        else:
-            pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
-        e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
-                                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH,
-                                          V_POLY)
-        a0 = tl.dot(pv, e0, a0 * alpha[:, None])
-        a1 = tl.dot(pv, e1, a1 * alpha[:, None])
-        if VS == 4:
-            a2 = tl.dot(pv, e2, a2 * alpha[:, None])
-            a3 = tl.dot(pv, e3, a3 * alpha[:, None])
+        m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
+            q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
+            kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_POLY, V_POLY,
+            K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
+            K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
+            V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
 
     has = l_i > 0
     inv = 1.0 / tl.where(has, l_i, 1.0)

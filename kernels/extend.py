@@ -1,6 +1,7 @@
 """Triton extend (chunked prefill) attention over a packed prefix plus the new, unquantized tokens.
 
-Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)). The launch function rotates everything into the
+Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)); two kernels, the general one and a sliced one
+with decode's register LUT (`sliced`). The launch function rotates everything into the
 storage domain with small torch matmuls: q_all = q [M_k; S M_k]^T (rotated query + QJL sketch),
 k~ = (k_new - mu) M_k^T (mu: the optional key-centering mean, the same one compress subtracted from
 the stored prefix keys; scores of prefix and new tokens then shift by the same q.mu), v~ = v_new M_v^T (PROD keys: the new tokens use their exact k~, no QJL). One
@@ -21,6 +22,24 @@ import triton.language as tl
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
                       softcap_log2, unrotate_store)
 from .codec import TQCodec
+from .decode import _q_slice, sliced_ok, sliced_tile_update
+
+
+@triton.jit
+def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: tl.constexpr, USE_CAP: tl.constexpr):
+    """Online-softmax step over a tile of new tokens (columns `cols` of the sequence's new run) for query
+    rows `rows`: soft-cap, padding and causal mask (token j visible to query i iff j <= i). A padded row
+    may see nothing yet; its max stays -inf and its sums 0. Returns (p, alpha, m_new, l_new)."""
+    s = softcap_log2(s, logit_cap, USE_CAP)
+    valid = cmask[None, :]
+    if CAUSAL:
+        valid = valid & (cols[None, :] <= rows[:, None])
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -88,17 +107,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
         tok = (q0 + cols).to(tl.int64)
         k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
-        s = softcap_log2(s, logit_cap, USE_CAP)
-        valid = cmask[None, :]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= rows[:, None])
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows may see nothing yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
         v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
 
@@ -107,11 +116,146 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
     unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
+@triton.jit
+def _unrotate_slice(a, T: tl.constexpr, S: tl.constexpr, mv_ptr, jj, DV: tl.constexpr, MV_SCALE: tl.constexpr):
+    """a [R, DV / S] (accumulator columns T, T + S, ...) times rows T, T + S, ... of M_v, columns jj:
+    that slice's share of o = acc M_v (unscaled when MV_SCALE > 0, like `unrotate_store`)."""
+    rows = tl.arange(0, DV // S) * S + T
+    if MV_SCALE > 0:
+        hi = a.to(tl.bfloat16)
+        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
+        sg = tl.load(mv_ptr + rows[:, None] * DV + jj[None, :]).to(tl.float32).to(tl.bfloat16)
+        o = tl.dot(lo, sg, tl.dot(hi, sg))
+    else:
+        o = tl.dot(a, tl.load(mv_ptr + rows[:, None] * DV + jj[None, :]), input_precision="tf32x3")
+    return o
+
+
+@triton.jit
+def _new_slice(base, cmask, hk_off, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
+    """Columns T, T + S, ... of the new tokens' rotated K or V rows (fp32 in HBM) -> bf16 [BLOCK_N, D / S]."""
+    cols = tl.arange(0, D // S) * S + T
+    return tl.load(base[:, None] + hk_off + cols[None, :], mask=cmask[:, None], other=0.0).to(tl.bfloat16)
+
+
+@triton.jit
+def _extend_sliced_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q_scale, logit_cap,
+                          kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+                          kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out_ptr, out_t, out_h,
+                          G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                          USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
+                          K_ASM: tl.constexpr, V_ASM: tl.constexpr,
+                          K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                          K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
+                          K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
+                          K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
+                          V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
+                          V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
+                          V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
+                          V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    """`_extend_kernel` with decode's sliced layout (`_decode_stage1_sliced`): the prefix's centroids
+    come from the register LUT over whole code bytes, scored and accumulated slice by slice (S = 8 / w
+    slices of columns T, T + S, ...); the new tokens' rotated K/V are read in the same slices, and each
+    slice is un-rotated against its own rows of M_v at the end."""
+    KS: tl.constexpr = 8 // K_M0W
+    VS: tl.constexpr = 8 // V_M0W
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    q0 = tl.load(qo_indptr + i)
+    ext = tl.load(qo_indptr + i + 1) - q0
+    if mb * BLOCK_M >= ext:
+        return
+    hk = h // G
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < ext
+    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + h * qr_h
+    q_0 = _q_slice(qrow, rmask, q_scale, 0, KS, K_D)
+    q_1 = _q_slice(qrow, rmask, q_scale, 1, KS, K_D)
+    q_2 = q_0
+    q_3 = q_0
+    if KS == 4:
+        q_2 = _q_slice(qrow, rmask, q_scale, 2, KS, K_D)
+        q_3 = _q_slice(qrow, rmask, q_scale, 3, KS, K_D)
+    sk0 = q_0
+    sk1 = q_0
+    sk2 = q_0
+    sk3 = q_0
+    if K_QJLOFF >= 0:
+        sk0 = _q_slice(qrow + K_D, rmask, q_scale, 0, KS, K_D)
+        sk1 = _q_slice(qrow + K_D, rmask, q_scale, 1, KS, K_D)
+        if KS == 4:
+            sk2 = _q_slice(qrow + K_D, rmask, q_scale, 2, KS, K_D)
+            sk3 = _q_slice(qrow + K_D, rmask, q_scale, 3, KS, K_D)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    a0 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
+    a1 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
+    a2 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
+    a3 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
+
+    # ---- packed prefix, as in decode's sliced stage 1
+    kv0 = tl.load(kv_indptr + i)
+    pre = tl.load(kv_indptr + i + 1) - kv0
+    for n0 in range(0, pre, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < pre
+        slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
+        m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
+            q_0, q_1, q_2, q_3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
+            kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, False, False,
+            K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
+            K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
+            V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
+            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+
+    # ---- new tokens (rotated, unquantized, fp32 in HBM), causal, in the same slices
+    if CAUSAL:
+        hi = tl.minimum(ext, (mb + 1) * BLOCK_M)
+    else:
+        hi = ext
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < hi
+        tok = (q0 + cols).to(tl.int64)
+        kbase = kn_ptr + tok * kn_t
+        s = tl.dot(q_0, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 0, KS, K_D)))
+        s = tl.dot(q_1, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 1, KS, K_D)), s)
+        if KS == 4:
+            s = tl.dot(q_2, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 2, KS, K_D)), s)
+            s = tl.dot(q_3, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 3, KS, K_D)), s)
+        p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
+        pb = p.to(tl.bfloat16)
+        vbase = vn_ptr + tok * vn_t
+        a0 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 0, VS, V_D), a0 * alpha[:, None])
+        a1 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 1, VS, V_D), a1 * alpha[:, None])
+        if VS == 4:
+            a2 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 2, VS, V_D), a2 * alpha[:, None])
+            a3 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 3, VS, V_D), a3 * alpha[:, None])
+
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    a0 = a0 * inv[:, None]
+    a1 = a1 * inv[:, None]
+    a2 = a2 * inv[:, None]
+    a3 = a3 * inv[:, None]
+    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
+    for j0 in tl.static_range(0, V_D, BLOCK_DO):
+        jj = j0 + tl.arange(0, BLOCK_DO)
+        o = _unrotate_slice(a0, 0, VS, mv_ptr, jj, V_D, MV_SCALE) + _unrotate_slice(a1, 1, VS, mv_ptr, jj, V_D, MV_SCALE)
+        if VS == 4:
+            o += _unrotate_slice(a2, 2, VS, mv_ptr, jj, V_D, MV_SCALE)
+            o += _unrotate_slice(a3, 3, VS, mv_ptr, jj, V_D, MV_SCALE)
+        if MV_SCALE > 0:
+            o = o * MV_SCALE
+        tl.store(orow[:, None] + jj[None, :], o.to(orow.dtype.element_ty), mask=rmask[:, None])
+
+
 def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      qo_indptr, kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0,
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
                      block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     use_lut: bool = False, k_mean=None):
+                     use_lut: bool = False, k_mean=None, sliced: Optional[bool] = None, register_lut: bool = True):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -121,7 +265,12 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     operand) crashes Triton 3.6's TritonGPUOptimizeDotOperands pass (seen compiling for sm_90;
     scripts/compile_check.py reproduces it without a GPU). Extend is not bound by the gathers.
     block_m / block_n must be >= 32: with 16-wide tiles the compiled kernel gave wrong results on an
-    H100 (Triton 3.6) while the interpreter was right."""
+    H100 (Triton 3.6) while the interpreter was right.
+    sliced (None: where both roles have a register LUT, as decode): `_extend_sliced_kernel`, decode's
+    sliced layout and register LUT for the prefix. Compiled for sm_90 (K4V4, d 128, BLOCK_M 64) its
+    prefix loop has ~1,100-1,300 instructions and no spills, against 2,362 and 163 spill instructions
+    (255 registers) for the general kernel; interpreter-tested, not yet run on a GPU. False: the
+    general kernel (`_extend_kernel`, every format)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
@@ -159,6 +308,24 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
     mv, mv_scale = rotation_operand(vt, transposed=False)
+    if sliced is None:  # as decode: the sliced layout where both roles have a register LUT
+        sliced = bool(register_lut and {kt["register_lut_kind"], vt["register_lut_kind"]} <= {"single", "split",
+                                                                                              "split5"})
+    if sliced and sliced_ok(kf) and sliced_ok(vf):
+        _extend_sliced_kernel[grid](
+            qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
+            q_scale, float(logit_cap) if use_cap else 1.0,
+            k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
+            v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
+            kt["centroids_bf16"], vt["centroids_bf16"], qo_indptr, kv_indptr, kv_indices, mv, out3,
+            out3.stride(0), out3.stride(1),
+            G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap,
+            BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
+            K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
+            **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
         q_scale, float(logit_cap) if use_cap else 1.0,

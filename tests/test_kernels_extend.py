@@ -7,6 +7,7 @@ import torch
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
+from tq_kernels.decode import sliced_ok
 from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
 
 RUNNABLE, WHY = triton_runnable()
@@ -34,7 +35,7 @@ CASES = [
 ]
 
 
-def _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, seed, dtype=torch.bfloat16):
+def _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, seed, dtype=torch.bfloat16, **kw):
     from tq_kernels.extend import extend_attention
 
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +54,7 @@ def _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, seed, dtype=torch.b
     sm = dk ** -0.5
     out = torch.full((T, hq, dv), float("nan"), dtype=dtype, device=DEV)
     ret = extend_attention(q, kn, vn, *bufs, kc, vc, qo, batch.kv_indptr, batch.kv_indices, sm, cap, causal, out,
-                           max_extend_len=max(new), block_m=bm, block_n=bn)
+                           max_extend_len=max(new), block_m=bm, block_n=bn, **kw)
     assert ret is out
     ref = reference.extend_attention(q.cpu(), kn.cpu(), vn.cpu(), *[b.cpu() for b in bufs], kc, vc, qo.cpu(),
                                      batch.kv_indptr.cpu(), batch.kv_indices.cpu(), sm, cap, causal)
@@ -63,8 +64,22 @@ def _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, seed, dtype=torch.b
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_extend_matches_reference(case):
+    """The general kernel (every format)."""
     name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()))
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()), sliced=False)
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+SLICED = [c for c in CASES if sliced_ok(c[1]) and sliced_ok(c[2])]
+
+
+@pytest.mark.parametrize("case", SLICED, ids=[c[0] for c in SLICED])
+def test_extend_sliced_matches_reference(case):
+    """sliced=True: decode's sliced layout and register LUT for the packed prefix (per-code gathers in
+    the interpreter), the new tokens and the un-rotation in the same slices."""
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()), sliced=True)
     err = rel_err(out, ref)
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
