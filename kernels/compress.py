@@ -231,10 +231,11 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         assert q_rot is not None and not kf.qjl, "q rotation in compress: keys without QJL, q_rot given"
         q3 = _rows(q, n, q.reshape(n, -1).shape[1] // kf.head_dim, kf.head_dim)
         assert q3.shape[1] % h == 0 and q_rot.dtype == torch.float32 and q_rot.shape[0] >= n
+        group = q3.shape[1] // h
         qr3 = q_rot.view(q_rot.shape[0], q3.shape[1], kf.head_dim)
         assert qr3.stride(2) == 1
     else:
-        q3 = qr3 = k3
+        q3, qr3, group = k3, k3, 1
     grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
@@ -243,8 +244,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         kmt, kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
         vmt, vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
         k_mscale, v_mscale, kmu if kmu is not None else dummy,
-        q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), q3.shape[1] // h,
-        min(triton.next_power_of_2(block_t * (q3.shape[1] // h)), max(16, 8192 // kf.head_dim)),
+        q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), group,
+        min(triton.next_power_of_2(block_t * group), max(16, 8192 // kf.head_dim)),
         HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,

@@ -152,6 +152,32 @@ def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def query_slices(qrow, mask, q_scale, S: tl.constexpr, D: tl.constexpr, QJLOFF: tl.constexpr,
+                 F16: tl.constexpr = False):
+    """The S column slices of the rotated query rows at qrow (`_q_slice`), then those of their QJL
+    sketch for PROD keys (QJLOFF >= 0; it follows the rotated query in each row). Unused entries of the
+    two 4-tuples repeat slice 0 of the query."""
+    q0 = _q_slice(qrow, mask, q_scale, 0, S, D, F16)
+    q1 = _q_slice(qrow, mask, q_scale, 1, S, D, F16)
+    q2 = q0
+    q3 = q0
+    if S == 4:
+        q2 = _q_slice(qrow, mask, q_scale, 2, S, D, F16)
+        q3 = _q_slice(qrow, mask, q_scale, 3, S, D, F16)
+    sk0 = q0
+    sk1 = q0
+    sk2 = q0
+    sk3 = q0
+    if QJLOFF >= 0:
+        sk0 = _q_slice(qrow + D, mask, q_scale, 0, S, D)
+        sk1 = _q_slice(qrow + D, mask, q_scale, 1, S, D)
+        if S == 4:
+            sk2 = _q_slice(qrow + D, mask, q_scale, 2, S, D)
+            sk3 = _q_slice(qrow + D, mask, q_scale, 3, S, D)
+    return q0, q1, q2, q3, sk0, sk1, sk2, sk3
+
+
+@triton.jit
 def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexpr, LO: tl.constexpr,
                      M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
                      NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
@@ -301,23 +327,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                      mask=gmask[:, None])
         return
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    q0 = _q_slice(qrow, gmask, q_scale, 0, KS, K_D, K_POLY)
-    q1 = _q_slice(qrow, gmask, q_scale, 1, KS, K_D, K_POLY)
-    q2 = q0
-    q3 = q0
-    if KS == 4:
-        q2 = _q_slice(qrow, gmask, q_scale, 2, KS, K_D, K_POLY)
-        q3 = _q_slice(qrow, gmask, q_scale, 3, KS, K_D, K_POLY)
-    sk0 = q0
-    sk1 = q0
-    sk2 = q0
-    sk3 = q0
-    if K_QJLOFF >= 0:  # the QJL sketch follows the rotated query in each row
-        sk0 = _q_slice(qrow + K_D, gmask, q_scale, 0, KS, K_D)
-        sk1 = _q_slice(qrow + K_D, gmask, q_scale, 1, KS, K_D)
-        if KS == 4:
-            sk2 = _q_slice(qrow + K_D, gmask, q_scale, 2, KS, K_D)
-            sk3 = _q_slice(qrow + K_D, gmask, q_scale, 3, KS, K_D)
+    q0, q1, q2, q3, sk0, sk1, sk2, sk3 = query_slices(qrow, gmask, q_scale, KS, K_D, K_QJLOFF, K_POLY)
     vb_cols = tl.arange(0, V_D // VS)
     tok = tl.arange(0, BLOCK_N)
 

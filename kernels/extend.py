@@ -22,7 +22,7 @@ import triton.language as tl
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
                       softcap_log2, unrotate_store)
 from .codec import TQCodec
-from .decode import _q_slice, sliced_ok, sliced_tile_update
+from .decode import query_slices, sliced_ok, sliced_tile_update
 
 
 @triton.jit
@@ -170,23 +170,7 @@ def _extend_sliced_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, 
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < ext
     qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + h * qr_h
-    q_0 = _q_slice(qrow, rmask, q_scale, 0, KS, K_D)
-    q_1 = _q_slice(qrow, rmask, q_scale, 1, KS, K_D)
-    q_2 = q_0
-    q_3 = q_0
-    if KS == 4:
-        q_2 = _q_slice(qrow, rmask, q_scale, 2, KS, K_D)
-        q_3 = _q_slice(qrow, rmask, q_scale, 3, KS, K_D)
-    sk0 = q_0
-    sk1 = q_0
-    sk2 = q_0
-    sk3 = q_0
-    if K_QJLOFF >= 0:
-        sk0 = _q_slice(qrow + K_D, rmask, q_scale, 0, KS, K_D)
-        sk1 = _q_slice(qrow + K_D, rmask, q_scale, 1, KS, K_D)
-        if KS == 4:
-            sk2 = _q_slice(qrow + K_D, rmask, q_scale, 2, KS, K_D)
-            sk3 = _q_slice(qrow + K_D, rmask, q_scale, 3, KS, K_D)
+    q_0, q_1, q_2, q_3, sk0, sk1, sk2, sk3 = query_slices(qrow, rmask, q_scale, KS, K_D, K_QJLOFF)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     a0 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)

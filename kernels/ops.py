@@ -5,7 +5,7 @@ of compress_and_store / extend_attention is honoured by both)."""
 from __future__ import annotations
 
 from . import reference as _ref
-from ._common import use_triton
+from ._common import kernel_tables, use_triton
 from .decode import DecodeWorkspace, choose_num_splits  # noqa: F401
 
 
@@ -18,7 +18,8 @@ def compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, 
     if kw.get("q") is not None:  # the decode queries rotated like the keys (decode_attention's q_rotated)
         q, q_rot = kw["q"], kw["q_rot"]
         n = k.shape[0]
-        q_rot[:n] = (q.reshape(n, -1, kcodec.fmt.head_dim).float() @ kcodec.rotation.matrix().T.float()).view_as(q_rot[:n])
+        wt = kernel_tables(kcodec, q.device)["wt"]  # M_k^T (keys without QJL), cached in the codec
+        q_rot[:n] = (q.reshape(n, -1, kcodec.fmt.head_dim).float() @ wt).view_as(q_rot[:n])
 
 
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,
