@@ -431,6 +431,14 @@ def sliced_ok(fmt) -> bool:
     return w in (2, 4) and fmt.head_dim * w // 8 >= 16
 
 
+def _bad_sliced_keys(kf, kt) -> bool:
+    """3-bit keys (the two-field "split" LUT) with 16-column slices (head_dim 64): the sliced stage 1 gave
+    wrong results on an H100 and an H200 (Triton 3.6; every V width, 2026-11-28) while the interpreter,
+    which gathers instead of running the PTX LUT, was right; head_dim 128 and 3-bit values pass. Such
+    layers take the general stage 1."""
+    return kt["register_lut_kind"] == "split" and kf.head_dim * kf.fields[0][1] // 8 <= 16
+
+
 def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                    kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
                    num_warps, num_stages):
@@ -545,10 +553,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     the same launch as the new K/V: keys without QJL); q then gives only shapes and the output dtype.
     Else q is rotated here by an fp32 matmul (three small launches; rotating q inside stage 1 instead
     cost 10 us per program on an H100: 1.03 against 0.88 ms at B=32, 32K).
-    centroid_poly (sliced stage 1, 4-bit single-field K and/or V): compute the centroids as an f16
-    polynomial of the code (`register_poly_asm`: 6 integer + 26 f16x2 instructions per 8 codes against
-    ~23 integer ones for the lookup, more accurate than the bf16 table) and run that role's MMA in f16.
-    Opt-in: compiled for sm_90 and checked by the PTX emulator, not yet run on a GPU.
+    centroid_poly (sliced stage 1, 4-bit single-field K, and V too if it is 4-bit): compute the
+    centroids as an f16 polynomial of the code (`register_poly_asm`: 6 integer + 26 f16x2 instructions
+    per 8 codes against ~23 integer ones for the lookup, more accurate than the bf16 table) and run that
+    role's MMA in f16. Opt-in. H100 (2026-11-28): K4V4 and K4V2 pass the GPU tests, K4V4 at B=32, 32K
+    0.861 against 0.889 ms with the LUT; a polynomial V behind 3-bit keys gave wrong results there, so V
+    takes the polynomial only together with K.
     max_registers (sliced stage 1): a per-thread register cap (Triton's maxnreg); 128 lets four 4-warp
     programs share an SM instead of three, at the price of a few spills for K4V4.
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
@@ -585,7 +595,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         # that have passed the GPU tests (the 5-bit one, "split5", runs with sliced=True only)
         sliced = bool(register_lut and {kt["register_lut_kind"], vt["register_lut_kind"]} <= {"single", "split",
                                                                                               "split5"})
-    sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf))
+    sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf) and not _bad_sliced_keys(kf, kt))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
         block_n = 128 if sliced and single else 64
     if num_warps is None:
@@ -601,7 +611,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     po, pl = workspace.part_out, workspace.part_lse
     merge_in_stage1 = bool(sliced and fused_merge)
     k_poly = bool(sliced and centroid_poly and kt["has_poly"])
-    v_poly = bool(sliced and centroid_poly and vt["has_poly"])
+    v_poly = bool(k_poly and vt["has_poly"])  # 3-bit keys with a polynomial V gave wrong results (H100)
     mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv

@@ -1,14 +1,13 @@
 """Triton extend (chunked prefill) attention over a packed prefix plus the new, unquantized tokens.
 
-Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)); two kernels, the general one and a sliced one
-with decode's register LUT (`sliced`). The launch function rotates everything into the
+Grid (num_seqs, H_q, cdiv(max_extend_len, BLOCK_M)). The launch function rotates everything into the
 storage domain with small torch matmuls: q_all = q [M_k; S M_k]^T (rotated query + QJL sketch),
 k~ = (k_new - mu) M_k^T (mu: the optional key-centering mean, the same one compress subtracted from
 the stored prefix keys; scores of prefix and new tokens then shift by the same q.mu), v~ = v_new M_v^T (PROD keys: the new tokens use their exact k~, no QJL). One
 fp32 accumulator in V's rotated domain then serves both parts:
   - prefix: BLOCK_N tiles dequantized in registers exactly as in decode (no dequantized copy of the
     prefix ever goes to HBM), all prefix tokens visible to every query;
-  - new tokens: bf16 tiles of k~ / v~, causal (token j visible to query i iff j <= i) unless causal=False.
+  - new tokens: bf16 tiles of k~ / v~ (rotated in fp32, stored in bf16: the MMA operand's precision), causal (token j visible to query i iff j <= i) unless causal=False.
 The output is un-rotated once at the end (o = o_rot M_v) and written in q's dtype.
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ import triton.language as tl
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
                       softcap_log2, unrotate_store)
 from .codec import TQCodec
-from .decode import query_slices, sliced_ok, sliced_tile_update
+from .decode import num_sms
 
 
 @triton.jit
@@ -106,140 +105,30 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
         cmask = cols < hi
         tok = (q0 + cols).to(tl.int64)
         k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
+        s = tl.dot(q, tl.trans(k))
         p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
         v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
     unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
-@triton.jit
-def _unrotate_slice(a, T: tl.constexpr, S: tl.constexpr, mv_ptr, jj, DV: tl.constexpr, MV_SCALE: tl.constexpr):
-    """a [R, DV / S] (accumulator columns T, T + S, ...) times rows T, T + S, ... of M_v, columns jj:
-    that slice's share of o = acc M_v (unscaled when MV_SCALE > 0, like `unrotate_store`)."""
-    rows = tl.arange(0, DV // S) * S + T
-    if MV_SCALE > 0:
-        hi = a.to(tl.bfloat16)
-        lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-        sg = tl.load(mv_ptr + rows[:, None] * DV + jj[None, :]).to(tl.float32).to(tl.bfloat16)
-        o = tl.dot(lo, sg, tl.dot(hi, sg))
-    else:
-        o = tl.dot(a, tl.load(mv_ptr + rows[:, None] * DV + jj[None, :]), input_precision="tf32x3")
-    return o
-
-
-@triton.jit
-def _new_slice(base, cmask, hk_off, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
-    """Columns T, T + S, ... of the new tokens' rotated K or V rows (fp32 in HBM) -> bf16 [BLOCK_N, D / S]."""
-    cols = tl.arange(0, D // S) * S + T
-    return tl.load(base[:, None] + hk_off + cols[None, :], mask=cmask[:, None], other=0.0).to(tl.bfloat16)
-
-
-@triton.jit
-def _extend_sliced_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q_scale, logit_cap,
-                          kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                          kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out_ptr, out_t, out_h,
-                          G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                          USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
-                          K_ASM: tl.constexpr, V_ASM: tl.constexpr,
-                          K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
-                          K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
-                          K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
-                          K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
-                          V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
-                          V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
-                          V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
-                          V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
-    """`_extend_kernel` with decode's sliced layout (`_decode_stage1_sliced`): the prefix's centroids
-    come from the register LUT over whole code bytes, scored and accumulated slice by slice (S = 8 / w
-    slices of columns T, T + S, ...); the new tokens' rotated K/V are read in the same slices, and each
-    slice is un-rotated against its own rows of M_v at the end."""
-    KS: tl.constexpr = 8 // K_M0W
-    VS: tl.constexpr = 8 // V_M0W
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    mb = tl.program_id(2)
-    q0 = tl.load(qo_indptr + i)
-    ext = tl.load(qo_indptr + i + 1) - q0
-    if mb * BLOCK_M >= ext:
-        return
-    hk = h // G
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < ext
-    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + h * qr_h
-    q_0, q_1, q_2, q_3, sk0, sk1, sk2, sk3 = query_slices(qrow, rmask, q_scale, KS, K_D, K_QJLOFF)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    a0 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
-    a1 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
-    a2 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
-    a3 = tl.zeros((BLOCK_M, V_D // VS), tl.float32)
-
-    # ---- packed prefix, as in decode's sliced stage 1
-    kv0 = tl.load(kv_indptr + i)
-    pre = tl.load(kv_indptr + i + 1) - kv0
-    for n0 in range(0, pre, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < pre
-        slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
-        m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
-            q_0, q_1, q_2, q_3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
-            kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, False, False,
-            K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
-            K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
-            V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
-            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
-
-    # ---- new tokens (rotated, unquantized, fp32 in HBM), causal, in the same slices
-    if CAUSAL:
-        hi = tl.minimum(ext, (mb + 1) * BLOCK_M)
-    else:
-        hi = ext
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < hi
-        tok = (q0 + cols).to(tl.int64)
-        kbase = kn_ptr + tok * kn_t
-        s = tl.dot(q_0, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 0, KS, K_D)))
-        s = tl.dot(q_1, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 1, KS, K_D)), s)
-        if KS == 4:
-            s = tl.dot(q_2, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 2, KS, K_D)), s)
-            s = tl.dot(q_3, tl.trans(_new_slice(kbase, cmask, hk * kn_h, 3, KS, K_D)), s)
-        p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
-        pb = p.to(tl.bfloat16)
-        vbase = vn_ptr + tok * vn_t
-        a0 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 0, VS, V_D), a0 * alpha[:, None])
-        a1 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 1, VS, V_D), a1 * alpha[:, None])
-        if VS == 4:
-            a2 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 2, VS, V_D), a2 * alpha[:, None])
-            a3 = tl.dot(pb, _new_slice(vbase, cmask, hk * vn_h, 3, VS, V_D), a3 * alpha[:, None])
-
-    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-    a0 = a0 * inv[:, None]
-    a1 = a1 * inv[:, None]
-    a2 = a2 * inv[:, None]
-    a3 = a3 * inv[:, None]
-    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
-    for j0 in tl.static_range(0, V_D, BLOCK_DO):
-        jj = j0 + tl.arange(0, BLOCK_DO)
-        o = _unrotate_slice(a0, 0, VS, mv_ptr, jj, V_D, MV_SCALE) + _unrotate_slice(a1, 1, VS, mv_ptr, jj, V_D, MV_SCALE)
-        if VS == 4:
-            o += _unrotate_slice(a2, 2, VS, mv_ptr, jj, V_D, MV_SCALE)
-            o += _unrotate_slice(a3, 3, VS, mv_ptr, jj, V_D, MV_SCALE)
-        if MV_SCALE > 0:
-            o = o * MV_SCALE
-        tl.store(orow[:, None] + jj[None, :], o.to(orow.dtype.element_ty), mask=rmask[:, None])
+def choose_block_m(n_seqs: int, h_q: int, max_extend_len: int, device) -> int:
+    """Query rows per program. Every program dequantizes the whole prefix once, so more rows per program
+    means fewer dequantizations per row: BLOCK_M 128 with 8 warps runs the prefix loop in ~1,425 sm_90
+    instructions per 128 rows (15 spill instructions) against ~2,354 per 64 rows (4 warps, 160 spills;
+    K4V4, d 128). It is taken where the grid still has two programs per SM."""
+    return 128 if n_seqs * h_q * triton.cdiv(max(max_extend_len, 1), 128) >= 2 * num_sms(device) else 64
 
 
 def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      qo_indptr, kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0,
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
-                     block_m: int = 64, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     use_lut: bool = False, k_mean=None, sliced: Optional[bool] = None, register_lut: bool = True):
+                     block_m: Optional[int] = None, block_n: int = 64, num_warps: Optional[int] = None,
+                     num_stages: int = 2,
+                     use_lut: bool = False, k_mean=None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -250,14 +139,21 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     scripts/compile_check.py reproduces it without a GPU). Extend is not bound by the gathers.
     block_m / block_n must be >= 32: with 16-wide tiles the compiled kernel gave wrong results on an
     H100 (Triton 3.6) while the interpreter was right.
-    sliced (None: where both roles have a register LUT, as decode): `_extend_sliced_kernel`, decode's
-    sliced layout and register LUT for the prefix. Compiled for sm_90 (K4V4, d 128, BLOCK_M 64) its
-    prefix loop has ~1,100-1,300 instructions and no spills, against 2,362 and 163 spill instructions
-    (255 registers) for the general kernel; interpreter-tested, not yet run on a GPU. False: the
-    general kernel (`_extend_kernel`, every format)."""
+    block_m=None: `choose_block_m` (128 query rows with 8 warps where that still fills the GPU, else 64);
+    num_warps=None: 8 for block_m >= 128, else 4.
+    (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
+    GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28.)"""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
+    d_k = kf.head_dim
+    if max_extend_len is None:
+        max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item()) if qo_indptr.shape[0] > 1 else 0
+    if block_m is None:
+        block_m = choose_block_m(qo_indptr.shape[0] - 1, q.reshape(q.shape[0], -1, d_k).shape[1],
+                                 max_extend_len, q.device)
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
     if block_m < 32 or block_n < 32:
         raise ValueError(f"block_m / block_n must be >= 32 (got {block_m}, {block_n})")
     d_k, d_v = kf.head_dim, vf.head_dim
@@ -274,8 +170,6 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     n_seqs = qo_indptr.shape[0] - 1
     if T == 0 or n_seqs <= 0:
         return out
-    if max_extend_len is None:
-        max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item())
     if max_extend_len <= 0:
         return out
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
@@ -284,32 +178,14 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     if k_mean is not None:
         assert tuple(k_mean.shape) == (h_kv, d_k), f"k_mean must be [{h_kv}, {d_k}], got {tuple(k_mean.shape)}"
         kn = kn - k_mean.to(device=dev, dtype=torch.float32)
-    kn = torch.matmul(kn, kt["mt"])                                                # k~ = (k - mu) M_k^T
-    vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"])     # v~ = v M_v^T
+    kn = torch.matmul(kn, kt["mt"]).to(torch.bfloat16)                            # k~ = (k - mu) M_k^T
+    vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)  # v~ = v M_v^T
     use_cap = bool(logit_cap and logit_cap > 0)
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
     mv, mv_scale = rotation_operand(vt, transposed=False)
-    if sliced is None:  # as decode: the sliced layout where both roles have a register LUT
-        sliced = bool(register_lut and {kt["register_lut_kind"], vt["register_lut_kind"]} <= {"single", "split",
-                                                                                              "split5"})
-    if sliced and sliced_ok(kf) and sliced_ok(vf):
-        _extend_sliced_kernel[grid](
-            qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
-            q_scale, float(logit_cap) if use_cap else 1.0,
-            k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
-            v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-            kt["centroids_bf16"], vt["centroids_bf16"], qo_indptr, kv_indptr, kv_indices, mv, out3,
-            out3.stride(0), out3.stride(1),
-            G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap,
-            BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
-            K_ASM=kt["lut_asm"] if register_lut else "", V_ASM=vt["lut_asm"] if register_lut else "",
-            **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
-            num_warps=num_warps, num_stages=num_stages,
-        )
-        return out
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
         q_scale, float(logit_cap) if use_cap else 1.0,

@@ -278,10 +278,6 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed):
     out = torch.empty(new, hq, d, device=dev, dtype=torch.bfloat16)
     ours = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
                                           max_extend_len=new))
-    general = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
-                                             max_extend_len=new, sliced=False))
-    log(f"  extend {codec_name} prefix {prefix} new {new}: general kernel {general * 1e3:.1f} us, "
-        f"default {ours * 1e3:.1f} us")
     del bufs
     try:
         from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd

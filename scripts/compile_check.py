@@ -105,12 +105,12 @@ def main():
             jobs[f"decode-sliced-bn{bn}"] = decode_job(bn, sliced=True)
         jobs["decode-sliced-merge"] = decode_job(64, sliced=True, fused_merge=True)
         jobs["decode-sliced-poly"] = decode_job(128, sliced=True, centroid_poly=True)
-        for bm, bn, sl in ((64, 64, False), (32, 32, False), (64, 32, False), (64, 64, True), (128, 64, True)):
-            jobs[f"extend-bm{bm}-bn{bn}{'-sliced' if sl else ''}"] = lambda bm=bm, bn=bn, sl=sl: extend.extend_attention(
+        for bm, bn in ((64, 64), (32, 32), (64, 32), (128, 64)):
+            jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
                 torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
                 torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
-                block_m=bm, block_n=bn, sliced=sl)
+                block_m=bm, block_n=bn)
         for job, fn in jobs.items():
             if a.filter and a.filter not in f"{name} {job}":
                 continue

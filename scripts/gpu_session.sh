@@ -10,11 +10,11 @@
 #        --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
-#   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines), a
-#        config sweep (B 1 / 32, 1K / 32K) and profile_decode's variants (q rotation, merge): no model needed
-#   4. timed      carry .gpu_bundle .gpu_tok            alone on the machine: scripts/bench_serving.py
-#        ($SERVING_CONFIGS at $SERVING_POINTS), then scripts/profile_decode.py (q rotated in compress or in decode,
-#        stage 2 vs the merge in stage 1)
+#   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines,
+#        extend over a packed prefix) and a config sweep (B 1 / 32, 1K / 32K): no model needed
+#   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
+#        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
+#        time on GPU 1, so each card has its own turbo4; with 3+ GPUs bench_kernels (extend, decode) on GPU 2
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -50,8 +50,6 @@ kernels)
         --extend 8192:8192 16384:2048 2048:512 --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -40
     timeout 150 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
         --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1; grep "best" "$W/sweep.log" | tail -8
-    timeout 80 python3 scripts/profile_decode.py --compare-q-rotation --compare-merge --points 1:1024 8:1024 32:32768 \
-        --out "$W/profile" > "$W/profile.log" 2>&1; grep -v "^    " "$W/profile.log"
     pack ;;
 checks)
     source scripts/gpu_env.sh
@@ -76,14 +74,25 @@ tp)
 timed)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${SERVING_LIMIT_S:-420}" python3 scripts/bench_serving.py \
-        --configs "${SERVING_CONFIGS:-turbo4,bf16}" --points "${SERVING_POINTS:-1024:256:8,16384:512:64}" \
-        --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" --out "$W/serving" > "$W/serving.log" 2>&1
-    kill_gpu_procs
-    CUDA_VISIBLE_DEVICES=0 timeout -s INT "${KERNELS_LIMIT_S:-120}" python3 scripts/profile_decode.py --compare-q-rotation --compare-merge \
-        --points 1:1024 8:1024 32:1024 32:32768 --out "$W/profile" > "$W/profile.log" 2>&1
+    export TRITON_CACHE_DIR=/tmp/triton_cache
+    serve() {  # serve GPU PORT NAME CONFIGS POINTS: one bench_serving run, its servers one after another
+        CUDA_VISIBLE_DEVICES=$1 TQ_CHECK_PORT=$2 timeout -s INT "${SERVING_LIMIT_S:-480}" python3 scripts/bench_serving.py \
+            --configs "$4" --points "$5" --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" \
+            --out "$W/$3" > "$W/$3.log" 2>&1
+    }
+    POINTS=${SERVING_POINTS:-1024:256:8,16384:512:64}
+    serve 0 30000 serving "${SERVING_CONFIGS:-turbo4,bf16}" "$POINTS" &
+    if [ "$NGPU" -ge 2 ]; then  # FP8 with its own turbo4 on a second card of the host, at the same time
+        sleep 20; serve 1 30100 serving_fp8 "${SERVING_CONFIGS_2:-fp8,turbo4}" "$POINTS" &
+    fi
+    if [ "$NGPU" -ge 3 ]; then  # kernels: extend over a packed prefix and two decode points
+        CUDA_VISIBLE_DEVICES=2 timeout "${KERNELS_LIMIT_S:-300}" python3 scripts/bench_kernels.py --batch 1 32 \
+            --ctx 1024 32768 --codecs K4V4 --shapes hd128 --extend 8192:8192 16384:2048 2048:512 \
+            --out "$W/bench" > "$W/bench.log" 2>&1 &
+    fi
+    wait
     pack
-    tail -12 "$W/serving.log"; grep -v "^    " "$W/profile.log" ;;
+    tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25 ;;
 *)
     echo "usage: $0 kernels|upload-a|upload-b|checks|tp|timed" >&2; exit 2 ;;
 esac

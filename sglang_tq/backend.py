@@ -50,10 +50,6 @@ PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
 # with a register LUT for 2-/3-/4-/5-bit layers, the general one otherwise), 1 = sliced wherever the
 # formats allow it, 0 = always the general stage 1.
 DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
-# The same choice for extend over a packed prefix (tq_kernels.extend_attention's `sliced`): unset =
-# automatic (the sliced kernel where both roles have a register LUT), 1 = wherever the formats allow
-# it, 0 = always the general kernel.
-EXTEND_SLICED_ENV = "SGLANG_TQ_EXTEND_SLICED"
 # 1 = one split count for every decode batch size (the count of batch size 1). A sequence's split-K
 # partition then depends on its length alone, so its decode attention is bit-identical alone or in a
 # batch. Quantized K/V turn tiny upstream differences into other codes, so this matters more than with
@@ -99,7 +95,6 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             self._warm_tables()
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
         self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
-        self.extend_sliced = _env_flag(EXTEND_SLICED_ENV) if os.environ.get(EXTEND_SLICED_ENV) else None
         self.batch_invariant = _env_flag(BATCH_INVARIANT_ENV)
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.plain_prefill = os.environ.get(PLAIN_PREFILL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -237,7 +232,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
-            **({"sliced": self.extend_sliced} if self.on_cuda else {}), **extra,
+            **extra,
         )
         return o
 
