@@ -5,10 +5,10 @@
 #   1. upload-a   carry .gpu_model/a                    first GGUF half into /tmp/models
 #   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy,
 #                                                       run the kernel tests on the GPU
-#   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9 minutes:
-#        scripts/gpu_server_check.py --stages load, then --stages smollm2 for $SMOLLM2_PRESETS (GPU 0);
-#        --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
+#   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9.5 minutes:
+#        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
+#   3a. presets   carry .gpu_bundle .gpu_data .gpu_tok  perplexity servers of $SMOLLM2_PRESETS spread over the GPUs
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines,
 #        extend over a packed prefix) and a config sweep (B 1 / 32, 1K / 32K): no model needed
@@ -54,17 +54,28 @@ kernels)
 checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    # GPU 0: the load test (~4 min), then perplexity-only servers of the other presets
-    ( check 0 30000 300 load --stages load
-      check 0 30050 230 presets --stages smollm2 \
-          --servers "${SMOLLM2_PRESETS:-calibrated4,turbo4_centered,turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}" ) &
+    # GPU 0: the load test (server start ~100 s, 2,000 requests ~200 s, then the idle / flush check)
+    check 0 30000 "${LOAD_LIMIT_S:-480}" load --stages load &
     if [ "$NGPU" -ge 2 ]; then
-        check 1 30100 540 smollm2 --stages smollm2 --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_invariant,k5v4_centered}" &
+        check 1 30100 560 smollm2 --stages smollm2 \
+            --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_invariant,bf16_deterministic,turbo4_deterministic,k5v4_centered}" &
     fi
     if [ "$NGPU" -ge 4 ]; then check 2,3 30200 540 tp --stages tp --servers "$TP_SERVERS" & fi
     wait
     pack
     for f in "$W"/*.log; do echo "== $f"; tail -15 "$f"; done ;;
+presets)
+    # perplexity-only servers of the other presets, spread over the GPUs (about 60 s per server)
+    source scripts/gpu_env.sh
+    kill_gpu_procs
+    IFS=, read -ra P <<< "${SMOLLM2_PRESETS:-calibrated4,turbo4_centered,turbo3,turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}"
+    for g in $(seq 0 $((NGPU - 1))); do
+        mine=""; for i in "${!P[@]}"; do [ $((i % NGPU)) -eq "$g" ] && mine="$mine,${P[$i]}"; done
+        [ -n "$mine" ] && check "$g" $((30000 + 100 * g)) 540 "presets$g" --stages smollm2 --servers "${mine#,}" &
+    done
+    wait
+    pack
+    grep -h ": ppl" "$W"/presets*.log ;;
 tp)
     source scripts/gpu_env.sh
     kill_gpu_procs
@@ -94,5 +105,5 @@ timed)
     pack
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25 ;;
 *)
-    echo "usage: $0 kernels|upload-a|upload-b|checks|tp|timed" >&2; exit 2 ;;
+    echo "usage: $0 kernels|upload-a|upload-b|checks|presets|tp|timed" >&2; exit 2 ;;
 esac

@@ -95,7 +95,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             self._warm_tables()
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
         self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
-        self.batch_invariant = _env_flag(BATCH_INVARIANT_ENV)
+        self.batch_invariant = (_env_flag(BATCH_INVARIANT_ENV)
+                                or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.plain_prefill = os.environ.get(PLAIN_PREFILL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self.decode_workspace = None
@@ -232,6 +233,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
+            **({"block_m": 64} if self.batch_invariant else {}),  # the automatic choice looks at the batch
             **extra,
         )
         return o

@@ -4,7 +4,8 @@
 hook (`sglang_tq._autoload`) right after the SGLang module it patches has executed:
 
 1. `sglang.srt.server_args`: `add_attention_backend_choices(["turboquant"])` so argparse accepts
-   `--attention-backend turboquant`; wraps `ServerArgs._handle_piecewise_cuda_graph` (piecewise CUDA
+   `--attention-backend turboquant` (and the deterministic-inference list, so that
+   `--enable-deterministic-inference` accepts it too); wraps `ServerArgs._handle_piecewise_cuda_graph` (piecewise CUDA
    graphs for extend are switched off with turboquant, logged) and `ServerArgs.__post_init__` (startup
    checks of `compat.check_server_args`: unsupported set-ups and a bad TurboQuant config fail in the
    main process, before any weight loads).
@@ -40,6 +41,11 @@ _MARK = "_sglang_tq_installed"
 def install_server_args(mod) -> None:
     if BACKEND_NAME not in mod.ATTENTION_BACKEND_CHOICES:
         mod.add_attention_backend_choices([BACKEND_NAME])
+    # --enable-deterministic-inference: SGLang's batch-invariant GEMMs and norms, and our decode's
+    # batch-invariant split-K (the backend turns it on with this flag)
+    det = getattr(mod, "DETERMINISTIC_ATTENTION_BACKEND_CHOICES", None)
+    if det is not None and BACKEND_NAME not in det:
+        mod.add_deterministic_attention_backend_choices([BACKEND_NAME])
     SA = mod.ServerArgs
     if getattr(SA, _MARK, False):
         return

@@ -308,6 +308,18 @@ def test_batch_invariant_split_count(setup, monkeypatch):
             assert counts[1] > counts[64] > counts[512]
 
 
+def test_deterministic_inference_turns_on_batch_invariance(tmp_path):
+    """--enable-deterministic-inference (SGLang's batch-invariant GEMMs and norms) also makes our
+    decode split-K batch-invariant, as SGLANG_TQ_BATCH_INVARIANT=1 does."""
+    path = write_tq_config(tmp_path, CFG)
+    mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
+    for flag in (False, True):
+        with env(SGLANG_TQ_CONFIG=path, SGLANG_TQ_BATCH_INVARIANT=None):
+            r = FakeRunner(mc, server_args(enable_deterministic_inference=flag))
+            r.build_pools(64, max_running_requests=2)
+            assert TurboQuantAttnBackend(r).batch_invariant is flag
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="SGLang's Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
 def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):

@@ -61,6 +61,20 @@ def test_server_args_main_process(tmp_path):
         assert _server_args(model, attention_backend="triton").attention_backend == "triton"
 
 
+def test_deterministic_inference_accepts_turboquant(tmp_path):
+    """--enable-deterministic-inference with turboquant: SGLang checks the attention backend against its
+    deterministic list, which registration extends; the radix cache goes off as for other backends
+    without deterministic radix support."""
+    from sglang.srt.server_args import DETERMINISTIC_ATTENTION_BACKEND_CHOICES
+
+    assert DETERMINISTIC_ATTENTION_BACKEND_CHOICES.count("turboquant") == 1
+    model = write_hf_config(tmp_path)
+    with env(SGLANG_TQ_CONFIG=None, SGLANG_ENABLE_DETERMINISTIC_INFERENCE=None):
+        sa = _server_args(model, enable_deterministic_inference=True)
+    assert sa.attention_backend == "turboquant" and sa.enable_deterministic_inference
+    assert sa.disable_radix_cache
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
     (dict(decode_attention_backend="triton"), "mixing attention backends"),
