@@ -234,8 +234,8 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2,
                        V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
     """One BLOCK_N tile of packed tokens in the sliced layout for query rows given as slices q0..q3
     (sk0..sk3: their QJL sketch for PROD keys): scores slice by slice from the register LUT, online
-    softmax, p * |v| against every V slice into accumulators a0..a3 (decode's sliced stage 1; kept apart
-    from it so that a kernel over many query rows can reuse it). Returns (m_i, l_i, a0, a1, a2, a3)."""
+    softmax, p * |v| against every V slice into accumulators a0..a3: the loop body of decode's sliced
+    stage 1. Returns (m_i, l_i, a0, a1, a2, a3)."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
     kb_cols = tl.arange(0, K_D // KS)

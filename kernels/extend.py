@@ -146,15 +146,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
-    d_k = kf.head_dim
-    if max_extend_len is None:
-        max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item()) if qo_indptr.shape[0] > 1 else 0
-    if block_m is None:
-        block_m = choose_block_m(qo_indptr.shape[0] - 1, q.reshape(q.shape[0], -1, d_k).shape[1],
-                                 max_extend_len, q.device)
-    if num_warps is None:
-        num_warps = 8 if block_m >= 128 else 4
-    if block_m < 32 or block_n < 32:
+    if (block_m is not None and block_m < 32) or block_n < 32:
         raise ValueError(f"block_m / block_n must be >= 32 (got {block_m}, {block_n})")
     d_k, d_v = kf.head_dim, vf.head_dim
     T = q.shape[0]
@@ -170,8 +162,14 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     n_seqs = qo_indptr.shape[0] - 1
     if T == 0 or n_seqs <= 0:
         return out
+    if max_extend_len is None:
+        max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item())
     if max_extend_len <= 0:
         return out
+    if block_m is None:
+        block_m = choose_block_m(n_seqs, h_q, max_extend_len, dev)
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
     qr = torch.matmul(q3.to(torch.float32), kt["wt"])                              # [T, H_q, d_k (+m)]
     kn = k_new.reshape(T, h_kv, d_k).to(torch.float32)

@@ -28,11 +28,12 @@ kill_gpu_procs() {
     sleep 2
 }
 pack() { kill_gpu_procs; tar czf "$OUT/$STEP.tgz" -C /tmp/work "$STEP"; ls -la "$OUT"; }
-check() {  # check GPUS PORT LIMIT_S NAME ARGS...
-    local gpus=$1 port=$2 lim=$3 name=$4; shift 4
-    CUDA_VISIBLE_DEVICES=$gpus TQ_CHECK_PORT=$port timeout -s INT "$lim" python3 scripts/gpu_server_check.py \
+job() {  # job GPUS PORT LIMIT_S NAME SCRIPT ARGS...: scripts/SCRIPT on those GPUs, servers on PORT
+    local gpus=$1 port=$2 lim=$3 name=$4 script=$5; shift 5
+    CUDA_VISIBLE_DEVICES=$gpus TQ_CHECK_PORT=$port timeout -s INT "$lim" python3 "scripts/$script" \
         --out "$W/$name" "$@" > "$W/$name.log" 2>&1
 }
+check() { job "$1" "$2" "$3" "$4" gpu_server_check.py "${@:5}"; }  # check GPUS PORT LIMIT_S NAME ARGS...
 case "$STEP" in
 upload-a)
     mkdir -p /tmp/models && cp .gpu_model/a/* /tmp/models/ && ls -la /tmp/models && nvidia-smi -L ;;
@@ -87,9 +88,8 @@ timed)
     kill_gpu_procs
     export TRITON_CACHE_DIR=/tmp/triton_cache
     serve() {  # serve GPU PORT NAME CONFIGS POINTS: one bench_serving run, its servers one after another
-        CUDA_VISIBLE_DEVICES=$1 TQ_CHECK_PORT=$2 timeout -s INT "${SERVING_LIMIT_S:-480}" python3 scripts/bench_serving.py \
-            --configs "$4" --points "$5" --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" \
-            --out "$W/$3" > "$W/$3.log" 2>&1
+        job "$1" "$2" "${SERVING_LIMIT_S:-480}" "$3" bench_serving.py --configs "$4" --points "$5" \
+            --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384"
     }
     POINTS=${SERVING_POINTS:-1024:256:8,16384:512:64}
     serve 0 30000 serving "${SERVING_CONFIGS:-turbo4,bf16}" "$POINTS" &
