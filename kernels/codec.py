@@ -453,6 +453,13 @@ class TQCodec:
     def decode_rotated(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return self.dequantize_rotated(self.unpack(codes, scales))
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the codes' rotated (storage-order) domain, unnormalized: M x (the recent window's ring)."""
+        return self.rotation.forward(x.to(torch.float32))
+
+    def unrotate(self, u: torch.Tensor) -> torch.Tensor:
+        return self.rotation.inverse(u.to(torch.float32))
+
     # --- what the kernels need on the device -----------------------------------------------
     def device_tables(self, device) -> dict:
         """Cached device tensors: rotation matrix M (u = M x), centroid table, boundaries (low

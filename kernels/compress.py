@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._common import SQRT_PI_2, fmt_constexprs, kernel_tables, rotation_operand
 from .codec import FP16_MAX, TQCodec
+from .window import check_ring
 
 
 @triton.jit
@@ -83,6 +84,7 @@ def _rotate_queries(q_ptr, q_t, q_h, N, G: tl.constexpr, qr_ptr, qr_t, qr_h, mt_
 @triton.jit
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
                   mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
+                  ring_ptr, ring_t, ring_h, ring_rows_ptr, HAS_RING: tl.constexpr,
                   BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
@@ -100,7 +102,13 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     nrm = tl.sqrt(tl.sum(x * x, axis=1))
     inv = 1.0 / tl.maximum(nrm, 1e-30)
 
-    u = _rotate_rows(xrow, tmask, mu_ptr + h * D, HAS_MU, mt_ptr, MSCALE, BLOCK_T, D) * inv[:, None]
+    y = _rotate_rows(xrow, tmask, mu_ptr + h * D, HAS_MU, mt_ptr, MSCALE, BLOCK_T, D)
+    if HAS_RING:  # recent window: the exact rotated vector, bf16, at its ring row (-1: none)
+        rrow = tl.load(ring_rows_ptr + t, mask=tmask, other=-1).to(tl.int64)
+        rmask = tmask & (rrow >= 0)
+        tl.store((ring_ptr + rrow * ring_t + h * ring_h)[:, None] + d[None, :], y.to(tl.bfloat16),
+                 mask=rmask[:, None])
+    u = y * inv[:, None]
 
     # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
     NB_LO: tl.constexpr = (1 << LO) - 1
@@ -158,6 +166,7 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
                      K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr,
+                     rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING: tl.constexpr,
                      q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, QROWS: tl.constexpr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -171,12 +180,14 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
     role = tl.program_id(2)
     if role == 0:
         _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
-                      kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU, BLOCK_T, K_NC, K_QJLC, SMAX,
+                      kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU,
+                      rk_ptr, rk_t, rk_h, ring_rows_ptr, HAS_RING, BLOCK_T, K_NC, K_QJLC, SMAX,
                       K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
                       K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
     elif role == 1:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                      vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False, BLOCK_T, V_NC, V_QJLC, SMAX,
+                      vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False,
+                      rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING, BLOCK_T, V_NC, V_QJLC, SMAX,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
     else:
@@ -199,7 +210,7 @@ def check_k_mean(k_mean, h: int, d: int, device):
 
 
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
-                       *, k_mean=None, q=None, q_rot=None, block_t: int = 16, num_warps: int = 4,
+                       *, k_mean=None, q=None, q_rot=None, ring=None, block_t: int = 16, num_warps: int = 4,
                        exact_rotation: bool = True) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
@@ -207,6 +218,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     launch writes the decode queries rotated like the keys, q_rot[:N] = q M_k^T, for
     decode_attention(q_rotated=...) (keys without QJL: their queries also need the sketch).
     k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h].
+    ring: optional `RingWrite` (recent window): token i's exact rotated K / V ((k - mu) M_k^T, v M_v^T,
+    bf16) also go to row ring.rows[i] of ring.k / ring.v (rows < 0: not written).
     exact_rotation: rotate on tensor cores against M's signs (bf16 hi/lo split of the rows);
     False: an fp32 FMA matmul with M (the first kernels' way; slower, same codes up to ties)."""
     n = k.shape[0]
@@ -236,6 +249,10 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         assert qr3.stride(2) == 1
     else:
         q3, qr3, group = k3, k3, 1
+    if ring is not None:
+        rk, rv, rrows = check_ring(ring, n, h, kf.head_dim, vf.head_dim)
+    else:
+        rk, rv, rrows = k3, v3, slots
     grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
@@ -244,6 +261,7 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         kmt, kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
         vmt, vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
         k_mscale, v_mscale, kmu if kmu is not None else dummy,
+        rk, rk.stride(0), rk.stride(1), rv, rv.stride(0), rv.stride(1), rrows, ring is not None,
         q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), group,
         min(triton.next_power_of_2(block_t * group), max(16, 8192 // kf.head_dim)),
         HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,

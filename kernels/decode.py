@@ -24,23 +24,34 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
-                      online_softmax_step, packed_tile_update, register_lut_slices, register_lut_slices3,
+                      online_softmax_step, softcap_log2, packed_tile_update, register_lut_slices, register_lut_slices3,
                       register_poly_slices,
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
                       unrotate_store)
 from .codec import TQCodec
+from .window import DecodeWindow, check_decode_window
 
 
 @triton.jit
-def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr):
+def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr, plen_ptr, HAS_PLEN: tl.constexpr):
     """Tokens [lo, hi) of split `sid` of sequence b (split length rounded up to whole tiles, so the
     partition depends only on the sequence length and num_splits); and the sequence's start in
-    kv_indices."""
+    kv_indices. HAS_PLEN: only the first plen[b] tokens come from the codes (the rest from the recent
+    window's ring)."""
     seq_start = tl.load(kv_indptr + b)
-    seq_len = tl.load(kv_indptr + b + 1) - seq_start
+    seq_len = _packed_len(kv_indptr, b, plen_ptr, HAS_PLEN)
     split_len = _split_len(seq_len, num_splits, BLOCK_N)
     lo = sid * split_len
     return seq_start, lo, tl.minimum(lo + split_len, seq_len)
+
+
+@triton.jit
+def _packed_len(kv_indptr, b, plen_ptr, HAS_PLEN: tl.constexpr):
+    """Tokens of sequence b read from the packed codes: all, or the first plen[b] (recent window)."""
+    n = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
+    if HAS_PLEN:
+        n = tl.maximum(tl.minimum(tl.load(plen_ptr + b), n), 0)
+    return n
 
 
 @triton.jit
@@ -53,7 +64,7 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
 def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, kv_indptr, kv_indices, num_splits,
-                   po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                   po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, plen_ptr, HAS_PLEN: tl.constexpr,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                    K_LUT: tl.constexpr, V_LUT: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -67,7 +78,7 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
-    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
+    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
     if lo >= hi:  # an empty split: stage 2 never reads its partials
         return
     g = tl.arange(0, BLOCK_G)
@@ -285,7 +296,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2,
 def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
-                          po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                          po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, plen_ptr, HAS_PLEN: tl.constexpr,
                           cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
@@ -315,7 +326,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
-    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N)
+    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
@@ -374,7 +385,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == used - 1:  # the last split to finish
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
             _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, ".cg", MV_SCALE)
+                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, ".cg", MV_SCALE,
+                          0.0, 0.0, False)
 
 
 @triton.jit
@@ -384,11 +396,22 @@ def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _merge_step(m, l, acc, lse, o):
+    """Fold one normalized partial (o, lse in log2 units) into the running (max, sum, acc)."""
+    m_new = tl.maximum(m, lse)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_use)
+    beta = tl.exp2(lse - m_use)
+    return m_new, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * o
+
+
+@triton.jit
 def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
-                  BLOCK_DO: tl.constexpr, CACHE: tl.constexpr, MV_SCALE: tl.constexpr):
-    """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers), then
-    one un-rotation into out_rows. CACHE: the loads' cache modifier (".cg": past L1, for partials other
-    programs of the same launch wrote; "" otherwise)."""
+                  BLOCK_DO: tl.constexpr, CACHE: tl.constexpr, MV_SCALE: tl.constexpr,
+                  tail_o, tail_lse, HAS_TAIL: tl.constexpr):
+    """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers), and of
+    the recent window's partial (HAS_TAIL), then one un-rotation into out_rows. CACHE: the loads' cache
+    modifier (".cg": past L1, for partials other programs of the same launch wrote; "" otherwise)."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
@@ -396,32 +419,68 @@ def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.const
     for sid in range(0, used):
         lse = tl.load(pl + sid, mask=gmask, other=float("-inf"), cache_modifier=CACHE)
         o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0, cache_modifier=CACHE)
-        m_new = tl.maximum(m, lse)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        beta = tl.exp2(lse - m_use)
-        l = l * alpha + beta
-        acc = acc * alpha[:, None] + beta[:, None] * o
-        m = m_new
+        m, l, acc = _merge_step(m, l, acc, lse, o)
+    if HAS_TAIL:
+        m, l, acc = _merge_step(m, l, acc, tail_lse, tail_o)
     acc = acc / tl.where(l > 0, l, 1.0)[:, None]
     unrotate_store(acc, mv_ptr, out_rows, gmask, V_D, BLOCK_DO, MV_SCALE)
 
 
 @triton.jit
+def _window_partial(qrow, gmask, q_scale, logit_cap, hk, rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo, seq_len, base,
+                    USE_CAP: tl.constexpr, WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_G: tl.constexpr,
+                    K_D: tl.constexpr, V_D: tl.constexpr):
+    """Attention of a GQA group's rotated queries over positions [lo, seq_len) (at most WSIZE) of the
+    recent window's ring (exact bf16 K/V in the codes' rotated domain; position p at row base + p % WSIZE).
+    Returns the normalized partial and its lse (log2 units), -inf when the range is empty."""
+    p = lo + tl.arange(0, BLOCK_W)
+    pmask = p < seq_len
+    row = (base + p % WSIZE).to(tl.int64)
+    dk = tl.arange(0, K_D)
+    dv = tl.arange(0, V_D)
+    q = (tl.load(qrow[:, None] + dk[None, :], mask=gmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
+    k = tl.load(rk_ptr + row[:, None] * rk_t + hk * rk_h + dk[None, :], mask=pmask[:, None], other=0.0)
+    s = softcap_log2(tl.dot(q, tl.trans(k)), logit_cap, USE_CAP)
+    s = tl.where(pmask[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    pr = tl.exp2(s - m_use[:, None])
+    l = tl.sum(pr, axis=1)
+    v = tl.load(rv_ptr + row[:, None] * rv_t + hk * rv_h + dv[None, :], mask=pmask[:, None], other=0.0)
+    o = tl.dot(pr.to(tl.bfloat16), v) / tl.where(l > 0, l, 1.0)[:, None]
+    return o, tl.where(l > 0, m_use + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
-                   kv_indptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr):
+                   kv_indptr, qr_ptr, qr_b, qr_h, q_scale, logit_cap,
+                   rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, wlo_ptr, wbase_ptr,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, USE_CAP: tl.constexpr,
+                   WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, K_D: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
-    CUDA graphs and sized for the longest context, so short sequences leave most splits empty), then
-    one un-rotation."""
+    CUDA graphs and sized for the longest context, so short sequences leave most splits empty) and,
+    with a recent window (WSIZE > 0), of the ring's partial over positions [lo, L), then one
+    un-rotation."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
-    used = _used_splits(tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b), num_splits, BLOCK_N)
-    _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE)
+    used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, WSIZE > 0), num_splits, BLOCK_N)
+    if WSIZE > 0:
+        seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
+        lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), 0)
+        t_o, t_lse = _window_partial(qr_ptr + b * qr_b + heads * qr_h, gmask, q_scale, logit_cap, hk,
+                                     rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo, seq_len, tl.load(wbase_ptr + b),
+                                     USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
+        _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
+                      mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
+                      t_o, t_lse, True)
+    else:
+        _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
+                      mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
+                      0.0, 0.0, False)
 
 
 def sliced_ok(fmt) -> bool:
@@ -441,7 +500,7 @@ def _bad_sliced_keys(kf, kt) -> bool:
 
 def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                    kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
-                   num_warps, num_stages):
+                   num_warps, num_stages, plen=None):
     """The general stage 1 (every format): codes put back in coordinate order, one tl.dot per tile."""
     _decode_stage1[(B, h_kv, num_splits)](
         qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
@@ -451,6 +510,7 @@ def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, 
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         kv_indptr, kv_indices, num_splits,
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
+        plen if plen is not None else kv_indptr, HAS_PLEN=plen is not None,
         G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,
@@ -533,7 +593,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      sliced: Optional[bool] = None, register_lut: bool = True, centroid_poly: bool = False,
                      fused_merge: bool = False,
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
-                     max_seq_len_hint: Optional[int] = None):
+                     max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
@@ -563,7 +623,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     programs share an SM instead of three, at the price of a few spills for K4V4.
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
     splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against
-    27.9 us at B=1, 1K): off by default."""
+    27.9 us at B=1, 1K): off by default.
+    window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
+    recent window's ring (exact bf16, rotated) instead of the codes; stage 2 scores them and merges them
+    with the splits (fused_merge is then off)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -609,7 +672,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
-    merge_in_stage1 = bool(sliced and fused_merge)
+    merge_in_stage1 = bool(sliced and fused_merge and window is None)
+    if window is not None:
+        check_decode_window(window, B, h_kv, d_k, d_v)
+        plen = window.lo
     k_poly = bool(sliced and centroid_poly and kt["has_poly"])
     v_poly = bool(k_poly and vt["has_poly"])  # 3-bit keys with a polynomial V gave wrong results (H100)
     mv, mv_scale = rotation_operand(vt, transposed=False)
@@ -628,6 +694,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             kt["centroids_f16" if k_poly else "centroids_bf16"], vt["centroids_f16" if v_poly else "centroids_bf16"],
             kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
+            plen if window is not None else kv_indptr, window is not None,
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["poly_asm"] if k_poly else kt["lut_asm"] if register_lut else "",
@@ -641,12 +708,19 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                        kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
-                       num_warps, num_stages)
+                       num_warps, num_stages, plen=plen if window is not None else None)
     if merge_in_stage1:
         return out
+    if window is not None:
+        wk, wv, wsize, wlo, wbase = window.k, window.v, int(window.size), window.lo, window.base
+    else:
+        wk, wv, wsize, wlo, wbase = qr, qr, 0, kv_indptr, kv_indptr
     _decode_stage2[(B, h_kv)](
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
         mv, out3, out3.stride(0), out3.stride(1), kv_indptr,
-        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale, num_warps=4,
+        qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
+        wk, wk.stride(0), wk.stride(1), wv, wv.stride(0), wv.stride(1), wlo, wbase,
+        G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale,
+        USE_CAP=use_cap, WSIZE=wsize, BLOCK_W=max(16, next_pow2(max(wsize, 1))), K_D=d_k, num_warps=4,
     )
     return out

@@ -22,6 +22,7 @@ from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_ti
                       softcap_log2, unrotate_store)
 from .codec import TQCodec
 from .decode import num_sms
+from .window import ExtendWindow
 
 
 @triton.jit
@@ -42,13 +43,13 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: t
 
 
 @triton.jit
-def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q_scale, logit_cap,
+def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, ko_ptr, vo_ptr, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
                    out_ptr, out_t, out_h,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
-                   K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+                   K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                    K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                    K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -106,9 +107,18 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, q
         tok = (q0 + cols).to(tl.int64)
         k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k))
+        if WINDOW > 0:  # key j exact for query i when i - j < WINDOW, else as the codes give it back
+            recent = (rows[:, None] - cols[None, :]) < WINDOW
+            ko = tl.load(ko_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
+            s = tl.where(recent, s, tl.dot(q, tl.trans(ko)))
         p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
         v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+        if WINDOW > 0:
+            vo = tl.load(vo_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
+            acc = (acc * alpha[:, None] + tl.dot(tl.where(recent, p, 0.0).to(tl.bfloat16), v)
+                   + tl.dot(tl.where(recent, 0.0, p).to(tl.bfloat16), vo))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
@@ -128,7 +138,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
                      block_m: Optional[int] = None, block_n: int = 64, num_warps: Optional[int] = None,
                      num_stages: int = 2,
-                     use_lut: bool = False, k_mean=None):
+                     use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -142,7 +152,10 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     block_m=None: `choose_block_m` (128 query rows with 8 warps where that still fills the GPU, else 64);
     num_warps=None: 8 for block_m >= 128, else 4.
     (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
-    GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28.)"""
+    GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28.)
+    window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
+    key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
+    values as the codes give them back; k_old already centered, so k_mean applies to k_new only)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
@@ -178,6 +191,12 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kn = kn - k_mean.to(device=dev, dtype=torch.float32)
     kn = torch.matmul(kn, kt["mt"]).to(torch.bfloat16)                            # k~ = (k - mu) M_k^T
     vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)  # v~ = v M_v^T
+    if window is not None and window.size > 0:
+        ko = torch.matmul(window.k_old.reshape(T, h_kv, d_k).to(torch.float32), kt["mt"]).to(torch.bfloat16)
+        vo = torch.matmul(window.v_old.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)
+        wsize = int(window.size)
+    else:
+        ko, vo, wsize = kn, vn, 0
     use_cap = bool(logit_cap and logit_cap > 0)
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
@@ -185,7 +204,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
     mv, mv_scale = rotation_operand(vt, transposed=False)
     _extend_kernel[grid](
-        qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1),
+        qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo,
         q_scale, float(logit_cap) if use_cap else 1.0,
         k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
@@ -193,7 +212,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, mv, out3,
         out3.stride(0), out3.stride(1),
-        G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
+        G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,

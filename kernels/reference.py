@@ -15,15 +15,23 @@ from typing import Optional
 import torch
 
 from .codec import TQCodec
+from .window import DecodeWindow, ExtendWindow, RingWrite
 
 
 def compress_and_store(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec,
                        k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
-                       v_scales: torch.Tensor, k_mean: Optional[torch.Tensor] = None, **_unused) -> None:
+                       v_scales: torch.Tensor, k_mean: Optional[torch.Tensor] = None,
+                       ring: Optional[RingWrite] = None, **_unused) -> None:
     """k [N, H_kv, d_k], v [N, H_kv, d_v] (any float dtype); slots [N] row indices. In place.
-    k_mean: optional fp32 [H_kv, d_k] (key centering): codes of k - k_mean[h] are stored."""
+    k_mean: optional fp32 [H_kv, d_k] (key centering): codes of k - k_mean[h] are stored.
+    ring: optional recent-window rows (tq_kernels.window): exact rotated K/V in bf16 at ring.rows >= 0."""
     if k.shape[0] == 0:
         return
+    if ring is not None:
+        rows = ring.rows.reshape(-1)[:k.shape[0]].to(device=ring.k.device, dtype=torch.long)
+        keep = rows >= 0
+        ring.k[rows[keep]] = kcodec.rotate(_center(k, k_mean)).to(ring.k.device)[keep].to(torch.bfloat16)
+        ring.v[rows[keep]] = vcodec.rotate(v.to(torch.float32)).to(ring.v.device)[keep].to(torch.bfloat16)
     slots = slots.to(device=k_codes.device, dtype=torch.long)
     kc, ks = kcodec.encode(_center(k, k_mean))
     vc, vs = vcodec.encode(v.to(torch.float32))
@@ -72,12 +80,27 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     return torch.einsum("hml,lhd->mhd", p, v)
 
 
+def _attend_two(q, first, second, sm_scale, logit_cap):
+    """Softmax attention over the union of two key sets (k, v, mask [M, L]) with one normalization."""
+    g = q.shape[1] // first[0].shape[1]
+    scores, values = [], []
+    for k, v, mask in (first, second):
+        s = torch.einsum("mhd,lhd->hml", q, k.repeat_interleave(g, dim=1)) * sm_scale
+        scores.append(_softcap(s, logit_cap).masked_fill(~mask[None], float("-inf")))
+        values.append(v.repeat_interleave(g, dim=1))
+    p = torch.nan_to_num(torch.softmax(torch.cat(scores, dim=-1), dim=-1), nan=0.0)
+    n = scores[0].shape[-1]
+    return torch.einsum("hml,lhd->mhd", p[..., :n], values[0]) + torch.einsum("hml,lhd->mhd", p[..., n:], values[1])
+
+
 def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
                      v_scales: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec, kv_indptr: torch.Tensor,
                      kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
-                     out: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, window: Optional[DecodeWindow] = None,
+                     **_unused) -> torch.Tensor:
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v]: softmax attention of each query over
-    the dequantized K/V of slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. An empty sequence gives 0."""
+    the dequantized K/V of slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. An empty sequence gives 0.
+    window: positions [window.lo[b], L) come from the recent window's ring instead."""
     d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
     B = q.shape[0]
     q3 = q.reshape(B, -1, d_k)
@@ -88,6 +111,12 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Ten
         slots = kv_indices[indptr[b]:indptr[b + 1]].to(device=k_codes.device, dtype=torch.long)
         k = _dequant(k_codes, k_scales, kcodec, slots).to(q.device)
         v = _dequant(v_codes, v_scales, vcodec, slots).to(q.device)
+        if window is not None:  # positions [lo, L) from the ring (un-rotated back to K's / V's domain)
+            n = slots.shape[0]
+            lo = min(max(int(window.lo[b]), 0), n)
+            rows = (int(window.base[b]) + torch.arange(lo, n) % window.size).to(window.k.device)
+            k = torch.cat([k[:lo], kcodec.unrotate(window.k[rows].float()).to(q.device)])
+            v = torch.cat([v[:lo], vcodec.unrotate(window.v[rows].float()).to(q.device)])
         res[b] = _attend(q3[b:b + 1].to(torch.float32), k, v, sm_scale, logit_cap)[0]
     if out is None:
         return res.to(q.dtype)
@@ -100,12 +129,13 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      vcodec: TQCodec, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      sm_scale: float, logit_cap: float = 0.0, causal: bool = True,
                      out: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
-                     **_unused) -> torch.Tensor:
+                     window: Optional[ExtendWindow] = None, **_unused) -> torch.Tensor:
     """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
     (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
     the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
     sequence's own new, unquantized K/V. -> out [T, H_q, d_v]. k_mean: the key-centering mean the
-    cache was written with (optional, [H_kv, d_k]); the new keys are centered with it too."""
+    cache was written with (optional, [H_kv, d_k]); the new keys are centered with it too.
+    window: new key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old."""
     d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
     T = q.shape[0]
     q3 = q.reshape(T, -1, d_k)
@@ -128,6 +158,17 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         mask = torch.ones(n_new, n_pre + n_new, dtype=torch.bool, device=q.device)
         if causal:
             mask[:, n_pre:] = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
+        if window is not None and window.size > 0:  # two key sets, each query picks per key by distance
+            i = torch.arange(n_new, device=q.device)
+            recent = (i[:, None] - i[None, :]) < window.size
+            ko = torch.cat([kp, window.k_old.reshape(T, h_kv, d_k)[a:b].to(device=q.device, dtype=torch.float32)])
+            vo = torch.cat([vp, window.v_old.reshape(T, h_kv, d_v)[a:b].to(device=q.device, dtype=torch.float32)])
+            m_new = mask.clone()
+            m_new[:, :n_pre] = False
+            m_new[:, n_pre:] &= recent
+            m_old = mask & ~m_new
+            res[a:b] = _attend_two(q3[a:b].to(torch.float32), (k, v, m_new), (ko, vo, m_old), sm_scale, logit_cap)
+            continue
         res[a:b] = _attend(q3[a:b].to(torch.float32), k, v, sm_scale, logit_cap, mask)
     if out is None:
         return res.to(q.dtype)

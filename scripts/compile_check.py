@@ -100,6 +100,21 @@ def main():
                 torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
                 torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, **kw)
 
+        from tq_kernels.window import DecodeWindow, ExtendWindow, RingWrite
+
+        ring = lambda rows: (torch.zeros(rows, hkv, d, dtype=torch.bfloat16),  # noqa: E731
+                             torch.zeros(rows, hkv, d, dtype=torch.bfloat16))
+        jobs["compress-window"] = lambda: compress.compress_and_store(
+            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
+            torch.arange(1, 9), kc, vc, *bufs, ring=RingWrite(*ring(64), torch.arange(8, dtype=torch.int32)))
+        win = DecodeWindow(*ring(64), 32, torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0, 32], dtype=torch.int32))
+        jobs["decode-window"] = decode_job(128, window=win)
+        jobs["decode-window-general"] = decode_job(64, sliced=False, window=win)
+        jobs["extend-window"] = lambda: extend.extend_attention(
+            torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+            torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+            torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+            window=ExtendWindow(torch.randn(4, hkv, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16), 32))
         for bn in (32, 64):
             jobs[f"decode-bn{bn}"] = decode_job(bn, sliced=False)
             jobs[f"decode-sliced-bn{bn}"] = decode_job(bn, sliced=True)

@@ -197,7 +197,19 @@ def smollm2_servers(a, base, out):
         path = os.path.join(out, f"{name}.yaml")
         with open(path, "w") as f:
             f.write(f"name: {name}\ndefaults:\n  k: {{bits: {k_bits}}}\n  v: {{bits: {v_bits}}}\n"
-                    f"boundary: {{first: 1, last: 0, format: bf16}}\nkey_means: {means}\n")
+                    f"boundary: {{first: 1, last: 0, format: bf16}}\nkey_means: {means}\n"
+                    f"window: {{tokens: 32}}\n")
+        return path
+
+    def no_window_config(preset):  # the preset without its recent window (every token from the codes)
+        import yaml
+
+        cfg = yaml.safe_load(open(os.path.join(os.path.dirname(HERE), "configs", f"{preset}.yaml")))
+        cfg["name"] = f"{preset}_nowindow"
+        cfg.pop("window", None)
+        path = os.path.join(out, f"{preset}_nowindow.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
         return path
 
     def no_boundary_config(preset):  # the preset with every layer quantized (its boundary layers too)
@@ -232,6 +244,10 @@ def smollm2_servers(a, base, out):
               for p in ("turbo2", "turbo3.5", "k4v2")],
             *[(f"{p}_noboundary", ["--attention-backend", "turboquant", "--tq-config", no_boundary_config(p),
                                    "--disable-cuda-graph"]) for p in ("turbo4", "turbo3", "k4v2")],
+            # the presets without their recent window (the cache format alone, as before the window)
+            *[(f"{p}_nowindow", ["--attention-backend", "turboquant", "--tq-config", no_window_config(p),
+                                 "--disable-cuda-graph"]) for p in ("turbo4", "turbo3")],
+            ("k5v4", ["--attention-backend", "turboquant", "--tq-config", "k5v4", "--disable-cuda-graph"]),
             # one split count for every batch size: is a request's decode then the same alone and in a batch?
             ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
              {"SGLANG_TQ_BATCH_INVARIANT": "1"}),
@@ -241,8 +257,8 @@ def smollm2_servers(a, base, out):
             ("turbo4_deterministic", ["--attention-backend", "turboquant", "--tq-config", "turbo4",
                                       "--enable-deterministic-inference"])]
     ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "k5v4_centered", "turbo2",
-                "turbo3.5", "k4v2",
-                "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary")
+                "turbo3.5", "k4v2", "k5v4",
+                "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo4_nowindow", "turbo3_nowindow")
     res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
     for name, extra, *env in selected(plan, a.servers):
         r = {}
@@ -424,7 +440,13 @@ def stage_capacity(a, base_unused, out):
     # the byte ratios the configs themselves state (Llama-3-8B shape: 32 layers, head_dim 128)
     from sglang_tq.config import load_config
     res["expected_all_k4v4"] = load_config(all4).resolve(32, 128).compression_ratio()
-    res["expected_turbo4"] = load_config("turbo4").resolve(32, 128).compression_ratio()
+    plan4 = load_config("turbo4").resolve(32, 128)
+    res["expected_turbo4_pool_only"] = plan4.compression_ratio()
+    # the recent window's ring (256 requests x 32 tokens, bf16) comes out of the same memory: the pool
+    # then holds (M - ring) / its bytes per token, M ~ the BF16 server's tokens x BF16 bytes per token
+    mem = res["bf16"] * plan4.bf16_bytes_per_token(8)
+    res["ring_bytes_turbo4"] = plan4.window_bytes(8)
+    res["expected_turbo4"] = (mem - res["ring_bytes_turbo4"]) / plan4.bytes_per_token(8) / res["bf16"]
     return res
 
 

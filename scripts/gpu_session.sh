@@ -59,7 +59,7 @@ checks)
     check 0 30000 "${LOAD_LIMIT_S:-480}" load --stages load &
     if [ "$NGPU" -ge 2 ]; then
         check 1 30100 560 smollm2 --stages smollm2 \
-            --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_invariant,bf16_deterministic,turbo4_deterministic,k5v4_centered}" &
+            --servers "${SMOLLM2_SERVERS:-bf16,turbo4,turbo4_nograph,turbo4_nowindow,bf16_deterministic,turbo4_deterministic,turbo3}" &
     fi
     if [ "$NGPU" -ge 4 ]; then check 2,3 30200 540 tp --stages tp --servers "$TP_SERVERS" & fi
     wait
@@ -69,7 +69,7 @@ presets)
     # perplexity-only servers of the other presets, spread over the GPUs (about 60 s per server)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    IFS=, read -ra P <<< "${SMOLLM2_PRESETS:-calibrated4,turbo4_centered,turbo3,turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}"
+    IFS=, read -ra P <<< "${SMOLLM2_PRESETS:-k5v4,turbo4_centered,k5v4_centered,calibrated4,turbo2,turbo3.5,k4v2,turbo3_nowindow,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}"
     for g in $(seq 0 $((NGPU - 1))); do
         mine=""; for i in "${!P[@]}"; do [ $((i % NGPU)) -eq "$g" ] && mine="$mine,${P[$i]}"; done
         [ -n "$mine" ] && check "$g" $((30000 + 100 * g)) 540 "presets$g" --stages smollm2 --servers "${mine#,}" &

@@ -21,6 +21,14 @@ functions change:
 the new tokens' K/V *as stored* (dequantized from the packed cache) instead of the fresh values, so
 every token sees its whole past exactly as decoding would (perplexity then measures the cache format).
 
+Recent window (`window:` in the config; `tq_kernels.window`): every new token also writes its exact
+rotated K/V to its request's ring row (req_pool_idx * W + position % W; in extend only each sequence's
+last W tokens), decode reads positions [lo, L) from the ring, lo = max(L - W, the position of the
+request's last extend), so a prefix that came from the radix cache (written by another request) is
+always read from the codes. Requests with req_pool_idx >= the ring's request count decode from the
+codes alone; the req-to-token pool hands out the lowest free index first so that the ring covers the
+requests running at the same time. CUDA-graph padding rows (out_cache_loc 0) write no ring row.
+
 Key centering (`key_means:` in the config): the pool stores keys as codes of k - mu; extend passes
 `k_mean=mu` so the new tokens' fresh keys are centered the same way (with PREFILL_FROM_CACHE the new
 keys come dequantized from the cache, already centered, so no mean is passed). Decode is unchanged
@@ -72,6 +80,30 @@ def _no_compile(fn):
     return torch.compiler.disable(fn)
 
 
+def lowest_free_first(req_to_token_pool) -> None:
+    """Make SGLang's req-to-token pool hand out its lowest free request index (it appends freed ones
+    at the end and pops from the front, cycling through every index). The recent window's ring covers
+    request indices below its request count, so with this the requests running at the same time are
+    the ones it covers. Idempotent; a pool without `free_slots` (another class) is left alone."""
+    if getattr(req_to_token_pool, "_tq_lowest_first", False) or not hasattr(req_to_token_pool, "free_slots"):
+        return
+    import bisect
+
+    orig_free = req_to_token_pool.free
+
+    def free(req):
+        idx = req.req_pool_idx
+        orig_free(req)
+        slots = req_to_token_pool.free_slots
+        if idx is not None and slots and slots[-1] == idx:
+            slots.pop()
+            bisect.insort(slots, idx)
+
+    req_to_token_pool.free_slots = sorted(req_to_token_pool.free_slots)
+    req_to_token_pool.free = free
+    req_to_token_pool._tq_lowest_first = True
+
+
 class TurboQuantAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf: Optional[torch.Tensor] = None):
         pool = model_runner.token_to_kv_pool
@@ -102,6 +134,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
+        self.window = pool.window_size      # recent window W (0: off)
+        self.window_requests = pool.window_requests
+        self._window_fb = None              # the forward batch self._window_md belongs to
+        self._window_md = None
+        if self.window:
+            lowest_free_first(model_runner.req_to_token_pool)
 
     # ----------------------------------------------------------------------------------------
     # Metadata: the parent's on CUDA; the same tensors computed in torch elsewhere.
@@ -183,6 +221,44 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         return n
 
     # ----------------------------------------------------------------------------------------
+    # Recent window: ring rows and bounds, once per forward batch (inside a CUDA graph the first
+    # quantized layer's ops are captured, and every later layer reuses their outputs)
+    # ----------------------------------------------------------------------------------------
+    def _window_metadata(self, fb, layer_id: int) -> dict:
+        """Recomputed at the first quantized layer of every forward (so a CUDA-graph capture records it,
+        even after eager warm-up runs of the same batch object) and whenever the batch changes."""
+        if self._window_fb is fb and layer_id != self.tq_pool.first_quantized_layer:
+            return self._window_md
+        W, R = self.window, self.window_requests
+        start = self.tq_pool.window_start
+        req = fb.req_pool_indices.to(torch.int64)
+        in_ring = req < R
+        req_c = torch.clamp(req, max=R - 1)
+        seq_lens = fb.seq_lens.to(torch.int64)
+        if fb.forward_mode.is_decode_or_idle():
+            bs = req.shape[0]
+            loc = fb.out_cache_loc.to(torch.int64)[:bs]
+            last = seq_lens - 1
+            rows = torch.where(in_ring & (loc != 0), req_c * W + last % W, -1)  # loc 0: graph padding
+            lo = torch.where(in_ring, torch.maximum(seq_lens - W, start[req_c].to(torch.int64)), seq_lens)
+            md = dict(rows=rows.to(torch.int32), lo=lo.to(torch.int32), base=(req_c * W).to(torch.int32))
+        else:
+            n_tok = fb.out_cache_loc.shape[0]
+            ext = fb.extend_seq_lens.to(torch.int64)
+            seq = torch.repeat_interleave(torch.arange(req.shape[0], device=req.device), ext, output_size=n_tok)
+            first = torch.cumsum(ext, 0) - ext  # each sequence's first token in the batch
+            pos = (fb.extend_prefix_lens.to(torch.int64)[seq] + torch.arange(n_tok, device=req.device)
+                   - first[seq])
+            keep = in_ring[seq] & (pos >= seq_lens[seq] - W)  # each sequence's last W new tokens
+            rows = torch.where(keep, req_c[seq] * W + pos % W, -1)
+            # ring rows before this extend's tokens are not this sequence's (radix hit, retraction):
+            # decode reads them from the codes
+            start[req_c[in_ring]] = fb.extend_prefix_lens.to(torch.int64)[in_ring].to(torch.int32)
+            md = dict(rows=rows.to(torch.int32))
+        self._window_fb, self._window_md = fb, md
+        return md
+
+    # ----------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------
     def _causal(self, layer) -> bool:
@@ -209,8 +285,10 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             return self._torch_extend(q, k, v, layer, forward_batch, save_kv_cache)
         self._check_layer(layer, sinks)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        wmd = self._window_metadata(forward_batch, layer.layer_id) if self.window else None
         if save_kv_cache:
-            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v,
+                               **({"window_rows": wmd["rows"]} if wmd is not None else {}))
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         md = self.forward_metadata
         k_mean = self._key_mean(pool, layer)
@@ -220,7 +298,14 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         extra = {}
         if self.prefill_from_cache:
             # stored keys are codes of k - mu: dequantized they are already centered like the prefix
-            k, v = self._stored_kv(kb, vb, forward_batch.out_cache_loc, q.dtype)
+            k_old, v_old = self._stored_kv(kb, vb, forward_batch.out_cache_loc, q.dtype)
+            if self.window:  # decode's view: the last W positions exact, older ones from the codes
+                from tq_kernels.window import ExtendWindow
+                extra["window"] = ExtendWindow(k_old, v_old, self.window)
+                if k_mean is not None:
+                    extra["k_mean"] = k_mean
+            else:
+                k, v = k_old, v_old
         elif k_mean is not None:
             extra["k_mean"] = k_mean
         self._extend(
@@ -310,9 +395,16 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                          else q.new_empty((bs, layer.tp_q_head_num, layer.qk_head_dim), dtype=torch.float32))
                 rot = dict(q=q, q_rot=q_rot)
                 extra["q_rotated"] = q_rot
+            if self.window:
+                rot["window_rows"] = self._window_metadata(forward_batch, layer.layer_id)["rows"]
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, **rot)
         md = self.forward_metadata
         self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
+        if self.window:
+            from tq_kernels.window import DecodeWindow
+            wmd = self._window_metadata(forward_batch, layer.layer_id)
+            ring_k, ring_v = pool.window_buffers(layer.layer_id)
+            extra["window"] = DecodeWindow(ring_k, ring_v, self.window, wmd["lo"], wmd["base"])
         self._decode(
             q.view(bs, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,

@@ -28,6 +28,12 @@ quantized layer (`key_mean(l)`, None otherwise) and stores codes of `k - mean`; 
 centers the new tokens' keys of extend with the same mean. Under tensor parallelism each rank takes
 its own heads of the `[num_layers, H_kv_total, head_dim]` file (`key_mean_heads`).
 
+Recent window (`window: {tokens: W, requests: R}` in the config; `tq_kernels.window`): per quantized
+layer two bf16 rings `[R * W, H_kv, head_dim]` hold the exact rotated K/V of each request's last W
+positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `window_start` (int32
+[R]) the first position each request wrote there since its last extend. The attention backend
+decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
+
 `self.dtype` is `torch.uint8` (never bf16) on purpose: models with a fused RoPE + KV-write path
 (`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype == torch.bfloat16` and
 would otherwise write raw bf16 rows past `set_kv_buffer`. The model dtype is `self.model_dtype`.
@@ -137,6 +143,7 @@ class TQTokenToKVPool(KVCache):
         *,
         plan=None,
         seed: Optional[int] = None,
+        window_requests: int = 0,
         **unused,
     ):
         if plan is None:
@@ -166,12 +173,16 @@ class TQTokenToKVPool(KVCache):
 
         self.layer_plans = [plan.layers[self.start_layer + i] for i in range(layer_num)]
         self.quantized = [lp.quantized for lp in self.layer_plans]
+        self.first_quantized_layer = next((self.start_layer + i for i, qz in enumerate(self.quantized) if qz), -1)
         self.k_codecs: List[object] = []
         self.v_codecs: List[object] = []
         for lp in self.layer_plans:
             kc, vc = lp.codecs(self.seed)
             self.k_codecs.append(kc)
             self.v_codecs.append(vc)
+        # recent window: W ring rows for each of the first `window_requests` request slots
+        self.window_size = int(getattr(plan, "window_tokens", 0) or 0) if window_requests > 0 else 0
+        self.window_requests = int(window_requests) if self.window_size else 0
         self._create_buffers()
         self.key_means: List[Optional[torch.Tensor]] = self._load_key_means()
         self._ops = kernel_ops(self.device)
@@ -188,6 +199,9 @@ class TQTokenToKVPool(KVCache):
         self.k_scales: List[Optional[torch.Tensor]] = []
         self.v_codes: List[Optional[torch.Tensor]] = []
         self.v_scales: List[Optional[torch.Tensor]] = []
+        self.ring_k: List[Optional[torch.Tensor]] = []
+        self.ring_v: List[Optional[torch.Tensor]] = []
+        ring_rows = self.window_requests * self.window_size
         custom = (torch.cuda.use_mem_pool(self.custom_mem_pool)
                   if getattr(self, "enable_custom_mem_pool", False) else nullcontext())
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE), custom:
@@ -198,13 +212,21 @@ class TQTokenToKVPool(KVCache):
                     self.k_scales.append(torch.zeros((rows, h, kf.n_scales), dtype=torch.float16, device=dev))
                     self.v_codes.append(torch.zeros((rows, h, vf.code_bytes), dtype=torch.uint8, device=dev))
                     self.v_scales.append(torch.zeros((rows, h, vf.n_scales), dtype=torch.float16, device=dev))
+                    if ring_rows:
+                        self.ring_k.append(torch.zeros((ring_rows, h, kf.head_dim), dtype=torch.bfloat16, device=dev))
+                        self.ring_v.append(torch.zeros((ring_rows, h, vf.head_dim), dtype=torch.bfloat16, device=dev))
+                    else:
+                        self.ring_k.append(None)
+                        self.ring_v.append(None)
                     self.k_buffer.append(None)
                     self.v_buffer.append(None)
                 else:
                     self.k_buffer.append(torch.zeros((rows, h, self.head_dim), dtype=self.model_dtype, device=dev))
                     self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=self.model_dtype, device=dev))
-                    for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales):
+                    for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.ring_k, self.ring_v):
                         lst.append(None)
+            # first ring position of each request slot (set at its extends): decode never reads older rows
+            self.window_start = torch.zeros(max(self.window_requests, 1), dtype=torch.int32, device=dev)
 
     def _load_key_means(self) -> List[Optional[torch.Tensor]]:
         """One fp32 [H_local, head_dim] device tensor per quantized local layer (None elsewhere)."""
@@ -239,7 +261,7 @@ class TQTokenToKVPool(KVCache):
         return [t for i in range(self.layer_num) for t in self._layer_tensors(i, role)]
 
     def _clear_buffers(self):
-        for name in ("k_buffer", "v_buffer", "k_codes", "k_scales", "v_codes", "v_scales"):
+        for name in ("k_buffer", "v_buffer", "k_codes", "k_scales", "v_codes", "v_scales", "ring_k", "ring_v"):
             if hasattr(self, name):
                 delattr(self, name)
 
@@ -311,6 +333,14 @@ class TQTokenToKVPool(KVCache):
     def get_kv_buffer(self, layer_id: int):
         return self.get_key_buffer(layer_id), self.get_value_buffer(layer_id)
 
+    def window_buffers(self, layer_id: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(ring_k, ring_v) of a quantized layer with a recent window; (None, None) otherwise."""
+        idx = self._local(layer_id)
+        return self.ring_k[idx], self.ring_v[idx]
+
+    def window_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.ring_k + self.ring_v if t is not None)
+
     def get_v_head_dim(self) -> int:
         return self.v_head_dim
 
@@ -325,9 +355,11 @@ class TQTokenToKVPool(KVCache):
         layer_id_override: Optional[int] = None,
         q: Optional[torch.Tensor] = None,
         q_rot: Optional[torch.Tensor] = None,
+        window_rows: Optional[torch.Tensor] = None,
     ) -> None:
         """q / q_rot (quantized layers, decode): the same compress launch writes the queries rotated like
-        the keys into q_rot (tq_kernels.compress_and_store); the decode kernel then reads them."""
+        the keys into q_rot (tq_kernels.compress_and_store); the decode kernel then reads them.
+        window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens."""
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = self._local(layer_id)
         # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored, as MHATokenToKVPool
@@ -338,6 +370,9 @@ class TQTokenToKVPool(KVCache):
             extra = {} if self.key_means[idx] is None else {"k_mean": self.key_means[idx]}
             if q is not None:
                 extra.update(q=q, q_rot=q_rot)
+            if window_rows is not None and self.ring_k[idx] is not None:
+                from tq_kernels.window import RingWrite
+                extra["ring"] = RingWrite(self.ring_k[idx], self.ring_v[idx], window_rows)
             self._ops.compress_and_store(k, v, loc, self.k_codecs[idx], self.v_codecs[idx],
                                          self.k_codes[idx], self.k_scales[idx],
                                          self.v_codes[idx], self.v_scales[idx], **extra)

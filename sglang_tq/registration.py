@@ -118,6 +118,38 @@ def tq_cell_size_per_token(runner, num_layers: int, num_kv_heads: int) -> int:
                               for i in range(start, start + num_layers))
 
 
+def reserve_window_memory(runner, plan, mod) -> int:
+    """Request slots the recent window's ring covers (0: no window), after taking the ring's bytes out of
+    the token budget SGLang computed (max_total_num_tokens), so the pool plus ring fit where SGLang
+    planned the pool alone."""
+    if not getattr(plan, "window_tokens", 0):
+        return 0
+    requests = min(int(getattr(runner, "max_running_requests", None) or plan.window_requests), plan.window_requests)
+    heads = runner.model_config.get_num_kv_heads(mod.get_attention_tp_size())
+    start = getattr(runner, "start_layer", 0) or 0
+    n_layers = getattr(runner, "num_effective_layers", None) or plan.num_layers - start
+    layers = [plan.layers[i] for i in range(start, min(start + n_layers, plan.num_layers))]
+    ring_bytes = (heads * 2 * (plan.head_dim + plan.v_head_dim) * sum(lp.quantized for lp in layers)
+                  * plan.window_tokens * requests)
+    cell = tq_cell_size_per_token(runner, len(layers), heads)
+    cut = -(-ring_bytes // max(cell, 1))
+    if getattr(runner.server_args, "max_total_tokens", None):  # a user cap: the pool is below what memory allows
+        logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "
+                    "the --max-total-tokens pool", plan.window_tokens, requests, ring_bytes / 2**20)
+        return requests
+    if cut >= runner.max_total_num_tokens:
+        raise RuntimeError(f"TurboQuant: the recent window's ring ({ring_bytes} B for {requests} requests x "
+                           f"{plan.window_tokens} tokens) does not fit next to the KV pool; lower window.requests "
+                           f"or window.tokens in the config, or raise --mem-fraction-static")
+    runner.max_total_num_tokens -= cut
+    cfg = getattr(runner, "memory_pool_config", None)
+    if cfg is not None and hasattr(cfg, "max_total_num_tokens"):
+        cfg.max_total_num_tokens = runner.max_total_num_tokens
+    logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB "
+                "(= %d tokens of the pool)", plan.window_tokens, requests, ring_bytes / 2**20, cut)
+    return requests
+
+
 def install_mixin(mod) -> None:
     M = mod.ModelRunnerKVCacheMixin
     if getattr(M, _MARK, False):
@@ -142,8 +174,9 @@ def install_mixin(mod) -> None:
         from sglang_tq.pool import TQTokenToKVPool
 
         plan = runner_plan(self)
+        window_requests = reserve_window_memory(self, plan, mod)
         stock = mod.MHATokenToKVPool
-        mod.MHATokenToKVPool = functools.partial(TQTokenToKVPool, plan=plan)
+        mod.MHATokenToKVPool = functools.partial(TQTokenToKVPool, plan=plan, window_requests=window_requests)
         try:
             orig_init(self)
         finally:

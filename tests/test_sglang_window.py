@@ -1,0 +1,141 @@
+"""Recent window in the SGLang backend (reference path, CPU): which positions decode reads exactly.
+
+Config with `window: {tokens: 4, requests: 2}`: requests 0 and 1 get a ring, request 2 (index >= 2)
+does not. Every decode output is checked against attention computed here by hand over the cache as the
+window defines it: positions [max(L - 4, start), L) exact (the K/V the test generated; start = the prefix
+length of the request's last extend), older ones dequantized from the packed codes.
+"""
+import pytest
+
+pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+
+from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, write_tq_config  # noqa: E402
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
+from sglang_tq.backend import TurboQuantAttnBackend  # noqa: E402
+
+HQ, HKV, D, NUM_LAYERS, W = 4, 2, 64, 3, 4
+CFG = """
+name: test-window
+defaults:
+  k: {bits: 3}
+  v: {bits: 2}
+boundary: {first: 1, last: 0}
+window: {tokens: 4, requests: 2}
+"""
+
+
+@pytest.fixture
+def s(tmp_path):
+    path = write_tq_config(tmp_path, CFG)
+    with env(SGLANG_TQ_CONFIG=path):
+        runner = FakeRunner(FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=64))
+        pool = runner.build_pools(256, max_running_requests=8)
+        backend = TurboQuantAttnBackend(runner)
+    layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(NUM_LAYERS)]
+    return dict(runner=runner, pool=pool, backend=backend, layers=layers, gen=torch.Generator().manual_seed(0),
+                exact={}, lens={}, start={})
+
+
+def _attend(q, k, v):
+    s = torch.einsum("hd,lhd->hl", q.float(), k.float().repeat_interleave(HQ // HKV, 1)) * D ** -0.5
+    return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v.float().repeat_interleave(HQ // HKV, 1))
+
+
+def _extend(s, reqs, prefix, new):
+    runner = s["runner"]
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t = runner.req_to_token_pool.req_to_token
+    fb = extend_batch(runner, reqs, prefix, new, slots, s["backend"])
+    s["backend"].init_forward_metadata(fb)
+    off = 0
+    for r, p, n in zip(reqs, prefix, new):
+        r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
+        s["lens"][r], s["start"][r] = p + n, p
+        off += n
+    for layer in s["layers"]:
+        q = torch.randn(sum(new), HQ * D, generator=s["gen"]).to(torch.bfloat16)
+        k = torch.randn(sum(new), HKV * D, generator=s["gen"]).to(torch.bfloat16)
+        v = torch.randn(sum(new), HKV * D, generator=s["gen"]).to(torch.bfloat16)
+        layer(q, k, v, fb)
+        off = 0
+        for r, p, n in zip(reqs, prefix, new):
+            for j in range(n):
+                s["exact"][(r, p + j, layer.layer_id)] = (k[off + j].view(HKV, D), v[off + j].view(HKV, D))
+            off += n
+
+
+def _decode(s, reqs):
+    runner, pool = s["runner"], s["pool"]
+    r2t = runner.req_to_token_pool.req_to_token
+    slots = runner.token_to_kv_pool_allocator.alloc(len(reqs))
+    for r, slot in zip(reqs, slots.tolist()):
+        r2t[r, s["lens"][r]] = slot
+        s["lens"][r] += 1
+    fb = decode_batch(runner, reqs, [s["lens"][r] for r in reqs], slots, s["backend"])
+    s["backend"].init_forward_metadata(fb)
+    checked = 0
+    for layer in s["layers"]:
+        lid = layer.layer_id
+        q = torch.randn(len(reqs), HQ * D, generator=s["gen"]).to(torch.bfloat16)
+        k = torch.randn(len(reqs), HKV * D, generator=s["gen"]).to(torch.bfloat16)
+        v = torch.randn(len(reqs), HKV * D, generator=s["gen"]).to(torch.bfloat16)
+        o = layer(q, k, v, fb)
+        for i, r in enumerate(reqs):
+            s["exact"][(r, s["lens"][r] - 1, lid)] = (k[i].view(HKV, D), v[i].view(HKV, D))
+        if not pool.is_quantized(lid):
+            continue
+        kb, vb = pool.get_kv_buffer(lid)
+        for i, r in enumerate(reqs):
+            L = s["lens"][r]
+            lo = max(L - W, s["start"][r]) if r < 2 else L
+            loc = r2t[r, :L].long()
+            kk = kb.codec.decode(kb.codes[loc], kb.scales[loc])
+            vv = vb.codec.decode(vb.codes[loc], vb.scales[loc])
+            for p in range(lo, L):
+                kk[p], vv[p] = s["exact"][(r, p, lid)]
+            want = _attend(q[i].view(HQ, D), kk, vv)
+            torch.testing.assert_close(o[i].view(HQ, D).float(), want, atol=2e-2, rtol=2e-2,
+                                       msg=lambda m: f"req {r} layer {lid} L {L} lo {lo}: {m}")
+            checked += 1
+    return checked
+
+
+def test_decode_reads_the_window_exactly(s):
+    assert s["backend"].window == W and s["pool"].window_requests == 2
+    assert s["pool"].ring_k[0] is None and s["pool"].ring_k[1].shape == (2 * W, HKV, D)
+    r2t = s["runner"].req_to_token_pool.req_to_token
+    _extend(s, [0], [0], [10])                         # a prompt: positions 6..9 go to the ring
+    r2t[1, :8] = r2t[0, :8]                            # req 1: radix hit on req 0's first 8 tokens
+    _extend(s, [1, 2], [8, 0], [2, 5])                 # req 2: beyond the ring's 2 requests
+    assert s["pool"].window_start[:2].tolist() == [0, 8]
+    for _ in range(6):                                 # ring rows wrap around; req 1's window grows from 8
+        assert _decode(s, [0, 1, 2]) == 3 * (NUM_LAYERS - 1)
+    _extend(s, [0], [16], [1])                         # a 1-token extend resets req 0's start to 16
+    assert s["pool"].window_start[0].item() == 16
+    _decode(s, [0])
+
+
+def test_window_changes_attention_and_capacity(tmp_path, s):
+    """The ring's bytes come out of the token budget; without the window the same request attends
+    to codes only (so the comparison above can tell the two apart)."""
+    pool = s["pool"]
+    assert s["runner"].max_total_num_tokens < 256
+    assert pool.window_bytes() == 2 * (NUM_LAYERS - 1) * 2 * W * HKV * D * 2
+    cut = 256 - s["runner"].max_total_num_tokens
+    assert cut == -(-pool.window_bytes() // pool.bytes_per_token())
+
+
+def test_lowest_free_request_index_first(s):
+    from types import SimpleNamespace
+
+    rtp = s["runner"].req_to_token_pool
+    reqs = [SimpleNamespace(req_pool_idx=None, is_chunked=0, kv_committed_len=0) for _ in range(4)]
+    got = rtp.alloc(reqs)
+    assert got == [0, 1, 2, 3]
+    rtp.free(reqs[1])
+    rtp.free(reqs[0])
+    new = [SimpleNamespace(req_pool_idx=None, is_chunked=0, kv_committed_len=0)]
+    assert rtp.alloc(new) == [0]  # stock SGLang would hand out 4
+    assert rtp.free_slots[:3] == [1, 4, 5]
