@@ -143,7 +143,8 @@ def n_sets_for(nbytes, l2_bytes):
 # --------------------------------------------------------------------------------------------
 # systems
 # --------------------------------------------------------------------------------------------
-def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
+def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, window=0):
+    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     per_set = B * ctx * hkv * (kfmt.slot_bytes + vfmt.slot_bytes)
@@ -158,7 +159,15 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
         # the queries as the server's compress launch leaves them rotated (q M_k^T; QJL keys: decode
         # rotates and sketches them itself)
         qrot = None if kfmt.qjl else (q.float() @ kernel_tables(kc, "cuda")["wt"]).contiguous()
-        sets.append((bufs, indptr, idx, q, out, qrot))
+        win = None
+        if window:
+            from tq_kernels.window import DecodeWindow
+            lens = (indptr[1:] - indptr[:-1]).to(torch.int32)
+            win = DecodeWindow(torch.randn(B * window, hkv, d, device="cuda", dtype=torch.bfloat16),
+                               torch.randn(B * window, hkv, d, device="cuda", dtype=torch.bfloat16), window,
+                               (lens - window).clamp_min(0).contiguous(),
+                               torch.arange(B, device="cuda", dtype=torch.int32) * window)
+        sets.append((bufs, indptr, idx, q, out, qrot, win))
     ns = splits or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
     ws = DecodeWorkspace.create(B, hq, d, max_splits=max(ns, 1), device="cuda")
     kw = {}
@@ -167,9 +176,9 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None):
                   register_lut=cfg[5], max_registers=cfg[6] or None, centroid_poly=len(cfg) > 7 and cfg[7])
 
     def fn():
-        for bufs, indptr, idx, q, out, qrot in sets:
+        for bufs, indptr, idx, q, out, qrot, win in sets:
             decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
-                             q_rotated=qrot, **kw)
+                             q_rotated=qrot, window=win, **kw)
 
     ms = bench(fn, n_inner=n_sets)
     qo_bytes = 2 * B * hq * d * 2
@@ -390,6 +399,8 @@ def main():
     ap.add_argument("--ctx", type=int, nargs="*", default=None)
     ap.add_argument("--codecs", nargs="*", default=None)
     ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES))
+    ap.add_argument("--window", type=int, default=0,
+                    help="also time each point with a recent window of this many positions (server presets: 32)")
     ap.add_argument("--extend", nargs="*", default=[], metavar="PREFIX:NEW",
                     help="also time extend over a packed prefix (chunked prefill / radix hit) against SGLang's "
                          "Triton extend over a BF16 prefix, per codec, at (32, 8, 128)")
@@ -462,6 +473,13 @@ def main():
                     pt = dict(shape=shape, hq=hq, hkv=hkv, d=d, B=B, ctx=ctx, codec=codec, ms=ms, bytes=nbytes,
                               splits=ns, gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3, **base)
                     pt["pct_copy"] = 100 * pt["gbs"] / bw
+                    if args.window:
+                        pt["window"] = args.window
+                        pt["ms_window"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, window=args.window)[0]
+                        for b in ("fi_bf16", "fi_fp8"):
+                            pt["x_window_" + b] = (base[b] / pt["ms_window"]) if base.get(b) else None
+                        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with a {args.window}-token window "
+                            f"{pt['ms_window'] * 1e3:8.1f} us")
                     for b in ("fi_bf16", "fi_fp8", "sgl_triton"):
                         pt["x_" + b] = (base[b] / ms) if base.get(b) else None
                     if args.sweep:

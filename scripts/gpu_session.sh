@@ -42,11 +42,11 @@ upload-b)
     # the kernel tests on this GPU before any server uses the kernels (about 2 minutes)
     source scripts/gpu_env.sh
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
-        tests/test_kernels_compress.py 2>&1 | tail -15 ;;
+        tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
     source scripts/gpu_env.sh
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
-        tests/test_kernels_compress.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
+        tests/test_kernels_compress.py tests/test_kernels_window.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
     timeout 180 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 K5V4 --shapes hd128 \
         --extend 8192:8192 16384:2048 2048:512 --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -40
     timeout 150 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
@@ -98,7 +98,7 @@ timed)
     fi
     if [ "$NGPU" -ge 3 ]; then  # kernels: extend over a packed prefix and two decode points
         CUDA_VISIBLE_DEVICES=2 timeout "${KERNELS_LIMIT_S:-300}" python3 scripts/bench_kernels.py --batch 1 32 \
-            --ctx 1024 32768 --codecs K4V4 --shapes hd128 --extend 8192:8192 16384:2048 2048:512 \
+            --ctx 1024 32768 --codecs K4V4 --shapes hd128 --window 32 --extend 8192:8192 16384:2048 2048:512 \
             --out "$W/bench" > "$W/bench.log" 2>&1 &
     fi
     wait
