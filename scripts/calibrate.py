@@ -41,6 +41,22 @@ from sglang_tq.config import TQConfig, load_config  # noqa: E402
 from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
 
 
+def recent_window_attention(module, query, exact, coded, recent):
+    """Causal attention where query i sees key j exact when i - j < recent and as the cache's codes
+    give it back otherwise (the server's recent window; query [B, H_q, T, d], K/V [B, H_kv, T, d])."""
+    (k, v), (kq, vq) = exact, coded
+    g = query.shape[1] // k.shape[1]
+    rep = lambda x: x.repeat_interleave(g, dim=1)  # noqa: E731
+    t = query.shape[2]
+    i = torch.arange(t, device=query.device)[:, None]
+    j = torch.arange(t, device=query.device)[None, :]
+    near = (i - j < recent) & (j <= i)
+    s = torch.where(near, query @ rep(k).transpose(-1, -2), query @ rep(kq).transpose(-1, -2)) * module.scaling
+    p = torch.softmax(s.float().masked_fill(j > i, float("-inf")), -1).to(query.dtype)
+    out = (p * near) @ rep(v) + (p * ~near) @ rep(vq)
+    return out.transpose(1, 2).contiguous(), None
+
+
 class Simulator:
     """Holds a model whose attention reads K/V through the codecs of `self.plan` (None = exact)."""
 
@@ -49,6 +65,7 @@ class Simulator:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.layer_codecs = {}  # layer -> (K codec or None, V codec or None); absent = exact
+        self.recent = 0         # recent window: key j exact for query i when i - j < recent (config `window:`)
         self.layer_means = {}   # layer -> fp32 [H_kv, d] key-centering mean on the device; absent = none
         self.collect = None     # while measuring means: layer -> [sum over tokens [H_kv, d], token count]
         sim = self
@@ -62,6 +79,7 @@ class Simulator:
                 acc[1] += key.shape[0] * key.shape[2]
                 acc[2] = acc[2] + kf.square().sum(dim=(0, 2, 3))  # [H_kv]: for |mu| / rms
             if layer in sim.layer_codecs:
+                exact_k, exact_v = key, value
                 kc, vc = sim.layer_codecs[layer]
                 if kc is not None:
                     mu = sim.layer_means.get(layer)
@@ -72,6 +90,8 @@ class Simulator:
                         key = (kc.decode(*kc.encode(key.float() - mu)) + mu).to(key.dtype)
                 if vc is not None:
                     value = vc.decode(*vc.encode(value.float())).to(value.dtype)
+                if sim.recent > 0:  # the server's recent window: the last `recent` positions exact
+                    return recent_window_attention(module, query, (exact_k, exact_v), (key, value), sim.recent)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
         AttentionInterface.register("tq_sim", tq_attention)
@@ -94,16 +114,18 @@ class Simulator:
     def set_config(self, cfg, key_means="config"):
         """Quantize as the server would with this config (None = every layer exact). key_means:
         "config" = the config's own key_means (if any); None = no centering; a tensor = these means."""
-        self.layer_codecs, self.layer_means = {}, {}
+        self.layer_codecs, self.layer_means, self.recent = {}, {}, 0
         if cfg is not None:
             plan = cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
+            self.recent = plan.window_tokens
             self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
             means = plan.key_means if isinstance(key_means, str) else key_means
             self.layer_means = self._means(means, plan.quantized_layers)
 
-    def set_probe(self, layer, role, bits, seed, key_means=None):
+    def set_probe(self, layer, role, bits, seed, key_means=None, recent=0):
         """Only `role` ('k' or 'v') of `layer` quantized at `bits`, everything else exact (K centered
-        with key_means[layer] when given)."""
+        with key_means[layer] when given; the last `recent` positions exact, as the server's window)."""
+        self.recent = recent
         role_id = ROLE_K if role == "k" else ROLE_V
         codec = TQCodec.build(VecFormat(self.head_dim, bits), seed, layer, role_id)
         self.layer_codecs = {layer: (codec, None) if role == "k" else (None, codec)}
@@ -174,21 +196,23 @@ class Simulator:
         return total / count
 
 
-def config_dict(per_layer, boundary, seed, name):
+def config_dict(per_layer, boundary, seed, name, recent=0):
     """YAML dict with one override per layer; per_layer[l] = (k_bits, v_bits)."""
     first, last = boundary
     return {"name": name, "seed": seed, "boundary": {"first": first, "last": last},
+            **({"window": {"tokens": recent}} if recent else {}),
             "defaults": {"k": {"bits": 4}, "v": {"bits": 4}},
             "overrides": [{"layers": l, "k": {"bits": kb}, "v": {"bits": vb}} for l, (kb, vb) in sorted(per_layer.items())]}
 
 
-def uniform_config(bits, boundary, seed):
+def uniform_config(bits, boundary, seed, recent=0):
     first, last = boundary
     return TQConfig.from_dict({"name": f"uniform{bits}", "seed": seed, "boundary": {"first": first, "last": last},
+                               **({"window": {"tokens": recent}} if recent else {}),
                                "defaults": {"k": {"bits": bits}, "v": {"bits": bits}}})
 
 
-def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None, metric="kl"):
+def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None, metric="kl", recent=0):
     """Sensitivity of every (layer, role, bits) with only that role of that layer quantized:
     metric 'kl' = mean KL divergence of the next-token distribution from the unquantized model's
     (default: low variance), 'nll' = increase of the text's negative log-likelihood."""
@@ -203,7 +227,7 @@ def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=No
     for l in layers:
         for role in ("k", "v"):
             for b in cands:
-                sim.set_probe(l, role, b, seed, key_means)
+                sim.set_probe(l, role, b, seed, key_means, recent)
                 sens[(l, role, b)] = sim.kl_to(ids, window, ref) if metric == "kl" else sim.nll(ids, window) - base
         log(f"layer {l}: " + " ".join(f"{r}{b}={sens[(l, r, b)]:+.4f}" for r in ("k", "v") for b in cands))
     log(f"sensitivity sweep: {time.time() - t0:.0f}s")
@@ -236,6 +260,9 @@ def main():
     ap.add_argument("--chars", type=int, default=60000)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the text used")
     ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--recent", type=int, default=32,
+                    help="recent window (config `window: {tokens: N}`) of the probes, the uniform plans and the "
+                         "written YAML; presets use their own; 0 = every position from the codes")
     ap.add_argument("--candidates", default="2,3,4")
     ap.add_argument("--metric", choices=("kl", "nll"), default="kl",
                     help="sensitivity: KL to the unquantized model's next-token distribution, or NLL increase")
@@ -311,10 +338,10 @@ def main():
     if not a.no_calibrate:
         cands = [int(x) for x in a.candidates.split(",")]
         per_layer, sens, base = calibrate(sim, ids, a.window, cands, a.target_bits, boundary, a.seed, log,
-                                          key_means=means if a.center else None, metric=a.metric)
+                                          key_means=means if a.center else None, metric=a.metric, recent=a.recent)
         report["metric"] = a.metric
         name = os.path.splitext(os.path.basename(a.out))[0]
-        d = config_dict(per_layer, boundary, a.seed, name)
+        d = config_dict(per_layer, boundary, a.seed, name, a.recent)
         if a.center:
             d["key_means"] = os.path.relpath(os.path.abspath(means_path), os.path.dirname(os.path.abspath(a.out)))
         import yaml
@@ -330,7 +357,7 @@ def main():
             log(f"calibrated plan: ppl {report['calibrated']['ppl']:.4f} centered, "
                 f"{report['calibrated']['ppl_uncentered']:.4f} uncentered")
         if float(a.target_bits).is_integer():
-            uni = uniform_config(int(a.target_bits), boundary, a.seed)
+            uni = uniform_config(int(a.target_bits), boundary, a.seed, a.recent)
             report["uniform_equal_bytes"] = {"bits": int(a.target_bits), "ppl": ppl_of(uni)}
             if a.center:
                 report["uniform_equal_bytes"]["ppl_centered"] = ppl_of(uni, means)
@@ -351,9 +378,9 @@ def heldout(sim, a, boundary, means, log):
     ppl = lambda cfg, km="config": (sim.set_config(cfg, km), math.exp(sim.nll(ids, a.window)))[1]  # noqa: E731
     out = {"text": a.heldout_text, "tokens": len(ids), "bf16": ppl(None), "calibrated": ppl(load_config(a.out))}
     if float(a.target_bits).is_integer():
-        out["uniform"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed))
+        out["uniform"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent))
         if a.center:
-            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed), means)
+            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent), means)
             out["calibrated_uncentered"] = ppl(load_config(a.out), None)
     log("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float)))
     return out

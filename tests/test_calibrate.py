@@ -51,6 +51,25 @@ def test_simulator_kl_grows_as_bits_shrink(tiny_model):
     assert floor < kls[0] < kls[1]
 
 
+def test_simulator_recent_window(tiny_model):
+    """The server's recent window in the simulator: a window as long as the text is exact attention, a
+    short one sits between that and every position from the codes."""
+    import calibrate
+
+    sim = calibrate.Simulator(tiny_model, "cpu", torch.float32)
+    ids = sim.tok("It is a truth universally acknowledged. " * 4, add_special_tokens=False)["input_ids"][:96]
+    sim.set_config(None)
+    ref = sim.reference_logprobs(ids, 96)
+    floor = sim.kl_to(ids, 96, ref)  # only the bf16 storage of the reference
+    kl = {}
+    for recent in (0, 8, 96):
+        sim.set_config(calibrate.uniform_config(2, (0, 0), 0, recent))
+        assert sim.recent == recent
+        kl[recent] = sim.kl_to(ids, 96, ref) - floor
+    assert abs(kl[96]) < 1e-7 < kl[0]
+    assert kl[96] < kl[8] < kl[0]
+
+
 def test_calibrate_writes_a_config_meeting_the_target(tiny_model, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good "
