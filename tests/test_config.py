@@ -52,6 +52,11 @@ BAD = [
     ("not a mapping", "- 1\n- 2\n", ["expected a mapping", "list"]),
     ("duplicate key", "seed: 1\nseed: 2\n", ["malformed YAML at line 2", "duplicate key 'seed'"]),
     ("malformed yaml", "defaults:\n  k: {bits: 3\nseed: 1\n", ["malformed YAML at line"]),
+    ("window too long", "window: {tokens: 300}\n", ["window.tokens", "300 is out of range", "0 (off) .. 256"]),
+    ("window negative", "window: {tokens: -4}\n", ["window.tokens", "-4 is out of range"]),
+    ("window requests zero", "window: {tokens: 32, requests: 0}\n", ["window.requests", "0 is out of range"]),
+    ("window unknown key", "window: {token: 32}\n", ["window.token", "did you mean 'tokens'"]),
+    ("window not a mapping", "window: 32\n", ["window", "expected a mapping"]),
 ]
 
 
@@ -386,3 +391,20 @@ def test_calibrated_example_config_loads_with_its_key_means(name, n_quantized, a
     assert sum(lp.k.bits + lp.v.bits for lp in q) / (2 * len(q)) == avg_bits
     if avg_bits == 4.0:
         assert plan.bytes_per_token(3) == load_config("turbo4").resolve(30, 64).bytes_per_token(3)
+
+
+def test_window_in_presets_plan_and_summary():
+    """Every preset keeps a 32-token window; the plan carries it and the summary prints its ring."""
+    from sglang_tq.config import summary_table
+
+    for name in list_presets():
+        plan = load_config(name).resolve(32, 128)
+        if name == "example_per_layer":
+            assert plan.window_tokens == 0 and plan.window_bytes(8) == 0
+            continue
+        assert (plan.window_tokens, plan.window_requests) == (32, 256), name
+        n_q = len(plan.quantized_layers)
+        assert plan.window_bytes(8) == 256 * 32 * n_q * 8 * 2 * (128 + 128)
+    plan = load_config("turbo4").resolve(32, 128)
+    assert "recent window: the last 32 tokens" in summary_table(plan, 8)
+    assert parse_yaml("window: {tokens: 0}\n", "w.yaml").window_tokens == 0
