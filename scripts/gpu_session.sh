@@ -23,8 +23,10 @@ W=/tmp/work/$STEP
 mkdir -p "$OUT" "$W"
 NGPU=$(nvidia-smi -L | wc -l)
 TP_SERVERS=${TP_SERVERS:-tp1_bf16,tp2_bf16,tp1_turbo4,tp2_turbo4}
-kill_gpu_procs() {
+kill_gpu_procs() {  # GPU processes, and servers that have not reached the GPU yet (a cut-off job's last
+    # start). Never `pkill -f sglang`: the device runner's own path contains that word.
     nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
+    ps -eo pid,args | grep "[l]aunch_server\|[s]glang::" | awk '{print $1}' | xargs -r kill -9 2>/dev/null
     sleep 2
 }
 pack() { kill_gpu_procs; tar czf "$OUT/$STEP.tgz" -C /tmp/work "$STEP"; ls -la "$OUT"; }
