@@ -673,6 +673,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
     merge_in_stage1 = bool(sliced and fused_merge and window is None)
+    plen = None  # with a window, stage 1 reads only each sequence's first window.lo[b] tokens
     if window is not None:
         check_decode_window(window, B, h_kv, d_k, d_v)
         plen = window.lo
@@ -694,7 +695,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             kt["centroids_f16" if k_poly else "centroids_bf16"], vt["centroids_f16" if v_poly else "centroids_bf16"],
             kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
-            plen if window is not None else kv_indptr, window is not None,
+            plen if plen is not None else kv_indptr, plen is not None,
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=kt["poly_asm"] if k_poly else kt["lut_asm"] if register_lut else "",
@@ -708,7 +709,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                        kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
-                       num_warps, num_stages, plen=plen if window is not None else None)
+                       num_warps, num_stages, plen=plen)
     if merge_in_stage1:
         return out
     if window is not None:

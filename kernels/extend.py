@@ -195,6 +195,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         ko = torch.matmul(window.k_old.reshape(T, h_kv, d_k).to(torch.float32), kt["mt"]).to(torch.bfloat16)
         vo = torch.matmul(window.v_old.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)
         wsize = int(window.size)
+        assert ko.stride() == kn.stride() and vo.stride() == vn.stride()  # the kernel reads them with kn's / vn's strides
     else:
         ko, vo, wsize = kn, vn, 0
     use_cap = bool(logit_cap and logit_cap > 0)

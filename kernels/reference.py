@@ -80,19 +80,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     return torch.einsum("hml,lhd->mhd", p, v)
 
 
-def _attend_two(q, first, second, sm_scale, logit_cap):
-    """Softmax attention over the union of two key sets (k, v, mask [M, L]) with one normalization."""
-    g = q.shape[1] // first[0].shape[1]
-    scores, values = [], []
-    for k, v, mask in (first, second):
-        s = torch.einsum("mhd,lhd->hml", q, k.repeat_interleave(g, dim=1)) * sm_scale
-        scores.append(_softcap(s, logit_cap).masked_fill(~mask[None], float("-inf")))
-        values.append(v.repeat_interleave(g, dim=1))
-    p = torch.nan_to_num(torch.softmax(torch.cat(scores, dim=-1), dim=-1), nan=0.0)
-    n = scores[0].shape[-1]
-    return torch.einsum("hml,lhd->mhd", p[..., :n], values[0]) + torch.einsum("hml,lhd->mhd", p[..., n:], values[1])
-
-
 def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
                      v_scales: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec, kv_indptr: torch.Tensor,
                      kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
@@ -166,9 +153,9 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
             m_new = mask.clone()
             m_new[:, :n_pre] = False
             m_new[:, n_pre:] &= recent
-            m_old = mask & ~m_new
-            res[a:b] = _attend_two(q3[a:b].to(torch.float32), (k, v, m_new), (ko, vo, m_old), sm_scale, logit_cap)
-            continue
+            # one softmax over both key sets, each key visible in exactly one of them
+            k, v = torch.cat([k, ko]), torch.cat([v, vo])
+            mask = torch.cat([m_new, mask & ~m_new], dim=1)
         res[a:b] = _attend(q3[a:b].to(torch.float32), k, v, sm_scale, logit_cap, mask)
     if out is None:
         return res.to(q.dtype)

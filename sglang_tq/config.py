@@ -275,14 +275,15 @@ class ModelPlan:
         """K + V cache bytes of one token over all layers and KV heads."""
         return num_kv_heads * sum(lp.bytes_per_token_head(self.head_dim, self.v_head_dim) for lp in self.layers)
 
-    def window_bytes(self, num_kv_heads: int) -> int:
-        """Bytes of the recent-window ring (bf16 K + V of window_tokens x window_requests tokens in every
-        quantized layer); 0 without a window."""
+    def window_bytes(self, num_kv_heads: int, requests: Optional[int] = None, layers: Optional[range] = None) -> int:
+        """Bytes of the recent-window ring: bf16 K + V of window_tokens x `requests` (default
+        window_requests) tokens in every quantized layer of `layers` (default all); 0 without a window."""
         if not self.window_tokens:
             return 0
+        layers = range(self.num_layers) if layers is None else layers
         per_token = num_kv_heads * sum(BF16_BYTES_PER_HEAD(self.head_dim) + BF16_BYTES_PER_HEAD(self.v_head_dim)
-                                       for lp in self.layers if lp.quantized)
-        return per_token * self.window_tokens * self.window_requests
+                                       for i in layers if self.layers[i].quantized)
+        return per_token * self.window_tokens * (self.window_requests if requests is None else requests)
 
     def bf16_bytes_per_token(self, num_kv_heads: int) -> int:
         return num_kv_heads * self.num_layers * (BF16_BYTES_PER_HEAD(self.head_dim) + BF16_BYTES_PER_HEAD(self.v_head_dim))

@@ -128,9 +128,8 @@ def reserve_window_memory(runner, plan, mod) -> int:
     heads = runner.model_config.get_num_kv_heads(mod.get_attention_tp_size())
     start = getattr(runner, "start_layer", 0) or 0
     n_layers = getattr(runner, "num_effective_layers", None) or plan.num_layers - start
-    layers = [plan.layers[i] for i in range(start, min(start + n_layers, plan.num_layers))]
-    ring_bytes = (heads * 2 * (plan.head_dim + plan.v_head_dim) * sum(lp.quantized for lp in layers)
-                  * plan.window_tokens * requests)
+    layers = range(start, min(start + n_layers, plan.num_layers))
+    ring_bytes = plan.window_bytes(heads, requests, layers)
     cell = tq_cell_size_per_token(runner, len(layers), heads)
     cut = -(-ring_bytes // max(cell, 1))
     if getattr(runner.server_args, "max_total_tokens", None):  # a user cap: the pool is below what memory allows
