@@ -243,7 +243,7 @@ def smollm2_servers(a, base, out):
             *[(p, ["--attention-backend", "turboquant", "--tq-config", p, "--disable-cuda-graph"])
               for p in ("turbo2", "turbo3.5", "k4v2")],
             *[(f"{p}_noboundary", ["--attention-backend", "turboquant", "--tq-config", no_boundary_config(p),
-                                   "--disable-cuda-graph"]) for p in ("turbo4", "turbo3", "k4v2")],
+                                   "--disable-cuda-graph"]) for p in ("turbo4", "turbo3", "k4v2", "turbo2", "turbo3.5")],
             # the presets without their recent window (the cache format alone, as before the window)
             *[(f"{p}_nowindow", ["--attention-backend", "turboquant", "--tq-config", no_window_config(p),
                                  "--disable-cuda-graph"]) for p in ("turbo4", "turbo3")],
@@ -258,7 +258,8 @@ def smollm2_servers(a, base, out):
                                       "--enable-deterministic-inference"])]
     ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "k5v4_centered", "turbo2",
                 "turbo3.5", "k4v2", "k5v4",
-                "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo4_nowindow", "turbo3_nowindow")
+                "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo2_noboundary",
+                "turbo3.5_noboundary", "turbo4_nowindow", "turbo3_nowindow")
     res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
     for name, extra, *env in selected(plan, a.servers):
         r = {}
@@ -461,6 +462,9 @@ def main():
     ap.add_argument("--stages", default="smollm2,capacity")
     ap.add_argument("--servers", default="", help="smollm2 / tp stages: only these servers (comma-separated names)")
     ap.add_argument("--mem-fraction", type=float, default=0.80)
+    ap.add_argument("--server-mem-fraction", type=float, default=0.5,
+                    help="--mem-fraction-static of the smollm2 / load / tp servers (lower to run several "
+                         "checks on one GPU at once)")
     ap.add_argument("--load-requests", type=int, default=2000)
     ap.add_argument("--load-retract-interval", type=int, default=50,
                     help="the load server retracts part of its running batch every this many decode steps")
@@ -475,7 +479,7 @@ def main():
     DEFAULT_PORT = a.port or DEFAULT_PORT
     os.makedirs(a.out, exist_ok=True)
     sys.stdout = Tee(os.path.join(a.out, "progress.log"), sys.stdout)
-    base = ["--model-path", a.model, "--grammar-backend", "none", "--mem-fraction-static", "0.5",
+    base = ["--model-path", a.model, "--grammar-backend", "none", "--mem-fraction-static", str(a.server_mem_fraction),
             "--cuda-graph-max-bs", "64"]
     summary = {}
     for st in a.stages.split(","):

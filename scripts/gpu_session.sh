@@ -41,9 +41,10 @@ upload-a)
     mkdir -p /tmp/models && cp .gpu_model/a/* /tmp/models/ && ls -la /tmp/models && nvidia-smi -L ;;
 upload-b)
     bash .gpu_model/b/assemble.sh && python3 scripts/make_tp_model.py /tmp/models/SmolLM2-135M-Instruct /tmp/models/SmolLM2-dup
-    # the kernel tests on this GPU before any server uses the kernels (about 2 minutes)
+    # the kernel tests on this GPU before any server uses the kernels (about 2 minutes; SKIP_KERNEL_TESTS=1:
+    # not this time, e.g. when the kernels step runs them in the same session)
     source scripts/gpu_env.sh
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
+    [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
     source scripts/gpu_env.sh
@@ -68,13 +69,18 @@ checks)
     pack
     for f in "$W"/*.log; do echo "== $f"; tail -15 "$f"; done ;;
 presets)
-    # perplexity-only servers of the other presets, spread over the GPUs (about 60 s per server)
+    # perplexity-only servers of the other presets (about 60 s each), PRESET_SLOTS checks per GPU at the
+    # same time (SmolLM2 is small: each server gets 0.8 / PRESET_SLOTS of the GPU's memory)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    IFS=, read -ra P <<< "${SMOLLM2_PRESETS:-k5v4,turbo4_centered,k5v4_centered,calibrated4,turbo2,turbo3.5,k4v2,turbo3_nowindow,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary}"
-    for g in $(seq 0 $((NGPU - 1))); do
-        mine=""; for i in "${!P[@]}"; do [ $((i % NGPU)) -eq "$g" ] && mine="$mine,${P[$i]}"; done
-        [ -n "$mine" ] && check "$g" $((30000 + 100 * g)) 540 "presets$g" --stages smollm2 --servers "${mine#,}" &
+    IFS=, read -ra P <<< "${SMOLLM2_PRESETS:-bf16,turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary,turbo2_noboundary,turbo3.5_noboundary,k5v4,turbo3_nowindow,calibrated4}"
+    SLOTS=${PRESET_SLOTS:-4}
+    n=$((NGPU * SLOTS))
+    frac=$(python3 -c "print(round(0.8 / $SLOTS, 3))")
+    for j in $(seq 0 $((n - 1))); do
+        mine=""; for i in "${!P[@]}"; do [ $((i % n)) -eq "$j" ] && mine="$mine,${P[$i]}"; done
+        [ -n "$mine" ] && check $((j % NGPU)) $((30000 + 100 * j)) 540 "presets$j" --stages smollm2 \
+            --servers "${mine#,}" --server-mem-fraction "$frac" &
     done
     wait
     pack
