@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
-                      online_softmax_step, softcap_log2, packed_tile_update, register_lut_slices, register_lut_slices3,
-                      register_poly_slices,
+                      online_softmax_step, softcap_log2, packed_tile_update, register_lut_i8_slices,
+                      register_lut_slices, register_lut_slices3, register_poly_slices,
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
                       unrotate_store)
 from .codec import TQCodec
@@ -163,6 +163,32 @@ def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.const
 
 
 @triton.jit
+def _round_i8(x):
+    return tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int32).to(tl.int8)  # round half away from zero
+
+
+@triton.jit
+def query_slices_i8(qrow, gmask, q_scale, D: tl.constexpr):
+    """The two column slices (even / odd coordinates) of the rotated query rows as int8 pairs for int8
+    keys, and each row's scale: q = scale * (hi + lo / 128) with scale = max|q| / 127 over the row, hi
+    the rounded q / scale and lo the rounded remainder times 128, so two int8 MMAs per slice give the
+    scores with ~15 bits of the query (one int8 would cost ~0.8 % of |q| in RMS)."""
+    # whole rows, then split: a row-major layout, so the int8 operands sit row-major in shared memory
+    # and load as words (strided slice loads came out column-major: byte loads every tile)
+    q = tl.load(qrow[:, None] + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    qe, qo = tl.split(tl.reshape(q, (q.shape[0], D // 2, 2)))
+    amax = tl.maximum(tl.max(tl.abs(qe), axis=1), tl.max(tl.abs(qo), axis=1))
+    scale = tl.where(amax > 0, amax / 127.0, 1.0)
+    qe = qe / scale[:, None]
+    qo = qo / scale[:, None]
+    qe_hi = _round_i8(qe)
+    qo_hi = _round_i8(qo)
+    qe_lo = _round_i8((qe - qe_hi.to(tl.float32)) * 128.0)
+    qo_lo = _round_i8((qo - qo_hi.to(tl.float32)) * 128.0)
+    return qe_hi, qo_hi, qe_lo, qo_lo, scale
+
+
+@triton.jit
 def query_slices(qrow, mask, q_scale, S: tl.constexpr, D: tl.constexpr, QJLOFF: tl.constexpr,
                  F16: tl.constexpr = False):
     """The S column slices of the rotated query rows at qrow (`_q_slice`), then those of their QJL
@@ -193,12 +219,15 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexp
                      M0W: tl.constexpr, M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr,
                      NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
                      X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr,
-                     POLY: tl.constexpr = False):
+                     POLY: tl.constexpr = False, I8: tl.constexpr = False):
     """Centroids [BLOCK_N, D / S] of every slice of a tile (a 4-tuple; unused entries repeat slice 0),
-    in cent_ptr's dtype (bf16; f16 with POLY). ASM: the register LUT (POLY: the polynomial,
-    `register_poly_asm`) over the uint8 first-field bytes b0; "" -> per-code gathers."""
+    in cent_ptr's dtype (bf16; f16 with POLY; int8 with I8). ASM: the register LUT (POLY: the
+    polynomial, `register_poly_asm`; I8: `register_lut_i8_asm`) over the uint8 first-field bytes b0;
+    "" -> per-code gathers."""
     S: tl.constexpr = 8 // M0W
-    if ASM != "" and POLY:
+    if ASM != "" and I8:
+        c0, c1, c2, c3 = register_lut_i8_slices(b0, ASM)
+    elif ASM != "" and POLY:
         c0, c1, c2, c3 = register_poly_slices(b0, ASM)
     elif ASM != "" and M1W == 1 and M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
         c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, M1OFF, D), ASM)
@@ -231,10 +260,10 @@ def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.con
 
 
 @triton.jit
-def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
-                       kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk,
+                       logit_cap, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                        kcent_ptr, vcent_ptr, USE_CAP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
-                       K_POLY: tl.constexpr, V_POLY: tl.constexpr,
+                       K_POLY: tl.constexpr, V_POLY: tl.constexpr, K_I8: tl.constexpr,
                        K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                        K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                        K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -246,7 +275,9 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2,
     """One BLOCK_N tile of packed tokens in the sliced layout for query rows given as slices q0..q3
     (sk0..sk3: their QJL sketch for PROD keys): scores slice by slice from the register LUT, online
     softmax, p * |v| against every V slice into accumulators a0..a3: the loop body of decode's sliced
-    stage 1. Returns (m_i, l_i, a0, a1, a2, a3)."""
+    stage 1. K_I8: the key centroids are int8, q0, q1 the query slices' int8 high parts and q2, q3 their
+    low parts (`query_slices_i8`; q_row_scale [BLOCK_G] folds the query's and the table's scales), the
+    scores int8 MMAs' int32 sums. Returns (m_i, l_i, a0, a1, a2, a3)."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
     kb_cols = tl.arange(0, K_D // KS)
@@ -261,13 +292,20 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2,
     # ---- scores of the whole GQA group against the tile, one tl.dot per slice
     c0, c1, c2, c3 = _slice_centroids(krow, nmask, kb, kcent_ptr, K_ASM, K_D, K_LO, K_M0W, K_M1W, K_M1OFF,
                                       K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
-                                      K_POLY)
-    s = tl.dot(q0, tl.trans(c0))
-    s = tl.dot(q1, tl.trans(c1), s)
-    if KS == 4:
-        s = tl.dot(q2, tl.trans(c2), s)
-        s = tl.dot(q3, tl.trans(c3), s)
-    s = s * ks0.to(tl.float32)[None, :]
+                                      K_POLY, K_I8)
+    if K_I8:  # q0, q1: the query's int8 high parts; q2, q3: its low parts (/ 128)
+        si = tl.dot(q0, tl.trans(c0), out_dtype=tl.int32)
+        si = tl.dot(q1, tl.trans(c1), si, out_dtype=tl.int32) * 128
+        si = tl.dot(q2, tl.trans(c0), si, out_dtype=tl.int32)
+        si = tl.dot(q3, tl.trans(c1), si, out_dtype=tl.int32)
+        s = si.to(tl.float32) * q_row_scale[:, None] * ks0.to(tl.float32)[None, :]
+    else:
+        s = tl.dot(q0, tl.trans(c0))
+        s = tl.dot(q1, tl.trans(c1), s)
+        if KS == 4:
+            s = tl.dot(q2, tl.trans(c2), s)
+            s = tl.dot(q3, tl.trans(c3), s)
+        s = s * ks0.to(tl.float32)[None, :]
     if K_QJLOFF >= 0:
         s1 = _qjl_slice_score(sk0, krow, nmask, 0, KS, K_D, K_QJLOFF)
         s1 += _qjl_slice_score(sk1, krow, nmask, 1, KS, K_D, K_QJLOFF)
@@ -293,14 +331,14 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2,
 
 
 @triton.jit
-def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
+def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, plen_ptr, HAS_PLEN: tl.constexpr,
                           cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
-                          WIDE: tl.constexpr,
+                          K_I8: tl.constexpr, WIDE: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
                           MV_SCALE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -338,7 +376,16 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                      mask=gmask[:, None])
         return
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    q0, q1, q2, q3, sk0, sk1, sk2, sk3 = query_slices(qrow, gmask, q_scale, KS, K_D, K_QJLOFF, K_POLY)
+    if K_I8:  # int8 scores (4-bit one-field keys): the query as int8 slices and a scale per row
+        q0, q1, q2, q3, q_row_scale = query_slices_i8(qrow, gmask, q_scale, K_D)
+        q_row_scale = q_row_scale * (k_i8_scale / 128.0)
+        sk0 = q0
+        sk1 = q0
+        sk2 = q0
+        sk3 = q0
+    else:
+        q0, q1, q2, q3, sk0, sk1, sk2, sk3 = query_slices(qrow, gmask, q_scale, KS, K_D, K_QJLOFF, K_POLY)
+        q_row_scale = tl.full((BLOCK_G,), 1.0, tl.float32)
     vb_cols = tl.arange(0, V_D // VS)
     tok = tl.arange(0, BLOCK_N)
 
@@ -357,9 +404,9 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         slot = tl.load(kv_indices + seq_start + n0 + tok, mask=nmask, other=0)
         slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)  # 32-bit offset math where the buffers allow
         m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
-            q0, q1, q2, q3, sk0, sk1, sk2, sk3, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
+            q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
             kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_POLY, V_POLY,
+            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_POLY, V_POLY, K_I8,
             K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
             K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
             V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
@@ -577,6 +624,11 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_
     return max(1, int(s))
 
 
+# Scores against 4-bit one-field keys on int8 tensor cores (`register_lut_i8_asm`, `query_slices_i8`)
+# where decode_attention(key_int8=None).
+KEY_INT8 = False
+
+
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
     """Warps per program of the sliced stage 1 with a one-field LUT (BLOCK_N 128): 8 while the
     (sequence, KV head) pairs alone leave SMs idle (latency-bound: each warp's share of a tile is
@@ -593,7 +645,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      sliced: Optional[bool] = None, register_lut: bool = True, centroid_poly: bool = False,
                      fused_merge: bool = False,
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
-                     max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None):
+                     max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None,
+                     key_int8: Optional[bool] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
@@ -677,8 +730,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     if window is not None:
         check_decode_window(window, B, h_kv, d_k, d_v)
         plen = window.lo
-    k_poly = bool(sliced and centroid_poly and kt["has_poly"])
-    v_poly = bool(k_poly and vt["has_poly"])  # 3-bit keys with a polynomial V gave wrong results (H100)
+    k_i8 = bool(sliced and (KEY_INT8 if key_int8 is None else key_int8) and kt["has_i8"])
+    k_poly = bool(sliced and centroid_poly and kt["has_poly"] and not k_i8)
+    # a polynomial V behind 4-bit keys only (3-bit keys with a polynomial V gave wrong results on an H100)
+    v_poly = bool((k_poly or (k_i8 and centroid_poly)) and vt["has_poly"])
     mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv
@@ -689,18 +744,20 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits)](
-            qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
+            qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], float(logit_cap) if use_cap else 1.0,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-            kt["centroids_f16" if k_poly else "centroids_bf16"], vt["centroids_f16" if v_poly else "centroids_bf16"],
+            kt["centroids_i8" if k_i8 else "centroids_f16" if k_poly else "centroids_bf16"],
+            vt["centroids_f16" if v_poly else "centroids_bf16"],
             kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
             plen if plen is not None else kv_indptr, plen is not None,
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
-            K_ASM=kt["poly_asm"] if k_poly else kt["lut_asm"] if register_lut else "",
+            K_ASM=("" if not register_lut else kt["i8_asm"] if k_i8 else kt["poly_asm"] if k_poly
+                   else kt["lut_asm"]),
             V_ASM=vt["poly_asm"] if v_poly else vt["lut_asm"] if register_lut else "",
-            K_POLY=k_poly, V_POLY=v_poly,
+            K_POLY=k_poly, V_POLY=v_poly, K_I8=k_i8,
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
             **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),

@@ -62,10 +62,14 @@ SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
 # (byte LUT 2x slower). H200 sweep (2026-11-28): sliced + register LUT 0.97 ms at (128, 4, 2), the
 # default since. The 3-bit register LUT came after that sweep; on an H100 (profile_decode.py) K3V3 ran
 # 1.37 ms with it against 3.65 ms general, and it is the default for 3-bit codes since.
-SWEEP = [(128, 4, 2, False, True, True, 0), (128, 4, 2, False, True, True, 128), (128, 4, 3, False, True, True, 0),
-         (128, 8, 2, False, True, True, 0), (64, 4, 2, False, True, True, 0), (64, 4, 3, False, True, True, 0),
-         (64, 4, 2, False, True, True, 128), (64, 8, 2, False, True, True, 0), (32, 4, 2, False, True, True, 0),
-         (128, 4, 2, False, True, True, 0, True), (64, 4, 2, False, True, True, 0, True)]
+# key_int8 (optional 9th entry): 4-bit keys' scores on int8 tensor cores (seventh session).
+SWEEP = [(128, 4, 2, False, True, True, 0), (128, 8, 2, False, True, True, 0), (64, 4, 2, False, True, True, 0),
+         (64, 2, 2, False, True, True, 0), (32, 1, 2, False, True, True, 0),
+         (128, 4, 2, False, True, True, 0, True),
+         (128, 4, 2, False, True, True, 0, False, True), (128, 4, 2, False, True, True, 168, False, True),
+         (128, 4, 3, False, True, True, 168, False, True), (128, 8, 2, False, True, True, 0, False, True),
+         (64, 4, 2, False, True, True, 0, False, True), (64, 2, 2, False, True, True, 0, False, True),
+         (32, 1, 2, False, True, True, 0, False, True), (128, 4, 2, False, True, True, 168, True, True)]
 
 
 def log(*a):
@@ -143,7 +147,7 @@ def n_sets_for(nbytes, l2_bytes):
 # --------------------------------------------------------------------------------------------
 # systems
 # --------------------------------------------------------------------------------------------
-def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, window=0):
+def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, window=0, key_int8=None):
     """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
@@ -173,7 +177,10 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, wi
     kw = {}
     if cfg is not None:
         kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4],
-                  register_lut=cfg[5], max_registers=cfg[6] or None, centroid_poly=len(cfg) > 7 and cfg[7])
+                  register_lut=cfg[5], max_registers=cfg[6] or None, centroid_poly=len(cfg) > 7 and cfg[7],
+                  key_int8=len(cfg) > 8 and cfg[8])
+    if key_int8 is not None:
+        kw["key_int8"] = key_int8
 
     def fn():
         for bufs, indptr, idx, q, out, qrot, win in sets:
@@ -390,6 +397,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="B in {1,32}, ctx in {1K,32K}, K4V4+K3V3, hd128")
     ap.add_argument("--check", action="store_true", help="correctness of every codec first")
     ap.add_argument("--sweep", action="store_true", help="sweep BLOCK_N/num_warps/num_stages and num_splits")
+    ap.add_argument("--key-int8", action="store_true",
+                    help="also time K4V4 / K4V2 points with decode_attention(key_int8=True)")
     ap.add_argument("--out", default=None, help="directory for results.json and speedup.png")
     ap.add_argument("--mem-budget-gb", type=float, default=30.0, help="skip points whose BF16 KV exceeds this")
     ap.add_argument("--fi-page-size", type=int, default=16)
@@ -480,6 +489,12 @@ def main():
                             pt["x_window_" + b] = (base[b] / pt["ms_window"]) if base.get(b) else None
                         log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with a {args.window}-token window "
                             f"{pt['ms_window'] * 1e3:8.1f} us")
+                    if args.key_int8 and codec in ("K4V4", "K4V2"):
+                        pt["ms_key_int8"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, key_int8=True)[0]
+                        for b in ("fi_bf16", "fi_fp8"):
+                            pt["x_key_int8_" + b] = (base[b] / pt["ms_key_int8"]) if base.get(b) else None
+                        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with int8 key scores "
+                            f"{pt['ms_key_int8'] * 1e3:8.1f} us")
                     for b in ("fi_bf16", "fi_fp8", "sgl_triton"):
                         pt["x_" + b] = (base[b] / ms) if base.get(b) else None
                     if args.sweep:
@@ -495,6 +510,7 @@ def main():
                                 sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
                                                   sliced=cfg[4], register_lut=cfg[5], max_registers=cfg[6],
                                                   centroid_poly=len(cfg) > 7 and cfg[7],
+                                                  key_int8=len(cfg) > 8 and cfg[8],
                                                   splits=sp, ms=t))
                                 if t < best[0]:
                                     best = (t, cfg, sp)

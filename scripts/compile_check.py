@@ -120,6 +120,10 @@ def main():
             jobs[f"decode-sliced-bn{bn}"] = decode_job(bn, sliced=True)
         jobs["decode-sliced-merge"] = decode_job(64, sliced=True, fused_merge=True)
         jobs["decode-sliced-poly"] = decode_job(128, sliced=True, centroid_poly=True)
+        jobs["decode-key-int8"] = decode_job(128, key_int8=True)
+        jobs["decode-key-int8-bn64"] = decode_job(64, key_int8=True, max_registers=168)
+        jobs["decode-key-int8-poly"] = decode_job(128, key_int8=True, centroid_poly=True)
+        jobs["decode-key-int8-window"] = decode_job(128, key_int8=True, window=win)
         for bm, bn in ((64, 64), (32, 32), (64, 32), (128, 64)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),

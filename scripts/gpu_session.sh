@@ -47,13 +47,22 @@ upload-b)
     [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
+    # KERNEL_PARTS (default "tests,bench,sweep"): any of them, so the step can be split over two calls
     source scripts/gpu_env.sh
-    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
-        tests/test_kernels_compress.py tests/test_kernels_window.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
-    timeout 180 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 K5V4 --shapes hd128 \
-        --extend 8192:8192 16384:2048 2048:512 --out "$W/bench" > "$W/bench.log" 2>&1; grep -v "^    " "$W/bench.log" | tail -40
-    timeout 150 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
-        --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1; grep "best" "$W/sweep.log" | tail -8
+    PARTS=${KERNEL_PARTS:-tests,bench,sweep}
+    if [[ $PARTS == *tests* ]]; then
+        timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
+            tests/test_kernels_compress.py tests/test_kernels_window.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
+    fi
+    if [[ $PARTS == *bench* ]]; then
+        timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
+            --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1
+        grep -v "^    " "$W/bench.log" | tail -40
+    fi
+    if [[ $PARTS == *sweep* ]]; then
+        timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
+            --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1; grep "best\|ours" "$W/sweep.log" | tail -8
+    fi
     pack ;;
 checks)
     source scripts/gpu_env.sh

@@ -447,3 +447,50 @@ def test_decode_centroid_poly(kfmt, vfmt, heads, lens):
     the LUT and so does V (a polynomial V there failed on an H100)."""
     out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, 32, 0.0, 77, sliced=True, centroid_poly=True)
     assert rel_err(out, ref) < TOL
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n", [
+    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32),
+    (F(128, 4), F(128, 4), (16, 2), [300, 129], 0.0, 128),
+    (F(64, 4), F(64, 2), (9, 3), [40, 0], 20.0, 32),
+    (F(256, 4), F(256, 4), (4, 2), [21], 0.0, 32),
+    (F(128, 4, norm_correction=False), F(128, 3), (4, 1), [66], 0.0, 64),
+], ids=["K4V4-g4", "K4V4-g8-bn128", "K4V2-d64-g3-cap-empty", "K4V4-d256-g2", "K4nonc-V3-g4"])
+def test_decode_key_int8(kfmt, vfmt, heads, lens, cap, block_n):
+    """key_int8: 4-bit keys' scores from int8 centroids against the int8-rounded query on integer tensor
+    cores (the register LUT on a GPU, a gather from the int8 table in the interpreter): within 1 % of the
+    reference (observed 0.4-0.7 % under the interpreter, the bf16-key path 0.4-0.5 %)."""
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 31, sliced=True, key_int8=True)
+    assert rel_err(out, ref) < 1e-2
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert float(out[b].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("fmt", [F(128, 4), F(64, 4), F(256, 4), F(128, 4, norm_correction=False)],
+                         ids=["d128", "d64", "d256", "d128-nonc"])
+def test_register_lut_i8_asm_logic(fmt):
+    """The int8 register-LUT PTX, emulated on the CPU (prmt with its sign-replicate selectors, lop3),
+    maps every code byte's two nibbles to the int8 table entries, slice 0 the low nibble; the table is
+    the codebook to within half its scale."""
+    from tq_kernels._common import emulate_register_lut, int8_codebook, kernel_tables, register_lut_i8_asm
+
+    kc, _ = make_codecs(fmt, fmt)
+    cent = kernel_tables(kc, "cpu")["centroids"]
+    table, scale = int8_codebook(cent)
+    assert float((table.double() * scale - cent.double()).abs().max()) <= scale / 2 + 1e-12
+    codes = torch.arange(256, dtype=torch.uint8).repeat(4)[torch.randperm(1024, generator=torch.Generator().manual_seed(0))]
+    lo, hi = emulate_register_lut(register_lut_i8_asm(fmt, cent), codes)
+    assert torch.equal(lo, table[(codes & 15).long()]) and torch.equal(hi, table[(codes >> 4).long()])
+
+
+def test_register_lut_i8_formats():
+    """The int8 LUT exists for one-field 4-bit codes only (not 2-/3-/5-bit codes, outliers or PROD keys)."""
+    from tq_kernels._common import kernel_tables, register_lut_i8_asm
+
+    for fmt, has in [(F(128, 4), True), (F(64, 4), True), (F(128, 2), False), (F(128, 3), False),
+                     (F(128, 5), False), (F(128, 4, qjl=True), False),
+                     (F(128, 4, outlier_channels=32, outlier_bits=5), False)]:
+        kc, _ = make_codecs(fmt, fmt)
+        assert bool(register_lut_i8_asm(fmt, kernel_tables(kc, "cpu")["centroids"])) == has, fmt
