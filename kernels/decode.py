@@ -625,8 +625,13 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len_hint: int, num_
 
 
 # Scores against 4-bit one-field keys on int8 tensor cores (`register_lut_i8_asm`, `query_slices_i8`)
-# where decode_attention(key_int8=None).
-KEY_INT8 = False
+# where decode_attention(key_int8=None). H200 sweep (2026-11-28, seventh session, K4V4, (32, 8, 128)):
+# B=32, 32K 733 us with 4 warps and a 168-register cap against 854 us for bf16 key centroids; B=1, 32K
+# 41.6 against 48.6 us; B=32, 1K 35.8 (1 split) / 38.8 (4) against 41.8 us; B=1, 1K 12.3 against 11.9 us.
+KEY_INT8 = True
+# Register cap of that stage 1 at 4 warps: 168 keeps three 128-thread programs on an SM (186 without
+# the cap, two programs: 817 us at B=32, 32K); compiled for sm_90 without spills.
+KEY_INT8_MAX_REGISTERS = 168
 
 
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -673,7 +678,13 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     0.861 against 0.889 ms with the LUT; a polynomial V behind 3-bit keys gave wrong results there, so V
     takes the polynomial only together with K.
     max_registers (sliced stage 1): a per-thread register cap (Triton's maxnreg); 128 lets four 4-warp
-    programs share an SM instead of three, at the price of a few spills for K4V4.
+    programs share an SM instead of three, at the price of a few spills for K4V4. None: 168 with int8
+    keys at 4 warps (`KEY_INT8_MAX_REGISTERS`), else Triton's choice.
+    key_int8 (sliced stage 1, 4-bit one-field keys without outliers or QJL; None: `KEY_INT8`, on): the
+    key centroids come from an int8 register LUT (`register_lut_i8_asm`: one register per 4 codes, 13
+    instructions per 8 codes against ~30 for the bf16 LUT) and the scores from int8 MMAs against the
+    query split into int8 high and low parts (`query_slices_i8`); the table's scale is chosen so its
+    rounding error is about a bf16 table's. H200: 733 against 854 us at B=32, 32K (K4V4).
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
     splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against
     27.9 us at B=1, 1K): off by default.
@@ -714,9 +725,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     sliced = bool(sliced and sliced_ok(kf) and sliced_ok(vf) and not _bad_sliced_keys(kf, kt))
     if block_n is None:  # 128 measured best for the one-field LUT; the 3-bit one compiles worse at 128
         block_n = 128 if sliced and single else 64
-    if num_warps is None:
-        num_warps = (choose_num_warps(warps_for_batch or B, h_kv, num_sms(dev)) if sliced and single and block_n == 128
-                     else 4)
+    k_i8 = bool(sliced and (KEY_INT8 if key_int8 is None else key_int8) and kt["has_i8"])
+    if num_warps is None:  # int8 keys: 4 warps at every batch (8 lost at B=1, 32K: 47.4 against 41.6 us)
+        num_warps = (choose_num_warps(warps_for_batch or B, h_kv, num_sms(dev))
+                     if sliced and single and block_n == 128 and not k_i8 else 4)
+    if max_registers is None and k_i8 and num_warps == 4:
+        max_registers = KEY_INT8_MAX_REGISTERS
     if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
         raise ValueError(f"block_n must be >= 32 (got {block_n})")
     use_cap = bool(logit_cap and logit_cap > 0)
@@ -730,7 +744,6 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     if window is not None:
         check_decode_window(window, B, h_kv, d_k, d_v)
         plen = window.lo
-    k_i8 = bool(sliced and (KEY_INT8 if key_int8 is None else key_int8) and kt["has_i8"])
     k_poly = bool(sliced and centroid_poly and kt["has_poly"] and not k_i8)
     # a polynomial V behind 4-bit keys only (3-bit keys with a polynomial V gave wrong results on an H100)
     v_poly = bool((k_poly or (k_i8 and centroid_poly)) and vt["has_poly"])

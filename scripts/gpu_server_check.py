@@ -248,6 +248,9 @@ def smollm2_servers(a, base, out):
             *[(f"{p}_nowindow", ["--attention-backend", "turboquant", "--tq-config", no_window_config(p),
                                  "--disable-cuda-graph"]) for p in ("turbo4", "turbo3")],
             ("k5v4", ["--attention-backend", "turboquant", "--tq-config", "k5v4", "--disable-cuda-graph"]),
+            # turbo4's decode with bf16 key centroids (the int8 key scores off): greedy tokens beside turbo4's
+            ("turbo4_bf16keys", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
+             {"SGLANG_TQ_KEY_INT8": "0"}),
             # one split count for every batch size: is a request's decode then the same alone and in a batch?
             ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
              {"SGLANG_TQ_BATCH_INVARIANT": "1"}),
@@ -257,7 +260,7 @@ def smollm2_servers(a, base, out):
             ("turbo4_deterministic", ["--attention-backend", "turboquant", "--tq-config", "turbo4",
                                       "--enable-deterministic-inference"])]
     ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "k5v4_centered", "turbo2",
-                "turbo3.5", "k4v2", "k5v4",
+                "turbo3.5", "k4v2", "k5v4", "turbo4_bf16keys",
                 "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo2_noboundary",
                 "turbo3.5_noboundary", "turbo4_nowindow", "turbo3_nowindow")
     res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
@@ -310,6 +313,8 @@ def smollm2_summary(res, heldout=True):
             summ[f"ppl_heldout_{name}"] = r["ppl_heldout"]["ppl"]
     if "alone" in t4 and "alone" in res.get("turbo4_nograph", {}):
         summ["graphs_on_vs_off_identical"] = identical(t4["alone"], res["turbo4_nograph"]["alone"])
+    if "alone" in t4 and "alone" in res.get("turbo4_bf16keys", {}):
+        summ["int8_vs_bf16_keys_identical"] = identical(t4["alone"], res["turbo4_bf16keys"]["alone"])
     for name, r in res.items():
         if "busy" in r:
             summ[f"{name}_alone_vs_busy_identical"] = identical(r["alone"], r["busy"])

@@ -66,6 +66,9 @@ BATCH_INVARIANT_ENV = "SGLANG_TQ_BATCH_INVARIANT"
 # 1 = decode without stage 2: the last split program of each (sequence, KV head) merges the splits
 # (tq_kernels.decode_attention's fused_merge; one launch fewer per layer). Off: not faster on an H100.
 FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
+# 0 = score 4-bit keys with bf16 centroids on bf16 tensor cores instead of the int8 path
+# (tq_kernels.decode_attention's key_int8; unset: the kernel's default, int8).
+KEY_INT8_ENV = "SGLANG_TQ_KEY_INT8"
 # 0 = every quantized-layer prefill through the TurboQuant extend kernel. Default 1: a batch without
 # cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
 # bf16 K/V (same result up to rounding, BF16-KV prefill speed).
@@ -130,6 +133,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.batch_invariant = (_env_flag(BATCH_INVARIANT_ENV)
                                 or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
+        self.key_int8 = _env_flag(KEY_INT8_ENV) if os.environ.get(KEY_INT8_ENV) else None
         self.plain_prefill = os.environ.get(PLAIN_PREFILL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self.decode_workspace = None
         self._workspace_bs = 0
@@ -387,6 +391,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                          warps_for_batch=1 if self.batch_invariant else bs)
             if self.fused_merge:
                 extra["fused_merge"] = True
+            if self.key_int8 is not None:
+                extra["key_int8"] = self.key_int8
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         if save_kv_cache:
             rot = {}
