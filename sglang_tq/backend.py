@@ -412,7 +412,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             ring_k, ring_v = pool.window_buffers(layer.layer_id)
             extra["window"] = DecodeWindow(ring_k, ring_v, self.window, wmd["lo"], wmd["base"])
         self._decode(
-            q.view(bs, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
+            q.view(bs, layer.tp_q_head_num, layer.qk_head_dim),  # no copy: with q_rotated only its shape counts
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
             md.kv_indptr, md.kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
