@@ -393,6 +393,19 @@ def test_calibrated_example_config_loads_with_its_key_means(name, n_quantized, a
         assert plan.bytes_per_token(3) == load_config("turbo4").resolve(30, 64).bytes_per_token(3)
 
 
+def test_calibrated_window_example_config():
+    """configs/examples/calibrated3_window_smollm2.yaml (scripts/calibrate.py --recent 32, seventh session)
+    resolves for SmolLM2's shape with its 32-token window, 26 quantized layers averaging 3.00 code bits:
+    the bytes of uniform 3-bit codes on the same layers."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "examples" / "calibrated3_window_smollm2.yaml"
+    plan = load_config(str(path)).resolve(30, 64, num_kv_heads=3)
+    q = [plan[i] for i in plan.quantized_layers]
+    assert len(q) == 26 and plan.key_means is None and plan.window_tokens == 32
+    assert sum(lp.k.bits + lp.v.bits for lp in q) / (2 * len(q)) == 3.0
+    uniform = parse_yaml("defaults: {k: {bits: 3}, v: {bits: 3}}\nboundary: {first: 2, last: 2}\n", "u.yaml")
+    assert plan.bytes_per_token(3) == uniform.resolve(30, 64).bytes_per_token(3)
+
+
 def test_window_in_presets_plan_and_summary():
     """Every preset keeps a 32-token window; the plan carries it and the summary prints its ring."""
     from sglang_tq.config import summary_table
