@@ -8,7 +8,8 @@ Per call (no host sync, static grid: capturable in a CUDA graph):
      GQA group (G = H_q / H_kv query rows padded to BLOCK_G >= 16 for tl.dot), so every packed K/V
      tile is read from HBM once per KV head. Per BLOCK_N tile: slots -> per-field uint8 tiles
      (vector loads) -> in-register unpack -> centroid gathers (tiny L1-resident table) -> bf16
-     tensor-core scores q~ c^T times scale0 per token (+ sketch signs^T times scale1) -> online
+     tensor-core scores q~ c^T times scale0 per token (+ sketch signs^T times scale1; 4-bit keys in
+     the sliced stage 1: int8 centroids from a register LUT against the int8-split query) -> online
      softmax in fp32 -> p * v_scale0 -> tl.dot(p, c_v), accumulated in V's rotated domain.
      Writes acc / l and lse (log2 units) per split into the workspace.
   2. stage 2, grid (B, H_kv): log-sum-exp merge of the splits, then one un-rotation o = o_rot M_v
