@@ -516,19 +516,17 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
     gmask = g < G
     heads = hk * G + g
     used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, WSIZE > 0), num_splits, BLOCK_N)
-    if WSIZE > 0:
+    t_o = 0.0
+    t_lse = 0.0
+    if WSIZE > 0:  # the ring's partial, merged as one more split
         seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
         lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), 0)
         t_o, t_lse = _window_partial(qr_ptr + b * qr_b + heads * qr_h, gmask, q_scale, logit_cap, hk,
                                      rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo, seq_len, tl.load(wbase_ptr + b),
                                      USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
-        _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                      mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
-                      t_o, t_lse, True)
-    else:
-        _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                      mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
-                      0.0, 0.0, False)
+    _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
+                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
+                  t_o, t_lse, WSIZE > 0)
 
 
 def sliced_ok(fmt) -> bool:

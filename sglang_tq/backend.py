@@ -79,6 +79,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _env_choice(name: str) -> Optional[bool]:
+    """A switch whose absence means "the kernel's own choice": None if unset, else its flag value."""
+    return _env_flag(name) if os.environ.get(name) else None
+
+
 def _no_compile(fn):
     return torch.compiler.disable(fn)
 
@@ -129,11 +134,11 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.on_cuda:
             self._warm_tables()
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
-        self.decode_sliced = _env_flag(DECODE_SLICED_ENV) if os.environ.get(DECODE_SLICED_ENV) else None
+        self.decode_sliced = _env_choice(DECODE_SLICED_ENV)
         self.batch_invariant = (_env_flag(BATCH_INVARIANT_ENV)
                                 or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
-        self.key_int8 = _env_flag(KEY_INT8_ENV) if os.environ.get(KEY_INT8_ENV) else None
+        self.key_int8 = _env_choice(KEY_INT8_ENV)
         self.plain_prefill = os.environ.get(PLAIN_PREFILL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self.decode_workspace = None
         self._workspace_bs = 0
@@ -394,6 +399,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             if self.key_int8 is not None:
                 extra["key_int8"] = self.key_int8
         kb, vb = pool.get_kv_buffer(layer.layer_id)
+        wmd = self._window_metadata(forward_batch, layer.layer_id) if self.window else None
         if save_kv_cache:
             rot = {}
             if self.on_cuda and not kb.codec.fmt.qjl:  # the new K/V's launch also rotates the queries
@@ -401,18 +407,18 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                          else q.new_empty((bs, layer.tp_q_head_num, layer.qk_head_dim), dtype=torch.float32))
                 rot = dict(q=q, q_rot=q_rot)
                 extra["q_rotated"] = q_rot
-            if self.window:
-                rot["window_rows"] = self._window_metadata(forward_batch, layer.layer_id)["rows"]
+            if wmd is not None:
+                rot["window_rows"] = wmd["rows"]
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, **rot)
         md = self.forward_metadata
         self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
-        if self.window:
+        if wmd is not None:
             from tq_kernels.window import DecodeWindow
-            wmd = self._window_metadata(forward_batch, layer.layer_id)
             ring_k, ring_v = pool.window_buffers(layer.layer_id)
             extra["window"] = DecodeWindow(ring_k, ring_v, self.window, wmd["lo"], wmd["base"])
         self._decode(
-            q.view(bs, layer.tp_q_head_num, layer.qk_head_dim),  # no copy: with q_rotated only its shape counts
+            # no copy: decode reads q's values only through q_rotated or a matmul, which takes strides
+            q.view(bs, layer.tp_q_head_num, layer.qk_head_dim),
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
             md.kv_indptr, md.kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
