@@ -66,6 +66,7 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, kv_indptr, kv_indices, num_splits,
                    po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, plen_ptr, HAS_PLEN: tl.constexpr,
+                   rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, wbase_ptr, WSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                    K_LUT: tl.constexpr, V_LUT: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -79,6 +80,12 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
+    if WSIZE > 0:
+        if sid == num_splits:  # the recent window's ring (`_ring_split`)
+            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, wbase_ptr,
+                        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                        G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, K_D, V_D)
+            return
     seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
     if lo >= hi:  # an empty split: stage 2 never reads its partials
         return
@@ -336,6 +343,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, plen_ptr, HAS_PLEN: tl.constexpr,
+                          rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, wbase_ptr, WSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
                           cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
@@ -365,6 +373,12 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
+    if WSIZE > 0:
+        if sid == num_splits:  # the recent window's ring (`_ring_split`)
+            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, wbase_ptr,
+                        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                        G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, K_D, V_D)
+            return
     seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
@@ -434,7 +448,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
             _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
                           mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, ".cg", MV_SCALE,
-                          0.0, 0.0, False)
+                          0, False)
 
 
 @triton.jit
@@ -456,14 +470,19 @@ def _merge_step(m, l, acc, lse, o):
 @triton.jit
 def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
                   BLOCK_DO: tl.constexpr, CACHE: tl.constexpr, MV_SCALE: tl.constexpr,
-                  tail_o, tail_lse, HAS_TAIL: tl.constexpr):
+                  tail_sid, HAS_TAIL: tl.constexpr):
     """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers), and of
-    the recent window's partial (HAS_TAIL), then one un-rotation into out_rows. CACHE: the loads' cache
-    modifier (".cg": past L1, for partials other programs of the same launch wrote; "" otherwise)."""
+    partial `tail_sid` (HAS_TAIL: the recent window's), then one un-rotation into out_rows. CACHE: the
+    loads' cache modifier (".cg": past L1, for partials other programs of the same launch wrote; ""
+    otherwise)."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, V_D), tl.float32)
+    if HAS_TAIL:  # loaded first: its latency overlaps the loop's
+        tail_lse = tl.load(pl + tail_sid, mask=gmask, other=float("-inf"), cache_modifier=CACHE)
+        tail_o = tl.load(po[:, None] + tail_sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0,
+                         cache_modifier=CACHE)
     for sid in range(0, used):
         lse = tl.load(pl + sid, mask=gmask, other=float("-inf"), cache_modifier=CACHE)
         o = tl.load(po[:, None] + sid * po_s + dv[None, :], mask=gmask[:, None], other=0.0, cache_modifier=CACHE)
@@ -500,33 +519,44 @@ def _window_partial(qrow, gmask, q_scale, logit_cap, hk, rk_ptr, rk_t, rk_h, rv_
 
 
 @triton.jit
+def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, wlo_ptr, wbase_ptr,
+                rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
+                G: tl.constexpr, BLOCK_G: tl.constexpr, USE_CAP: tl.constexpr, WSIZE: tl.constexpr,
+                BLOCK_W: tl.constexpr, K_D: tl.constexpr, V_D: tl.constexpr):
+    """Stage 1's extra program per (sequence, KV head) with a recent window: the ring's partial over
+    positions [lo, L), stored as split `sid` (= num_splits) for stage 2 to merge like any other. It
+    runs beside the packed splits; scored inside stage 2 it put dependent loads in front of the merge."""
+    g = tl.arange(0, BLOCK_G)
+    gmask = g < G
+    heads = hk * G + g
+    seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
+    lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), 0)
+    o, lse = _window_partial(qr_ptr + b * qr_b + heads * qr_h, gmask, q_scale, logit_cap, hk,
+                             rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo, seq_len, tl.load(wbase_ptr + b),
+                             USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
+    dv = tl.arange(0, V_D)
+    po = po_ptr + b * po_b + heads * po_h + sid * po_s
+    tl.store(po[:, None] + dv[None, :], o, mask=gmask[:, None])
+    tl.store(pl_ptr + b * pl_b + heads * pl_h + sid, lse, mask=gmask)
+
+
+@triton.jit
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
-                   kv_indptr, qr_ptr, qr_b, qr_h, q_scale, logit_cap,
-                   rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, wlo_ptr, wbase_ptr,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, USE_CAP: tl.constexpr,
-                   WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, K_D: tl.constexpr):
+                   kv_indptr, wlo_ptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
+                   BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
     CUDA graphs and sized for the longest context, so short sequences leave most splits empty) and,
-    with a recent window (WSIZE > 0), of the ring's partial over positions [lo, L), then one
-    un-rotation."""
+    with a recent window (HAS_RING), of the ring's partial that stage 1 stored as split num_splits;
+    then one un-rotation."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
-    used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, WSIZE > 0), num_splits, BLOCK_N)
-    t_o = 0.0
-    t_lse = 0.0
-    if WSIZE > 0:  # the ring's partial, merged as one more split
-        seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
-        lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), 0)
-        t_o, t_lse = _window_partial(qr_ptr + b * qr_b + heads * qr_h, gmask, q_scale, logit_cap, hk,
-                                     rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo, seq_len, tl.load(wbase_ptr + b),
-                                     USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
+    used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING), num_splits, BLOCK_N)
     _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
                   mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
-                  t_o, t_lse, WSIZE > 0)
+                  num_splits, HAS_RING)
 
 
 def sliced_ok(fmt) -> bool:
@@ -544,11 +574,21 @@ def _bad_sliced_keys(kf, kt) -> bool:
     return kt["register_lut_kind"] == "split" and kf.head_dim * kf.fields[0][1] // 8 <= 16
 
 
+def _ring_args(window, dummy) -> tuple:
+    """Stage 1's ring arguments: k and its two strides, v and its two strides, base, WSIZE, BLOCK_W."""
+    if window is None:
+        return (dummy, 0, 0, dummy, 0, 0, dummy, 0, 16)
+    wk, wv = window.k, window.v
+    return (wk, wk.stride(0), wk.stride(1), wv, wv.stride(0), wv.stride(1), window.base, int(window.size),
+            max(16, next_pow2(int(window.size))))
+
+
 def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                    kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
-                   num_warps, num_stages, plen=None):
-    """The general stage 1 (every format): codes put back in coordinate order, one tl.dot per tile."""
-    _decode_stage1[(B, h_kv, num_splits)](
+                   num_warps, num_stages, plen=None, ring=None):
+    """The general stage 1 (every format): codes put back in coordinate order, one tl.dot per tile.
+    ring (a DecodeWindow): one more program per (sequence, KV head) scores the window's ring."""
+    _decode_stage1[(B, h_kv, num_splits + (ring is not None))](
         qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
         k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
         v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
@@ -556,7 +596,7 @@ def _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, 
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         kv_indptr, kv_indices, num_splits,
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
-        plen if plen is not None else kv_indptr, HAS_PLEN=plen is not None,
+        plen if plen is not None else kv_indptr, plen is not None, *_ring_args(ring, qr),
         G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,
@@ -688,8 +728,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against
     27.9 us at B=1, 1K): off by default.
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
-    recent window's ring (exact bf16, rotated) instead of the codes; stage 2 scores them and merges them
-    with the splits (fused_merge is then off)."""
+    recent window's ring (exact bf16, rotated) instead of the codes; one more stage-1 program per
+    (sequence, KV head) scores them and stores its partial after the splits' (the workspace needs
+    num_splits + 1 of them), and stage 2 merges it with the others (fused_merge is then off)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -704,13 +745,17 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         out = torch.empty(B, h_q, d_v, dtype=q.dtype, device=dev)
     out3 = out.view(B, h_q, d_v)
     assert out3.stride(2) == 1
+    ring = int(window is not None)  # the window's ring is one more partial, after the splits
     if num_splits is None:
         hint = max_seq_len_hint if max_seq_len_hint is not None else kv_indices.numel()
         num_splits = choose_num_splits(B, h_kv, hint, num_sms(dev),
-                                       max_splits=workspace.max_splits if workspace is not None else 64)
+                                       max_splits=(workspace.max_splits if workspace is not None else 64) - ring)
     if workspace is None:
-        workspace = DecodeWorkspace.create(B, h_q, d_v, num_splits, dev)
-    assert workspace.max_batch >= B and workspace.max_splits >= num_splits
+        workspace = DecodeWorkspace.create(B, h_q, d_v, num_splits + ring, dev)
+    assert workspace.max_batch >= B
+    assert workspace.max_splits >= num_splits + ring, (
+        f"workspace has room for {workspace.max_splits} partials; {num_splits} splits"
+        + (" + the window's ring" if ring else "") + " need more")
     assert workspace.part_out.shape[1] == h_q and workspace.part_out.shape[3] == d_v
     if B == 0:
         return out
@@ -755,7 +800,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     if sliced:
-        _decode_stage1_sliced[(B, h_kv, num_splits)](
+        _decode_stage1_sliced[(B, h_kv, num_splits + (window is not None))](
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], float(logit_cap) if use_cap else 1.0,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
@@ -763,7 +808,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             vt["centroids_f16" if v_poly else "centroids_bf16"],
             kv_indptr, kv_indices, num_splits,
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
-            plen if plen is not None else kv_indptr, plen is not None,
+            plen if plen is not None else kv_indptr, plen is not None, *_ring_args(window, qr),
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=("" if not register_lut else kt["i8_asm"] if k_i8 else kt["poly_asm"] if k_poly
@@ -778,19 +823,13 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
                        kv_indptr, kv_indices, num_splits, po, pl, B, h_kv, G, BLOCK_G, block_n, kf, vf,
-                       num_warps, num_stages, plen=plen)
+                       num_warps, num_stages, plen=plen, ring=window)
     if merge_in_stage1:
         return out
-    if window is not None:
-        wk, wv, wsize, wlo, wbase = window.k, window.v, int(window.size), window.lo, window.base
-    else:
-        wk, wv, wsize, wlo, wbase = qr, qr, 0, kv_indptr, kv_indptr
     _decode_stage2[(B, h_kv)](
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
-        mv, out3, out3.stride(0), out3.stride(1), kv_indptr,
-        qr, qr.stride(0), qr.stride(1), q_scale, float(logit_cap) if use_cap else 1.0,
-        wk, wk.stride(0), wk.stride(1), wv, wv.stride(0), wv.stride(1), wlo, wbase,
+        mv, out3, out3.stride(0), out3.stride(1), kv_indptr, plen if plen is not None else kv_indptr,
         G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale,
-        USE_CAP=use_cap, WSIZE=wsize, BLOCK_W=max(16, next_pow2(max(wsize, 1))), K_D=d_k, num_warps=4,
+        HAS_RING=window is not None, num_warps=4,
     )
     return out

@@ -173,7 +173,7 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, wi
                                torch.arange(B, device="cuda", dtype=torch.int32) * window)
         sets.append((bufs, indptr, idx, q, out, qrot, win))
     ns = splits or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
-    ws = DecodeWorkspace.create(B, hq, d, max_splits=max(ns, 1), device="cuda")
+    ws = DecodeWorkspace.create(B, hq, d, max_splits=ns + (1 if window else 0), device="cuda")
     kw = {}
     if cfg is not None:
         kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4],

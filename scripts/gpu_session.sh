@@ -47,17 +47,23 @@ upload-b)
     [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
-    # KERNEL_PARTS (default "tests,bench,sweep"): any of them, so the step can be split over two calls
+    # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py): any of them, so
+    # the step can be split over calls
     source scripts/gpu_env.sh
     PARTS=${KERNEL_PARTS:-tests,bench,sweep}
     if [[ $PARTS == *tests* ]]; then
-        timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
-            tests/test_kernels_compress.py tests/test_kernels_window.py > "$W/tests.log" 2>&1; tail -15 "$W/tests.log"
+        timeout 240 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
+            tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
+        tail -15 "$W/tests.log"
     fi
     if [[ $PARTS == *bench* ]]; then
         timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
             --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1
         grep -v "^    " "$W/bench.log" | tail -40
+    fi
+    if [[ $PARTS == *step* ]]; then  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
+        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default} --out "$W/step" \
+            > "$W/step.log" 2>&1; grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24
     fi
     if [[ $PARTS == *sweep* ]]; then
         timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \

@@ -199,11 +199,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
 
     def _make_workspace(self, max_bs: int):
         """One DecodeWorkspace (split-K partials) shared by all quantized layers, sized for the largest
-        captured batch and the largest static split count; allocated before capture."""
+        captured batch and the largest static split count (+ 1 with a recent window: the ring's partial);
+        allocated before capture."""
         ws_cls = getattr(self.ops, "DecodeWorkspace", None)
         if ws_cls is None or not self.on_cuda:
             return None
-        max_splits = max(self.num_splits(b) or 1 for b in range(1, max_bs + 1))
+        max_splits = max(self.num_splits(b) or 1 for b in range(1, max_bs + 1)) + (1 if self.window else 0)
         return ws_cls.create(max_bs, self.num_head, self.v_head_dim, max_splits, self.device,
                              head_dim_k=self.tq_pool.head_dim)
 

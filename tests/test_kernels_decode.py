@@ -293,6 +293,17 @@ def test_decode_fused_merge(kfmt, vfmt, heads, lens, splits):
         assert int(ws.split_counts.abs().sum()) == 0
 
 
+@needs_triton
+@pytest.mark.parametrize("num_splits", [7, 33])
+def test_decode_stage2_many_splits(num_splits):
+    """Stage 2 loads a query head's split partials as one block padded to a power of two: split counts
+    that are not one, sequences that fill some, all or none of them."""
+    lens = [300, 0, 33, 129]
+    out, ref = _run_case(F(64, 4), F(64, 4), 8, 2, lens, num_splits, 32, 0.0, 5 + num_splits)
+    assert rel_err(out, ref) < TOL
+    assert float(out[1].abs().max()) == 0.0
+
+
 def test_rotation_sign_tables_reproduce_m():
     """M = signs / sqrt(d) (also with an outlier permutation): the rotations on signs are exact."""
     from tq_kernels._common import kernel_tables, rotation_operand

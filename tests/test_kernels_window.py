@@ -82,10 +82,11 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, wsize, lo_back, seed, **kw):
     win = DecodeWindow(ring.k, ring.v, wsize, lo.to(DEV), (req * wsize).to(torch.int32).to(DEV))
     q = (torch.randn(B, hq, kfmt.head_dim, generator=gen) * 2).to(DEV, torch.bfloat16)
     sm = kfmt.head_dim ** -0.5
-    out = decode_attention(q, *bufs, kc, vc, indptr.to(DEV), slots, sm, window=win, **kw)
-    ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, indptr, slots.cpu(), sm,
+    cap = kw.pop("logit_cap", 0.0)
+    out = decode_attention(q, *bufs, kc, vc, indptr.to(DEV), slots, sm, cap, window=win, **kw)
+    ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, indptr, slots.cpu(), sm, cap,
                                      window=DecodeWindow(ring.k.cpu(), ring.v.cpu(), wsize, lo, req * wsize))
-    no_win = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, indptr, slots.cpu(), sm)
+    no_win = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, indptr, slots.cpu(), sm, cap)
     return out.float().cpu(), ref.float(), no_win.float()
 
 
@@ -95,7 +96,8 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, wsize, lo_back, seed, **kw):
     (F(64, 3), F(64, 3), (9, 3), [70, 20], 32, 32, dict(num_splits=3, block_n=32)),         # general stage 1
     (F(64, 4), F(64, 2), (4, 4), [33, 1, 0], 8, 5, dict(num_splits=2, block_n=32)),          # lo above L - W
     (F(128, 4, qjl=True), F(128, 4), (4, 1), [50], 16, 16, dict(num_splits=2, block_n=32)),  # PROD keys
-], ids=["K4V4-d128-sliced", "K3V3-d64-general", "K4V2-d64-partial", "PROD4-d128"])
+    (F(64, 4), F(64, 4), (8, 2), [90, 7], 16, 16, dict(num_splits=5, block_n=32, logit_cap=5.0)),  # soft-cap
+], ids=["K4V4-d128-sliced", "K3V3-d64-general", "K4V2-d64-partial", "PROD4-d128", "K4V4-d64-softcap"])
 def test_decode_window_matches_reference(kfmt, vfmt, heads, lens, wsize, lo_back, kw):
     out, ref, no_win = _decode_case(kfmt, vfmt, *heads, lens, wsize, lo_back, seed=sum(lens), **kw)
     assert torch.isfinite(out).all()
