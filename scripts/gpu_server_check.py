@@ -228,6 +228,7 @@ def smollm2_servers(a, base, out):
     examples = os.path.join(os.path.dirname(HERE), "configs", "examples")
     calibrated = os.path.join(examples, "calibrated_smollm2.yaml")
     calibrated4 = os.path.join(examples, "calibrated4_smollm2.yaml")  # 4.00 bits, the bytes of turbo4
+    calibrated3w = os.path.join(examples, "calibrated3_window_smollm2.yaml")  # 3.00 bits, with the window
     boundary2 = os.path.join(examples, "turbo4_boundary2.yaml")
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
@@ -238,6 +239,8 @@ def smollm2_servers(a, base, out):
             ("turbo4_centered", ["--attention-backend", "turboquant", "--tq-config", centered, "--disable-cuda-graph"]),
             ("calibrated3", ["--attention-backend", "turboquant", "--tq-config", calibrated, "--disable-cuda-graph"]),
             ("calibrated4", ["--attention-backend", "turboquant", "--tq-config", calibrated4, "--disable-cuda-graph"]),
+            ("calibrated3_window", ["--attention-backend", "turboquant", "--tq-config", calibrated3w,
+                                    "--disable-cuda-graph"]),
             ("k5v4_centered", ["--attention-backend", "turboquant", "--tq-config", k5_centered, "--disable-cuda-graph"]),
             # the other presets, and presets without their boundary layers (perplexity only)
             *[(p, ["--attention-backend", "turboquant", "--tq-config", p, "--disable-cuda-graph"])
@@ -259,7 +262,8 @@ def smollm2_servers(a, base, out):
             ("bf16_deterministic", ["--attention-backend", "triton", "--enable-deterministic-inference"]),
             ("turbo4_deterministic", ["--attention-backend", "turboquant", "--tq-config", "turbo4",
                                       "--enable-deterministic-inference"])]
-    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "k5v4_centered", "turbo2",
+    ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "calibrated3_window",
+                "k5v4_centered", "turbo2",
                 "turbo3.5", "k4v2", "k5v4", "turbo4_bf16keys",
                 "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo2_noboundary",
                 "turbo3.5_noboundary", "turbo4_nowindow", "turbo3_nowindow")
