@@ -11,7 +11,8 @@ Per call (no host sync, static grid: capturable in a CUDA graph):
      tensor-core scores q~ c^T times scale0 per token (+ sketch signs^T times scale1; 4-bit keys in
      the sliced stage 1: int8 centroids from a register LUT against the int8-split query) -> online
      softmax in fp32 -> p * v_scale0 -> tl.dot(p, c_v), accumulated in V's rotated domain.
-     Writes acc / l and lse (log2 units) per split into the workspace.
+     Writes acc / l and lse (log2 units) per split into the workspace. With a recent window, one more
+     program per (sequence, KV head) scores the ring's exact positions and writes its partial after them.
   2. stage 2, grid (B, H_kv): log-sum-exp merge of the splits, then one un-rotation o = o_rot M_v
      (fp32 tl.dot against the d x d matrix), written in q's dtype into `out`.
 """

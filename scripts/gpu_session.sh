@@ -14,7 +14,9 @@
 #        extend over a packed prefix) and a config sweep (B 1 / 32, 1K / 32K): no model needed
 #   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
 #        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
-#        time on GPU 1, so each card has its own turbo4; with 3+ GPUs bench_kernels (extend, decode) on GPU 2
+#        time on GPU 1, so each card has its own turbo4; with 3+ GPUs bench_kernels (extend, decode) on GPU 2.
+#        SERVING_MODEL=/tmp/models/SmolLM2-135M-Instruct (after upload-a/b): the real-weights point
+#        (its context is 8K: e.g. SERVING_POINTS=1024:256:8,4096:256:64)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -114,7 +116,7 @@ timed)
     export TRITON_CACHE_DIR=/tmp/triton_cache
     serve() {  # serve GPU PORT NAME CONFIGS POINTS: one bench_serving run, its servers one after another
         job "$1" "$2" "${SERVING_LIMIT_S:-480}" "$3" bench_serving.py --configs "$4" --points "$5" \
-            --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384"
+            --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" ${SERVING_MODEL:+--model "$SERVING_MODEL"}
     }
     POINTS=${SERVING_POINTS:-1024:256:8,16384:512:64}
     serve 0 30000 serving "${SERVING_CONFIGS:-turbo4,bf16}" "$POINTS" &
