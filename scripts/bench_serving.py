@@ -162,7 +162,9 @@ def main():
     ap.add_argument("--configs", default="bf16,fp8,turbo4")
     ap.add_argument("--points", default="16384:512:64,1024:256:8", help="isl:osl:concurrency,...")
     ap.add_argument("--prompts-per-conc", type=float, default=1.0, help="num_prompts = this x concurrency")
-    ap.add_argument("--min-prompts", type=int, default=16)
+    ap.add_argument("--min-prompts", type=int, default=64,
+                    help="at least this many requests per point: 64 makes ISL 1K / conc 8 eight waves (~12 s) "
+                         "instead of two (~3 s, whose ratios moved by ~1 %% between two cards of one host)")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--extra", default="", help="extra server args, space separated")
     ap.add_argument("--client", choices=["native", "sglang"], default="native",
