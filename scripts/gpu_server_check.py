@@ -21,9 +21,14 @@ Stages (--stages, comma-separated):
             BF16 and turbo4 at both TP sizes: perplexity, greedy tokens, chat
   capacity  config-only Llama-3-8B shape (--load-format dummy): max_total_num_tokens of BF16 vs
             all-layers K4V4 vs the turbo4 preset at the same --mem-fraction-static
-All TurboQuant servers run with SGLANG_TQ_PREFILL_FROM_CACHE=1: prefill attends to the K/V as stored
-in the compressed cache (not the fresh chunk), so every token sees its whole past as in decoding and
-perplexity measures the cache format (BF16 is unaffected by the flag).
+  eval      task accuracy on SmolLM2 (scripts/eval_quality.py's passkey and ASDiv QA) for --servers
+            (default bf16,turbo4,turbo3): one eval_quality-format JSON per server and task
+            (eval_<task>_<server>.json, for `eval_quality.py compare`), accuracies and their change
+            against BF16 in the summary. Ordinary servers: prefill attends to the fresh chunk, decode
+            (the answer) to the packed cache and the window.
+The smollm2, load, tp and capacity TurboQuant servers run with SGLANG_TQ_PREFILL_FROM_CACHE=1: prefill
+attends to the K/V as stored in the compressed cache (not the fresh chunk), so every token sees its
+whole past as in decoding and perplexity measures the cache format (BF16 is unaffected by the flag).
 """
 from __future__ import annotations
 
@@ -460,6 +465,39 @@ def stage_capacity(a, base_unused, out):
     return res
 
 
+def stage_eval(a, base, out):
+    """Passkey retrieval and ASDiv QA (eval_quality's functions) per server, BF16 first."""
+    names = a.servers.split(",") if a.servers else ["bf16", "turbo4", "turbo3"]
+    haystack = open(a.heldout_text, encoding="utf-8").read()
+    lengths = [int(x) for x in a.passkey_lengths.split(",")]
+    depths = [float(x) for x in a.passkey_depths.split(",")]
+    res = {}
+    for name in names:
+        args = (["--attention-backend", "triton"] if name == "bf16"
+                else ["--attention-backend", "turboquant", "--tq-config", name])
+        s = Server(f"eval_{name}", base + args, log_dir=out)
+        try:
+            facts = ev.server_facts(s.url)
+            r = {"passkey": ev.passkey(s.url, haystack, lengths, depths, a.passkey_trials),
+                 "qa": ev.qa(s.url, a.asdiv, a.eval_qa_limit)}
+        finally:
+            s.stop()
+        for task, tr in r.items():
+            json.dump({"label": name, "cmd": task, "server": facts, "results": tr},
+                      open(os.path.join(out, f"eval_{task}_{name}.json"), "w"), indent=1)
+        res[name] = r
+        print(f"  {name}: passkey {r['passkey']['accuracy']:.3f}, qa {r['qa']['accuracy']:.3f} "
+              f"({r['qa']['n']} problems)", flush=True)
+    summ = {}
+    for name, r in res.items():
+        for task in ("passkey", "qa"):
+            summ[f"{task}_{name}"] = r[task]["accuracy"]
+            if name != "bf16" and "bf16" in res:
+                summ[f"{task}_points_vs_bf16_{name}"] = 100 * (r[task]["accuracy"] - res["bf16"][task]["accuracy"])
+    res["summary"] = summ
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="/tmp/models/SmolLM2-135M-Instruct")
@@ -468,6 +506,11 @@ def main():
                     help="second text for perplexity (the calibrated plan and key means never saw it)")
     ap.add_argument("--asdiv", default=".gpu_data/asdiv.jsonl")
     ap.add_argument("--qa-limit", type=int, default=0)
+    ap.add_argument("--eval-qa-limit", type=int, default=300, help="eval stage: ASDiv problems per server")
+    ap.add_argument("--passkey-lengths", default="1024,2048,4096,7500",
+                    help="eval stage: prompt lengths in tokens (SmolLM2's context is 8,192)")
+    ap.add_argument("--passkey-depths", default="0.1,0.5,0.9")
+    ap.add_argument("--passkey-trials", type=int, default=4)
     ap.add_argument("--stages", default="smollm2,capacity")
     ap.add_argument("--servers", default="", help="smollm2 / tp stages: only these servers (comma-separated names)")
     ap.add_argument("--mem-fraction", type=float, default=0.80)
@@ -494,7 +537,8 @@ def main():
     for st in a.stages.split(","):
         t0 = time.time()
         try:
-            stage = {"smollm2": smollm2_servers, "capacity": stage_capacity, "load": stage_load, "tp": stage_tp}[st]
+            stage = {"smollm2": smollm2_servers, "capacity": stage_capacity, "load": stage_load, "tp": stage_tp,
+                     "eval": stage_eval}[st]
             summary[st] = stage(a, base, a.out)
         except Exception as e:  # noqa: BLE001 - keep the other stages running
             import traceback

@@ -10,6 +10,7 @@
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
 #   3a. presets   carry .gpu_bundle .gpu_data .gpu_tok  perplexity servers of $SMOLLM2_PRESETS spread over the GPUs
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
+#   3c. eval      carry .gpu_bundle .gpu_data .gpu_tok  passkey + ASDiv QA of $EVAL_SERVERS (bf16,turbo4,turbo3)
 #   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines,
 #        extend over a packed prefix) and a config sweep (B 1 / 32, 1K / 32K): no model needed
 #   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
@@ -104,6 +105,13 @@ presets)
     wait
     pack
     grep -h ": ppl" "$W"/presets*.log ;;
+eval)
+    # passkey retrieval and ASDiv QA (scripts/eval_quality.py) on SmolLM2 servers, one after another
+    source scripts/gpu_env.sh
+    kill_gpu_procs
+    check 0 30000 540 eval --stages eval --servers "${EVAL_SERVERS:-bf16,turbo4,turbo3}"
+    pack
+    grep "passkey\|qa \|summary" -A1 "$W/eval.log" | tail -12 ;;
 tp)
     source scripts/gpu_env.sh
     kill_gpu_procs
@@ -132,5 +140,5 @@ timed)
     pack
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25 ;;
 *)
-    echo "usage: $0 kernels|upload-a|upload-b|checks|presets|tp|timed" >&2; exit 2 ;;
+    echo "usage: $0 kernels|upload-a|upload-b|checks|presets|eval|tp|timed" >&2; exit 2 ;;
 esac

@@ -198,3 +198,40 @@ def test_bench_serving_server_log_stats(tmp_path):
     st = bench_serving.server_log_stats(str(log))
     assert st == {"decode_batches_cuda_graph": 2, "decode_batches_eager": 1, "median_gen_throughput": 1300.0,
                   "median_input_throughput": 5000.0}
+
+
+def test_server_check_eval_stage(server, tmp_path, monkeypatch):
+    """gpu_server_check's eval stage: one server per name (BF16 on SGLang's triton backend, the others on
+    turboquant with their preset), passkey and QA through eval_quality, one eval_quality-format JSON per
+    server and task that compare mode reads, accuracies and their change against BF16 in the summary."""
+    import argparse
+
+    import gpu_server_check
+
+    started = []
+
+    class StubServer:
+        def __init__(self, name, args, env_extra=None, port=None, log_dir="."):
+            started.append((name, args))
+            self.url = server
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(gpu_server_check, "Server", StubServer)
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The grass is green. The sky is blue. The sun is yellow. Here we go. " * 200)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"passage": f"Tom has {a} apples and {b} pears.", "question": "How many?",
+                                        "answer": str(a + b)}) for a, b in [(2, 3), (4, 4)]))
+    a = argparse.Namespace(servers="bf16,turbo4", heldout_text=str(hay), asdiv=str(qa), eval_qa_limit=10,
+                           passkey_lengths="400,800", passkey_depths="0.0,0.5", passkey_trials=2)
+    res = gpu_server_check.stage_eval(a, ["--model-path", "m"], str(tmp_path))
+    assert [n for n, _ in started] == ["eval_bf16", "eval_turbo4"]
+    assert started[0][1][-2:] == ["--attention-backend", "triton"]
+    assert started[1][1][-4:] == ["--attention-backend", "turboquant", "--tq-config", "turbo4"]
+    summ = res["summary"]
+    assert summ["passkey_bf16"] == pytest.approx(0.5) and summ["qa_turbo4"] == 1.0  # the stand-in misses depth 0
+    assert summ["passkey_points_vs_bf16_turbo4"] == 0.0
+    table = eval_quality.compare(str(tmp_path / "eval_passkey_bf16.json"), str(tmp_path / "eval_passkey_turbo4.json"))
+    assert "accuracy" in table
