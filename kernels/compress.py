@@ -85,7 +85,7 @@ def _rotate_queries(q_ptr, q_t, q_h, N, G: tl.constexpr, qr_ptr, qr_t, qr_h, mt_
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
                   mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
                   ring_ptr, ring_t, ring_h, ring_rows_ptr, HAS_RING: tl.constexpr,
-                  BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
+                  BND: tl.constexpr, CENT: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
                   NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
@@ -110,21 +110,37 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
                  mask=rmask[:, None])
     u = y * inv[:, None]
 
-    # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
+    # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's).
+    # BND (constexpr tuple, or empty): the boundaries as immediates, no loads. CENT (or empty; no
+    # outliers): each centroid follows the same comparisons, c = CENT[i + 1] where u > b[i]
+    # (boundaries ascend: exactly CENT[idx]), instead of a gather after them.
+    CONST: tl.constexpr = len(BND) > 0
+    SELECT: tl.constexpr = len(CENT) > 0 and NOUT == 0
     NB_LO: tl.constexpr = (1 << LO) - 1
     idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
+    if SELECT:
+        c = tl.zeros((BLOCK_T, D), dtype=tl.float32) + CENT[0]
     for i in tl.static_range(NB_LO):
-        idx += (u > tl.load(bnd_ptr + i)).to(tl.int32)
+        if CONST:
+            above = u > BND[i]
+        else:
+            above = u > tl.load(bnd_ptr + i)
+        idx += above.to(tl.int32)
+        if SELECT:
+            c = tl.where(above, CENT[i + 1], c)
     if NOUT > 0:
         HI: tl.constexpr = LO + (X0W if X1W == 0 else X0W + X1W)
         NB_HI: tl.constexpr = (1 << HI) - 1
         idx_hi = tl.zeros((BLOCK_T, D), dtype=tl.int32)
         for i in tl.static_range(NB_HI):
-            idx_hi += (u > tl.load(bnd_ptr + NB_LO + i)).to(tl.int32)
+            if CONST:
+                idx_hi += (u > BND[NB_LO + i]).to(tl.int32)
+            else:
+                idx_hi += (u > tl.load(bnd_ptr + NB_LO + i)).to(tl.int32)
         is_out = (d % OSTRIDE) == 0
         idx = tl.where(is_out[None, :], idx_hi, idx)
         c = tl.load(cent_ptr + idx + tl.where(is_out, 1 << LO, 0)[None, :])
-    else:
+    elif not SELECT:
         c = tl.load(cent_ptr + idx)
 
     if NC:
@@ -167,7 +183,9 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
                      kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
                      K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr,
                      rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING: tl.constexpr,
-                     q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, QROWS: tl.constexpr, HAS_KMU: tl.constexpr, BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
+                     q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, QROWS: tl.constexpr, HAS_KMU: tl.constexpr,
+                     K_BND: tl.constexpr, K_CENT: tl.constexpr, V_BND: tl.constexpr, V_CENT: tl.constexpr,
+                     BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
                      K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                      K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
@@ -181,13 +199,13 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
     if role == 0:
         _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
                       kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU,
-                      rk_ptr, rk_t, rk_h, ring_rows_ptr, HAS_RING, BLOCK_T, K_NC, K_QJLC, SMAX,
+                      rk_ptr, rk_t, rk_h, ring_rows_ptr, HAS_RING, K_BND, K_CENT, BLOCK_T, K_NC, K_QJLC, SMAX,
                       K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
                       K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
     elif role == 1:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                       vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False,
-                      rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING, BLOCK_T, V_NC, V_QJLC, SMAX,
+                      rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING, V_BND, V_CENT, BLOCK_T, V_NC, V_QJLC, SMAX,
                       V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
                       V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
     else:
@@ -211,7 +229,8 @@ def check_k_mean(k_mean, h: int, d: int, device):
 
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
                        *, k_mean=None, q=None, q_rot=None, ring=None, block_t: int = 16, num_warps: int = 4,
-                       exact_rotation: bool = True) -> None:
+                       exact_rotation: bool = True, constant_boundaries: bool = False,
+                       select_centroids: bool = False) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
     q [N, H_q, d_k] with q_rot (fp32, [N, H_q, d_k] or larger in dim 0, unit last stride): the same
@@ -221,7 +240,13 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     ring: optional `RingWrite` (recent window): token i's exact rotated K / V ((k - mu) M_k^T, v M_v^T,
     bf16) also go to row ring.rows[i] of ring.k / ring.v (rows < 0: not written).
     exact_rotation: rotate on tensor cores against M's signs (bf16 hi/lo split of the rows);
-    False: an fp32 FMA matmul with M (the first kernels' way; slower, same codes up to ties)."""
+    False: an fp32 FMA matmul with M (the first kernels' way; slower, same codes up to ties).
+    constant_boundaries: the codebook boundaries compiled into the kernel as immediates (no loads);
+    select_centroids (codes of at most 4 bits without outliers): each centroid selected along the
+    comparisons from immediates instead of gathered after them. Both take table loads out of the
+    launch's dependent chain (its decode-step cost is latency; for K4V4 at d 128 the sm_90 build goes
+    from 70 to ~40 / 8 global loads, the selects add ~480 FSEL per thread). Same codes and scales.
+    Opt-in until timed on a GPU (`scripts/bench_layer_step.py --variants`)."""
     n = k.shape[0]
     if n == 0:
         return
@@ -253,6 +278,12 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         rk, rv, rrows = check_ring(ring, n, h, kf.head_dim, vf.head_dim)
     else:
         rk, rv, rrows = k3, v3, slots
+    def tables(fmt, t):  # (BND, CENT) constexpr tuples of a role, or empty ones
+        bnd = tuple(float(x) for x in t["boundaries"].cpu()) if constant_boundaries else ()
+        select = select_centroids and not fmt.outlier_channels and fmt.mse_bits <= 4
+        return bnd, tuple(float(x) for x in t["centroids"].cpu()) if select else ()
+
+    (k_bnd, k_cent), (v_bnd, v_cent) = tables(kf, kt), tables(vf, vt)
     grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
@@ -264,7 +295,7 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         rk, rk.stride(0), rk.stride(1), rv, rv.stride(0), rv.stride(1), rrows, ring is not None,
         q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), group,
         min(triton.next_power_of_2(block_t * group), max(16, 8192 // kf.head_dim)),
-        HAS_KMU=kmu is not None, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        HAS_KMU=kmu is not None, K_BND=k_bnd, K_CENT=k_cent, V_BND=v_bnd, V_CENT=v_cent, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
     )

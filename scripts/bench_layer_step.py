@@ -33,6 +33,9 @@ VARIANTS = {
     "default": ({}, {}),
     "bf16_keys": ({}, dict(key_int8=False)),
     "no_window": None,  # the defaults without the recent window
+    # compress with the codebook boundaries as immediates, and with the centroids selected as well
+    "compress_const_bnd": (dict(constant_boundaries=True), {}),
+    "compress_const_select": (dict(constant_boundaries=True, select_centroids=True), {}),
 }
 
 

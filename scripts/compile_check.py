@@ -95,6 +95,10 @@ def main():
                 torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
                 torch.arange(1, 9), kc, vc, *bufs, q=torch.randn(8, hq, d, dtype=torch.bfloat16),
                 q_rot=torch.empty(8, hq, d))
+        jobs["compress-const"] = lambda: compress.compress_and_store(
+            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
+            torch.arange(1, 9), kc, vc, *bufs, constant_boundaries=True, select_centroids=True)
+
         def decode_job(bn, **kw):
             return lambda: decode.decode_attention(
                 torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
