@@ -81,6 +81,8 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         exact = bool(torch.allclose(mag, torch.full_like(mag, scale), rtol=1e-6, atol=0.0))
         cache[key]["msign_t"] = torch.sign(m).t().to(torch.int8).contiguous() if exact else None
         cache[key]["msign"] = torch.sign(m).to(torch.int8).contiguous() if exact else None  # un-rotation
+        # the same signs in bf16 (exact): an MMA operand as loaded (decode stage 2's merge_preload)
+        cache[key]["msign_bf16"] = torch.sign(m).to(torch.bfloat16).contiguous() if exact else None
         cache[key]["mscale"] = scale if exact else 0.0
         asm = register_lut_asm(codec.fmt, cent)
         # "single": one 4-/2-bit field; "split": 3-bit codes, high bits from a second field; "split5":

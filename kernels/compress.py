@@ -16,6 +16,8 @@ matmul; u differs in the last float bits, so a code may differ where u lies with
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -212,6 +214,11 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
         _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, QROWS, K_D)
 
 
+# compress_and_store's defaults for constant_boundaries / select_centroids (see there)
+CONSTANT_BOUNDARIES = False
+SELECT_CENTROIDS = False
+
+
 def _rows(x, n, h, d):
     x = x.reshape(n, h, d)
     if x.stride(2) != 1:
@@ -229,8 +236,8 @@ def check_k_mean(k_mean, h: int, d: int, device):
 
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
                        *, k_mean=None, q=None, q_rot=None, ring=None, block_t: int = 16, num_warps: int = 4,
-                       exact_rotation: bool = True, constant_boundaries: bool = False,
-                       select_centroids: bool = False) -> None:
+                       exact_rotation: bool = True, constant_boundaries: Optional[bool] = None,
+                       select_centroids: Optional[bool] = None) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
     q [N, H_q, d_k] with q_rot (fp32, [N, H_q, d_k] or larger in dim 0, unit last stride): the same
@@ -246,7 +253,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     comparisons from immediates instead of gathered after them. Both take table loads out of the
     launch's dependent chain (its decode-step cost is latency; for K4V4 at d 128 the sm_90 build goes
     from 70 to ~40 / 8 global loads, the selects add ~480 FSEL per thread). Same codes and scales.
-    Opt-in until timed on a GPU (`scripts/bench_layer_step.py --variants`)."""
+    None: `CONSTANT_BOUNDARIES` / `SELECT_CENTROIDS` (off until timed on a GPU:
+    `scripts/bench_layer_step.py --variants`)."""
     n = k.shape[0]
     if n == 0:
         return
@@ -278,6 +286,9 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         rk, rv, rrows = check_ring(ring, n, h, kf.head_dim, vf.head_dim)
     else:
         rk, rv, rrows = k3, v3, slots
+    constant_boundaries = CONSTANT_BOUNDARIES if constant_boundaries is None else constant_boundaries
+    select_centroids = SELECT_CENTROIDS if select_centroids is None else select_centroids
+
     def tables(fmt, t):  # (BND, CENT) constexpr tuples of a role, or empty ones
         bnd = tuple(float(x) for x in t["boundaries"].cpu()) if constant_boundaries else ()
         select = select_centroids and not fmt.outlier_channels and fmt.mse_bits <= 4

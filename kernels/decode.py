@@ -476,6 +476,14 @@ def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.const
     partial `tail_sid` (HAS_TAIL: the recent window's), then one un-rotation into out_rows. CACHE: the
     loads' cache modifier (".cg": past L1, for partials other programs of the same launch wrote; ""
     otherwise)."""
+    acc = _merge_acc(po, po_s, pl, used, gmask, BLOCK_G, V_D, CACHE, tail_sid, HAS_TAIL)
+    unrotate_store(acc, mv_ptr, out_rows, gmask, V_D, BLOCK_DO, MV_SCALE)
+
+
+@triton.jit
+def _merge_acc(po, po_s, pl, used, gmask, BLOCK_G: tl.constexpr, V_D: tl.constexpr, CACHE: tl.constexpr,
+               tail_sid, HAS_TAIL: tl.constexpr):
+    """The merge of `_merge_splits`: the normalized output rows [BLOCK_G, V_D], still rotated."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
@@ -490,8 +498,7 @@ def _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G: tl.const
         m, l, acc = _merge_step(m, l, acc, lse, o)
     if HAS_TAIL:
         m, l, acc = _merge_step(m, l, acc, tail_lse, tail_o)
-    acc = acc / tl.where(l > 0, l, 1.0)[:, None]
-    unrotate_store(acc, mv_ptr, out_rows, gmask, V_D, BLOCK_DO, MV_SCALE)
+    return acc / tl.where(l > 0, l, 1.0)[:, None]
 
 
 @triton.jit
@@ -544,20 +551,36 @@ def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, w
 @triton.jit
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
                    kv_indptr, wlo_ptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
-                   BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr):
+                   BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr,
+                   PRELOAD_M: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
     CUDA graphs and sized for the longest context, so short sequences leave most splits empty) and,
     with a recent window (HAS_RING), of the ring's partial that stage 1 stored as split num_splits;
-    then one un-rotation."""
+    then one un-rotation. PRELOAD_M (MV_SCALE > 0): mv_ptr holds M_v's signs in bf16, loaded whole
+    before the merge so its latency overlaps the merge's, and used as the MMA operand as loaded (the
+    default loads int8 signs in BLOCK_DO-column chunks after the merge, one round trip per chunk,
+    and widens them through shared memory)."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
+    if PRELOAD_M:
+        dv = tl.arange(0, V_D)
+        mvt = tl.load(mv_ptr + dv[:, None] * V_D + dv[None, :])
     used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING), num_splits, BLOCK_N)
-    _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                  mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
-                  num_splits, HAS_RING)
+    po = po_ptr + b * po_b + heads * po_h
+    pl = pl_ptr + b * pl_b + heads * pl_h
+    out_rows = out_ptr + b * out_b + heads * out_h
+    if PRELOAD_M:
+        acc = _merge_acc(po, po_s, pl, used, gmask, BLOCK_G, V_D, "", num_splits, HAS_RING)
+        hi = acc.to(tl.bfloat16)
+        lo = (acc - hi.to(tl.float32)).to(tl.bfloat16)
+        o = tl.dot(lo, mvt, tl.dot(hi, mvt)) * MV_SCALE
+        tl.store(out_rows[:, None] + dv[None, :], o.to(out_rows.dtype.element_ty), mask=gmask[:, None])
+    else:
+        _merge_splits(po, po_s, pl, used, gmask, mv_ptr, out_rows, BLOCK_G, V_D, BLOCK_DO, "", MV_SCALE,
+                      num_splits, HAS_RING)
 
 
 def sliced_ok(fmt) -> bool:
@@ -674,6 +697,13 @@ KEY_INT8 = True
 KEY_INT8_MAX_REGISTERS = 168
 
 
+# Stage 2 with M_v's bf16 signs loaded before the merge (PRELOAD_M): the sm_90 build of K4V4's stage 2
+# goes from 1,352 to 632 instructions and its matrix loads move ahead of the merge loop (16 LDG.128
+# issued first, 103 registers, no spills). Off until timed on a GPU (scripts/bench_layer_step.py
+# --variants merge_preload).
+MERGE_PRELOAD = False
+
+
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
     """Warps per program of the sliced stage 1 with a one-field LUT (BLOCK_N 128): 8 while the
     (sequence, KV head) pairs alone leave SMs idle (latency-bound: each warp's share of a tile is
@@ -691,7 +721,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      fused_merge: bool = False,
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
                      max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None,
-                     key_int8: Optional[bool] = None):
+                     key_int8: Optional[bool] = None, merge_preload: Optional[bool] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
@@ -728,6 +758,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
     splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against
     27.9 us at B=1, 1K): off by default.
+    merge_preload (d_v <= 128; None: `MERGE_PRELOAD`): stage 2 loads M_v's signs whole, in bf16, before
+    its merge instead of int8 chunks after it (`_decode_stage2`'s PRELOAD_M).
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
     recent window's ring (exact bf16, rotated) instead of the codes; one more stage-1 program per
     (sequence, KV head) scores them and stores its partial after the splits' (the workspace needs
@@ -827,10 +859,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                        num_warps, num_stages, plen=plen, ring=window)
     if merge_in_stage1:
         return out
+    preload_m = bool((MERGE_PRELOAD if merge_preload is None else merge_preload) and mv_scale > 0 and d_v <= 128)
     _decode_stage2[(B, h_kv)](
         po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1), num_splits,
-        mv, out3, out3.stride(0), out3.stride(1), kv_indptr, plen if plen is not None else kv_indptr,
+        vt["msign_bf16"] if preload_m else mv, out3, out3.stride(0), out3.stride(1), kv_indptr,
+        plen if plen is not None else kv_indptr,
         G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale,
-        HAS_RING=window is not None, num_warps=4,
+        HAS_RING=window is not None, PRELOAD_M=preload_m, num_warps=4,
     )
     return out

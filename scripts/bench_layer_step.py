@@ -36,6 +36,9 @@ VARIANTS = {
     # compress with the codebook boundaries as immediates, and with the centroids selected as well
     "compress_const_bnd": (dict(constant_boundaries=True), {}),
     "compress_const_select": (dict(constant_boundaries=True, select_centroids=True), {}),
+    # stage 2 with M_v's bf16 signs loaded before the merge
+    "merge_preload": ({}, dict(merge_preload=True)),
+    "all_latency": (dict(constant_boundaries=True), dict(merge_preload=True)),
 }
 
 

@@ -128,6 +128,7 @@ def main():
         jobs["decode-key-int8-bn64"] = decode_job(64, key_int8=True, max_registers=168)
         jobs["decode-key-int8-poly"] = decode_job(128, key_int8=True, centroid_poly=True)
         jobs["decode-key-int8-window"] = decode_job(128, key_int8=True, window=win)
+        jobs["decode-merge-preload"] = decode_job(128, window=win, merge_preload=True)
         for bm, bn in ((64, 64), (32, 32), (64, 32), (128, 64)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
