@@ -97,6 +97,10 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < N
     d = tl.arange(0, D)
+    # the destination rows first: their loads then overlap the rest instead of waiting at the end
+    slot = tl.load(slots_ptr + t, mask=tmask, other=0).to(tl.int64)
+    if HAS_RING:
+        rrow = tl.load(ring_rows_ptr + t, mask=tmask, other=-1).to(tl.int64)
     xrow = x_ptr + t.to(tl.int64) * x_t + h * x_h
     x = tl.load(xrow[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     if HAS_MU:  # key centering: quantize x - mu[h] (one [D] vector per program)
@@ -106,7 +110,6 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
 
     y = _rotate_rows(xrow, tmask, mu_ptr + h * D, HAS_MU, mt_ptr, MSCALE, BLOCK_T, D)
     if HAS_RING:  # recent window: the exact rotated vector, bf16, at its ring row (-1: none)
-        rrow = tl.load(ring_rows_ptr + t, mask=tmask, other=-1).to(tl.int64)
         rmask = tmask & (rrow >= 0)
         tl.store((ring_ptr + rrow * ring_t + h * ring_h)[:, None] + d[None, :], y.to(tl.bfloat16),
                  mask=rmask[:, None])
@@ -149,7 +152,6 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
         a = 1.0 / tl.maximum(tl.sqrt(tl.sum(c * c, axis=1)), 1e-30)
     else:
         a = tl.full((BLOCK_T,), 1.0, tl.float32)
-    slot = tl.load(slots_ptr + t, mask=tmask, other=0).to(tl.int64)
     srow = s_ptr + slot * s_s + h * s_h
     tl.store(srow, tl.minimum(nrm * a, SMAX).to(tl.float16), mask=tmask)
     crow = c_ptr + slot * c_s + h * c_h
