@@ -67,10 +67,15 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         m = t["rotation"].to(torch.float32).contiguous()
         w = m if t["qjl"] is None else torch.cat([m, t["qjl"].to(torch.float32) @ m], dim=0)
         cent = t["centroids"].to(torch.float32).contiguous()
+        bnd = t["boundaries"].to(torch.float32).contiguous()
         cache[key] = dict(
             m=m, mt=m.t().contiguous(), centroids=cent, centroids_bf16=cent.to(torch.bfloat16).contiguous(),
             lut=byte_lut(codec.fmt, cent),
-            boundaries=t["boundaries"].to(torch.float32).contiguous(),
+            boundaries=bnd,
+            # the same values as Python floats (exact fp32), read once here: constexpr immediates for
+            # compress_and_store(constant_boundaries=, select_centroids=) without a device read per launch
+            boundary_values=tuple(float(x) for x in bnd.cpu()),
+            centroid_values=tuple(float(x) for x in cent.cpu()),
             st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
             wt=w.t().contiguous(),
         )

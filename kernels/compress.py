@@ -292,9 +292,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     select_centroids = SELECT_CENTROIDS if select_centroids is None else select_centroids
 
     def tables(fmt, t):  # (BND, CENT) constexpr tuples of a role, or empty ones
-        bnd = tuple(float(x) for x in t["boundaries"].cpu()) if constant_boundaries else ()
         select = select_centroids and not fmt.outlier_channels and fmt.mse_bits <= 4
-        return bnd, tuple(float(x) for x in t["centroids"].cpu()) if select else ()
+        return t["boundary_values"] if constant_boundaries else (), t["centroid_values"] if select else ()
 
     (k_bnd, k_cent), (v_bnd, v_cent) = tables(kf, kt), tables(vf, vt)
     grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)

@@ -778,17 +778,17 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         out = torch.empty(B, h_q, d_v, dtype=q.dtype, device=dev)
     out3 = out.view(B, h_q, d_v)
     assert out3.stride(2) == 1
-    ring = int(window is not None)  # the window's ring is one more partial, after the splits
+    ring_parts = int(window is not None)  # the window's ring is one more partial, after the splits
     if num_splits is None:
         hint = max_seq_len_hint if max_seq_len_hint is not None else kv_indices.numel()
         num_splits = choose_num_splits(B, h_kv, hint, num_sms(dev),
-                                       max_splits=(workspace.max_splits if workspace is not None else 64) - ring)
+                                       max_splits=(workspace.max_splits if workspace is not None else 64) - ring_parts)
     if workspace is None:
-        workspace = DecodeWorkspace.create(B, h_q, d_v, num_splits + ring, dev)
+        workspace = DecodeWorkspace.create(B, h_q, d_v, num_splits + ring_parts, dev)
     assert workspace.max_batch >= B
-    assert workspace.max_splits >= num_splits + ring, (
+    assert workspace.max_splits >= num_splits + ring_parts, (
         f"workspace has room for {workspace.max_splits} partials; {num_splits} splits"
-        + (" + the window's ring" if ring else "") + " need more")
+        + (" + the window's ring" if ring_parts else "") + " need more")
     assert workspace.part_out.shape[1] == h_q and workspace.part_out.shape[3] == d_v
     if B == 0:
         return out
@@ -833,7 +833,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     if sliced:
-        _decode_stage1_sliced[(B, h_kv, num_splits + (window is not None))](
+        _decode_stage1_sliced[(B, h_kv, num_splits + ring_parts)](
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], float(logit_cap) if use_cap else 1.0,
             k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
             v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
