@@ -39,8 +39,22 @@ CONFIGS = {
 }
 
 
+# "<config>+pw": the config with SGLang's piecewise CUDA graphs for prefill (off by default with turboquant)
+MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"]}
+
+
 def tq_args(preset):
     return ["--attention-backend", "turboquant", "--tq-config", preset]
+
+
+def config_args(cfg):
+    """Server arguments of a config name: CONFIGS' entries or a TurboQuant preset / YAML, then
+    "+modifier" suffixes (MODIFIERS)."""
+    name, *mods = cfg.split("+")
+    unknown = [m for m in mods if m not in MODIFIERS]
+    if unknown:
+        raise SystemExit(f"bench_serving: unknown config modifier(s) {unknown} in {cfg!r}; known: {sorted(MODIFIERS)}")
+    return list(CONFIGS.get(name) or tq_args(name)) + [x for m in mods for x in MODIFIERS[m]]
 
 
 def stream_request(url, input_ids, osl, timeout=3600):
@@ -182,7 +196,7 @@ def main():
     base += a.extra.split() if a.extra else []
     results = {}
     for cfg in a.configs.split(","):
-        args = CONFIGS.get(cfg) or tq_args(cfg)
+        args = config_args(cfg)
         t0 = time.time()
         try:
             s = Server(f"serve_{cfg}", base + args, log_dir=a.out)

@@ -73,6 +73,10 @@ KEY_INT8_ENV = "SGLANG_TQ_KEY_INT8"
 # cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
 # bf16 K/V (same result up to rounding, BF16-KV prefill speed).
 PLAIN_PREFILL_ENV = "SGLANG_TQ_PLAIN_PREFILL"
+# 0 = do not compile the packed-prefix extend kernel at start-up. Default 1: without it the first prefill
+# that hits the radix cache pays Triton's JIT for each variant (seen on an H200 as a 3 s stall of every
+# request then waiting, SmolLM2 at 4K prompts; the ninth session's serving run).
+WARM_EXTEND_ENV = "SGLANG_TQ_WARM_EXTEND"
 
 
 def _env_flag(name: str) -> bool:
@@ -149,6 +153,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self._window_md = None
         if self.window:
             lowest_free_first(model_runner.req_to_token_pool)
+        if (self.on_cuda and not skip_prefill
+                and os.environ.get(WARM_EXTEND_ENV, "1").strip().lower() not in ("0", "false", "no", "off")):
+            self.warm_extend_kernels(getattr(model_runner, "dtype", pool.model_dtype))
 
     # ----------------------------------------------------------------------------------------
     # Metadata: the parent's on CUDA; the same tensors computed in torch elsewhere.
@@ -219,6 +226,43 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 if codec is not None:
                     kernel_tables(codec, self.device)
 
+    def warm_extend_kernels(self, dtype, block_ms=(64, 128)) -> int:
+        """Run the packed-prefix extend once per distinct (K format, V format) of the quantized layers and
+        per query-block size the automatic choice takes, on a 2-token prefill over a 1-token prefix (slot
+        0, SGLang's padding slot), so Triton compiles every variant before the first request. Only the
+        constexprs select a variant (formats, block size, window, causal, soft-cap; strides and the
+        index dtypes are the serving ones: the parent's own indptr buffers), so serving finds them all
+        compiled, except for a soft-capped model (compiled at its first hit). Writes no cache row.
+        Returns the number of runs."""
+        pool, dev = self.tq_pool, self.device
+        n_new, h_q, h_kv = 2, self.num_head, pool.head_num
+        qo_indptr = self.qo_indptr[:2]
+        kv_indptr = self.kv_indptr[:2]
+        qo_indptr.copy_(torch.tensor([0, n_new], dtype=qo_indptr.dtype))
+        kv_indptr.copy_(torch.tensor([0, 1], dtype=kv_indptr.dtype))
+        kv_indices = torch.zeros(1, dtype=torch.int64, device=dev)
+        seen, runs = set(), 0
+        for i, quantized in enumerate(pool.quantized):
+            lid = pool.start_layer + i
+            kb, vb = pool.get_kv_buffer(lid) if quantized else (None, None)
+            if kb is None or (kb.codec.fmt, vb.codec.fmt) in seen:
+                continue
+            seen.add((kb.codec.fmt, vb.codec.fmt))
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            q = torch.randn(n_new, h_q, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+            k = torch.randn(n_new, h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+            v = torch.randn(n_new, h_kv, pool.v_head_dim, generator=gen).to(device=dev, dtype=dtype)
+            extra = {}
+            if self.prefill_from_cache and self.window:
+                from tq_kernels.window import ExtendWindow
+                extra["window"] = ExtendWindow(k, v, self.window)
+            for block_m in block_ms:
+                self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
+                             qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, causal=True,
+                             max_extend_len=n_new, block_m=block_m, k_mean=pool.key_mean(lid), **extra)
+                runs += 1
+        return runs
+
     def num_splits(self, bs: int) -> Optional[int]:
         """Static split-K count for a decode batch of `bs` (cached): the same for eager and graph runs;
         with SGLANG_TQ_BATCH_INVARIANT=1 the batch-size-1 count for every batch."""
@@ -253,7 +297,10 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             lo = torch.where(in_ring, torch.maximum(seq_lens - W, start[req_c].to(torch.int64)), seq_lens)
             md = dict(rows=rows.to(torch.int32), lo=lo.to(torch.int32), base=(req_c * W).to(torch.int32))
         else:
-            n_tok = fb.out_cache_loc.shape[0]
+            # a piecewise-CUDA-graph extend pads the tokens (out_cache_loc) to a captured count; the
+            # padding rows (after the batch's extend_num_tokens real ones) get no ring row
+            n_rows = fb.out_cache_loc.shape[0]
+            n_tok = min(int(fb.extend_num_tokens), n_rows) if fb.extend_num_tokens is not None else n_rows
             ext = fb.extend_seq_lens.to(torch.int64)
             seq = torch.repeat_interleave(torch.arange(req.shape[0], device=req.device), ext, output_size=n_tok)
             first = torch.cumsum(ext, 0) - ext  # each sequence's first token in the batch
@@ -261,6 +308,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                    - first[seq])
             keep = in_ring[seq] & (pos >= seq_lens[seq] - W)  # each sequence's last W new tokens
             rows = torch.where(keep, req_c[seq] * W + pos % W, -1)
+            if n_rows > n_tok:
+                rows = torch.cat([rows, rows.new_full((n_rows - n_tok,), -1)])
             # ring rows before this extend's tokens are not this sequence's (radix hit, retraction):
             # decode reads them from the codes
             start[req_c[in_ring]] = fb.extend_prefix_lens.to(torch.int64)[in_ring].to(torch.int32)

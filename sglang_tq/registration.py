@@ -70,8 +70,12 @@ def install_server_args(mod) -> None:
 
 
 def _disable_piecewise(server_args) -> None:
-    """Piecewise CUDA graphs for extend pad q/k/v and out_cache_loc to the captured token count;
-    TurboQuant's extend path is not verified under that padding (v1), so it is switched off."""
+    """Piecewise CUDA graphs for extend pad q/k/v and out_cache_loc to the captured token count (the
+    attention itself runs eagerly between the graph pieces). Off by default with turboquant;
+    `--enforce-piecewise-cuda-graph` keeps them on (the backend leaves the padding rows out of the
+    recent window's ring)."""
+    if getattr(server_args, "enforce_piecewise_cuda_graph", False):
+        return
     if uses_turboquant(server_args) and not getattr(server_args, "disable_piecewise_cuda_graph", True):
         logger.info("TurboQuant: disabling piecewise CUDA graphs for extend (decode CUDA graphs stay on)")
         server_args.disable_piecewise_cuda_graph = True

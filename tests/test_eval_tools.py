@@ -235,3 +235,12 @@ def test_server_check_eval_stage(server, tmp_path, monkeypatch):
     assert summ["passkey_points_vs_bf16_turbo4"] == 0.0
     table = eval_quality.compare(str(tmp_path / "eval_passkey_bf16.json"), str(tmp_path / "eval_passkey_turbo4.json"))
     assert "accuracy" in table
+
+
+def test_bench_serving_config_args():
+    """Config names: baseline entries, TurboQuant presets, and "+pw" (piecewise CUDA graphs for prefill)."""
+    assert bench_serving.config_args("fp8") == ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"]
+    assert bench_serving.config_args("turbo4+pw") == ["--attention-backend", "turboquant", "--tq-config", "turbo4",
+                                                      "--enforce-piecewise-cuda-graph"]
+    with pytest.raises(SystemExit):
+        bench_serving.config_args("turbo4+nope")

@@ -308,14 +308,15 @@ def test_decode_stage2_many_splits(num_splits):
 @pytest.mark.parametrize("kfmt, vfmt, heads, lens, splits", [
     (F(128, 4), F(128, 4), (8, 2), [1, 70, 0, 129], 3),
     (F(64, 3), F(64, 2), (9, 3), [40, 5], 5),
-    (F(256, 4), F(256, 4), (4, 2), [33], 2),  # d 256: no preload (the default path)
+    (F(256, 4), F(256, 4), (4, 2), [33], 2),  # d 256: never preloaded (int8 chunks either way)
 ], ids=["K4V4-d128", "K3V2-d64", "K4V4-d256"])
 def test_decode_merge_preload(kfmt, vfmt, heads, lens, splits):
-    """merge_preload: stage 2 un-rotates with M_v's bf16 signs loaded before its merge; the same result
-    as the default to float rounding, and as the reference."""
+    """merge_preload (the default): stage 2 un-rotates with M_v's bf16 signs loaded before its merge;
+    the same result as the int8-chunk un-rotation (merge_preload=False) to float rounding, and as the
+    reference."""
     hq, hkv = heads
     out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 21, merge_preload=True)
-    base, _ = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 21)
+    base, _ = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 21, merge_preload=False)
     assert rel_err(out, ref) < TOL
     assert rel_err(out, base) < 1e-3  # exact products and fp32 sums both ways; only the order differs
 

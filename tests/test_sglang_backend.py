@@ -344,3 +344,36 @@ def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
         o = backend._plain_extend(q, k, v, q.new_empty(sum(new), HQ * D), layer)
         o_ref = layer(q, k, v, fb_ref)
         torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
+def test_warm_extend_kernels_runs_each_variant_once(setup):
+    """The start-up warm-up (run on CUDA in __init__) calls the Triton extend kernel once per distinct
+    (K format, V format) of the quantized layers and per block size, over slot 0, with the parent's own
+    indptr buffers (the dtypes serving passes), and leaves every cache row as it was."""
+    from tq_kernels import ops
+
+    s = setup
+    backend, pool = s["backend"], s["pool"]
+    before = [t.clone() for t in pool._all_tensors("k") + pool._all_tensors("v")]
+    calls = []
+
+    def recording(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw):
+        out = ops.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
+        assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
+        assert qo.dtype == backend.qo_indptr.dtype and kvp.dtype == backend.kv_indptr.dtype
+        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"]))
+        return out
+
+    saved = backend._extend
+    backend._extend = recording
+    try:
+        runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
+    finally:
+        backend._extend = saved
+    pairs = {(pool.codecs(lid)[0].fmt, pool.codecs(lid)[1].fmt) for lid in range(NUM_LAYERS) if pool.is_quantized(lid)}
+    assert len(pairs) == 3  # layers 1, 2, 3 of CFG: three different K/V format pairs
+    assert runs == len(calls) == 6 and set(calls) == {(kf, vf, bm) for kf, vf in pairs for bm in (32, 64)}
+    for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v")):
+        assert torch.equal(a, b)

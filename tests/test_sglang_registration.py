@@ -57,6 +57,8 @@ def test_server_args_main_process(tmp_path):
     with env(SGLANG_TQ_CONFIG=None):
         sa = _server_args(model)
     assert sa.disable_piecewise_cuda_graph is True and sa.attention_backend == "turboquant"
+    with env(SGLANG_TQ_CONFIG=None):  # SGLang's --enforce-piecewise-cuda-graph keeps them on
+        assert _server_args(model, enforce_piecewise_cuda_graph=True).disable_piecewise_cuda_graph is False
     with env(SGLANG_TQ_CONFIG=None):  # other backends untouched
         assert _server_args(model, attention_backend="triton").attention_backend == "triton"
 

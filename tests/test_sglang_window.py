@@ -43,11 +43,14 @@ def _attend(q, k, v):
     return torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v.float().repeat_interleave(HQ // HKV, 1))
 
 
-def _extend(s, reqs, prefix, new):
+def _extend(s, reqs, prefix, new, pad=0):
+    """pad > 0: as a piecewise-CUDA-graph replay passes the batch, `pad` extra rows of q/k/v and
+    out_cache_loc 0 after the real tokens (extend_num_tokens stays the real count)."""
     runner = s["runner"]
     slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
     r2t = runner.req_to_token_pool.req_to_token
     fb = extend_batch(runner, reqs, prefix, new, slots, s["backend"])
+    fb.out_cache_loc = torch.cat([slots, slots.new_zeros(pad)])
     s["backend"].init_forward_metadata(fb)
     off = 0
     for r, p, n in zip(reqs, prefix, new):
@@ -55,10 +58,10 @@ def _extend(s, reqs, prefix, new):
         s["lens"][r], s["start"][r] = p + n, p
         off += n
     for layer in s["layers"]:
-        q = torch.randn(sum(new), HQ * D, generator=s["gen"]).to(torch.bfloat16)
-        k = torch.randn(sum(new), HKV * D, generator=s["gen"]).to(torch.bfloat16)
-        v = torch.randn(sum(new), HKV * D, generator=s["gen"]).to(torch.bfloat16)
-        layer(q, k, v, fb)
+        q = torch.randn(sum(new) + pad, HQ * D, generator=s["gen"]).to(torch.bfloat16)
+        k = torch.randn(sum(new) + pad, HKV * D, generator=s["gen"]).to(torch.bfloat16)
+        v = torch.randn(sum(new) + pad, HKV * D, generator=s["gen"]).to(torch.bfloat16)
+        assert layer(q, k, v, fb).shape == (sum(new) + pad, HQ * D)
         off = 0
         for r, p, n in zip(reqs, prefix, new):
             for j in range(n):
@@ -102,17 +105,23 @@ def _decode(s, reqs):
     return checked
 
 
-def test_decode_reads_the_window_exactly(s):
+@pytest.mark.parametrize("pad", [0, 5], ids=["exact", "padded"])
+def test_decode_reads_the_window_exactly(s, pad):
+    """pad 5: every extend comes padded as under piecewise CUDA graphs; the padding rows must reach no
+    ring row (a padding row's ring write would break the exact window that decode is checked against)."""
     assert s["backend"].window == W and s["pool"].window_requests == 2
     assert s["pool"].ring_k[0] is None and s["pool"].ring_k[1].shape == (2 * W, HKV, D)
     r2t = s["runner"].req_to_token_pool.req_to_token
-    _extend(s, [0], [0], [10])                         # a prompt: positions 6..9 go to the ring
+    _extend(s, [0], [0], [10], pad)                    # a prompt: positions 6..9 go to the ring
     r2t[1, :8] = r2t[0, :8]                            # req 1: radix hit on req 0's first 8 tokens
-    _extend(s, [1, 2], [8, 0], [2, 5])                 # req 2: beyond the ring's 2 requests
+    _extend(s, [1, 2], [8, 0], [2, 5], pad)            # req 2: beyond the ring's 2 requests
+    if pad:
+        assert s["backend"]._window_md["rows"].shape == (7 + pad,)
+        assert (s["backend"]._window_md["rows"][7:] == -1).all()
     assert s["pool"].window_start[:2].tolist() == [0, 8]
     for _ in range(6):                                 # ring rows wrap around; req 1's window grows from 8
         assert _decode(s, [0, 1, 2]) == 3 * (NUM_LAYERS - 1)
-    _extend(s, [0], [16], [1])                         # a 1-token extend resets req 0's start to 16
+    _extend(s, [0], [16], [1], pad)                    # a 1-token extend resets req 0's start to 16
     assert s["pool"].window_start[0].item() == 16
     _decode(s, [0])
 
