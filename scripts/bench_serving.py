@@ -39,8 +39,9 @@ CONFIGS = {
 }
 
 
-# "<config>+pw": the config with SGLang's piecewise CUDA graphs for prefill (off by default with turboquant)
-MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"]}
+# "<config>+nopw": the config without SGLang's piecewise CUDA graphs for prefill (on by default, also with
+# turboquant since the ninth session); "+pw": with them wherever SGLang would turn them off
+MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"], "nopw": ["--disable-piecewise-cuda-graph"]}
 
 
 def tq_args(preset):

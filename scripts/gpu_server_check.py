@@ -238,8 +238,9 @@ def smollm2_servers(a, base, out):
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("turbo4_nograph", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-cuda-graph"]),
-            # prefill through SGLang's piecewise CUDA graphs (padded token counts; off by default)
-            ("turbo4_pw", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--enforce-piecewise-cuda-graph"]),
+            # prefill without SGLang's piecewise CUDA graphs (on by default since the ninth session; with
+            # them, the attention sees token counts padded to a captured size)
+            ("turbo4_nopw", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-piecewise-cuda-graph"]),
             ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"]),
             # perplexity only (prefill): no CUDA graphs, whose capture took minutes for the mixed-format plan
             ("turbo4_boundary2", ["--attention-backend", "turboquant", "--tq-config", boundary2, "--disable-cuda-graph"]),
@@ -324,8 +325,8 @@ def smollm2_summary(res, heldout=True):
             summ[f"ppl_heldout_{name}"] = r["ppl_heldout"]["ppl"]
     if "alone" in t4 and "alone" in res.get("turbo4_nograph", {}):
         summ["graphs_on_vs_off_identical"] = identical(t4["alone"], res["turbo4_nograph"]["alone"])
-    if "alone" in t4 and "alone" in res.get("turbo4_pw", {}):
-        summ["piecewise_vs_default_identical"] = identical(t4["alone"], res["turbo4_pw"]["alone"])
+    if "alone" in t4 and "alone" in res.get("turbo4_nopw", {}):
+        summ["piecewise_vs_eager_prefill_identical"] = identical(t4["alone"], res["turbo4_nopw"]["alone"])
     if "alone" in t4 and "alone" in res.get("turbo4_bf16keys", {}):
         summ["int8_vs_bf16_keys_identical"] = identical(t4["alone"], res["turbo4_bf16keys"]["alone"])
     for name, r in res.items():

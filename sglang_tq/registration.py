@@ -5,10 +5,11 @@ hook (`sglang_tq._autoload`) right after the SGLang module it patches has execut
 
 1. `sglang.srt.server_args`: `add_attention_backend_choices(["turboquant"])` so argparse accepts
    `--attention-backend turboquant` (and the deterministic-inference list, so that
-   `--enable-deterministic-inference` accepts it too); wraps `ServerArgs._handle_piecewise_cuda_graph` (piecewise CUDA
-   graphs for extend are switched off with turboquant, logged) and `ServerArgs.__post_init__` (startup
+   `--enable-deterministic-inference` accepts it too); wraps `ServerArgs.__post_init__` (startup
    checks of `compat.check_server_args`: unsupported set-ups and a bad TurboQuant config fail in the
-   main process, before any weight loads).
+   main process, before any weight loads). SGLang's piecewise CUDA graphs for prefill stay as SGLang
+   sets them (on by default): attention runs eagerly between the graph pieces, and the backend leaves
+   the padded token rows out of the recent window's ring.
 2. `sglang.srt.layers.attention.attention_registry`: `@register_attention_backend("turboquant")`.
 3. `sglang.srt.model_executor.model_runner_kv_cache_mixin.ModelRunnerKVCacheMixin`:
    `get_cell_size_per_token` returns the real packed bytes/token of the layers this rank holds (so
@@ -49,36 +50,16 @@ def install_server_args(mod) -> None:
     SA = mod.ServerArgs
     if getattr(SA, _MARK, False):
         return
-    orig_pw = SA._handle_piecewise_cuda_graph
     orig_post = SA.__post_init__
-
-    @functools.wraps(orig_pw)
-    def _handle_piecewise_cuda_graph(self):
-        orig_pw(self)
-        _disable_piecewise(self)
 
     @functools.wraps(orig_post)
     def __post_init__(self):
         orig_post(self)
         if uses_turboquant(self):
-            _disable_piecewise(self)
             check_server_args(self)
 
-    SA._handle_piecewise_cuda_graph = _handle_piecewise_cuda_graph
     SA.__post_init__ = __post_init__
     setattr(SA, _MARK, True)
-
-
-def _disable_piecewise(server_args) -> None:
-    """Piecewise CUDA graphs for extend pad q/k/v and out_cache_loc to the captured token count (the
-    attention itself runs eagerly between the graph pieces). Off by default with turboquant;
-    `--enforce-piecewise-cuda-graph` keeps them on (the backend leaves the padding rows out of the
-    recent window's ring)."""
-    if getattr(server_args, "enforce_piecewise_cuda_graph", False):
-        return
-    if uses_turboquant(server_args) and not getattr(server_args, "disable_piecewise_cuda_graph", True):
-        logger.info("TurboQuant: disabling piecewise CUDA graphs for extend (decode CUDA graphs stay on)")
-        server_args.disable_piecewise_cuda_graph = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +154,6 @@ def install_mixin(mod) -> None:
         if not _runner_uses_tq(self):
             return orig_init(self)
         check_runner(self)
-        _disable_piecewise(self.server_args)
         from sglang_tq.pool import TQTokenToKVPool
 
         plan = runner_plan(self)

@@ -238,7 +238,9 @@ def test_server_check_eval_stage(server, tmp_path, monkeypatch):
 
 
 def test_bench_serving_config_args():
-    """Config names: baseline entries, TurboQuant presets, and "+pw" (piecewise CUDA graphs for prefill)."""
+    """Config names: baseline entries, TurboQuant presets, "+pw" / "+nopw" (piecewise CUDA graphs for
+    prefill forced on / off)."""
+    assert bench_serving.config_args("bf16+nopw") == ["--attention-backend", "triton", "--disable-piecewise-cuda-graph"]
     assert bench_serving.config_args("fp8") == ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"]
     assert bench_serving.config_args("turbo4+pw") == ["--attention-backend", "turboquant", "--tq-config", "turbo4",
                                                       "--enforce-piecewise-cuda-graph"]

@@ -56,8 +56,11 @@ def test_server_args_main_process(tmp_path):
     model = write_hf_config(tmp_path)
     with env(SGLANG_TQ_CONFIG=None):
         sa = _server_args(model)
-    assert sa.disable_piecewise_cuda_graph is True and sa.attention_backend == "turboquant"
-    with env(SGLANG_TQ_CONFIG=None):  # SGLang's --enforce-piecewise-cuda-graph keeps them on
+    assert sa.attention_backend == "turboquant"
+    with env(SGLANG_TQ_CONFIG=None):  # piecewise CUDA graphs for prefill: as SGLang decides for BF16 KV
+        for kw in ({}, dict(enforce_piecewise_cuda_graph=True), dict(disable_piecewise_cuda_graph=True)):
+            bf16 = _server_args(model, attention_backend="triton", **kw).disable_piecewise_cuda_graph
+            assert _server_args(model, **kw).disable_piecewise_cuda_graph is bf16
         assert _server_args(model, enforce_piecewise_cuda_graph=True).disable_piecewise_cuda_graph is False
     with env(SGLANG_TQ_CONFIG=None):  # other backends untouched
         assert _server_args(model, attention_backend="triton").attention_backend == "triton"
