@@ -62,7 +62,15 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
 
 
-@triton.jit
+# num_splits is never specialized: Triton compiles an int argument equal to 1 (and one divisible by 16)
+# as a separate variant. The CUDA graphs capture batches up to --cuda-graph-max-bs, whose split counts
+# are above 1. Larger batches run eagerly, and from B x H_kv >= 16 x SMs on (264 requests with 8 KV
+# heads on 132 SMs) with 1 split (`choose_num_splits`): the first of them would have compiled both
+# kernels again while serving, with every request waiting.
+_SPLITS_ARG = ["num_splits"]
+
+
+@triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, kv_indptr, kv_indices, num_splits,
@@ -339,7 +347,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i
     return m_i, l_i, a0, a1, a2, a3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                           kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
@@ -548,7 +556,7 @@ def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, w
     tl.store(pl_ptr + b * pl_b + heads * pl_h + sid, lse, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
                    kv_indptr, wlo_ptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
                    BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr,

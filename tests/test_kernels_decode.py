@@ -1,5 +1,6 @@
 """Triton split-K decode attention against the PyTorch reference (codec + plain softmax attention on
 the dequantized K/V). Run on CPU with TRITON_INTERPRET=1; unchanged on a GPU."""
+import os
 import zlib
 
 import pytest
@@ -522,3 +523,21 @@ def test_register_lut_i8_formats():
                      (F(128, 4, outlier_channels=32, outlier_bits=5), False)]:
         kc, _ = make_codecs(fmt, fmt)
         assert bool(register_lut_i8_asm(fmt, kernel_tables(kc, "cpu")["centroids"])) == has, fmt
+
+
+def test_split_count_is_not_specialized():
+    """Triton compiles an int argument equal to 1 as its own variant. CUDA graphs capture batches whose
+    split counts are above 1; the eager batches above --cuda-graph-max-bs get 1 split. With num_splits
+    specialized, the first such batch compiled stage 1 and stage 2 again while the server waited, so
+    every decode kernel takes num_splits as a plain int (checked on the JIT functions, outside the
+    interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("from tq_kernels import decode as d\n"
+            "for k in (d._decode_stage1, d._decode_stage1_sliced, d._decode_stage2):\n"
+            "    assert [p.name for p in k.params if p.do_not_specialize] == ['num_splits'], k\n"
+            "assert d.choose_num_splits(300, 8, 17408, 132) == 1  # an eager batch: one split\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
