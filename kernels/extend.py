@@ -47,7 +47,8 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
                    out_ptr, out_t, out_h,
-                   G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
                    K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -58,19 +59,31 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
                    V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
                    V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
                    V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+    # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
+    # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
+    # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
     i = tl.program_id(0)
     h = tl.program_id(1)
     mb = tl.program_id(2)
+    BLOCK_T: tl.constexpr = BLOCK_M // BLOCK_G  # new tokens per program
     q0 = tl.load(qo_indptr + i)
     ext = tl.load(qo_indptr + i + 1) - q0
-    if mb * BLOCK_M >= ext:
+    if mb * BLOCK_T >= ext:
         return
-    hk = h // G
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < ext
+    if BLOCK_G == 1:
+        hk = h // G
+        head = h
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # each row's token in the sequence's new run
+        rmask = rows < ext
+    else:
+        r = tl.arange(0, BLOCK_M)
+        hk = h
+        head = h * G + r % BLOCK_G
+        rows = mb * BLOCK_T + r // BLOCK_G
+        rmask = (rows < ext) & (r % BLOCK_G < G)
     dk = tl.arange(0, K_D)
     dv = tl.arange(0, V_D)
-    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + h * qr_h
+    qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + head * qr_h
     q = (tl.load(qrow[:, None] + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
     sk = q  # unused unless PROD keys
     if K_QJLOFF >= 0:
@@ -98,7 +111,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
 
     # ---- new tokens (already rotated, unquantized), causal
     if CAUSAL:
-        hi = tl.minimum(ext, (mb + 1) * BLOCK_M)
+        hi = tl.minimum(ext, (mb + 1) * BLOCK_T)
     else:
         hi = ext
     for n0 in range(0, hi, BLOCK_N):
@@ -121,7 +134,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + h * out_h
+    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + head * out_h
     unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
@@ -138,7 +151,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
                      block_m: Optional[int] = None, block_n: int = 64, num_warps: Optional[int] = None,
                      num_stages: int = 2,
-                     use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None):
+                     use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
+                     gqa_pack: bool = False):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -153,6 +167,10 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     num_warps=None: 8 for block_m >= 128, else 4.
     (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
     GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28.)
+    gqa_pack: one program per (sequence, KV head) and block of new tokens, its rows covering the whole
+    query group (the group padded to a power of two, BLOCK_G; block_m // BLOCK_G tokens per program), so
+    the packed prefix is dequantized once per group instead of once per query head. Meant for short
+    extends over long prefixes (a chat turn over its cached history). Off by default: not yet timed.
     window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
     key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
     values as the codes give them back; k_old already centered, so k_mean applies to k_new only)."""
@@ -179,8 +197,11 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         max_extend_len = int((qo_indptr[1:] - qo_indptr[:-1]).max().item())
     if max_extend_len <= 0:
         return out
+    block_g = triton.next_power_of_2(G) if gqa_pack else 1
     if block_m is None:
         block_m = choose_block_m(n_seqs, h_q, max_extend_len, dev)
+    if block_m < block_g:
+        raise ValueError(f"block_m ({block_m}) must hold the padded query group ({block_g})")
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
@@ -202,7 +223,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
-    grid = (n_seqs, h_q, triton.cdiv(max_extend_len, block_m))
+    grid = (n_seqs, h_kv if gqa_pack else h_q, triton.cdiv(max_extend_len, block_m // block_g))
     mv, mv_scale = rotation_operand(vt, transposed=False)
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo,
@@ -213,7 +234,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, mv, out3,
         out3.stride(0), out3.stride(1),
-        G=G, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
+        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,

@@ -279,7 +279,8 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
 def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed):
     """One sequence's chunked-prefill continuation (a radix hit or the second chunk of a long prompt):
     `new` queries attend to `prefix` cached tokens plus, causally, to themselves. -> (ms of our extend
-    over the packed prefix, ms of SGLang's Triton extend over a BF16 prefix, or None)."""
+    over the packed prefix, ms of the same with GQA packing (`extend_attention(gqa_pack=True)`), ms of
+    SGLang's Triton extend over a BF16 prefix or None)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     n_slots = prefix + 1
@@ -294,19 +295,21 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed):
     out = torch.empty(new, hq, d, device=dev, dtype=torch.bfloat16)
     ours = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
                                           max_extend_len=new))
+    packed = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
+                                            max_extend_len=new, gqa_pack=True))
     del bufs
     try:
         from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     except Exception as e:  # noqa: BLE001 - the baseline is optional
         log(f"  sglang extend not available: {type(e).__name__}: {e}")
-        return ours, None
+        return ours, packed, None
     kb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
     vb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
     base = bench(lambda: extend_attention_fwd(q, k, v, out, kb, vb, qo, kvp, idx, None, True, None, new,
                                               1.0, 1.0, d ** -0.5))
     del kb, vb
     torch.cuda.empty_cache()
-    return ours, base
+    return ours, packed, base
 
 
 def run_compress(B, hkv, d, codec_name, seed, hq=None):
@@ -540,12 +543,14 @@ def main():
         hq, hkv, d = SHAPES["hd128"]
         for codec in codecs:
             try:
-                ours, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9)
+                ours, packed, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9)
             except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
                 log(f"  extend failed {codec} {pt}: {type(e).__name__}: {e}")
                 continue
-            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, ms=ours, sgl_triton_bf16=base))
-            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} ours {ours * 1e3:9.1f} us  SGLang triton BF16 "
+            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, ms=ours, ms_gqa_pack=packed,
+                                          sgl_triton_bf16=base))
+            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} ours {ours * 1e3:9.1f} us  "
+                f"gqa_pack {packed * 1e3:9.1f} us  SGLang triton BF16 "
                 + (f"{base * 1e3:9.1f} us  ratio {base / ours:.2f}x" if base else "-"))
 
     if args.out:

@@ -50,7 +50,8 @@ upload-b)
     [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
-    # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py): any of them, so
+    # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py, "extend": extend
+    # over a packed prefix with and without GQA packing): any of them, so
     # the step can be split over calls
     source scripts/gpu_env.sh
     PARTS=${KERNEL_PARTS:-tests,bench,sweep}
@@ -63,6 +64,12 @@ kernels)
         timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
             --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1
         grep -v "^    " "$W/bench.log" | tail -40
+    fi
+    if [[ $PARTS == *extend* ]]; then  # extend over a packed prefix, with and without GQA packing, vs SGLang's
+        # Triton extend over BF16: short chat turns over a long cached history, and long continuations
+        timeout 240 python3 scripts/bench_kernels.py --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
+            --extend 16384:32 16384:128 16384:512 8192:2048 8192:8192 --out "$W/extend" > "$W/extend.log" 2>&1
+        grep "extend" "$W/extend.log" | tail -8
     fi
     if [[ $PARTS == *step* ]]; then  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
         timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default merge_preload compress_const_bnd compress_const_select all_latency} --out "$W/step" \

@@ -71,6 +71,22 @@ def test_extend_matches_reference(case):
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
+PACK_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8",
+                                            "PROD3o-V4-d64-g3", "K4V2-d64-g4-cap-noncausal", "K4V4-d128-g4-bm128",
+                                            "K3V3-d64-g3-auto-blocks")]
+
+
+@pytest.mark.parametrize("case", PACK_CASES, ids=[c[0] for c in PACK_CASES])
+def test_extend_gqa_pack_matches_reference(case):
+    """gqa_pack: one program per KV head whose rows are (token, query head) pairs of the whole group
+    (groups of 3 padded to 4, of 8 with 4 tokens per 32-row program, of 1 as without packing)."""
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 1,
+                    gqa_pack=True)
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
 def test_extend_default_max_len():
     """max_extend_len computed by the launch function; one sequence with zero new tokens."""
     from tq_kernels.extend import extend_attention
