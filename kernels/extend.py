@@ -169,8 +169,10 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28.)
     gqa_pack: one program per (sequence, KV head) and block of new tokens, its rows covering the whole
     query group (the group padded to a power of two, BLOCK_G; block_m // BLOCK_G tokens per program), so
-    the packed prefix is dequantized once per group instead of once per query head. Meant for short
-    extends over long prefixes (a chat turn over its cached history). Off by default: not yet timed.
+    the packed prefix is dequantized once per group instead of once per query head: G times less
+    prefix work in all. Meant for many short extends over long prefixes at once (concurrent chat turns
+    over their cached histories); a lone one still waits for one program's pass over its prefix, which
+    is as long either way. Off by default: not yet timed.
     window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
     key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
     values as the codes give them back; k_old already centered, so k_mean applies to k_new only)."""

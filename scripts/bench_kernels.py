@@ -276,23 +276,25 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
     return ms
 
 
-def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed):
-    """One sequence's chunked-prefill continuation (a radix hit or the second chunk of a long prompt):
-    `new` queries attend to `prefix` cached tokens plus, causally, to themselves. -> (ms of our extend
+def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
+    """`seqs` sequences' chunked-prefill continuations (radix hits, or second chunks of long prompts):
+    each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
+    -> (ms of our extend
     over the packed prefix, ms of the same with GQA packing (`extend_attention(gqa_pack=True)`), ms of
     SGLang's Triton extend over a BF16 prefix or None)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
-    n_slots = prefix + 1
+    n_slots = seqs * prefix + 1
     bufs = random_packed(kfmt, vfmt, n_slots, hkv, seed)
     dev = "cuda"
-    idx = (torch.randperm(prefix, device=dev) + 1).to(torch.int64)
-    qo = torch.tensor([0, new], dtype=torch.int32, device=dev)
-    kvp = torch.tensor([0, prefix], dtype=torch.int32, device=dev)
-    q = torch.randn(new, hq, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(new, hkv, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(new, hkv, d, device=dev, dtype=torch.bfloat16)
-    out = torch.empty(new, hq, d, device=dev, dtype=torch.bfloat16)
+    idx = (torch.randperm(seqs * prefix, device=dev) + 1).to(torch.int64)
+    qo = (torch.arange(seqs + 1, device=dev) * new).to(torch.int32)
+    kvp = (torch.arange(seqs + 1, device=dev) * prefix).to(torch.int32)
+    T = seqs * new
+    q = torch.randn(T, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(T, hq, d, device=dev, dtype=torch.bfloat16)
     ours = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
                                           max_extend_len=new))
     packed = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
@@ -413,9 +415,10 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES))
     ap.add_argument("--window", type=int, default=0,
                     help="also time each point with a recent window of this many positions (server presets: 32)")
-    ap.add_argument("--extend", nargs="*", default=[], metavar="PREFIX:NEW",
+    ap.add_argument("--extend", nargs="*", default=[], metavar="PREFIX:NEW[:SEQS]",
                     help="also time extend over a packed prefix (chunked prefill / radix hit) against SGLang's "
-                         "Triton extend over a BF16 prefix, per codec, at (32, 8, 128)")
+                         "Triton extend over a BF16 prefix, per codec, at (32, 8, 128); SEQS sequences "
+                         "(default 1) of that shape in one call")
     args = ap.parse_args()
 
     import triton
@@ -539,17 +542,18 @@ def main():
 
     results["extend"] = []
     for pt in args.extend:
-        prefix, new = (int(x) for x in pt.split(":"))
+        prefix, new, *rest = (int(x) for x in pt.split(":"))
+        seqs = rest[0] if rest else 1
         hq, hkv, d = SHAPES["hd128"]
         for codec in codecs:
             try:
-                ours, packed, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9)
+                ours, packed, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
             except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
                 log(f"  extend failed {codec} {pt}: {type(e).__name__}: {e}")
                 continue
-            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, ms=ours, ms_gqa_pack=packed,
-                                          sgl_triton_bf16=base))
-            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} ours {ours * 1e3:9.1f} us  "
+            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, seqs=seqs, ms=ours,
+                                          ms_gqa_pack=packed, sgl_triton_bf16=base))
+            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {ours * 1e3:9.1f} us  "
                 f"gqa_pack {packed * 1e3:9.1f} us  SGLang triton BF16 "
                 + (f"{base * 1e3:9.1f} us  ratio {base / ours:.2f}x" if base else "-"))
 
