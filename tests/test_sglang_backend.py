@@ -377,3 +377,38 @@ def test_warm_extend_kernels_runs_each_variant_once(setup):
     assert runs == len(calls) == 6 and set(calls) == {(kf, vf, bm) for kf, vf in pairs for bm in (32, 64)}
     for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("from_cache", [False, True], ids=["fresh", "from-cache"])
+def test_padded_extend_equals_unpadded(setup, from_cache):
+    """Piecewise CUDA graphs (on by default) hand the attention q/k/v and out_cache_loc padded to a
+    captured token count: padding rows after the real tokens, their out_cache_loc 0 (SGLang's dummy
+    slot), extend_num_tokens still the real count. The real rows' outputs must equal an unpadded run's
+    (a radix-hit sequence and a fresh one, with and without prefill from the cache)."""
+    s = setup
+    runner, pool, backend = s["runner"], s["pool"], s["backend"]
+    r2t = runner.req_to_token_pool.req_to_token
+    prefix = runner.token_to_kv_pool_allocator.alloc(6)  # a cached prefix of 6 tokens (never slot 0)
+    r2t[7, :6] = prefix.to(r2t.dtype)
+    for layer in s["layers"]:
+        _, k, v = _qkv(s["gen"], 6)
+        pool.set_kv_buffer(layer, prefix, k.view(6, HKV, D), v.view(6, HKV, D))
+    new, pad = [5, 4], 7
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t[7, 6:11] = slots[:5].to(r2t.dtype)
+    r2t[4, :4] = slots[5:].to(r2t.dtype)
+    backend.prefill_from_cache = from_cache
+    try:
+        for layer in s["layers"][1:]:  # the quantized layers
+            q, k, v = _qkv(s["gen"], sum(new) + pad)
+            outs = []
+            for n_rows in (sum(new), sum(new) + pad):
+                fb = extend_batch(runner, [7, 4], [6, 0], new, slots, backend)
+                fb.out_cache_loc = torch.cat([slots, slots.new_zeros(n_rows - sum(new))])
+                backend.init_forward_metadata(fb)
+                outs.append(layer(q[:n_rows], k[:n_rows], v[:n_rows], fb))
+            assert outs[1].shape == (sum(new) + pad, HQ * D)
+            diff = (outs[0].float() - outs[1][:sum(new)].float()).abs().max().item()
+            assert diff == 0.0, f"layer {layer.layer_id}: {diff}"
+    finally:
+        backend.prefill_from_cache = False
