@@ -50,6 +50,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+); Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+    HAS_GDC = False
+
+
+def pdl_ok(device) -> bool:
+    """Programmatic dependent launch possible here: a CUDA device of sm_90 or newer, Triton with GDC,
+    not the interpreter (which has no PTX)."""
+    dev = torch.device(device)
+    return (HAS_GDC and not interpreting() and dev.type == "cuda"
+            and torch.cuda.get_device_capability(dev)[0] >= 9)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Triton path when the data is on CUDA or the Triton interpreter is on (CPU tensors)."""
     return t.is_cuda or interpreting()

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, fmt_constexprs, interpreting, kernel_tables, lut_width, next_pow2,
+from ._common import (LOG2E, fmt_constexprs, gdc_launch_dependents, gdc_wait, interpreting, kernel_tables,
+                      lut_width, next_pow2, pdl_ok,
                       online_softmax_step, softcap_log2, packed_tile_update, register_lut_i8_slices,
                       register_lut_slices, register_lut_slices3, register_poly_slices,
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
@@ -358,7 +359,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
                           K_I8: tl.constexpr, WIDE: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
-                          MV_SCALE: tl.constexpr,
+                          MV_SCALE: tl.constexpr, PDL: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                           K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                           K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -382,8 +383,13 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
+    if PDL:  # launched as a programmatic dependent of compress: stage 2 may launch now too; wait for
+        # compress's writes (the rotated query, the new token's ring row and codes) before reading them
+        gdc_launch_dependents()
     if WSIZE > 0:
         if sid == num_splits:  # the recent window's ring (`_ring_split`)
+            if PDL:
+                gdc_wait()
             _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, wbase_ptr,
                         rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                         G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, K_D, V_D)
@@ -399,6 +405,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
             tl.store(orow[:, None] + dv[None, :], tl.zeros((BLOCK_G, V_D), tl.float32).to(orow.dtype.element_ty),
                      mask=gmask[:, None])
         return
+    if PDL:
+        gdc_wait()
     qrow = qr_ptr + b * qr_b + heads * qr_h
     if K_I8:  # int8 scores (4-bit one-field keys): the query as int8 slices and a scale per row
         q0, q1, q2, q3, q_row_scale = query_slices_i8(qrow, gmask, q_scale, K_D)
@@ -560,7 +568,7 @@ def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, w
 def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_ptr, out_ptr, out_b, out_h,
                    kv_indptr, wlo_ptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
                    BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr,
-                   PRELOAD_M: tl.constexpr):
+                   PRELOAD_M: tl.constexpr, PDL: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
     CUDA graphs and sized for the longest context, so short sequences leave most splits empty) and,
     with a recent window (HAS_RING), of the ring's partial that stage 1 stored as split num_splits;
@@ -577,6 +585,8 @@ def _decode_stage2(po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, num_splits, mv_
         dv = tl.arange(0, V_D)
         mvt = tl.load(mv_ptr + dv[:, None] * V_D + dv[None, :])
     used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING), num_splits, BLOCK_N)
+    if PDL:  # a programmatic dependent of stage 1: M_v and the split count above did not need it
+        gdc_wait()
     po = po_ptr + b * po_b + heads * po_h
     pl = pl_ptr + b * pl_b + heads * pl_h
     out_rows = out_ptr + b * out_b + heads * out_h
@@ -711,6 +721,10 @@ KEY_INT8_MAX_REGISTERS = 168
 # 32 layers in one graph, K4V4 (32, 8, 128)) stage 2 went from 5.4 to 4.7 us at B=1, 1K and the layer
 # step from 17.1 to 16.4 us (B=8: 25.2 -> 24.4; B=64, 16K: 746.4 -> 745.7).
 MERGE_PRELOAD = True
+# Programmatic dependent launch of stage 1 (after compress) and stage 2 (after stage 1), sliced stage 1
+# only. Compiled for sm_90 and tested in the interpreter (where it is off), not timed yet: off
+# (scripts/bench_layer_step.py --variants pdl).
+PDL = False
 
 
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -730,7 +744,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      fused_merge: bool = False,
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
                      max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None,
-                     key_int8: Optional[bool] = None, merge_preload: Optional[bool] = None):
+                     key_int8: Optional[bool] = None, merge_preload: Optional[bool] = None,
+                     pdl: Optional[bool] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
@@ -769,6 +784,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     27.9 us at B=1, 1K): off by default.
     merge_preload (d_v <= 128; None: `MERGE_PRELOAD`): stage 2 loads M_v's signs whole, in bf16, before
     its merge instead of int8 chunks after it (`_decode_stage2`'s PRELOAD_M).
+    pdl (None: `PDL`; sliced stage 1 only, sm_90+): stage 1 and stage 2 launch as programmatic
+    dependents of the kernel before them, so they get on the SMs and run their prologue while it
+    finishes, then wait for its writes (`gdc_wait`). Pair it with compress_and_store(pdl_trigger=True).
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
     recent window's ring (exact bf16, rotated) instead of the codes; one more stage-1 program per
     (sequence, KV head) scores them and stores its partial after the splits' (the workspace needs
@@ -841,6 +859,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         qr = q_rotated.view(q_rotated.shape[0], h_q, kt["wt"].shape[1])
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
+    use_pdl = bool((PDL if pdl is None else pdl) and sliced and pdl_ok(dev))
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits + ring_parts)](
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], float(logit_cap) if use_cap else 1.0,
@@ -859,8 +878,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             K_POLY=k_poly, V_POLY=v_poly, K_I8=k_i8,
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
-            **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
+            PDL=use_pdl, **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
+            **({"launch_pdl": True} if use_pdl else {}),
         )
     else:
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
@@ -874,6 +894,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         vt["msign_bf16"] if preload_m else mv, out3, out3.stride(0), out3.stride(1), kv_indptr,
         plen if plen is not None else kv_indptr,
         G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale,
-        HAS_RING=window is not None, PRELOAD_M=preload_m, num_warps=4,
+        HAS_RING=window is not None, PRELOAD_M=preload_m, PDL=use_pdl, num_warps=4,
+        **({"launch_pdl": True} if use_pdl else {}),
     )
     return out

@@ -38,6 +38,8 @@ VARIANTS = {
     # stage 2 with M_v's bf16 signs loaded before the merge
     "merge_preload": ({}, dict(merge_preload=True)),
     "all_latency": (dict(constant_boundaries=True), dict(merge_preload=True)),
+    # programmatic dependent launch: stage 1 after compress, stage 2 after stage 1
+    "pdl": (dict(pdl_trigger=True), dict(pdl=True)),
 }
 
 

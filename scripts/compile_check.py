@@ -129,6 +129,20 @@ def main():
         jobs["decode-key-int8-poly"] = decode_job(128, key_int8=True, centroid_poly=True)
         jobs["decode-key-int8-window"] = decode_job(128, key_int8=True, window=win)
         jobs["decode-merge-preload"] = decode_job(128, window=win, merge_preload=True)
+
+        def pdl_job(fn):  # programmatic dependent launch: pdl_ok() is False off a GPU, so force it
+            def run():
+                saved = decode.pdl_ok, compress.pdl_ok
+                decode.pdl_ok = compress.pdl_ok = lambda device: True
+                try:
+                    return fn()
+                finally:
+                    decode.pdl_ok, compress.pdl_ok = saved
+            return run
+        jobs["decode-pdl-window"] = pdl_job(decode_job(128, window=win, pdl=True))
+        jobs["compress-pdl"] = pdl_job(lambda: compress.compress_and_store(
+            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
+            torch.arange(1, 9), kc, vc, *bufs, pdl_trigger=True))
         for bm, bn in ((64, 64), (32, 32), (64, 32), (128, 64)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),

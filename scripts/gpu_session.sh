@@ -73,7 +73,7 @@ kernels)
         grep "extend" "$W/extend.log" | tail -8
     fi
     if [[ $PARTS == *step* ]]; then  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
-        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default merge_preload compress_const_bnd compress_const_select all_latency} --out "$W/step" \
+        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default pdl} --out "$W/step" \
             > "$W/step.log" 2>&1; grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24
     fi
     if [[ $PARTS == *sweep* ]]; then

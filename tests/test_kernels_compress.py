@@ -156,7 +156,7 @@ def test_compress_ties_are_rare_but_tolerated():
 def test_compress_constant_tables_identical(kfmt, vfmt):
     """constant_boundaries / select_centroids change where the codebooks come from, not the arithmetic:
     every byte of codes and scales equals the default launch's, for each of the two and both (5-bit V
-    and the outlier V keep their gathers)."""
+    and the outlier V keep their gathers); so does the launch with pdl_trigger."""
     from tq_kernels.compress import compress_and_store
 
     gen = torch.Generator().manual_seed(11)
@@ -166,9 +166,11 @@ def test_compress_constant_tables_identical(kfmt, vfmt):
     v = torch.randn(N, H, vfmt.head_dim, generator=gen).to(DEV, torch.bfloat16)
     slots = random_slots(N, S, gen).to(DEV)
     out = []
-    for bnd, sel in ((False, False), (True, False), (False, True), (True, True)):
+    for bnd, sel, pdl in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                          (False, False, True)):  # last: pdl_trigger (lets a programmatic dependent start)
         bufs = alloc_cache(kfmt, vfmt, S, H, DEV, poison=False)
-        compress_and_store(k, v, slots, kc, vc, *bufs, constant_boundaries=bnd, select_centroids=sel)
+        compress_and_store(k, v, slots, kc, vc, *bufs, constant_boundaries=bnd, select_centroids=sel,
+                           pdl_trigger=pdl)
         out.append(bufs)
     for other in out[1:]:
         for a, b in zip(out[0], other):
