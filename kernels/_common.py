@@ -58,6 +58,13 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     HAS_GDC = False
 
 
+# Programmatic dependent launch in the decode step: stage 1 after compress, stage 2 after stage 1
+# (decode_attention(pdl=None) and compress_and_store(pdl_trigger=None) read it at call time). Compiled
+# for sm_90 and tested (the interpreter runs the default path), not timed yet: off
+# (scripts/bench_layer_step.py --variants pdl).
+PDL = False
+
+
 def pdl_ok(device) -> bool:
     """Programmatic dependent launch possible here: a CUDA device of sm_90 or newer, Triton with GDC,
     not the interpreter (which has no PTX)."""

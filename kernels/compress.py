@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import SQRT_PI_2, fmt_constexprs, gdc_launch_dependents, kernel_tables, pdl_ok, rotation_operand
 from .codec import FP16_MAX, TQCodec
 from .window import check_ring
@@ -243,7 +244,7 @@ def check_k_mean(k_mean, h: int, d: int, device):
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
                        *, k_mean=None, q=None, q_rot=None, ring=None, block_t: int = 16, num_warps: int = 4,
                        exact_rotation: bool = True, constant_boundaries: Optional[bool] = None,
-                       select_centroids: Optional[bool] = None, pdl_trigger: bool = False) -> None:
+                       select_centroids: Optional[bool] = None, pdl_trigger: Optional[bool] = None) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
     q [N, H_q, d_k] with q_rot (fp32, [N, H_q, d_k] or larger in dim 0, unit last stride): the same
@@ -260,8 +261,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     launch's dependent chain (its decode-step cost is latency; for K4V4 at d 128 the sm_90 build goes
     from 70 to ~40 / 8 global loads, the selects add ~480 FSEL per thread). Same codes and scales.
     None: `CONSTANT_BOUNDARIES` / `SELECT_CENTROIDS` (off: no faster on an H200, ninth session).
-    pdl_trigger (sm_90+): let the next kernel, launched as a programmatic dependent (the decode's
-    stage 1 with decode_attention(pdl=True)), start while this one runs."""
+    pdl_trigger (sm_90+; None: `_common.PDL`): let the next kernel, launched as a programmatic
+    dependent (the decode's stage 1 with decode_attention(pdl=True)), start while this one runs."""
     n = k.shape[0]
     if n == 0:
         return
@@ -315,5 +316,5 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         HAS_KMU=kmu is not None, K_BND=k_bnd, K_CENT=k_cent, V_BND=v_bnd, V_CENT=v_cent, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
-        PDL_TRIGGER=bool(pdl_trigger and pdl_ok(k.device)),
+        PDL_TRIGGER=bool((_common.PDL if pdl_trigger is None else pdl_trigger) and pdl_ok(k.device)),
     )

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (LOG2E, fmt_constexprs, gdc_launch_dependents, gdc_wait, interpreting, kernel_tables,
                       lut_width, next_pow2, pdl_ok,
                       online_softmax_step, softcap_log2, packed_tile_update, register_lut_i8_slices,
@@ -721,10 +722,6 @@ KEY_INT8_MAX_REGISTERS = 168
 # 32 layers in one graph, K4V4 (32, 8, 128)) stage 2 went from 5.4 to 4.7 us at B=1, 1K and the layer
 # step from 17.1 to 16.4 us (B=8: 25.2 -> 24.4; B=64, 16K: 746.4 -> 745.7).
 MERGE_PRELOAD = True
-# Programmatic dependent launch of stage 1 (after compress) and stage 2 (after stage 1), sliced stage 1
-# only. Compiled for sm_90 and tested in the interpreter (where it is off), not timed yet: off
-# (scripts/bench_layer_step.py --variants pdl).
-PDL = False
 
 
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -784,7 +781,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     27.9 us at B=1, 1K): off by default.
     merge_preload (d_v <= 128; None: `MERGE_PRELOAD`): stage 2 loads M_v's signs whole, in bf16, before
     its merge instead of int8 chunks after it (`_decode_stage2`'s PRELOAD_M).
-    pdl (None: `PDL`; sliced stage 1 only, sm_90+): stage 1 and stage 2 launch as programmatic
+    pdl (None: `_common.PDL`; sliced stage 1 only, sm_90+): stage 1 and stage 2 launch as programmatic
     dependents of the kernel before them, so they get on the SMs and run their prologue while it
     finishes, then wait for its writes (`gdc_wait`). Pair it with compress_and_store(pdl_trigger=True).
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
@@ -859,7 +856,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         qr = q_rotated.view(q_rotated.shape[0], h_q, kt["wt"].shape[1])
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
-    use_pdl = bool((PDL if pdl is None else pdl) and sliced and pdl_ok(dev))
+    use_pdl = bool((_common.PDL if pdl is None else pdl) and sliced and pdl_ok(dev))
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits + ring_parts)](
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], float(logit_cap) if use_cap else 1.0,
