@@ -67,7 +67,7 @@ kernels)
     fi
     if [[ $PARTS == *extend* ]]; then  # extend over a packed prefix, with and without GQA packing, vs SGLang's
         # Triton extend over BF16: short chat turns over a long cached history, and long continuations
-        timeout 240 python3 scripts/bench_kernels.py --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
+        timeout 240 python3 scripts/bench_kernels.py --no-baselines --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
             --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 --out "$W/extend" \
             > "$W/extend.log" 2>&1
         grep "extend" "$W/extend.log" | tail -8
