@@ -92,6 +92,17 @@ def _no_compile(fn):
     return torch.compiler.disable(fn)
 
 
+def _model_logit_caps(model) -> tuple:
+    """(0.0,) plus one soft-capped value if any attention layer of `model` soft-caps its logits (the
+    extend kernel has one variant with and one without a cap, whatever its value)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    caps = {logit_capping_mod(m.logit_capping_method, m.logit_cap)
+            for m in (model.modules() if model is not None else ()) if isinstance(m, RadixAttention)}
+    capped = sorted(c for c in caps if c and c > 0)
+    return (0.0,) + tuple(capped[:1])
+
+
 def lowest_free_first(req_to_token_pool) -> None:
     """Make SGLang's req-to-token pool hand out its lowest free request index (it appends freed ones
     at the end and pops from the front, cycling through every index). The recent window's ring covers
@@ -155,7 +166,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             lowest_free_first(model_runner.req_to_token_pool)
         if (self.on_cuda and not skip_prefill
                 and os.environ.get(WARM_EXTEND_ENV, "1").strip().lower() not in ("0", "false", "no", "off")):
-            self.warm_extend_kernels(getattr(model_runner, "dtype", pool.model_dtype))
+            self.warm_extend_kernels(getattr(model_runner, "dtype", pool.model_dtype),
+                                     logit_caps=_model_logit_caps(getattr(model_runner, "model", None)))
 
     # ----------------------------------------------------------------------------------------
     # Metadata: the parent's on CUDA; the same tensors computed in torch elsewhere.
@@ -226,14 +238,14 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 if codec is not None:
                     kernel_tables(codec, self.device)
 
-    def warm_extend_kernels(self, dtype, block_ms=(64, 128)) -> int:
-        """Run the packed-prefix extend once per distinct (K format, V format) of the quantized layers and
-        per query-block size the automatic choice takes, on a 2-token prefill over a 1-token prefix (slot
-        0, SGLang's padding slot), so Triton compiles every variant before the first request. Only the
-        constexprs select a variant (formats, block size, window, causal, soft-cap; strides and the
-        index dtypes are the serving ones: the parent's own indptr buffers), so serving finds them all
-        compiled, except for a soft-capped model (compiled at its first hit). Writes no cache row.
-        Returns the number of runs."""
+    def warm_extend_kernels(self, dtype, block_ms=(64, 128), logit_caps=(0.0,)) -> int:
+        """Run the packed-prefix extend once per distinct (K format, V format) of the quantized layers,
+        per query-block size the automatic choice takes and per logit soft-cap the model's attention
+        layers use (0: none), on a 2-token prefill over a 1-token prefix (slot 0, SGLang's padding slot),
+        so Triton compiles every variant before the first request. Only the constexprs select a variant
+        (formats, block size, window, causal, soft-cap on or off; strides and the index dtypes are the
+        serving ones: the parent's own indptr buffers), so serving finds them all compiled. Writes no
+        cache row. Returns the number of runs."""
         pool, dev = self.tq_pool, self.device
         n_new, h_q, h_kv = 2, self.num_head, pool.head_num
         qo_indptr = self.qo_indptr[:2]
@@ -257,10 +269,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 from tq_kernels.window import ExtendWindow
                 extra["window"] = ExtendWindow(k, v, self.window)
             for block_m in block_ms:
-                self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
-                             qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, causal=True,
-                             max_extend_len=n_new, block_m=block_m, k_mean=pool.key_mean(lid), **extra)
-                runs += 1
+                for cap in logit_caps:
+                    self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
+                                 qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
+                                 causal=True, max_extend_len=n_new, block_m=block_m,
+                                 k_mean=None if cap else pool.key_mean(lid), **extra)
+                    runs += 1
         return runs
 
     def num_splits(self, bs: int) -> Optional[int]:

@@ -346,6 +346,16 @@ def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
         torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
 
 
+def test_model_logit_caps():
+    """The warm-up's soft-cap variants come from the model's attention layers."""
+    from sglang_tq.backend import _model_logit_caps
+
+    plain = torch.nn.ModuleList([RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(2)])
+    capped = torch.nn.ModuleList([RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0, logit_cap=30.0)])
+    assert _model_logit_caps(None) == (0.0,) and _model_logit_caps(plain) == (0.0,)
+    assert _model_logit_caps(capped) == (0.0, 30.0)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
 def test_warm_extend_kernels_runs_each_variant_once(setup):
@@ -363,18 +373,21 @@ def test_warm_extend_kernels_runs_each_variant_once(setup):
         out = ops.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
         assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
         assert qo.dtype == backend.qo_indptr.dtype and kvp.dtype == backend.kv_indptr.dtype
-        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"]))
+        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"]))
         return out
 
     saved = backend._extend
     backend._extend = recording
     try:
         runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
+        assert runs == len(calls) == 6
+        runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
     finally:
         backend._extend = saved
     pairs = {(pool.codecs(lid)[0].fmt, pool.codecs(lid)[1].fmt) for lid in range(NUM_LAYERS) if pool.is_quantized(lid)}
     assert len(pairs) == 3  # layers 1, 2, 3 of CFG: three different K/V format pairs
-    assert runs == len(calls) == 6 and set(calls) == {(kf, vf, bm) for kf, vf in pairs for bm in (32, 64)}
+    assert set(calls[:6]) == {(kf, vf, bm, 0.0) for kf, vf in pairs for bm in (32, 64)}
+    assert runs == 6 and set(calls[6:]) == {(kf, vf, 32, cap) for kf, vf in pairs for cap in (0.0, 30.0)}
     for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v")):
         assert torch.equal(a, b)
 
