@@ -877,7 +877,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
             PDL=use_pdl, **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
-            **({"launch_pdl": True} if use_pdl else {}),
+            launch_pdl=use_pdl,
         )
     else:
         _launch_stage1(qr, q_scale, use_cap, logit_cap, k_codes, k_scales, v_codes, v_scales, kt, vt, k_lut, v_lut,
@@ -891,7 +891,6 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         vt["msign_bf16"] if preload_m else mv, out3, out3.stride(0), out3.stride(1), kv_indptr,
         plen if plen is not None else kv_indptr,
         G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=block_n, MV_SCALE=mv_scale,
-        HAS_RING=window is not None, PRELOAD_M=preload_m, PDL=use_pdl, num_warps=4,
-        **({"launch_pdl": True} if use_pdl else {}),
+        HAS_RING=window is not None, PRELOAD_M=preload_m, PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
     )
     return out

@@ -83,15 +83,22 @@ def tq_layers(B, ctx, L, hq, hkv, d, codec, window, variant):
         decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
                          q_rotated=ws.q_rot, window=win, **dkw)
 
-    def step():
-        for bufs, ring in layers:
-            one(bufs, ring)
+    return (*time_layers(one, layers), ns)
 
-    us = bench(step) * 1e3 / L
+
+def time_layers(one, layers):
+    """(µs per layer of one step that runs `one(*layer)` for every layer, timed by `bench`; the kernel
+    times of the first layer's plain launches). Frees the layers' caches afterwards, before the next
+    system allocates its own."""
+    def step():
+        for layer in layers:
+            one(*layer)
+
+    us = bench(step) * 1e3 / len(layers)
     kern = kernel_times(lambda: one(*layers[0]))
-    layers.clear()  # free the caches before the next system allocates its own
+    layers.clear()
     torch.cuda.empty_cache()
-    return us, kern, ns
+    return us, kern
 
 
 def store_fn():
@@ -147,15 +154,7 @@ def fi_layers(B, ctx, L, hq, hkv, d, kv_dtype, store):
             vb.view(n_slots, hkv, d)[loc] = v.to(kv_dtype)
         w.run(q, (kb, vb), out=out)
 
-    def step():
-        for kb, vb in layers:
-            one(kb, vb)
-
-    us = bench(step) * 1e3 / L
-    kern = kernel_times(lambda: one(*layers[0]))
-    layers.clear()  # free the caches before the next system allocates its own
-    torch.cuda.empty_cache()
-    return us, kern
+    return time_layers(one, layers)
 
 
 def main():

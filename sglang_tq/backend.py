@@ -83,6 +83,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def _env_on(name: str) -> bool:
+    """A switch that is on unless set to 0 / false / no / off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _env_choice(name: str) -> Optional[bool]:
     """A switch whose absence means "the kernel's own choice": None if unset, else its flag value."""
     return _env_flag(name) if os.environ.get(name) else None
@@ -154,7 +159,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                                 or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.key_int8 = _env_choice(KEY_INT8_ENV)
-        self.plain_prefill = os.environ.get(PLAIN_PREFILL_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        self.plain_prefill = _env_on(PLAIN_PREFILL_ENV)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -164,8 +169,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self._window_md = None
         if self.window:
             lowest_free_first(model_runner.req_to_token_pool)
-        if (self.on_cuda and not skip_prefill
-                and os.environ.get(WARM_EXTEND_ENV, "1").strip().lower() not in ("0", "false", "no", "off")):
+        if self.on_cuda and not skip_prefill and _env_on(WARM_EXTEND_ENV):
             self.warm_extend_kernels(getattr(model_runner, "dtype", pool.model_dtype),
                                      logit_caps=_model_logit_caps(getattr(model_runner, "model", None)))
 
@@ -253,21 +257,23 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         qo_indptr.copy_(torch.tensor([0, n_new], dtype=qo_indptr.dtype))
         kv_indptr.copy_(torch.tensor([0, 1], dtype=kv_indptr.dtype))
         kv_indices = torch.zeros(1, dtype=torch.int64, device=dev)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(n_new, h_q, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+        k = torch.randn(n_new, h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+        v = torch.randn(n_new, h_kv, pool.v_head_dim, generator=gen).to(device=dev, dtype=dtype)
+        extra = {}
+        if self.prefill_from_cache and self.window:
+            from tq_kernels.window import ExtendWindow
+            extra["window"] = ExtendWindow(k, v, self.window)
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
+            if not quantized:
+                continue
             lid = pool.start_layer + i
-            kb, vb = pool.get_kv_buffer(lid) if quantized else (None, None)
-            if kb is None or (kb.codec.fmt, vb.codec.fmt) in seen:
+            kb, vb = pool.get_kv_buffer(lid)
+            if (kb.codec.fmt, vb.codec.fmt) in seen:
                 continue
             seen.add((kb.codec.fmt, vb.codec.fmt))
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            q = torch.randn(n_new, h_q, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
-            k = torch.randn(n_new, h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
-            v = torch.randn(n_new, h_kv, pool.v_head_dim, generator=gen).to(device=dev, dtype=dtype)
-            extra = {}
-            if self.prefill_from_cache and self.window:
-                from tq_kernels.window import ExtendWindow
-                extra["window"] = ExtendWindow(k, v, self.window)
             for block_m in block_ms:
                 for cap in logit_caps:
                     self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
