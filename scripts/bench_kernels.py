@@ -314,6 +314,53 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     return ours, packed, base
 
 
+def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
+    """One layer's attention work in a first prefill (no cached prefix) of `seqs` prompts of `length`
+    tokens, as the two servers run it -> dict of ms: BF16 KV stores the K/V rows into the pool and runs
+    SGLang's Triton extend; TurboQuant compresses them into the packed pool (and the last `window`
+    tokens of each prompt into the exact ring) and runs the same extend over the new bf16 K/V."""
+    from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+    from tq_kernels.window import RingWrite
+
+    dev = "cuda"
+    T = seqs * length
+    kfmt, vfmt = fmts(codec_name, d)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed)
+    n_slots = 2 * T + 1
+    bufs = random_packed(kfmt, vfmt, n_slots, hkv, seed)
+    slots = (torch.randperm(n_slots - 1, device=dev)[:T] + 1).to(torch.int64)
+    q = torch.randn(T, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(T, hq, d, device=dev, dtype=torch.bfloat16)
+    qo = (torch.arange(seqs + 1, device=dev) * length).to(torch.int32)
+    kvp = torch.zeros(seqs + 1, device=dev, dtype=torch.int32)
+    no_idx = torch.zeros(1, device=dev, dtype=torch.int64)
+    pos = torch.arange(T, device=dev) % length
+    rows = torch.where(pos >= length - window, (torch.arange(T, device=dev) // length) * window + pos % window, -1)
+    ring = RingWrite(torch.zeros(seqs * window, hkv, d, device=dev, dtype=torch.bfloat16),
+                     torch.zeros(seqs * window, hkv, d, device=dev, dtype=torch.bfloat16), rows.to(torch.int32))
+    kb = torch.zeros(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
+    vb = torch.zeros(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
+
+    def extend():
+        extend_attention_fwd(q, k, v, out, k, v, qo, kvp, no_idx, None, True, None, length, 1.0, 1.0, d ** -0.5)
+
+    def store_bf16():
+        kb[slots] = k
+        vb[slots] = v
+
+    def compress():
+        compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring)
+
+    res = dict(extend=bench(extend), store_bf16=bench(store_bf16), compress=bench(compress))
+    res["bf16_layer"] = bench(lambda: (store_bf16(), extend()))
+    res["tq_layer"] = bench(lambda: (compress(), extend()))
+    del bufs, kb, vb
+    torch.cuda.empty_cache()
+    return res
+
+
 def run_compress(B, hkv, d, codec_name, seed, hq=None):
     """compress_and_store of B new tokens; with hq (keys without QJL) also rotating the B decode
     queries, as the server's decode step does."""
@@ -419,6 +466,9 @@ def main():
                     help="also time extend over a packed prefix (chunked prefill / radix hit) against SGLang's "
                          "Triton extend over a BF16 prefix, per codec, at (32, 8, 128); SEQS sequences "
                          "(default 1) of that shape in one call")
+    ap.add_argument("--prefill", nargs="*", default=[], metavar="SEQS:LEN",
+                    help="also time one layer's first-prefill attention work (store + SGLang's Triton extend) "
+                         "with BF16 KV and with each codec's compress, at (32, 8, 128)")
     args = ap.parse_args()
 
     import triton
@@ -556,6 +606,21 @@ def main():
             log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {ours * 1e3:9.1f} us  "
                 f"gqa_pack {packed * 1e3:9.1f} us  SGLang triton BF16 "
                 + (f"{base * 1e3:9.1f} us  ratio {base / ours:.2f}x" if base else "-"))
+
+    results["prefill"] = []
+    for pt in args.prefill:
+        seqs, length = (int(x) for x in pt.split(":"))
+        hq, hkv, d = SHAPES["hd128"]
+        for codec in codecs:
+            try:
+                r = run_prefill(seqs, length, hq, hkv, d, codec, 11)
+            except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
+                log(f"  prefill failed {codec} {pt}: {type(e).__name__}: {e}")
+                continue
+            results["prefill"].append(dict(codec=codec, seqs=seqs, len=length, **r))
+            log(f"  prefill {codec:<8} {seqs} x {length}: per layer BF16 {r['bf16_layer'] * 1e3:8.1f} us "
+                f"(store {r['store_bf16'] * 1e3:.1f}, extend {r['extend'] * 1e3:.1f})  TQ {r['tq_layer'] * 1e3:8.1f} us "
+                f"(compress {r['compress'] * 1e3:.1f})")
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -40,6 +40,7 @@ VARIANTS = {
     "all_latency": (dict(constant_boundaries=True), dict(merge_preload=True)),
     # programmatic dependent launch: stage 1 after compress, stage 2 after stage 1
     "pdl": (dict(pdl_trigger=True), dict(pdl=True)),
+    "nopdl": (dict(pdl_trigger=False), dict(pdl=False)),  # the step before PDL was on by default
 }
 
 

@@ -15,9 +15,12 @@
 #        extend over a packed prefix) and a config sweep (B 1 / 32, 1K / 32K): no model needed
 #   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
 #        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
-#        time on GPU 1, so each card has its own turbo4; with 3+ GPUs bench_kernels (extend, decode) on GPU 2.
+#        time on GPU 1, so each card has its own turbo4; with 3 GPUs bench_kernels (extend, decode) on GPU 2;
+#        with 4 the `onebatch` runs of BF16 and turbo4 on GPUs 2 and 3, then the kernel tests on GPU 3
 #        SERVING_MODEL=/tmp/models/SmolLM2-135M-Instruct (after upload-a/b): the real-weights point
 #        (its context is 8K: e.g. SERVING_POINTS=1024:256:8,4096:256:64)
+#   4a. onebatch  carry .gpu_bundle .gpu_tok            scripts/bench_one_batch_tq.py, 8B shape: prefill and decode
+#        latencies of BF16 (triton) and turbo4 without a server, and the B=8 prefill's kernels (profiled)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -39,6 +42,28 @@ job() {  # job GPUS PORT LIMIT_S NAME SCRIPT ARGS...: scripts/SCRIPT on those GP
         --out "$W/$name" "$@" > "$W/$name.log" 2>&1
 }
 check() { job "$1" "$2" "$3" "$4" gpu_server_check.py "${@:5}"; }  # check GPUS PORT LIMIT_S NAME ARGS...
+dummy_8b() {  # the config-only Llama-3-8B-shape folder at /tmp/models/llama8b-shape (needs .gpu_tok)
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); import gpu_server_check as g; g.make_dummy_8b(g.tokenizer_dir(None))"
+}
+onebatch() {  # onebatch GPU NAME BACKEND-ARGS...: scripts/bench_one_batch_tq.py on the 8B shape, B 1 and 8
+    # x 1K (prefill and decode latencies without server or scheduler), then the B=8 prefill profiled and
+    # summarized by kernel (scripts/trace_summary.py; the trace itself is not kept)
+    local gpu=$1 name=$2; shift 2
+    local common=(--model-path /tmp/models/llama8b-shape --load-format dummy --grammar-backend none
+        --mem-fraction-static 0.8 --chunked-prefill-size 16384 --input-len 1024 --output-len 32)
+    CUDA_VISIBLE_DEVICES=$gpu timeout "${ONEBATCH_LIMIT_S:-240}" python3 scripts/bench_one_batch_tq.py "${common[@]}" \
+        --batch-size 1 8 --run-name "$name" --result-filename "$W/onebatch.jsonl" "$@" > "$W/onebatch_$name.log" 2>&1
+    mkdir -p "$W/trace_$name"
+    CUDA_VISIBLE_DEVICES=$gpu SGLANG_TORCH_PROFILER_DIR="$W/trace_$name" timeout "${ONEBATCH_LIMIT_S:-240}" \
+        python3 scripts/bench_one_batch_tq.py "${common[@]}" --batch-size 8 --profile --profile-stage prefill \
+        --run-name "${name}_profiled" --result-filename "$W/onebatch_profiled.jsonl" "$@" > "$W/onebatch_${name}_prof.log" 2>&1
+    python3 scripts/trace_summary.py "$W/trace_$name" > "$W/trace_$name.txt" 2>&1
+    rm -rf "$W/trace_$name"
+}
+kernel_tests() {  # the GPU kernel tests (about 3.5 minutes on an H200)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
+        tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
+}
 case "$STEP" in
 upload-a)
     mkdir -p /tmp/models && cp .gpu_model/a/* /tmp/models/ && ls -la /tmp/models && nvidia-smi -L ;;
@@ -51,15 +76,11 @@ upload-b)
         tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
     # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py, "extend": extend
-    # over a packed prefix with and without GQA packing): any of them, so
+    # over a packed prefix with and without GQA packing, and one layer's first-prefill work): any of them, so
     # the step can be split over calls
     source scripts/gpu_env.sh
     PARTS=${KERNEL_PARTS:-tests,bench,sweep}
-    if [[ $PARTS == *tests* ]]; then
-        timeout 240 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
-            tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
-        tail -15 "$W/tests.log"
-    fi
+    if [[ $PARTS == *tests* ]]; then kernel_tests; tail -15 "$W/tests.log"; fi
     if [[ $PARTS == *bench* ]]; then
         timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
             --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1
@@ -68,12 +89,12 @@ kernels)
     if [[ $PARTS == *extend* ]]; then  # extend over a packed prefix, with and without GQA packing, vs SGLang's
         # Triton extend over BF16: short chat turns over a long cached history, and long continuations
         timeout 240 python3 scripts/bench_kernels.py --no-baselines --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
-            --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 --out "$W/extend" \
-            > "$W/extend.log" 2>&1
-        grep "extend" "$W/extend.log" | tail -8
+            --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 \
+            --prefill ${PREFILL_POINTS:-1:1024 8:1024 4:4096 1:16384} --out "$W/extend" > "$W/extend.log" 2>&1
+        grep "extend\|prefill" "$W/extend.log" | tail -14
     fi
     if [[ $PARTS == *step* ]]; then  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
-        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default pdl} --out "$W/step" \
+        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default nopdl} --out "$W/step" \
             > "$W/step.log" 2>&1; grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24
     fi
     if [[ $PARTS == *sweep* ]]; then
@@ -139,14 +160,28 @@ timed)
     if [ "$NGPU" -ge 2 ]; then  # FP8 with its own turbo4 on a second card of the host, at the same time
         sleep 20; serve 1 30100 serving_fp8 "${SERVING_CONFIGS_2:-fp8,turbo4}" "$POINTS" &
     fi
-    if [ "$NGPU" -ge 3 ]; then  # kernels: extend over a packed prefix and two decode points
+    if [ "$NGPU" -ge 4 ]; then  # the two systems' model step without a server (GPUs 2, 3), then the kernel tests
+        dummy_8b
+        onebatch 2 bf16 --attention-backend triton &
+        (onebatch 3 turbo4 --attention-backend turboquant --tq-config turbo4; CUDA_VISIBLE_DEVICES=3 kernel_tests) &
+    elif [ "$NGPU" -ge 3 ]; then  # kernels: extend over a packed prefix and two decode points
         CUDA_VISIBLE_DEVICES=2 timeout "${KERNELS_LIMIT_S:-300}" python3 scripts/bench_kernels.py --batch 1 32 \
             --ctx 1024 32768 --codecs K4V4 --shapes hd128 --window 32 --extend 8192:8192 16384:2048 2048:512 \
             --out "$W/bench" > "$W/bench.log" 2>&1 &
     fi
     wait
     pack
-    tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25 ;;
+    tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
+    grep -h "latency\|throughput" "$W"/onebatch_*.log 2>/dev/null | grep -v "^ " | tail -24
+    head -14 "$W"/trace_*.txt 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
+onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
+    source scripts/gpu_env.sh
+    kill_gpu_procs
+    dummy_8b
+    onebatch 0 bf16 --attention-backend triton
+    onebatch 0 turbo4 --attention-backend turboquant --tq-config turbo4
+    pack
+    grep -h "latency\|throughput" "$W"/onebatch_*.log | tail -24; head -14 "$W"/trace_*.txt ;;
 *)
-    echo "usage: $0 kernels|upload-a|upload-b|checks|presets|eval|tp|timed" >&2; exit 2 ;;
+    echo "usage: $0 kernels|upload-a|upload-b|checks|presets|eval|tp|timed|onebatch" >&2; exit 2 ;;
 esac

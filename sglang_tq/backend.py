@@ -40,6 +40,7 @@ are Triton), with the same kv_indptr / kv_indices / qo_indptr as on GPU.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Optional
@@ -246,8 +247,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         """Run the packed-prefix extend once per distinct (K format, V format) of the quantized layers,
         per query-block size the automatic choice takes and per logit soft-cap the model's attention
         layers use (0: none), on a 2-token prefill over a 1-token prefix (slot 0, SGLang's padding slot),
-        so Triton compiles every variant before the first request. Only the constexprs select a variant
-        (formats, block size, window, causal, soft-cap on or off; strides and the index dtypes are the
+        with and without the query group packed into the rows, so Triton compiles every variant before
+        the first request. Only the constexprs select a variant (formats, block size, GQA packing,
+        window, causal, soft-cap on or off; strides and the index dtypes are the
         serving ones: the parent's own indptr buffers), so serving finds them all compiled. Writes no
         cache row. Returns the number of runs."""
         pool, dev = self.tq_pool, self.device
@@ -265,6 +267,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.prefill_from_cache and self.window:
             from tq_kernels.window import ExtendWindow
             extra["window"] = ExtendWindow(k, v, self.window)
+        # short runs pack the query group (tq_kernels.extend.choose_gqa_pack): a variant of its own
+        packings = (False,) if (self.batch_invariant or h_q == h_kv) else (False, True)
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
             if not quantized:
@@ -274,13 +278,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             if (kb.codec.fmt, vb.codec.fmt) in seen:
                 continue
             seen.add((kb.codec.fmt, vb.codec.fmt))
-            for block_m in block_ms:
-                for cap in logit_caps:
-                    self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
-                                 qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
-                                 causal=True, max_extend_len=n_new, block_m=block_m,
-                                 k_mean=None if cap else pool.key_mean(lid), **extra)
-                    runs += 1
+            for block_m, cap, pack in itertools.product(block_ms, logit_caps, packings):
+                self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
+                             qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
+                             causal=True, max_extend_len=n_new, block_m=block_m, gqa_pack=pack,
+                             k_mean=None if cap else pool.key_mean(lid), **extra)
+                runs += 1
         return runs
 
     def num_splits(self, bs: int) -> Optional[int]:
@@ -397,7 +400,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
-            **({"block_m": 64} if self.batch_invariant else {}),  # the automatic choice looks at the batch
+            # the automatic choices (block rows, GQA packing) look at the batch
+            **({"block_m": 64, "gqa_pack": False} if self.batch_invariant else {}),
             **extra,
         )
         return o

@@ -328,17 +328,17 @@ def test_decode_merge_preload(kfmt, vfmt, heads, lens, splits):
     (F(64, 3, qjl=True), F(64, 2), (9, 3), [40, 5], 5),
 ], ids=["K4V4-d128", "PROD3V2-d64"])
 def test_decode_pdl(kfmt, vfmt, heads, lens, splits):
-    """pdl=True: stage 1 and stage 2 launched as programmatic dependents, waiting (gdc_wait) before they
-    read what the kernel before them wrote. On an sm_90+ GPU this runs the PDL build (outside a graph
-    here, after ordinary launches); in the interpreter PDL is off (`pdl_ok`) and it is the default path.
-    Same result as the default and the reference."""
+    """pdl=True (the default on sm_90+): stage 1 and stage 2 launched as programmatic dependents,
+    waiting (gdc_wait) before they read what the kernel before them wrote. On an sm_90+ GPU this runs the
+    PDL build (outside a graph here, after ordinary launches); in the interpreter PDL is off (`pdl_ok`).
+    Same result as the reference and as pdl=False."""
     from tq_kernels._common import pdl_ok
 
     hq, hkv = heads
     if DEV == "cpu":
         assert not pdl_ok(DEV)
     out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 64, 0.0, 23, pdl=True)
-    base, _ = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 64, 0.0, 23)
+    base, _ = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 64, 0.0, 23, pdl=False)
     assert rel_err(out, ref) < TOL
     assert rel_err(out, base) < 1e-3
 

@@ -66,9 +66,18 @@ def _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, seed, dtype=torch.b
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_extend_matches_reference(case):
     name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()))
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()), gqa_pack=False)
     err = rel_err(out, ref)
     assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_choose_gqa_pack():
+    """Packed where the group's rows of the longest run fit one 128-row block (groups padded to 2^k)."""
+    from tq_kernels.extend import choose_gqa_pack
+
+    assert choose_gqa_pack(4, 32) and choose_gqa_pack(3, 32) and choose_gqa_pack(8, 16)
+    assert not choose_gqa_pack(4, 33) and not choose_gqa_pack(8, 17) and not choose_gqa_pack(4, 128)
+    assert not choose_gqa_pack(1, 1)  # nothing to share
 
 
 PACK_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8",

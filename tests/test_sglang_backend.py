@@ -360,8 +360,9 @@ def test_model_logit_caps():
                     reason="the Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
 def test_warm_extend_kernels_runs_each_variant_once(setup):
     """The start-up warm-up (run on CUDA in __init__) calls the Triton extend kernel once per distinct
-    (K format, V format) of the quantized layers and per block size, over slot 0, with the parent's own
-    indptr buffers (the dtypes serving passes), and leaves every cache row as it was."""
+    (K format, V format) of the quantized layers, per block size and with and without GQA packing (a
+    group of 3 here), over slot 0, with the parent's own indptr buffers (the dtypes serving passes),
+    and leaves every cache row as it was."""
     from tq_kernels import ops
 
     s = setup
@@ -373,21 +374,22 @@ def test_warm_extend_kernels_runs_each_variant_once(setup):
         out = ops.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
         assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
         assert qo.dtype == backend.qo_indptr.dtype and kvp.dtype == backend.kv_indptr.dtype
-        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"]))
+        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"], kw["gqa_pack"]))
         return out
 
     saved = backend._extend
     backend._extend = recording
     try:
         runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
-        assert runs == len(calls) == 6
+        assert runs == len(calls) == 12
         runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
     finally:
         backend._extend = saved
     pairs = {(pool.codecs(lid)[0].fmt, pool.codecs(lid)[1].fmt) for lid in range(NUM_LAYERS) if pool.is_quantized(lid)}
     assert len(pairs) == 3  # layers 1, 2, 3 of CFG: three different K/V format pairs
-    assert set(calls[:6]) == {(kf, vf, bm, 0.0) for kf, vf in pairs for bm in (32, 64)}
-    assert runs == 6 and set(calls[6:]) == {(kf, vf, 32, cap) for kf, vf in pairs for cap in (0.0, 30.0)}
+    assert set(calls[:12]) == {(kf, vf, bm, 0.0, p) for kf, vf in pairs for bm in (32, 64) for p in (False, True)}
+    assert runs == 12 and set(calls[12:]) == {(kf, vf, 32, cap, p) for kf, vf in pairs for cap in (0.0, 30.0)
+                                              for p in (False, True)}
     for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v")):
         assert torch.equal(a, b)
 
