@@ -16,7 +16,8 @@
 #   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
 #        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
 #        time on GPU 1, so each card has its own turbo4; with 3 GPUs bench_kernels (extend, decode) on GPU 2;
-#        with 4 the `onebatch` runs of BF16 and turbo4 on GPUs 2 and 3, then the kernel tests on GPU 3
+#        with 4 the `onebatch` runs of BF16 and turbo4 on GPUs 2 and 3, then the kernel tests on GPU 3, or, with
+#        SERVING_CONFIGS_3 / _4 set, two more serving runs there (GPU 3's after tests/test_plain_prefill.py)
 #        SERVING_MODEL=/tmp/models/SmolLM2-135M-Instruct (after upload-a/b): the real-weights point
 #        (its context is 8K: e.g. SERVING_POINTS=1024:256:8,4096:256:64)
 #   4a. onebatch  carry .gpu_bundle .gpu_tok            scripts/bench_one_batch_tq.py, 8B shape: prefill and decode
@@ -160,7 +161,13 @@ timed)
     if [ "$NGPU" -ge 2 ]; then  # FP8 with its own turbo4 on a second card of the host, at the same time
         sleep 20; serve 1 30100 serving_fp8 "${SERVING_CONFIGS_2:-fp8,turbo4}" "$POINTS" &
     fi
-    if [ "$NGPU" -ge 4 ]; then  # the two systems' model step without a server (GPUs 2, 3), then the kernel tests
+    if [ "$NGPU" -ge 4 ] && [ -n "${SERVING_CONFIGS_3:-}" ]; then  # more baselines, each card with its own turbo4
+        sleep 10; serve 2 30200 serving_3 "$SERVING_CONFIGS_3" "$POINTS" &
+        if [ -n "${SERVING_CONFIGS_4:-}" ]; then  # after the plain-prefill GPU tests (FA3 and Triton), ~40 s
+            (CUDA_VISIBLE_DEVICES=3 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_plain_prefill.py \
+                > "$W/plain_prefill_tests.log" 2>&1; serve 3 30300 serving_4 "$SERVING_CONFIGS_4" "$POINTS") &
+        fi
+    elif [ "$NGPU" -ge 4 ]; then  # the two systems' model step without a server (GPUs 2, 3), then the kernel tests
         dummy_8b
         onebatch 2 bf16 --attention-backend triton &
         (onebatch 3 turbo4 --attention-backend turboquant --tq-config turbo4; CUDA_VISIBLE_DEVICES=3 kernel_tests) &
@@ -172,6 +179,7 @@ timed)
     wait
     pack
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
+    tail -8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
     grep -h "latency\|throughput" "$W"/onebatch_*.log 2>/dev/null | grep -v "^ " | tail -24
     head -14 "$W"/trace_*.txt 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
 onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other

@@ -1,0 +1,73 @@
+"""The plain-prefill path of the backend (a batch without cached prefixes: attention over the new
+bf16 K/V only) on a GPU: FlashAttention-3 and SGLang's Triton extend against a torch reference, with
+q/k/v as strided views of one qkv projection, grouped queries, rows padded as a piecewise CUDA graph
+pads them (left untouched), and soft-capping. Those skip without CUDA (the FA3 case also without sm_90
+FA3); the choice of kernel is checked everywhere."""
+import types
+
+import pytest
+import torch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FA3 / Triton extend)")
+
+HQ, HKV, D = 8, 2, 128
+
+
+def _reference(q, k, v, lens, scale, cap):
+    out, a = [], 0
+    for n in lens:
+        qs, ks, vs = (t[a:a + n].float().transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        ks = ks.repeat_interleave(HQ // HKV, 0)
+        vs = vs.repeat_interleave(HQ // HKV, 0)
+        s = qs @ ks.transpose(1, 2) * scale
+        if cap:
+            s = cap * torch.tanh(s / cap)
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        out.append((s.softmax(-1) @ vs).transpose(0, 1))
+        a += n
+    return torch.cat(out)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["fa3", "triton"])
+@pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "softcap"])
+def test_plain_prefill_matches_reference(kernel, cap):
+    from sglang_tq.backend import TurboQuantAttnBackend, plain_prefill_fa3
+
+    dev = torch.device("cuda")
+    fa3 = plain_prefill_fa3(dev, kernel)
+    if kernel == "fa3" and fa3 is None:
+        pytest.skip("no FlashAttention-3 here (needs sm_90 and sgl-kernel's flash_attn)")
+    from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+
+    lens, pad = [37, 300, 1, 129], 11
+    T = sum(lens)
+    g = torch.Generator(device=dev).manual_seed(0)
+    qkv = torch.randn(T + pad, (HQ + 2 * HKV) * D, device=dev, dtype=torch.bfloat16, generator=g)
+    q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)  # strided views, as the model hands them over
+    qo = torch.zeros(len(lens) + 1, dtype=torch.int32, device=dev)
+    qo[1:] = torch.tensor(lens, device=dev).cumsum(0)
+    md = types.SimpleNamespace(qo_indptr=qo, kv_indptr=torch.zeros_like(qo), kv_indices=torch.zeros(1, dtype=torch.int64, device=dev),
+                               custom_mask=None, mask_indptr=None, max_extend_len=max(lens))
+    layer = types.SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, qk_head_dim=D,
+                                  v_head_dim=D, scaling=D ** -0.5, logit_capping_method="tanh", logit_cap=cap,
+                                  xai_temperature_len=-1)
+    backend = types.SimpleNamespace(forward_metadata=md, _fa3=fa3, _causal=lambda layer: True,
+                                    extend_attention_fwd=extend_attention_fwd)
+    o = torch.full((T + pad, HQ * D), 7.0, device=dev, dtype=torch.bfloat16)
+    ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer)
+    assert ret is o
+    ref = _reference(q.view(-1, HQ, D), k.view(-1, HKV, D), v.view(-1, HKV, D), lens, D ** -0.5, cap)
+    err = (o[:T].view(T, HQ, D).float() - ref).norm() / ref.norm()
+    assert err < 1e-2, f"{kernel}: rel err {err:.3e}"
+    assert torch.all(o[T:] == 7.0), "padded rows were written"
+
+
+def test_plain_prefill_choice():
+    """'triton' (or no Hopper GPU) means no FA3; anything but fa3 / triton is refused."""
+    from sglang_tq.backend import plain_prefill_fa3
+
+    assert plain_prefill_fa3("cuda", "triton") is None
+    assert plain_prefill_fa3("cpu", "fa3") is None
+    with pytest.raises(ValueError):
+        plain_prefill_fa3("cuda", "flashinfer")
