@@ -36,7 +36,8 @@ CONFIGS = {
     "bf16_flashinfer": ["--attention-backend", "flashinfer"],
     "fp8": ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"],
     "fp8_flashinfer": ["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"],
-    # FlashAttention-3 (SGLang's default backend on Hopper): its prefill is the fastest of the three
+    # FlashAttention-3 (SGLang's default backend on Hopper). Needs sgl-kernel with its FA3 ops: the offline
+    # bundle of these sessions has none ("Can not import FA3 in sgl_kernel"; tenth session)
     "bf16_fa3": ["--attention-backend", "fa3"],
     "fp8_fa3": ["--attention-backend", "fa3", "--kv-cache-dtype", "fp8_e4m3"],
 }

@@ -10,9 +10,8 @@ functions change:
   `compress_and_store` of the new tokens (if `save_kv_cache`), then `extend_attention` = queries
   attend to the dequantized prefix from the packed cache plus (causally) to the new tokens'
   unquantized K/V. A batch in which no sequence has a cached prefix (a first prefill chunk without
-  a radix hit) reads nothing from the cache: FlashAttention-3 (Hopper) or SGLang's own Triton extend
-  kernel runs it on the bf16 K/V (`SGLANG_TQ_PLAIN_PREFILL=0` turns that off,
-  `SGLANG_TQ_PLAIN_PREFILL_KERNEL=triton` keeps it on Triton).
+  a radix hit) reads nothing from the cache: SGLang's own Triton extend kernel runs it on the bf16 K/V
+  (`SGLANG_TQ_PLAIN_PREFILL=0` turns that off).
 * quantized layer, decode: `compress_and_store` of the new token, then `decode_attention` over the
   packed cache (split-K with a static per-batch-size split count and a preallocated
   `DecodeWorkspace` under CUDA graphs: no host syncs, static grid).
@@ -75,11 +74,6 @@ KEY_INT8_ENV = "SGLANG_TQ_KEY_INT8"
 # cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
 # bf16 K/V (same result up to rounding, BF16-KV prefill speed).
 PLAIN_PREFILL_ENV = "SGLANG_TQ_PLAIN_PREFILL"
-# Which kernel runs such a plain prefill: "fa3" (default where it exists: sgl-kernel's FlashAttention-3 on
-# sm_90, which SGLang's default BF16 backend on Hopper also uses) or "triton" (SGLang's Triton extend, the
-# kernel of `--attention-backend triton`). FA3 reads the strided q/k/v views as they come from the qkv
-# projection (no copies) and took prefill attention at 16K tokens from ~11 ms to a fraction of that.
-PLAIN_PREFILL_KERNEL_ENV = "SGLANG_TQ_PLAIN_PREFILL_KERNEL"
 # 0 = do not compile the packed-prefix extend kernel at start-up. Default 1: without it the first prefill
 # that hits the radix cache pays Triton's JIT for each variant (seen on an H200 as a 3 s stall of every
 # request then waiting, SmolLM2 at 4K prompts; the ninth session's serving run).
@@ -100,21 +94,11 @@ def _env_choice(name: str) -> Optional[bool]:
     return _env_flag(name) if os.environ.get(name) else None
 
 
-def plain_prefill_fa3(device, choice: Optional[str] = None):
-    """sgl-kernel's FlashAttention-3 varlen forward for plain prefills, or None: asked for "triton", not
-    a Hopper GPU (the bundled FA3 is built for sm_90), or sgl-kernel without it."""
-    choice = (choice if choice is not None else os.environ.get(PLAIN_PREFILL_KERNEL_ENV, "fa3")).strip().lower()
-    if choice not in ("fa3", "triton"):
-        raise ValueError(f"{PLAIN_PREFILL_KERNEL_ENV} must be fa3 or triton, got {choice!r}")
-    dev = torch.device(device)
-    if choice != "fa3" or dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
-        return None
-    try:
-        from sgl_kernel.flash_attn import flash_attn_varlen_func
-    except Exception as e:  # noqa: BLE001 - any import failure means: use the Triton kernel
-        logger.info("TurboQuant: FlashAttention-3 not available (%s); plain prefills use Triton", e)
-        return None
-    return flash_attn_varlen_func
+def _head_rows(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """x as [tokens, heads, dim] with unit stride along dim: a view where one exists (the strided q/k/v
+    slices of a qkv projection have one), else a copy."""
+    x = x.reshape(-1, heads, dim)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _no_compile(fn):
@@ -184,8 +168,6 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.key_int8 = _env_choice(KEY_INT8_ENV)
         self.plain_prefill = _env_on(PLAIN_PREFILL_ENV)
-        # batch-invariant runs keep the Triton kernel their results were validated with
-        self._fa3 = None if (self.batch_invariant or not self.on_cuda) else plain_prefill_fa3(self.device)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -441,24 +423,15 @@ class TurboQuantAttnBackend(TritonAttnBackend):
     def _plain_extend(self, q, k, v, o, layer):
         """Attention of new tokens without a cached prefix: nothing is read from the packed cache, and
         the rotation is orthogonal, so this is plain attention over the new bf16 K/V (key centering
-        only shifts each query's scores by a constant). FlashAttention-3 serves it on Hopper
-        (`plain_prefill_fa3`), else SGLang's own Triton extend kernel, so such a prefill runs as fast
-        as with BF16 KV; the K/V were already stored packed."""
+        only shifts each query's scores by a constant). SGLang's own Triton extend kernel serves it,
+        so such a prefill runs as fast as with BF16 KV; the K/V were already stored packed. The kernel
+        takes row and head strides, so q/k/v go in as the views of the qkv projection they are: no
+        copies (a copy of q was 2.5 ms of an 8B-shape 8 x 1K prefill on an H200, tenth session)."""
         md = self.forward_metadata
-        if self._fa3 is not None and getattr(layer, "xai_temperature_len", -1) <= 0:
-            # qo_indptr counts the real tokens only: rows a piecewise CUDA graph padded are not touched
-            self._fa3(q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
-                      k.view(-1, layer.tp_k_head_num, layer.qk_head_dim),
-                      v.view(-1, layer.tp_v_head_num, layer.v_head_dim),
-                      md.qo_indptr, md.qo_indptr, max_seqlen_q=md.max_extend_len, max_seqlen_k=md.max_extend_len,
-                      softmax_scale=layer.scaling, causal=self._causal(layer),
-                      softcap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap) or 0.0,
-                      out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim))
-            return o
-        k3 = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous()
-        v3 = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).contiguous()
+        k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
+        v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
         self.extend_attention_fwd(
-            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(), k3, v3,
+            _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim), k3, v3,
             o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             k3, v3,  # the prefix buffers: every prefix is empty, so the kernel reads none of them
             md.qo_indptr, md.kv_indptr, md.kv_indices, md.custom_mask, self._causal(layer), md.mask_indptr,

@@ -1,14 +1,14 @@
 """The plain-prefill path of the backend (a batch without cached prefixes: attention over the new
-bf16 K/V only) on a GPU: FlashAttention-3 and SGLang's Triton extend against a torch reference, with
-q/k/v as strided views of one qkv projection, grouped queries, rows padded as a piecewise CUDA graph
-pads them (left untouched), and soft-capping. Those skip without CUDA (the FA3 case also without sm_90
-FA3); the choice of kernel is checked everywhere."""
+bf16 K/V only, SGLang's Triton extend kernel) on a GPU against a torch reference: q/k/v go in as the
+strided views of one qkv projection they are (no copies), grouped queries, rows padded as a piecewise
+CUDA graph pads them (left untouched), soft-capping. Those cases skip without CUDA; the view helper is
+checked everywhere."""
 import types
 
 import pytest
 import torch
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FA3 / Triton extend)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SGLang's Triton extend)")
 
 HQ, HKV, D = 8, 2, 128
 
@@ -29,15 +29,11 @@ def _reference(q, k, v, lens, scale, cap):
 
 
 @needs_cuda
-@pytest.mark.parametrize("kernel", ["fa3", "triton"])
 @pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "softcap"])
-def test_plain_prefill_matches_reference(kernel, cap):
-    from sglang_tq.backend import TurboQuantAttnBackend, plain_prefill_fa3
+def test_plain_prefill_matches_reference(cap):
+    from sglang_tq.backend import TurboQuantAttnBackend
 
     dev = torch.device("cuda")
-    fa3 = plain_prefill_fa3(dev, kernel)
-    if kernel == "fa3" and fa3 is None:
-        pytest.skip("no FlashAttention-3 here (needs sm_90 and sgl-kernel's flash_attn)")
     from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
 
     lens, pad = [37, 300, 1, 129], 11
@@ -52,22 +48,27 @@ def test_plain_prefill_matches_reference(kernel, cap):
     layer = types.SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, qk_head_dim=D,
                                   v_head_dim=D, scaling=D ** -0.5, logit_capping_method="tanh", logit_cap=cap,
                                   xai_temperature_len=-1)
-    backend = types.SimpleNamespace(forward_metadata=md, _fa3=fa3, _causal=lambda layer: True,
+    backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True,
                                     extend_attention_fwd=extend_attention_fwd)
     o = torch.full((T + pad, HQ * D), 7.0, device=dev, dtype=torch.bfloat16)
     ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer)
     assert ret is o
     ref = _reference(q.view(-1, HQ, D), k.view(-1, HKV, D), v.view(-1, HKV, D), lens, D ** -0.5, cap)
     err = (o[:T].view(T, HQ, D).float() - ref).norm() / ref.norm()
-    assert err < 1e-2, f"{kernel}: rel err {err:.3e}"
+    assert err < 1e-2, f"rel err {err:.3e}"
     assert torch.all(o[T:] == 7.0), "padded rows were written"
 
 
-def test_plain_prefill_choice():
-    """'triton' (or no Hopper GPU) means no FA3; anything but fa3 / triton is refused."""
-    from sglang_tq.backend import plain_prefill_fa3
+def test_head_rows_views_without_copy():
+    """The strided slices of a qkv projection go to the kernel as views; a last dim that is not
+    unit-stride is made contiguous (the kernel assumes it)."""
+    from sglang_tq.backend import _head_rows
 
-    assert plain_prefill_fa3("cuda", "triton") is None
-    assert plain_prefill_fa3("cpu", "fa3") is None
-    with pytest.raises(ValueError):
-        plain_prefill_fa3("cuda", "flashinfer")
+    qkv = torch.randn(5, (HQ + 2 * HKV) * D)
+    q, k, _ = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+    for x, h in ((q, HQ), (k, HKV)):
+        r = _head_rows(x, h, D)
+        assert r.shape == (5, h, D) and r.data_ptr() == x.data_ptr() and r.stride(-1) == 1
+    t = torch.randn(5, D, HKV).transpose(1, 2)  # [5, HKV, D] with the last dim strided
+    r = _head_rows(t, HKV, D)
+    assert r.stride(-1) == 1 and torch.equal(r, t)
