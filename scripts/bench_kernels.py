@@ -354,6 +354,9 @@ def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
         compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring)
 
     res = dict(extend=bench(extend), store_bf16=bench(store_bf16), compress=bench(compress))
+    for bt, nw in ((32, 4), (64, 4), (64, 8)):  # larger token tiles: candidates for long prefills
+        res[f"compress_t{bt}w{nw}"] = bench(lambda: compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring,
+                                                                       block_t=bt, num_warps=nw))
     res["bf16_layer"] = bench(lambda: (store_bf16(), extend()))
     res["tq_layer"] = bench(lambda: (compress(), extend()))
     del bufs, kb, vb
@@ -620,7 +623,8 @@ def main():
             results["prefill"].append(dict(codec=codec, seqs=seqs, len=length, **r))
             log(f"  prefill {codec:<8} {seqs} x {length}: per layer BF16 {r['bf16_layer'] * 1e3:8.1f} us "
                 f"(store {r['store_bf16'] * 1e3:.1f}, extend {r['extend'] * 1e3:.1f})  TQ {r['tq_layer'] * 1e3:8.1f} us "
-                f"(compress {r['compress'] * 1e3:.1f})")
+                f"(compress {r['compress'] * 1e3:.1f}; tiles 32/64/64w8: {r['compress_t32w4'] * 1e3:.1f} / "
+                f"{r['compress_t64w4'] * 1e3:.1f} / {r['compress_t64w8'] * 1e3:.1f})")
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)

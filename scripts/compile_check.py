@@ -95,6 +95,9 @@ def main():
                 torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
                 torch.arange(1, 9), kc, vc, *bufs, q=torch.randn(8, hq, d, dtype=torch.bfloat16),
                 q_rot=torch.empty(8, hq, d))
+        jobs["compress-tile64"] = lambda: compress.compress_and_store(  # the long-prefill tile candidate
+            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
+            torch.arange(1, 9), kc, vc, *bufs, block_t=64, num_warps=8)
         jobs["compress-const"] = lambda: compress.compress_and_store(
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 9), kc, vc, *bufs, constant_boundaries=True, select_centroids=True)

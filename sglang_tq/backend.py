@@ -342,7 +342,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 rows = torch.cat([rows, rows.new_full((n_rows - n_tok,), -1)])
             # ring rows before this extend's tokens are not this sequence's (radix hit, retraction):
             # decode reads them from the codes
-            start[req_c[in_ring]] = fb.extend_prefix_lens.to(torch.int64)[in_ring].to(torch.int32)
+            # (requests outside the ring write row R, which nothing reads: no boolean index, no host sync)
+            start[torch.where(in_ring, req, R)] = fb.extend_prefix_lens.to(torch.int32)
             md = dict(rows=rows.to(torch.int32))
         self._window_fb, self._window_md = fb, md
         return md

@@ -31,7 +31,7 @@ its own heads of the `[num_layers, H_kv_total, head_dim]` file (`key_mean_heads`
 Recent window (`window: {tokens: W, requests: R}` in the config; `tq_kernels.window`): per quantized
 layer two bf16 rings `[R * W, H_kv, head_dim]` hold the exact rotated K/V of each request's last W
 positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `window_start` (int32
-[R]) the first position each request wrote there since its last extend. The attention backend
+[R + 1]) the first position each request wrote there since its last extend. The attention backend
 decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
 
 `self.dtype` is `torch.uint8` (never bf16) on purpose: models with a fused RoPE + KV-write path
@@ -225,8 +225,10 @@ class TQTokenToKVPool(KVCache):
                     self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=self.model_dtype, device=dev))
                     for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.ring_k, self.ring_v):
                         lst.append(None)
-            # first ring position of each request slot (set at its extends): decode never reads older rows
-            self.window_start = torch.zeros(max(self.window_requests, 1), dtype=torch.int32, device=dev)
+            # first ring position of each request slot (set at its extends): decode never reads older rows.
+            # Row R takes the writes of requests outside the ring (so the backend writes without a mask,
+            # and without the host sync a boolean index costs); nothing reads it.
+            self.window_start = torch.zeros(self.window_requests + 1, dtype=torch.int32, device=dev)
 
     def _load_key_means(self) -> List[Optional[torch.Tensor]]:
         """One fp32 [H_local, head_dim] device tensor per quantized local layer (None elsewhere)."""

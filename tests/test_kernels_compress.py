@@ -175,3 +175,25 @@ def test_compress_constant_tables_identical(kfmt, vfmt):
     for other in out[1:]:
         for a, b in zip(out[0], other):
             assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("block_t, num_warps", [(32, 4), (64, 8)])
+def test_compress_block_sizes_identical(block_t, num_warps):
+    """Larger token tiles (for long prefills: fewer programs, each loading the rotation once for more
+    rows) write every byte as the default 16-token tile does, with a last partial tile."""
+    from tq_kernels.compress import compress_and_store
+
+    kfmt, vfmt = VecFormat(128, 4), VecFormat(128, 4)
+    gen = torch.Generator().manual_seed(12)
+    kc, vc = make_codecs(kfmt, vfmt, seed=5)
+    N, H, S = 70, 2, 90
+    k = torch.randn(N, H, 128, generator=gen).to(DEV, torch.bfloat16)
+    v = torch.randn(N, H, 128, generator=gen).to(DEV, torch.bfloat16)
+    slots = random_slots(N, S, gen).to(DEV)
+    out = []
+    for bt, nw in ((16, 4), (block_t, num_warps)):
+        bufs = alloc_cache(kfmt, vfmt, S, H, DEV, poison=False)
+        compress_and_store(k, v, slots, kc, vc, *bufs, block_t=bt, num_warps=nw)
+        out.append(bufs)
+    for a, b in zip(*out):
+        assert torch.equal(a.cpu(), b.cpu())

@@ -118,7 +118,8 @@ def test_decode_reads_the_window_exactly(s, pad):
     if pad:
         assert s["backend"]._window_md["rows"].shape == (7 + pad,)
         assert (s["backend"]._window_md["rows"][7:] == -1).all()
-    assert s["pool"].window_start[:2].tolist() == [0, 8]
+    assert s["pool"].window_start[:2].tolist() == [0, 8]  # row 2 took req 2's write (no mask, no sync)
+    assert s["pool"].window_start.shape == (3,)
     for _ in range(6):                                 # ring rows wrap around; req 1's window grows from 8
         assert _decode(s, [0, 1, 2]) == 3 * (NUM_LAYERS - 1)
     _extend(s, [0], [16], [1], pad)                    # a 1-token extend resets req 0's start to 16
