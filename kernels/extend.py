@@ -42,13 +42,13 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: t
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, ko_ptr, vo_ptr, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
-                   out_ptr, out_t, out_h,
+                   out_ptr, out_t, out_h, ws_acc_ptr, ws_ml_ptr, ws_s, ws_t, ws_h, num_splits,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr,
+                   CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
                    K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -62,9 +62,17 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
     # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
+    # SPLIT (split-K over the prefix): axis 2 is (block of new tokens, split); split sp reads its share of
+    # the prefix, the last split also the new tokens, and each writes its unnormalized accumulator and
+    # (max, sum) to the workspace for _extend_merge_kernel.
     i = tl.program_id(0)
     h = tl.program_id(1)
-    mb = tl.program_id(2)
+    if SPLIT:
+        mb = tl.program_id(2) // num_splits
+        sp = tl.program_id(2) % num_splits
+    else:
+        mb = tl.program_id(2)
+        sp = 0
     BLOCK_T: tl.constexpr = BLOCK_M // BLOCK_G  # new tokens per program
     q0 = tl.load(qo_indptr + i)
     ext = tl.load(qo_indptr + i + 1) - q0
@@ -96,9 +104,15 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
     # ---- packed prefix: dequantized tile by tile in registers
     kv0 = tl.load(kv_indptr + i)
     pre = tl.load(kv_indptr + i + 1) - kv0
-    for n0 in range(0, pre, BLOCK_N):
+    p_lo = 0
+    p_hi = pre
+    if SPLIT:  # whole BLOCK_N tiles per split
+        chunk = tl.cdiv(tl.cdiv(pre, num_splits), BLOCK_N) * BLOCK_N
+        p_lo = sp * chunk
+        p_hi = tl.minimum(pre, p_lo + chunk)
+    for n0 in range(p_lo, p_hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < pre
+        nmask = offs < p_hi
         slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc = packed_tile_update(
             q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
@@ -114,6 +128,8 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
         hi = tl.minimum(ext, (mb + 1) * BLOCK_T)
     else:
         hi = ext
+    if SPLIT:
+        hi = tl.where(sp == num_splits - 1, hi, 0)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < hi
@@ -133,9 +149,67 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + head * out_h
+    if SPLIT:
+        wrow = sp.to(tl.int64) * ws_s + (q0 + rows).to(tl.int64) * ws_t + head * ws_h
+        tl.store(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], acc, mask=rmask[:, None])
+        tl.store(ws_ml_ptr + wrow * 2, m_i, mask=rmask)
+        tl.store(ws_ml_ptr + wrow * 2 + 1, l_i, mask=rmask)
+    else:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + head * out_h
+        unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _extend_merge_kernel(ws_acc_ptr, ws_ml_ptr, ws_s, ws_t, ws_h, qo_indptr, n_seqs, num_splits, mv_ptr,
+                         out_ptr, out_t, out_h, V_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr):
+    """The splits' partial softmax states of BLOCK_R new tokens of one query head -> the normalized,
+    un-rotated output (log-sum-exp merge in base 2, as the partials were computed). Rows past the batch's
+    real tokens (piecewise-graph padding) are left untouched."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = tl.program_id(1)
+    rmask = rows < tl.load(qo_indptr + n_seqs)
+    dv = tl.arange(0, V_D)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, V_D), tl.float32)
+    for sp in range(num_splits):
+        wrow = sp * ws_s + rows.to(tl.int64) * ws_t + head * ws_h
+        m_s = tl.load(ws_ml_ptr + wrow * 2, mask=rmask, other=float("-inf"))
+        l_s = tl.load(ws_ml_ptr + wrow * 2 + 1, mask=rmask, other=0.0)
+        a_s = tl.load(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], mask=rmask[:, None], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        beta = tl.exp2(m_s - m_use)
+        l_sum = l_sum * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m = m_new
+    acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    orow = out_ptr + rows.to(tl.int64) * out_t + head * out_h
     unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
+
+
+# Split-K over the prefix chosen by `extend_attention(num_splits=None)` itself. Prepared (interpreter
+# tests, sm_90 compile), not timed yet: off, so None means 1 split (bench_kernels.py --extend times
+# explicit split counts).
+AUTO_SPLITS = False
+WORKSPACE_CAP_BYTES = 256 << 20
+
+
+def choose_extend_splits(programs: int, max_prefix_len: int, rows: int, heads: int, d_v: int, device,
+                         block_n: int = 64) -> int:
+    """Prefix splits for an extend whose grid has `programs` programs: enough to give the GPU two per SM
+    when the grid alone does not, each split at least 8 prefix tiles, at most 16, and the fp32
+    partials ([splits, rows, heads, d_v + 2]) within WORKSPACE_CAP_BYTES. 1 where the grid fills the
+    GPU: every program already walks the whole prefix once."""
+    sms = num_sms(device)
+    if programs >= sms or max_prefix_len < 16 * block_n:
+        return 1
+    want = min(triton.cdiv(2 * sms, max(programs, 1)), max_prefix_len // (8 * block_n), 16)
+    cap = WORKSPACE_CAP_BYTES // max(rows * heads * (d_v + 2) * 4, 1)
+    return int(max(1, min(want, cap)))
 
 
 def choose_block_m(n_seqs: int, h_q: int, max_extend_len: int, device) -> int:
@@ -161,7 +235,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      block_m: Optional[int] = None, block_n: int = 64, num_warps: Optional[int] = None,
                      num_stages: int = 2,
                      use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
-                     gqa_pack: Optional[bool] = None):
+                     gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
+                     max_prefix_len: Optional[int] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -182,6 +257,11 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     prefix work in all. Meant for many short extends over long prefixes at once (concurrent chat turns
     over their cached histories); a lone one still waits for one program's pass over its prefix, which
     is as long either way. None: `choose_gqa_pack` (on for short runs, where it was faster).
+    num_splits (split-K over the prefix, for grids too small to fill the GPU: a lone turn over a long
+    history): each of the splits walks its share of the prefix, the last one also the new tokens, into
+    fp32 partials that `_extend_merge_kernel` merges and un-rotates (one launch more). None: 1 while
+    AUTO_SPLITS is off, else `choose_extend_splits`, which needs max_prefix_len (the longest cached prefix
+    in the batch, a Python int the caller knows without a sync). Not timed yet.
     window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
     key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
     values as the codes give them back; k_old already centered, so k_mean applies to k_new only)."""
@@ -236,7 +316,18 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
-    grid = (n_seqs, h_kv if gqa_pack else h_q, triton.cdiv(max_extend_len, block_m // block_g))
+    blocks = triton.cdiv(max_extend_len, block_m // block_g)
+    heads_axis = h_kv if gqa_pack else h_q
+    if num_splits is None:
+        num_splits = (choose_extend_splits(n_seqs * heads_axis * blocks, max_prefix_len, T, h_q, d_v, dev, block_n)
+                      if AUTO_SPLITS and max_prefix_len is not None else 1)
+    num_splits = max(1, int(num_splits))
+    if num_splits > 1:  # fp32 partials: [splits, T, H_q] rows of d_v (accumulator) and 2 (max, sum)
+        ws_acc = torch.empty(num_splits, T, h_q, d_v, dtype=torch.float32, device=dev)
+        ws_ml = torch.empty(num_splits, T, h_q, 2, dtype=torch.float32, device=dev)
+    else:
+        ws_acc = ws_ml = out3
+    grid = (n_seqs, heads_axis, blocks * num_splits)
     mv, mv_scale = rotation_operand(vt, transposed=False)
     _extend_kernel[grid](
         qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo,
@@ -246,10 +337,15 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kt["centroids_bf16"], vt["centroids_bf16"],
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, mv, out3,
-        out3.stride(0), out3.stride(1),
-        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
+        out3.stride(0), out3.stride(1), ws_acc, ws_ml, T * h_q, h_q, 1, num_splits,
+        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=num_splits > 1,
+        USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,
     )
+    if num_splits > 1:
+        _extend_merge_kernel[(triton.cdiv(T, 32), h_q)](
+            ws_acc, ws_ml, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, mv, out3, out3.stride(0), out3.stride(1),
+            V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale, num_warps=4)
     return out

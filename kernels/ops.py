@@ -33,6 +33,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv
                                  sm_scale, logit_cap, out, window=kw.get("window"))
 
 
+def extend_auto_splits() -> bool:
+    """Whether the Triton extend chooses split-K over the prefix by itself (tq_kernels.extend.AUTO_SPLITS)."""
+    from . import extend
+    return bool(extend.AUTO_SPLITS)
+
+
 def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr, kv_indptr,
                      kv_indices, sm_scale, logit_cap=0.0, causal=True, out=None, **kw):
     if use_triton(k_codes):

@@ -43,6 +43,7 @@ from tq_kernels import reference
 from tq_kernels.codec import VecFormat
 from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms
 from tq_kernels.compress import compress_and_store
+from tq_kernels import extend as tq_extend
 from tq_kernels.extend import extend_attention
 from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
 
@@ -280,8 +281,9 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     """`seqs` sequences' chunked-prefill continuations (radix hits, or second chunks of long prompts):
     each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
     -> (ms of our extend
-    over the packed prefix, ms of the same with GQA packing (`extend_attention(gqa_pack=True)`), ms of
-    SGLang's Triton extend over a BF16 prefix or None)."""
+    over the packed prefix, ms of the same with GQA packing (`extend_attention(gqa_pack=True)`), ms with
+    split-K over the prefix {"auto": choose_extend_splits, "4": 4 splits}, ms of SGLang's Triton extend
+    over a BF16 prefix or None)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     n_slots = seqs * prefix + 1
@@ -299,19 +301,30 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
                                           max_extend_len=new))
     packed = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
                                             max_extend_len=new, gqa_pack=True))
+    # split-K over the prefix (prepared, off by default): the automatic choice switched on for this
+    # timing, and 4 splits; the automatic GQA packing either way
+    splits = {}
+    saved = tq_extend.AUTO_SPLITS
+    tq_extend.AUTO_SPLITS = True
+    try:
+        for name, ns in (("auto", None), ("4", 4)):
+            splits[name] = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
+                                                          max_extend_len=new, max_prefix_len=prefix, num_splits=ns))
+    finally:
+        tq_extend.AUTO_SPLITS = saved
     del bufs
     try:
         from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     except Exception as e:  # noqa: BLE001 - the baseline is optional
         log(f"  sglang extend not available: {type(e).__name__}: {e}")
-        return ours, packed, None
+        return ours, packed, splits, None
     kb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
     vb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
     base = bench(lambda: extend_attention_fwd(q, k, v, out, kb, vb, qo, kvp, idx, None, True, None, new,
                                               1.0, 1.0, d ** -0.5))
     del kb, vb
     torch.cuda.empty_cache()
-    return ours, packed, base
+    return ours, packed, splits, base
 
 
 def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
@@ -600,14 +613,16 @@ def main():
         hq, hkv, d = SHAPES["hd128"]
         for codec in codecs:
             try:
-                ours, packed, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
+                ours, packed, splits, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
             except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
                 log(f"  extend failed {codec} {pt}: {type(e).__name__}: {e}")
                 continue
             results["extend"].append(dict(codec=codec, prefix=prefix, new=new, seqs=seqs, ms=ours,
-                                          ms_gqa_pack=packed, sgl_triton_bf16=base))
+                                          ms_gqa_pack=packed, ms_split_auto=splits["auto"], ms_split4=splits["4"],
+                                          sgl_triton_bf16=base))
             log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {ours * 1e3:9.1f} us  "
-                f"gqa_pack {packed * 1e3:9.1f} us  SGLang triton BF16 "
+                f"gqa_pack {packed * 1e3:9.1f} us  split auto {splits['auto'] * 1e3:9.1f} / 4 {splits['4'] * 1e3:9.1f} us  "
+                f"SGLang triton BF16 "
                 + (f"{base * 1e3:9.1f} us  ratio {base / ours:.2f}x" if base else "-"))
 
     results["prefill"] = []

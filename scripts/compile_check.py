@@ -151,13 +151,19 @@ def main():
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
                 torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
                 torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
-                block_m=bm, block_n=bn)
+                block_m=bm, block_n=bn, gqa_pack=False)
         for bm in (64, 128):  # GQA packing (BLOCK_G rows per token)
             jobs[f"extend-gqa-pack-bm{bm}"] = lambda bm=bm: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
                 torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
                 torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
                 block_m=bm, block_n=64, gqa_pack=True)
+        for bm, pack in ((64, False), (128, True)):  # split-K over the prefix, and its merge launch
+            jobs[f"extend-split-bm{bm}{'-pack' if pack else ''}"] = lambda bm=bm, pack=pack: extend.extend_attention(
+                torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+                torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+                torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+                block_m=bm, block_n=64, gqa_pack=pack, num_splits=3)
         for job, fn in jobs.items():
             if a.filter and a.filter not in f"{name} {job}":
                 continue

@@ -276,6 +276,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             extra["window"] = ExtendWindow(k, v, self.window)
         # short runs pack the query group (tq_kernels.extend.choose_gqa_pack): a variant of its own
         packings = (False,) if (self.batch_invariant or h_q == h_kv) else (False, True)
+        # split-K over the prefix, where the kernel chooses it itself (tq_kernels.extend.AUTO_SPLITS)
+        splittings = (1, 2) if (getattr(self.ops, "extend_auto_splits", lambda: False)()
+                                and not self.batch_invariant) else (1,)
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
             if not quantized:
@@ -285,11 +288,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             if (kb.codec.fmt, vb.codec.fmt) in seen:
                 continue
             seen.add((kb.codec.fmt, vb.codec.fmt))
-            for block_m, cap, pack in itertools.product(block_ms, logit_caps, packings):
+            for block_m, cap, pack, splits in itertools.product(block_ms, logit_caps, packings, splittings):
                 self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                              qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
                              causal=True, max_extend_len=n_new, block_m=block_m, gqa_pack=pack,
-                             k_mean=None if cap else pool.key_mean(lid), **extra)
+                             k_mean=None if cap else pool.key_mean(lid),
+                             **({"num_splits": splits} if splits > 1 else {}), **extra)
                 runs += 1
         return runs
 
@@ -408,11 +412,18 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
+            max_prefix_len=self._max_prefix_len(forward_batch),  # for split-K over the prefix (host ints)
             # the automatic choices (block rows, GQA packing) look at the batch
-            **({"block_m": 64, "gqa_pack": False} if self.batch_invariant else {}),
+            **({"block_m": 64, "gqa_pack": False, "num_splits": 1} if self.batch_invariant else {}),
             **extra,
         )
         return o
+
+    @staticmethod
+    def _max_prefix_len(forward_batch) -> Optional[int]:
+        """The longest cached prefix of the extend batch, from SGLang's host-side lengths (None if absent)."""
+        lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+        return max(lens) if lens else None
 
     @staticmethod
     def _no_cached_prefix(forward_batch) -> bool:

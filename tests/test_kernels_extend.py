@@ -113,3 +113,61 @@ def test_extend_default_max_len():
     ref = reference.extend_attention(q.cpu(), kn.cpu(), vn.cpu(), *[b.cpu() for b in bufs], kc, vc, qo.cpu(),
                                      batch.kv_indptr.cpu(), batch.kv_indices.cpu(), 0.125)
     assert rel_err(out.cpu(), ref) < TOL
+
+
+SPLIT_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
+                                             "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix", "K4V4-d128-g4-bm128")]
+
+
+@pytest.mark.parametrize("splits, pack", [(2, False), (3, True)], ids=["2-splits", "3-splits-packed"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_extend_split_prefix_matches_reference(case, splits, pack):
+    """Split-K over the prefix: each split walks its tiles of the prefix (some none: prefixes shorter
+    than the splits' tiles, or none at all), the last one also the new tokens, and the merge launch
+    combines the partials; with and without GQA packing, PROD keys, outliers, soft-cap."""
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    if pack and bm is not None and bm < triton_next_pow2(hq // hkv):
+        pytest.skip("block too small for the packed group")
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 2,
+                    gqa_pack=pack, num_splits=splits)
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def triton_next_pow2(n):
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def test_extend_split_leaves_padding_rows():
+    """Rows past the batch's real tokens (a piecewise CUDA graph's padding) stay untouched by the merge."""
+    from tq_kernels.extend import extend_attention
+
+    gen = torch.Generator().manual_seed(3)
+    kfmt = vfmt = F(64, 4)
+    kc, vc = make_codecs(kfmt, vfmt)
+    bufs = alloc_cache(kfmt, vfmt, 200, 2, DEV)
+    batch = fill_random_kv([150], 2, kc, vc, bufs, gen, DEV)
+    n, pad = 9, 5
+    qo = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+    q = torch.randn(n + pad, 4, 64, generator=gen).to(DEV, torch.bfloat16)
+    kn = torch.randn(n + pad, 2, 64, generator=gen).to(DEV, torch.bfloat16)
+    vn = torch.randn(n + pad, 2, 64, generator=gen).to(DEV, torch.bfloat16)
+    out = torch.full((n + pad, 4, 64), 5.0, dtype=torch.bfloat16, device=DEV)
+    extend_attention(q, kn, vn, *bufs, kc, vc, qo, batch.kv_indptr, batch.kv_indices, 0.125, out=out,
+                     max_extend_len=n, block_m=32, block_n=32, num_splits=4)
+    ref = reference.extend_attention(q[:n].cpu(), kn[:n].cpu(), vn[:n].cpu(), *[b.cpu() for b in bufs], kc, vc,
+                                     qo.cpu(), batch.kv_indptr.cpu(), batch.kv_indices.cpu(), 0.125)
+    assert rel_err(out[:n].cpu().float(), ref.float()) < TOL
+    assert torch.all(out[n:].cpu() == 5.0)
+
+
+def test_choose_extend_splits():
+    """Splits only where the grid leaves SMs idle and the prefix is long; capped by the workspace."""
+    from tq_kernels import extend as ext
+
+    sms = ext.num_sms(DEV)
+    assert ext.choose_extend_splits(sms, 16384, 512, 32, 128, DEV) == 1          # the grid fills the GPU
+    assert ext.choose_extend_splits(1, 512, 32, 32, 128, DEV) == 1               # short prefix
+    s = ext.choose_extend_splits(max(sms // 4, 1), 16384, 512, 32, 128, DEV)
+    assert 2 <= s <= 16 and s <= 16384 // (8 * 64)
+    assert ext.choose_extend_splits(1, 1 << 20, 1 << 16, 32, 128, DEV) == 1     # partials over the cap
