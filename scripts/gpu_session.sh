@@ -21,7 +21,7 @@
 #        SERVING_MODEL=/tmp/models/SmolLM2-135M-Instruct (after upload-a/b): the real-weights point
 #        (its context is 8K: e.g. SERVING_POINTS=1024:256:8,4096:256:64)
 #   4a. onebatch  carry .gpu_bundle .gpu_tok            scripts/bench_one_batch_tq.py, 8B shape: prefill and decode
-#        latencies of BF16 (triton) and turbo4 without a server, and the B=8 prefill's kernels (profiled)
+#        latencies of BF16 (triton) and turbo4 without a server, and the B=1 / B=8 prefills' kernels (profiled)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -47,7 +47,7 @@ dummy_8b() {  # the config-only Llama-3-8B-shape folder at /tmp/models/llama8b-s
     python3 -c "import sys; sys.path.insert(0, 'scripts'); import gpu_server_check as g; g.make_dummy_8b(g.tokenizer_dir(None))"
 }
 onebatch() {  # onebatch GPU NAME BACKEND-ARGS...: scripts/bench_one_batch_tq.py on the 8B shape, B 1 and 8
-    # x 1K (prefill and decode latencies without server or scheduler), then the B=8 prefill profiled and
+    # x 1K (prefill and decode latencies without server or scheduler), then the B=1 and B=8 prefills profiled and
     # summarized by kernel (scripts/trace_summary.py; the trace itself is not kept)
     local gpu=$1 name=$2; shift 2
     local common=(--model-path /tmp/models/llama8b-shape --load-format dummy --grammar-backend none
@@ -56,7 +56,7 @@ onebatch() {  # onebatch GPU NAME BACKEND-ARGS...: scripts/bench_one_batch_tq.py
         --batch-size 1 8 --run-name "$name" --result-filename "$W/onebatch.jsonl" "$@" > "$W/onebatch_$name.log" 2>&1
     mkdir -p "$W/trace_$name"
     CUDA_VISIBLE_DEVICES=$gpu SGLANG_TORCH_PROFILER_DIR="$W/trace_$name" timeout "${ONEBATCH_LIMIT_S:-240}" \
-        python3 scripts/bench_one_batch_tq.py "${common[@]}" --batch-size 8 --profile --profile-stage prefill \
+        python3 scripts/bench_one_batch_tq.py "${common[@]}" --batch-size 1 8 --profile --profile-stage prefill \
         --run-name "${name}_profiled" --result-filename "$W/onebatch_profiled.jsonl" "$@" > "$W/onebatch_${name}_prof.log" 2>&1
     python3 scripts/trace_summary.py "$W/trace_$name" > "$W/trace_$name.txt" 2>&1
     rm -rf "$W/trace_$name"
@@ -181,7 +181,7 @@ timed)
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
     tail -8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
     grep -h "latency\|throughput" "$W"/onebatch_*.log 2>/dev/null | grep -v "^ " | tail -24
-    head -14 "$W"/trace_*.txt 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
+    head -30 "$W"/trace_*.txt 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
 onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
     source scripts/gpu_env.sh
     kill_gpu_procs
@@ -189,7 +189,7 @@ onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without 
     onebatch 0 bf16 --attention-backend triton
     onebatch 0 turbo4 --attention-backend turboquant --tq-config turbo4
     pack
-    grep -h "latency\|throughput" "$W"/onebatch_*.log | tail -24; head -14 "$W"/trace_*.txt ;;
+    grep -h "latency\|throughput" "$W"/onebatch_*.log | tail -24; head -30 "$W"/trace_*.txt ;;
 *)
     echo "usage: $0 kernels|upload-a|upload-b|checks|presets|eval|tp|timed|onebatch" >&2; exit 2 ;;
 esac
