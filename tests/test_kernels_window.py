@@ -106,8 +106,10 @@ def test_decode_window_matches_reference(kfmt, vfmt, heads, lens, wsize, lo_back
 
 
 @needs_triton
+@pytest.mark.parametrize("pack, splits", [(False, 1), (True, 1), (True, 3)],
+                         ids=["rows-per-head", "gqa-pack", "gqa-pack-split-prefix"])
 @pytest.mark.parametrize("wsize", [4, 16])
-def test_extend_window_matches_reference(wsize):
+def test_extend_window_matches_reference(wsize, pack, splits):
     from tq_kernels.extend import extend_attention
 
     gen = torch.Generator().manual_seed(11 + wsize)
@@ -129,7 +131,7 @@ def test_extend_window_matches_reference(wsize):
     kvp = torch.tensor([0, pre[0], sum(pre)], dtype=torch.int32)
     win = ExtendWindow(ko, vo, wsize)
     out = extend_attention(q, kn, vn, *bufs, kc, vc, qo.to(DEV), kvp.to(DEV), slots, 0.125, window=win,
-                           max_extend_len=max(new), block_m=32, block_n=32)
+                           max_extend_len=max(new), block_m=32, block_n=32, gqa_pack=pack, num_splits=splits)
     ref = reference.extend_attention(q.cpu(), kn.cpu(), vn.cpu(), *[b.cpu() for b in bufs], kc, vc, qo, kvp,
                                      slots.cpu(), 0.125, window=ExtendWindow(ko.cpu(), vo.cpu(), wsize))
     exact = reference.extend_attention(q.cpu(), kn.cpu(), vn.cpu(), *[b.cpu() for b in bufs], kc, vc, qo, kvp,
