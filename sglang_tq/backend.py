@@ -413,7 +413,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
             max_prefix_len=self._max_prefix_len(forward_batch),  # for split-K over the prefix (host ints)
-            # the automatic choices (block rows, GQA packing) look at the batch
+            # the automatic choices (block rows, GQA packing, prefix splits) look at the batch
             **({"block_m": 64, "gqa_pack": False, "num_splits": 1} if self.batch_invariant else {}),
             **extra,
         )
