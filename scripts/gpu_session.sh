@@ -11,8 +11,9 @@
 #   3a. presets   carry .gpu_bundle .gpu_data .gpu_tok  perplexity servers of $SMOLLM2_PRESETS spread over the GPUs
 #   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   3c. eval      carry .gpu_bundle .gpu_data .gpu_tok  passkey + ASDiv QA of $EVAL_SERVERS (bf16,turbo4,turbo3)
-#   0. kernels    carry .gpu_bundle                     kernel tests, then bench_kernels (FlashInfer baselines,
-#        extend over a packed prefix) and a config sweep (B 1 / 32, 1K / 32K): no model needed
+#   0. kernels    carry .gpu_bundle (.gpu_tok for onebatch)  $KERNEL_PARTS of: tests, bench (FlashInfer
+#        baselines), extend (packed prefix, first prefill), step (decode graph per layer), sweep, onebatch
+#        (8B shape without a server, profiled); dealt out over the GPUs when there are several
 #   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
 #        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
 #        time on GPU 1, so each card has its own turbo4; with 3 GPUs bench_kernels (extend, decode) on GPU 2;
@@ -61,6 +62,36 @@ onebatch() {  # onebatch GPU NAME BACKEND-ARGS...: scripts/bench_one_batch_tq.py
     python3 scripts/trace_summary.py "$W/trace_$name" > "$W/trace_$name.txt" 2>&1
     rm -rf "$W/trace_$name"
 }
+kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VISIBLE_DEVICES set by the caller)
+    case "$1" in
+    tests) kernel_tests ;;
+    bench) timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
+            --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1 ;;
+    extend)  # extend over a packed prefix (GQA packing, split-K) vs SGLang's Triton extend over BF16: short
+        # chat turns over a long cached history, long continuations; and one layer's first prefill
+        timeout 300 python3 scripts/bench_kernels.py --no-baselines --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
+            --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 \
+            --prefill ${PREFILL_POINTS:-1:1024 8:1024 4:4096 1:16384} --out "$W/extend" > "$W/extend.log" 2>&1 ;;
+    step)  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
+        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default nopdl} --out "$W/step" \
+            > "$W/step.log" 2>&1 ;;
+    sweep) timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
+            --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1 ;;
+    onebatch) dummy_8b; onebatch "$2" bf16 --attention-backend triton
+        onebatch "$2" turbo4 --attention-backend turboquant --tq-config turbo4 ;;
+    *) echo "unknown kernel part $1" >&2 ;;
+    esac
+}
+kernel_summary() {  # kernel_summary PART: the lines of its log worth reading
+    case "$1" in
+    tests) tail -15 "$W/tests.log" ;;
+    bench) grep -v "^    " "$W/bench.log" | tail -40 ;;
+    extend) grep "extend\|prefill" "$W/extend.log" | tail -14 ;;
+    step) grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24 ;;
+    sweep) grep "best\|ours" "$W/sweep.log" | tail -8 ;;
+    onebatch) grep -h "latency\|throughput" "$W"/onebatch_*.log | grep -v "^ " | tail -24; head -30 "$W"/trace_*.txt ;;
+    esac
+}
 kernel_tests() {  # the GPU kernel tests (about 3.5 minutes on an H200)
     timeout 300 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
         tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
@@ -77,32 +108,20 @@ upload-b)
         tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
 kernels)
     # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py, "extend": extend
-    # over a packed prefix with and without GQA packing, and one layer's first-prefill work): any of them, so
-    # the step can be split over calls
+    # over a packed prefix with and without GQA packing and split-K, and one layer's first-prefill work;
+    # "onebatch": bench_one_batch_tq of BF16 and turbo4 on the 8B shape, profiled, needs .gpu_tok): any of
+    # them, so the step can be split over calls. On a machine with several GPUs the parts are dealt out
+    # over them (one after another on each GPU, so no two timings share a card).
     source scripts/gpu_env.sh
-    PARTS=${KERNEL_PARTS:-tests,bench,sweep}
-    if [[ $PARTS == *tests* ]]; then kernel_tests; tail -15 "$W/tests.log"; fi
-    if [[ $PARTS == *bench* ]]; then
-        timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
-            --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1
-        grep -v "^    " "$W/bench.log" | tail -40
-    fi
-    if [[ $PARTS == *extend* ]]; then  # extend over a packed prefix, with and without GQA packing, vs SGLang's
-        # Triton extend over BF16: short chat turns over a long cached history, and long continuations
-        timeout 240 python3 scripts/bench_kernels.py --no-baselines --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
-            --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 \
-            --prefill ${PREFILL_POINTS:-1:1024 8:1024 4:4096 1:16384} --out "$W/extend" > "$W/extend.log" 2>&1
-        grep "extend\|prefill" "$W/extend.log" | tail -14
-    fi
-    if [[ $PARTS == *step* ]]; then  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
-        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default nopdl} --out "$W/step" \
-            > "$W/step.log" 2>&1; grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24
-    fi
-    if [[ $PARTS == *sweep* ]]; then
-        timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
-            --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1; grep "best\|ours" "$W/sweep.log" | tail -8
-    fi
-    pack ;;
+    IFS=, read -ra PARTS <<< "${KERNEL_PARTS:-tests,bench,sweep}"
+    for g in $(seq 0 $((NGPU - 1))); do
+        (for j in "${!PARTS[@]}"; do
+            [ $((j % NGPU)) -eq "$g" ] && CUDA_VISIBLE_DEVICES=$g kernel_part "${PARTS[$j]}" "$g"
+        done) &
+    done
+    wait
+    pack
+    for part in "${PARTS[@]}"; do kernel_summary "$part"; done ;;
 checks)
     source scripts/gpu_env.sh
     kill_gpu_procs
