@@ -33,6 +33,7 @@ from ._common import (LOG2E, fmt_constexprs, gdc_launch_dependents, gdc_wait, in
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
                       unrotate_store)
 from .codec import TQCodec
+from .compress import _rotate_rows
 from .window import DecodeWindow, check_decode_window
 
 
@@ -195,6 +196,12 @@ def query_slices_i8(qrow, gmask, q_scale, D: tl.constexpr):
     # whole rows, then split: a row-major layout, so the int8 operands sit row-major in shared memory
     # and load as words (strided slice loads came out column-major: byte loads every tile)
     q = tl.load(qrow[:, None] + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    return _slices_i8(q, D)
+
+
+@triton.jit
+def _slices_i8(q, D: tl.constexpr):
+    """`query_slices_i8` of query rows already in registers (rotated and scaled)."""
     qe, qo = tl.split(tl.reshape(q, (q.shape[0], D // 2, 2)))
     amax = tl.maximum(tl.max(tl.abs(qe), axis=1), tl.max(tl.abs(qo), axis=1))
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
@@ -355,12 +362,12 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                           kcent_ptr, vcent_ptr, kv_indptr, kv_indices, num_splits,
                           po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, plen_ptr, HAS_PLEN: tl.constexpr,
                           rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, wbase_ptr, WSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
-                          cnt_ptr, mv_ptr, out_ptr, out_b, out_h,
+                          cnt_ptr, mv_ptr, out_ptr, out_b, out_h, qx_ptr, qx_b, qx_h, rot_ptr,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
                           K_I8: tl.constexpr, WIDE: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
-                          MV_SCALE: tl.constexpr, PDL: tl.constexpr,
+                          MV_SCALE: tl.constexpr, PDL: tl.constexpr, ROT_Q: tl.constexpr, ROT_SCALE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                           K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                           K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -378,7 +385,12 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
     polynomial in f16 (`register_poly_asm`; gathers from an f16 table in the interpreter), and that
     role's MMA runs in f16 (its query slices, or p * |v|, are cast to f16). FUSED_MERGE: no stage 2; the last split of each (sequence,
     KV head) to finish, found with an atomic counter in cnt_ptr, merges all of them and writes out_ptr (FENCE: a gpu-scope fence by every thread
-    first, so the other programs see its partials; the interpreter runs programs one by one)."""
+    first, so the other programs see its partials; the interpreter runs programs one by one).
+    ROT_Q (int8 keys): the packed splits rotate their query rows themselves from qx_ptr (q as the model
+    gives it; rot_ptr: M_k^T's int8 signs, ROT_SCALE their magnitude; `_rotate_rows`, the arithmetic of
+    compress's own query rotation). They read only codes that earlier steps wrote, so under PDL they do
+    not wait for this step's compress, except a split that reaches the sequence's last position (a
+    sequence without a ring row reads the new token's codes). The ring split still reads qr_ptr."""
     KS: tl.constexpr = 8 // K_M0W
     VS: tl.constexpr = 8 // V_M0W
     b = tl.program_id(0)
@@ -407,9 +419,21 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                      mask=gmask[:, None])
         return
     if PDL:
-        gdc_wait()
+        if ROT_Q:  # this step's compress wrote only the query rotation (done here) and the last position
+            if hi >= tl.load(kv_indptr + b + 1) - seq_start:
+                gdc_wait()
+        else:
+            gdc_wait()
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    if K_I8:  # int8 scores (4-bit one-field keys): the query as int8 slices and a scale per row
+    if ROT_Q:
+        u = _rotate_rows(qx_ptr + b * qx_b + heads * qx_h, gmask, qx_ptr, False, rot_ptr, ROT_SCALE, BLOCK_G, K_D)
+        q0, q1, q2, q3, q_row_scale = _slices_i8(u * q_scale, K_D)
+        q_row_scale = q_row_scale * (k_i8_scale / 128.0)
+        sk0 = q0
+        sk1 = q0
+        sk2 = q0
+        sk3 = q0
+    elif K_I8:  # int8 scores (4-bit one-field keys): the query as int8 slices and a scale per row
         q0, q1, q2, q3, q_row_scale = query_slices_i8(qrow, gmask, q_scale, K_D)
         q_row_scale = q_row_scale * (k_i8_scale / 128.0)
         sk0 = q0
@@ -723,6 +747,10 @@ KEY_INT8_MAX_REGISTERS = 168
 # step from 17.1 to 16.4 us (B=8: 25.2 -> 24.4; B=64, 16K: 746.4 -> 745.7).
 MERGE_PRELOAD = True
 
+# Packed splits of stage 1 rotate their own query rows (decode_attention(rotate_q=)), so under PDL they
+# need not wait for the step's compress. Prepared (interpreter tests, sm_90 compile), not timed: off.
+ROTATE_Q_IN_STAGE1 = False
+
 
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
     """Warps per program of the sliced stage 1 with a one-field LUT (BLOCK_N 128): 8 while the
@@ -742,7 +770,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
                      max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None,
                      key_int8: Optional[bool] = None, merge_preload: Optional[bool] = None,
-                     pdl: Optional[bool] = None):
+                     pdl: Optional[bool] = None, rotate_q: Optional[bool] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
@@ -784,6 +812,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     pdl (None: `_common.PDL`; sliced stage 1 only, sm_90+): stage 1 and stage 2 launch as programmatic
     dependents of the kernel before them, so they get on the SMs and run their prologue while it
     finishes, then wait for its writes (`gdc_wait`). Pair it with compress_and_store(pdl_trigger=True).
+    rotate_q (None: `ROTATE_Q_IN_STAGE1`, off; int8 keys, bf16/fp16 q): the packed splits rotate their
+    query rows themselves instead of reading q_rotated, so with PDL and a window they do not wait for the
+    step's compress (`_decode_stage1_sliced`'s ROT_Q). Prepared for small batches (B=1, 1K is three
+    dependent launches); not timed: an earlier in-stage-1 rotation (above, under q_rotated) cost 10 us
+    per program at B=32, 32K on an H100.
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
     recent window's ring (exact bf16, rotated) instead of the codes; one more stage-1 program per
     (sequence, KV head) scores them and stores its partial after the splits' (the workspace needs
@@ -857,6 +890,9 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     use_pdl = bool((_common.PDL if pdl is None else pdl) and sliced and pdl_ok(dev))
+    rot, rot_scale = rotation_operand(kt, transposed=True)
+    rot_q = bool((ROTATE_Q_IN_STAGE1 if rotate_q is None else rotate_q) and k_i8 and rot_scale > 0
+                 and q3.dtype in (torch.bfloat16, torch.float16) and q3.stride(2) == 1)
     if sliced:
         _decode_stage1_sliced[(B, h_kv, num_splits + ring_parts)](
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], float(logit_cap) if use_cap else 1.0,
@@ -868,6 +904,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             po, po.stride(0), po.stride(1), po.stride(2), pl, pl.stride(0), pl.stride(1),
             plen if plen is not None else kv_indptr, plen is not None, *_ring_args(window, qr),
             workspace.split_counts, mv, out3, out3.stride(0), out3.stride(1),
+            q3, q3.stride(0), q3.stride(1), rot if rot_q else mv,
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=("" if not register_lut else kt["i8_asm"] if k_i8 else kt["poly_asm"] if k_poly
                    else kt["lut_asm"]),
@@ -875,7 +912,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             K_POLY=k_poly, V_POLY=v_poly, K_I8=k_i8,
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
-            PDL=use_pdl, **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
+            PDL=use_pdl, ROT_Q=rot_q, ROT_SCALE=rot_scale, **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
             launch_pdl=use_pdl,
         )

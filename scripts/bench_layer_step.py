@@ -41,6 +41,8 @@ VARIANTS = {
     # programmatic dependent launch: stage 1 after compress, stage 2 after stage 1
     "pdl": (dict(pdl_trigger=True), dict(pdl=True)),
     "nopdl": (dict(pdl_trigger=False), dict(pdl=False)),  # the step before PDL was on by default
+    # stage 1's packed splits rotate their own queries and so do not wait for compress (prepared)
+    "rotq": ({}, dict(rotate_q=True)),
 }
 
 

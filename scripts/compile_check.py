@@ -143,6 +143,7 @@ def main():
                     decode.pdl_ok, compress.pdl_ok = saved
             return run
         jobs["decode-pdl-window"] = pdl_job(decode_job(128, window=win, pdl=True))
+        jobs["decode-pdl-rotq"] = pdl_job(decode_job(128, window=win, pdl=True, rotate_q=True))
         jobs["compress-pdl"] = pdl_job(lambda: compress.compress_and_store(
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 9), kc, vc, *bufs, pdl_trigger=True))

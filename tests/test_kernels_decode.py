@@ -562,3 +562,17 @@ def test_split_count_is_not_specialized():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n", [
+    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32),
+    (F(64, 4), F(64, 2), (9, 3), [40, 0], 20.0, 32),
+], ids=["K4V4-g4", "K4V2-d64-g3-cap-empty"])
+def test_decode_rotate_q_in_stage1(kfmt, vfmt, heads, lens, cap, block_n):
+    """rotate_q: the packed splits rotate the query rows themselves (compress's own rotation code) instead
+    of reading the rotated queries; the same result as with them, and as the reference."""
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 37, sliced=True, key_int8=True, rotate_q=True)
+    base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 37, sliced=True, key_int8=True)
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(out, base) < 1e-3
