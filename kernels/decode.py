@@ -406,13 +406,19 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
             _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, wbase_ptr,
                         rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h,
                         G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, K_D, V_D)
+            if FUSED_MERGE:  # one of the parts the last finisher merges (the ring's partial as the tail)
+                g = tl.arange(0, BLOCK_G)
+                _fused_merge_if_last(b, hk, hk * G + g, g < G, cnt_ptr, kv_indptr, plen_ptr, HAS_PLEN, num_splits,
+                                     po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, mv_ptr, out_ptr, out_b, out_h,
+                                     FENCE, BLOCK_N, BLOCK_G, V_D, BLOCK_DO, MV_SCALE, True)
             return
     seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
     if lo >= hi:  # an empty split: the merge never reads its partials
-        if FUSED_MERGE and sid == 0:  # an empty sequence: nobody merges, its output is zeros
+        if FUSED_MERGE and WSIZE == 0 and sid == 0:  # an empty sequence: nobody merges, its output is zeros
+            # (with a window the ring's program always takes part and merges)
             orow = out_ptr + b * out_b + heads * out_h
             dv = tl.arange(0, V_D)
             tl.store(orow[:, None] + dv[None, :], tl.zeros((BLOCK_G, V_D), tl.float32).to(orow.dtype.element_ty),
@@ -480,17 +486,31 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
         tl.store(po + 3, a3 * inv[:, None], mask=gmask[:, None])
     tl.store(pl_ptr + b * pl_b + heads * pl_h + sid, lse, mask=gmask)
     if FUSED_MERGE:
-        if FENCE:  # every thread's partial stores reach the gpu scope before the count says so
-            tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.u32 $0, $1;", "=r,r", [gmask.to(tl.int32)],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-        tl.debug_barrier()
-        cnt = cnt_ptr + b * tl.num_programs(1) + hk
-        used = _used_splits(tl.load(kv_indptr + b + 1) - seq_start, num_splits, BLOCK_N)
-        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == used - 1:  # the last split to finish
-            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
-            _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
-                          mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, ".cg", MV_SCALE,
-                          0, False)
+        _fused_merge_if_last(b, hk, heads, gmask, cnt_ptr, kv_indptr, plen_ptr, HAS_PLEN, num_splits,
+                             po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, mv_ptr, out_ptr, out_b, out_h,
+                             FENCE, BLOCK_N, BLOCK_G, V_D, BLOCK_DO, MV_SCALE, WSIZE > 0)
+
+
+@triton.jit
+def _fused_merge_if_last(b, hk, heads, gmask, cnt_ptr, kv_indptr, plen_ptr, HAS_PLEN: tl.constexpr, num_splits,
+                         po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h, mv_ptr, out_ptr, out_b, out_h,
+                         FENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
+                         BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr):
+    """Fused merge: count this program's partial as stored; the last of the (sequence, KV head)'s parts
+    (its non-empty packed splits, and the ring's program with a window) merges them all and writes the
+    output. FENCE: a gpu-scope fence by every thread first, so the other programs see its partials."""
+    if FENCE:  # every thread's partial stores reach the gpu scope before the count says so
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\nmov.u32 $0, $1;", "=r,r", [gmask.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    cnt = cnt_ptr + b * tl.num_programs(1) + hk
+    used = _used_splits(_packed_len(kv_indptr, b, plen_ptr, HAS_PLEN), num_splits, BLOCK_N)
+    parts = used + 1 if HAS_RING else used
+    if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == parts - 1:  # the last part to finish
+        tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next call (graph replays)
+        _merge_splits(po_ptr + b * po_b + heads * po_h, po_s, pl_ptr + b * pl_b + heads * pl_h, used, gmask,
+                      mv_ptr, out_ptr + b * out_b + heads * out_h, BLOCK_G, V_D, BLOCK_DO, ".cg", MV_SCALE,
+                      num_splits, HAS_RING)
 
 
 @triton.jit
@@ -820,7 +840,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from the
     recent window's ring (exact bf16, rotated) instead of the codes; one more stage-1 program per
     (sequence, KV head) scores them and stores its partial after the splits' (the workspace needs
-    num_splits + 1 of them), and stage 2 merges it with the others (fused_merge is then off)."""
+    num_splits + 1 of them), and stage 2 merges it with the others (with fused_merge the last of all
+    these programs to finish does, the ring's partial included)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton decode kernel")
@@ -873,7 +894,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     BLOCK_G = max(16, next_pow2(G))
     po, pl = workspace.part_out, workspace.part_lse
-    merge_in_stage1 = bool(sliced and fused_merge and window is None)
+    merge_in_stage1 = bool(sliced and fused_merge)
     plen = None  # with a window, stage 1 reads only each sequence's first window.lo[b] tokens
     if window is not None:
         check_decode_window(window, B, h_kv, d_k, d_v)

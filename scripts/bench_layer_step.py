@@ -43,6 +43,9 @@ VARIANTS = {
     "nopdl": (dict(pdl_trigger=False), dict(pdl=False)),  # the step before PDL was on by default
     # stage 1's packed splits rotate their own queries and so do not wait for compress (prepared)
     "rotq": ({}, dict(rotate_q=True)),
+    # one decode launch: the last of the splits and the ring's program merges (no stage 2; prepared)
+    "fused": ({}, dict(fused_merge=True)),
+    "rotq_fused": ({}, dict(rotate_q=True, fused_merge=True)),
 }
 
 

@@ -144,6 +144,8 @@ def main():
             return run
         jobs["decode-pdl-window"] = pdl_job(decode_job(128, window=win, pdl=True))
         jobs["decode-pdl-rotq"] = pdl_job(decode_job(128, window=win, pdl=True, rotate_q=True))
+        # one launch: the last of the splits and the ring's program merges (no stage 2)
+        jobs["decode-fused-window"] = pdl_job(decode_job(128, window=win, pdl=True, rotate_q=True, fused_merge=True))
         jobs["compress-pdl"] = pdl_job(lambda: compress.compress_and_store(
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 9), kc, vc, *bufs, pdl_trigger=True))

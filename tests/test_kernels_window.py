@@ -98,8 +98,10 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, wsize, lo_back, seed, **kw):
     (F(128, 4, qjl=True), F(128, 4), (4, 1), [50], 16, 16, dict(num_splits=2, block_n=32)),  # PROD keys
     (F(64, 4), F(64, 4), (8, 2), [90, 7], 16, 16, dict(num_splits=5, block_n=32, logit_cap=5.0)),  # soft-cap
     (F(128, 4), F(128, 4), (8, 2), [40, 5, 100], 16, 16, dict(num_splits=2, block_n=32, rotate_q=True)),
+    (F(128, 4), F(128, 4), (8, 2), [40, 5, 100, 0], 16, 16, dict(num_splits=3, block_n=32, fused_merge=True)),
+    (F(64, 4), F(64, 2), (4, 4), [33, 1, 0], 8, 5, dict(num_splits=2, block_n=32, fused_merge=True)),
 ], ids=["K4V4-d128-sliced", "K3V3-d64-general", "K4V2-d64-partial", "PROD4-d128", "K4V4-d64-softcap",
-        "K4V4-d128-rotate-q"])
+        "K4V4-d128-rotate-q", "K4V4-d128-fused-merge", "K4V2-d64-partial-fused-merge"])
 def test_decode_window_matches_reference(kfmt, vfmt, heads, lens, wsize, lo_back, kw):
     out, ref, no_win = _decode_case(kfmt, vfmt, *heads, lens, wsize, lo_back, seed=sum(lens), **kw)
     assert torch.isfinite(out).all()
