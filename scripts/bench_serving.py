@@ -88,17 +88,23 @@ def stream_request(url, input_ids, osl, timeout=3600):
     return {"ttft": ttft if ttft is not None else last - t0, "latency": last - t0, "out_tokens": n_out}
 
 
-def run_point_native(url, vocab, isl, osl, conc, num_prompts, seed=1):
+def run_point_native(url, vocab, isl, osl, conc, num_prompts, seed=1, shared=0):
     """num_prompts requests of isl random token ids, at most `conc` in flight; the same metrics as
-    sglang.bench_serving: output tok/s over the wall time, mean / median TTFT and TPOT in ms."""
+    sglang.bench_serving: output tok/s over the wall time, mean / median TTFT and TPOT in ms.
+    shared > 0: every prompt starts with the same `shared` tokens (a long system prompt or document that
+    many users ask about), sent once before the timing so the radix cache holds it: each request's
+    prefill is then an extend of isl - shared new tokens over a cached prefix."""
     rng = random.Random(seed)
     random_ids = lambda n: [rng.randrange(100, max(101, vocab - 100)) for _ in range(n)]  # noqa: E731
-    prompts = [random_ids(isl) for _ in range(num_prompts)]
+    prefix = random_ids(shared)
+    prompts = [prefix + random_ids(isl - shared) for _ in range(num_prompts)]
     # warm-up outside the timing: a batch like the point's (up to 8 requests of up to 1,024 tokens), so
     # that first-use costs (kernel compilation for new shapes, allocator growth) do not land in TTFT
     warm = [random_ids(min(isl, 1024)) for _ in range(min(conc, 8))]
     with ThreadPoolExecutor(len(warm)) as ex:
         list(ex.map(lambda p: stream_request(url, p, 4), warm))
+    if shared:
+        stream_request(url, prefix + random_ids(1), 1)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as ex:
         res = list(ex.map(lambda p: stream_request(url, p, osl), prompts))
@@ -158,14 +164,14 @@ def plot(results, points, path):
     except ImportError:
         return
     by_len = {}
-    for isl, osl, conc in points:
-        by_len.setdefault((isl, osl), []).append(conc)
+    for isl, osl, conc, shared in points:
+        by_len.setdefault((isl, osl, shared), []).append(conc)
     fig, axes = plt.subplots(1, len(by_len), figsize=(6 * len(by_len), 4), squeeze=False)
-    for ax, ((isl, osl), concs) in zip(axes[0], by_len.items()):
+    for ax, ((isl, osl, shared), concs) in zip(axes[0], by_len.items()):
         for cfg, r in results.items():
-            ys = [r["points"].get(f"{isl}:{osl}:{c}", {}).get("output_throughput") for c in concs]
+            ys = [r["points"].get(point_key((isl, osl, c, shared)), {}).get("output_throughput") for c in concs]
             ax.plot(concs, [y or 0 for y in ys], marker="o", label=cfg)
-        ax.set_title(f"ISL {isl} / OSL {osl}")
+        ax.set_title(f"ISL {isl} / OSL {osl}" + (f" ({shared} shared)" if shared else ""))
         ax.set_xlabel("concurrency")
         ax.set_ylabel("output tok/s")
         ax.set_xscale("log", base=2)
@@ -174,12 +180,31 @@ def plot(results, points, path):
     fig.savefig(path, dpi=110)
 
 
+def parse_points(spec):
+    """"isl:osl:conc[:shared],..." -> [(isl, osl, conc, shared)] (shared: tokens every prompt of the point
+    starts with; 0 = none)."""
+    out = []
+    for p in spec.split(","):
+        v = [int(x) for x in p.split(":")]
+        if len(v) not in (3, 4) or (len(v) == 4 and not 0 <= v[3] < v[0]):
+            raise SystemExit(f"bench_serving: bad point {p!r}: isl:osl:concurrency[:shared], shared < isl")
+        out.append(tuple(v) if len(v) == 4 else (*v, 0))
+    return out
+
+
+def point_key(point):
+    isl, osl, conc, shared = point
+    return f"{isl}:{osl}:{conc}" + (f":{shared}" if shared else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="", help="HF folder; empty = config-only Llama-3-8B shape (dummy weights)")
     ap.add_argument("--tokenizer-from", default="/tmp/models/SmolLM2-135M-Instruct")
     ap.add_argument("--configs", default="bf16,fp8,turbo4")
-    ap.add_argument("--points", default="16384:512:64,1024:256:8", help="isl:osl:concurrency,...")
+    ap.add_argument("--points", default="16384:512:64,1024:256:8",
+                    help="isl:osl:concurrency[:shared],... (shared: leading tokens common to every prompt, "
+                         "cached before the timing: radix hits; native client only)")
     ap.add_argument("--prompts-per-conc", type=float, default=1.0, help="num_prompts = this x concurrency")
     ap.add_argument("--min-prompts", type=int, default=64,
                     help="at least this many requests per point: 64 makes ISL 1K / conc 8 eight waves (~12 s) "
@@ -192,10 +217,12 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     sys.stdout = Tee(os.path.join(a.out, "progress.log"), sys.stdout)
-    points = [tuple(int(x) for x in p.split(":")) for p in a.points.split(",")]
+    points = parse_points(a.points)
+    if a.client != "native" and any(p[3] for p in points):
+        raise SystemExit("bench_serving: shared-prefix points need the native client")
     model = a.model or make_dummy_8b(tokenizer_dir(a.tokenizer_from))
     vocab = json.load(open(os.path.join(model, "config.json"))).get("vocab_size", 32000)
-    max_ctx = max(i + o for i, o, _ in points) + 64
+    max_ctx = max(i + o for i, o, _, _ in points) + 64
     base = ["--model-path", model, "--grammar-backend", "none", "--mem-fraction-static", str(a.mem_fraction),
             "--context-length", str(max(max_ctx, 4096))] + (["--load-format", "dummy"] if not a.model else [])
     base += a.extra.split() if a.extra else []
@@ -210,12 +237,12 @@ def main():
             continue
         r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "startup_s": round(s.startup_s), "points": {}}
         try:
-            for isl, osl, conc in points:
+            for isl, osl, conc, shared in points:
                 n = max(a.min_prompts, int(a.prompts_per_conc * conc))
-                key = f"{isl}:{osl}:{conc}"
+                key = point_key((isl, osl, conc, shared))
                 try:
                     if a.client == "native":
-                        r["points"][key] = run_point_native(s.url, vocab, isl, osl, conc, n)
+                        r["points"][key] = run_point_native(s.url, vocab, isl, osl, conc, n, shared=shared)
                     else:
                         r["points"][key] = run_point(s.url, model, isl, osl, conc, n,
                                                      os.path.join("/tmp", f"bs_{cfg}_{key.replace(':', '_')}.jsonl"))

@@ -21,7 +21,7 @@ LOGPROB = -2.0  # every input token gets this log-probability
 
 class FakeSGLang(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": []}
+    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": [], "stream_prompts": []}
 
     def log_message(self, *a):  # keep pytest output clean
         pass
@@ -75,6 +75,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self.end_headers()
             try:
                 self.state["stream_ids"].append(len(ids))
+                self.state["stream_prompts"].append(list(ids))
                 for i in range(4):
                     chunk = {"text": "y" * i, "meta_info": {"output_token_logprobs": [[-0.5, 1, None]],
                                                             "completion_tokens": i + 1}}
@@ -90,7 +91,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[])
+    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[], stream_prompts=[])
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -183,6 +184,25 @@ def test_bench_serving_native_client(server):
     assert FakeSGLang.state["stream_ids"] == [12] * (3 + 7)
     assert r["output_throughput"] > 0 and r["mean_ttft_ms"] >= 0 and r["mean_tpot_ms"] >= 0
     assert r["median_ttft_ms"] <= r["duration"] * 1e3
+
+
+def test_bench_serving_shared_prefix_point(server):
+    """A point with a shared prefix: after the warm-up, one request puts the prefix in the radix cache;
+    then every timed prompt starts with those tokens and differs after them. Points parse with and
+    without the shared count."""
+    r = bench_serving.run_point_native(server, vocab=1000, isl=12, osl=4, conc=3, num_prompts=7, shared=8)
+    assert r["completed"] == 7
+    assert FakeSGLang.state["stream_ids"] == [12] * 3 + [9] + [12] * 7
+    prompts = FakeSGLang.state["stream_prompts"]
+    prefix = prompts[3][:8]
+    timed = prompts[4:]
+    assert all(p[:8] == prefix for p in timed)
+    assert len({tuple(p[8:]) for p in timed}) == 7
+    assert bench_serving.parse_points("1024:256:8,16384:512:64:15360") == [(1024, 256, 8, 0), (16384, 512, 64, 15360)]
+    assert bench_serving.point_key((16384, 512, 64, 15360)) == "16384:512:64:15360"
+    assert bench_serving.point_key((1024, 256, 8, 0)) == "1024:256:8"
+    with pytest.raises(SystemExit):
+        bench_serving.parse_points("1024:256:8:1024")  # shared must leave new tokens
 
 
 def test_bench_serving_server_log_stats(tmp_path):
