@@ -46,6 +46,9 @@ VARIANTS = {
     # one decode launch: the last of the splits and the ring's program merges (no stage 2; prepared)
     "fused": ({}, dict(fused_merge=True)),
     "rotq_fused": ({}, dict(rotate_q=True, fused_merge=True)),
+    # V centroids as an f16 polynomial of the code (opt-in since the fourth session; not yet timed
+    # behind the int8 keys)
+    "vpoly": ({}, dict(centroid_poly=True)),
 }
 
 

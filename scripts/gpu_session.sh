@@ -73,7 +73,7 @@ kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VI
             --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 \
             --prefill ${PREFILL_POINTS:-1:1024 8:1024 4:4096 1:16384} --out "$W/extend" > "$W/extend.log" 2>&1 ;;
     step)  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
-        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default nopdl rotq fused rotq_fused} --out "$W/step" \
+        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default nopdl rotq fused rotq_fused vpoly} --out "$W/step" \
             > "$W/step.log" 2>&1 ;;
     sweep) timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
             --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1 ;;
