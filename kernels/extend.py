@@ -236,7 +236,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      num_stages: int = 2,
                      use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
                      gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
-                     max_prefix_len: Optional[int] = None):
+                     max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -259,9 +259,9 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     is as long either way. None: `choose_gqa_pack` (on for short runs, where it was faster).
     num_splits (split-K over the prefix, for grids too small to fill the GPU: a lone turn over a long
     history): each of the splits walks its share of the prefix, the last one also the new tokens, into
-    fp32 partials that `_extend_merge_kernel` merges and un-rotates (one launch more). None: 1 while
-    AUTO_SPLITS is off, else `choose_extend_splits`, which needs max_prefix_len (the longest cached prefix
-    in the batch, a Python int the caller knows without a sync). Not timed yet.
+    fp32 partials that `_extend_merge_kernel` merges and un-rotates (one launch more). None: 1 unless
+    auto_splits (None: AUTO_SPLITS, off), then `choose_extend_splits`, which needs max_prefix_len (the
+    longest cached prefix in the batch, a Python int the caller knows without a sync). Not timed yet.
     window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
     key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
     values as the codes give them back; k_old already centered, so k_mean applies to k_new only)."""
@@ -319,8 +319,9 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     blocks = triton.cdiv(max_extend_len, block_m // block_g)
     heads_axis = h_kv if gqa_pack else h_q
     if num_splits is None:
+        auto = AUTO_SPLITS if auto_splits is None else auto_splits
         num_splits = (choose_extend_splits(n_seqs * heads_axis * blocks, max_prefix_len, T, h_q, d_v, dev, block_n)
-                      if AUTO_SPLITS and max_prefix_len is not None else 1)
+                      if auto and max_prefix_len is not None else 1)
     num_splits = max(1, int(num_splits))
     if num_splits > 1:  # fp32 partials: [splits, T, H_q] rows of d_v (accumulator) and 2 (max, sum)
         ws_acc = torch.empty(num_splits, T, h_q, d_v, dtype=torch.float32, device=dev)

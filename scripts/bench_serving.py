@@ -46,6 +46,10 @@ CONFIGS = {
 # "<config>+nopw": the config without SGLang's piecewise CUDA graphs for prefill (on by default, also with
 # turboquant since the ninth session); "+pw": with them wherever SGLang would turn them off
 MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"], "nopw": ["--disable-piecewise-cuda-graph"]}
+# "+rotq" / "+fused" / "+splits": prepared TurboQuant kernel paths switched on for that server through the
+# backend's environment switches (docs/SERVING.md), so serving can A/B them without a code change
+ENV_MODIFIERS = {"rotq": {"SGLANG_TQ_ROTATE_Q": "1"}, "fused": {"SGLANG_TQ_FUSED_MERGE": "1"},
+                 "splits": {"SGLANG_TQ_EXTEND_SPLITS": "1"}}
 
 
 def tq_args(preset):
@@ -54,12 +58,21 @@ def tq_args(preset):
 
 def config_args(cfg):
     """Server arguments of a config name: CONFIGS' entries or a TurboQuant preset / YAML, then
-    "+modifier" suffixes (MODIFIERS)."""
+    "+modifier" suffixes (MODIFIERS; ENV_MODIFIERS add nothing here, see config_env)."""
     name, *mods = cfg.split("+")
-    unknown = [m for m in mods if m not in MODIFIERS]
+    unknown = [m for m in mods if m not in MODIFIERS and m not in ENV_MODIFIERS]
     if unknown:
-        raise SystemExit(f"bench_serving: unknown config modifier(s) {unknown} in {cfg!r}; known: {sorted(MODIFIERS)}")
-    return list(CONFIGS.get(name) or tq_args(name)) + [x for m in mods for x in MODIFIERS[m]]
+        raise SystemExit(f"bench_serving: unknown config modifier(s) {unknown} in {cfg!r}; known: "
+                         f"{sorted(MODIFIERS) + sorted(ENV_MODIFIERS)}")
+    return list(CONFIGS.get(name) or tq_args(name)) + [x for m in mods for x in MODIFIERS.get(m, [])]
+
+
+def config_env(cfg):
+    """The server's extra environment of a config name's "+modifier" suffixes (ENV_MODIFIERS)."""
+    env = {}
+    for m in cfg.split("+")[1:]:
+        env.update(ENV_MODIFIERS.get(m, {}))
+    return env
 
 
 def stream_request(url, input_ids, osl, timeout=3600):
@@ -231,7 +244,7 @@ def main():
         args = config_args(cfg)
         t0 = time.time()
         try:
-            s = Server(f"serve_{cfg}", base + args, log_dir=a.out)
+            s = Server(f"serve_{cfg}", base + args, env_extra=config_env(cfg), log_dir=a.out)
         except Exception as e:  # noqa: BLE001
             results[cfg] = {"error": repr(e), "points": {}}
             continue

@@ -70,6 +70,12 @@ FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
 # 0 = score 4-bit keys with bf16 centroids on bf16 tensor cores instead of the int8 path
 # (tq_kernels.decode_attention's key_int8; unset: the kernel's default, int8).
 KEY_INT8_ENV = "SGLANG_TQ_KEY_INT8"
+# 1 / 0 = stage 1's packed splits rotate their own queries, or read compress's (tq_kernels.decode_attention's
+# rotate_q; unset: the kernel's default, `ROTATE_Q_IN_STAGE1`).
+ROTATE_Q_ENV = "SGLANG_TQ_ROTATE_Q"
+# 1 / 0 = extend splits the packed prefix over several programs where the grid is small, or never
+# (tq_kernels.extend_attention's auto_splits; unset: the kernel's default, `AUTO_SPLITS`).
+EXTEND_SPLITS_ENV = "SGLANG_TQ_EXTEND_SPLITS"
 # 0 = every quantized-layer prefill through the TurboQuant extend kernel. Default 1: a batch without
 # cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
 # bf16 K/V (same result up to rounding, BF16-KV prefill speed).
@@ -167,6 +173,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                                 or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.key_int8 = _env_choice(KEY_INT8_ENV)
+        self.rotate_q = _env_choice(ROTATE_Q_ENV)
+        self.extend_splits = None if self.batch_invariant else _env_choice(EXTEND_SPLITS_ENV)
         self.plain_prefill = _env_on(PLAIN_PREFILL_ENV)
         self.decode_workspace = None
         self._workspace_bs = 0
@@ -277,8 +285,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         # short runs pack the query group (tq_kernels.extend.choose_gqa_pack): a variant of its own
         packings = (False,) if (self.batch_invariant or h_q == h_kv) else (False, True)
         # split-K over the prefix, where the kernel chooses it itself (tq_kernels.extend.AUTO_SPLITS)
-        splittings = (1, 2) if (getattr(self.ops, "extend_auto_splits", lambda: False)()
-                                and not self.batch_invariant) else (1,)
+        auto = (self.extend_splits if self.extend_splits is not None
+                else getattr(self.ops, "extend_auto_splits", lambda: False)())
+        splittings = (1, 2) if (auto and not self.batch_invariant) else (1,)
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
             if not quantized:
@@ -413,6 +422,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
             max_prefix_len=self._max_prefix_len(forward_batch),  # for split-K over the prefix (host ints)
+            **({"auto_splits": self.extend_splits} if self.extend_splits is not None else {}),
             # the automatic choices (block rows, GQA packing, prefix splits) look at the batch
             **({"block_m": 64, "gqa_pack": False, "num_splits": 1} if self.batch_invariant else {}),
             **extra,
@@ -493,6 +503,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 extra["fused_merge"] = True
             if self.key_int8 is not None:
                 extra["key_int8"] = self.key_int8
+            if self.rotate_q is not None:
+                extra["rotate_q"] = self.rotate_q
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         wmd = self._window_metadata(forward_batch, layer.layer_id) if self.window else None
         if save_kv_cache:

@@ -427,3 +427,22 @@ def test_padded_extend_equals_unpadded(setup, from_cache):
             assert diff == 0.0, f"layer {layer.layer_id}: {diff}"
     finally:
         backend.prefill_from_cache = False
+
+
+def test_env_switches_reach_the_kernels(setup):
+    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS (read when the backend is built; unset: the kernels'
+    own defaults) become decode's rotate_q and extend's auto_splits, and the start-up warm-up compiles
+    the split variant when splits are on. Batch-invariant runs never split."""
+    s = setup
+    runner = s["runner"]
+    with env(SGLANG_TQ_ROTATE_Q="1", SGLANG_TQ_EXTEND_SPLITS="1"):
+        b = TurboQuantAttnBackend(runner)
+    assert b.rotate_q is True and b.extend_splits is True
+    calls = []
+    b._extend = lambda *a, **kw: calls.append(kw)
+    b.warm_extend_kernels(torch.bfloat16, block_ms=(32,))
+    assert {kw.get("num_splits", 1) for kw in calls} == {1, 2}
+    with env(SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_BATCH_INVARIANT="1"):
+        assert TurboQuantAttnBackend(runner).extend_splits is None
+    plain = TurboQuantAttnBackend(runner)
+    assert plain.rotate_q is None and plain.extend_splits is None
