@@ -431,16 +431,12 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
         else:
             gdc_wait()
     qrow = qr_ptr + b * qr_b + heads * qr_h
-    if ROT_Q:
-        u = _rotate_rows(qx_ptr + b * qx_b + heads * qx_h, gmask, qx_ptr, False, rot_ptr, ROT_SCALE, BLOCK_G, K_D)
-        q0, q1, q2, q3, q_row_scale = _slices_i8(u * q_scale, K_D)
-        q_row_scale = q_row_scale * (k_i8_scale / 128.0)
-        sk0 = q0
-        sk1 = q0
-        sk2 = q0
-        sk3 = q0
-    elif K_I8:  # int8 scores (4-bit one-field keys): the query as int8 slices and a scale per row
-        q0, q1, q2, q3, q_row_scale = query_slices_i8(qrow, gmask, q_scale, K_D)
+    if K_I8:  # int8 scores (4-bit one-field keys): the query as int8 slices and a scale per row
+        if ROT_Q:  # rotated here, with compress's arithmetic
+            u = _rotate_rows(qx_ptr + b * qx_b + heads * qx_h, gmask, qx_ptr, False, rot_ptr, ROT_SCALE, BLOCK_G, K_D)
+            q0, q1, q2, q3, q_row_scale = _slices_i8(u * q_scale, K_D)
+        else:
+            q0, q1, q2, q3, q_row_scale = query_slices_i8(qrow, gmask, q_scale, K_D)
         q_row_scale = q_row_scale * (k_i8_scale / 128.0)
         sk0 = q0
         sk1 = q0

@@ -21,7 +21,7 @@ import triton.language as tl
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
                       softcap_log2, unrotate_store)
 from .codec import TQCodec
-from .decode import num_sms
+from .decode import _merge_step, num_sms
 from .window import ExtendWindow
 
 
@@ -46,7 +46,7 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: t
 def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, ko_ptr, vo_ptr, q_scale, logit_cap,
                    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                    kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
-                   out_ptr, out_t, out_h, ws_acc_ptr, ws_ml_ptr, ws_s, ws_t, ws_h, num_splits,
+                   out_ptr, out_t, out_h, ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, num_splits,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
@@ -63,8 +63,8 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
     # SPLIT (split-K over the prefix): axis 2 is (block of new tokens, split); split sp reads its share of
-    # the prefix, the last split also the new tokens, and each writes its unnormalized accumulator and
-    # (max, sum) to the workspace for _extend_merge_kernel.
+    # the prefix, the last split also the new tokens, and each writes its normalized accumulator and lse
+    # to the workspace for _extend_merge_kernel.
     i = tl.program_id(0)
     h = tl.program_id(1)
     if SPLIT:
@@ -149,24 +149,25 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
-    if SPLIT:
+    has = l_i > 0
+    acc = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SPLIT:  # the normalized partial and its lse (log2 units; -inf: nothing seen), as decode's splits
         wrow = sp.to(tl.int64) * ws_s + (q0 + rows).to(tl.int64) * ws_t + head * ws_h
         tl.store(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], acc, mask=rmask[:, None])
-        tl.store(ws_ml_ptr + wrow * 2, m_i, mask=rmask)
-        tl.store(ws_ml_ptr + wrow * 2 + 1, l_i, mask=rmask)
+        tl.store(ws_lse_ptr + wrow, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")),
+                 mask=rmask)
     else:
-        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         orow = out_ptr + (q0 + rows).to(tl.int64) * out_t + head * out_h
         unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _extend_merge_kernel(ws_acc_ptr, ws_ml_ptr, ws_s, ws_t, ws_h, qo_indptr, n_seqs, num_splits, mv_ptr,
+def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_seqs, num_splits, mv_ptr,
                          out_ptr, out_t, out_h, V_D: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr):
-    """The splits' partial softmax states of BLOCK_R new tokens of one query head -> the normalized,
-    un-rotated output (log-sum-exp merge in base 2, as the partials were computed). Rows past the batch's
-    real tokens (piecewise-graph padding) are left untouched."""
+    """The splits' normalized partials of BLOCK_R new tokens of one query head -> the merged, un-rotated
+    output (decode's log-sum-exp step, `_merge_step`). Rows past the batch's real tokens
+    (piecewise-graph padding) are left untouched."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     rmask = rows < tl.load(qo_indptr + n_seqs)
@@ -176,16 +177,9 @@ def _extend_merge_kernel(ws_acc_ptr, ws_ml_ptr, ws_s, ws_t, ws_h, qo_indptr, n_s
     acc = tl.zeros((BLOCK_R, V_D), tl.float32)
     for sp in range(num_splits):
         wrow = sp * ws_s + rows.to(tl.int64) * ws_t + head * ws_h
-        m_s = tl.load(ws_ml_ptr + wrow * 2, mask=rmask, other=float("-inf"))
-        l_s = tl.load(ws_ml_ptr + wrow * 2 + 1, mask=rmask, other=0.0)
-        a_s = tl.load(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], mask=rmask[:, None], other=0.0)
-        m_new = tl.maximum(m, m_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        beta = tl.exp2(m_s - m_use)
-        l_sum = l_sum * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        m = m_new
+        lse = tl.load(ws_lse_ptr + wrow, mask=rmask, other=float("-inf"))
+        o = tl.load(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], mask=rmask[:, None], other=0.0)
+        m, l_sum, acc = _merge_step(m, l_sum, acc, lse, o)
     acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     orow = out_ptr + rows.to(tl.int64) * out_t + head * out_h
     unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
@@ -202,13 +196,13 @@ def choose_extend_splits(programs: int, max_prefix_len: int, rows: int, heads: i
                          block_n: int = 64) -> int:
     """Prefix splits for an extend whose grid has `programs` programs: enough to give the GPU two per SM
     when the grid alone does not, each split at least 8 prefix tiles, at most 16, and the fp32
-    partials ([splits, rows, heads, d_v + 2]) within WORKSPACE_CAP_BYTES. 1 where the grid fills the
+    partials ([splits, rows, heads, d_v + 1]) within WORKSPACE_CAP_BYTES. 1 where the grid fills the
     GPU: every program already walks the whole prefix once."""
     sms = num_sms(device)
     if programs >= sms or max_prefix_len < 16 * block_n:
         return 1
     want = min(triton.cdiv(2 * sms, max(programs, 1)), max_prefix_len // (8 * block_n), 16)
-    cap = WORKSPACE_CAP_BYTES // max(rows * heads * (d_v + 2) * 4, 1)
+    cap = WORKSPACE_CAP_BYTES // max(rows * heads * (d_v + 1) * 4, 1)
     return int(max(1, min(want, cap)))
 
 
@@ -323,11 +317,11 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         num_splits = (choose_extend_splits(n_seqs * heads_axis * blocks, max_prefix_len, T, h_q, d_v, dev, block_n)
                       if auto and max_prefix_len is not None else 1)
     num_splits = max(1, int(num_splits))
-    if num_splits > 1:  # fp32 partials: [splits, T, H_q] rows of d_v (accumulator) and 2 (max, sum)
+    if num_splits > 1:  # fp32 partials: [splits, T, H_q] rows of d_v (normalized accumulator) and their lse
         ws_acc = torch.empty(num_splits, T, h_q, d_v, dtype=torch.float32, device=dev)
-        ws_ml = torch.empty(num_splits, T, h_q, 2, dtype=torch.float32, device=dev)
+        ws_lse = torch.empty(num_splits, T, h_q, dtype=torch.float32, device=dev)
     else:
-        ws_acc = ws_ml = out3
+        ws_acc = ws_lse = out3
     grid = (n_seqs, heads_axis, blocks * num_splits)
     mv, mv_scale = rotation_operand(vt, transposed=False)
     _extend_kernel[grid](
@@ -338,7 +332,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kt["centroids_bf16"], vt["centroids_bf16"],
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, mv, out3,
-        out3.stride(0), out3.stride(1), ws_acc, ws_ml, T * h_q, h_q, 1, num_splits,
+        out3.stride(0), out3.stride(1), ws_acc, ws_lse, T * h_q, h_q, 1, num_splits,
         G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=num_splits > 1,
         USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
@@ -347,6 +341,6 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     )
     if num_splits > 1:
         _extend_merge_kernel[(triton.cdiv(T, 32), h_q)](
-            ws_acc, ws_ml, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, mv, out3, out3.stride(0), out3.stride(1),
+            ws_acc, ws_lse, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, mv, out3, out3.stride(0), out3.stride(1),
             V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale, num_warps=4)
     return out

@@ -363,13 +363,12 @@ def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
         kb[slots] = k
         vb[slots] = v
 
-    def compress():
-        compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring)
+    def compress(**tile):
+        compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring, **tile)
 
     res = dict(extend=bench(extend), store_bf16=bench(store_bf16), compress=bench(compress))
     for bt, nw in ((32, 4), (64, 4), (64, 8)):  # larger token tiles: candidates for long prefills
-        res[f"compress_t{bt}w{nw}"] = bench(lambda: compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring,
-                                                                       block_t=bt, num_warps=nw))
+        res[f"compress_t{bt}w{nw}"] = bench(lambda: compress(block_t=bt, num_warps=nw))
     res["bf16_layer"] = bench(lambda: (store_bf16(), extend()))
     res["tq_layer"] = bench(lambda: (compress(), extend()))
     del bufs, kb, vb

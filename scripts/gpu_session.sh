@@ -104,8 +104,7 @@ upload-b)
     # the kernel tests on this GPU before any server uses the kernels (about 2 minutes; SKIP_KERNEL_TESTS=1:
     # not this time, e.g. when the kernels step runs them in the same session)
     source scripts/gpu_env.sh
-    [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_decode.py tests/test_kernels_extend.py \
-        tests/test_kernels_compress.py tests/test_kernels_window.py 2>&1 | tail -15 ;;
+    [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || { kernel_tests; tail -15 "$W/tests.log"; } ;;
 kernels)
     # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py, "extend": extend
     # over a packed prefix with and without GQA packing and split-K, and one layer's first-prefill work;
@@ -182,7 +181,7 @@ timed)
     fi
     if [ "$NGPU" -ge 4 ] && [ -n "${SERVING_CONFIGS_3:-}" ]; then  # more baselines, each card with its own turbo4
         sleep 10; serve 2 30200 serving_3 "$SERVING_CONFIGS_3" "$POINTS" &
-        if [ -n "${SERVING_CONFIGS_4:-}" ]; then  # after the plain-prefill GPU tests (FA3 and Triton), ~40 s
+        if [ -n "${SERVING_CONFIGS_4:-}" ]; then  # after the plain-prefill GPU tests, ~40 s
             (CUDA_VISIBLE_DEVICES=3 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_plain_prefill.py \
                 > "$W/plain_prefill_tests.log" 2>&1; serve 3 30300 serving_4 "$SERVING_CONFIGS_4" "$POINTS") &
         fi
@@ -199,16 +198,13 @@ timed)
     pack
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
     tail -8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
-    grep -h "latency\|throughput" "$W"/onebatch_*.log 2>/dev/null | grep -v "^ " | tail -24
-    head -30 "$W"/trace_*.txt 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
+    kernel_summary onebatch 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
 onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
     source scripts/gpu_env.sh
     kill_gpu_procs
-    dummy_8b
-    onebatch 0 bf16 --attention-backend triton
-    onebatch 0 turbo4 --attention-backend turboquant --tq-config turbo4
+    kernel_part onebatch 0
     pack
-    grep -h "latency\|throughput" "$W"/onebatch_*.log | tail -24; head -30 "$W"/trace_*.txt ;;
+    kernel_summary onebatch ;;
 *)
     echo "usage: $0 kernels|upload-a|upload-b|checks|presets|eval|tp|timed|onebatch" >&2; exit 2 ;;
 esac
