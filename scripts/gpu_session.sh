@@ -49,12 +49,13 @@ dummy_8b() {  # the config-only Llama-3-8B-shape folder at /tmp/models/llama8b-s
 }
 onebatch() {  # onebatch GPU NAME BACKEND-ARGS...: scripts/bench_one_batch_tq.py on the 8B shape, B 1 and 8
     # x 1K (prefill and decode latencies without server or scheduler), then the B=1 and B=8 prefills profiled and
-    # summarized by kernel (scripts/trace_summary.py; the trace itself is not kept)
+    # summarized by kernel (scripts/trace_summary.py; the trace itself is not kept). ONEBATCH_INPUT_LENS: the
+    # unprofiled run's prompt lengths (default 1024; e.g. "1024 16384")
     local gpu=$1 name=$2; shift 2
     local common=(--model-path /tmp/models/llama8b-shape --load-format dummy --grammar-backend none
         --mem-fraction-static 0.8 --chunked-prefill-size 16384 --input-len 1024 --output-len 32)
     CUDA_VISIBLE_DEVICES=$gpu timeout "${ONEBATCH_LIMIT_S:-240}" python3 scripts/bench_one_batch_tq.py "${common[@]}" \
-        --batch-size 1 8 --run-name "$name" --result-filename "$W/onebatch.jsonl" "$@" > "$W/onebatch_$name.log" 2>&1
+        --input-len ${ONEBATCH_INPUT_LENS:-1024} --batch-size 1 8 --run-name "$name" --result-filename "$W/onebatch.jsonl" "$@" > "$W/onebatch_$name.log" 2>&1
     mkdir -p "$W/trace_$name"
     CUDA_VISIBLE_DEVICES=$gpu SGLANG_TORCH_PROFILER_DIR="$W/trace_$name" timeout "${ONEBATCH_LIMIT_S:-240}" \
         python3 scripts/bench_one_batch_tq.py "${common[@]}" --batch-size 1 8 --profile --profile-stage prefill \
@@ -77,7 +78,10 @@ kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VI
             > "$W/step.log" 2>&1 ;;
     sweep) timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
             --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1 ;;
-    onebatch) dummy_8b; onebatch "$2" bf16 --attention-backend triton
+    onebatch) dummy_8b  # ONEBATCH_BASELINES: the BF16 runs' attention backends (default triton)
+        for b in $(echo "${ONEBATCH_BASELINES:-triton}" | tr , ' '); do
+            onebatch "$2" "bf16$([ "$b" = triton ] || echo "_$b")" --attention-backend "$b"
+        done
         onebatch "$2" turbo4 --attention-backend turboquant --tq-config turbo4 ;;
     *) echo "unknown kernel part $1" >&2 ;;
     esac
@@ -92,8 +96,8 @@ kernel_summary() {  # kernel_summary PART: the lines of its log worth reading
     onebatch) grep -h "latency\|throughput" "$W"/onebatch_*.log | grep -v "^ " | tail -24; head -30 "$W"/trace_*.txt ;;
     esac
 }
-kernel_tests() {  # the GPU kernel tests (about 3.5 minutes on an H200)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
+kernel_tests() {  # the GPU kernel tests (over 5 minutes on an H200 since the eleventh session)
+    timeout "${KERNEL_TESTS_LIMIT_S:-480}" python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
         tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
 }
 case "$STEP" in

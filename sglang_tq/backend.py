@@ -80,6 +80,9 @@ EXTEND_SPLITS_ENV = "SGLANG_TQ_EXTEND_SPLITS"
 # cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
 # bf16 K/V (same result up to rounding, BF16-KV prefill speed).
 PLAIN_PREFILL_ENV = "SGLANG_TQ_PLAIN_PREFILL"
+# Which kernel runs those plain prefills: "flashinfer" (default where it imports: its ragged prefill, FA3
+# on sm_90, as SGLang's flashinfer backend runs them) or "triton" (SGLang's Triton extend kernel).
+PLAIN_PREFILL_KERNEL_ENV = "SGLANG_TQ_PLAIN_PREFILL_KERNEL"
 # 0 = do not compile the packed-prefix extend kernel at start-up. Default 1: without it the first prefill
 # that hits the radix cache pays Triton's JIT for each variant (seen on an H200 as a 3 s stall of every
 # request then waiting, SmolLM2 at 4K prompts; the ninth session's serving run).
@@ -176,6 +179,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.rotate_q = _env_choice(ROTATE_Q_ENV)
         self.extend_splits = None if self.batch_invariant else _env_choice(EXTEND_SPLITS_ENV)
         self.plain_prefill = _env_on(PLAIN_PREFILL_ENV)
+        # batch-invariant runs keep SGLang's Triton kernel (per-sequence results that no batch changes)
+        self.ragged_prefill = None
+        if (self.on_cuda and self.plain_prefill and not self.batch_invariant
+                and os.environ.get(PLAIN_PREFILL_KERNEL_ENV, "flashinfer").strip().lower() == "flashinfer"):
+            from .flashinfer_prefill import RaggedPrefill
+            self.ragged_prefill = RaggedPrefill.create(self.device)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -186,8 +195,11 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.window:
             lowest_free_first(model_runner.req_to_token_pool)
         if self.on_cuda and not skip_prefill and _env_on(WARM_EXTEND_ENV):
-            self.warm_extend_kernels(getattr(model_runner, "dtype", pool.model_dtype),
-                                     logit_caps=_model_logit_caps(getattr(model_runner, "model", None)))
+            caps = _model_logit_caps(getattr(model_runner, "model", None))
+            dtype = getattr(model_runner, "dtype", pool.model_dtype)
+            self.warm_extend_kernels(dtype, logit_caps=caps)
+            if self.ragged_prefill is not None:  # FlashInfer's JIT build of its prefill module
+                self.warm_plain_prefill(dtype, logit_caps=caps)
 
     # ----------------------------------------------------------------------------------------
     # Metadata: the parent's on CUDA; the same tensors computed in torch elsewhere.
@@ -265,8 +277,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         with and without the query group packed into the rows, so Triton compiles every variant before
         the first request. Only the constexprs select a variant (formats, block size, GQA packing,
         window, causal, soft-cap on or off; strides and the index dtypes are the
-        serving ones: the parent's own indptr buffers), so serving finds them all compiled. Writes no
-        cache row. Returns the number of runs."""
+        serving ones: the parent's own indptr buffers), so serving finds them all compiled. It also
+        runs a prefill-sized compress (its own tile size) into slot 0, the padding slot; it writes no
+        other cache row. Returns the number of extend runs."""
         pool, dev = self.tq_pool, self.device
         n_new, h_q, h_kv = 2, self.num_head, pool.head_num
         qo_indptr = self.qo_indptr[:2]
@@ -297,6 +310,13 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             if (kb.codec.fmt, vb.codec.fmt) in seen:
                 continue
             seen.add((kb.codec.fmt, vb.codec.fmt))
+            # the prefill's compress tile (tq_kernels.compress.choose_compress_tile: 32 rows from 17 on):
+            # 32 rows of slot 0, SGLang's padding slot, no ring row written
+            rows = torch.randn(32, 2 * h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+            pool.set_kv_buffer(None, torch.zeros(32, dtype=torch.int64, device=dev), rows[:, :h_kv],
+                               rows[:, h_kv:, :pool.v_head_dim], layer_id_override=lid,
+                               window_rows=(torch.full((32,), -1, dtype=torch.int32, device=dev)
+                                            if self.window else None))
             for block_m, cap, pack, splits in itertools.product(block_ms, logit_caps, packings, splittings):
                 self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                              qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
@@ -305,6 +325,18 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                              **({"num_splits": splits} if splits > 1 else {}), **extra)
                 runs += 1
         return runs
+
+    def warm_plain_prefill(self, dtype, logit_caps=(0.0,)) -> None:
+        """One tiny plain prefill per logit soft-cap through FlashInfer's ragged prefill, so its JIT
+        build happens at start-up and not at the first request."""
+        pool, dev = self.tq_pool, self.device
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(2, self.num_head, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+        kv = torch.randn(2, 2 * pool.head_num, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+        out = torch.empty(2, self.num_head, pool.v_head_dim, device=dev, dtype=dtype)
+        for cap in logit_caps:
+            self.ragged_prefill.run(q, kv[:, :pool.head_num], kv[:, pool.head_num:, :pool.v_head_dim], out, [2],
+                                    pool.head_dim ** -0.5, cap, True)
 
     def num_splits(self, bs: int) -> Optional[int]:
         """Static split-K count for a decode batch of `bs` (cached): the same for eager and graph runs;
@@ -384,6 +416,14 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         pool = forward_batch.token_to_kv_pool
         if not pool.is_quantized(layer.layer_id):
             if self.on_cuda:
+                if (self.ragged_prefill is not None and sinks is None and not layer.is_cross_attention
+                        and getattr(layer, "sliding_window_size", -1) in (-1, None)
+                        and self._no_cached_prefix(forward_batch)):
+                    # a boundary layer's plain prefill: the same FlashInfer kernel as the quantized layers'
+                    if save_kv_cache:
+                        pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+                    o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+                    return self._plain_extend(q, k, v, o, layer, forward_batch)
                 return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
             return self._torch_extend(q, k, v, layer, forward_batch, save_kv_cache)
         self._check_layer(layer, sinks)
@@ -397,7 +437,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         k_mean = self._key_mean(pool, layer)
         if (self.on_cuda and self.plain_prefill and not self.prefill_from_cache
                 and self._no_cached_prefix(forward_batch)):
-            return self._plain_extend(q, k, v, o, layer)
+            return self._plain_extend(q, k, v, o, layer, forward_batch)
         extra = {}
         if self.prefill_from_cache:
             # stored keys are codes of k - mu: dequantized they are already centered like the prefix
@@ -442,19 +482,27 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
         return lens is not None and len(lens) > 0 and not any(lens)
 
-    def _plain_extend(self, q, k, v, o, layer):
+    def _plain_extend(self, q, k, v, o, layer, forward_batch=None):
         """Attention of new tokens without a cached prefix: nothing is read from the packed cache, and
         the rotation is orthogonal, so this is plain attention over the new bf16 K/V (key centering
-        only shifts each query's scores by a constant). SGLang's own Triton extend kernel serves it,
-        so such a prefill runs as fast as with BF16 KV; the K/V were already stored packed. The kernel
-        takes row and head strides, so q/k/v go in as the views of the qkv projection they are: no
-        copies (a copy of q was 2.5 ms of an 8B-shape 8 x 1K prefill on an H200, tenth session)."""
+        only shifts each query's scores by a constant). FlashInfer's ragged prefill serves it where it
+        imports (`flashinfer_prefill.RaggedPrefill`), else SGLang's own Triton extend kernel, so such a
+        prefill runs as fast as with BF16 KV; the K/V were already stored packed. Both kernels take
+        row and head strides, so q/k/v go in as the views of the qkv projection they are: no copies
+        (a copy of q was 2.5 ms of an 8B-shape 8 x 1K prefill on an H200, tenth session)."""
         md = self.forward_metadata
+        q3 = _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim)
         k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
         v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
+        o3 = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        lens = getattr(forward_batch, "extend_seq_lens_cpu", None) if forward_batch is not None else None
+        if self.ragged_prefill is not None and lens and sum(lens) <= q3.shape[0]:
+            self.ragged_prefill.run(q3, k3, v3, o3, lens, layer.scaling,
+                                    logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+                                    self._causal(layer))
+            return o
         self.extend_attention_fwd(
-            _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim), k3, v3,
-            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            q3, k3, v3, o3,
             k3, v3,  # the prefix buffers: every prefix is empty, so the kernel reads none of them
             md.qo_indptr, md.kv_indptr, md.kv_indices, md.custom_mask, self._causal(layer), md.mask_indptr,
             md.max_extend_len, 1.0, 1.0, layer.scaling,

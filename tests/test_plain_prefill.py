@@ -1,8 +1,9 @@
 """The plain-prefill path of the backend (a batch without cached prefixes: attention over the new
-bf16 K/V only, SGLang's Triton extend kernel) on a GPU against a torch reference: q/k/v go in as the
-strided views of one qkv projection they are (no copies), grouped queries, rows padded as a piecewise
-CUDA graph pads them (left untouched), soft-capping. Those cases skip without CUDA; the view helper is
-checked everywhere."""
+bf16 K/V only, FlashInfer's ragged prefill or SGLang's Triton extend kernel) on a GPU against a torch
+reference: q/k/v go in as the strided views of one qkv projection they are (no copies), grouped
+queries, rows padded as a piecewise CUDA graph pads them (left untouched), soft-capping. Those cases
+skip without CUDA (the FlashInfer ones also without FlashInfer); the view helper and the FlashInfer
+planning are checked everywhere."""
 import types
 
 import pytest
@@ -29,9 +30,11 @@ def _reference(q, k, v, lens, scale, cap):
 
 
 @needs_cuda
+@pytest.mark.parametrize("kernel", ["triton", "flashinfer"])
 @pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "softcap"])
-def test_plain_prefill_matches_reference(cap):
+def test_plain_prefill_matches_reference(cap, kernel):
     from sglang_tq.backend import TurboQuantAttnBackend
+    from sglang_tq.flashinfer_prefill import RaggedPrefill
 
     dev = torch.device("cuda")
     from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
@@ -48,10 +51,14 @@ def test_plain_prefill_matches_reference(cap):
     layer = types.SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, qk_head_dim=D,
                                   v_head_dim=D, scaling=D ** -0.5, logit_capping_method="tanh", logit_cap=cap,
                                   xai_temperature_len=-1)
-    backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True,
+    ragged = RaggedPrefill.create(dev) if kernel == "flashinfer" else None
+    if kernel == "flashinfer" and ragged is None:
+        pytest.skip("FlashInfer is not importable here")
+    backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=ragged,
                                     extend_attention_fwd=extend_attention_fwd)
     o = torch.full((T + pad, HQ * D), 7.0, device=dev, dtype=torch.bfloat16)
-    ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer)
+    fb = types.SimpleNamespace(extend_seq_lens_cpu=lens)
+    ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
     assert ret is o
     ref = _reference(q.view(-1, HQ, D), k.view(-1, HKV, D), v.view(-1, HKV, D), lens, D ** -0.5, cap)
     err = (o[:T].view(T, HQ, D).float() - ref).norm() / ref.norm()
@@ -72,3 +79,35 @@ def test_head_rows_views_without_copy():
     t = torch.randn(5, D, HKV).transpose(1, 2)  # [5, HKV, D] with the last dim strided
     r = _head_rows(t, HKV, D)
     assert r.stride(-1) == 1 and torch.equal(r, t)
+
+
+def test_ragged_prefill_plans_once_per_batch():
+    """RaggedPrefill plans on host lengths (int32 indptr on the CPU: no device sync) once per distinct
+    batch and layer parameters, and runs on the batch's rows only (padding rows are not passed)."""
+    from sglang_tq.flashinfer_prefill import RaggedPrefill
+
+    calls = []
+
+    class FakeWrapper:
+        def plan(self, qo, kv, hq, hkv, d, **kw):
+            assert qo.device.type == "cpu" and qo.dtype == torch.int32 and torch.equal(qo, kv)
+            calls.append(("plan", qo.tolist(), hq, hkv, d, kw["causal"], kw["logits_soft_cap"], kw["sm_scale"]))
+
+        def run(self, q, k, v, out):
+            assert q.shape[0] == k.shape[0] == v.shape[0] == out.shape[0]
+            out.fill_(1.0)
+            calls.append(("run", q.shape[0]))
+
+    rp = RaggedPrefill.__new__(RaggedPrefill)
+    rp.wrapper, rp._planned = FakeWrapper(), None
+    qkv = torch.randn(12, (HQ + 2 * HKV) * D)
+    q, k, v = (t.view(12, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
+    out = torch.zeros(12, HQ, D)
+    for _layer in range(3):
+        rp.run(q, k, v, out, [3, 6], 0.125, 0.0, True)
+    assert calls == [("plan", [0, 3, 9], HQ, HKV, D, True, 0.0, 0.125)] + [("run", 9)] * 3
+    assert torch.all(out[:9] == 1.0) and torch.all(out[9:] == 0.0)
+    rp.run(q, k, v, out, [3, 6], 0.125, 30.0, True)  # another soft-cap: a new plan
+    rp.run(q, k, v, out, [12], 0.125, 30.0, True)  # another batch: a new plan
+    assert [c[0] for c in calls[4:]] == ["plan", "run", "plan", "run"] and calls[-2][1] == [0, 12]
+    assert RaggedPrefill.create("cpu") is None

@@ -361,8 +361,9 @@ def test_model_logit_caps():
 def test_warm_extend_kernels_runs_each_variant_once(setup):
     """The start-up warm-up (run on CUDA in __init__) calls the Triton extend kernel once per distinct
     (K format, V format) of the quantized layers, per block size and with and without GQA packing (a
-    group of 3 here), over slot 0, with the parent's own indptr buffers (the dtypes serving passes),
-    and leaves every cache row as it was."""
+    group of 3 here) and per prefix split count (1, and 2 where the kernel splits by itself), over
+    slot 0, with the parent's own indptr buffers (the dtypes serving passes). It compresses a
+    prefill-sized batch into slot 0 (SGLang's padding slot) and leaves every other cache row as it was."""
     from tq_kernels import ops
 
     s = setup
@@ -374,24 +375,30 @@ def test_warm_extend_kernels_runs_each_variant_once(setup):
         out = ops.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
         assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
         assert qo.dtype == backend.qo_indptr.dtype and kvp.dtype == backend.kv_indptr.dtype
-        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"], kw["gqa_pack"]))
+        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"], kw["gqa_pack"],
+                      kw.get("num_splits", 1)))
         return out
 
+    splits = (1, 2) if getattr(backend.ops, "extend_auto_splits", lambda: False)() else (1,)
+    n = 12 * len(splits)
     saved = backend._extend
     backend._extend = recording
     try:
         runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
-        assert runs == len(calls) == 12
+        assert runs == len(calls) == n
         runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
     finally:
         backend._extend = saved
     pairs = {(pool.codecs(lid)[0].fmt, pool.codecs(lid)[1].fmt) for lid in range(NUM_LAYERS) if pool.is_quantized(lid)}
     assert len(pairs) == 3  # layers 1, 2, 3 of CFG: three different K/V format pairs
-    assert set(calls[:12]) == {(kf, vf, bm, 0.0, p) for kf, vf in pairs for bm in (32, 64) for p in (False, True)}
-    assert runs == 12 and set(calls[12:]) == {(kf, vf, 32, cap, p) for kf, vf in pairs for cap in (0.0, 30.0)
-                                              for p in (False, True)}
+    assert set(calls[:n]) == {(kf, vf, bm, 0.0, p, ns) for kf, vf in pairs for bm in (32, 64)
+                              for p in (False, True) for ns in splits}
+    assert runs == n and set(calls[n:]) == {(kf, vf, 32, cap, p, ns) for kf, vf in pairs for cap in (0.0, 30.0)
+                                            for p in (False, True) for ns in splits}
+    changed = [not torch.equal(a, b) for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v"))]
     for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v")):
-        assert torch.equal(a, b)
+        assert torch.equal(a[1:], b[1:])  # rows past slot 0
+    assert any(changed)  # the compress warm-up wrote slot 0
 
 
 @pytest.mark.parametrize("from_cache", [False, True], ids=["fresh", "from-cache"])
