@@ -310,13 +310,14 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             if (kb.codec.fmt, vb.codec.fmt) in seen:
                 continue
             seen.add((kb.codec.fmt, vb.codec.fmt))
-            # the prefill's compress tile (tq_kernels.compress.choose_compress_tile: 32 rows from 17 on):
-            # 32 rows of slot 0, SGLang's padding slot, no ring row written
-            rows = torch.randn(32, 2 * h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
-            pool.set_kv_buffer(None, torch.zeros(32, dtype=torch.int64, device=dev), rows[:, :h_kv],
-                               rows[:, h_kv:, :pool.v_head_dim], layer_id_override=lid,
-                               window_rows=(torch.full((32,), -1, dtype=torch.int32, device=dev)
-                                            if self.window else None))
+            # the prefill's compress tiles (tq_kernels.compress.choose_compress_tile: 16 rows up to 16
+            # tokens, 32 from 17 on) into slot 0, SGLang's padding slot, no ring row written
+            for n_rows in (2, 32):
+                rows = torch.randn(n_rows, 2 * h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+                pool.set_kv_buffer(None, torch.zeros(n_rows, dtype=torch.int64, device=dev), rows[:, :h_kv],
+                                   rows[:, h_kv:, :pool.v_head_dim], layer_id_override=lid,
+                                   window_rows=(torch.full((n_rows,), -1, dtype=torch.int32, device=dev)
+                                                if self.window else None))
             for block_m, cap, pack, splits in itertools.product(block_ms, logit_caps, packings, splittings):
                 self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                              qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
