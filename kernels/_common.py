@@ -344,12 +344,13 @@ def online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
 
 @triton.jit
 def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   MV_SCALE: tl.constexpr = 0.0):
+                   MV_SCALE: tl.constexpr = 0.0, add_ptrs=None, add_w=None):
     """out[:, j] = sum_k acc[:, k] M_v[k, j] (x = M_v^T u), BLOCK_DO output columns at a time;
     out_ptrs [R] point at each output row (unit stride over the head dim).
     MV_SCALE > 0: mv_ptr holds M_v's int8 signs (M_v = signs * MV_SCALE; `rotation_operand`), and acc
     goes through two bf16 MMAs as hi + lo (16 mantissa bits, exact products, fp32 sums); else mv_ptr
-    holds M_v in fp32 and one tf32x3 dot does it (three MMAs on fp32 operands)."""
+    holds M_v in fp32 and one tf32x3 dot does it (three MMAs on fp32 operands).
+    add_ptrs / add_w ([R] rows and weights): out += add_w * the rows at add_ptrs (already un-rotated)."""
     kk = tl.arange(0, DV)
     if MV_SCALE > 0:
         hi = acc.to(tl.bfloat16)
@@ -362,6 +363,8 @@ def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: 
         else:
             mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
             o = tl.dot(acc, mv, input_precision="tf32x3")
+        if add_ptrs is not None:
+            o += add_w[:, None] * tl.load(add_ptrs[:, None] + jj[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
         tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])
 
 

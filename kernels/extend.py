@@ -50,7 +50,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
                    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
-                   K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr,
+                   K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                    K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                    K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -65,6 +65,8 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
     # SPLIT (split-K over the prefix): axis 2 is (block of new tokens, split); split sp reads its share of
     # the prefix, the last split also the new tokens, and each writes its normalized accumulator and lse
     # to the workspace for _extend_merge_kernel.
+    # NEW == False (the new tokens' attention comes from another kernel, `new_part`): only the prefix is
+    # read, always through the workspace (SPLIT), and the merge folds in that outside partial.
     i = tl.program_id(0)
     h = tl.program_id(1)
     if SPLIT:
@@ -124,30 +126,31 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
             V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
 
     # ---- new tokens (already rotated, unquantized), causal
-    if CAUSAL:
-        hi = tl.minimum(ext, (mb + 1) * BLOCK_T)
-    else:
-        hi = ext
-    if SPLIT:
-        hi = tl.where(sp == num_splits - 1, hi, 0)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < hi
-        tok = (q0 + cols).to(tl.int64)
-        k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k))
-        if WINDOW > 0:  # key j exact for query i when i - j < WINDOW, else as the codes give it back
-            recent = (rows[:, None] - cols[None, :]) < WINDOW
-            ko = tl.load(ko_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
-            s = tl.where(recent, s, tl.dot(q, tl.trans(ko)))
-        p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
-        v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
-        if WINDOW > 0:
-            vo = tl.load(vo_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
-            acc = (acc * alpha[:, None] + tl.dot(tl.where(recent, p, 0.0).to(tl.bfloat16), v)
-                   + tl.dot(tl.where(recent, 0.0, p).to(tl.bfloat16), vo))
+    if NEW:  # else the new tokens' part comes from new_part, merged by _extend_merge_kernel
+        if CAUSAL:
+            hi = tl.minimum(ext, (mb + 1) * BLOCK_T)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+            hi = ext
+        if SPLIT:
+            hi = tl.where(sp == num_splits - 1, hi, 0)
+        for n0 in range(0, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < hi
+            tok = (q0 + cols).to(tl.int64)
+            k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            if WINDOW > 0:  # key j exact for query i when i - j < WINDOW, else as the codes give it back
+                recent = (rows[:, None] - cols[None, :]) < WINDOW
+                ko = tl.load(ko_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
+                s = tl.where(recent, s, tl.dot(q, tl.trans(ko)))
+            p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
+            v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
+            if WINDOW > 0:
+                vo = tl.load(vo_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
+                acc = (acc * alpha[:, None] + tl.dot(tl.where(recent, p, 0.0).to(tl.bfloat16), v)
+                       + tl.dot(tl.where(recent, 0.0, p).to(tl.bfloat16), vo))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
     has = l_i > 0
     acc = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -163,10 +166,13 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_seqs, num_splits, mv_ptr,
-                         out_ptr, out_t, out_h, V_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr):
+                         out_ptr, out_t, out_h, no_ptr, no_t, no_h, nl_ptr, nl_t, nl_h,
+                         V_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DO: tl.constexpr,
+                         MV_SCALE: tl.constexpr, NEW_PART: tl.constexpr):
     """The splits' normalized partials of BLOCK_R new tokens of one query head -> the merged, un-rotated
-    output (decode's log-sum-exp step, `_merge_step`). Rows past the batch's real tokens
+    output (decode's log-sum-exp step, `_merge_step`). NEW_PART: one more normalized partial, the new
+    tokens' attention from another kernel (no_ptr, un-rotated, with its lse at nl_ptr in log2 units):
+    its weight goes on after the un-rotation, which is linear. Rows past the batch's real tokens
     (piecewise-graph padding) are left untouched."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
@@ -180,9 +186,21 @@ def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_
         lse = tl.load(ws_lse_ptr + wrow, mask=rmask, other=float("-inf"))
         o = tl.load(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], mask=rmask[:, None], other=0.0)
         m, l_sum, acc = _merge_step(m, l_sum, acc, lse, o)
-    acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     orow = out_ptr + rows.to(tl.int64) * out_t + head * out_h
-    unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
+    if NEW_PART:
+        lse_n = tl.load(nl_ptr + rows.to(tl.int64) * nl_t + head * nl_h, mask=rmask, other=float("-inf"))
+        m_new = tl.maximum(m, lse_n)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        beta = tl.exp2(lse_n - m_use)
+        l_tot = l_sum * alpha + beta
+        l_tot = tl.where(l_tot > 0, l_tot, 1.0)
+        acc = acc * (alpha / l_tot)[:, None]
+        nrow = no_ptr + rows.to(tl.int64) * no_t + head * no_h
+        unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE, nrow, beta / l_tot)
+    else:
+        acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
 # Split-K over the prefix chosen by `extend_attention(num_splits=None)` itself. On an H200 (eleventh
@@ -231,7 +249,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      num_stages: int = 2,
                      use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
                      gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
-                     max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None):
+                     max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None,
+                     new_part: Optional[tuple] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -259,8 +278,16 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     longest cached prefix in the batch, a Python int the caller knows without a sync).
     window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
     key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
-    values as the codes give them back; k_old already centered, so k_mean applies to k_new only)."""
+    values as the codes give them back; k_old already centered, so k_mean applies to k_new only).
+    new_part (o_new, lse_new): the new tokens' attention over themselves already computed by another
+    kernel (e.g. FlashInfer's ragged prefill with its lse): o_new [T, H_q, d_v] in the original domain,
+    lse_new fp32 [T, H_q] in log2 units (log2 of the sum of exp(score * sm_scale), soft-capped as here;
+    FlashInfer's convention). This kernel then reads only the prefix, into fp32 partials, and the merge
+    launch folds o_new in by its lse. k_new / v_new are not read (no window then). For long new-token
+    runs, where a dedicated prefill kernel is much faster than this kernel's bf16 loop."""
     kf, vf = kcodec.fmt, vcodec.fmt
+    if new_part is not None and window is not None and window.size > 0:
+        raise ValueError("new_part and a recent window (evaluation view) do not combine")
     if vf.qjl:
         raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
     if (block_m is not None and block_m < 32) or block_n < 32:
@@ -294,12 +321,15 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         num_warps = 8 if block_m >= 128 else 4
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
     qr = torch.matmul(q3.to(torch.float32), kt["wt"])                              # [T, H_q, d_k (+m)]
-    kn = k_new.reshape(T, h_kv, d_k).to(torch.float32)
-    if k_mean is not None:
-        assert tuple(k_mean.shape) == (h_kv, d_k), f"k_mean must be [{h_kv}, {d_k}], got {tuple(k_mean.shape)}"
-        kn = kn - k_mean.to(device=dev, dtype=torch.float32)
-    kn = torch.matmul(kn, kt["mt"]).to(torch.bfloat16)                            # k~ = (k - mu) M_k^T
-    vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)  # v~ = v M_v^T
+    if new_part is not None:  # the new tokens' K/V are not read: any tensor stands in for them
+        kn = vn = qr
+    else:
+        kn = k_new.reshape(T, h_kv, d_k).to(torch.float32)
+        if k_mean is not None:
+            assert tuple(k_mean.shape) == (h_kv, d_k), f"k_mean must be [{h_kv}, {d_k}], got {tuple(k_mean.shape)}"
+            kn = kn - k_mean.to(device=dev, dtype=torch.float32)
+        kn = torch.matmul(kn, kt["mt"]).to(torch.bfloat16)                        # k~ = (k - mu) M_k^T
+        vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)  # v~ = v M_v^T
     if window is not None and window.size > 0:
         ko = torch.matmul(window.k_old.reshape(T, h_kv, d_k).to(torch.float32), kt["mt"]).to(torch.bfloat16)
         vo = torch.matmul(window.v_old.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)
@@ -318,7 +348,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         num_splits = (choose_extend_splits(n_seqs * heads_axis * blocks, max_prefix_len, T, h_q, d_v, dev, block_n)
                       if auto and max_prefix_len is not None else 1)
     num_splits = max(1, int(num_splits))
-    if num_splits > 1:  # fp32 partials: [splits, T, H_q] rows of d_v (normalized accumulator) and their lse
+    split = num_splits > 1 or new_part is not None
+    if split:  # fp32 partials: [splits, T, H_q] rows of d_v (normalized accumulator) and their lse
         ws_acc = torch.empty(num_splits, T, h_q, d_v, dtype=torch.float32, device=dev)
         ws_lse = torch.empty(num_splits, T, h_q, dtype=torch.float32, device=dev)
     else:
@@ -334,14 +365,23 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, mv, out3,
         out3.stride(0), out3.stride(1), ws_acc, ws_lse, T * h_q, h_q, 1, num_splits,
-        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=num_splits > 1,
-        USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize,
+        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
+        USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize, NEW=new_part is None,
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
+    if split:
+        if new_part is not None:
+            o_new = new_part[0].view(-1, h_q, d_v)
+            lse_new = new_part[1].view(-1, h_q)
+            assert o_new.shape[0] >= T and lse_new.shape[0] >= T and o_new.stride(2) == 1
+            assert lse_new.dtype == torch.float32
+        else:
+            o_new, lse_new = out3, ws_lse[0]
         _extend_merge_kernel[(triton.cdiv(T, 32), h_q)](
             ws_acc, ws_lse, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, mv, out3, out3.stride(0), out3.stride(1),
-            V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale, num_warps=4)
+            o_new, o_new.stride(0), o_new.stride(1), lse_new, lse_new.stride(0), lse_new.stride(1),
+            V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale, NEW_PART=new_part is not None,
+            num_warps=4)
     return out

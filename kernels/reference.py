@@ -161,3 +161,32 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         return res.to(q.dtype)
     out.view(T, h_q, d_v).copy_(res.to(out.dtype))
     return out
+
+
+def new_token_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, qo_indptr: torch.Tensor,
+                        sm_scale: float, logit_cap: float = 0.0, causal: bool = True,
+                        k_mean: Optional[torch.Tensor] = None) -> tuple:
+    """The new tokens' attention over themselves only, with its log-sum-exp: what
+    extend_attention(new_part=) takes from another kernel. -> (out fp32 [T, H_q, d_v], lse fp32 [T, H_q]
+    in log2 units: log2 of the sum of exp(soft-capped score * sm_scale), FlashInfer's convention). Keys
+    are centered with k_mean like the cache's, so the scores match the prefix part's."""
+    d_k, d_v = q.shape[-1], v_new.shape[-1]
+    T = q.shape[0]
+    q3 = q.reshape(T, -1, d_k).to(torch.float32)
+    h_q, h_kv = q3.shape[1], k_new.reshape(T, -1, d_k).shape[1]
+    k = _center(k_new.reshape(T, h_kv, d_k), k_mean).to(torch.float32).repeat_interleave(h_q // h_kv, dim=1)
+    v = v_new.reshape(T, h_kv, d_v).to(torch.float32).repeat_interleave(h_q // h_kv, dim=1)
+    out = torch.zeros(T, h_q, d_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((T, h_q), float("-inf"), dtype=torch.float32, device=q.device)
+    qo = qo_indptr.tolist()
+    for i in range(len(qo) - 1):
+        a, b = qo[i], qo[i + 1]
+        if b <= a:
+            continue
+        s = _softcap(torch.einsum("mhd,lhd->hml", q3[a:b], k[a:b]) * sm_scale, logit_cap)
+        if causal:
+            s = s.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).tril()[None],
+                              float("-inf"))
+        out[a:b] = torch.einsum("hml,lhd->mhd", torch.softmax(s, dim=-1), v[a:b])
+        lse[a:b] = (torch.logsumexp(s, dim=-1) * 1.4426950408889634).transpose(0, 1)
+    return out, lse

@@ -43,7 +43,6 @@ from tq_kernels import reference
 from tq_kernels.codec import VecFormat
 from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms
 from tq_kernels.compress import compress_and_store
-from tq_kernels import extend as tq_extend
 from tq_kernels.extend import extend_attention
 from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
 
@@ -280,10 +279,11 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
 def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     """`seqs` sequences' chunked-prefill continuations (radix hits, or second chunks of long prompts):
     each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
-    -> (ms of our extend
-    over the packed prefix, ms of the same with GQA packing (`extend_attention(gqa_pack=True)`), ms with
-    split-K over the prefix {"auto": choose_extend_splits, "4": 4 splits}, ms of SGLang's Triton extend
-    over a BF16 prefix or None)."""
+    -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "one_split" (no
+    prefix splits), "split4" (4 splits), "hybrid" (FlashInfer's ragged prefill for the new tokens with its
+    lse, then `extend_attention(new_part=)` over the packed prefix only; None without FlashInfer),
+    "fi_new" (that FlashInfer part alone), "sgl_triton_bf16" (SGLang's Triton extend over a BF16 prefix,
+    None if unavailable)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     n_slots = seqs * prefix + 1
@@ -297,34 +297,46 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     k = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn(T, hkv, d, device=dev, dtype=torch.bfloat16)
     out = torch.empty(T, hq, d, device=dev, dtype=torch.bfloat16)
-    ours = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
-                                          max_extend_len=new))
-    packed = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
-                                            max_extend_len=new, gqa_pack=True))
-    # split-K over the prefix (prepared, off by default): the automatic choice switched on for this
-    # timing, and 4 splits; the automatic GQA packing either way
-    splits = {}
-    saved = tq_extend.AUTO_SPLITS
-    tq_extend.AUTO_SPLITS = True
+    res = {}
+
+    def ext(**kw):
+        return bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
+                                              max_extend_len=new, max_prefix_len=prefix, **kw))
+    res["ours"] = ext()
+    res["one_split"] = ext(num_splits=1)
+    res["split4"] = ext(num_splits=4)
+    res["hybrid"] = res["fi_new"] = None
     try:
-        for name, ns in (("auto", None), ("4", 4)):
-            splits[name] = bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
-                                                          max_extend_len=new, max_prefix_len=prefix, num_splits=ns))
-    finally:
-        tq_extend.AUTO_SPLITS = saved
+        from sglang_tq.flashinfer_prefill import RaggedPrefill
+        ragged = RaggedPrefill.create(dev)
+    except Exception as e:  # noqa: BLE001 - FlashInfer is optional here
+        log(f"  FlashInfer ragged prefill not available: {type(e).__name__}: {e}")
+        ragged = None
+    if ragged is not None:
+        o_new = torch.empty(T, hq, d, device=dev, dtype=torch.bfloat16)
+        lse = torch.empty(T, hq, device=dev, dtype=torch.float32)
+        lens = [new] * seqs
+
+        def fi_new():
+            ragged.run(q, k, v, o_new, lens, d ** -0.5, 0.0, True, lse=lse)
+        res["fi_new"] = bench(fi_new)
+        res["hybrid"] = bench(lambda: (fi_new(), extend_attention(
+            q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out, max_extend_len=new, max_prefix_len=prefix,
+            new_part=(o_new, lse))))
     del bufs
+    res["sgl_triton_bf16"] = None
     try:
         from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     except Exception as e:  # noqa: BLE001 - the baseline is optional
         log(f"  sglang extend not available: {type(e).__name__}: {e}")
-        return ours, packed, splits, None
+        return res
     kb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
     vb = torch.randn(n_slots, hkv, d, device=dev, dtype=torch.bfloat16)
-    base = bench(lambda: extend_attention_fwd(q, k, v, out, kb, vb, qo, kvp, idx, None, True, None, new,
-                                              1.0, 1.0, d ** -0.5))
+    res["sgl_triton_bf16"] = bench(lambda: extend_attention_fwd(q, k, v, out, kb, vb, qo, kvp, idx, None, True, None,
+                                                                new, 1.0, 1.0, d ** -0.5))
     del kb, vb
     torch.cuda.empty_cache()
-    return ours, packed, splits, base
+    return res
 
 
 def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
@@ -612,17 +624,19 @@ def main():
         hq, hkv, d = SHAPES["hd128"]
         for codec in codecs:
             try:
-                ours, packed, splits, base = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
+                r = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
             except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
                 log(f"  extend failed {codec} {pt}: {type(e).__name__}: {e}")
                 continue
-            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, seqs=seqs, ms=ours,
-                                          ms_gqa_pack=packed, ms_split_auto=splits["auto"], ms_split4=splits["4"],
-                                          sgl_triton_bf16=base))
-            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {ours * 1e3:9.1f} us  "
-                f"gqa_pack {packed * 1e3:9.1f} us  split auto {splits['auto'] * 1e3:9.1f} / 4 {splits['4'] * 1e3:9.1f} us  "
-                f"SGLang triton BF16 "
-                + (f"{base * 1e3:9.1f} us  ratio {base / ours:.2f}x" if base else "-"))
+            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, seqs=seqs, **r))
+
+            def us(x):
+                return f"{x * 1e3:9.1f}" if x else "        -"
+            base = r["sgl_triton_bf16"]
+            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
+                f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
+                f"(FlashInfer new {us(r['fi_new'])})  SGLang triton BF16 {us(base)}"
+                + (f"  ratio {base / r['ours']:.2f}x" if base else ""))
 
     results["prefill"] = []
     for pt in args.prefill:

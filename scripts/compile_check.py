@@ -95,6 +95,9 @@ def main():
                 torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
                 torch.arange(1, 9), kc, vc, *bufs, q=torch.randn(8, hq, d, dtype=torch.bfloat16),
                 q_rot=torch.empty(8, hq, d))
+        jobs["compress-prefill"] = lambda: compress.compress_and_store(  # 40 rows: the prefill's 32-row tile
+            torch.randn(40, hkv, d, dtype=torch.bfloat16), torch.randn(40, hkv, d, dtype=torch.bfloat16),
+            torch.arange(1, 41) % 64, kc, vc, *bufs)
         jobs["compress-tile64"] = lambda: compress.compress_and_store(  # the long-prefill tile candidate
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 9), kc, vc, *bufs, block_t=64, num_warps=8)
@@ -167,6 +170,13 @@ def main():
                 torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
                 torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
                 block_m=bm, block_n=64, gqa_pack=pack, num_splits=3)
+        for bm in (64, 128):  # the new tokens' part from another kernel: prefix-only, merge folds it in
+            jobs[f"extend-new-part-bm{bm}"] = lambda bm=bm: extend.extend_attention(
+                torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+                torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+                torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+                block_m=bm, block_n=64, gqa_pack=False,
+                new_part=(torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hq)))
         for job, fn in jobs.items():
             if a.filter and a.filter not in f"{name} {job}":
                 continue

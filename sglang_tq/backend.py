@@ -83,6 +83,11 @@ PLAIN_PREFILL_ENV = "SGLANG_TQ_PLAIN_PREFILL"
 # Which kernel runs those plain prefills: "flashinfer" (default where it imports: its ragged prefill, FA3
 # on sm_90, as SGLang's flashinfer backend runs them) or "triton" (SGLang's Triton extend kernel).
 PLAIN_PREFILL_KERNEL_ENV = "SGLANG_TQ_PLAIN_PREFILL_KERNEL"
+# 1 = an extend over cached prefixes whose longest new-token run has at least HYBRID_MIN_NEW tokens takes
+# the new tokens' attention from FlashInfer's ragged prefill (with its lse) and reads only the packed
+# prefix in the TurboQuant kernel (tq_kernels.extend_attention's new_part). Prepared, not timed: off.
+HYBRID_EXTEND_ENV = "SGLANG_TQ_HYBRID_EXTEND"
+HYBRID_MIN_NEW = 1024
 # 0 = do not compile the packed-prefix extend kernel at start-up. Default 1: without it the first prefill
 # that hits the radix cache pays Triton's JIT for each variant (seen on an H200 as a 3 s stall of every
 # request then waiting, SmolLM2 at 4K prompts; the ninth session's serving run).
@@ -185,6 +190,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 and os.environ.get(PLAIN_PREFILL_KERNEL_ENV, "flashinfer").strip().lower() == "flashinfer"):
             from .flashinfer_prefill import RaggedPrefill
             self.ragged_prefill = RaggedPrefill.create(self.device)
+        self.hybrid_extend = self.ragged_prefill is not None and _env_flag(HYBRID_EXTEND_ENV)
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
@@ -325,6 +331,15 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                              k_mean=None if cap else pool.key_mean(lid),
                              **({"num_splits": splits} if splits > 1 else {}), **extra)
                 runs += 1
+            if self.hybrid_extend:  # the prefix-only variant that takes the new tokens' part from outside
+                o_new = torch.zeros(n_new, h_q, pool.v_head_dim, device=dev, dtype=dtype)
+                lse_new = torch.zeros(n_new, h_q, device=dev, dtype=torch.float32)
+                for block_m, cap in itertools.product(block_ms, logit_caps):
+                    self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
+                                 qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
+                                 causal=True, max_extend_len=n_new, block_m=block_m, gqa_pack=False,
+                                 new_part=(o_new, lse_new))
+                    runs += 1
         return runs
 
     def warm_plain_prefill(self, dtype, logit_caps=(0.0,)) -> None:
@@ -452,6 +467,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 k, v = k_old, v_old
         elif k_mean is not None:
             extra["k_mean"] = k_mean
+        if (self.hybrid_extend and not self.prefill_from_cache and md.max_extend_len >= HYBRID_MIN_NEW):
+            extra.update(self._new_part(q, k, v, layer, forward_batch, k_mean))
         self._extend(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
             k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous(),
@@ -469,6 +486,25 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             **extra,
         )
         return o
+
+    def _new_part(self, q, k, v, layer, forward_batch, k_mean) -> dict:
+        """The new tokens' causal attention over themselves through FlashInfer's ragged prefill, with its
+        lse, as extend_attention's new_part ({} when the batch's host-side lengths are missing). Keys go in
+        centered like the cache's (k - mu), so both parts' scores shift alike."""
+        lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        q3 = _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim)
+        if not lens or sum(lens) > q3.shape[0]:
+            return {}
+        k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
+        if k_mean is not None:
+            k3 = k3 - k_mean.to(k3.dtype)
+        v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
+        o_new = q.new_empty((q3.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        lse = torch.empty((q3.shape[0], layer.tp_q_head_num), dtype=torch.float32, device=q.device)
+        self.ragged_prefill.run(q3, k3, v3, o_new, lens, layer.scaling,
+                                logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+                                self._causal(layer), lse=lse)
+        return {"new_part": (o_new, lse)}
 
     @staticmethod
     def _max_prefix_len(forward_batch) -> Optional[int]:

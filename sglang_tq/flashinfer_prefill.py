@@ -48,10 +48,13 @@ class RaggedPrefill:
             return None
 
     def run(self, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, out3: torch.Tensor,
-            lens: Sequence[int], sm_scale: float, logit_cap: float, causal: bool) -> None:
+            lens: Sequence[int], sm_scale: float, logit_cap: float, causal: bool,
+            lse: Optional[torch.Tensor] = None) -> None:
         """out3[:sum(lens)] = attention of q3 over k3 / v3 ([tokens, heads, dim] views, unit last stride),
-        sequence by sequence as `lens` cuts them. Plans again only when the lengths, shapes or
-        parameters change (once per batch in a model: every layer has the same ones)."""
+        sequence by sequence as `lens` cuts them; lse (fp32 [>= tokens, heads]) also gets each row's
+        log-sum-exp in log2 units (FlashInfer's convention, what tq_kernels.extend_attention(new_part=)
+        takes). Plans again only when the lengths, shapes or parameters change (once per batch in a
+        model: every layer has the same ones)."""
         n = sum(lens)
         key = (tuple(lens), q3.shape[1], k3.shape[1], q3.shape[2], v3.shape[2], q3.dtype, k3.dtype,
                float(sm_scale), float(logit_cap), bool(causal))
@@ -61,4 +64,7 @@ class RaggedPrefill:
                               causal=causal, logits_soft_cap=float(logit_cap), sm_scale=float(sm_scale),
                               q_data_type=q3.dtype, kv_data_type=k3.dtype)
             self._planned = key
-        self.wrapper.run(q3[:n], k3[:n], v3[:n], out=out3[:n])
+        if lse is None:
+            self.wrapper.run(q3[:n], k3[:n], v3[:n], out=out3[:n])
+        else:
+            self.wrapper.run(q3[:n], k3[:n], v3[:n], out=out3[:n], lse=lse[:n], return_lse=True)

@@ -171,3 +171,54 @@ def test_choose_extend_splits():
     s = ext.choose_extend_splits(max(sms // 4, 1), 16384, 512, 32, 128, DEV)
     assert 2 <= s <= 16 and s <= 16384 // (8 * 64)
     assert ext.choose_extend_splits(1, 1 << 20, 1 << 16, 32, 128, DEV) == 1     # partials over the cap
+
+
+NEW_PART_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
+                                                "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix")]
+
+
+@pytest.mark.parametrize("splits, pack", [(1, False), (2, True)], ids=["1-split", "2-splits-packed"])
+@pytest.mark.parametrize("case", NEW_PART_CASES, ids=[c[0] for c in NEW_PART_CASES])
+def test_extend_new_part_matches_reference(case, splits, pack):
+    """new_part: the new tokens' attention (and its log2 lse) from outside, as FlashInfer's ragged prefill
+    gives it; the kernel reads only the prefix and the merge folds both in. Sequences without a prefix
+    (their partial is empty) and key centering included."""
+    from tq_kernels.extend import extend_attention
+
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    if pack and bm < triton_next_pow2(hq // hkv):
+        pytest.skip("block too small for the packed group")
+    seed = zlib.crc32(name.encode()) + 4
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed % 5)
+    bufs = alloc_cache(kfmt, vfmt, sum(pre) + 11, hkv, DEV)
+    batch = fill_random_kv(pre, hkv, kc, vc, bufs, gen, DEV)
+    T = sum(new)
+    qo = torch.zeros(len(new) + 1, dtype=torch.int32)
+    qo[1:] = torch.tensor(new).cumsum(0)
+    dk, dv = kfmt.head_dim, vfmt.head_dim
+    q = (torch.randn(T, hq, dk, generator=gen) * 2).to(torch.bfloat16)
+    kn = torch.randn(T, hkv, dk, generator=gen).to(torch.bfloat16)
+    vn = torch.randn(T, hkv, dv, generator=gen).to(torch.bfloat16)
+    k_mean = None if (cap or kfmt.qjl) else torch.randn(hkv, dk, generator=gen) * 0.3
+    sm = dk ** -0.5
+    o_new, lse_new = reference.new_token_attention(q, kn, vn, qo, sm, cap, causal, k_mean=k_mean)
+    out = torch.full((T, hq, dv), float("nan"), dtype=torch.bfloat16, device=DEV)
+    extend_attention(q.to(DEV), kn.to(DEV), vn.to(DEV), *bufs, kc, vc, qo.to(DEV), batch.kv_indptr,
+                     batch.kv_indices, sm, cap, causal, out, max_extend_len=max(new), block_m=bm, block_n=bn,
+                     gqa_pack=pack, num_splits=splits, k_mean=None if k_mean is None else k_mean.to(DEV),
+                     new_part=(o_new.to(DEV, torch.bfloat16), lse_new.to(DEV)))
+    ref = reference.extend_attention(q, kn, vn, *[b.cpu() for b in bufs], kc, vc, qo, batch.kv_indptr.cpu(),
+                                     batch.kv_indices.cpu(), sm, cap, causal, k_mean=k_mean)
+    assert not torch.isnan(out).any()
+    err = rel_err(out.cpu().float(), ref.float())
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def test_new_token_attention_lse_is_log2():
+    """The reference new part's lse is log2(sum exp(score)): one query over one key gives score * log2(e)."""
+    q = torch.tensor([[[1.0, 2.0]]])
+    k = torch.tensor([[[0.5, 0.25]]])
+    v = torch.tensor([[[3.0, 4.0]]])
+    o, lse = reference.new_token_attention(q, k, v, torch.tensor([0, 1]), 0.5)
+    assert torch.allclose(o, v) and torch.allclose(lse, torch.tensor([[0.5 * 1.0 * 1.4426950408889634]]))

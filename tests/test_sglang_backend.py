@@ -453,3 +453,65 @@ def test_env_switches_reach_the_kernels(setup):
         assert TurboQuantAttnBackend(runner).extend_splits is None
     plain = TurboQuantAttnBackend(runner)
     assert plain.rotate_q is None and plain.extend_splits is None
+    with env(SGLANG_TQ_HYBRID_EXTEND="1"):  # needs FlashInfer's prefill: never on the CPU
+        hb = TurboQuantAttnBackend(runner)
+    assert hb.ragged_prefill is None and not hb.hybrid_extend
+    hb.hybrid_extend, calls = True, []  # as on a GPU: the warm-up also compiles the prefix-only variant
+    hb._extend = lambda *a, **kw: calls.append(kw)
+    hb.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
+    assert sum("new_part" in kw for kw in calls) == 2 * 3  # block sizes x K/V format pairs
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
+def test_hybrid_extend_matches_single_kernel(setup, monkeypatch):
+    """SGLANG_TQ_HYBRID_EXTEND: the new tokens' attention from the plain-prefill kernel (a torch stand-in
+    for FlashInfer here: called with the batch's lengths, keys centered like the cache's, an lse buffer)
+    plus the prefix-only TurboQuant kernel gives the one-kernel extend's output (a radix-hit sequence
+    and a fresh one, with and without key centering)."""
+    import sglang_tq.backend as backend_mod
+    from tq_kernels import ops, reference
+
+    s = setup
+    runner, pool, backend = s["runner"], s["pool"], s["backend"]
+    calls = []
+
+    class TorchRagged:
+        def run(self, q3, k3, v3, out3, lens, sm_scale, cap, causal, lse=None):
+            n = sum(lens)
+            qo = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+            o, l2 = reference.new_token_attention(q3[:n], k3[:n], v3[:n], qo, sm_scale, cap, causal)
+            out3[:n] = o.to(out3.dtype)
+            lse[:n] = l2
+            calls.append((list(lens), k3[:n].float().clone()))
+
+    r2t = runner.req_to_token_pool.req_to_token
+    prefix = runner.token_to_kv_pool_allocator.alloc(6)
+    r2t[7, :6] = prefix.to(r2t.dtype)
+    for layer in s["layers"]:
+        _, k, v = _qkv(s["gen"], 6)
+        pool.set_kv_buffer(layer, prefix, k.view(6, HKV, D), v.view(6, HKV, D))
+    new = [5, 4]
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t[7, 6:11] = slots[:5].to(r2t.dtype)
+    r2t[4, :4] = slots[5:].to(r2t.dtype)
+    monkeypatch.setattr(backend_mod, "HYBRID_MIN_NEW", 2)
+    saved = backend._extend, backend.ragged_prefill, backend.hybrid_extend
+    backend._extend, backend.ragged_prefill = ops.extend_attention, TorchRagged()
+    try:
+        for layer in s["layers"][1:]:  # the quantized layers
+            q, k, v = _qkv(s["gen"], sum(new))
+            outs = []
+            for hybrid in (False, True):
+                backend.hybrid_extend = hybrid
+                fb = extend_batch(runner, [7, 4], [6, 0], new, slots, backend)
+                backend.init_forward_metadata(fb)
+                outs.append(layer(q, k, v, fb).float())
+            assert calls and calls[-1][0] == new
+            mu = pool.key_mean(layer.layer_id)
+            k_sent = k.view(-1, HKV, D).float() - (mu if mu is not None else 0.0)
+            assert ((calls[-1][1] - k_sent).norm() / k_sent.norm()).item() < 1e-2  # centered (bf16 rounding)
+            err = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
+            assert err < 2e-2, f"layer {layer.layer_id}: {err:.3e}"
+    finally:
+        backend._extend, backend.ragged_prefill, backend.hybrid_extend = saved
