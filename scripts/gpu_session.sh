@@ -173,7 +173,6 @@ tp)
 timed)
     source scripts/gpu_env.sh
     kill_gpu_procs
-    export TRITON_CACHE_DIR=/tmp/triton_cache
     serve() {  # serve GPU PORT NAME CONFIGS POINTS: one bench_serving run, its servers one after another
         job "$1" "$2" "${SERVING_LIMIT_S:-480}" "$3" bench_serving.py --configs "$4" --points "$5" \
             --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" ${SERVING_MODEL:+--model "$SERVING_MODEL"}

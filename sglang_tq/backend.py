@@ -342,17 +342,28 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                     runs += 1
         return runs
 
-    def warm_plain_prefill(self, dtype, logit_caps=(0.0,)) -> None:
-        """One tiny plain prefill per logit soft-cap through FlashInfer's ragged prefill, so its JIT
-        build happens at start-up and not at the first request."""
+    def warm_plain_prefill(self, dtype, logit_caps=(0.0,)) -> bool:
+        """One tiny plain prefill per logit soft-cap through FlashInfer's ragged prefill (with its lse, as
+        the hybrid extend asks for it), so its JIT build happens at start-up and not at the first request.
+        If FlashInfer cannot serve this model (a head size or dtype it was not built for), plain prefills
+        go back to SGLang's Triton kernel: logged, returns False."""
         pool, dev = self.tq_pool, self.device
         gen = torch.Generator(device="cpu").manual_seed(0)
         q = torch.randn(2, self.num_head, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
         kv = torch.randn(2, 2 * pool.head_num, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
         out = torch.empty(2, self.num_head, pool.v_head_dim, device=dev, dtype=dtype)
-        for cap in logit_caps:
-            self.ragged_prefill.run(q, kv[:, :pool.head_num], kv[:, pool.head_num:, :pool.v_head_dim], out, [2],
-                                    pool.head_dim ** -0.5, cap, True)
+        lse = torch.empty(2, self.num_head, device=dev, dtype=torch.float32)
+        try:
+            for cap in logit_caps:
+                self.ragged_prefill.run(q, kv[:, :pool.head_num], kv[:, pool.head_num:, :pool.v_head_dim], out, [2],
+                                        pool.head_dim ** -0.5, cap, True, lse=lse)
+        except Exception as e:  # noqa: BLE001 - any FlashInfer failure: keep serving on Triton
+            logger.warning("TurboQuant: FlashInfer's ragged prefill failed at start-up (%s: %s); plain "
+                           "prefills use SGLang's Triton extend kernel", type(e).__name__, e)
+            self.ragged_prefill = None
+            self.hybrid_extend = False
+            return False
+        return True
 
     def num_splits(self, bs: int) -> Optional[int]:
         """Static split-K count for a decode batch of `bs` (cached): the same for eager and graph runs;

@@ -515,3 +515,30 @@ def test_hybrid_extend_matches_single_kernel(setup, monkeypatch):
             assert err < 2e-2, f"layer {layer.layer_id}: {err:.3e}"
     finally:
         backend._extend, backend.ragged_prefill, backend.hybrid_extend = saved
+
+
+def test_plain_prefill_falls_back_when_flashinfer_fails(setup):
+    """The start-up run of FlashInfer's prefill (with an lse, per soft-cap) switches plain prefills and the
+    hybrid extend back to SGLang's Triton path when FlashInfer cannot serve the model."""
+    backend = setup["backend"]
+    seen = []
+
+    class Ok:
+        def run(self, q3, k3, v3, out3, lens, sm_scale, cap, causal, lse=None):
+            assert lse is not None and lens == [2] and causal
+            seen.append(cap)
+
+    class Broken:
+        def run(self, *a, **kw):
+            raise RuntimeError("no kernel for this head size")
+
+    saved = backend.ragged_prefill, backend.hybrid_extend
+    try:
+        backend.ragged_prefill, backend.hybrid_extend = Ok(), True
+        assert backend.warm_plain_prefill(torch.bfloat16, logit_caps=(0.0, 30.0)) and seen == [0.0, 30.0]
+        assert backend.ragged_prefill is not None and backend.hybrid_extend
+        backend.ragged_prefill = Broken()
+        assert not backend.warm_plain_prefill(torch.bfloat16)
+        assert backend.ragged_prefill is None and not backend.hybrid_extend
+    finally:
+        backend.ragged_prefill, backend.hybrid_extend = saved
