@@ -443,7 +443,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         pool = forward_batch.token_to_kv_pool
         if not pool.is_quantized(layer.layer_id):
             if self.on_cuda:
-                if (self.ragged_prefill is not None and sinks is None and not layer.is_cross_attention
+                if (self._ragged_ok(layer) and sinks is None and not layer.is_cross_attention
                         and getattr(layer, "sliding_window_size", -1) in (-1, None)
                         and self._no_cached_prefix(forward_batch)):
                     # a boundary layer's plain prefill: the same FlashInfer kernel as the quantized layers'
@@ -498,13 +498,19 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         )
         return o
 
+    def _ragged_ok(self, layer) -> bool:
+        """FlashInfer's ragged prefill serves this layer's new tokens: it is there, and the batch has no
+        custom mask and the layer no Grok-style temperature (the Triton kernel's extras it lacks)."""
+        return (self.ragged_prefill is not None and self.forward_metadata.custom_mask is None
+                and getattr(layer, "xai_temperature_len", -1) in (-1, 0, None))
+
     def _new_part(self, q, k, v, layer, forward_batch, k_mean) -> dict:
         """The new tokens' causal attention over themselves through FlashInfer's ragged prefill, with its
         lse, as extend_attention's new_part ({} when the batch's host-side lengths are missing). Keys go in
         centered like the cache's (k - mu), so both parts' scores shift alike."""
         lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
         q3 = _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim)
-        if not lens or sum(lens) > q3.shape[0]:
+        if not self._ragged_ok(layer) or not lens or sum(lens) > q3.shape[0]:
             return {}
         k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
         if k_mean is not None:
@@ -544,7 +550,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
         o3 = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         lens = getattr(forward_batch, "extend_seq_lens_cpu", None) if forward_batch is not None else None
-        if self.ragged_prefill is not None and lens and sum(lens) <= q3.shape[0]:
+        if self._ragged_ok(layer) and lens and sum(lens) <= q3.shape[0]:
             self.ragged_prefill.run(q3, k3, v3, o3, lens, layer.scaling,
                                     logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
                                     self._causal(layer))

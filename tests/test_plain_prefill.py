@@ -56,6 +56,7 @@ def test_plain_prefill_matches_reference(cap, kernel):
         pytest.skip("FlashInfer is not importable here")
     backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=ragged,
                                     extend_attention_fwd=extend_attention_fwd)
+    backend._ragged_ok = types.MethodType(TurboQuantAttnBackend._ragged_ok, backend)
     o = torch.full((T + pad, HQ * D), 7.0, device=dev, dtype=torch.bfloat16)
     fb = types.SimpleNamespace(extend_seq_lens_cpu=lens)
     ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
@@ -111,3 +112,43 @@ def test_ragged_prefill_plans_once_per_batch():
     rp.run(q, k, v, out, [12], 0.125, 30.0, True)  # another batch: a new plan
     assert [c[0] for c in calls[4:]] == ["plan", "run", "plan", "run"] and calls[-2][1] == [0, 12]
     assert RaggedPrefill.create("cpu") is None
+
+
+def test_plain_extend_routes_to_flashinfer_only_when_it_can():
+    """The plain prefill goes to FlashInfer's ragged prefill with the batch's host lengths, except with a
+    custom mask or a Grok-style attention temperature (only SGLang's Triton kernel has those), or without
+    host lengths; then the Triton kernel runs."""
+    pytest.importorskip("sglang")
+    from sglang_tq.backend import TurboQuantAttnBackend
+
+    calls = []
+
+    class Ragged:
+        def run(self, q3, k3, v3, out3, lens, scale, cap, causal, lse=None):
+            calls.append(("flashinfer", list(lens), q3.shape, k3.shape))
+
+    def triton(*a, **kw):
+        calls.append(("triton",))
+
+    layer = types.SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, qk_head_dim=D,
+                                  v_head_dim=D, scaling=0.1, logit_capping_method="tanh", logit_cap=0.0,
+                                  xai_temperature_len=-1)
+    qkv = torch.randn(10, (HQ + 2 * HKV) * D)
+    q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+    o = torch.empty(10, HQ * D)
+    md = types.SimpleNamespace(qo_indptr=None, kv_indptr=None, kv_indices=None, custom_mask=None, mask_indptr=None,
+                               max_extend_len=6)
+    backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=Ragged(),
+                                    extend_attention_fwd=triton)
+    backend._ragged_ok = types.MethodType(TurboQuantAttnBackend._ragged_ok, backend)
+    fb = types.SimpleNamespace(extend_seq_lens_cpu=[4, 6])
+    assert TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb) is o
+    assert calls[-1] == ("flashinfer", [4, 6], (10, HQ, D), (10, HKV, D))
+    md.custom_mask = torch.ones(3, dtype=torch.bool)
+    TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
+    md.custom_mask = None
+    layer.xai_temperature_len = 1024
+    TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
+    layer.xai_temperature_len = -1
+    TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, types.SimpleNamespace())
+    assert [c[0] for c in calls] == ["flashinfer", "triton", "triton", "triton"]
