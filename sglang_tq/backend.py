@@ -307,6 +307,14 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         auto = (self.extend_splits if self.extend_splits is not None
                 else getattr(self.ops, "extend_auto_splits", lambda: False)())
         splittings = (1, 2) if (auto and not self.batch_invariant) else (1,)
+        variants = [dict(block_m=block_m, logit_cap=cap, gqa_pack=pack, **({"num_splits": splits} if splits > 1 else {}),
+                         **extra)
+                    for block_m, cap, pack, splits in itertools.product(block_ms, logit_caps, packings, splittings)]
+        if self.hybrid_extend:  # the prefix-only variant that takes the new tokens' part from outside
+            new_part = (torch.zeros(n_new, h_q, pool.v_head_dim, device=dev, dtype=dtype),
+                        torch.zeros(n_new, h_q, device=dev, dtype=torch.float32))
+            variants += [dict(block_m=block_m, logit_cap=cap, gqa_pack=False, new_part=new_part)
+                         for block_m, cap in itertools.product(block_ms, logit_caps)]
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
             if not quantized:
@@ -324,22 +332,11 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                                    rows[:, h_kv:, :pool.v_head_dim], layer_id_override=lid,
                                    window_rows=(torch.full((n_rows,), -1, dtype=torch.int32, device=dev)
                                                 if self.window else None))
-            for block_m, cap, pack, splits in itertools.product(block_ms, logit_caps, packings, splittings):
+            for kw in variants:
                 self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
-                             qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
-                             causal=True, max_extend_len=n_new, block_m=block_m, gqa_pack=pack,
-                             k_mean=None if cap else pool.key_mean(lid),
-                             **({"num_splits": splits} if splits > 1 else {}), **extra)
+                             qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, causal=True,
+                             max_extend_len=n_new, k_mean=None if kw["logit_cap"] else pool.key_mean(lid), **kw)
                 runs += 1
-            if self.hybrid_extend:  # the prefix-only variant that takes the new tokens' part from outside
-                o_new = torch.zeros(n_new, h_q, pool.v_head_dim, device=dev, dtype=dtype)
-                lse_new = torch.zeros(n_new, h_q, device=dev, dtype=torch.float32)
-                for block_m, cap in itertools.product(block_ms, logit_caps):
-                    self._extend(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
-                                 qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5, logit_cap=cap,
-                                 causal=True, max_extend_len=n_new, block_m=block_m, gqa_pack=False,
-                                 new_part=(o_new, lse_new))
-                    runs += 1
         return runs
 
     def warm_plain_prefill(self, dtype, logit_caps=(0.0,)) -> bool:
@@ -480,10 +477,10 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             extra["k_mean"] = k_mean
         if (self.hybrid_extend and not self.prefill_from_cache and md.max_extend_len >= HYBRID_MIN_NEW):
             extra.update(self._new_part(q, k, v, layer, forward_batch, k_mean))
-        self._extend(
-            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim).contiguous(),
-            k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous(),
-            v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).contiguous(),
+        self._extend(  # views: the launch function rotates q / k / v into new tensors anyway
+            _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim),
+            _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim),
+            _head_rows(v, layer.tp_v_head_num, layer.v_head_dim),
             kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
             md.qo_indptr, md.kv_indptr, md.kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
@@ -504,23 +501,33 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         return (self.ragged_prefill is not None and self.forward_metadata.custom_mask is None
                 and getattr(layer, "xai_temperature_len", -1) in (-1, 0, None))
 
+    def _ragged_lens(self, layer, forward_batch, rows: int):
+        """The batch's host-side new-token counts when FlashInfer's ragged prefill can run this layer
+        over `rows` q rows (padding rows past them stay untouched), else None."""
+        lens = getattr(forward_batch, "extend_seq_lens_cpu", None) if forward_batch is not None else None
+        return lens if (self._ragged_ok(layer) and lens and sum(lens) <= rows) else None
+
+    def _ragged_run(self, q3, k3, v3, out3, lens, layer, lse=None) -> None:
+        """FlashInfer's causal attention of the new tokens over themselves, with the layer's scale and
+        soft-cap (and their lse in log2 units where `lse` is given)."""
+        self.ragged_prefill.run(q3, k3, v3, out3, lens, layer.scaling,
+                                logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+                                self._causal(layer), lse=lse)
+
     def _new_part(self, q, k, v, layer, forward_batch, k_mean) -> dict:
         """The new tokens' causal attention over themselves through FlashInfer's ragged prefill, with its
-        lse, as extend_attention's new_part ({} when the batch's host-side lengths are missing). Keys go in
-        centered like the cache's (k - mu), so both parts' scores shift alike."""
-        lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        lse, as extend_attention's new_part ({} when FlashInfer cannot run it). Keys go in centered like
+        the cache's (k - mu), so both parts' scores shift alike."""
         q3 = _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim)
-        if not self._ragged_ok(layer) or not lens or sum(lens) > q3.shape[0]:
+        lens = self._ragged_lens(layer, forward_batch, q3.shape[0])
+        if lens is None:
             return {}
         k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
         if k_mean is not None:
             k3 = k3 - k_mean.to(k3.dtype)
-        v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
         o_new = q.new_empty((q3.shape[0], layer.tp_q_head_num, layer.v_head_dim))
         lse = torch.empty((q3.shape[0], layer.tp_q_head_num), dtype=torch.float32, device=q.device)
-        self.ragged_prefill.run(q3, k3, v3, o_new, lens, layer.scaling,
-                                logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-                                self._causal(layer), lse=lse)
+        self._ragged_run(q3, k3, _head_rows(v, layer.tp_v_head_num, layer.v_head_dim), o_new, lens, layer, lse=lse)
         return {"new_part": (o_new, lse)}
 
     @staticmethod
@@ -549,11 +556,9 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
         v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
         o3 = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        lens = getattr(forward_batch, "extend_seq_lens_cpu", None) if forward_batch is not None else None
-        if self._ragged_ok(layer) and lens and sum(lens) <= q3.shape[0]:
-            self.ragged_prefill.run(q3, k3, v3, o3, lens, layer.scaling,
-                                    logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-                                    self._causal(layer))
+        lens = self._ragged_lens(layer, forward_batch, q3.shape[0])
+        if lens is not None:
+            self._ragged_run(q3, k3, v3, o3, lens, layer)
             return o
         self.extend_attention_fwd(
             q3, k3, v3, o3,

@@ -56,7 +56,8 @@ def test_plain_prefill_matches_reference(cap, kernel):
         pytest.skip("FlashInfer is not importable here")
     backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=ragged,
                                     extend_attention_fwd=extend_attention_fwd)
-    backend._ragged_ok = types.MethodType(TurboQuantAttnBackend._ragged_ok, backend)
+    for name in ("_ragged_ok", "_ragged_lens", "_ragged_run"):
+        setattr(backend, name, types.MethodType(getattr(TurboQuantAttnBackend, name), backend))
     o = torch.full((T + pad, HQ * D), 7.0, device=dev, dtype=torch.bfloat16)
     fb = types.SimpleNamespace(extend_seq_lens_cpu=lens)
     ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
@@ -140,7 +141,8 @@ def test_plain_extend_routes_to_flashinfer_only_when_it_can():
                                max_extend_len=6)
     backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=Ragged(),
                                     extend_attention_fwd=triton)
-    backend._ragged_ok = types.MethodType(TurboQuantAttnBackend._ragged_ok, backend)
+    for name in ("_ragged_ok", "_ragged_lens", "_ragged_run"):
+        setattr(backend, name, types.MethodType(getattr(TurboQuantAttnBackend, name), backend))
     fb = types.SimpleNamespace(extend_seq_lens_cpu=[4, 6])
     assert TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb) is o
     assert calls[-1] == ("flashinfer", [4, 6], (10, HQ, D), (10, HKV, D))
