@@ -323,6 +323,9 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
         res["hybrid"] = bench(lambda: (fi_new(), extend_attention(
             q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out, max_extend_len=new, max_prefix_len=prefix,
             new_part=(o_new, lse))))
+        hybrid_out = out.float()  # the same output as the single kernel's, up to bf16 rounding
+        ext()
+        res["hybrid_rel_diff"] = float((hybrid_out - out.float()).norm() / out.float().norm())
     del bufs
     res["sgl_triton_bf16"] = None
     try:
@@ -635,7 +638,8 @@ def main():
             base = r["sgl_triton_bf16"]
             log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
                 f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
-                f"(FlashInfer new {us(r['fi_new'])})  SGLang triton BF16 {us(base)}"
+                f"(FlashInfer new {us(r['fi_new'])}; differs by {r.get('hybrid_rel_diff') or 0:.1e})  "
+                f"SGLang triton BF16 {us(base)}"
                 + (f"  ratio {base / r['ours']:.2f}x" if base else ""))
 
     results["prefill"] = []

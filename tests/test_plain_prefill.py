@@ -154,3 +154,47 @@ def test_plain_extend_routes_to_flashinfer_only_when_it_can():
     layer.xai_temperature_len = -1
     TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, types.SimpleNamespace())
     assert [c[0] for c in calls] == ["flashinfer", "triton", "triton", "triton"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "softcap"])
+def test_flashinfer_lse_feeds_the_hybrid_extend(cap):
+    """The hybrid extend (SGLANG_TQ_HYBRID_EXTEND) on a GPU: FlashInfer's ragged prefill gives the new
+    tokens' part and its lse, which must be log2 units as reference.new_token_attention's (the convention
+    read from FlashInfer's source); extend_attention(new_part=) then merges it with the packed prefix to
+    the reference's extend output."""
+    from sglang_tq.flashinfer_prefill import RaggedPrefill
+    from tq_kernels import reference
+    from tq_kernels.codec import VecFormat
+    from tq_kernels.extend import extend_attention
+    from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
+
+    dev = torch.device("cuda")
+    ragged = RaggedPrefill.create(dev)
+    if ragged is None:
+        pytest.skip("FlashInfer is not importable here")
+    fmt = VecFormat(D, 4)
+    kc, vc = make_codecs(fmt, fmt, seed=2)
+    gen = torch.Generator().manual_seed(11)
+    pre, new = [300, 0, 129], [40, 17, 200]
+    bufs = alloc_cache(fmt, fmt, sum(pre) + 9, HKV, dev)
+    batch = fill_random_kv(pre, HKV, kc, vc, bufs, gen, dev)
+    T = sum(new)
+    qo = torch.zeros(len(new) + 1, dtype=torch.int32)
+    qo[1:] = torch.tensor(new).cumsum(0)
+    q = (torch.randn(T, HQ, D, generator=gen) * 2).to(torch.bfloat16)
+    kn = torch.randn(T, HKV, D, generator=gen).to(torch.bfloat16)
+    vn = torch.randn(T, HKV, D, generator=gen).to(torch.bfloat16)
+    sm = D ** -0.5
+    o_new = torch.empty(T, HQ, D, device=dev, dtype=torch.bfloat16)
+    lse = torch.empty(T, HQ, device=dev, dtype=torch.float32)
+    ragged.run(q.to(dev), kn.to(dev), vn.to(dev), o_new, new, sm, cap, True, lse=lse)
+    o_ref, lse_ref = reference.new_token_attention(q, kn, vn, qo, sm, cap, True)
+    assert rel_err(o_new.cpu().float(), o_ref) < 1e-2
+    assert (lse.cpu() - lse_ref).abs().max() < 2e-2, "FlashInfer's lse is not in log2 units of the scores"
+    out = torch.full((T, HQ, D), float("nan"), dtype=torch.bfloat16, device=dev)
+    extend_attention(q.to(dev), kn.to(dev), vn.to(dev), *bufs, kc, vc, qo.to(dev), batch.kv_indptr,
+                     batch.kv_indices, sm, cap, True, out, max_extend_len=max(new), new_part=(o_new, lse))
+    ref = reference.extend_attention(q, kn, vn, *[b.cpu() for b in bufs], kc, vc, qo, batch.kv_indptr.cpu(),
+                                     batch.kv_indices.cpu(), sm, cap, True)
+    assert rel_err(out.cpu().float(), ref.float()) < 2e-2
