@@ -46,12 +46,14 @@ CONFIGS = {
 # "<config>+nopw": the config without SGLang's piecewise CUDA graphs for prefill (on by default, also with
 # turboquant since the ninth session); "+pw": with them wherever SGLang would turn them off
 MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"], "nopw": ["--disable-piecewise-cuda-graph"]}
-# "+rotq" / "+fused" / "+hybrid": prepared TurboQuant kernel paths switched on for that server through the
+# "+rotq" / "+fused": prepared TurboQuant kernel paths switched on for that server through the
 # backend's environment switches (docs/SERVING.md), so serving can A/B them without a code change;
-# "+nosplits" / "+triton": the extend's prefix splits off, plain prefills on SGLang's Triton kernel
+# "+nosplits" / "+nohybrid" / "+triton": the extend's prefix splits off, its FlashInfer new-token part off,
+# plain prefills on SGLang's Triton kernel
 ENV_MODIFIERS = {"rotq": {"SGLANG_TQ_ROTATE_Q": "1"}, "fused": {"SGLANG_TQ_FUSED_MERGE": "1"},
                  "splits": {"SGLANG_TQ_EXTEND_SPLITS": "1"}, "nosplits": {"SGLANG_TQ_EXTEND_SPLITS": "0"},
-                 "hybrid": {"SGLANG_TQ_HYBRID_EXTEND": "1"}, "triton": {"SGLANG_TQ_PLAIN_PREFILL_KERNEL": "triton"}}
+                 "hybrid": {"SGLANG_TQ_HYBRID_EXTEND": "1"},
+                 "nohybrid": {"SGLANG_TQ_HYBRID_EXTEND": "0"}, "triton": {"SGLANG_TQ_PLAIN_PREFILL_KERNEL": "triton"}}
 
 
 def tq_args(preset):

@@ -453,8 +453,7 @@ def test_env_switches_reach_the_kernels(setup):
         assert TurboQuantAttnBackend(runner).extend_splits is None
     plain = TurboQuantAttnBackend(runner)
     assert plain.rotate_q is None and plain.extend_splits is None
-    with env(SGLANG_TQ_HYBRID_EXTEND="1"):  # needs FlashInfer's prefill: never on the CPU
-        hb = TurboQuantAttnBackend(runner)
+    hb = TurboQuantAttnBackend(runner)  # on by default, but it needs FlashInfer's prefill: never on the CPU
     assert hb.ragged_prefill is None and not hb.hybrid_extend
     hb.hybrid_extend, calls = True, []  # as on a GPU: the warm-up also compiles the prefix-only variant
     hb._extend = lambda *a, **kw: calls.append(kw)
