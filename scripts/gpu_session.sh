@@ -185,7 +185,7 @@ timed)
     if [ "$NGPU" -ge 4 ] && [ -n "${SERVING_CONFIGS_3:-}" ]; then  # more baselines, each card with its own turbo4
         sleep 10; serve 2 30200 serving_3 "$SERVING_CONFIGS_3" "$POINTS" &
         if [ -n "${SERVING_CONFIGS_4:-}" ]; then  # after the plain-prefill GPU tests, ~40 s
-            (CUDA_VISIBLE_DEVICES=3 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_plain_prefill.py \
+            (CUDA_VISIBLE_DEVICES=3 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_plain_prefill.py \
                 > "$W/plain_prefill_tests.log" 2>&1; serve 3 30300 serving_4 "$SERVING_CONFIGS_4" "$POINTS") &
         fi
     elif [ "$NGPU" -ge 4 ]; then  # the two systems' model step without a server (GPUs 2, 3), then the kernel tests
@@ -200,7 +200,7 @@ timed)
     wait
     pack
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
-    tail -8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
+    tail -n 8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
     kernel_summary onebatch 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
 onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
     source scripts/gpu_env.sh
