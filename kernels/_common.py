@@ -290,11 +290,30 @@ def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
                   OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr, X0SH: tl.constexpr,
-                  X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+                  X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr,
+                  REG: tl.constexpr = 0, ASM: tl.constexpr = ""):
     """bf16 [BLOCK_N, D]: the (unscaled) centroids of every coordinate of every row.
+    REG 4 / 2 (one 4-/2-bit code field, no outliers): the register LUT `ASM` gives the centroids of a
+    whole code byte's slices without a memory gather (ASM "": one gather per slice, the interpreter's
+    stand-in), interleaved back into coordinate order (register renaming, no layout conversion).
     LUT 4 / 2: one gather per code byte from the byte LUT (2 / 4 bf16 per entry), lanes put back in
     coordinate order by interleaving. LUT 0: per-code gathers from the bf16 centroid table."""
-    if LUT == 4:
+    if REG != 0:
+        NB: tl.constexpr = D * REG // 8
+        b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
+        if ASM != "":
+            c0, c1, c2, c3 = register_lut_slices(b, ASM, REG)
+        else:
+            bi = b.to(tl.int32)
+            c0 = tl.load(cent_ptr + (bi & ((1 << REG) - 1)))
+            c1 = tl.load(cent_ptr + ((bi >> REG) & ((1 << REG) - 1)))
+            c2 = tl.load(cent_ptr + ((bi >> 4) & 3))
+            c3 = tl.load(cent_ptr + (bi >> 6))
+        if REG == 4:
+            c = tl.interleave(c0, c1)
+        else:
+            c = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+    elif LUT == 4:
         NB: tl.constexpr = D // 2
         b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
         x = tl.load(lut_ptr + b.to(tl.int32))
@@ -382,6 +401,7 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
                        kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                        kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr,
                        USE_CAP: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
+                       K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
                        K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                        K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                        K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -393,10 +413,10 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
     """One BLOCK_N tile of packed tokens (slots) for a block of query rows q (rotated, scaled; sk: the
     QJL sketch for PROD keys): scores from the K codes, online softmax (fp32, log2 units), p * scale0
     against the V centroids in V's rotated domain. Shared by decode stage 1 and extend's prefix loop.
-    Returns the updated (m_i, l_i, acc)."""
+    K_REG / V_REG, K_ASM / V_ASM: `centroid_tile`'s register LUT. Returns the updated (m_i, l_i, acc)."""
     krow = kc_ptr + slot * kc_s + hk * kc_h
     kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
-                         K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+                         K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH, K_REG, K_ASM)
     ksrow = ks_ptr + slot * ks_s + hk * ks_h
     ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
     s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
@@ -407,7 +427,7 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
     p, alpha, m_new, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
     vrow = vc_ptr + slot * vc_s + hk * vc_h
     vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
-                         V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+                         V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH, V_REG, V_ASM)
     vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
     return m_new, l_i, acc

@@ -51,6 +51,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
                    CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
                    K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
+                   K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                    K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                    K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -119,7 +120,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
         m_i, l_i, acc = packed_tile_update(
             q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
             kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT,
+            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT, K_REG, K_ASM, V_REG, V_ASM,
             K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
             K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
             V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
@@ -225,6 +226,20 @@ def choose_extend_splits(programs: int, max_prefix_len: int, rows: int, heads: i
     return int(max(1, min(want, cap)))
 
 
+# The prefix tiles' centroids from decode's bf16 register LUT (PTX byte permutes over the codebook held
+# in registers), interleaved into coordinate order, instead of one memory gather per code, for formats
+# whose codes are one 4- or 2-bit field (K4 / V4 / V2, PROD-K3's keys). Prepared (interpreter tests of
+# the data flow, sm_90 compile), not timed on a GPU: off.
+REGISTER_LUT = True
+
+
+def _register_lut_width(tables: dict, fmt) -> int:
+    """4 or 2 where `centroid_tile` can take the register LUT for this format (one main field), else 0."""
+    if tables["register_lut_kind"] != "single":
+        return 0
+    return [w for kind, w, *_ in fmt.fields if kind == "main"][0]
+
+
 def choose_block_m(n_seqs: int, h_q: int, max_extend_len: int, device) -> int:
     """Query rows per program. Every program dequantizes the whole prefix once, so more rows per program
     means fewer dequantizations per row: BLOCK_M 128 with 8 warps runs the prefix loop in ~1,425 sm_90
@@ -250,7 +265,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
                      gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
                      max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None,
-                     new_part: Optional[tuple] = None):
+                     new_part: Optional[tuple] = None, register_lut: Optional[bool] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -340,6 +355,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     use_cap = bool(logit_cap and logit_cap > 0)
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
+    reg = REGISTER_LUT if register_lut is None else register_lut
+    k_reg, v_reg = (_register_lut_width(t, f) if reg and not use_lut else 0 for t, f in ((kt, kf), (vt, vf)))
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     blocks = triton.cdiv(max_extend_len, block_m // block_g)
     heads_axis = h_kv if gqa_pack else h_q
@@ -367,6 +384,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         out3.stride(0), out3.stride(1), ws_acc, ws_lse, T * h_q, h_q, 1, num_splits,
         G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
         USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize, NEW=new_part is None,
+        K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,

@@ -279,7 +279,8 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
 def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     """`seqs` sequences' chunked-prefill continuations (radix hits, or second chunks of long prompts):
     each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
-    -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "one_split" (no
+    -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "gathers" (the prefix
+    centroids by per-code gathers instead of the register LUT), "one_split" (no
     prefix splits), "split4" (4 splits), "hybrid" (FlashInfer's ragged prefill for the new tokens with its
     lse, then `extend_attention(new_part=)` over the packed prefix only; None without FlashInfer),
     "fi_new" (that FlashInfer part alone), "sgl_triton_bf16" (SGLang's Triton extend over a BF16 prefix,
@@ -303,6 +304,7 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
         return bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
                                               max_extend_len=new, max_prefix_len=prefix, **kw))
     res["ours"] = ext()
+    res["gathers"] = ext(register_lut=False)  # prefix centroids by per-code gathers (before the twelfth session)
     res["one_split"] = ext(num_splits=1)
     res["split4"] = ext(num_splits=4)
     res["hybrid"] = res["fi_new"] = None
@@ -637,6 +639,7 @@ def main():
                 return f"{x * 1e3:9.1f}" if x else "        -"
             base = r["sgl_triton_bf16"]
             log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
+                f"gathers {us(r.get('gathers'))}  "
                 f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
                 f"(FlashInfer new {us(r['fi_new'])}; differs by {r.get('hybrid_rel_diff') or 0:.1e})  "
                 f"SGLang triton BF16 {us(base)}"

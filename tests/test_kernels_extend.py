@@ -71,6 +71,31 @@ def test_extend_matches_reference(case):
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
+REG_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD4-V4-d128-g4",
+                                           "K4V2-d64-g4-cap-noncausal", "K4V2-d128-g2-default-blocks",
+                                           "K4V4-d64-noprefix", "K4V4-d128-g4-bm128")]
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
+@pytest.mark.parametrize("case", REG_CASES, ids=[c[0] for c in REG_CASES])
+def test_extend_register_lut_matches_reference(case, pack):
+    """register_lut: prefix centroids of one-field 4- / 2-bit codes (K4, V4, V2, PROD keys' 2-bit field)
+    from the register LUT, interleaved into coordinate order (the PTX on a GPU; one gather per slice in
+    the interpreter, which checks the byte loads and the interleaving order); other formats (V3) keep
+    per-code gathers in the same kernel."""
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    if pack and not choose_gqa_pack_ok(hq // hkv, bm):
+        pytest.skip("block too small for the packed group")
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 7,
+                    gqa_pack=pack, register_lut=True)
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
+def choose_gqa_pack_ok(group: int, block_m) -> bool:
+    return block_m is None or block_m >= triton_next_pow2(group)
+
+
 def test_choose_gqa_pack():
     """Packed where the group's rows of the longest run fit one 128-row block (groups padded to 2^k)."""
     from tq_kernels.extend import choose_gqa_pack
