@@ -86,9 +86,9 @@ PLAIN_PREFILL_KERNEL_ENV = "SGLANG_TQ_PLAIN_PREFILL_KERNEL"
 # On unless 0: an extend over cached prefixes whose longest new-token run has at least HYBRID_MIN_NEW
 # tokens takes the new tokens' attention from FlashInfer's ragged prefill (with its lse) and reads only the
 # packed prefix in the TurboQuant kernel (tq_kernels.extend_attention's new_part). One H200 (twelfth
-# session, K4V4 (32, 8, 128), one layer): 8,192 new over 8,192 cached 14.5 ms against 16.6 with the new
-# tokens in our kernel; 2,048 over 8,192 3.71 against 3.50 ms (the partials and the merge cost more than
-# the causal part saves), hence the threshold.
+# session, K4V4 (32, 8, 128), one layer, the prefix through the register LUT): 8,192 new over 8,192
+# cached 8.54 ms against 9.98 with the new tokens in our kernel; 2,048 over 8,192 2.10 against 2.00 ms
+# (the partials and the merge cost more than the causal part saves), hence the threshold.
 HYBRID_EXTEND_ENV = "SGLANG_TQ_HYBRID_EXTEND"
 HYBRID_MIN_NEW = 8192
 # 0 = do not compile the packed-prefix extend kernel at start-up. Default 1: without it the first prefill
