@@ -307,8 +307,11 @@ def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
             bi = b.to(tl.int32)
             c0 = tl.load(cent_ptr + (bi & ((1 << REG) - 1)))
             c1 = tl.load(cent_ptr + ((bi >> REG) & ((1 << REG) - 1)))
-            c2 = tl.load(cent_ptr + ((bi >> 4) & 3))
-            c3 = tl.load(cent_ptr + (bi >> 6))
+            c2 = c0
+            c3 = c0
+            if REG == 2:
+                c2 = tl.load(cent_ptr + ((bi >> 4) & 3))
+                c3 = tl.load(cent_ptr + (bi >> 6))
         if REG == 4:
             c = tl.interleave(c0, c1)
         else:
