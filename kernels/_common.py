@@ -286,6 +286,16 @@ def _bf16_lane(x, K: tl.constexpr):
 
 
 @triton.jit
+def _reg_slice_code(b, h, T: tl.constexpr, W: tl.constexpr, M1W: tl.constexpr, M1SH: tl.constexpr):
+    """Code of slice T (bit position T * W of every first-field byte b), with its second-field bit from
+    bit T of h when M1W is 1: the table index the register LUTs look up, computed in integers."""
+    code = (b >> (T * W)) & ((1 << W) - 1)
+    if M1W == 1:
+        code = code | (((h >> T) & 1) << M1SH)
+    return code
+
+
+@triton.jit
 def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
                   D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
                   M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
@@ -293,25 +303,39 @@ def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
                   X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr,
                   REG: tl.constexpr = 0, ASM: tl.constexpr = ""):
     """bf16 [BLOCK_N, D]: the (unscaled) centroids of every coordinate of every row.
-    REG 4 / 2 (one 4-/2-bit code field, no outliers): the register LUT `ASM` gives the centroids of a
-    whole code byte's slices without a memory gather (ASM "": one gather per slice, the interpreter's
-    stand-in), interleaved back into coordinate order (register renaming, no layout conversion).
+    REG 4 / 2 (= M0W, the first code field's width; no outliers): the register LUT `ASM` gives the
+    centroids of a whole first-field byte's slices without a memory gather, interleaved back into
+    coordinate order (register renaming, no layout conversion). With a 1-bit second field (M1W: 3-bit
+    codes after a 2-bit field, 5-bit after a 4-bit one) its bits come along as decode's split LUTs take
+    them. ASM "": one gather per slice, the interpreter's stand-in.
     LUT 4 / 2: one gather per code byte from the byte LUT (2 / 4 bf16 per entry), lanes put back in
     coordinate order by interleaving. LUT 0: per-code gathers from the bf16 centroid table."""
     if REG != 0:
         NB: tl.constexpr = D * REG // 8
         b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
+        h = b  # the second field's bits, one byte per first-field byte (bit T: slice T's code)
+        if M1W == 1:
+            if REG == 2:
+                h = split_high_nibbles(rows, mask, M1OFF, D)
+            else:
+                h = split_high_crumbs(rows, mask, M1OFF, D)
         if ASM != "":
-            c0, c1, c2, c3 = register_lut_slices(b, ASM, REG)
+            if M1W == 1 and REG == 2:
+                c0, c1, c2, c3 = register_lut_slices3(b, h, ASM)
+            elif M1W == 1:
+                c0, c1, c2, c3 = register_lut_slices5(b, h, ASM)
+            else:
+                c0, c1, c2, c3 = register_lut_slices(b, ASM, REG)
         else:
             bi = b.to(tl.int32)
-            c0 = tl.load(cent_ptr + (bi & ((1 << REG) - 1)))
-            c1 = tl.load(cent_ptr + ((bi >> REG) & ((1 << REG) - 1)))
+            hi = h.to(tl.int32)
+            c0 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 0, REG, M1W, M1SH))
+            c1 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 1, REG, M1W, M1SH))
             c2 = c0
             c3 = c0
             if REG == 2:
-                c2 = tl.load(cent_ptr + ((bi >> 4) & 3))
-                c3 = tl.load(cent_ptr + (bi >> 6))
+                c2 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 2, REG, M1W, M1SH))
+                c3 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 3, REG, M1W, M1SH))
         if REG == 4:
             c = tl.interleave(c0, c1)
         else:

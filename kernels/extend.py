@@ -234,13 +234,18 @@ def choose_extend_splits(programs: int, max_prefix_len: int, rows: int, heads: i
 # e.g. 8K new over an 8K prefix 9.98 against 16.61 ms, 512 over 16K 0.99 against 2.83 ms, 64 x 128 over
 # 4K 4.74 against 8.82 ms; all GPU extend tests pass with it.
 REGISTER_LUT = True
+# The same for 3-bit codes (2-bit field + 1-bit field: decode's "split" LUT, `register_lut_slices3`) and
+# 5-bit ones (4 + 1: "split5"). Prepared (interpreter tests, sm_90 compile), not run on a GPU: off.
+REGISTER_LUT_SPLIT = False
 
 
-def _register_lut_width(tables: dict, fmt) -> int:
-    """4 or 2 where `centroid_tile` can take the register LUT for this format (one main field), else 0."""
-    if tables["register_lut_kind"] != "single":
+def _register_lut_width(tables: dict, fmt, split: bool) -> int:
+    """The first code field's width (4 or 2) where `centroid_tile` can take the register LUT for this
+    format: one main field, or (split) a second 1-bit one; else 0."""
+    kind = tables["register_lut_kind"]
+    if kind != "single" and not (split and kind in ("split", "split5")):
         return 0
-    return [w for kind, w, *_ in fmt.fields if kind == "main"][0]
+    return [w for k, w, *_ in fmt.fields if k == "main"][0]
 
 
 def choose_block_m(n_seqs: int, h_q: int, max_extend_len: int, device) -> int:
@@ -269,7 +274,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
                      gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
                      max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None,
-                     new_part: Optional[tuple] = None, register_lut: Optional[bool] = None):
+                     new_part: Optional[tuple] = None, register_lut: Optional[bool] = None,
+                     register_lut_split: Optional[bool] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -284,7 +290,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     block_m=None: `choose_block_m` (128 query rows with 8 warps where that still fills the GPU, else 64);
     num_warps=None: 8 for block_m >= 128, else 4.
     register_lut (None: REGISTER_LUT, on): prefix centroids of one-field 4-/2-bit codes from the bf16
-    register LUT, interleaved into coordinate order (`centroid_tile`'s REG), instead of a gather per code.
+    register LUT, interleaved into coordinate order (`centroid_tile`'s REG), instead of a gather per code;
+    register_lut_split (None: REGISTER_LUT_SPLIT, off): also 3- and 5-bit codes (decode's split LUTs).
     (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
     GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28. This one keeps the
     coordinate order and the general kernel.)
@@ -364,7 +371,9 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     k_lut = lut_width(kf) if use_lut else 0
     v_lut = lut_width(vf) if use_lut else 0
     reg = REGISTER_LUT if register_lut is None else register_lut
-    k_reg, v_reg = (_register_lut_width(t, f) if reg and not use_lut else 0 for t, f in ((kt, kf), (vt, vf)))
+    split_reg = REGISTER_LUT_SPLIT if register_lut_split is None else register_lut_split
+    k_reg, v_reg = (_register_lut_width(t, f, split_reg) if reg and not use_lut else 0
+                    for t, f in ((kt, kf), (vt, vf)))
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     blocks = triton.cdiv(max_extend_len, block_m // block_g)
     heads_axis = h_kv if gqa_pack else h_q

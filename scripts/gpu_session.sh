@@ -69,8 +69,9 @@ kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VI
     bench) timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
             --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1 ;;
     extend)  # extend over a packed prefix (GQA packing, split-K) vs SGLang's Triton extend over BF16: short
-        # chat turns over a long cached history, long continuations; and one layer's first prefill
-        timeout 300 python3 scripts/bench_kernels.py --no-baselines --batch 1 --ctx 1024 --codecs K4V4 --shapes hd128 \
+        # chat turns over a long cached history, long continuations; and one layer's first prefill.
+        # EXTEND_CODECS: e.g. "K4V4 K3V3" (K3V3 adds the split register LUT's column)
+        timeout 300 python3 scripts/bench_kernels.py --no-baselines --batch 1 --ctx 1024 --codecs ${EXTEND_CODECS:-K4V4} --shapes hd128 \
             --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 \
             --prefill ${PREFILL_POINTS:-1:1024 8:1024 4:4096 1:16384} --out "$W/extend" > "$W/extend.log" 2>&1 ;;
     step)  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV

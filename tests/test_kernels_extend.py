@@ -92,6 +92,26 @@ def test_extend_register_lut_matches_reference(case, pack):
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
+REG_SPLIT_CASES = [c for c in CASES if c[0] in ("K3V3-d64-g3", "K5V4-d128-g4", "K3V3-d64-g3-auto-blocks",
+                                                 "PROD4-V4-d128-g4")]
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
+@pytest.mark.parametrize("case", REG_SPLIT_CASES, ids=[c[0] for c in REG_SPLIT_CASES])
+def test_extend_register_lut_split_matches_reference(case, pack):
+    """register_lut_split: 3-bit codes (2-bit field + 1-bit field) and 5-bit ones (4 + 1; PROD4's keys are
+    3-bit MSE codes) through decode's split register LUTs, the second field's bits regrouped per first-field
+    byte as decode does, then interleaved into coordinate order (the interpreter computes each slice's code
+    in integers and gathers it)."""
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    if pack and not choose_gqa_pack_ok(hq // hkv, bm):
+        pytest.skip("block too small for the packed group")
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 9,
+                    gqa_pack=pack, register_lut=True, register_lut_split=True)
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
+
+
 def choose_gqa_pack_ok(group: int, block_m) -> bool:
     return block_m is None or block_m >= triton_next_pow2(group)
 
