@@ -350,9 +350,11 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
 
 def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
     """One layer's attention work in a first prefill (no cached prefix) of `seqs` prompts of `length`
-    tokens, as the two servers run it -> dict of ms: BF16 KV stores the K/V rows into the pool and runs
-    SGLang's Triton extend; TurboQuant compresses them into the packed pool (and the last `window`
-    tokens of each prompt into the exact ring) and runs the same extend over the new bf16 K/V."""
+    tokens -> dict of ms: BF16 KV stores the K/V rows into the pool and runs SGLang's Triton extend;
+    TurboQuant compresses them into the packed pool (and the last `window` tokens of each prompt into
+    the exact ring) and runs the same extend over the new bf16 K/V. "*_fi": the same with FlashInfer's
+    ragged prefill instead of the Triton extend (what the backend runs by default since the eleventh
+    session; None without FlashInfer)."""
     from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     from tq_kernels.window import RingWrite
 
@@ -392,6 +394,19 @@ def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
         res[f"compress_t{bt}w{nw}"] = bench(lambda: compress(block_t=bt, num_warps=nw))
     res["bf16_layer"] = bench(lambda: (store_bf16(), extend()))
     res["tq_layer"] = bench(lambda: (compress(), extend()))
+    res["fi_prefill"] = res["bf16_layer_fi"] = res["tq_layer_fi"] = None
+    try:
+        from sglang_tq.flashinfer_prefill import RaggedPrefill
+        ragged = RaggedPrefill.create(dev)
+    except Exception as e:  # noqa: BLE001 - FlashInfer is optional here
+        log(f"  FlashInfer ragged prefill not available: {type(e).__name__}: {e}")
+        ragged = None
+    if ragged is not None:
+        def fi():
+            ragged.run(q, k, v, out, [length] * seqs, d ** -0.5, 0.0, True)
+        res["fi_prefill"] = bench(fi)
+        res["bf16_layer_fi"] = bench(lambda: (store_bf16(), fi()))
+        res["tq_layer_fi"] = bench(lambda: (compress(), fi()))
     del bufs, kb, vb
     torch.cuda.empty_cache()
     return res
@@ -663,7 +678,9 @@ def main():
             log(f"  prefill {codec:<8} {seqs} x {length}: per layer BF16 {r['bf16_layer'] * 1e3:8.1f} us "
                 f"(store {r['store_bf16'] * 1e3:.1f}, extend {r['extend'] * 1e3:.1f})  TQ {r['tq_layer'] * 1e3:8.1f} us "
                 f"(compress {r['compress'] * 1e3:.1f}; tiles 32/64/64w8: {r['compress_t32w4'] * 1e3:.1f} / "
-                f"{r['compress_t64w4'] * 1e3:.1f} / {r['compress_t64w8'] * 1e3:.1f})")
+                f"{r['compress_t64w4'] * 1e3:.1f} / {r['compress_t64w8'] * 1e3:.1f})"
+                + (f"; FlashInfer prefill {r['fi_prefill'] * 1e3:.1f}: BF16 {r['bf16_layer_fi'] * 1e3:.1f} us, "
+                   f"TQ {r['tq_layer_fi'] * 1e3:.1f} us" if r.get("fi_prefill") else ""))
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
