@@ -312,12 +312,7 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     res["one_split"] = ext(num_splits=1)
     res["split4"] = ext(num_splits=4)
     res["hybrid"] = res["fi_new"] = None
-    try:
-        from sglang_tq.flashinfer_prefill import RaggedPrefill
-        ragged = RaggedPrefill.create(dev)
-    except Exception as e:  # noqa: BLE001 - FlashInfer is optional here
-        log(f"  FlashInfer ragged prefill not available: {type(e).__name__}: {e}")
-        ragged = None
+    ragged = flashinfer_ragged(dev)
     if ragged is not None:
         o_new = torch.empty(T, hq, d, device=dev, dtype=torch.bfloat16)
         lse = torch.empty(T, hq, device=dev, dtype=torch.float32)
@@ -346,6 +341,16 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     del kb, vb
     torch.cuda.empty_cache()
     return res
+
+
+def flashinfer_ragged(dev):
+    """sglang_tq's FlashInfer ragged-prefill runner (the backend's plain prefill), or None without it."""
+    try:
+        from sglang_tq.flashinfer_prefill import RaggedPrefill
+        return RaggedPrefill.create(dev)
+    except Exception as e:  # noqa: BLE001 - FlashInfer is optional here
+        log(f"  FlashInfer ragged prefill not available: {type(e).__name__}: {e}")
+        return None
 
 
 def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
@@ -395,12 +400,7 @@ def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
     res["bf16_layer"] = bench(lambda: (store_bf16(), extend()))
     res["tq_layer"] = bench(lambda: (compress(), extend()))
     res["fi_prefill"] = res["bf16_layer_fi"] = res["tq_layer_fi"] = None
-    try:
-        from sglang_tq.flashinfer_prefill import RaggedPrefill
-        ragged = RaggedPrefill.create(dev)
-    except Exception as e:  # noqa: BLE001 - FlashInfer is optional here
-        log(f"  FlashInfer ragged prefill not available: {type(e).__name__}: {e}")
-        ragged = None
+    ragged = flashinfer_ragged(dev)
     if ragged is not None:
         def fi():
             ragged.run(q, k, v, out, [length] * seqs, d ** -0.5, 0.0, True)
