@@ -33,6 +33,7 @@ CASES = [
     ("K4V4-d64-noprefix", F(64, 4), F(64, 4), (4, 2), [0, 0], [23, 3], True, 0.0, 32, 32),
     ("K4V4-d128-g4-bm128", F(128, 4), F(128, 4), (8, 2), [70, 130], [150, 9], True, 0.0, 128, 64),
     ("K3V3-d64-g3-auto-blocks", F(64, 3), F(64, 3), (9, 3), [65], [140], True, 0.0, None, 64),
+    ("K4V4-d256-g2", F(256, 4), F(256, 4), (4, 2), [37], [20], True, 0.0, 32, 32),
 ]
 
 
@@ -73,7 +74,7 @@ def test_extend_matches_reference(case):
 
 REG_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD4-V4-d128-g4",
                                            "K4V2-d64-g4-cap-noncausal", "K4V2-d128-g2-default-blocks",
-                                           "K4V4-d64-noprefix", "K4V4-d128-g4-bm128")]
+                                           "K4V4-d64-noprefix", "K4V4-d128-g4-bm128", "K4V4-d256-g2")]
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
