@@ -429,6 +429,7 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
                        kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr,
                        USE_CAP: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
                        K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
+                       SCALE_TILES: tl.constexpr,
                        K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                        K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                        K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -440,13 +441,19 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
     """One BLOCK_N tile of packed tokens (slots) for a block of query rows q (rotated, scaled; sk: the
     QJL sketch for PROD keys): scores from the K codes, online softmax (fp32, log2 units), p * scale0
     against the V centroids in V's rotated domain. Shared by decode stage 1 and extend's prefix loop.
-    K_REG / V_REG, K_ASM / V_ASM: `centroid_tile`'s register LUT. Returns the updated (m_i, l_i, acc)."""
+    K_REG / V_REG, K_ASM / V_ASM: `centroid_tile`'s register LUT. SCALE_TILES: |k| and |v| multiply the
+    dequantized tiles (fp32, rounded to bf16) instead of the scores and p, so they are loaded in the
+    tiles' row layout (extend's many query rows). Returns the updated (m_i, l_i, acc)."""
     krow = kc_ptr + slot * kc_s + hk * kc_h
     kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
                          K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH, K_REG, K_ASM)
     ksrow = ks_ptr + slot * ks_s + hk * ks_h
-    ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
+    if SCALE_TILES:
+        ks0 = tl.load(ksrow, mask=nmask, other=0.0)
+        s = tl.dot(q, tl.trans((kcen.to(tl.float32) * ks0.to(tl.float32)[:, None]).to(tl.bfloat16)))
+    else:
+        ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
     if K_QJLOFF >= 0:
         sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
         ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
@@ -455,8 +462,13 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
     vrow = vc_ptr + slot * vc_s + hk * vc_h
     vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH, V_REG, V_ASM)
-    vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
+    if SCALE_TILES:
+        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16),
+                                            (vcen.to(tl.float32) * vs0.to(tl.float32)[:, None]).to(tl.bfloat16))
+    else:
+        vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot((p * vs0[None, :]).to(tl.bfloat16), vcen)
     return m_new, l_i, acc
 
 

@@ -122,7 +122,7 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap,
         m_i, l_i, acc = packed_tile_update(
             q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
             kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT, 0, "", 0, "",
+            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT, 0, "", 0, "", False,
             K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
             K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
             V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,

@@ -52,6 +52,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
                    USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
                    K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
                    K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
+                   SCALE_TILES: tl.constexpr,
                    K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                    K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                    K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
@@ -120,7 +121,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
         m_i, l_i, acc = packed_tile_update(
             q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
             kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT, K_REG, K_ASM, V_REG, V_ASM,
+            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT, K_REG, K_ASM, V_REG, V_ASM, SCALE_TILES,
             K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
             K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
             V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
@@ -237,6 +238,13 @@ REGISTER_LUT = True
 # The same for 3-bit codes (2-bit field + 1-bit field: decode's "split" LUT, `register_lut_slices3`) and
 # 5-bit ones (4 + 1: "split5"). Prepared (interpreter tests, sm_90 compile), not run on a GPU: off.
 REGISTER_LUT_SPLIT = False
+# The per-token scales (|k|, |v|) multiply the dequantized [BLOCK_N, d] K / V tiles (in fp32, rounded to
+# bf16 per element) instead of the [BLOCK_M, BLOCK_N] scores and probabilities. In the score layout each
+# thread needed 16 scale loads per tile with 64-bit slot addressing; in the tile layout one or two. The
+# sm_90 prefix loop (K4V4, d 128, register LUT) goes from 1,059 to 823 instructions per tile at 128 rows
+# and from 1,357 to 1,303 at 64; the interpreter tests' error moves from 3.9e-3 to 4.3e-3 (the tile's
+# bf16 rounding of c |k| instead of the fp32 product on the scores). Prepared, not run on a GPU: off.
+SCALE_TILES = False
 
 
 def _register_lut_width(tables: dict, fmt, split: bool) -> int:
@@ -275,7 +283,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
                      max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None,
                      new_part: Optional[tuple] = None, register_lut: Optional[bool] = None,
-                     register_lut_split: Optional[bool] = None):
+                     register_lut_split: Optional[bool] = None, scale_tiles: Optional[bool] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given.
@@ -292,6 +300,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     register_lut (None: REGISTER_LUT, on): prefix centroids of one-field 4-/2-bit codes from the bf16
     register LUT, interleaved into coordinate order (`centroid_tile`'s REG), instead of a gather per code;
     register_lut_split (None: REGISTER_LUT_SPLIT, off): also 3- and 5-bit codes (decode's split LUTs).
+    scale_tiles (None: SCALE_TILES, off): the per-token scales multiply the K / V tiles, not the scores.
     (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
     GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28. This one keeps the
     coordinate order and the general kernel.)
@@ -402,6 +411,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
         USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize, NEW=new_part is None,
         K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",
+        SCALE_TILES=bool(SCALE_TILES if scale_tiles is None else scale_tiles),
         BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
         **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
         num_warps=num_warps, num_stages=num_stages,

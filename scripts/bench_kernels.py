@@ -281,7 +281,8 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
     -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "gathers" (the prefix
     centroids by per-code gathers instead of the register LUT), "split_lut" (3- / 5-bit codes through the
-    split register LUTs, extend_attention(register_lut_split=True); None for other formats), "one_split" (no
+    split register LUTs, extend_attention(register_lut_split=True); None for other formats), "scale_tiles"
+    (the per-token scales on the K / V tiles, extend_attention(scale_tiles=True)), "one_split" (no
     prefix splits), "split4" (4 splits), "hybrid" (FlashInfer's ragged prefill for the new tokens with its
     lse, then `extend_attention(new_part=)` over the packed prefix only; None without FlashInfer),
     "fi_new" (that FlashInfer part alone), "sgl_triton_bf16" (SGLang's Triton extend over a BF16 prefix,
@@ -306,6 +307,7 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
                                               max_extend_len=new, max_prefix_len=prefix, **kw))
     res["ours"] = ext()
     res["gathers"] = ext(register_lut=False)  # prefix centroids by per-code gathers (before the twelfth session)
+    res["scale_tiles"] = ext(scale_tiles=True)  # |k|, |v| on the tiles instead of the scores (prepared, off)
     res["split_lut"] = None  # 3- / 5-bit codes through decode's split register LUTs (prepared, off)
     if any(kernel_tables(c, dev)["register_lut_kind"] in ("split", "split5") for c in (kc, vc)):
         res["split_lut"] = ext(register_lut_split=True)
@@ -659,6 +661,7 @@ def main():
             base = r["sgl_triton_bf16"]
             log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
                 f"gathers {us(r.get('gathers'))}  split LUT {us(r.get('split_lut'))}  "
+                f"scale tiles {us(r.get('scale_tiles'))}  "
                 f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
                 f"(FlashInfer new {us(r['fi_new'])}; differs by {r.get('hybrid_rel_diff') or 0:.1e})  "
                 f"SGLang triton BF16 {us(base)}"

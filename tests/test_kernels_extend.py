@@ -72,45 +72,61 @@ def test_extend_matches_reference(case):
     assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
-REG_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD4-V4-d128-g4",
-                                           "K4V2-d64-g4-cap-noncausal", "K4V2-d128-g2-default-blocks",
-                                           "K4V4-d64-noprefix", "K4V4-d128-g4-bm128", "K4V4-d256-g2")]
+def _check_variant(case, pack, seed_offset, **kw):
+    """One case of a kernel variant (extend_attention keyword arguments kw), per query head or with the
+    query group packed into the rows, against the reference."""
+    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
+    if pack and not choose_gqa_pack_ok(hq // hkv, bm):
+        pytest.skip("block too small for the packed group")
+    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + seed_offset,
+                    gqa_pack=pack, **kw)
+    err = rel_err(out, ref)
+    assert err < TOL, f"{name}: rel err {err:.3e}"
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
+def _cases(*names):
+    return [c for c in CASES if c[0] in names]
+
+
+PACKING = pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
+REG_CASES = _cases("K4V4-d128-g4", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD4-V4-d128-g4",
+                   "K4V2-d64-g4-cap-noncausal", "K4V2-d128-g2-default-blocks", "K4V4-d64-noprefix",
+                   "K4V4-d128-g4-bm128", "K4V4-d256-g2")
+
+
+@PACKING
 @pytest.mark.parametrize("case", REG_CASES, ids=[c[0] for c in REG_CASES])
 def test_extend_register_lut_matches_reference(case, pack):
     """register_lut: prefix centroids of one-field 4- / 2-bit codes (K4, V4, V2, PROD keys' 2-bit field)
     from the register LUT, interleaved into coordinate order (the PTX on a GPU; one gather per slice in
     the interpreter, which checks the byte loads and the interleaving order); other formats (V3) keep
     per-code gathers in the same kernel."""
-    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    if pack and not choose_gqa_pack_ok(hq // hkv, bm):
-        pytest.skip("block too small for the packed group")
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 7,
-                    gqa_pack=pack, register_lut=True)
-    err = rel_err(out, ref)
-    assert err < TOL, f"{name}: rel err {err:.3e}"
+    _check_variant(case, pack, 7, register_lut=True)
 
 
-REG_SPLIT_CASES = [c for c in CASES if c[0] in ("K3V3-d64-g3", "K5V4-d128-g4", "K3V3-d64-g3-auto-blocks",
-                                                 "PROD4-V4-d128-g4")]
+REG_SPLIT_CASES = _cases("K3V3-d64-g3", "K5V4-d128-g4", "K3V3-d64-g3-auto-blocks", "PROD4-V4-d128-g4")
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
+@PACKING
 @pytest.mark.parametrize("case", REG_SPLIT_CASES, ids=[c[0] for c in REG_SPLIT_CASES])
 def test_extend_register_lut_split_matches_reference(case, pack):
     """register_lut_split: 3-bit codes (2-bit field + 1-bit field) and 5-bit ones (4 + 1; PROD4's keys are
     3-bit MSE codes) through decode's split register LUTs, the second field's bits regrouped per first-field
     byte as decode does, then interleaved into coordinate order (the interpreter computes each slice's code
     in integers and gathers it)."""
-    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    if pack and not choose_gqa_pack_ok(hq // hkv, bm):
-        pytest.skip("block too small for the packed group")
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 9,
-                    gqa_pack=pack, register_lut=True, register_lut_split=True)
-    err = rel_err(out, ref)
-    assert err < TOL, f"{name}: rel err {err:.3e}"
+    _check_variant(case, pack, 9, register_lut=True, register_lut_split=True)
+
+
+SCALE_CASES = _cases("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
+                     "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix", "K4V4-d256-g2")
+
+
+@PACKING
+@pytest.mark.parametrize("case", SCALE_CASES, ids=[c[0] for c in SCALE_CASES])
+def test_extend_scale_tiles_matches_reference(case, pack):
+    """scale_tiles: |k| and |v| multiply the dequantized K / V tiles (register LUT, gathers, outliers,
+    PROD keys whose QJL term keeps its scale on the scores) instead of the scores and p."""
+    _check_variant(case, pack, 17, scale_tiles=True)
 
 
 def choose_gqa_pack_ok(group: int, block_m) -> bool:
