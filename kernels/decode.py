@@ -516,12 +516,18 @@ def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _merge_step(m, l, acc, lse, o):
-    """Fold one normalized partial (o, lse in log2 units) into the running (max, sum, acc)."""
+def merge_weights(m, lse):
+    """Log-sum-exp merge of a part with lse (log2 units) into a running max m: the new max, the weight
+    of what was summed so far (alpha) and the part's weight (beta); -inf on both sides gives weights 0."""
     m_new = tl.maximum(m, lse)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_use)
-    beta = tl.exp2(lse - m_use)
+    return m_new, tl.exp2(m - m_use), tl.exp2(lse - m_use)
+
+
+@triton.jit
+def _merge_step(m, l, acc, lse, o):
+    """Fold one normalized partial (o, lse in log2 units) into the running (max, sum, acc)."""
+    m_new, alpha, beta = merge_weights(m, lse)
     return m_new, l * alpha + beta, acc * alpha[:, None] + beta[:, None] * o
 
 

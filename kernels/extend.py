@@ -21,7 +21,7 @@ import triton.language as tl
 from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
                       softcap_log2, unrotate_store)
 from .codec import TQCodec
-from .decode import _merge_step, num_sms
+from .decode import _merge_step, merge_weights, num_sms
 from .window import ExtendWindow
 
 
@@ -191,10 +191,7 @@ def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_
     orow = out_ptr + rows.to(tl.int64) * out_t + head * out_h
     if NEW_PART:
         lse_n = tl.load(nl_ptr + rows.to(tl.int64) * nl_t + head * nl_h, mask=rmask, other=float("-inf"))
-        m_new = tl.maximum(m, lse_n)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        beta = tl.exp2(lse_n - m_use)
+        _, alpha, beta = merge_weights(m, lse_n)
         l_tot = l_sum * alpha + beta
         l_tot = tl.where(l_tot > 0, l_tot, 1.0)
         acc = acc * (alpha / l_tot)[:, None]

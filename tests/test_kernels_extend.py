@@ -4,6 +4,7 @@ import zlib
 
 import pytest
 import torch
+import triton
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
@@ -66,10 +67,7 @@ def _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, seed, dtype=torch.b
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_extend_matches_reference(case):
-    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()), gqa_pack=False)
-    err = rel_err(out, ref)
-    assert err < TOL, f"{name}: rel err {err:.3e}"
+    _check_variant(case, False, 0)
 
 
 def _check_variant(case, pack, seed_offset, **kw):
@@ -130,7 +128,7 @@ def test_extend_scale_tiles_matches_reference(case, pack):
 
 
 def choose_gqa_pack_ok(group: int, block_m) -> bool:
-    return block_m is None or block_m >= triton_next_pow2(group)
+    return block_m is None or block_m >= triton.next_power_of_2(group)
 
 
 def test_choose_gqa_pack():
@@ -142,20 +140,15 @@ def test_choose_gqa_pack():
     assert not choose_gqa_pack(1, 1)  # nothing to share
 
 
-PACK_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8",
-                                            "PROD3o-V4-d64-g3", "K4V2-d64-g4-cap-noncausal", "K4V4-d128-g4-bm128",
-                                            "K3V3-d64-g3-auto-blocks")]
+PACK_CASES = _cases("K4V4-d128-g4", "K3V3-d64-g3", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD3o-V4-d64-g3",
+                    "K4V2-d64-g4-cap-noncausal", "K4V4-d128-g4-bm128", "K3V3-d64-g3-auto-blocks")
 
 
 @pytest.mark.parametrize("case", PACK_CASES, ids=[c[0] for c in PACK_CASES])
 def test_extend_gqa_pack_matches_reference(case):
     """gqa_pack: one program per KV head whose rows are (token, query head) pairs of the whole group
     (groups of 3 padded to 4, of 8 with 4 tokens per 32-row program, of 1 as without packing)."""
-    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 1,
-                    gqa_pack=True)
-    err = rel_err(out, ref)
-    assert err < TOL, f"{name}: rel err {err:.3e}"
+    _check_variant(case, True, 1)
 
 
 def test_extend_default_max_len():
@@ -177,8 +170,8 @@ def test_extend_default_max_len():
     assert rel_err(out.cpu(), ref) < TOL
 
 
-SPLIT_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
-                                             "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix", "K4V4-d128-g4-bm128")]
+SPLIT_CASES = _cases("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
+                     "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix", "K4V4-d128-g4-bm128")
 
 
 @pytest.mark.parametrize("splits, pack", [(2, False), (3, True)], ids=["2-splits", "3-splits-packed"])
@@ -187,17 +180,7 @@ def test_extend_split_prefix_matches_reference(case, splits, pack):
     """Split-K over the prefix: each split walks its tiles of the prefix (some none: prefixes shorter
     than the splits' tiles, or none at all), the last one also the new tokens, and the merge launch
     combines the partials; with and without GQA packing, PROD keys, outliers, soft-cap."""
-    name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    if pack and bm is not None and bm < triton_next_pow2(hq // hkv):
-        pytest.skip("block too small for the packed group")
-    out, ref = _run(kfmt, vfmt, hq, hkv, pre, new, causal, cap, bm, bn, zlib.crc32(name.encode()) + 2,
-                    gqa_pack=pack, num_splits=splits)
-    err = rel_err(out, ref)
-    assert err < TOL, f"{name}: rel err {err:.3e}"
-
-
-def triton_next_pow2(n):
-    return 1 << (max(n, 1) - 1).bit_length()
+    _check_variant(case, pack, 2, num_splits=splits)
 
 
 def test_extend_split_leaves_padding_rows():
@@ -235,8 +218,8 @@ def test_choose_extend_splits():
     assert ext.choose_extend_splits(1, 1 << 20, 1 << 16, 32, 128, DEV) == 1     # partials over the cap
 
 
-NEW_PART_CASES = [c for c in CASES if c[0] in ("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
-                                                "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix")]
+NEW_PART_CASES = _cases("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
+                        "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix")
 
 
 @pytest.mark.parametrize("splits, pack", [(1, False), (2, True)], ids=["1-split", "2-splits-packed"])
@@ -248,7 +231,7 @@ def test_extend_new_part_matches_reference(case, splits, pack):
     from tq_kernels.extend import extend_attention
 
     name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
-    if pack and bm < triton_next_pow2(hq // hkv):
+    if pack and not choose_gqa_pack_ok(hq // hkv, bm):
         pytest.skip("block too small for the packed group")
     seed = zlib.crc32(name.encode()) + 4
     gen = torch.Generator().manual_seed(seed)

@@ -9,24 +9,11 @@ import types
 import pytest
 import torch
 
+from tq_kernels import reference
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (SGLang's Triton extend)")
 
 HQ, HKV, D = 8, 2, 128
-
-
-def _reference(q, k, v, lens, scale, cap):
-    out, a = [], 0
-    for n in lens:
-        qs, ks, vs = (t[a:a + n].float().transpose(0, 1) for t in (q, k, v))  # [H, n, D]
-        ks = ks.repeat_interleave(HQ // HKV, 0)
-        vs = vs.repeat_interleave(HQ // HKV, 0)
-        s = qs @ ks.transpose(1, 2) * scale
-        if cap:
-            s = cap * torch.tanh(s / cap)
-        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        out.append((s.softmax(-1) @ vs).transpose(0, 1))
-        a += n
-    return torch.cat(out)
 
 
 @needs_cuda
@@ -62,7 +49,8 @@ def test_plain_prefill_matches_reference(cap, kernel):
     fb = types.SimpleNamespace(extend_seq_lens_cpu=lens)
     ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
     assert ret is o
-    ref = _reference(q.view(-1, HQ, D), k.view(-1, HKV, D), v.view(-1, HKV, D), lens, D ** -0.5, cap)
+    ref, _ = reference.new_token_attention(q[:T].view(T, HQ, D), k[:T].view(T, HKV, D), v[:T].view(T, HKV, D), qo,
+                                           D ** -0.5, cap)
     err = (o[:T].view(T, HQ, D).float() - ref).norm() / ref.norm()
     assert err < 1e-2, f"rel err {err:.3e}"
     assert torch.all(o[T:] == 7.0), "padded rows were written"
@@ -164,7 +152,6 @@ def test_flashinfer_lse_feeds_the_hybrid_extend(cap):
     read from FlashInfer's source); extend_attention(new_part=) then merges it with the packed prefix to
     the reference's extend output."""
     from sglang_tq.flashinfer_prefill import RaggedPrefill
-    from tq_kernels import reference
     from tq_kernels.codec import VecFormat
     from tq_kernels.extend import extend_attention
     from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
