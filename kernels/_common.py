@@ -126,6 +126,9 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         cache[key]["register_lut_kind"] = ("" if not asm else "single" if len(mains) == 1
                                            else "split5" if mains[0] == 4 else "split")
         cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
+        pairs_asm = register_lut_asm(codec.fmt, cent, pairs=True)
+        cache[key]["has_pairs"] = bool(pairs_asm)  # 4-bit one-field codes: V tiles as 16-bit elements
+        cache[key]["pairs_asm"] = "" if interpreting() else pairs_asm
         poly = register_poly_asm(codec.fmt, cent)
         cache[key]["has_poly"] = bool(poly)
         cache[key]["poly_asm"] = "" if interpreting() else poly
@@ -496,6 +499,28 @@ def _byte_tables(bits16) -> list:
     return ["0x%08x" % (x[0] | x[1] << 8 | x[2] << 16 | x[3] << 24) for x in (lo[:4], lo[4:], hi[:4], hi[4:])]
 
 
+def _register_lut_asm_pairs(mags) -> str:
+    """The antisymmetric 4-bit bf16 LUT (`register_lut_asm`'s w = 4: magnitudes m[k], k = (i & 7) ^ (7 if
+    i < 8), sign from bit 3) for a word of two 16-bit elements, tokens t and t + 1, 4 codes each
+    (nibbles n0..n3 and n4..n7: coordinates 4c..4c+3): the layout of a 16-bit MMA operand whose reduction
+    dimension is the token. Outputs $0..$3: coordinate 4c + T, the bf16 pair (token t, token t + 1);
+    $4 the word. Per output pair (T = 0, 1 from nibbles n0 n1 n4 n5; T = 2, 3 from n2 n3 n6 n7) one prmt
+    gathers the 4 magnitude indices as selector nibbles, two look up the low and the high bytes, a prmt
+    in sign-replicate mode turns each nibble's bit 3 into a byte mask (from the word and the word << 4),
+    one lop3 sets the sign bits and two prmt interleave: 19 instructions per 8 codes (30 for bytes)."""
+    lo0, lo1, hi0, hi1 = _byte_tables(mags)
+    body = ["shl.b32 c, $4, 4;",  # byte msb = bit 3 of the even nibbles (the odd ones' is the word's)
+            "shr.b32 f, $4, 3;", "and.b32 f, f, 0x11111111;", "xor.b32 f, f, 0x11111111;",  # 1: negative
+            "mul.lo.u32 f, f, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]  # magnitude indices
+    for s, (pick, sign) in enumerate((("0x0020", "0xEAC8"), ("0x0031", "0xFBD9"))):
+        body += [f"prmt.b32 t, m, m, {pick};",  # selector nibbles: n(2s) n(2s+1) n(2s+4) n(2s+5)
+                 f"prmt.b32 a, {lo0}, {lo1}, t;", f"prmt.b32 b, {hi0}, {hi1}, t;",
+                 f"prmt.b32 k, c, $4, {sign};",  # 0xff where the code is >= 8 (positive)
+                 "lop3.b32 b, b, k, 0x80808080, 0xD2;",  # b ^ (~k & 0x80808080): sign of the others
+                 f"prmt.b32 ${2 * s}, a, b, 0x6240;", f"prmt.b32 ${2 * s + 1}, a, b, 0x7351;"]
+    return "{\n.reg .b32 c, f, m, t, a, b, k;\n" + "\n".join(body) + "\n}"
+
+
 def _register_lut_asm_5bit(bits) -> str:
     """5-bit codes (fields [4, 1]): two outputs per slice like w = 4; $4 the 4 bytes of the 4-bit field
     (slice 0 = low nibble, slice 1 = high nibble), $5 4 bytes whose bits 0 and 1 hold bit 4 of the same two
@@ -526,7 +551,7 @@ def _register_lut_asm_5bit(bits) -> str:
     return "{\n.reg .b32 x, f, m, k, t, u, h, a, b;\n" + "\n".join(body) + "\n}"
 
 
-def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
+def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = False) -> str:
     """PTX of the register LUT of `fmt`'s codes, or "" where it does not apply (outliers; codes wider
     than 4 bits; a 4-bit codebook that is not exactly antisymmetric in bf16). The table words (bf16
     bits of the codebook) are immediates: with a single tensor operand Triton loads the code bytes
@@ -543,9 +568,11 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
         nibble holds bit 2 of the same 4 coordinates each (bit T for slice T; `split_high_nibbles`);
         the 8 centroids' low and high bytes are two 8-byte tables, so per 4 codes: the code bytes,
         selector nibbles, two lookups and two interleaving prmt.
-      5-bit codes (fields [4, 1]): `_register_lut_asm_5bit`."""
+      5-bit codes (fields [4, 1]): `_register_lut_asm_5bit`.
+    pairs (4-bit one-field codes only, else ""): codes that arrive as 16-bit elements of two consecutive
+      tokens (`_register_lut_asm_pairs`)."""
     mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
-    if fmt.outlier_channels or mains not in ([2], [4], [2, 1], [4, 1]):
+    if fmt.outlier_channels or mains not in ([2], [4], [2, 1], [4, 1]) or (pairs and mains != [4]):
         return ""
     if mains == [4, 1]:
         return _register_lut_asm_5bit(_bf16_bits(centroids[:32]))
@@ -573,6 +600,8 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
     mags = bits[8:16]
     if any(bits[7 - k] != (mags[k] ^ 0x8000) for k in range(8)):
         return ""
+    if pairs:
+        return _register_lut_asm_pairs(mags)
     lo0, lo1, hi0, hi1 = _byte_tables(mags)
     body = ["shr.b32 n, $4, 3;", "and.b32 n, n, 0x11111111;", "xor.b32 n, n, 0x11111111;",  # 1: negative code
             "mul.lo.u32 f, n, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]  # magnitude index per nibble
@@ -690,7 +719,8 @@ def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = Non
 
     word = words(codes)
     # output registers $0 .. $3 (4- and 5-bit codes), $7 (2-, 3-bit) or $1 (the int8 LUT)
-    first = 8 if "$8" in asm else 2 if "lop3" in asm else 4
+    pairs = "0x6240" in asm  # `_register_lut_asm_pairs`
+    first = 8 if "$8" in asm else 4 if pairs else 2 if "lop3" in asm else 4
     operands = {first: word}
     if high is not None:  # 3-/5-bit codes: the spread high bits follow the code bytes
         operands[first + 1] = words(high)
@@ -762,6 +792,9 @@ def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = Non
             outs[int(a[0][1:])] = r
         else:
             regs[a[0]] = r
+    if pairs:  # output T holds coordinate T of both tokens
+        lanes = [torch.stack([outs[t] & 0xFFFF, outs[t] >> 16], dim=1).reshape(-1) for t in range(4)]
+        return [torch.where(x >= 32768, x - 65536, x).to(torch.int16).view(torch.bfloat16) for x in lanes]
     if "lop3" in asm:  # the int8 LUT: one output word of 4 int8 values per slice
         return [torch.stack([(outs[k] >> (8 * j)) & 0xFF for j in range(4)], dim=1).reshape(-1)
                 .to(torch.uint8).view(torch.int8) for k in sorted(outs)]
@@ -817,6 +850,17 @@ def register_poly_slices(b, ASM: tl.constexpr):
     c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                        is_pure=True, pack=4)
     return c0, c1, c0, c0
+
+
+@triton.jit
+def register_lut_pair_slices(b16, ASM: tl.constexpr):
+    """uint16 elements [R, C] of 4-bit codes (coordinates 4c..4c+3 of element c) -> the bf16 centroids of
+    the 4 slices T (coordinates 4c + T), [R, C] each (`register_lut_asm(pairs=True)`, two elements per
+    call: consecutive rows of a 16-bit MMA operand)."""
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b16],
+                                               dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=2)
+    return c0, c1, c2, c3
 
 
 @triton.jit

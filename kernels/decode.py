@@ -29,7 +29,7 @@ from . import _common
 from ._common import (LOG2E, fmt_constexprs, gdc_launch_dependents, gdc_wait, interpreting, kernel_tables,
                       lut_width, next_pow2, pdl_ok,
                       online_softmax_step, softcap_log2, packed_tile_update, register_lut_i8_slices,
-                      register_lut_slices, register_lut_slices3, register_poly_slices,
+                      register_lut_pair_slices, register_lut_slices, register_lut_slices3, register_poly_slices,
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
                       unrotate_store)
 from .codec import TQCodec
@@ -216,10 +216,11 @@ def _slices_i8(q, D: tl.constexpr):
 
 @triton.jit
 def query_slices(qrow, mask, q_scale, S: tl.constexpr, D: tl.constexpr, QJLOFF: tl.constexpr,
-                 F16: tl.constexpr = False):
+                 F16: tl.constexpr = False, QJL_TILE: tl.constexpr = False):
     """The S column slices of the rotated query rows at qrow (`_q_slice`), then those of their QJL
-    sketch for PROD keys (QJLOFF >= 0; it follows the rotated query in each row). Unused entries of the
-    two 4-tuples repeat slice 0 of the query."""
+    sketch for PROD keys (QJLOFF >= 0; it follows the rotated query in each row; QJL_TILE: the whole
+    sketch rows [BLOCK_G, D] in sk0, in coordinate order). Unused entries of the two 4-tuples repeat
+    slice 0 of the query (QJL_TILE: of the sketch)."""
     q0 = _q_slice(qrow, mask, q_scale, 0, S, D, F16)
     q1 = _q_slice(qrow, mask, q_scale, 1, S, D, F16)
     q2 = q0
@@ -231,7 +232,12 @@ def query_slices(qrow, mask, q_scale, S: tl.constexpr, D: tl.constexpr, QJLOFF: 
     sk1 = q0
     sk2 = q0
     sk3 = q0
-    if QJLOFF >= 0:
+    if QJLOFF >= 0 and QJL_TILE:
+        sk0 = _q_slice(qrow + D, mask, q_scale, 0, 1, D)
+        sk1 = sk0
+        sk2 = sk0
+        sk3 = sk0
+    elif QJLOFF >= 0:
         sk0 = _q_slice(qrow + D, mask, q_scale, 0, S, D)
         sk1 = _q_slice(qrow + D, mask, q_scale, 1, S, D)
         if S == 4:
@@ -278,6 +284,33 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _pair_centroids(b16, cent_ptr, ASM: tl.constexpr):
+    """bf16 centroids of the 4 slices of 16-bit elements of 4-bit codes (`register_lut_pair_slices`;
+    ASM "": one gather per code, as in the interpreter)."""
+    if ASM != "":
+        c0, c1, c2, c3 = register_lut_pair_slices(b16, ASM)
+    else:
+        w = b16.to(tl.int32)
+        c0 = tl.load(cent_ptr + (w & 15))
+        c1 = tl.load(cent_ptr + ((w >> 4) & 15))
+        c2 = tl.load(cent_ptr + ((w >> 8) & 15))
+        c3 = tl.load(cent_ptr + ((w >> 12) & 15))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def qjl_sign_tile(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
+    """The QJL sign bits of a tile's rows (bit i of coordinate i at byte OFF + i // 8, LSB first) as bf16
+    +-1 [BLOCK_N, D] in coordinate order, from one [BLOCK_N, D / 8] byte tile (a per-coordinate
+    gather reads every byte 8 times, one global load per coordinate and slice)."""
+    b = tl.load(rows[:, None] + OFF + tl.arange(0, D // 8)[None, :], mask=mask[:, None], other=0).to(tl.int32)
+    bits = (b[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    # bf16 bits of +1 (0x3F80), with the sign bit set where the bit is 0: no int-to-float conversions
+    word = ((bits ^ 1) << 15) | 0x3F80
+    return tl.reshape(word, (b.shape[0], D)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr, QJLOFF: tl.constexpr):
     """sk_T signs_T^T for PROD keys (signs of coordinates S j + T, gathered per coordinate)."""
     c = tl.arange(0, D // S) * S + T
@@ -289,8 +322,8 @@ def _qjl_slice_score(sk, rows, mask, T: tl.constexpr, S: tl.constexpr, D: tl.con
 def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk,
                        logit_cap, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
                        kcent_ptr, vcent_ptr, USE_CAP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
-                       K_POLY: tl.constexpr, V_POLY: tl.constexpr, K_I8: tl.constexpr,
-                       K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
+                       K_POLY: tl.constexpr, V_POLY: tl.constexpr, K_I8: tl.constexpr, V_PAIRS: tl.constexpr,
+                       QJL_TILE: tl.constexpr, K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
                        K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
                        K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
                        K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
@@ -303,16 +336,24 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i
     softmax, p * |v| against every V slice into accumulators a0..a3: the loop body of decode's sliced
     stage 1. K_I8: the key centroids are int8, q0, q1 the query slices' int8 high parts and q2, q3 their
     low parts (`query_slices_i8`; q_row_scale [BLOCK_G] folds the query's and the table's scales), the
-    scores int8 MMAs' int32 sums. Returns (m_i, l_i, a0, a1, a2, a3)."""
+    scores int8 MMAs' int32 sums. V_PAIRS (4-bit one-field V): the V codes load as 16-bit elements (4
+    coordinates each), which a 16-bit MMA operand with the tokens as its reduction dimension takes as
+    they are (two tokens' elements per register: `register_lut_asm(pairs=True)`; byte tiles there cost a
+    shared-memory load per byte), so V has 4 slices (coordinates 4c + T).
+    Returns (m_i, l_i, a0, a1, a2, a3)."""
     KS: tl.constexpr = 8 // K_M0W
-    VS: tl.constexpr = 8 // V_M0W
+    VS: tl.constexpr = 4 if V_PAIRS else 8 // V_M0W
     kb_cols = tl.arange(0, K_D // KS)
     vb_cols = tl.arange(0, V_D // VS)
     krow = kc_ptr + slot * kc_s + hk * kc_h
     vrow = vc_ptr + slot * vc_s + hk * vc_h
     ksrow = ks_ptr + slot * ks_s + hk * ks_h
     kb = tl.load(krow[:, None] + K_M0OFF + kb_cols[None, :], mask=nmask[:, None], other=0)
-    vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0)
+    if V_PAIRS:
+        vrow16 = (vrow + V_M0OFF).to(tl.pointer_type(tl.uint16))
+        vb = tl.load(vrow16[:, None] + vb_cols[None, :], mask=nmask[:, None], other=0)
+    else:
+        vb = tl.load(vrow[:, None] + V_M0OFF + vb_cols[None, :], mask=nmask[:, None], other=0)
     ks0 = tl.load(ksrow, mask=nmask, other=0.0)
     vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
     # ---- scores of the whole GQA group against the tile, one tl.dot per slice
@@ -332,7 +373,10 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i
             s = tl.dot(q2, tl.trans(c2), s)
             s = tl.dot(q3, tl.trans(c3), s)
         s = s * ks0.to(tl.float32)[None, :]
-    if K_QJLOFF >= 0:
+    if K_QJLOFF >= 0 and QJL_TILE:  # sk0: the whole sketch rows; the signs as one tile
+        s += tl.dot(sk0, tl.trans(qjl_sign_tile(krow, nmask, K_QJLOFF, K_D))) * \
+            tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    elif K_QJLOFF >= 0:
         s1 = _qjl_slice_score(sk0, krow, nmask, 0, KS, K_D, K_QJLOFF)
         s1 += _qjl_slice_score(sk1, krow, nmask, 1, KS, K_D, K_QJLOFF)
         if KS == 4:
@@ -345,9 +389,12 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i
         pv = (p * vs0.to(tl.float32)[None, :]).to(tl.float16)
     else:
         pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
-    e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
-                                      V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH,
-                                      V_POLY)
+    if V_PAIRS:
+        e0, e1, e2, e3 = _pair_centroids(vb, vcent_ptr, V_ASM)
+    else:
+        e0, e1, e2, e3 = _slice_centroids(vrow, nmask, vb, vcent_ptr, V_ASM, V_D, V_LO, V_M0W, V_M1W, V_M1OFF,
+                                          V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF,
+                                          V_X1SH, V_POLY)
     a0 = tl.dot(pv, e0, a0 * alpha[:, None])
     a1 = tl.dot(pv, e1, a1 * alpha[:, None])
     if VS == 4:
@@ -365,7 +412,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
                           cnt_ptr, mv_ptr, out_ptr, out_b, out_h, qx_ptr, qx_b, qx_h, rot_ptr,
                           G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr,
                           K_ASM: tl.constexpr, V_ASM: tl.constexpr, K_POLY: tl.constexpr, V_POLY: tl.constexpr,
-                          K_I8: tl.constexpr, WIDE: tl.constexpr,
+                          K_I8: tl.constexpr, V_PAIRS: tl.constexpr, QJL_TILE: tl.constexpr, WIDE: tl.constexpr,
                           FUSED_MERGE: tl.constexpr, FENCE: tl.constexpr, BLOCK_DO: tl.constexpr,
                           MV_SCALE: tl.constexpr, PDL: tl.constexpr, ROT_Q: tl.constexpr, ROT_SCALE: tl.constexpr,
                           K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
@@ -390,9 +437,10 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
     gives it; rot_ptr: M_k^T's int8 signs, ROT_SCALE their magnitude; `_rotate_rows`, the arithmetic of
     compress's own query rotation). They read only codes that earlier steps wrote, so under PDL they do
     not wait for this step's compress, except a split that reaches the sequence's last position (a
-    sequence without a ring row reads the new token's codes). The ring split still reads qr_ptr."""
+    sequence without a ring row reads the new token's codes). The ring split still reads qr_ptr.
+    V_PAIRS: V's 4-bit codes as 16-bit elements, four slices (`sliced_tile_update`)."""
     KS: tl.constexpr = 8 // K_M0W
-    VS: tl.constexpr = 8 // V_M0W
+    VS: tl.constexpr = 4 if V_PAIRS else 8 // V_M0W
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
@@ -443,7 +491,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
         sk2 = q0
         sk3 = q0
     else:
-        q0, q1, q2, q3, sk0, sk1, sk2, sk3 = query_slices(qrow, gmask, q_scale, KS, K_D, K_QJLOFF, K_POLY)
+        q0, q1, q2, q3, sk0, sk1, sk2, sk3 = query_slices(qrow, gmask, q_scale, KS, K_D, K_QJLOFF, K_POLY, QJL_TILE)
         q_row_scale = tl.full((BLOCK_G,), 1.0, tl.float32)
     vb_cols = tl.arange(0, V_D // VS)
     tok = tl.arange(0, BLOCK_N)
@@ -465,7 +513,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap,
         m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
             q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
             kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_POLY, V_POLY, K_I8,
+            kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_POLY, V_POLY, K_I8, V_PAIRS, QJL_TILE,
             K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
             K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
             V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
@@ -774,6 +822,27 @@ MERGE_PRELOAD = True
 ROTATE_Q_IN_STAGE1 = False
 
 
+# V's 4-bit codes load as 16-bit elements (`sliced_tile_update`'s V_PAIRS): the PV operand then comes
+# from shared memory in 16-bit matrix loads instead of one load per byte, and the LUT needs 19 instead of
+# 30 instructions per 8 codes. With int8 keys and a 128-register cap (`KEY_INT8_PAIRS_MAX_REGISTERS`: four
+# programs per SM, no spills) one H200 (thirteenth session, K4V4 (32, 8, 128), one call) ran B=32, 32K in
+# 606.0 against 736.5 us (bytes, the old default), B=8, 32K 164.4 against 219.0, B=32, 1K 30.9 against
+# 36.9, B=128, 1K 100.9 against 122.0, B=1, 1K 9.6 against 10.1; the 223 GPU decode / window / extend
+# tests passed with it on. Without the cap (150 registers, three programs) it was not faster (756.6 us).
+V_PAIRS = True
+# Register cap of the int8-key stage 1 with V pairs at 4 warps and head_dim <= 128 (see above); bytes keep
+# `KEY_INT8_MAX_REGISTERS` (with 128 they spilled: 772.5 us), and so does head_dim 256, which spills at
+# either cap (sm_90: 200 spill instructions per tile at 128, 84 at 168; 189 for bytes at 168).
+KEY_INT8_PAIRS_MAX_REGISTERS = 128
+
+
+# PROD keys' QJL signs in the sliced stage 1: one [BLOCK_N, D / 8] byte tile per tile, unpacked into
+# coordinate order and scored in one MMA against the whole sketch rows (`qjl_sign_tile`), instead of one
+# byte gather per coordinate and slice. Before it, PROD-K3 at B=32, 32K (32, 8, 128) took 6.59 ms on an
+# H200 (thirteenth session), 0.15x FlashInfer BF16.
+QJL_SIGN_TILE = True
+
+
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
     """Warps per program of the sliced stage 1 with a one-field LUT (BLOCK_N 128): 8 while the
     (sequence, KV head) pairs alone leave SMs idle (latency-bound: each warp's share of a tile is
@@ -792,7 +861,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      q_rotated: Optional[torch.Tensor] = None, max_registers: Optional[int] = None,
                      max_seq_len_hint: Optional[int] = None, window: Optional[DecodeWindow] = None,
                      key_int8: Optional[bool] = None, merge_preload: Optional[bool] = None,
-                     pdl: Optional[bool] = None, rotate_q: Optional[bool] = None):
+                     pdl: Optional[bool] = None, rotate_q: Optional[bool] = None,
+                     v_pairs: Optional[bool] = None, qjl_tile: Optional[bool] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     Stage 1 variants: the general one (`_decode_stage1`: codes put back in coordinate order; every
@@ -819,13 +889,24 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     0.861 against 0.889 ms with the LUT; a polynomial V behind 3-bit keys gave wrong results there, so V
     takes the polynomial only together with K.
     max_registers (sliced stage 1): a per-thread register cap (Triton's maxnreg); 128 lets four 4-warp
-    programs share an SM instead of three, at the price of a few spills for K4V4. None: 168 with int8
-    keys at 4 warps (`KEY_INT8_MAX_REGISTERS`), else Triton's choice.
+    programs share an SM instead of three. None, with int8 keys at 4 warps: 128 with v_pairs up to head_dim 128
+    (`KEY_INT8_PAIRS_MAX_REGISTERS`, no spills), else 168 (`KEY_INT8_MAX_REGISTERS`); otherwise Triton's
+    choice.
     key_int8 (sliced stage 1, 4-bit one-field keys without outliers or QJL; None: `KEY_INT8`, on): the
     key centroids come from an int8 register LUT (`register_lut_i8_asm`: one register per 4 codes, 13
     instructions per 8 codes against ~30 for the bf16 LUT) and the scores from int8 MMAs against the
     query split into int8 high and low parts (`query_slices_i8`); the table's scale is chosen so its
     rounding error is about a bf16 table's. H200: 733 against 854 us at B=32, 32K (K4V4).
+    v_pairs (sliced stage 1, 4-bit one-field V without a polynomial; None: `V_PAIRS`): V's codes load as
+    16-bit elements (4 coordinates each) into four V slices instead of bytes into two. The PV MMA's
+    operand holds two consecutive tokens per register, so byte tiles came out of shared memory one load
+    per byte, 108 per tile (sm_90, K4V4 d128, BLOCK_N 128); 16-bit ones come in matrix loads
+    (ldmatrix.trans), and the LUT reads the four codes of each token from its selector nibbles directly
+    (`_register_lut_asm_pairs`: 19 instructions per 8 codes against 30). The loop goes from 1,460 to
+    1,115 instructions per tile and warp (sm_90, with the 128-register cap and no spills; `V_PAIRS`).
+    qjl_tile (PROD keys, sliced stage 1; None: `QJL_SIGN_TILE`): the QJL signs as one byte tile per
+    tile, scored in one MMA against the whole sketch rows (`qjl_sign_tile`), instead of per-coordinate
+    gathers slice by slice.
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
     splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against
     27.9 us at B=1, 1K): off by default.
@@ -886,8 +967,6 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     if num_warps is None:  # int8 keys: 4 warps at every batch (8 lost at B=1, 32K: 47.4 against 41.6 us)
         num_warps = (choose_num_warps(warps_for_batch or B, h_kv, num_sms(dev))
                      if sliced and single and block_n == 128 and not k_i8 else 4)
-    if max_registers is None and k_i8 and num_warps == 4:
-        max_registers = KEY_INT8_MAX_REGISTERS
     if block_n < 32:  # 16-wide tiles gave wrong results on an H100 (Triton 3.6); the interpreter was right
         raise ValueError(f"block_n must be >= 32 (got {block_n})")
     use_cap = bool(logit_cap and logit_cap > 0)
@@ -904,6 +983,12 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     k_poly = bool(sliced and centroid_poly and kt["has_poly"] and not k_i8)
     # a polynomial V behind 4-bit keys only (3-bit keys with a polynomial V gave wrong results on an H100)
     v_poly = bool((k_poly or (k_i8 and centroid_poly)) and vt["has_poly"])
+    # four V slices need d_v / 4 >= 8 columns per warp: at d_v 64 Triton gave every warp the whole PV
+    # product (4x the MMAs, 520 spill instructions per tile at the 128-register cap, sm_90)
+    v_pairs = bool(sliced and (V_PAIRS if v_pairs is None else v_pairs) and vt["has_pairs"] and not v_poly
+                   and d_v // 4 >= 8 * num_warps)
+    if max_registers is None and k_i8 and num_warps == 4:
+        max_registers = KEY_INT8_PAIRS_MAX_REGISTERS if v_pairs and d_k <= 128 else KEY_INT8_MAX_REGISTERS
     mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv
@@ -931,8 +1016,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             G=G, BLOCK_G=BLOCK_G, BLOCK_N=block_n, USE_CAP=use_cap,
             K_ASM=("" if not register_lut else kt["i8_asm"] if k_i8 else kt["poly_asm"] if k_poly
                    else kt["lut_asm"]),
-            V_ASM=vt["poly_asm"] if v_poly else vt["lut_asm"] if register_lut else "",
-            K_POLY=k_poly, V_POLY=v_poly, K_I8=k_i8,
+            V_ASM=(vt["poly_asm"] if v_poly else "" if not register_lut else vt["pairs_asm"] if v_pairs
+                   else vt["lut_asm"]),
+            K_POLY=k_poly, V_POLY=v_poly, K_I8=k_i8, V_PAIRS=v_pairs,
+            QJL_TILE=bool(QJL_SIGN_TILE if qjl_tile is None else qjl_tile),
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31,
             FUSED_MERGE=merge_in_stage1, FENCE=not interpreting(), BLOCK_DO=min(d_v, 32), MV_SCALE=mv_scale,
             PDL=use_pdl, ROT_Q=rot_q, ROT_SCALE=rot_scale, **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),

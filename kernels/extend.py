@@ -233,15 +233,19 @@ def choose_extend_splits(programs: int, max_prefix_len: int, rows: int, heads: i
 # 4K 4.74 against 8.82 ms; all GPU extend tests pass with it.
 REGISTER_LUT = True
 # The same for 3-bit codes (2-bit field + 1-bit field: decode's "split" LUT, `register_lut_slices3`) and
-# 5-bit ones (4 + 1: "split5"). Prepared (interpreter tests, sm_90 compile), not run on a GPU: off.
-REGISTER_LUT_SPLIT = False
+# 5-bit ones (4 + 1: "split5"). One H200 (thirteenth session, K3V3 (32, 8, 128), one layer, one call):
+# 512 new over a 16K prefix 1.11 against 2.52 ms, 2K over 8K 2.31 against 3.80, 8K over 8K 10.36 against
+# 17.62; the GPU extend tests passed with it.
+REGISTER_LUT_SPLIT = True
 # The per-token scales (|k|, |v|) multiply the dequantized [BLOCK_N, d] K / V tiles (in fp32, rounded to
 # bf16 per element) instead of the [BLOCK_M, BLOCK_N] scores and probabilities. In the score layout each
 # thread needed 16 scale loads per tile with 64-bit slot addressing; in the tile layout one or two. The
 # sm_90 prefix loop (K4V4, d 128, register LUT) goes from 1,059 to 823 instructions per tile at 128 rows
 # and from 1,357 to 1,303 at 64; the interpreter tests' error moves from 3.9e-3 to 4.3e-3 (the tile's
-# bf16 rounding of c |k| instead of the fp32 product on the scores). Prepared, not run on a GPU: off.
-SCALE_TILES = False
+# bf16 rounding of c |k| instead of the fp32 product on the scores). One H200 (thirteenth session, K4V4
+# (32, 8, 128), one layer, one call): 512 new over 16K 0.88 against 0.99 ms, 2K over 8K 1.66 against
+# 1.98, 8K over 8K 8.61 against 9.93 (all in one kernel); the GPU extend tests passed with it.
+SCALE_TILES = True
 
 
 def _register_lut_width(tables: dict, fmt, split: bool) -> int:
@@ -296,8 +300,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     num_warps=None: 8 for block_m >= 128, else 4.
     register_lut (None: REGISTER_LUT, on): prefix centroids of one-field 4-/2-bit codes from the bf16
     register LUT, interleaved into coordinate order (`centroid_tile`'s REG), instead of a gather per code;
-    register_lut_split (None: REGISTER_LUT_SPLIT, off): also 3- and 5-bit codes (decode's split LUTs).
-    scale_tiles (None: SCALE_TILES, off): the per-token scales multiply the K / V tiles, not the scores.
+    register_lut_split (None: REGISTER_LUT_SPLIT, on): also 3- and 5-bit codes (decode's split LUTs).
+    scale_tiles (None: SCALE_TILES, on): the per-token scales multiply the K / V tiles, not the scores.
     (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
     GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28. This one keeps the
     coordinate order and the general kernel.)

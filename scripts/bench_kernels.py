@@ -147,8 +147,9 @@ def n_sets_for(nbytes, l2_bytes):
 # --------------------------------------------------------------------------------------------
 # systems
 # --------------------------------------------------------------------------------------------
-def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, window=0, key_int8=None):
-    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16)."""
+def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, window=0, key_int8=None, extra=None):
+    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16).
+    extra: more decode_attention keyword arguments (`--variants`)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     per_set = B * ctx * hkv * (kfmt.slot_bytes + vfmt.slot_bytes)
@@ -181,6 +182,7 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, wi
                   key_int8=len(cfg) > 8 and cfg[8])
     if key_int8 is not None:
         kw["key_int8"] = key_int8
+    kw.update(extra or {})
 
     def fn():
         for bufs, indptr, idx, q, out, qrot, win in sets:
@@ -192,6 +194,18 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, wi
     del sets
     torch.cuda.empty_cache()
     return ms, per_set + qo_bytes, ns
+
+
+def parse_variant(text):
+    """"name:key=value,key=value" -> (name, {key: value}); values are Python literals (True, 128, ...)."""
+    import ast
+
+    name, _, rest = text.partition(":")
+    kw = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        kw[k.strip()] = ast.literal_eval(v.strip())
+    return name, kw
 
 
 def run_flashinfer(B, ctx, hq, hkv, d, kv_dtype, page_size, l2, seed):
@@ -280,9 +294,10 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     """`seqs` sequences' chunked-prefill continuations (radix hits, or second chunks of long prompts):
     each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
     -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "gathers" (the prefix
-    centroids by per-code gathers instead of the register LUT), "split_lut" (3- / 5-bit codes through the
-    split register LUTs, extend_attention(register_lut_split=True); None for other formats), "scale_tiles"
-    (the per-token scales on the K / V tiles, extend_attention(scale_tiles=True)), "one_split" (no
+    centroids by per-code gathers instead of the register LUT), "no_split_lut" (3- / 5-bit codes by
+    gathers instead of the split register LUTs, extend_attention(register_lut_split=False); None for other
+    formats), "no_scale_tiles" (the per-token scales on the scores instead of the K / V tiles,
+    extend_attention(scale_tiles=False)), "one_split" (no
     prefix splits), "split4" (4 splits), "hybrid" (FlashInfer's ragged prefill for the new tokens with its
     lse, then `extend_attention(new_part=)` over the packed prefix only; None without FlashInfer),
     "fi_new" (that FlashInfer part alone), "sgl_triton_bf16" (SGLang's Triton extend over a BF16 prefix,
@@ -307,10 +322,10 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
                                               max_extend_len=new, max_prefix_len=prefix, **kw))
     res["ours"] = ext()
     res["gathers"] = ext(register_lut=False)  # prefix centroids by per-code gathers (before the twelfth session)
-    res["scale_tiles"] = ext(scale_tiles=True)  # |k|, |v| on the tiles instead of the scores (prepared, off)
-    res["split_lut"] = None  # 3- / 5-bit codes through decode's split register LUTs (prepared, off)
+    res["no_scale_tiles"] = ext(scale_tiles=False)  # |k|, |v| on the scores (before the thirteenth session)
+    res["no_split_lut"] = None  # 3- / 5-bit codes by per-code gathers (before the thirteenth session)
     if any(kernel_tables(c, dev)["register_lut_kind"] in ("split", "split5") for c in (kc, vc)):
-        res["split_lut"] = ext(register_lut_split=True)
+        res["no_split_lut"] = ext(register_lut_split=False)
     res["one_split"] = ext(num_splits=1)
     res["split4"] = ext(num_splits=4)
     res["hybrid"] = res["fi_new"] = None
@@ -504,6 +519,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="sweep BLOCK_N/num_warps/num_stages and num_splits")
     ap.add_argument("--key-int8", action="store_true",
                     help="also time K4V4 / K4V2 points with decode_attention(key_int8=True)")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                    help="also time our decode with these decode_attention arguments at every point, e.g. "
+                         "pairs:v_pairs=True pairs128:v_pairs=True,max_registers=128")
     ap.add_argument("--out", default=None, help="directory for results.json and speedup.png")
     ap.add_argument("--mem-budget-gb", type=float, default=30.0, help="skip points whose BF16 KV exceeds this")
     ap.add_argument("--fi-page-size", type=int, default=16)
@@ -523,6 +541,7 @@ def main():
                     help="also time one layer's first-prefill attention work (store + SGLang's Triton extend) "
                          "with BF16 KV and with each codec's compress, at (32, 8, 128)")
     args = ap.parse_args()
+    variants = [parse_variant(v) for v in args.variants]
 
     import triton
 
@@ -573,6 +592,13 @@ def main():
                                                                       args.fi_page_size, l2, 2)),
                                     ("sgl_triton", lambda: run_sglang_triton(B, ctx, hq, hkv, d, l2, 3,
                                                                              args.sgl_splits))):
+                        if name == "sgl_triton" and B * ctx * hkv * d >= 2 ** 31:
+                            # its kernel indexes the K/V buffers with 32-bit offsets: at B=128, 32K,
+                            # (32, 8, 128) it faulted (illegal address, H200, thirteenth session), and a
+                            # fault ends every later timing of the process
+                            base[name] = None
+                            log(f"  {name} skipped at {shape} B={B} ctx={ctx}: K/V beyond 32-bit offsets")
+                            continue
                         try:
                             base[name] = f()
                         except Exception as e:
@@ -598,6 +624,17 @@ def main():
                             pt["x_window_" + b] = (base[b] / pt["ms_window"]) if base.get(b) else None
                         log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with a {args.window}-token window "
                             f"{pt['ms_window'] * 1e3:8.1f} us")
+                    for name, extra in variants:
+                        try:
+                            t = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, extra=extra)[0]
+                        except Exception as e:  # noqa: BLE001 - a failing variant must not lose the point
+                            log(f"  variant {name} failed at {shape} {codec} B={B} ctx={ctx}: {type(e).__name__}: "
+                                f"{str(e)[:200]}")
+                            continue
+                        pt.setdefault("variants", {})[name] = dict(ms=t, args=extra, x_default=ms / t)
+                        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} variant {name:<12} {t * 1e3:8.1f} us "
+                            f"(default {ms * 1e3:8.1f} us: {ms / t:.3f}x)"
+                            + "".join(f"  {base[b] / t:.2f}x {b}" for b in ("fi_bf16", "fi_fp8") if base.get(b)))
                     if args.key_int8 and codec in ("K4V4", "K4V2"):
                         pt["ms_key_int8"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, key_int8=True)[0]
                         for b in ("fi_bf16", "fi_fp8"):
@@ -626,6 +663,7 @@ def main():
                         pt["sweep"] = sweep
                         pt["best"] = dict(ms=best[0], cfg=best[1], splits=best[2])
                     results["points"].append(pt)
+                    save(results, args.out)
                     log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} ours {ms * 1e3:8.1f} us  "
                         f"{pt['gbs']:6.0f} GB/s ({pt['pct_copy']:4.0f}% copy)  "
                         + "  ".join(f"{b} {base[b] * 1e3:8.1f} us" for b in base if base.get(b))
@@ -660,8 +698,8 @@ def main():
                 return f"{x * 1e3:9.1f}" if x else "        -"
             base = r["sgl_triton_bf16"]
             log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
-                f"gathers {us(r.get('gathers'))}  split LUT {us(r.get('split_lut'))}  "
-                f"scale tiles {us(r.get('scale_tiles'))}  "
+                f"gathers {us(r.get('gathers'))}  no split LUT {us(r.get('no_split_lut'))}  "
+                f"no scale tiles {us(r.get('no_scale_tiles'))}  "
                 f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
                 f"(FlashInfer new {us(r['fi_new'])}; differs by {r.get('hybrid_rel_diff') or 0:.1e})  "
                 f"SGLang triton BF16 {us(base)}"
@@ -686,9 +724,7 @@ def main():
                    f"TQ {r['tq_layer_fi'] * 1e3:.1f} us" if r.get("fi_prefill") else ""))
 
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        save(results, args.out)
         try:
             plot(results, os.path.join(args.out, "speedup.png"))
         except Exception as e:
@@ -696,6 +732,14 @@ def main():
 
     print_table(results, time.time() - t_start)
     return 0 if results["check"] in (None, True) else 2
+
+
+def save(results, out):
+    """results.json under out (after every decode point too, so a run cut short keeps what it measured)."""
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
 
 
 def print_table(results, elapsed_s):

@@ -49,6 +49,11 @@ VARIANTS = {
     # V centroids as an f16 polynomial of the code (opt-in since the fourth session; not yet timed
     # behind the int8 keys)
     "vpoly": ({}, dict(centroid_poly=True)),
+    # V's 4-bit codes as 16-bit elements (four V slices), or bytes (two)
+    "pairs": ({}, dict(v_pairs=True)),
+    "nopairs": ({}, dict(v_pairs=False)),
+    # three pipeline stages in stage 1 (two by default)
+    "stages3": ({}, dict(num_stages=3)),
 }
 
 

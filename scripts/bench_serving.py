@@ -49,11 +49,12 @@ MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"], "nopw": ["--disable-piece
 # "+rotq" / "+fused": prepared TurboQuant kernel paths switched on for that server through the
 # backend's environment switches (docs/SERVING.md), so serving can A/B them without a code change;
 # "+nosplits" / "+nohybrid" / "+triton": the extend's prefix splits off, its FlashInfer new-token part off,
-# plain prefills on SGLang's Triton kernel
+# plain prefills on SGLang's Triton kernel; "+pairs" / "+nopairs": decode's V codes as 16-bit elements, or bytes
 ENV_MODIFIERS = {"rotq": {"SGLANG_TQ_ROTATE_Q": "1"}, "fused": {"SGLANG_TQ_FUSED_MERGE": "1"},
                  "splits": {"SGLANG_TQ_EXTEND_SPLITS": "1"}, "nosplits": {"SGLANG_TQ_EXTEND_SPLITS": "0"},
                  "hybrid": {"SGLANG_TQ_HYBRID_EXTEND": "1"},
-                 "nohybrid": {"SGLANG_TQ_HYBRID_EXTEND": "0"}, "triton": {"SGLANG_TQ_PLAIN_PREFILL_KERNEL": "triton"}}
+                 "nohybrid": {"SGLANG_TQ_HYBRID_EXTEND": "0"}, "triton": {"SGLANG_TQ_PLAIN_PREFILL_KERNEL": "triton"},
+                 "pairs": {"SGLANG_TQ_V_PAIRS": "1"}, "nopairs": {"SGLANG_TQ_V_PAIRS": "0"}}
 
 
 def tq_args(preset):

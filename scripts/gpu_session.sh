@@ -66,8 +66,12 @@ onebatch() {  # onebatch GPU NAME BACKEND-ARGS...: scripts/bench_one_batch_tq.py
 kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VISIBLE_DEVICES set by the caller)
     case "$1" in
     tests) kernel_tests ;;
-    bench) timeout 240 python3 scripts/bench_kernels.py --batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 \
-            --window 32 --key-int8 ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1 ;;
+    bench) timeout "${BENCH_LIMIT_S:-240}" python3 scripts/bench_kernels.py \
+            ${BENCH_ARGS:---batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 --window 32 --key-int8} \
+            ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1 ;;
+    grid-hd128|grid-hd64)  # issue 3's whole grid for one shape: B 1/8/32/128 x 1K-32K x K4V4, K3V3, K4V2, PROD-K3
+        timeout "${GRID_LIMIT_S:-540}" python3 scripts/bench_kernels.py --check --shapes "${1#grid-}" \
+            --codecs K4V4 K3V3 K4V2 PROD-K3 --out "$W/$1" > "$W/$1.log" 2>&1 ;;
     extend)  # extend over a packed prefix (GQA packing, split-K) vs SGLang's Triton extend over BF16: short
         # chat turns over a long cached history, long continuations; and one layer's first prefill.
         # EXTEND_CODECS: e.g. "K4V4 K3V3" (K3V3 adds the split register LUT's column)
@@ -91,6 +95,7 @@ kernel_summary() {  # kernel_summary PART: the lines of its log worth reading
     case "$1" in
     tests) tail -15 "$W/tests.log" ;;
     bench) grep -v "^    " "$W/bench.log" | tail -40 ;;
+    grid-*) grep -v "^    " "$W/$1.log" | tail -24 ;;
     extend) grep "extend\|prefill" "$W/extend.log" | tail -14 ;;
     step) grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24 ;;
     sweep) grep "best\|ours" "$W/sweep.log" | tail -8 ;;

@@ -70,6 +70,9 @@ FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
 # 0 = score 4-bit keys with bf16 centroids on bf16 tensor cores instead of the int8 path
 # (tq_kernels.decode_attention's key_int8; unset: the kernel's default, int8).
 KEY_INT8_ENV = "SGLANG_TQ_KEY_INT8"
+# 1 / 0 = 4-bit V codes load as 16-bit elements (four V slices) or as bytes (tq_kernels.decode_attention's
+# v_pairs; unset: the kernel's default, `V_PAIRS`).
+V_PAIRS_ENV = "SGLANG_TQ_V_PAIRS"
 # 1 / 0 = stage 1's packed splits rotate their own queries, or read compress's (tq_kernels.decode_attention's
 # rotate_q; unset: the kernel's default, `ROTATE_Q_IN_STAGE1`).
 ROTATE_Q_ENV = "SGLANG_TQ_ROTATE_Q"
@@ -184,6 +187,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                                 or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
         self.fused_merge = _env_flag(FUSED_MERGE_ENV)
         self.key_int8 = _env_choice(KEY_INT8_ENV)
+        self.v_pairs = _env_choice(V_PAIRS_ENV)
         self.rotate_q = _env_choice(ROTATE_Q_ENV)
         self.extend_splits = None if self.batch_invariant else _env_choice(EXTEND_SPLITS_ENV)
         self.plain_prefill = _env_on(PLAIN_PREFILL_ENV)
@@ -615,6 +619,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
                 extra["key_int8"] = self.key_int8
             if self.rotate_q is not None:
                 extra["rotate_q"] = self.rotate_q
+            if self.v_pairs is not None:
+                extra["v_pairs"] = self.v_pairs
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         wmd = self._window_metadata(forward_batch, layer.layer_id) if self.window else None
         if save_kv_cache:

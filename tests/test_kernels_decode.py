@@ -576,3 +576,60 @@ def test_decode_rotate_q_in_stage1(kfmt, vfmt, heads, lens, cap, block_n):
     base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 37, sliced=True, key_int8=True)
     assert rel_err(out, ref) < 1e-2
     assert rel_err(out, base) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", [F(128, 4), F(64, 4), F(256, 4), F(128, 4, norm_correction=False)],
+                         ids=["d128", "d64", "d256", "d128-nonc"])
+def test_register_lut_pairs_asm_logic(fmt):
+    """The pairs variant of the 4-bit register LUT (V codes as 16-bit elements, two tokens per word),
+    emulated on the CPU: output T holds the bf16 centroids of coordinate 4c + T (nibble T of the
+    16-bit element) of both tokens, for every code byte in every position."""
+    from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
+
+    kc, _ = make_codecs(fmt, fmt)
+    cent = kernel_tables(kc, "cpu")["centroids"]
+    asm = register_lut_asm(fmt, cent, pairs=True)
+    assert asm and not register_lut_asm(F(128, 2), cent[:4], pairs=True)
+    gen = torch.Generator().manual_seed(1)
+    words = torch.stack([torch.randperm(256, generator=gen).to(torch.uint8) for _ in range(4)], dim=1)  # [256, 4]
+    outs = emulate_register_lut(asm, words.reshape(-1))
+    table = cent.to(torch.bfloat16)
+    elem = words.long()[:, 0::2] | words.long()[:, 1::2] << 8  # [256, 2]: the 16-bit element of token t, t + 1
+    for t, got in enumerate(outs):
+        want = table[(elem >> (4 * t)) & 15].reshape(-1)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"slice {t}"
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n, kw", [
+    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32, dict(key_int8=True)),
+    (F(128, 4), F(128, 4), (16, 2), [300, 129], 0.0, 128, dict(key_int8=True, fused_merge=True)),
+    (F(64, 4), F(64, 4), (9, 3), [40, 0], 20.0, 32, dict(key_int8=True)),
+    (F(256, 4), F(256, 4), (4, 2), [21], 0.0, 32, dict(key_int8=False)),
+    (F(128, 3, qjl=True), F(128, 4, norm_correction=False), (4, 1), [66], 0.0, 64, {}),
+], ids=["K4V4-g4", "K4V4-g8-bn128-merge", "K4V4-d64-g3-cap-empty", "K4V4-d256-bf16keys", "PROD3-V4nonc"])
+def test_decode_v_pairs(kfmt, vfmt, heads, lens, cap, block_n, kw):
+    """v_pairs: V's 4-bit codes load as 16-bit elements, four V slices (coordinates 4c + T) instead of
+    two: the reference's result, and the two-slice path's to fp32 rounding."""
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 41, sliced=True, v_pairs=True, **kw)
+    base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 41, sliced=True, v_pairs=False, **kw)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(out, base) < 1e-3
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert float(out[b].abs().max()) == 0.0
+
+
+@needs_triton
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, block_n", [
+    (F(128, 3, qjl=True), F(128, 3), (8, 2), [90, 1, 33], 32),
+    (F(64, 4, qjl=True), F(64, 4), (9, 3), [70, 0], 64),
+    (F(128, 5, qjl=True), F(128, 2), (4, 1), [130], 128),
+], ids=["PROD3-V3-g4", "PROD4-V4-d64-g3-empty", "PROD5-V2-g4-bn128"])
+def test_decode_qjl_sign_tile(kfmt, vfmt, heads, lens, block_n):
+    """qjl_tile: PROD keys' QJL signs unpacked from one byte tile into coordinate order and scored in one
+    MMA against the whole sketch rows: the reference's result, and the per-slice gathers' to rounding."""
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, 0.0, 43, sliced=True, qjl_tile=True)
+    base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, 0.0, 43, sliced=True, qjl_tile=False)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(out, base) < 1e-3

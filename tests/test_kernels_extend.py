@@ -121,10 +121,11 @@ SCALE_CASES = _cases("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-
 
 @PACKING
 @pytest.mark.parametrize("case", SCALE_CASES, ids=[c[0] for c in SCALE_CASES])
-def test_extend_scale_tiles_matches_reference(case, pack):
-    """scale_tiles: |k| and |v| multiply the dequantized K / V tiles (register LUT, gathers, outliers,
-    PROD keys whose QJL term keeps its scale on the scores) instead of the scores and p."""
-    _check_variant(case, pack, 17, scale_tiles=True)
+def test_extend_scale_tiles_off_matches_reference(case, pack):
+    """scale_tiles=False: |k| and |v| multiply the scores and p instead of the dequantized K / V tiles
+    (the default since the thirteenth session, which every other extend test runs: register LUT,
+    gathers, outliers, PROD keys whose QJL term keeps its scale on the scores)."""
+    _check_variant(case, pack, 17, scale_tiles=False)
 
 
 def choose_gqa_pack_ok(group: int, block_m) -> bool:

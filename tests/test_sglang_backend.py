@@ -437,14 +437,14 @@ def test_padded_extend_equals_unpadded(setup, from_cache):
 
 
 def test_env_switches_reach_the_kernels(setup):
-    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS (read when the backend is built; unset: the kernels'
-    own defaults) become decode's rotate_q and extend's auto_splits, and the start-up warm-up compiles
+    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS / SGLANG_TQ_V_PAIRS (read when the backend is built; unset: the kernels'
+    own defaults) become decode's rotate_q / v_pairs and extend's auto_splits, and the start-up warm-up compiles
     the split variant when splits are on. Batch-invariant runs never split."""
     s = setup
     runner = s["runner"]
-    with env(SGLANG_TQ_ROTATE_Q="1", SGLANG_TQ_EXTEND_SPLITS="1"):
+    with env(SGLANG_TQ_ROTATE_Q="1", SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_V_PAIRS="0"):
         b = TurboQuantAttnBackend(runner)
-    assert b.rotate_q is True and b.extend_splits is True
+    assert b.rotate_q is True and b.extend_splits is True and b.v_pairs is False
     calls = []
     b._extend = lambda *a, **kw: calls.append(kw)
     b.warm_extend_kernels(torch.bfloat16, block_ms=(32,))
@@ -452,7 +452,7 @@ def test_env_switches_reach_the_kernels(setup):
     with env(SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_BATCH_INVARIANT="1"):
         assert TurboQuantAttnBackend(runner).extend_splits is None
     plain = TurboQuantAttnBackend(runner)
-    assert plain.rotate_q is None and plain.extend_splits is None
+    assert plain.rotate_q is None and plain.extend_splits is None and plain.v_pairs is None
     hb = TurboQuantAttnBackend(runner)  # on by default, but it needs FlashInfer's prefill: never on the CPU
     assert hb.ragged_prefill is None and not hb.hybrid_extend
     hb.hybrid_extend, calls = True, []  # as on a GPU: the warm-up also compiles the prefix-only variant
