@@ -836,11 +836,36 @@ V_PAIRS = True
 KEY_INT8_PAIRS_MAX_REGISTERS = 128
 
 
+# Register cap of the sliced stage 1 when K and V both have 3-bit codes (the "split" LUTs; BLOCK_N 64,
+# 4 warps, head_dim <= 128): 96 fits five programs on an SM instead of four (112 registers uncapped; 2
+# spill instructions per tile at 96, sm_90). One H200 (thirteenth session, K3V3 (32, 8, 128)): B=32, 32K
+# 1334.8 against 1377.6 us, B=1, 32K 70.8 against 74.8, B=1, 1K 12.4 against 12.8, B=32, 1K 53.2 / 52.9.
+SPLIT_MAX_REGISTERS = 96
+
+
 # PROD keys' QJL signs in the sliced stage 1: one [BLOCK_N, D / 8] byte tile per tile, unpacked into
 # coordinate order and scored in one MMA against the whole sketch rows (`qjl_sign_tile`), instead of one
 # byte gather per coordinate and slice. Before it, PROD-K3 at B=32, 32K (32, 8, 128) took 6.59 ms on an
 # H200 (thirteenth session), 0.15x FlashInfer BF16.
 QJL_SIGN_TILE = True
+
+
+def pairs_fit(d_v: int, num_warps: int) -> bool:
+    """V pairs' four slices need d_v / 4 >= 8 columns per warp: at d_v 64 (4 warps) Triton gave every warp
+    the whole PV product (4x the MMAs, 520 spill instructions per tile at the 128-register cap, sm_90)."""
+    return d_v // 4 >= 8 * num_warps
+
+
+def choose_max_registers(k_i8: bool, v_pairs: bool, num_warps: int, block_n: int, d_k: int, k_kind: str,
+                         v_kind: str) -> Optional[int]:
+    """The sliced stage 1's register cap (None: Triton's choice). Int8 keys at 4 warps: 128 with V pairs up
+    to head_dim 128 (`KEY_INT8_PAIRS_MAX_REGISTERS`), else 168 (`KEY_INT8_MAX_REGISTERS`); 3-bit K and V
+    (both "split" LUTs) at BLOCK_N 64, 4 warps, head_dim <= 128: 96 (`SPLIT_MAX_REGISTERS`)."""
+    if k_i8 and num_warps == 4:
+        return KEY_INT8_PAIRS_MAX_REGISTERS if v_pairs and d_k <= 128 else KEY_INT8_MAX_REGISTERS
+    if block_n == 64 and num_warps == 4 and d_k <= 128 and k_kind == v_kind == "split":
+        return SPLIT_MAX_REGISTERS
+    return None
 
 
 def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -890,8 +915,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     takes the polynomial only together with K.
     max_registers (sliced stage 1): a per-thread register cap (Triton's maxnreg); 128 lets four 4-warp
     programs share an SM instead of three. None, with int8 keys at 4 warps: 128 with v_pairs up to head_dim 128
-    (`KEY_INT8_PAIRS_MAX_REGISTERS`, no spills), else 168 (`KEY_INT8_MAX_REGISTERS`); otherwise Triton's
-    choice.
+    (`KEY_INT8_PAIRS_MAX_REGISTERS`, no spills), else 168 (`KEY_INT8_MAX_REGISTERS`); with 3-bit K and V at
+    BLOCK_N 64 and 4 warps 96 (`SPLIT_MAX_REGISTERS`); otherwise Triton's choice.
     key_int8 (sliced stage 1, 4-bit one-field keys without outliers or QJL; None: `KEY_INT8`, on): the
     key centroids come from an int8 register LUT (`register_lut_i8_asm`: one register per 4 codes, 13
     instructions per 8 codes against ~30 for the bf16 LUT) and the scores from int8 MMAs against the
@@ -983,12 +1008,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     k_poly = bool(sliced and centroid_poly and kt["has_poly"] and not k_i8)
     # a polynomial V behind 4-bit keys only (3-bit keys with a polynomial V gave wrong results on an H100)
     v_poly = bool((k_poly or (k_i8 and centroid_poly)) and vt["has_poly"])
-    # four V slices need d_v / 4 >= 8 columns per warp: at d_v 64 Triton gave every warp the whole PV
-    # product (4x the MMAs, 520 spill instructions per tile at the 128-register cap, sm_90)
     v_pairs = bool(sliced and (V_PAIRS if v_pairs is None else v_pairs) and vt["has_pairs"] and not v_poly
-                   and d_v // 4 >= 8 * num_warps)
-    if max_registers is None and k_i8 and num_warps == 4:
-        max_registers = KEY_INT8_PAIRS_MAX_REGISTERS if v_pairs and d_k <= 128 else KEY_INT8_MAX_REGISTERS
+                   and pairs_fit(d_v, num_warps))
+    if max_registers is None and sliced:
+        max_registers = choose_max_registers(k_i8, v_pairs, num_warps, block_n, d_k, kt["register_lut_kind"],
+                                             vt["register_lut_kind"])
     mv, mv_scale = rotation_operand(vt, transposed=False)
     if merge_in_stage1:
         assert workspace.split_counts.numel() >= B * h_kv

@@ -633,3 +633,19 @@ def test_decode_qjl_sign_tile(kfmt, vfmt, heads, lens, block_n):
     base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, 0.0, 43, sliced=True, qjl_tile=False)
     assert rel_err(out, ref) < TOL
     assert rel_err(out, base) < 1e-3
+
+
+def test_stage1_register_caps_and_pairs_fit():
+    """The launch rules the GPU timings chose (thirteenth session): V pairs only with >= 8 PV columns per
+    warp; the 128 cap for int8 keys with V pairs up to head_dim 128 (168 otherwise, and at head_dim 256,
+    where both spill); 96 for 3-bit K and V at BLOCK_N 64 and 4 warps; Triton's choice elsewhere."""
+    from tq_kernels.decode import choose_max_registers, pairs_fit
+
+    assert pairs_fit(128, 4) and pairs_fit(256, 4) and not pairs_fit(64, 4) and not pairs_fit(128, 8)
+    assert choose_max_registers(True, True, 4, 128, 128, "single", "single") == 128
+    assert choose_max_registers(True, False, 4, 128, 128, "single", "single") == 168
+    assert choose_max_registers(True, True, 4, 128, 256, "single", "single") == 168
+    assert choose_max_registers(False, False, 4, 64, 128, "split", "split") == 96
+    assert choose_max_registers(False, False, 4, 64, 256, "split", "split") is None
+    assert choose_max_registers(False, False, 8, 128, 128, "split", "split") is None
+    assert choose_max_registers(False, True, 4, 64, 128, "split5", "single") is None  # K5V4: not timed with a cap
