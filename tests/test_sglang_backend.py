@@ -437,9 +437,9 @@ def test_padded_extend_equals_unpadded(setup, from_cache):
 
 
 def test_env_switches_reach_the_kernels(setup):
-    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS / SGLANG_TQ_V_PAIRS (read when the backend is built; unset: the kernels'
-    own defaults) become decode's rotate_q / v_pairs and extend's auto_splits, and the start-up warm-up compiles
-    the split variant when splits are on. Batch-invariant runs never split."""
+    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS / SGLANG_TQ_V_PAIRS (read when the backend is built;
+    unset: the kernels' own defaults) become decode's rotate_q / v_pairs and extend's auto_splits, and the
+    start-up warm-up compiles the split variant when splits are on. Batch-invariant runs never split."""
     s = setup
     runner = s["runner"]
     with env(SGLANG_TQ_ROTATE_Q="1", SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_V_PAIRS="0"):
