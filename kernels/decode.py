@@ -851,6 +851,13 @@ SPLIT_MAX_REGISTERS = 96
 QJL_SIGN_TILE = True
 
 
+def _even_rows(codes: torch.Tensor) -> bool:
+    """Every (slot, head) row of `codes` starts at an even address: V pairs load it as 16-bit elements
+    (the pools allocate contiguous [rows, H_kv, code_bytes] tensors; a view at an odd byte offset keeps
+    the byte loads)."""
+    return codes.data_ptr() % 2 == 0 and codes.stride(0) % 2 == 0 and codes.stride(1) % 2 == 0
+
+
 def pairs_fit(d_v: int, num_warps: int) -> bool:
     """V pairs' four slices need d_v / 4 >= 8 columns per warp: at d_v 64 (4 warps) Triton gave every warp
     the whole PV product (4x the MMAs, 520 spill instructions per tile at the 128-register cap, sm_90)."""
@@ -1010,7 +1017,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     # a polynomial V behind 4-bit keys only (3-bit keys with a polynomial V gave wrong results on an H100)
     v_poly = bool((k_poly or (k_i8 and centroid_poly)) and vt["has_poly"])
     v_pairs = bool(sliced and (V_PAIRS if v_pairs is None else v_pairs) and vt["has_pairs"] and not v_poly
-                   and pairs_fit(d_v, num_warps))
+                   and pairs_fit(d_v, num_warps) and _even_rows(v_codes))
     if max_registers is None and sliced:
         max_registers = choose_max_registers(k_i8, v_pairs, num_warps, block_n, d_k, kt["register_lut_kind"],
                                              vt["register_lut_kind"])

@@ -649,3 +649,29 @@ def test_stage1_register_caps_and_pairs_fit():
     assert choose_max_registers(False, False, 4, 64, 256, "split", "split") is None
     assert choose_max_registers(False, False, 8, 128, 128, "split", "split") is None
     assert choose_max_registers(False, True, 4, 64, 128, "split5", "single") is None  # K5V4: not timed with a cap
+
+
+@needs_triton
+def test_decode_v_pairs_odd_byte_view_keeps_bytes():
+    """A V-code view whose rows start at odd addresses cannot load as 16-bit elements: decode keeps the
+    byte loads there (same result as a contiguous copy) instead of misaligned accesses."""
+    from tq_kernels.decode import _even_rows, decode_attention
+
+    gen = torch.Generator().manual_seed(3)
+    kfmt = vfmt = F(128, 4)
+    kc, vc = make_codecs(kfmt, vfmt)
+    lens, hq, hkv = [40, 7], 8, 2
+    bufs = alloc_cache(kfmt, vfmt, sum(lens) + 5, hkv, DEV)
+    batch = fill_random_kv(lens, hkv, kc, vc, bufs, gen, DEV)
+    k_codes, k_scales, v_codes, v_scales = bufs
+    wide = torch.zeros(v_codes.shape[0], hkv, v_codes.shape[2] + 1, dtype=torch.uint8, device=DEV)
+    odd = wide[:, :, 1:]  # rows at odd offsets (stride 65)
+    odd.copy_(v_codes)
+    assert _even_rows(v_codes) and not _even_rows(odd)
+    q = (torch.randn(2, hq, 128, generator=gen) * 2).to(DEV, torch.bfloat16)
+    args = (batch.kv_indptr, batch.kv_indices, 128 ** -0.5)
+    out = decode_attention(q, k_codes, k_scales, odd, v_scales, kc, vc, *args, sliced=True, v_pairs=True,
+                           num_splits=2, block_n=32)
+    ref = decode_attention(q, k_codes, k_scales, v_codes, v_scales, kc, vc, *args, sliced=True, v_pairs=False,
+                           num_splits=2, block_n=32)
+    assert torch.equal(out.cpu(), ref.cpu())
