@@ -363,9 +363,11 @@ def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
 
 @triton.jit
 def qjl_signs(rows, mask, QJLOFF: tl.constexpr, D: tl.constexpr):
-    """bf16 [BLOCK_N, D] of +-1 from the QJL sign field (bit 1 -> +1)."""
+    """bf16 [BLOCK_N, D] of +-1 from the QJL sign field (bit 1 -> +1), in coordinate order, from one
+    [BLOCK_N, D / 8] byte tile. The bf16 bits are built in integers (+1 is 0x3F80, the sign bit set where
+    the bit is 0): exact, right in the interpreter, and no int-to-float conversions."""
     bits = unpack_field(rows, mask, QJLOFF, 1, D)
-    return (bits * 2 - 1).to(tl.float32).to(tl.bfloat16)  # via fp32: exact, and right in the interpreter
+    return (((bits ^ 1) << 15) | 0x3F80).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -499,6 +501,12 @@ def _byte_tables(bits16) -> list:
     return ["0x%08x" % (x[0] | x[1] << 8 | x[2] << 16 | x[3] << 24) for x in (lo[:4], lo[4:], hi[:4], hi[4:])]
 
 
+# Magnitude index per nibble of the 4-bit code word $4 for the antisymmetric LUTs (m[k], k = (i & 7) ^ (7 if
+# i < 8)): n holds 1 in every nibble whose code is negative (bit 3 clear), m the indices (both registers).
+_MAGNITUDE_INDEX_PTX = ["shr.b32 n, $4, 3;", "and.b32 n, n, 0x11111111;", "xor.b32 n, n, 0x11111111;",
+                        "mul.lo.u32 f, n, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]
+
+
 def _register_lut_asm_pairs(mags) -> str:
     """The antisymmetric 4-bit bf16 LUT (`register_lut_asm`'s w = 4: magnitudes m[k], k = (i & 7) ^ (7 if
     i < 8), sign from bit 3) for a word of two 16-bit elements, tokens t and t + 1, 4 codes each
@@ -509,16 +517,15 @@ def _register_lut_asm_pairs(mags) -> str:
     in sign-replicate mode turns each nibble's bit 3 into a byte mask (from the word and the word << 4),
     one lop3 sets the sign bits and two prmt interleave: 19 instructions per 8 codes (30 for bytes)."""
     lo0, lo1, hi0, hi1 = _byte_tables(mags)
-    body = ["shl.b32 c, $4, 4;",  # byte msb = bit 3 of the even nibbles (the odd ones' is the word's)
-            "shr.b32 f, $4, 3;", "and.b32 f, f, 0x11111111;", "xor.b32 f, f, 0x11111111;",  # 1: negative
-            "mul.lo.u32 f, f, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]  # magnitude indices
+    # byte msb = bit 3 of the even nibbles (the odd ones' is the word's), then the magnitude indices
+    body = ["shl.b32 c, $4, 4;"] + _MAGNITUDE_INDEX_PTX
     for s, (pick, sign) in enumerate((("0x0020", "0xEAC8"), ("0x0031", "0xFBD9"))):
         body += [f"prmt.b32 t, m, m, {pick};",  # selector nibbles: n(2s) n(2s+1) n(2s+4) n(2s+5)
                  f"prmt.b32 a, {lo0}, {lo1}, t;", f"prmt.b32 b, {hi0}, {hi1}, t;",
                  f"prmt.b32 k, c, $4, {sign};",  # 0xff where the code is >= 8 (positive)
                  "lop3.b32 b, b, k, 0x80808080, 0xD2;",  # b ^ (~k & 0x80808080): sign of the others
                  f"prmt.b32 ${2 * s}, a, b, 0x6240;", f"prmt.b32 ${2 * s + 1}, a, b, 0x7351;"]
-    return "{\n.reg .b32 c, f, m, t, a, b, k;\n" + "\n".join(body) + "\n}"
+    return "{\n.reg .b32 c, n, f, m, t, a, b, k;\n" + "\n".join(body) + "\n}"
 
 
 def _register_lut_asm_5bit(bits) -> str:
@@ -603,8 +610,7 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = Fals
     if pairs:
         return _register_lut_asm_pairs(mags)
     lo0, lo1, hi0, hi1 = _byte_tables(mags)
-    body = ["shr.b32 n, $4, 3;", "and.b32 n, n, 0x11111111;", "xor.b32 n, n, 0x11111111;",  # 1: negative code
-            "mul.lo.u32 f, n, 7;", "xor.b32 m, $4, f;", "and.b32 m, m, 0x77777777;"]  # magnitude index per nibble
+    body = list(_MAGNITUDE_INDEX_PTX)
     for s in range(2):
         o0, o1 = f"${2 * s}", f"${2 * s + 1}"
         body += [("and.b32 t, m, 0x0f0f0f0f;" if s == 0 else "shr.b32 t, m, 4;\nand.b32 t, t, 0x0f0f0f0f;"),

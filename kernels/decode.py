@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import (LOG2E, fmt_constexprs, gdc_launch_dependents, gdc_wait, interpreting, kernel_tables,
+from ._common import (LOG2E, _reg_slice_code, fmt_constexprs, gdc_launch_dependents, gdc_wait, interpreting, kernel_tables,
                       lut_width, next_pow2, pdl_ok,
-                      online_softmax_step, softcap_log2, packed_tile_update, register_lut_i8_slices,
+                      online_softmax_step, qjl_signs, softcap_log2, packed_tile_update, register_lut_i8_slices,
                       register_lut_pair_slices, register_lut_slices, register_lut_slices3, register_poly_slices,
                       register_lut_slices5, rotation_operand, split_high_crumbs, split_high_nibbles,
                       unrotate_store)
@@ -291,23 +291,11 @@ def _pair_centroids(b16, cent_ptr, ASM: tl.constexpr):
         c0, c1, c2, c3 = register_lut_pair_slices(b16, ASM)
     else:
         w = b16.to(tl.int32)
-        c0 = tl.load(cent_ptr + (w & 15))
-        c1 = tl.load(cent_ptr + ((w >> 4) & 15))
-        c2 = tl.load(cent_ptr + ((w >> 8) & 15))
-        c3 = tl.load(cent_ptr + ((w >> 12) & 15))
+        c0 = tl.load(cent_ptr + _reg_slice_code(w, w, 0, 4, 0, 0))
+        c1 = tl.load(cent_ptr + _reg_slice_code(w, w, 1, 4, 0, 0))
+        c2 = tl.load(cent_ptr + _reg_slice_code(w, w, 2, 4, 0, 0))
+        c3 = tl.load(cent_ptr + _reg_slice_code(w, w, 3, 4, 0, 0))
     return c0, c1, c2, c3
-
-
-@triton.jit
-def qjl_sign_tile(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
-    """The QJL sign bits of a tile's rows (bit i of coordinate i at byte OFF + i // 8, LSB first) as bf16
-    +-1 [BLOCK_N, D] in coordinate order, from one [BLOCK_N, D / 8] byte tile (a per-coordinate
-    gather reads every byte 8 times, one global load per coordinate and slice)."""
-    b = tl.load(rows[:, None] + OFF + tl.arange(0, D // 8)[None, :], mask=mask[:, None], other=0).to(tl.int32)
-    bits = (b[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-    # bf16 bits of +1 (0x3F80), with the sign bit set where the bit is 0: no int-to-float conversions
-    word = ((bits ^ 1) << 15) | 0x3F80
-    return tl.reshape(word, (b.shape[0], D)).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -375,7 +363,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk0, sk1, sk2, sk3, q_row_scale, m_i, l_i
             s = tl.dot(q3, tl.trans(c3), s)
         s = s * ks0.to(tl.float32)[None, :]
     if K_QJLOFF >= 0 and QJL_TILE:  # sk0: the whole sketch rows; the signs as one tile
-        s += tl.dot(sk0, tl.trans(qjl_sign_tile(krow, nmask, K_QJLOFF, K_D))) * \
+        s += tl.dot(sk0, tl.trans(qjl_signs(krow, nmask, K_QJLOFF, K_D))) * \
             tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
     elif K_QJLOFF >= 0:
         s1 = _qjl_slice_score(sk0, krow, nmask, 0, KS, K_D, K_QJLOFF)
@@ -845,8 +833,8 @@ SPLIT_MAX_REGISTERS = 96
 
 
 # PROD keys' QJL signs in the sliced stage 1: one [BLOCK_N, D / 8] byte tile per tile, unpacked into
-# coordinate order and scored in one MMA against the whole sketch rows (`qjl_sign_tile`), instead of one
-# byte gather per coordinate and slice. Before it, PROD-K3 at B=32, 32K (32, 8, 128) took 6.59 ms on an
+# coordinate order and scored in one MMA against the whole sketch rows (`_common.qjl_signs`, as extend
+# does), instead of one byte gather per coordinate and slice. Before it, PROD-K3 at B=32, 32K (32, 8, 128) took 6.59 ms on an
 # H200 (thirteenth session), 0.15x FlashInfer BF16.
 QJL_SIGN_TILE = True
 
@@ -938,7 +926,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     (`_register_lut_asm_pairs`: 19 instructions per 8 codes against 30). The loop goes from 1,460 to
     1,115 instructions per tile and warp (sm_90, with the 128-register cap and no spills; `V_PAIRS`).
     qjl_tile (PROD keys, sliced stage 1; None: `QJL_SIGN_TILE`): the QJL signs as one byte tile per
-    tile, scored in one MMA against the whole sketch rows (`qjl_sign_tile`), instead of per-coordinate
+    tile, scored in one MMA against the whole sketch rows (`_common.qjl_signs`), instead of per-coordinate
     gathers slice by slice.
     fused_merge (sliced stage 1 only): the last split program of each (sequence, KV head) merges the
     splits and un-rotates, so a call is one launch instead of two. Not faster on an H100 (29.8 against

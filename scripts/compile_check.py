@@ -134,9 +134,8 @@ def main():
         jobs["decode-key-int8-bn64"] = decode_job(64, key_int8=True, max_registers=168)
         jobs["decode-key-int8-poly"] = decode_job(128, key_int8=True, centroid_poly=True)
         jobs["decode-key-int8-window"] = decode_job(128, key_int8=True, window=win)
-        jobs["decode-v-pairs"] = decode_job(128, key_int8=True, v_pairs=True)
+        jobs["decode-v-bytes"] = decode_job(128, key_int8=True, v_pairs=False)  # V pairs are the default
         jobs["decode-v-pairs-bf16k"] = decode_job(64, key_int8=False, v_pairs=True)
-        jobs["decode-v-pairs-cap128"] = decode_job(128, key_int8=True, v_pairs=True, max_registers=128)
         jobs["decode-merge-preload"] = decode_job(128, window=win, merge_preload=True)
 
         def pdl_job(fn):  # programmatic dependent launch: pdl_ok() is False off a GPU, so force it

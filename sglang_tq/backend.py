@@ -435,20 +435,29 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         return True
 
     @staticmethod
-    def _check_layer(layer, sinks):
+    def _unsupported(layer, sinks) -> Optional[str]:
+        """Why the TurboQuant kernels (and the boundary layers' plain-prefill routing) cannot serve this
+        layer, or None."""
         if sinks is not None:
-            raise NotImplementedError("TurboQuant: attention sinks are not supported")
-        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
-            raise NotImplementedError("TurboQuant: sliding-window layers are not supported")
-        if layer.is_cross_attention:
-            raise NotImplementedError("TurboQuant: cross attention is not supported")
+            return "attention sinks are not supported"
+        window = getattr(layer, "sliding_window_size", None)
+        if window is not None and window > -1:
+            return "sliding-window layers are not supported"
+        if getattr(layer, "is_cross_attention", False):
+            return "cross attention is not supported"
+        return None
+
+    @classmethod
+    def _check_layer(cls, layer, sinks):
+        why = cls._unsupported(layer, sinks)
+        if why is not None:
+            raise NotImplementedError(f"TurboQuant: {why}")
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         pool = forward_batch.token_to_kv_pool
         if not pool.is_quantized(layer.layer_id):
             if self.on_cuda:
-                if (self._ragged_ok(layer) and sinks is None and not layer.is_cross_attention
-                        and getattr(layer, "sliding_window_size", -1) in (-1, None)
+                if (self._ragged_ok(layer) and self._unsupported(layer, sinks) is None
                         and self._no_cached_prefix(forward_batch)):
                     # a boundary layer's plain prefill: the same FlashInfer kernel as the quantized layers'
                     if save_kv_cache:
