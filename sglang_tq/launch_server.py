@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from sglang_tq.cli import has_flag, pop_flag
 from sglang_tq.registration import register, run_scheduler_process_tq
 
 register()  # main process, and again in every spawned child (re-run as __mp_main__)
@@ -31,31 +32,18 @@ TQ_CONFIG_FLAG = "--tq-config"
 
 def pop_tq_args(argv: List[str]) -> Tuple[List[str], Optional[str]]:
     """Remove `--tq-config X` / `--tq-config=X` from argv; -> (rest, value or None)."""
-    out, value, i = [], None, 0
-    while i < len(argv):
-        a = argv[i]
-        if a == TQ_CONFIG_FLAG:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"error: {TQ_CONFIG_FLAG} needs a value (a preset name or a YAML file)")
-            value = argv[i + 1]
-            i += 2
-            continue
-        if a.startswith(TQ_CONFIG_FLAG + "="):
-            value = a.split("=", 1)[1]
-        else:
-            out.append(a)
-        i += 1
-    return out, value
+    from sglang_tq.config import TQConfigError
+
+    try:
+        return pop_flag(argv, TQ_CONFIG_FLAG)
+    except TQConfigError as e:
+        raise SystemExit(f"error: {e} (a preset name or a YAML file)")
 
 
 def _config_ref(value: str) -> str:
     """Absolute path for a file, else the preset name as given."""
     p = Path(value).expanduser()
     return str(p.resolve()) if p.is_file() else value
-
-
-def _has_attention_backend(argv: List[str]) -> bool:
-    return any(a == "--attention-backend" or a.startswith("--attention-backend=") for a in argv)
 
 
 def prepare(argv: List[str]):
@@ -67,7 +55,7 @@ def prepare(argv: List[str]):
     if tq_cfg is not None:
         os.environ[CONFIG_ENV] = _config_ref(tq_cfg)
     load_config(os.environ.get(CONFIG_ENV) or None)  # fail fast on a bad file, before SGLang starts
-    if not _has_attention_backend(argv):
+    if not has_flag(argv, "--attention-backend"):
         argv = argv + ["--attention-backend", "turboquant"]
     from sglang.srt.server_args import prepare_server_args
 
