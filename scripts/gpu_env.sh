@@ -4,8 +4,8 @@ mkdir -p /tmp/tqp && ln -sfn "$PWD/kernels" /tmp/tqp/tq_kernels
 if [ -d .gpu_bundle ]; then bash .gpu_bundle/install.sh >/dev/null; fi
 export PYTHONPATH=/tmp/tqp:$PWD:/tmp/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-# JIT caches under /tmp, which a warm machine keeps between calls (30 s): FlashInfer's prefill module took
-# ~100 s to build on a fresh H200 (eleventh session), Triton's kernels a few seconds each
+# JIT caches under /tmp, kept between runs on the same machine: FlashInfer's prefill module takes ~100 s to
+# build on a fresh H200, Triton's kernels a few seconds each
 export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/fi_cache}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# The device calls of one evaluation session, back to back (the machine keeps /tmp only while warm,
-# 30 s between calls). Each step is one call; carry what it says. Work goes to /tmp/work/<step>; each
-# step ends by packing it into $OUT/<step>.tgz (a call returns at most 8 files).
-#   1. upload-a   carry .gpu_model/a                    first GGUF half into /tmp/models
-#   2. upload-b   carry .gpu_model/b                    second half, assemble SmolLM2, build its TP copy,
+# The GPU steps of an evaluation run, one command each, back to back on the same machine (its /tmp holds
+# the models between steps). Each step needs the git-ignored folders it lists next to the checkout (made by
+# scripts/prepare_gpu_assets.sh). Work goes to /tmp/work/<step>; each step ends by packing it into
+# $OUT/<step>.tgz.
+#   1. upload-a   needs .gpu_model/a                    first GGUF half into /tmp/models
+#   2. upload-b   needs .gpu_model/b                    second half, assemble SmolLM2, build its TP copy,
 #                                                       run the kernel tests on the GPU
-#   3. checks     carry .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9.5 minutes:
+#   3. checks     needs .gpu_bundle .gpu_data .gpu_tok  nothing timed; one GPU each, up to 9.5 minutes:
 #        scripts/gpu_server_check.py --stages load (GPU 0); --stages smollm2 for $SMOLLM2_SERVERS (GPU 1);
 #        --stages tp on GPUs 2, 3 (4-GPU machine only)
-#   3a. presets   carry .gpu_bundle .gpu_data .gpu_tok  perplexity servers of $SMOLLM2_PRESETS spread over the GPUs
-#   3b. tp        carry .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
-#   3c. eval      carry .gpu_bundle .gpu_data .gpu_tok  passkey + ASDiv QA of $EVAL_SERVERS (bf16,turbo4,turbo3)
-#   0. kernels    carry .gpu_bundle (.gpu_tok for onebatch)  $KERNEL_PARTS of: tests, bench (FlashInfer
+#   3a. presets   needs .gpu_bundle .gpu_data .gpu_tok  perplexity servers of $SMOLLM2_PRESETS spread over the GPUs
+#   3b. tp        needs .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
+#   3c. eval      needs .gpu_bundle .gpu_data .gpu_tok  passkey + ASDiv QA of $EVAL_SERVERS (bf16,turbo4,turbo3)
+#   0. kernels    needs .gpu_bundle (.gpu_tok for onebatch)  $KERNEL_PARTS of: tests, bench (FlashInfer
 #        baselines), extend (packed prefix, first prefill), step (decode graph per layer), sweep, onebatch
 #        (8B shape without a server, profiled); dealt out over the GPUs when there are several
-#   4. timed      carry .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
+#   4. timed      needs .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
 #        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
 #        time on GPU 1, so each card has its own turbo4; with 3 GPUs bench_kernels (extend, decode) on GPU 2;
 #        with 4 the `onebatch` runs of BF16 and turbo4 on GPUs 2 and 3, then the kernel tests on GPU 3, or, with
@@ -69,7 +70,7 @@ kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VI
     bench) timeout "${BENCH_LIMIT_S:-240}" python3 scripts/bench_kernels.py \
             ${BENCH_ARGS:---batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 --window 32 --key-int8} \
             ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1 ;;
-    grid-hd128|grid-hd64)  # issue 3's whole grid for one shape: B 1/8/32/128 x 1K-32K x K4V4, K3V3, K4V2, PROD-K3
+    grid-hd128|grid-hd64)  # the whole decode grid for one shape: B 1/8/32/128 x 1K-32K x K4V4, K3V3, K4V2, PROD-K3
         timeout "${GRID_LIMIT_S:-540}" python3 scripts/bench_kernels.py --check --shapes "${1#grid-}" \
             --codecs K4V4 K3V3 K4V2 PROD-K3 --out "$W/$1" > "$W/$1.log" 2>&1 ;;
     extend)  # extend over a packed prefix (GQA packing, split-K) vs SGLang's Triton extend over BF16: short
@@ -102,7 +103,7 @@ kernel_summary() {  # kernel_summary PART: the lines of its log worth reading
     onebatch) grep -h "latency\|throughput" "$W"/onebatch_*.log | grep -v "^ " | tail -24; head -30 "$W"/trace_*.txt ;;
     esac
 }
-kernel_tests() {  # the GPU kernel tests (over 5 minutes on an H200 since the eleventh session)
+kernel_tests() {  # the GPU kernel tests (over 5 minutes on an H200)
     timeout "${KERNEL_TESTS_LIMIT_S:-480}" python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
         tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
 }
@@ -112,14 +113,14 @@ upload-a)
 upload-b)
     bash .gpu_model/b/assemble.sh && python3 scripts/make_tp_model.py /tmp/models/SmolLM2-135M-Instruct /tmp/models/SmolLM2-dup
     # the kernel tests on this GPU before any server uses the kernels (about 2 minutes; SKIP_KERNEL_TESTS=1:
-    # not this time, e.g. when the kernels step runs them in the same session)
+    # skip them, e.g. when the kernels step runs them next)
     source scripts/gpu_env.sh
     [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || { kernel_tests; tail -15 "$W/tests.log"; } ;;
 kernels)
     # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py, "extend": extend
     # over a packed prefix with and without GQA packing and split-K, and one layer's first-prefill work;
     # "onebatch": bench_one_batch_tq of BF16 and turbo4 on the 8B shape, profiled, needs .gpu_tok): any of
-    # them, so the step can be split over calls. On a machine with several GPUs the parts are dealt out
+    # them, so the step can be split into several runs. On a machine with several GPUs the parts are dealt out
     # over them (one after another on each GPU, so no two timings share a card).
     source scripts/gpu_env.sh
     IFS=, read -ra PARTS <<< "${KERNEL_PARTS:-tests,bench,sweep}"
@@ -151,7 +152,7 @@ presets)
     kill_gpu_procs
     IFS=, read -ra P <<< "${SMOLLM2_PRESETS:-bf16,turbo2,turbo3.5,k4v2,turbo4_noboundary,turbo3_noboundary,k4v2_noboundary,turbo2_noboundary,turbo3.5_noboundary,k5v4,turbo3_nowindow,calibrated4}"
     # 3 slots at 0.2 each started together fine on an H200; a fourth failed SGLang's free-memory check at
-    # start (seventh session)
+    # start
     SLOTS=${PRESET_SLOTS:-3}
     n=$((NGPU * SLOTS))
     frac=${PRESET_MEM_FRACTION:-0.2}

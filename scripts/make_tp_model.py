@@ -7,7 +7,7 @@ each KV head appears twice (k_proj, v_proj rows repeated), each query group twic
 repeated), and o_proj's columns are repeated at half weight, so the two copies of every head add up
 to the original output (halving is exact in fp16/bf16). The result is real weights that serve under
 TP = 2 (and TP = 1) with the original model's perplexity, which is what the TP = 2 vs TP = 1
-comparison of docs/RESULTS.md needs.
+comparison needs (scripts/gpu_server_check.py --stages tp).
 
     python3 scripts/make_tp_model.py SRC_DIR DST_DIR [--factor 2]
 """

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Builds, on the CPU machine, everything the GPU calls carry (all git-ignored):
+# Builds, on a CPU machine with network access, what the offline GPU machine needs next to the checkout
+# (all git-ignored):
 #   .gpu_bundle/  offline SGLang 0.5.10.post1 + FlashInfer bundle (../shared/device/build_bundle.py, 52 MiB)
 #   .gpu_model/a, .gpu_model/b  SmolLM2-135M-Instruct halves (../shared/models/fetch_smollm2.sh)
 #   .gpu_data/    prideprejudice.txt, emma.txt, asdiv.jsonl (../shared does not travel to the GPU)
 #   .gpu_tok/     SmolLM2's tokenizer + config alone (for the config-only 8B shape; needs .gpu_model)
 # Run it in the project venv (the tokenizer step converts the GGUF with numpy/safetensors).
-# GPU calls then carry at most 64 MiB each, e.g. [".gpu_model/a"], [".gpu_model/b"], [".gpu_bundle", ".gpu_data"].
+# Each is at most ~60 MiB, so they can be copied over one or two at a time (scripts/gpu_session.sh lists which
+# step needs which).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SHARED=${SHARED:-../shared}

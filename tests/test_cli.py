@@ -3,13 +3,12 @@ import json
 import sys
 import zipfile
 
+import gguf
 import numpy as np
 import pytest
 
 from sglang_tq import cli
 from sglang_tq import default_model as dm
-
-gguf = pytest.importorskip("gguf")
 
 VOCAB = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġa"]
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 16, 4, 2, 24, 2

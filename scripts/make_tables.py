@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Render the measured-results tables from the JSON summaries in results/.
+
+    python scripts/make_tables.py           # rewrite the generated parts of docs/RESULTS.md and README.md
+    python scripts/make_tables.py --check   # exit 1 if either file differs from what the JSON gives
+
+The generated part of a file lies between `<!-- BEGIN generated -->` and `<!-- END generated -->`;
+the text around it is kept. Every table names its card, date, commit and the command that produced it.
+Ratios are printed only between numbers measured on one card in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- BEGIN generated -->", "<!-- END generated -->"
+
+COMMON = ("card", "date", "commit", "command")
+REQUIRED = {
+    "kernels": ("bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "ours_us",
+                "flashinfer_bf16_us", "flashinfer_fp8_us", "packed_bytes", "copy_gbps") + COMMON,
+    "quality": ("model", "config", "metric", "length", "mean", "spread", "n", "bf16_mean", "path") + COMMON,
+    "serving": ("workload", "config", "backend", "kv_dtype", "clients", "isl", "osl", "output_tok_s", "spread",
+                "reps", "ttft_p50_ms", "tpot_p99_ms", "max_total_num_tokens") + COMMON,
+    "capacity": ("model", "config", "backend", "max_total_num_tokens") + COMMON,
+    "consolidation": ("point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
+                      "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
+                      "command"),
+}
+ALLOWED = {"kernels": {"bench": ("decode", "step", "extend")},
+           "quality": {"metric": ("ppl", "passkey", "asdiv", "greedy_prefix")}}
+
+
+class ResultsError(ValueError):
+    pass
+
+
+def load(results: Path) -> Dict[str, List[dict]]:
+    """Every summary file, checked: a list of records with the schema's keys and allowed values."""
+    data = {}
+    for name, keys in REQUIRED.items():
+        path = results / f"{name}.json"
+        if not path.is_file():
+            raise ResultsError(f"{path}: missing (an empty list [] if nothing is measured)")
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}: not valid JSON: {e}") from None
+        if not isinstance(records, list):
+            raise ResultsError(f"{path}: must hold a list of records, got {type(records).__name__}")
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise ResultsError(f"{path}: record {i} must be an object, got {type(rec).__name__}")
+            missing = [k for k in keys if k not in rec]
+            if missing:
+                raise ResultsError(f"{path}: record {i}: missing key(s) {', '.join(missing)}; "
+                                   f"required: {', '.join(keys)}")
+            for key, allowed in ALLOWED.get(name, {}).items():
+                if rec[key] not in allowed:
+                    raise ResultsError(f"{path}: record {i}: {key}: {rec[key]!r} is not allowed; "
+                                       f"allowed: {', '.join(allowed)}")
+        data[name] = records
+    return data
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def num(x, digits=1) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(base, ours) -> str:
+    """base / ours as `1.58×` (higher: ours is faster); — when either is missing."""
+    return "—" if not base or not ours else f"{base / ours:.2f}×"
+
+
+def ctx(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], right_from: int = 1,
+          right_to: Optional[int] = None) -> List[str]:
+    """A Markdown table; columns right_from .. right_to - 1 (numbers) align right."""
+    right = range(right_from, len(header) if right_to is None else right_to)
+    out = ["| " + " | ".join(header) + " |",
+           "| " + " | ".join("---:" if i in right else "---" for i in range(len(header))) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def provenance(rec: dict, commit_key: str = "commit") -> str:
+    if commit_key == "commit":
+        commit = f"commit `{rec['commit']}`"
+    else:
+        commit = f"commits `{rec['commit_before']}` → `{rec['commit_after']}`"
+    return f"*{rec['card']}, {rec['date']}, {commit}:* `{rec['command']}`"
+
+
+def groups(records: List[dict], key: Callable[[dict], tuple]) -> List[List[dict]]:
+    """Records grouped by key, groups in order of first appearance."""
+    out: Dict[tuple, List[dict]] = {}
+    for r in records:
+        out.setdefault(key(r), []).append(r)
+    return list(out.values())
+
+
+def run_key(r: dict) -> tuple:
+    return tuple(r[k] for k in COMMON)
+
+
+def commands(records: List[dict]) -> str:
+    cmds = list(dict.fromkeys(r["command"] for r in records))
+    return ("Command: " if len(cmds) == 1 else "Commands: ") + "; ".join(f"`{c}`" for c in cmds) + "."
+
+
+def shape(r: dict) -> str:
+    return f"({r['h_q']}, {r['h_kv']}, {r['head_dim']})"
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def decode_section(recs: List[dict]) -> List[str]:
+    out = ["### Decode kernel", "",
+           "One layer's decode over a packed cache, µs (medians of CUDA-graph replays), against FlashInfer's decode "
+           "over BF16 and FP8 K/V in the same run. A cell reads `ours (FlashInfer BF16's time / ours)`: above 1× "
+           "ours is faster. Rows by batch B, columns by context length.", ""]
+    for g in groups(recs, lambda r: run_key(r) + (shape(r),)):
+        out += [f"(H_q, H_kv, head_dim) = {shape(g[0])}. {provenance(g[0])}.", ""]
+        contexts = sorted({r["context"] for r in g})
+        by = {(r["codec"], r["batch"], r["context"]): r for r in g}
+        rows = []
+        for b in sorted({r["batch"] for r in g}):
+            for label, key in (("FlashInfer BF16", "flashinfer_bf16_us"), ("FlashInfer FP8", "flashinfer_fp8_us")):
+                cells = [next((r for r in g if r["batch"] == b and r["context"] == n), None) for n in contexts]
+                rows.append([label, str(b)] + [num(r[key]) if r else "—" for r in cells])
+            for codec in sorted({r["codec"] for r in g}):
+                cells = [by.get((codec, b, n)) for n in contexts]
+                rows.append([f"**{codec}**", str(b)] + [
+                    f"{num(r['ours_us'])} ({ratio(r['flashinfer_bf16_us'], r['ours_us'])})" if r else "—"
+                    for r in cells])
+        out += table(["kernel", "B"] + [ctx(n) for n in contexts], rows) + [""]
+    return out
+
+
+def step_section(recs: List[dict]) -> List[str]:
+    out = ["### Decode step per layer", "",
+           "What a server's decode graph pays per layer: compress-and-store of the new token plus decode, "
+           "`layers` layers captured in one CUDA graph, µs per layer, against BF16 and FP8 K/V stored by SGLang "
+           "and read by FlashInfer.", ""]
+    for g in groups(recs, lambda r: run_key(r) + (shape(r),)):
+        r0 = g[0]
+        out += [f"{r0['codec']}, {shape(r0)}, {r0.get('layers', '—')} layers, {r0.get('window', 0)}-token window. "
+                f"{provenance(r0)}.", ""]
+        rows = [[str(r["batch"]), ctx(r["context"]), num(r["ours_us"]), num(r["flashinfer_bf16_us"]),
+                 num(r["flashinfer_fp8_us"]), ratio(r["flashinfer_bf16_us"], r["ours_us"])]
+                for r in sorted(g, key=lambda r: (r["batch"], r["context"]))]
+        out += table(["B", "context", "ours", "BF16 (FlashInfer)", "FP8 (FlashInfer)", "× BF16"], rows) + [""]
+    return out
+
+
+def extend_section(recs: List[dict]) -> List[str]:
+    out = ["### Extend over a packed prefix", "",
+           "New tokens attending to a cached, packed prefix plus themselves (chunked-prefill continuations, radix-cache "
+           "hits), one layer, µs. *hybrid*: FlashInfer's ragged prefill computes the new tokens' part and the "
+           "TurboQuant kernel the prefix's (the server does that from 8,192 new tokens on). Baseline: SGLang's Triton "
+           "extend over BF16 K/V.", ""]
+    for g in groups(recs, lambda r: run_key(r) + (shape(r),)):
+        out += [f"{shape(g[0])}. {provenance(g[0])}.", ""]
+        rows = []
+        for r in sorted(g, key=lambda r: (r["codec"], r["context"], r["new_tokens"], r["batch"])):
+            served = r["ours_us"] if r["new_tokens"] < 8192 or not r.get("hybrid_us") else r["hybrid_us"]
+            rows.append([r["codec"], str(r["batch"]), ctx(r["context"]), str(r["new_tokens"]), num(r["ours_us"]),
+                         num(r.get("hybrid_us")), num(r.get("sglang_triton_us")),
+                         ratio(r.get("sglang_triton_us"), served)])
+        out += table(["codec", "sequences", "prefix", "new tokens", "ours", "hybrid", "SGLang Triton BF16",
+                      "× BF16 (as served)"], rows) + [""]
+    return out
+
+
+def quality_section(recs: List[dict]) -> List[str]:
+    out = ["## Quality", ""]
+    ppl = [r for r in recs if r["metric"] == "ppl"]
+    if ppl:
+        out += ["Perplexity of a real SGLang server's input logprobs with the whole text in one request; BF16 is the "
+                "same model on SGLang's BF16 KV cache in the same run. The *path* says how the scored tokens "
+                "reached attention.", ""]
+        for g in groups(ppl, lambda r: (r["model"], r.get("text"), r["path"])):
+            out += [f"{g[0]['model']}, {g[0].get('text', '')}; path: {g[0]['path']}.", ""]
+            rows = [[f"`{r['config']}`", num(r["mean"], 4), num(r["bf16_mean"], 4),
+                     f"{(r['mean'] / r['bf16_mean'] - 1) * 100:+.2f} %", r["card"], r["date"], f"`{r['commit']}`"]
+                    for r in g]
+            out += table(["config", "perplexity", "BF16", "vs BF16", "card", "date", "commit"], rows, 1, 4)
+            out += ["", commands(g), ""]
+    other = [r for r in recs if r["metric"] != "ppl"]
+    if other:
+        out += ["Task accuracy (fraction correct; n trials or problems; BF16 in the same run):", ""]
+        rows = [[f"`{r['config']}`", r["metric"], r.get("text") or "—", str(r["length"] or "—"), str(r["n"]),
+                 num(r["mean"], 3), num(r["bf16_mean"], 3), r["card"], r["date"], f"`{r['commit']}`"] for r in other]
+        out += table(["config", "metric", "data", "tokens", "n", "ours", "BF16", "card", "date", "commit"], rows,
+                     3, 7)
+        out += ["", commands(other), ""]
+    return out
+
+
+def serving_section(recs: List[dict]) -> List[str]:
+    out = ["## Serving", "",
+           "`sglang.bench_serving` against a running server: output tokens per second, median TTFT and TPOT. "
+           "A ratio is printed only where the BF16 baseline ran on the same card; the 8B-shape configs each ran "
+           "on their own GPU of one host at the same time, so **no same-card ratio exists for them yet**.", ""]
+    for g in groups(recs, lambda r: (r["workload"], r["date"])):
+        out += [f"**{g[0]['workload']}** ({g[0]['date']}).", ""]
+        rows = []
+        for r in sorted(g, key=lambda r: (r["isl"], r["osl"], r["clients"], r["backend"] != "turboquant")):
+            base = [b for b in g if b["kv_dtype"] == "bf16" and b["card"] == r["card"] and b["backend"] != "turboquant"
+                    and (b["isl"], b["osl"], b["clients"]) == (r["isl"], r["osl"], r["clients"])]
+            same_card = (f"{r['output_tok_s'] / base[0]['output_tok_s']:.3f}×"
+                         if base and r["backend"] == "turboquant" else "—")
+            rows.append([f"{r['isl']} / {r['osl']} / {r['clients']}",
+                         f"`{r['config']}`" if r["backend"] == "turboquant" else r["kv_dtype"].upper().replace("_", " "),
+                         r["backend"], num(r["output_tok_s"], 2), num(r["ttft_p50_ms"], 1),
+                         num(r.get("tpot_p50_ms"), 2), num(r["max_total_num_tokens"]), r["card"], f"`{r['commit']}`",
+                         same_card])
+        out += table(["ISL / OSL / clients", "KV cache", "attention backend", "out tok/s", "TTFT p50 ms",
+                      "TPOT p50 ms", "max tokens", "card", "commit", "vs BF16, same card"], rows, 3, 7)
+        out += ["", commands(g), ""]
+    return out
+
+
+def capacity_section(recs: List[dict]) -> List[str]:
+    out = ["## Capacity", "",
+           "`max_total_num_tokens` of the KV pool as SGLang sizes it (same model, same `--mem-fraction-static`, "
+           "same card model; the pool's size does not depend on timing).", ""]
+    for g in groups(recs, lambda r: (r["model"], r["date"])):
+        bf16 = [r for r in g if r["config"] == "bf16"]
+        rows = [[f"`{r['config']}`" if r["backend"] == "turboquant" else r["config"].upper().replace("_", " "),
+                 r["backend"], num(r["max_total_num_tokens"]),
+                 ratio(r["max_total_num_tokens"], bf16[0]["max_total_num_tokens"]) if bf16 else "—",
+                 r["card"], f"`{r['commit']}`"] for r in g]
+        out += [f"{g[0]['model']}, {g[0]['date']}:", ""]
+        out += table(["KV cache", "attention backend", "max_total_num_tokens", "vs BF16", "card", "commit"], rows,
+                     2, 4)
+        out += ["", commands(g), ""]
+    return out
+
+
+def consolidation_section(recs: List[dict]) -> List[str]:
+    if not recs:
+        return []
+    out = ["## Before/after the consolidation", "",
+           "The same points timed on one card before and after the kernel variants were folded into one path, µs; "
+           "change = after / before − 1 (negative: faster).", ""]
+    for g in groups(recs, lambda r: (r["card"], r["date"], r["commit_before"], r["commit_after"], r["command"])):
+        out += [provenance(g[0], commit_key="before_after") + ".", ""]
+        rows = [[r["point"], r["bench"], r["codec"], shape(r), str(r["batch"]), ctx(r["context"]),
+                 str(r["new_tokens"] if r["new_tokens"] is not None else "—"), num(r["before_us"]),
+                 num(r["after_us"]), f"{r['change_pct']:+.1f} %"] for r in g]
+        out += table(["point", "bench", "codec", "shape", "B", "context", "new tokens", "before", "after", "change"],
+                     rows, right_from=4) + [""]
+    return out
+
+
+def results_md(data: Dict[str, List[dict]]) -> str:
+    k = data["kernels"]
+    lines = ["## Kernels", ""]
+    lines += decode_section([r for r in k if r["bench"] == "decode"])
+    lines += step_section([r for r in k if r["bench"] == "step"])
+    lines += extend_section([r for r in k if r["bench"] == "extend"])
+    lines += quality_section(data["quality"])
+    lines += serving_section(data["serving"])
+    lines += capacity_section(data["capacity"])
+    lines += consolidation_section(data["consolidation"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _find(records: List[dict], **match) -> Optional[dict]:
+    for r in records:
+        if all(r.get(key) == value for key, value in match.items()):
+            return r
+    return None
+
+
+def readme_summary(data: Dict[str, List[dict]]) -> str:
+    """A few headline rows for the README; each names its card and links to the full table."""
+    rows = []
+    k = data["kernels"]
+    for b, c in ((32, 32768), (1, 1024)):
+        r = _find(k, bench="decode", codec="K4V4", head_dim=128, h_q=32, batch=b, context=c)
+        if r:
+            rows.append([f"decode, K4V4, (32, 8, 128), B={b}, {ctx(c)} context",
+                         f"{num(r['ours_us'])} µs vs FlashInfer BF16 {num(r['flashinfer_bf16_us'])} µs "
+                         f"({ratio(r['flashinfer_bf16_us'], r['ours_us'])}), FP8 {num(r['flashinfer_fp8_us'])} µs "
+                         f"({ratio(r['flashinfer_fp8_us'], r['ours_us'])})", r["card"]])
+    r = _find(k, bench="step", batch=64, context=16384)
+    if r:
+        rows.append(["decode step per layer, K4V4 + window, B=64, 16K",
+                     f"{num(r['ours_us'])} µs vs BF16 {num(r['flashinfer_bf16_us'])} µs "
+                     f"({ratio(r['flashinfer_bf16_us'], r['ours_us'])})", r["card"]])
+    r = _find(k, bench="extend", codec="K4V4", context=16384, new_tokens=32, batch=1)
+    if r:
+        rows.append(["extend, 32 new tokens over a 16K packed prefix, K4V4",
+                     f"{num(r['ours_us'])} µs vs SGLang Triton BF16 {num(r['sglang_triton_us'])} µs "
+                     f"({ratio(r['sglang_triton_us'], r['ours_us'])})", r["card"]])
+    for cfg in ("turbo4", "turbo3"):
+        r = _find(data["quality"], config=cfg, metric="ppl")
+        if r:
+            rows.append([f"SmolLM2-135M perplexity, `{cfg}`",
+                         f"{num(r['mean'], 4)} vs BF16 {num(r['bf16_mean'], 4)} "
+                         f"({(r['mean'] / r['bf16_mean'] - 1) * 100:+.2f} %)", r["card"]])
+    tq, bf = _find(data["capacity"], config="turbo4"), _find(data["capacity"], config="bf16")
+    if tq and bf:
+        rows.append(["KV pool capacity, Llama-3-8B shape, `turbo4`",
+                     f"{num(tq['max_total_num_tokens'])} vs BF16 {num(bf['max_total_num_tokens'])} tokens "
+                     f"({ratio(tq['max_total_num_tokens'], bf['max_total_num_tokens'])})", tq["card"].split(" (")[0]])
+    r = _find(data["serving"], backend="turboquant", isl=16384, clients=64)
+    if r:
+        rows.append(["serving, 8B shape, ISL 16K / OSL 512 / 64 clients, `turbo4`",
+                     f"{num(r['output_tok_s'], 1)} output tok/s (no same-card baseline yet)", r["card"]])
+    lines = table(["what", "measured", "card"], rows, 0, 0)
+    lines += ["", "Dates, commits, commands and every other point: [docs/RESULTS.md](docs/RESULTS.md)."]
+    return "\n".join(lines) + "\n"
+
+
+def splice(text: str, generated: str, path: Path) -> str:
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ResultsError(f"{path}: needs exactly one {BEGIN} followed by one {END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{generated}{END}{tail}"
+
+
+def targets(root: Path, data: Dict[str, List[dict]]):
+    return [(root / "docs" / "RESULTS.md", results_md(data)), (root / "README.md", readme_summary(data))]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="fail if a file differs from what the JSON gives")
+    ap.add_argument("--root", type=Path, default=ROOT, help="repository root (default: this checkout)")
+    args = ap.parse_args(argv)
+    try:
+        data = load(args.root / "results")
+        stale = []
+        for path, generated in targets(args.root, data):
+            text = path.read_text()
+            new = splice(text, generated, path)
+            if new == text:
+                continue
+            if args.check:
+                stale.append(str(path))
+            else:
+                path.write_text(new)
+                print(f"wrote {path}")
+    except ResultsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if stale:
+        print("out of date (run python scripts/make_tables.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

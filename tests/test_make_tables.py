@@ -1,0 +1,89 @@
+"""scripts/make_tables.py: the committed tables match results/*.json; rendering and input errors."""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_tables as mt  # noqa: E402
+
+CONSOLIDATION = {
+    "point": "K4V4 B=32 32K", "bench": "decode", "codec": "K4V4", "h_q": 32, "h_kv": 8, "head_dim": 128,
+    "batch": 32, "context": 32768, "new_tokens": None, "before_us": 605.1, "after_us": 598.0,
+    "change_pct": -1.17, "card": "NVIDIA H100 80GB HBM3", "date": "2026-12-07", "commit_before": "aaaaaaa",
+    "commit_after": "bbbbbbb", "command": "python scripts/bench_kernels.py --batch 32 --ctx 32768",
+}
+
+
+def test_committed_tables_are_current():
+    assert mt.main(["--check"]) == 0, "run: python scripts/make_tables.py"
+
+
+def test_results_are_json_only_and_small():
+    files = [p for p in (ROOT / "results").rglob("*") if p.is_file()]
+    assert files and all(p.suffix == ".json" for p in files), [str(p) for p in files if p.suffix != ".json"]
+    assert sum(p.stat().st_size for p in files) <= 2 * 1024 * 1024
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "docs").mkdir()
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    for name in ("README.md", "docs/RESULTS.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_consolidation_table(repo):
+    data = mt.load(repo / "results")
+    assert "Before/after" not in mt.results_md(data)  # empty list: no section
+    (repo / "results" / "consolidation.json").write_text(json.dumps([CONSOLIDATION]))
+    assert mt.main(["--check", "--root", str(repo)]) == 1  # the JSON changed, the file did not
+    assert mt.main(["--root", str(repo)]) == 0
+    text = (repo / "docs" / "RESULTS.md").read_text()
+    section = text[text.index("## Before/after the consolidation"):]
+    assert "commits `aaaaaaa` → `bbbbbbb`" in section and "NVIDIA H100 80GB HBM3, 2026-12-07" in section
+    assert "| K4V4 B=32 32K | decode | K4V4 | (32, 8, 128) | 32 | 32K | — | 605.1 | 598.0 | -1.2 % |" in section
+    assert mt.main(["--check", "--root", str(repo)]) == 0
+    assert text.count(mt.BEGIN) == 1 and text.endswith((ROOT / "docs" / "RESULTS.md").read_text().split(mt.END)[1])
+
+
+def test_check_detects_hand_edits(repo, capsys):
+    readme = repo / "README.md"
+    readme.write_text(readme.read_text().replace("| decode, K4V4", "| decode (edited), K4V4", 1))
+    assert mt.main(["--check", "--root", str(repo)]) == 1
+    assert "README.md" in capsys.readouterr().err
+
+
+def test_serving_ratios_only_on_one_card():
+    rec = dict(workload="w", config="turbo4", backend="turboquant", kv_dtype="turbo4", clients=8, isl=1024, osl=256,
+               output_tok_s=110.0, spread=None, reps=1, ttft_p50_ms=1.0, tpot_p99_ms=None, max_total_num_tokens=10,
+               card="H (GPU 0 of 2)", date="d", commit="c", command="x")
+    base = dict(rec, config="-", backend="triton", kv_dtype="bf16", output_tok_s=100.0)
+    same = "\n".join(mt.serving_section([rec, base]))
+    assert "1.100×" in same
+    other = "\n".join(mt.serving_section([rec, dict(base, card="H (GPU 1 of 2)")]))
+    assert "1.100×" not in other and "×" not in other.split("| ---")[-1]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda recs: recs[0].pop("card"), "record 0: missing key(s) card"),
+    (lambda recs: recs[1].update(bench="prefill"), "record 1: bench: 'prefill' is not allowed"),
+])
+def test_bad_records_are_named(repo, capsys, edit, message):
+    path = repo / "results" / "kernels.json"
+    recs = json.loads(path.read_text())
+    edit(recs)
+    path.write_text(json.dumps(recs))
+    assert mt.main(["--check", "--root", str(repo)]) == 2
+    err = capsys.readouterr().err
+    assert "kernels.json" in err and message in err
+
+
+def test_markers_required(repo, capsys):
+    (repo / "README.md").write_text("no markers\n")
+    assert mt.main(["--check", "--root", str(repo)]) == 2
+    assert "README.md: needs exactly one" in capsys.readouterr().err
