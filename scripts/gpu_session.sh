@@ -13,7 +13,7 @@
 #   3b. tp        needs .gpu_data                       2-GPU machine: --stages tp on GPUs 0, 1 ($TP_SERVERS)
 #   3c. eval      needs .gpu_bundle .gpu_data .gpu_tok  passkey + ASDiv QA of $EVAL_SERVERS (bf16,turbo4,turbo3)
 #   0. kernels    needs .gpu_bundle (.gpu_tok for onebatch)  $KERNEL_PARTS of: tests, bench (FlashInfer
-#        baselines), extend (packed prefix, first prefill), step (decode graph per layer), sweep, onebatch
+#        baselines), extend (packed prefix, first prefill), step (decode graph per layer), onebatch
 #        (8B shape without a server, profiled); dealt out over the GPUs when there are several
 #   4. timed      needs .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
 #        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
@@ -68,7 +68,7 @@ kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VI
     case "$1" in
     tests) kernel_tests ;;
     bench) timeout "${BENCH_LIMIT_S:-240}" python3 scripts/bench_kernels.py \
-            ${BENCH_ARGS:---batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 --window 32 --key-int8} \
+            ${BENCH_ARGS:---batch 1 32 --ctx 1024 32768 --codecs K4V4 K3V3 --shapes hd128 --window 32} \
             ${BENCH_EXTRA:-} --out "$W/bench" > "$W/bench.log" 2>&1 ;;
     grid-hd128|grid-hd64)  # the whole decode grid for one shape: B 1/8/32/128 x 1K-32K x K4V4, K3V3, K4V2, PROD-K3
         timeout "${GRID_LIMIT_S:-540}" python3 scripts/bench_kernels.py --check --shapes "${1#grid-}" \
@@ -80,10 +80,8 @@ kernel_part() {  # kernel_part PART GPU: one part of the `kernels` step (CUDA_VI
             --extend 16384:32 16384:32:32 4096:128:64 16384:512 8192:2048 8192:8192 \
             --prefill ${PREFILL_POINTS:-1:1024 8:1024 4:4096 1:16384} --out "$W/extend" > "$W/extend.log" 2>&1 ;;
     step)  # per-layer decode step, L layers in one graph, against BF16 / FP8 KV
-        timeout 300 python3 scripts/bench_layer_step.py --variants ${STEP_VARIANTS:-default nopdl rotq fused rotq_fused vpoly} --out "$W/step" \
+        timeout 300 python3 scripts/bench_layer_step.py --out "$W/step" \
             > "$W/step.log" 2>&1 ;;
-    sweep) timeout 420 python3 scripts/bench_kernels.py --sweep --no-baselines --batch 1 32 --ctx 1024 32768 --codecs K4V4 \
-            --shapes hd128 --out "$W/sweep" > "$W/sweep.log" 2>&1 ;;
     onebatch) dummy_8b  # ONEBATCH_BASELINES: the BF16 runs' attention backends (default triton)
         for b in $(echo "${ONEBATCH_BASELINES:-triton}" | tr , ' '); do
             onebatch "$2" "bf16$([ "$b" = triton ] || echo "_$b")" --attention-backend "$b"
@@ -99,7 +97,6 @@ kernel_summary() {  # kernel_summary PART: the lines of its log worth reading
     grid-*) grep -v "^    " "$W/$1.log" | tail -24 ;;
     extend) grep "extend\|prefill" "$W/extend.log" | tail -14 ;;
     step) grep -v "^    " "$W/step.log" | tail -12; grep "^    " "$W/step.log" | cut -c1-400 | tail -24 ;;
-    sweep) grep "best\|ours" "$W/sweep.log" | tail -8 ;;
     onebatch) grep -h "latency\|throughput" "$W"/onebatch_*.log | grep -v "^ " | tail -24; head -30 "$W"/trace_*.txt ;;
     esac
 }
@@ -117,13 +114,13 @@ upload-b)
     source scripts/gpu_env.sh
     [ "${SKIP_KERNEL_TESTS:-0}" = 1 ] || { kernel_tests; tail -15 "$W/tests.log"; } ;;
 kernels)
-    # KERNEL_PARTS (default "tests,bench,sweep"; also "step": scripts/bench_layer_step.py, "extend": extend
+    # KERNEL_PARTS (default "tests,bench"; also "step": scripts/bench_layer_step.py, "extend": extend
     # over a packed prefix with and without GQA packing and split-K, and one layer's first-prefill work;
     # "onebatch": bench_one_batch_tq of BF16 and turbo4 on the 8B shape, profiled, needs .gpu_tok): any of
     # them, so the step can be split into several runs. On a machine with several GPUs the parts are dealt out
     # over them (one after another on each GPU, so no two timings share a card).
     source scripts/gpu_env.sh
-    IFS=, read -ra PARTS <<< "${KERNEL_PARTS:-tests,bench,sweep}"
+    IFS=, read -ra PARTS <<< "${KERNEL_PARTS:-tests,bench}"
     for g in $(seq 0 $((NGPU - 1))); do
         (for j in "${!PARTS[@]}"; do
             [ $((j % NGPU)) -eq "$g" ] && CUDA_VISIBLE_DEVICES=$g kernel_part "${PARTS[$j]}" "$g"
