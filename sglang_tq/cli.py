@@ -166,7 +166,7 @@ def serve_argv(argv: Sequence[str]) -> List[str]:
     """`serve` arguments -> the `python -m sglang_tq.launch_server` command. Without --model-path the
     default model (SmolLM2-135M-Instruct, converted once into the cache directory) is added."""
     rest, cache = pop_flag(argv, CACHE_DIR_FLAG)
-    if not has_flag(rest, "--model-path"):
+    if not any(has_flag(rest, f) for f in ("--model-path", "--model")):  # SGLang takes both spellings
         from .default_model import default_model_path
 
         rest = ["--model-path", str(default_model_path(cache))] + rest

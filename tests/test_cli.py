@@ -182,6 +182,7 @@ def test_serve_forwards_arguments(monkeypatch):
     args = ["--model-path", "/m", "--port", "30001", "--tq-config", "turbo3", "--tp", "2"]
     assert cli.serve_argv(args) == LAUNCH + args
     assert cli.serve_argv(["--model-path=/m"]) == LAUNCH + ["--model-path=/m"]
+    assert cli.serve_argv(["--model", "/m"]) == LAUNCH + ["--model", "/m"]
 
 
 def test_serve_default_model(monkeypatch, tmp_path):
