@@ -57,6 +57,11 @@ BAD = [
     ("window requests zero", "window: {tokens: 32, requests: 0}\n", ["window.requests", "0 is out of range"]),
     ("window unknown key", "window: {token: 32}\n", ["window.token", "did you mean 'tokens'"]),
     ("window not a mapping", "window: 32\n", ["window", "expected a mapping"]),
+    ("evaluation unknown key", "evaluation: {prefill_from_cash: true}\n",
+     ["evaluation.prefill_from_cash", "did you mean 'prefill_from_cache'"]),
+    ("evaluation not a bool", "evaluation: {prefill_from_cache: 1}\n",
+     ["evaluation.prefill_from_cache", "expected true or false", "int 1"]),
+    ("evaluation not a mapping", "evaluation: true\n", ["evaluation", "expected a mapping"]),
 ]
 
 
@@ -421,3 +426,11 @@ def test_window_in_presets_plan_and_summary():
     plan = load_config("turbo4").resolve(32, 128)
     assert "recent window: the last 32 tokens" in summary_table(plan, 8)
     assert parse_yaml("window: {tokens: 0}\n", "w.yaml").window_tokens == 0
+
+
+def test_evaluation_prefill_from_cache(tmp_path):
+    """evaluation.prefill_from_cache reaches the resolved plan and its summary; off unless set."""
+    off = load_config(str(write(tmp_path, "defaults:\n  k: {bits: 4}\n", "off.yaml"))).resolve(8, 128)
+    assert off.prefill_from_cache is False and "prefill_from_cache" not in off.summary(8)
+    on = load_config(str(write(tmp_path, "evaluation: {prefill_from_cache: true}\n", "on.yaml"))).resolve(8, 128)
+    assert on.prefill_from_cache is True and "prefill_from_cache" in on.summary(8)
