@@ -16,6 +16,13 @@ silently serving a wrong cache:
   appends to `free_slots` and `alloc` pops from the front.
 * `server_arg`: server arguments are read by name; a name SGLang renamed or removed raises instead of
   reading a default.
+
+Two more the backend relies on, with their tests there: the CUDA-graph runner pads a decode batch with
+the backend's seq_len fill value (1) and stale request indices (the recent window tells padding rows by
+their length), and the piecewise-graph runner builds the attention metadata from the unpadded batch while
+the layers see tokens padded with out_cache_loc 0 (the window pads its ring rows with "none"). The pool
+also answers `get_value_buffer(0)` on later pipeline ranks, which SGLang's Triton backend reads at
+construction.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """Per-layer config: parsing, validation messages, resolution, sizes, presets and the CLI."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -434,3 +435,24 @@ def test_evaluation_prefill_from_cache(tmp_path):
     assert off.prefill_from_cache is False and "prefill_from_cache" not in off.summary(8)
     on = load_config(str(write(tmp_path, "evaluation: {prefill_from_cache: true}\n", "on.yaml"))).resolve(8, 128)
     assert on.prefill_from_cache is True and "prefill_from_cache" in on.summary(8)
+
+
+@pytest.mark.parametrize("ref", ["turbo4", "examples/calibrated_smollm2.yaml"])
+def test_gpu_server_check_evaluation_copy(tmp_path, ref):
+    """scripts/gpu_server_check.py serves perplexity runs from a copy of the config with
+    evaluation.prefill_from_cache on; the copy loads from its own folder (key_means made absolute) and
+    keeps every other key."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    gpu_server_check = pytest.importorskip("gpu_server_check")
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    src = ref if not ref.endswith(".yaml") else str(configs / ref)
+    args = ["--attention-backend", "turboquant", "--tq-config", src, "--disable-cuda-graph"]
+    new = gpu_server_check.with_evaluation(args, str(tmp_path))
+    assert new[:3] + new[4:] == args[:3] + args[4:] and os.path.dirname(new[3]) == str(tmp_path)
+    plan = load_config(new[3]).resolve(30, 64, num_kv_heads=3)
+    base = load_config(src).resolve(30, 64, num_kv_heads=3)
+    assert plan.prefill_from_cache and not base.prefill_from_cache
+    assert plan.layers == base.layers and plan.window_tokens == base.window_tokens
+    assert plan.key_means_path == base.key_means_path
+    assert gpu_server_check.with_evaluation(["--attention-backend", "triton"], str(tmp_path)) == ["--attention-backend", "triton"]
