@@ -31,7 +31,7 @@ import os
 
 from sglang_tq.compat import (BACKEND_NAME, check_runner, check_server_args, resolve_plan_for,
                               total_kv_heads, uses_turboquant)
-from sglang_tq.sglang_internals import pool_class_during, server_arg, wrap_method
+from sglang_tq.sglang_internals import pool_class_during, server_arg, shrink_token_budget, wrap_method
 
 logger = logging.getLogger("sglang_tq")
 
@@ -119,10 +119,7 @@ def reserve_window_memory(runner, plan, mod) -> int:
         raise RuntimeError(f"TurboQuant: the recent window's ring ({ring_bytes} B for {requests} requests x "
                            f"{plan.window_tokens} tokens) does not fit next to the KV pool; lower window.requests "
                            f"or window.tokens in the config, or raise --mem-fraction-static")
-    runner.max_total_num_tokens -= cut
-    cfg = getattr(runner, "memory_pool_config", None)
-    if cfg is not None and hasattr(cfg, "max_total_num_tokens"):
-        cfg.max_total_num_tokens = runner.max_total_num_tokens
+    shrink_token_budget(runner, cut)
     logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB "
                 "(= %d tokens of the pool)", plan.window_tokens, requests, ring_bytes / 2**20, cut)
     return requests

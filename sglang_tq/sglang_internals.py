@@ -14,6 +14,8 @@ silently serving a wrong cache:
   goes through its `set_kv_buffer` (a fused write would store bf16 rows past the packed buffers).
 * `lowest_free_first`: the recent window's ring covers low request indices; `ReqToTokenPool.free`
   appends to `free_slots` and `alloc` pops from the front.
+* `shrink_token_budget`: `_init_pools` sizes the pool by the runner's `max_total_num_tokens` (and its
+  `MemoryPoolConfig` keeps a copy); the recent window's ring takes its bytes out of that budget.
 * `server_arg`: server arguments are read by name; a name SGLang renamed or removed raises instead of
   reading a default.
 
@@ -94,6 +96,14 @@ def lowest_free_first(req_to_token_pool) -> None:
     req_to_token_pool.free_slots = sorted(req_to_token_pool.free_slots)
     req_to_token_pool.free = free
     req_to_token_pool._tq_lowest_first = True
+
+
+def shrink_token_budget(runner, tokens: int) -> None:
+    """Take `tokens` out of the KV pool size SGLang computed, before `_init_pools` builds the pool."""
+    runner.max_total_num_tokens -= tokens
+    cfg = getattr(runner, "memory_pool_config", None)
+    if cfg is not None:
+        cfg.max_total_num_tokens = runner.max_total_num_tokens
 
 
 @functools.lru_cache(maxsize=1)

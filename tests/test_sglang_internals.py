@@ -61,6 +61,25 @@ def test_init_pools_builds_the_mha_pool_through_the_module_global(tmp_path):
             pass
 
 
+def test_pool_size_comes_from_the_runner_budget(tmp_path):
+    """_init_pools sizes the KV pool by runner.max_total_num_tokens, and MemoryPoolConfig keeps a copy of
+    it: shrink_token_budget changes both, and the pool built next has the smaller size."""
+    from sglang.srt.model_executor.model_runner_kv_cache_mixin import MemoryPoolConfig
+
+    src = inspect.getsource(inspect.unwrap(mix.ModelRunnerKVCacheMixin._init_pools))
+    assert "size=self.max_total_num_tokens" in src
+    assert "max_total_num_tokens" in {f for f in MemoryPoolConfig.__dataclass_fields__}
+    with env(SGLANG_TQ_CONFIG=write_tq_config(tmp_path, CFG)):
+        runner = FakeRunner(FakeModelConfig(2, HQ, HKV, D, context_len=64))
+        runner.memory_pool_config = MemoryPoolConfig(max_total_num_tokens=64, max_running_requests=4)
+        runner.max_total_num_tokens = 64
+        si.shrink_token_budget(runner, 10)
+        assert runner.max_total_num_tokens == runner.memory_pool_config.max_total_num_tokens == 54
+        runner.max_running_requests = 4
+        runner._init_pools()
+    assert runner.token_to_kv_pool.size == 54
+
+
 def test_req_to_token_pool_order_and_lowest_free_first():
     """Stock ReqToTokenPool pops free indices from the front and appends freed ones (so it cycles through
     every index); lowest_free_first makes it reuse the lowest one. A pool without that list is refused."""
