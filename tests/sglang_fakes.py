@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 

@@ -633,3 +633,57 @@ def test_plain_prefill_falls_back_when_flashinfer_fails(setup, monkeypatch):
     monkeypatch.setattr(backend, "ragged_prefill", Broken())
     assert not backend.warm_plain_prefill(torch.bfloat16)
     assert backend.ragged_prefill is None
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels run on a GPU or under TRITON_INTERPRET=1")
+def test_decode_through_the_triton_kernels_eager_and_graph(setup, monkeypatch):
+    """The GPU decode path, with the Triton kernels in the interpreter: the compress launch rotates the
+    queries (into the workspace under CUDA graphs), decode takes the metadata's split count and warp
+    choice, eagerly and from the graph hooks' metadata; outputs match the reference path's."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    s = setup
+    runner, pool, backend = s["runner"], s["pool"], s["backend"]
+    for name in ("decode_workspace", "_workspace_bs", "_graph_md", "_graph_window", "_launches", "forward_metadata"):
+        monkeypatch.setattr(backend, name, getattr(backend, name))
+    monkeypatch.setattr(backend, "_graph_md", {})
+    gen = torch.Generator().manual_seed(5)
+    n = 10
+    slots = runner.token_to_kv_pool_allocator.alloc(n + 1)
+    r2t = runner.req_to_token_pool.req_to_token
+    r2t[6, :n + 1] = slots.to(r2t.dtype)
+    layers = s["layers"][1:]  # the quantized layers
+    for layer in layers:
+        pool.set_kv_buffer(layer, slots[:n], torch.randn(n, HKV, D, generator=gen).to(torch.bfloat16),
+                           torch.randn(n, HKV, D, generator=gen).to(torch.bfloat16))
+    qkv = [_qkv(gen, 1) for _ in layers]
+    fb = decode_batch(runner, [6], [n + 1], slots[n:], backend)
+
+    def run():
+        return [layer(q, k, v, fb).float() for layer, (q, k, v) in zip(layers, qkv)]
+
+    backend.init_forward_metadata(fb)
+    ref = run()
+    triton = KernelCalls("cpu", triton=True)
+    monkeypatch.setattr(backend, "ops", triton)
+    monkeypatch.setattr(pool, "ops", triton)
+    monkeypatch.setattr(backend, "_launches", {})
+    monkeypatch.setattr(backend, "num_sms", 4)
+    backend.init_forward_metadata(fb)
+    md = backend.forward_metadata
+    assert md.launch == backend.decode_launch(1) and md.launch.num_splits >= 1 and md.workspace is None
+    eager = run()
+    backend.init_cuda_graph_state(2, 2)
+    assert backend.decode_workspace is not None and backend._workspace_bs == 2
+    req, lens = torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
+    backend.init_forward_metadata_capture_cuda_graph(1, 1, req[:1], lens[:1], None, ForwardMode.DECODE, None)
+    req[0], lens[0] = 6, n + 1
+    backend.init_forward_metadata_replay_cuda_graph(1, req[:1], lens[:1], n + 1, None, ForwardMode.DECODE, None,
+                                                    lens[:1].clone())
+    md = backend.forward_metadata
+    assert md.workspace is backend.decode_workspace and md.launch == backend.decode_launch(1)
+    graph = run()
+    for layer, a, b, c in zip(layers, ref, eager, graph):
+        for name, o in (("eager", b), ("graph", c)):
+            torch.testing.assert_close(o, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name} layer {layer.layer_id}: {m}")
