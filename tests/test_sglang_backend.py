@@ -373,6 +373,38 @@ def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
         torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels run on a GPU or under TRITON_INTERPRET=1")
+def test_plain_prefill_route_with_triton(setup, monkeypatch):
+    """With the Triton kernels (as on a GPU) a batch without cached prefixes takes the plain route: its
+    quantized layers store the new K/V packed (the same codes as the reference compress) and attend over
+    the fresh bf16 K/V through SGLang's Triton extend kernel, matching the reference path's output."""
+    s = setup
+    runner, pool, backend = s["runner"], s["pool"], s["backend"]
+    r2t = runner.req_to_token_pool.req_to_token
+    new = [6, 3]
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t[4, :6] = slots[:6].to(r2t.dtype)
+    r2t[7, :3] = slots[6:].to(r2t.dtype)
+    fb = extend_batch(runner, [4, 7], [0, 0], new, slots, backend)
+    layers = s["layers"][1:]  # the quantized layers
+    qkv = [_qkv(s["gen"], sum(new)) for _ in layers]
+    outs, codes = {}, {}
+    for route in ("reference", "triton"):
+        if route == "triton":
+            triton = KernelCalls("cpu", triton=True)
+            monkeypatch.setattr(backend, "ops", triton)
+            monkeypatch.setattr(pool, "ops", triton)
+            monkeypatch.setattr(backend, "plain_prefill", True)
+        backend.init_forward_metadata(fb)
+        assert backend.forward_metadata.plain is (route == "triton")
+        outs[route] = [layer(q, k, v, fb).float() for layer, (q, k, v) in zip(layers, qkv)]
+        codes[route] = [pool.get_key_buffer(layer.layer_id).codes[slots].clone() for layer in layers]
+    for layer, a, b, ca, cb in zip(layers, outs["reference"], outs["triton"], codes["reference"], codes["triton"]):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"layer {layer.layer_id}: {m}")
+        assert (ca != cb).float().mean().item() < 0.01  # the same codes up to rounding ties
+
+
 def test_model_logit_caps():
     """The warm-up's soft-cap variants come from the model's attention layers."""
     from sglang_tq.backend import _model_logit_caps
