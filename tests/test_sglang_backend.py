@@ -344,6 +344,16 @@ def test_deterministic_inference_turns_on_batch_invariance(tmp_path):
             assert b.extend_fixed == ({"block_m": 64, "gqa_pack": False, "num_splits": 1} if flag else {})
 
 
+def _fresh_prefill(s, new):
+    """Requests 4 and 7 start prompts of `new` tokens (no cached prefix): their extend batch and slots."""
+    runner = s["runner"]
+    r2t = runner.req_to_token_pool.req_to_token
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t[4, :new[0]] = slots[:new[0]].to(r2t.dtype)
+    r2t[7, :new[1]] = slots[new[0]:].to(r2t.dtype)
+    return extend_batch(runner, [4, 7], [0, 0], new, slots, s["backend"]), slots
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="SGLang's Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
 def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
@@ -352,12 +362,8 @@ def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
     the interpreter), which must match the reference; a batch with a prefix must not take that path."""
     s = setup
     runner, ref_runner, backend = s["runner"], s["ref_runner"], s["backend"]
-    r2t = runner.req_to_token_pool.req_to_token
     new = [7, 12]
-    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
-    r2t[4, :7] = slots[:7].to(r2t.dtype)
-    r2t[7, :12] = slots[7:].to(r2t.dtype)
-    fb = extend_batch(runner, [4, 7], [0, 0], new, slots, backend)
+    fb, slots = _fresh_prefill(s, new)
     fb_ref = extend_batch(ref_runner, [4, 7], [0, 0], new, slots, s["ref"])
     backend.init_forward_metadata(extend_batch(runner, [4, 7], [3, 0], new, slots, backend))
     assert not backend.forward_metadata.no_prefix and not backend.forward_metadata.plain
@@ -380,13 +386,9 @@ def test_plain_prefill_route_with_triton(setup, monkeypatch):
     quantized layers store the new K/V packed (the same codes as the reference compress) and attend over
     the fresh bf16 K/V through SGLang's Triton extend kernel, matching the reference path's output."""
     s = setup
-    runner, pool, backend = s["runner"], s["pool"], s["backend"]
-    r2t = runner.req_to_token_pool.req_to_token
+    pool, backend = s["pool"], s["backend"]
     new = [6, 3]
-    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
-    r2t[4, :6] = slots[:6].to(r2t.dtype)
-    r2t[7, :3] = slots[6:].to(r2t.dtype)
-    fb = extend_batch(runner, [4, 7], [0, 0], new, slots, backend)
+    fb, slots = _fresh_prefill(s, new)
     layers = s["layers"][1:]  # the quantized layers
     qkv = [_qkv(s["gen"], sum(new)) for _ in layers]
     outs, codes = {}, {}
