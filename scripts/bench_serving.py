@@ -36,25 +36,16 @@ CONFIGS = {
     "bf16_flashinfer": ["--attention-backend", "flashinfer"],
     "fp8": ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"],
     "fp8_flashinfer": ["--attention-backend", "flashinfer", "--kv-cache-dtype", "fp8_e4m3"],
-    # FlashAttention-3 (SGLang's default backend on Hopper). Needs sgl-kernel with its FA3 ops: the offline
-    # bundle of these sessions has none ("Can not import FA3 in sgl_kernel"; tenth session)
+    # FlashAttention-3 (SGLang's default backend on Hopper). Needs sgl-kernel with its FA3 ops (a build
+    # without them fails with "Can not import FA3 in sgl_kernel")
     "bf16_fa3": ["--attention-backend", "fa3"],
     "fp8_fa3": ["--attention-backend", "fa3", "--kv-cache-dtype", "fp8_e4m3"],
 }
 
 
 # "<config>+nopw": the config without SGLang's piecewise CUDA graphs for prefill (on by default, also with
-# turboquant since the ninth session); "+pw": with them wherever SGLang would turn them off
+# turboquant); "+pw": with them wherever SGLang would turn them off
 MODIFIERS = {"pw": ["--enforce-piecewise-cuda-graph"], "nopw": ["--disable-piecewise-cuda-graph"]}
-# "+rotq" / "+fused": prepared TurboQuant kernel paths switched on for that server through the
-# backend's environment switches (docs/SERVING.md), so serving can A/B them without a code change;
-# "+nosplits" / "+nohybrid" / "+triton": the extend's prefix splits off, its FlashInfer new-token part off,
-# plain prefills on SGLang's Triton kernel; "+pairs" / "+nopairs": decode's V codes as 16-bit elements, or bytes
-ENV_MODIFIERS = {"rotq": {"SGLANG_TQ_ROTATE_Q": "1"}, "fused": {"SGLANG_TQ_FUSED_MERGE": "1"},
-                 "splits": {"SGLANG_TQ_EXTEND_SPLITS": "1"}, "nosplits": {"SGLANG_TQ_EXTEND_SPLITS": "0"},
-                 "hybrid": {"SGLANG_TQ_HYBRID_EXTEND": "1"},
-                 "nohybrid": {"SGLANG_TQ_HYBRID_EXTEND": "0"}, "triton": {"SGLANG_TQ_PLAIN_PREFILL_KERNEL": "triton"},
-                 "pairs": {"SGLANG_TQ_V_PAIRS": "1"}, "nopairs": {"SGLANG_TQ_V_PAIRS": "0"}}
 
 
 def tq_args(preset):
@@ -63,21 +54,12 @@ def tq_args(preset):
 
 def config_args(cfg):
     """Server arguments of a config name: CONFIGS' entries or a TurboQuant preset / YAML, then
-    "+modifier" suffixes (MODIFIERS; ENV_MODIFIERS add nothing here, see config_env)."""
+    "+modifier" suffixes (MODIFIERS)."""
     name, *mods = cfg.split("+")
-    unknown = [m for m in mods if m not in MODIFIERS and m not in ENV_MODIFIERS]
+    unknown = [m for m in mods if m not in MODIFIERS]
     if unknown:
-        raise SystemExit(f"bench_serving: unknown config modifier(s) {unknown} in {cfg!r}; known: "
-                         f"{sorted(MODIFIERS) + sorted(ENV_MODIFIERS)}")
+        raise SystemExit(f"bench_serving: unknown config modifier(s) {unknown} in {cfg!r}; known: {sorted(MODIFIERS)}")
     return list(CONFIGS.get(name) or tq_args(name)) + [x for m in mods for x in MODIFIERS.get(m, [])]
-
-
-def config_env(cfg):
-    """The server's extra environment of a config name's "+modifier" suffixes (ENV_MODIFIERS)."""
-    env = {}
-    for m in cfg.split("+")[1:]:
-        env.update(ENV_MODIFIERS.get(m, {}))
-    return env
 
 
 def stream_request(url, input_ids, osl, timeout=3600):
@@ -249,7 +231,7 @@ def main():
         args = config_args(cfg)
         t0 = time.time()
         try:
-            s = Server(f"serve_{cfg}", base + args, env_extra=config_env(cfg), log_dir=a.out)
+            s = Server(f"serve_{cfg}", base + args, log_dir=a.out)
         except Exception as e:  # noqa: BLE001
             results[cfg] = {"error": repr(e), "points": {}}
             continue

@@ -11,8 +11,8 @@ Stages (--stages, comma-separated):
             answers; turbo4 with CUDA graphs on vs off (greedy tokens for 20 prompts); the same prompts
             alone vs inside a busy batch (turbo4 and BF16); bad requests answered alike; perplexity only
             (no CUDA graphs) of turbo4 with 2 + 2 BF16 layers, turbo4 with key centering, the calibrated
-            3-bit example plan and k5v4 with key centering; turbo4 with SGLANG_TQ_BATCH_INVARIANT=1
-            (alone vs busy again); also perplexity on --heldout-text
+            3-bit example plan and k5v4 with key centering; turbo4 and BF16 with SGLang's
+            --enable-deterministic-inference (alone vs busy again); also perplexity on --heldout-text
   Progress goes to stdout and --out/progress.log, partial results to --out/smollm2_partial.json.
   load      scripts/load_test.py (2000 requests, concurrency 256, shared prefixes, 10 % aborts) against a
             turbo4 SmolLM2 server with a small --max-total-tokens and SGLang's retraction test hook
@@ -26,9 +26,9 @@ Stages (--stages, comma-separated):
             (eval_<task>_<server>.json, for `eval_quality.py compare`), accuracies and their change
             against BF16 in the summary. Ordinary servers: prefill attends to the fresh chunk, decode
             (the answer) to the packed cache and the window.
-The smollm2, load, tp and capacity TurboQuant servers run with SGLANG_TQ_PREFILL_FROM_CACHE=1: prefill
-attends to the K/V as stored in the compressed cache (not the fresh chunk), so every token sees its
-whole past as in decoding and perplexity measures the cache format (BF16 is unaffected by the flag).
+The smollm2 and tp TurboQuant servers run their config with `evaluation: {prefill_from_cache: true}` (a
+copy written into --out): prefill attends to the K/V as stored in the compressed cache (not the fresh
+chunk), so every token sees its whole past as in decoding and perplexity measures the cache format.
 """
 from __future__ import annotations
 
@@ -101,6 +101,32 @@ DEFAULT_PORT = int(os.environ.get("TQ_CHECK_PORT", "30000"))  # two scripts on t
 def identical(x, y):
     """'n/20': how many of the PROMPTS got the same greedy tokens in two runs."""
     return f"{sum(i == j for i, j in zip(x, y))}/{len(PROMPTS)}"
+
+
+def evaluation_config(ref, out):
+    """A copy of the TurboQuant config `ref` (preset name or YAML path) with evaluation.prefill_from_cache
+    on, written into `out` (its key_means path made absolute, so the copy loads from there)."""
+    import yaml
+
+    path = ref if ref.endswith((".yaml", ".yml")) else os.path.join(os.path.dirname(HERE), "configs", f"{ref}.yaml")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cfg = yaml.safe_load(open(path)) or {}
+    cfg.setdefault("name", stem)
+    if cfg.get("key_means") and not os.path.isabs(os.path.expanduser(cfg["key_means"])):
+        cfg["key_means"] = os.path.join(os.path.dirname(os.path.abspath(path)), cfg["key_means"])
+    cfg["evaluation"] = {"prefill_from_cache": True}
+    dst = os.path.join(out, f"eval_{stem}.yaml")
+    with open(dst, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return dst
+
+
+def with_evaluation(args, out):
+    """Server arguments with the --tq-config (if any) replaced by its evaluation_config copy."""
+    if "--tq-config" not in args:
+        return args
+    i = args.index("--tq-config")
+    return args[:i + 1] + [evaluation_config(args[i + 1], out)] + args[i + 2:]
 
 
 def selected(plan, servers):
@@ -238,8 +264,8 @@ def smollm2_servers(a, base, out):
     plan = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("turbo4_nograph", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-cuda-graph"]),
-            # prefill without SGLang's piecewise CUDA graphs (on by default since the ninth session; with
-            # them, the attention sees token counts padded to a captured size)
+            # prefill without SGLang's piecewise CUDA graphs (on by default; with them, the attention sees
+            # token counts padded to a captured size)
             ("turbo4_nopw", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--disable-piecewise-cuda-graph"]),
             ("turbo3", ["--attention-backend", "turboquant", "--tq-config", "turbo3"]),
             # perplexity only (prefill): no CUDA graphs, whose capture took minutes for the mixed-format plan
@@ -259,26 +285,21 @@ def smollm2_servers(a, base, out):
             *[(f"{p}_nowindow", ["--attention-backend", "turboquant", "--tq-config", no_window_config(p),
                                  "--disable-cuda-graph"]) for p in ("turbo4", "turbo3")],
             ("k5v4", ["--attention-backend", "turboquant", "--tq-config", "k5v4", "--disable-cuda-graph"]),
-            # turbo4's decode with bf16 key centroids (the int8 key scores off): greedy tokens beside turbo4's
-            ("turbo4_bf16keys", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
-             {"SGLANG_TQ_KEY_INT8": "0"}),
-            # one split count for every batch size: is a request's decode then the same alone and in a batch?
-            ("turbo4_invariant", ["--attention-backend", "turboquant", "--tq-config", "turbo4"],
-             {"SGLANG_TQ_BATCH_INVARIANT": "1"}),
             # SGLang's deterministic inference (batch-invariant GEMMs, norms and attention splits), which
-            # also turns on our batch-invariant decode: the same question for the whole model, BF16 beside
+            # also makes our decode and extend batch-invariant: is a request's output then the same alone
+            # and in a batch? BF16 beside
             ("bf16_deterministic", ["--attention-backend", "triton", "--enable-deterministic-inference"]),
             ("turbo4_deterministic", ["--attention-backend", "turboquant", "--tq-config", "turbo4",
                                       "--enable-deterministic-inference"])]
     ppl_only = ("turbo4_boundary2", "turbo4_centered", "calibrated3", "calibrated4", "calibrated3_window",
                 "k5v4_centered", "turbo2",
-                "turbo3.5", "k4v2", "k5v4", "turbo4_bf16keys",
+                "turbo3.5", "k4v2", "k5v4",
                 "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo2_noboundary",
                 "turbo3.5_noboundary", "turbo4_nowindow", "turbo3_nowindow")
     res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
-    for name, extra, *env in selected(plan, a.servers):
+    for name, extra in selected(plan, a.servers):
         r = {}
-        s = Server(name, base + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1", **(env[0] if env else {})}, log_dir=out)
+        s = Server(name, base + with_evaluation(extra, out), log_dir=out)
         try:
             r["max_total_num_tokens"] = s.info.get("max_total_num_tokens")
             r["alone"] = s.generate(PROMPTS)
@@ -327,8 +348,6 @@ def smollm2_summary(res, heldout=True):
         summ["graphs_on_vs_off_identical"] = identical(t4["alone"], res["turbo4_nograph"]["alone"])
     if "alone" in t4 and "alone" in res.get("turbo4_nopw", {}):
         summ["piecewise_vs_eager_prefill_identical"] = identical(t4["alone"], res["turbo4_nopw"]["alone"])
-    if "alone" in t4 and "alone" in res.get("turbo4_bf16keys", {}):
-        summ["int8_vs_bf16_keys_identical"] = identical(t4["alone"], res["turbo4_bf16keys"]["alone"])
     for name, r in res.items():
         if "busy" in r:
             summ[f"{name}_alone_vs_busy_identical"] = identical(r["alone"], r["busy"])
@@ -342,7 +361,7 @@ def smollm2_summary(res, heldout=True):
 def stage_load(a, base, out):
     """scripts/load_test.py against a turbo4 SmolLM2 server with a small pool under 256 concurrent
     requests (shared prefixes, 10 % aborts, logprobs). SGLang's admission control kept a full pool from
-    retracting in the fourth session's run (0.99 usage, 0 retractions), so the server also runs SGLang's
+    retracting in an earlier run (0.99 usage, 0 retractions), so the server also runs SGLang's
     own retraction test hook (SGLANG_TEST_RETRACT: retract part of the running batch every
     `--load-retract-interval` decode steps); the stage passes only if retractions happened."""
     import subprocess
@@ -388,7 +407,7 @@ def stage_tp(a, base, out):
             ("tp1_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4"]),
             ("tp2_turbo4", ["--attention-backend", "turboquant", "--tq-config", "turbo4", "--tp", "2"])]
     for name, extra in selected(plan, a.servers):
-        s = Server(name, common + extra, {"SGLANG_TQ_PREFILL_FROM_CACHE": "1"}, log_dir=out)
+        s = Server(name, common + with_evaluation(extra, out), log_dir=out)
         try:
             r = {"max_total_num_tokens": s.info.get("max_total_num_tokens"), "ppl": ev.perplexity(s.url, text),
                  "ppl_long": ev.perplexity(s.url, full[:150000], window=2048),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, List, Optional
 
+from sglang_tq.sglang_internals import server_arg
+
 BACKEND_NAME = "turboquant"
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -26,42 +28,44 @@ class TQUnsupportedError(ValueError):
 
 def uses_turboquant(server_args) -> bool:
     """True if any attention backend (main, prefill or decode) is turboquant."""
-    names = (getattr(server_args, "attention_backend", None),
-             getattr(server_args, "prefill_attention_backend", None),
-             getattr(server_args, "decode_attention_backend", None))
+    names = (server_arg(server_args, "attention_backend"), server_arg(server_args, "prefill_attention_backend"),
+             server_arg(server_args, "decode_attention_backend"))
     return BACKEND_NAME in names
 
 
 def _problems_server_args(sa) -> List[str]:
+    def arg(name):
+        return server_arg(sa, name)
+
     p = []
-    main = getattr(sa, "attention_backend", None)
-    pre = getattr(sa, "prefill_attention_backend", None) or main
-    dec = getattr(sa, "decode_attention_backend", None) or main
+    main = arg("attention_backend")
+    pre = arg("prefill_attention_backend") or main
+    dec = arg("decode_attention_backend") or main
     if pre != BACKEND_NAME or dec != BACKEND_NAME:
         p.append(f"mixing attention backends (prefill={pre}, decode={dec}): the KV pool is shared, so "
                  f"every backend must be turboquant. Use --attention-backend turboquant alone")
-    kvd = str(getattr(sa, "kv_cache_dtype", "auto"))
+    kvd = str(arg("kv_cache_dtype"))
     if kvd not in SUPPORTED_KV_CACHE_DTYPES:
         p.append(f"--kv-cache-dtype {kvd}: TurboQuant is the KV-cache quantization; use --kv-cache-dtype auto "
                  f"(or bf16) and pick bit widths with --tq-config / SGLANG_TQ_CONFIG")
-    if getattr(sa, "speculative_algorithm", None):
-        p.append(f"speculative decoding (--speculative-algorithm {sa.speculative_algorithm})")
-    if getattr(sa, "enable_hierarchical_cache", False):
+    if arg("speculative_algorithm"):
+        p.append(f"speculative decoding (--speculative-algorithm {arg('speculative_algorithm')})")
+    if arg("enable_hierarchical_cache"):
         p.append("the hierarchical cache (--enable-hierarchical-cache): host pools copy bf16 rows")
-    if getattr(sa, "enable_double_sparsity", False):
+    if arg("enable_double_sparsity"):
         p.append("double sparsity (--enable-double-sparsity)")
-    if int(getattr(sa, "page_size", 1) or 1) > 1:
-        p.append(f"--page-size {sa.page_size}: v1 supports page size 1 only")
-    if getattr(sa, "disaggregation_mode", "null") not in (None, "null"):
-        p.append(f"PD disaggregation (--disaggregation-mode {sa.disaggregation_mode}): KV transfer of packed "
+    if int(arg("page_size") or 1) > 1:
+        p.append(f"--page-size {arg('page_size')}: v1 supports page size 1 only")
+    if arg("disaggregation_mode") not in (None, "null"):
+        p.append(f"PD disaggregation (--disaggregation-mode {arg('disaggregation_mode')}): KV transfer of packed "
                  f"TurboQuant slots is not implemented")
-    if getattr(sa, "dllm_algorithm", None):
-        p.append(f"diffusion LLM decoding (--dllm-algorithm {sa.dllm_algorithm})")
-    if int(getattr(sa, "attn_cp_size", 1) or 1) > 1:
-        p.append(f"attention context parallelism (--attn-cp-size {sa.attn_cp_size})")
-    if getattr(sa, "enable_hisparse", False):
+    if arg("dllm_algorithm"):
+        p.append(f"diffusion LLM decoding (--dllm-algorithm {arg('dllm_algorithm')})")
+    if int(arg("attn_cp_size") or 1) > 1:
+        p.append(f"attention context parallelism (--attn-cp-size {arg('attn_cp_size')})")
+    if arg("enable_hisparse"):
         p.append("HiSparse (--enable-hisparse)")
-    if getattr(sa, "enable_lmcache", False):
+    if arg("enable_lmcache"):
         p.append("LMCache (--enable-lmcache)")
     return p
 
@@ -192,7 +196,7 @@ def check_server_args(server_args, resolve: bool = True):
         return None
     problems = _problems_server_args(server_args)
     mc = None
-    if str(getattr(server_args, "model_path", "")).lower() not in ("", "none", "dummy"):
+    if str(server_arg(server_args, "model_path") or "").lower() not in ("", "none", "dummy"):
         try:
             mc = server_args.get_model_config()
         except Exception:  # model config unreadable here: the scheduler-side checks still run

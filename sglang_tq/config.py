@@ -49,6 +49,15 @@ read from the packed codes as always. Attention is mostly local, so this removes
 is `requests` x `tokens` bf16 tokens of the quantized layers, taken from the pool's budget; requests
 beyond `requests` at a time decode from the codes alone. tokens 0 (the default) turns it off.
 
+Evaluation (optional, top level; for measuring the cache format, not for serving)::
+
+    evaluation: {prefill_from_cache: false}
+
+prefill_from_cache: true makes every prefill attend to its own new tokens' K/V as the cache stores them
+(dequantized from the codes; with a window, the last `tokens` positions exact) instead of the fresh
+values, so each token sees its whole past exactly as decoding would: perplexity then measures the
+cache format. It costs prefill speed and changes outputs, so the server warns about it in its log.
+
 Layer formats: `tq` (quantized with the K/V formats above) or `bf16` (stored unquantized, at the
 model's 16-bit dtype). An override that changes k/v of a layer that is bf16 (boundary) must say
 `format: tq`, so that a range never quantizes a boundary layer by accident.
@@ -78,8 +87,9 @@ MSE_BITS_RANGE = (2, 6)   # 1-bit MSE is legal in VecFormat but too lossy to off
 PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
 DEFAULT_BOUNDARY = 2
 
-_TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides", "key_means", "window")
+_TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides", "key_means", "window", "evaluation")
 _WINDOW_KEYS = ("tokens", "requests")
+_EVALUATION_KEYS = ("prefill_from_cache",)
 WINDOW_MAX_TOKENS = 256      # the decode kernel keeps a window's scores in registers
 DEFAULT_WINDOW_REQUESTS = 256
 KEY_MEANS_TENSOR = "key_means"  # name of the tensor inside a key-means file
@@ -191,6 +201,7 @@ class TQConfig:
     key_means: Optional[str] = None  # absolute path of the key-means file (key centering), or None
     window_tokens: int = 0           # recent window: last N positions kept exact (0 = off)
     window_requests: int = DEFAULT_WINDOW_REQUESTS
+    prefill_from_cache: bool = False  # evaluation.prefill_from_cache
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "TQConfig":
@@ -250,6 +261,7 @@ class ModelPlan:
     key_means_path: Optional[str] = None
     window_tokens: int = 0
     window_requests: int = DEFAULT_WINDOW_REQUESTS
+    prefill_from_cache: bool = False  # evaluation.prefill_from_cache
     # float32 CPU [num_layers, num_kv_heads_total, head_dim] (key centering) or None
     key_means: Optional[Any] = field(default=None, compare=False, repr=False)
 
@@ -486,7 +498,8 @@ def _parse(data: Any, source: str) -> TQConfig:
     overrides = tuple(_parse_override(o, i, source) for i, o in enumerate(raw_overrides))
     key_means = _parse_key_means_path(data.get("key_means"), source)
     wtokens, wrequests = _parse_window(data.get("window"), source)
-    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source, key_means, wtokens, wrequests)
+    from_cache = _parse_evaluation(data.get("evaluation"), source)
+    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source, key_means, wtokens, wrequests, from_cache)
     # Check every override's k/v against the defaults now, so a bad value fails at load time.
     for o in overrides:
         _override_specs(cfg, o, k, v)
@@ -507,6 +520,15 @@ def _parse_window(value: Any, source: str) -> Tuple[int, int]:
     if requests < 1:
         raise _fail(source, "window.requests", f"{requests} is out of range; allowed: an integer >= 1")
     return tokens, requests
+
+
+def _parse_evaluation(value: Any, source: str) -> bool:
+    """evaluation: {prefill_from_cache: B} -> B; absent: False."""
+    if value is None:
+        return False
+    value = _want_mapping(value, source, "evaluation")
+    _check_keys(value, _EVALUATION_KEYS, source, "evaluation")
+    return _want_bool(value.get("prefill_from_cache", False), source, "evaluation.prefill_from_cache")
 
 
 def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
@@ -640,7 +662,7 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         means = load_key_means(cfg.key_means, src)
         check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
     return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means,
-                     cfg.window_tokens, cfg.window_requests, means)
+                     cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, means)
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,6 +785,8 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
     if plan.window_tokens:
         lines.append(f"recent window: the last {plan.window_tokens} tokens exact (bf16) for up to "
                      f"{plan.window_requests} requests at a time; ring {plan.window_bytes(num_kv_heads)} B in all")
+    if plan.prefill_from_cache:
+        lines.append("evaluation: prefill attends to its new tokens as the cache stores them (prefill_from_cache)")
     lines.append(f"total: {total} B/token (bf16 {bf16_total} B/token), "
                  f"compression {bf16_total / total:.2f}x, {len(plan.quantized_layers)}/{plan.num_layers} layers quantized")
     return "\n".join(lines)

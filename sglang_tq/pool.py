@@ -34,49 +34,25 @@ positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `
 [R + 1]) the first position each request wrote there since its last extend. The attention backend
 decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
 
-`self.dtype` is `torch.uint8` (never bf16) on purpose: models with a fused RoPE + KV-write path
-(`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype == torch.bfloat16` and
-would otherwise write raw bf16 rows past `set_kv_buffer`. The model dtype is `self.model_dtype`.
+`self.dtype` is `sglang_internals.POOL_DTYPE` (uint8, never bf16) on purpose: models with a fused RoPE +
+KV-write path (`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype ==
+torch.bfloat16` and would otherwise write raw bf16 rows past `set_kv_buffer` (tested against SGLang in
+tests/test_sglang_internals.py). The model dtype is `self.model_dtype`.
 """
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KVCache
+from sglang_tq.kernel_calls import kernel_calls
+from sglang_tq.sglang_internals import POOL_DTYPE
 
 logger = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------
-# Kernel entry points: Triton ops on GPU, the pure-torch reference on CPU.
-# --------------------------------------------------------------------------------------------
-_OPS_CACHE: Dict[str, object] = {}
-
-
-def kernel_ops(device) -> object:
-    """Module with compress_and_store / decode_attention / extend_attention for `device`.
-
-    CPU (and anything that is not CUDA): `tq_kernels.reference` (pure PyTorch, no Triton).
-    CUDA: `tq_kernels.ops` (Triton)."""
-    dev = torch.device(device)
-    key = "cuda" if dev.type == "cuda" else "ref"
-    if key not in _OPS_CACHE:
-        if key == "ref":
-            from tq_kernels import reference as mod
-        else:
-            try:
-                from tq_kernels import ops as mod
-            except ImportError as e:  # pragma: no cover - GPU only
-                raise RuntimeError(
-                    "TurboQuant: the Triton kernels (tq_kernels.ops) could not be imported on "
-                    f"{dev}: {e}. Is the repo's kernels/ folder importable as tq_kernels?") from e
-        _OPS_CACHE[key] = mod
-    return _OPS_CACHE[key]
-
 
 def _attention_tp_rank_size() -> Tuple[int, int]:
     """(rank, size) of the attention TP group; (0, 1) when SGLang's groups are not initialised."""
@@ -155,7 +131,7 @@ class TQTokenToKVPool(KVCache):
         super().__init__(size, page_size, dtype, layer_num, device, enable_memory_saver, start_layer, end_layer)
         # KVCache.__init__ sets end_layer = end_layer or layer_num - 1 (inclusive, as MHATokenToKVPool)
         self.model_dtype = dtype
-        self.dtype = torch.uint8  # never bf16: see module docstring
+        self.dtype = POOL_DTYPE  # never bf16: see module docstring
         self.store_dtype = torch.uint8
         self.head_num = head_num
         self.head_dim = head_dim
@@ -185,7 +161,7 @@ class TQTokenToKVPool(KVCache):
         self.window_requests = int(window_requests) if self.window_size else 0
         self._create_buffers()
         self.key_means: List[Optional[torch.Tensor]] = self._load_key_means()
-        self._ops = kernel_ops(self.device)
+        self.ops = kernel_calls(self.device)
         self._finalize_allocation_log(size)
 
     # ----------------------------------------------------------------------------------------
@@ -369,15 +345,12 @@ class TQTokenToKVPool(KVCache):
         k = cache_k.reshape(-1, self.head_num, self.head_dim)
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.quantized[idx]:
-            extra = {} if self.key_means[idx] is None else {"k_mean": self.key_means[idx]}
-            if q is not None:
-                extra.update(q=q, q_rot=q_rot)
+            ring = None
             if window_rows is not None and self.ring_k[idx] is not None:
                 from tq_kernels.window import RingWrite
-                extra["ring"] = RingWrite(self.ring_k[idx], self.ring_v[idx], window_rows)
-            self._ops.compress_and_store(k, v, loc, self.k_codecs[idx], self.v_codecs[idx],
-                                         self.k_codes[idx], self.k_scales[idx],
-                                         self.v_codes[idx], self.v_scales[idx], **extra)
+                ring = RingWrite(self.ring_k[idx], self.ring_v[idx], window_rows)
+            self.ops.compress(k, v, loc, self._key(idx), self._value(idx), k_mean=self.key_means[idx], ring=ring,
+                              q=q, q_rot=q_rot)
         else:
             kb, vb = self.k_buffer[idx], self.v_buffer[idx]
             kb[loc] = k.to(kb.dtype)

@@ -16,7 +16,8 @@ hook (`sglang_tq._autoload`) right after the SGLang module it patches has execut
    `max_total_num_tokens` grows by the compression ratio) and `_init_pools` builds `TQTokenToKVPool`
    in place of `MHATokenToKVPool` (by rebinding that module global while SGLang's own `_init_pools`
    runs, so the stock req-to-token pool and allocator are kept). Both only when the server runs the
-   turboquant backend; otherwise they call the originals.
+   turboquant backend; otherwise they call the originals. The wraps and the rebinding are
+   `sglang_internals` functions (each tested against SGLang's own classes).
 
 The scheduler processes (spawned, one per TP/PP rank) get this through `run_scheduler_process_tq`
 (passed by `sglang_tq.launch_server` as `run_scheduler_process_func`), through the launcher module
@@ -30,10 +31,9 @@ import os
 
 from sglang_tq.compat import (BACKEND_NAME, check_runner, check_server_args, resolve_plan_for,
                               total_kv_heads, uses_turboquant)
+from sglang_tq.sglang_internals import pool_class_during, server_arg, shrink_token_budget, wrap_method
 
 logger = logging.getLogger("sglang_tq")
-
-_MARK = "_sglang_tq_installed"
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,22 +44,16 @@ def install_server_args(mod) -> None:
         mod.add_attention_backend_choices([BACKEND_NAME])
     # --enable-deterministic-inference: SGLang's batch-invariant GEMMs and norms, and our decode's
     # batch-invariant split-K (the backend turns it on with this flag)
-    det = getattr(mod, "DETERMINISTIC_ATTENTION_BACKEND_CHOICES", None)
-    if det is not None and BACKEND_NAME not in det:
+    if BACKEND_NAME not in mod.DETERMINISTIC_ATTENTION_BACKEND_CHOICES:
         mod.add_deterministic_attention_backend_choices([BACKEND_NAME])
-    SA = mod.ServerArgs
-    if getattr(SA, _MARK, False):
-        return
-    orig_post = SA.__post_init__
+    def make(orig_post):
+        def __post_init__(self):
+            orig_post(self)
+            if uses_turboquant(self):
+                check_server_args(self)
+        return __post_init__
 
-    @functools.wraps(orig_post)
-    def __post_init__(self):
-        orig_post(self)
-        if uses_turboquant(self):
-            check_server_args(self)
-
-    SA.__post_init__ = __post_init__
-    setattr(SA, _MARK, True)
+    wrap_method(mod.ServerArgs, "__post_init__", make)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +111,7 @@ def reserve_window_memory(runner, plan, mod) -> int:
     ring_bytes = plan.window_bytes(heads, requests, layers)
     cell = tq_cell_size_per_token(runner, len(layers), heads)
     cut = -(-ring_bytes // max(cell, 1))
-    if getattr(runner.server_args, "max_total_tokens", None):  # a user cap: the pool is below what memory allows
+    if server_arg(runner.server_args, "max_total_tokens"):  # a user cap: the pool is below what memory allows
         logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "
                     "the --max-total-tokens pool", plan.window_tokens, requests, ring_bytes / 2**20)
         return requests
@@ -125,10 +119,7 @@ def reserve_window_memory(runner, plan, mod) -> int:
         raise RuntimeError(f"TurboQuant: the recent window's ring ({ring_bytes} B for {requests} requests x "
                            f"{plan.window_tokens} tokens) does not fit next to the KV pool; lower window.requests "
                            f"or window.tokens in the config, or raise --mem-fraction-static")
-    runner.max_total_num_tokens -= cut
-    cfg = getattr(runner, "memory_pool_config", None)
-    if cfg is not None and hasattr(cfg, "max_total_num_tokens"):
-        cfg.max_total_num_tokens = runner.max_total_num_tokens
+    shrink_token_budget(runner, cut)
     logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB "
                 "(= %d tokens of the pool)", plan.window_tokens, requests, ring_bytes / 2**20, cut)
     return requests
@@ -136,43 +127,36 @@ def reserve_window_memory(runner, plan, mod) -> int:
 
 def install_mixin(mod) -> None:
     M = mod.ModelRunnerKVCacheMixin
-    if getattr(M, _MARK, False):
-        return
-    orig_cell = M.get_cell_size_per_token
-    orig_init = M._init_pools
 
-    @functools.wraps(orig_cell)
-    def get_cell_size_per_token(self, num_layers: int) -> int:
-        if not _runner_uses_tq(self):
-            return orig_cell(self, num_layers)
-        check_runner(self)
-        heads = self.model_config.get_num_kv_heads(mod.get_attention_tp_size())
-        return tq_cell_size_per_token(self, num_layers, heads)
+    def make_cell(orig_cell):
+        def get_cell_size_per_token(self, num_layers: int) -> int:
+            if not _runner_uses_tq(self):
+                return orig_cell(self, num_layers)
+            check_runner(self)
+            heads = self.model_config.get_num_kv_heads(mod.get_attention_tp_size())
+            return tq_cell_size_per_token(self, num_layers, heads)
+        return get_cell_size_per_token
 
-    @functools.wraps(orig_init)
-    def _init_pools(self):
-        if not _runner_uses_tq(self):
-            return orig_init(self)
-        check_runner(self)
-        from sglang_tq.pool import TQTokenToKVPool
+    def make_init(orig_init):
+        def _init_pools(self):
+            if not _runner_uses_tq(self):
+                return orig_init(self)
+            check_runner(self)
+            from sglang_tq.pool import TQTokenToKVPool
 
-        plan = runner_plan(self)
-        window_requests = reserve_window_memory(self, plan, mod)
-        stock = mod.MHATokenToKVPool
-        mod.MHATokenToKVPool = functools.partial(TQTokenToKVPool, plan=plan, window_requests=window_requests)
-        try:
-            orig_init(self)
-        finally:
-            mod.MHATokenToKVPool = stock
-        pool = self.token_to_kv_pool
-        if not isinstance(pool, TQTokenToKVPool):
-            raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of TQTokenToKVPool; "
-                               f"this model/set-up takes a KV-pool branch TurboQuant does not support")
-        _log_startup(self, plan, pool)
+            plan = runner_plan(self)
+            window_requests = reserve_window_memory(self, plan, mod)
+            with pool_class_during(mod, functools.partial(TQTokenToKVPool, plan=plan, window_requests=window_requests)):
+                orig_init(self)
+            pool = self.token_to_kv_pool
+            if not isinstance(pool, TQTokenToKVPool):
+                raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of TQTokenToKVPool; "
+                                   f"this model/set-up takes a KV-pool branch TurboQuant does not support")
+            _log_startup(self, plan, pool)
+        return _init_pools
 
-    M.get_cell_size_per_token = get_cell_size_per_token
-    M._init_pools = _init_pools
-    setattr(M, _MARK, True)
+    wrap_method(M, "get_cell_size_per_token", make_cell)
+    wrap_method(M, "_init_pools", make_init)
 
 
 def _log_startup(runner, plan, pool) -> None:

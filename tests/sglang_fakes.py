@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -205,6 +205,112 @@ def decode_batch(runner, req_ids: Sequence[int], seq_lens: Sequence[int], out_ca
     fb.req_to_token_pool = runner.req_to_token_pool
     fb.token_to_kv_pool = runner.token_to_kv_pool
     return fb
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention backend on the CPU
+# ------------------------------------------------------------------------------------------------
+from sglang.srt.layers.attention.triton_backend import ForwardMetadata, TritonAttnBackend, logit_capping_mod  # noqa: E402
+from sglang_tq.backend import TurboQuantAttnBackend  # noqa: E402
+
+
+class TorchTritonTwin(TritonAttnBackend):
+    """SGLang's Triton backend with its metadata and its bf16 attention computed in torch (its own are
+    Triton kernels, which need a GPU): the same kv_indptr / kv_indices / qo_indptr as on the GPU, and
+    plain softmax attention over the pool's bf16 buffers for the unquantized layers."""
+
+    def _gather_indices(self, req_pool_indices, lens):
+        """torch twin of create_flashinfer_kv_indices_triton: concatenated req_to_token[r, :len]."""
+        rows = self.req_to_token[req_pool_indices.long()]
+        cols = torch.arange(rows.shape[1], device=rows.device)[None, :]
+        mask = cols < lens.to(rows.device).long()[:, None]
+        return rows[mask].to(torch.int64)
+
+    def init_forward_metadata(self, fb):
+        bs = fb.batch_size
+        kv_indptr = self.kv_indptr
+        none = dict(attn_logits=None, attn_lse=None, num_kv_splits=None, custom_mask=None, mask_indptr=None,
+                    window_kv_indptr=None, window_kv_indices=None, window_num_kv_splits=None, window_kv_offsets=None)
+        if fb.forward_mode.is_decode_or_idle():
+            kv_indptr[1:bs + 1] = torch.cumsum(fb.seq_lens, dim=0)
+            kv_indptr = kv_indptr[:bs + 1]
+            self.forward_metadata = ForwardMetadata(
+                max_extend_len=None, kv_indptr=kv_indptr, kv_indices=self._gather_indices(fb.req_pool_indices, fb.seq_lens),
+                qo_indptr=None, **none)
+            return
+        kv_indptr[1:bs + 1] = torch.cumsum(fb.extend_prefix_lens, dim=0)
+        kv_indptr = kv_indptr[:bs + 1]
+        qo_indptr = self.qo_indptr
+        qo_indptr[1:bs + 1] = torch.cumsum(fb.extend_seq_lens, dim=0)
+        self.forward_metadata = ForwardMetadata(
+            max_extend_len=max(fb.extend_seq_lens_cpu), kv_indptr=kv_indptr,
+            kv_indices=self._gather_indices(fb.req_pool_indices, fb.extend_prefix_lens),
+            qo_indptr=qo_indptr[:bs + 1], **none)
+
+    @staticmethod
+    def _attend(q, k, v, scale, cap, mask=None):
+        """q [M, Hq, d], k [L, Hkv, d], v [L, Hkv, dv] (float32) -> [M, Hq, dv]."""
+        g = q.shape[1] // k.shape[1]
+        if k.shape[0] == 0:
+            return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        k = k.repeat_interleave(g, dim=1)
+        v = v.repeat_interleave(g, dim=1)
+        s = torch.einsum("mhd,lhd->hml", q, k) * scale
+        if cap and cap > 0:
+            s = cap * torch.tanh(s / cap)
+        if mask is not None:
+            s = s.masked_fill(~mask[None], float("-inf"))
+        return torch.einsum("hml,lhd->mhd", torch.softmax(s, dim=-1).nan_to_num(0.0), v)
+
+    def _start(self, q, k, v, layer, fb, save_kv_cache):
+        """Store the new K/V; return the layer's buffers, q as float [T, Hq, d], the output and its view."""
+        pool = fb.token_to_kv_pool
+        if save_kv_cache:
+            pool.set_kv_buffer(layer, fb.out_cache_loc, k, v)
+        kbuf, vbuf = pool.get_kv_buffer(layer.layer_id)
+        hq, dv = layer.tp_q_head_num, layer.v_head_dim
+        q3 = q.reshape(-1, hq, layer.qk_head_dim).float()
+        o = q.new_empty((q3.shape[0], hq * dv))
+        return kbuf, vbuf, q3, o, o.view(-1, hq, dv)
+
+    def forward_extend(self, q, k, v, layer, fb, save_kv_cache=True, sinks=None):
+        kbuf, vbuf, q3, o, o3 = self._start(q, k, v, layer, fb, save_kv_cache)
+        md = self.forward_metadata
+        k3 = k.view(-1, layer.tp_k_head_num, layer.qk_head_dim).float()
+        v3 = v.view(-1, layer.tp_v_head_num, layer.v_head_dim).float()
+        qo, kvp = md.qo_indptr.tolist(), md.kv_indptr.tolist()
+        cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        for i in range(len(qo) - 1):
+            a, b = qo[i], qo[i + 1]
+            if b <= a:
+                continue
+            slots = md.kv_indices[kvp[i]:kvp[i + 1]]
+            kk = torch.cat([kbuf[slots].float(), k3[a:b]])
+            vv = torch.cat([vbuf[slots].float(), v3[a:b]])
+            n_pre, n = kvp[i + 1] - kvp[i], b - a
+            mask = torch.ones(n, n_pre + n, dtype=torch.bool, device=q.device)
+            mask[:, n_pre:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            o3[a:b] = self._attend(q3[a:b], kk, vv, layer.scaling, cap, mask).to(o.dtype)
+        return o
+
+    def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True, sinks=None):
+        kbuf, vbuf, q3, o, o3 = self._start(q, k, v, layer, fb, save_kv_cache)
+        kvp = self.forward_metadata.kv_indptr.tolist()
+        cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        for b in range(q3.shape[0]):
+            slots = self.forward_metadata.kv_indices[kvp[b]:kvp[b + 1]]
+            o3[b] = self._attend(q3[b:b + 1], kbuf[slots].float(), vbuf[slots].float(), layer.scaling, cap)[0].to(o.dtype)
+        return o
+
+
+class CPUTurboQuantAttnBackend(TurboQuantAttnBackend):
+    """The production backend with the torch twin serving its bf16 layers and slot indices."""
+
+    bf16_backend_cls = TorchTritonTwin
+
+
+def tq_backend(runner, **kw) -> CPUTurboQuantAttnBackend:
+    return CPUTurboQuantAttnBackend(runner, **kw)
 
 
 def env(**kw):

@@ -1,4 +1,5 @@
 """Per-layer config: parsing, validation messages, resolution, sizes, presets and the CLI."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -57,6 +58,11 @@ BAD = [
     ("window requests zero", "window: {tokens: 32, requests: 0}\n", ["window.requests", "0 is out of range"]),
     ("window unknown key", "window: {token: 32}\n", ["window.token", "did you mean 'tokens'"]),
     ("window not a mapping", "window: 32\n", ["window", "expected a mapping"]),
+    ("evaluation unknown key", "evaluation: {prefill_from_cash: true}\n",
+     ["evaluation.prefill_from_cash", "did you mean 'prefill_from_cache'"]),
+    ("evaluation not a bool", "evaluation: {prefill_from_cache: 1}\n",
+     ["evaluation.prefill_from_cache", "expected true or false", "int 1"]),
+    ("evaluation not a mapping", "evaluation: true\n", ["evaluation", "expected a mapping"]),
 ]
 
 
@@ -421,3 +427,32 @@ def test_window_in_presets_plan_and_summary():
     plan = load_config("turbo4").resolve(32, 128)
     assert "recent window: the last 32 tokens" in summary_table(plan, 8)
     assert parse_yaml("window: {tokens: 0}\n", "w.yaml").window_tokens == 0
+
+
+def test_evaluation_prefill_from_cache(tmp_path):
+    """evaluation.prefill_from_cache reaches the resolved plan and its summary; off unless set."""
+    off = load_config(str(write(tmp_path, "defaults:\n  k: {bits: 4}\n", "off.yaml"))).resolve(8, 128)
+    assert off.prefill_from_cache is False and "prefill_from_cache" not in off.summary(8)
+    on = load_config(str(write(tmp_path, "evaluation: {prefill_from_cache: true}\n", "on.yaml"))).resolve(8, 128)
+    assert on.prefill_from_cache is True and "prefill_from_cache" in on.summary(8)
+
+
+@pytest.mark.parametrize("ref", ["turbo4", "examples/calibrated_smollm2.yaml"])
+def test_gpu_server_check_evaluation_copy(tmp_path, ref):
+    """scripts/gpu_server_check.py serves perplexity runs from a copy of the config with
+    evaluation.prefill_from_cache on; the copy loads from its own folder (key_means made absolute) and
+    keeps every other key."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    gpu_server_check = pytest.importorskip("gpu_server_check")
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    src = ref if not ref.endswith(".yaml") else str(configs / ref)
+    args = ["--attention-backend", "turboquant", "--tq-config", src, "--disable-cuda-graph"]
+    new = gpu_server_check.with_evaluation(args, str(tmp_path))
+    assert new[:3] + new[4:] == args[:3] + args[4:] and os.path.dirname(new[3]) == str(tmp_path)
+    plan = load_config(new[3]).resolve(30, 64, num_kv_heads=3)
+    base = load_config(src).resolve(30, 64, num_kv_heads=3)
+    assert plan.prefill_from_cache and not base.prefill_from_cache
+    assert plan.layers == base.layers and plan.window_tokens == base.window_tokens
+    assert plan.key_means_path == base.key_means_path
+    assert gpu_server_check.with_evaluation(["--attention-backend", "triton"], str(tmp_path)) == ["--attention-backend", "triton"]

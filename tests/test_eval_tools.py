@@ -266,10 +266,3 @@ def test_bench_serving_config_args():
                                                       "--enforce-piecewise-cuda-graph"]
     with pytest.raises(SystemExit):
         bench_serving.config_args("turbo4+nope")
-    # environment modifiers: the prepared kernel paths, through the backend's switches
-    assert bench_serving.config_args("turbo4+rotq+fused") == ["--attention-backend", "turboquant", "--tq-config", "turbo4"]
-    assert bench_serving.config_env("turbo4+rotq+fused+pw") == {"SGLANG_TQ_ROTATE_Q": "1", "SGLANG_TQ_FUSED_MERGE": "1"}
-    assert bench_serving.config_env("turbo4+hybrid+triton") == {"SGLANG_TQ_HYBRID_EXTEND": "1",
-                                                                "SGLANG_TQ_PLAIN_PREFILL_KERNEL": "triton"}
-    assert bench_serving.config_env("turbo4+nohybrid") == {"SGLANG_TQ_HYBRID_EXTEND": "0"}
-    assert bench_serving.config_env("turbo4") == {}

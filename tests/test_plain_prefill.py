@@ -21,7 +21,7 @@ HQ, HKV, D = 8, 2, 128
 @pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "softcap"])
 def test_plain_prefill_matches_reference(cap, kernel):
     from sglang_tq.backend import TurboQuantAttnBackend
-    from sglang_tq.flashinfer_prefill import RaggedPrefill
+    from sglang_tq.flashinfer_prefill import RaggedParams, RaggedPrefill
 
     dev = torch.device("cuda")
     from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
@@ -38,22 +38,20 @@ def test_plain_prefill_matches_reference(cap, kernel):
     layer = types.SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, qk_head_dim=D,
                                   v_head_dim=D, scaling=D ** -0.5, logit_capping_method="tanh", logit_cap=cap,
                                   xai_temperature_len=-1)
-    ragged = RaggedPrefill.create(dev) if kernel == "flashinfer" else None
-    if kernel == "flashinfer" and ragged is None:
-        pytest.skip("FlashInfer is not importable here")
-    backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=ragged,
-                                    extend_attention_fwd=extend_attention_fwd)
-    for name in ("_ragged_ok", "_ragged_lens", "_ragged_run"):
-        setattr(backend, name, types.MethodType(getattr(TurboQuantAttnBackend, name), backend))
-    o = torch.full((T + pad, HQ * D), 7.0, device=dev, dtype=torch.bfloat16)
-    fb = types.SimpleNamespace(extend_seq_lens_cpu=lens)
-    ret = TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
-    assert ret is o
+    ragged = None
+    if kernel == "flashinfer":
+        ragged = RaggedPrefill.create(dev, RaggedParams(HQ, HKV, D, D, torch.bfloat16, D ** -0.5, cap, True))
+        if ragged is None:
+            pytest.skip("FlashInfer is not importable here")
+        ragged.plan(lens)
+    backend = types.SimpleNamespace(_causal=lambda layer: True, ragged_prefill=ragged,
+                                    bf16=types.SimpleNamespace(forward_metadata=md, extend_attention_fwd=extend_attention_fwd))
+    o = TurboQuantAttnBackend._plain_extend(backend, q, k, v, layer, types.SimpleNamespace(ragged=ragged is not None))
     ref, _ = reference.new_token_attention(q[:T].view(T, HQ, D), k[:T].view(T, HKV, D), v[:T].view(T, HKV, D), qo,
                                            D ** -0.5, cap)
     err = (o[:T].view(T, HQ, D).float() - ref).norm() / ref.norm()
     assert err < 1e-2, f"rel err {err:.3e}"
-    assert torch.all(o[T:] == 7.0), "padded rows were written"
+    assert o.shape == (T + pad, HQ * D)
 
 
 def test_head_rows_views_without_copy():
@@ -72,9 +70,10 @@ def test_head_rows_views_without_copy():
 
 
 def test_ragged_prefill_plans_once_per_batch():
-    """RaggedPrefill plans on host lengths (int32 indptr on the CPU: no device sync) once per distinct
-    batch and layer parameters, and runs on the batch's rows only (padding rows are not passed)."""
-    from sglang_tq.flashinfer_prefill import RaggedPrefill
+    """RaggedPrefill plans on host lengths (int32 indptr on the CPU: no device sync) with the model's fixed
+    attention parameters, again only when the lengths change (the backend plans once per batch in its
+    metadata), and runs on the batch's rows only (padding rows are not passed)."""
+    from sglang_tq.flashinfer_prefill import RaggedParams, RaggedPrefill
 
     calls = []
 
@@ -89,75 +88,60 @@ def test_ragged_prefill_plans_once_per_batch():
             calls.append(("run", q.shape[0]))
 
     rp = RaggedPrefill.__new__(RaggedPrefill)
-    rp.wrapper, rp._planned = FakeWrapper(), None
+    rp.wrapper, rp._lens, rp._tokens = FakeWrapper(), None, 0
+    rp.params = RaggedParams(HQ, HKV, D, D, torch.float32, 0.125, 30.0, True)
     qkv = torch.randn(12, (HQ + 2 * HKV) * D)
     q, k, v = (t.view(12, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
     out = torch.zeros(12, HQ, D)
-    for _layer in range(3):
-        rp.run(q, k, v, out, [3, 6], 0.125, 0.0, True)
-    assert calls == [("plan", [0, 3, 9], HQ, HKV, D, True, 0.0, 0.125)] + [("run", 9)] * 3
+    for _batch in range(2):
+        rp.plan([3, 6])
+        for _layer in range(3):
+            rp.run(q, k, v, out)
+    assert calls == [("plan", [0, 3, 9], HQ, HKV, D, True, 30.0, 0.125)] + [("run", 9)] * 6
     assert torch.all(out[:9] == 1.0) and torch.all(out[9:] == 0.0)
-    rp.run(q, k, v, out, [3, 6], 0.125, 30.0, True)  # another soft-cap: a new plan
-    rp.run(q, k, v, out, [12], 0.125, 30.0, True)  # another batch: a new plan
-    assert [c[0] for c in calls[4:]] == ["plan", "run", "plan", "run"] and calls[-2][1] == [0, 12]
-    assert RaggedPrefill.create("cpu") is None
+    rp.plan([12])  # another batch: a new plan
+    rp.run(q, k, v, out)
+    assert [c[0] for c in calls[7:]] == ["plan", "run"] and calls[-2][1] == [0, 12] and calls[-1] == ("run", 12)
+    assert RaggedPrefill.create("cpu", rp.params) is None
 
 
-def test_plain_extend_routes_to_flashinfer_only_when_it_can():
-    """The plain prefill goes to FlashInfer's ragged prefill with the batch's host lengths, except with a
-    custom mask or a Grok-style attention temperature (only SGLang's Triton kernel has those), or without
-    host lengths; then the Triton kernel runs."""
+def test_ragged_prefill_only_for_uniform_attention_layers():
+    """One FlashInfer plan per batch serves every layer, so the model's attention layers must share scale,
+    soft-cap and causality, and none may use a Grok-style temperature (only SGLang's Triton kernel has it);
+    else plain prefills stay on the Triton kernel."""
     pytest.importorskip("sglang")
     from sglang_tq.backend import TurboQuantAttnBackend
 
-    calls = []
+    backend = types.SimpleNamespace(_causal=lambda layer: True)
 
-    class Ragged:
-        def run(self, q3, k3, v3, out3, lens, scale, cap, causal, lse=None):
-            calls.append(("flashinfer", list(lens), q3.shape, k3.shape))
+    def layer(scaling=0.1, cap=0.0, xai=-1):
+        return types.SimpleNamespace(scaling=scaling, logit_capping_method="tanh", logit_cap=cap, xai_temperature_len=xai)
 
-    def triton(*a, **kw):
-        calls.append(("triton",))
+    def params(layers):
+        return TurboQuantAttnBackend.ragged_attention_params(backend, layers)
 
-    layer = types.SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, tp_v_head_num=HKV, qk_head_dim=D,
-                                  v_head_dim=D, scaling=0.1, logit_capping_method="tanh", logit_cap=0.0,
-                                  xai_temperature_len=-1)
-    qkv = torch.randn(10, (HQ + 2 * HKV) * D)
-    q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
-    o = torch.empty(10, HQ * D)
-    md = types.SimpleNamespace(qo_indptr=None, kv_indptr=None, kv_indices=None, custom_mask=None, mask_indptr=None,
-                               max_extend_len=6)
-    backend = types.SimpleNamespace(forward_metadata=md, _causal=lambda layer: True, ragged_prefill=Ragged(),
-                                    extend_attention_fwd=triton)
-    for name in ("_ragged_ok", "_ragged_lens", "_ragged_run"):
-        setattr(backend, name, types.MethodType(getattr(TurboQuantAttnBackend, name), backend))
-    fb = types.SimpleNamespace(extend_seq_lens_cpu=[4, 6])
-    assert TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb) is o
-    assert calls[-1] == ("flashinfer", [4, 6], (10, HQ, D), (10, HKV, D))
-    md.custom_mask = torch.ones(3, dtype=torch.bool)
-    TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
-    md.custom_mask = None
-    layer.xai_temperature_len = 1024
-    TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, fb)
-    layer.xai_temperature_len = -1
-    TurboQuantAttnBackend._plain_extend(backend, q, k, v, o, layer, types.SimpleNamespace())
-    assert [c[0] for c in calls] == ["flashinfer", "triton", "triton", "triton"]
+    assert params([layer(), layer()]) == (0.1, 0.0, True)
+    assert params([layer(cap=30.0)] * 2) == (0.1, 30.0, True)
+    assert params([layer(), layer(scaling=0.2)]) is None
+    assert params([layer(), layer(cap=30.0)]) is None
+    assert params([layer(), layer(xai=1024)]) is None
+    assert params([]) is None
 
 
 @needs_cuda
 @pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "softcap"])
 def test_flashinfer_lse_feeds_the_hybrid_extend(cap):
-    """The hybrid extend (SGLANG_TQ_HYBRID_EXTEND) on a GPU: FlashInfer's ragged prefill gives the new
+    """The hybrid extend on a GPU: FlashInfer's ragged prefill gives the new
     tokens' part and its lse, which must be log2 units as reference.new_token_attention's (the convention
     read from FlashInfer's source); extend_attention(new_part=) then merges it with the packed prefix to
     the reference's extend output."""
-    from sglang_tq.flashinfer_prefill import RaggedPrefill
+    from sglang_tq.flashinfer_prefill import RaggedParams, RaggedPrefill
     from tq_kernels.codec import VecFormat
     from tq_kernels.extend import extend_attention
     from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
 
     dev = torch.device("cuda")
-    ragged = RaggedPrefill.create(dev)
+    ragged = RaggedPrefill.create(dev, RaggedParams(HQ, HKV, D, D, torch.bfloat16, D ** -0.5, cap, True))
     if ragged is None:
         pytest.skip("FlashInfer is not importable here")
     fmt = VecFormat(D, 4)
@@ -175,7 +159,8 @@ def test_flashinfer_lse_feeds_the_hybrid_extend(cap):
     sm = D ** -0.5
     o_new = torch.empty(T, HQ, D, device=dev, dtype=torch.bfloat16)
     lse = torch.empty(T, HQ, device=dev, dtype=torch.float32)
-    ragged.run(q.to(dev), kn.to(dev), vn.to(dev), o_new, new, sm, cap, True, lse=lse)
+    ragged.plan(new)
+    ragged.run(q.to(dev), kn.to(dev), vn.to(dev), o_new, lse=lse)
     o_ref, lse_ref = reference.new_token_attention(q, kn, vn, qo, sm, cap, True)
     assert rel_err(o_new.cpu().float(), o_ref) < 1e-2
     assert (lse.cpu() - lse_ref).abs().max() < 2e-2, "FlashInfer's lse is not in log2 units of the scores"

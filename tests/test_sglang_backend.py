@@ -17,11 +17,12 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args, write_tq_config  # noqa: E402
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args,  # noqa: E402
+                          tq_backend, write_tq_config)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
-from sglang_tq.backend import TurboQuantAttnBackend  # noqa: E402
+from sglang_tq.kernel_calls import KernelCalls  # noqa: E402
 from sglang_tq.pool import TQLayerBuffer, TQTokenToKVPool  # noqa: E402
 
 HQ, HKV, D = 9, 3, 64
@@ -68,7 +69,7 @@ def setup(tmp_path_factory, request):
         mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
         runner = FakeRunner(mc)
         pool = runner.build_pools(512, max_running_requests=8)
-        backend = TurboQuantAttnBackend(runner)
+        backend = tq_backend(runner)
         ref_runner = FakeRunner(mc, server_args(attention_backend="torch_native"))
         ref_pool = ref_runner.build_pools(512, max_running_requests=8)
         ref_runner.req_to_token_pool = runner.req_to_token_pool  # same slot mapping for both
@@ -258,7 +259,7 @@ def test_pool_round_trip_and_slot_zero(setup):
 
 
 def test_prefill_from_cache_flag(setup):
-    """SGLANG_TQ_PREFILL_FROM_CACHE=1: extend attends to the new tokens' K/V as stored (dequantized)."""
+    """evaluation.prefill_from_cache: extend attends to the new tokens' K/V as stored (dequantized)."""
     s = setup
     runner, ref_runner, pool, backend = s["runner"], s["ref_runner"], s["pool"], s["backend"]
     r2t = runner.req_to_token_pool.req_to_token
@@ -288,36 +289,69 @@ def test_prefill_from_cache_flag(setup):
         backend.prefill_from_cache = False
 
 
-def test_batch_invariant_split_count(setup, monkeypatch):
-    """SGLANG_TQ_BATCH_INVARIANT=1: every decode batch size gets batch size 1's split count (a sequence's
-    split-K partition then depends on its length only); otherwise the count falls as batches grow."""
-    backend = setup["backend"]
-    from tq_kernels.decode import choose_num_splits
+def test_prefill_from_cache_comes_from_the_config(tmp_path, caplog):
+    """evaluation.prefill_from_cache in the YAML turns the evaluation mode on; the server announces it in
+    its log at warning level, once per process."""
+    import sglang_tq.backend as backend_mod
 
-    monkeypatch.setattr(backend, "on_cuda", True)  # the split count is a GPU-path choice
-    monkeypatch.setattr(backend, "ops", type("Ops", (), {"choose_num_splits": staticmethod(choose_num_splits)}))
+    mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
+    for text, expect in ((CFG, False), (CFG + "evaluation: {prefill_from_cache: true}\n", True)):
+        path = write_tq_config(tmp_path, text)
+        with env(SGLANG_TQ_CONFIG=path):
+            r = FakeRunner(mc)
+            r.build_pools(64, max_running_requests=2)
+            backend_mod._announced_prefill_from_cache = False
+            with caplog.at_level("WARNING", logger="sglang_tq"):
+                assert tq_backend(r).prefill_from_cache is expect
+                tq_backend(r)
+    warnings = [rec for rec in caplog.records if "prefill_from_cache" in rec.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_batch_invariant_split_count(setup, monkeypatch):
+    """--enable-deterministic-inference: every decode batch size gets batch size 1's split count and warp
+    choice (a sequence's split-K partition then depends on its length only); otherwise the count falls as
+    batches grow. Decided once per batch size, in the metadata."""
+    backend = setup["backend"]
+    monkeypatch.setattr(backend, "ops", KernelCalls("cpu", triton=True))  # the split count is a Triton choice
     monkeypatch.setattr(backend, "num_sms", 132)
     monkeypatch.setattr(backend, "max_context_len", 16960)
     for invariant in (False, True):
         monkeypatch.setattr(backend, "batch_invariant", invariant)
-        monkeypatch.setattr(backend, "_splits", {})
-        counts = {bs: backend.num_splits(bs) for bs in (1, 64, 512)}
+        monkeypatch.setattr(backend, "_launches", {})
+        launches = {bs: backend.decode_launch(bs) for bs in (1, 64, 512)}
+        counts = {bs: la.num_splits for bs, la in launches.items()}
         if invariant:
             assert counts[1] == counts[64] == counts[512] > 1
+            assert {la.warps_for_batch for la in launches.values()} == {1}
         else:
             assert counts[1] > counts[64] > counts[512]
+            assert [launches[bs].warps_for_batch for bs in (1, 64, 512)] == [1, 64, 512]
+        assert backend.decode_launch(64) is launches[64]
 
 
 def test_deterministic_inference_turns_on_batch_invariance(tmp_path):
     """--enable-deterministic-inference (SGLang's batch-invariant GEMMs and norms) also makes our
-    decode split-K batch-invariant, as SGLANG_TQ_BATCH_INVARIANT=1 does."""
+    decode split-K and extend blocks batch-invariant."""
     path = write_tq_config(tmp_path, CFG)
     mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
     for flag in (False, True):
-        with env(SGLANG_TQ_CONFIG=path, SGLANG_TQ_BATCH_INVARIANT=None):
+        with env(SGLANG_TQ_CONFIG=path):
             r = FakeRunner(mc, server_args(enable_deterministic_inference=flag))
             r.build_pools(64, max_running_requests=2)
-            assert TurboQuantAttnBackend(r).batch_invariant is flag
+            b = tq_backend(r)
+            assert b.batch_invariant is flag
+            assert b.extend_fixed == ({"block_m": 64, "gqa_pack": False, "num_splits": 1} if flag else {})
+
+
+def _fresh_prefill(s, new):
+    """Requests 4 and 7 start prompts of `new` tokens (no cached prefix): their extend batch and slots."""
+    runner = s["runner"]
+    r2t = runner.req_to_token_pool.req_to_token
+    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
+    r2t[4, :new[0]] = slots[:new[0]].to(r2t.dtype)
+    r2t[7, :new[1]] = slots[new[0]:].to(r2t.dtype)
+    return extend_batch(runner, [4, 7], [0, 0], new, slots, s["backend"]), slots
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -328,22 +362,49 @@ def test_extend_without_cached_prefix_takes_the_plain_kernel(setup):
     the interpreter), which must match the reference; a batch with a prefix must not take that path."""
     s = setup
     runner, ref_runner, backend = s["runner"], s["ref_runner"], s["backend"]
-    r2t = runner.req_to_token_pool.req_to_token
     new = [7, 12]
-    slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
-    r2t[4, :7] = slots[:7].to(r2t.dtype)
-    r2t[7, :12] = slots[7:].to(r2t.dtype)
-    fb = extend_batch(runner, [4, 7], [0, 0], new, slots, backend)
+    fb, slots = _fresh_prefill(s, new)
     fb_ref = extend_batch(ref_runner, [4, 7], [0, 0], new, slots, s["ref"])
-    assert backend._no_cached_prefix(fb)
-    assert not backend._no_cached_prefix(extend_batch(runner, [4, 7], [3, 0], new, slots, backend))
+    backend.init_forward_metadata(extend_batch(runner, [4, 7], [3, 0], new, slots, backend))
+    assert not backend.forward_metadata.no_prefix and not backend.forward_metadata.plain
     backend.init_forward_metadata(fb)
+    md = backend.forward_metadata
+    assert md.no_prefix and not md.ragged
+    assert not md.plain  # the reference's one extend serves it on the CPU; Triton takes the plain path
     s["ref"].init_forward_metadata(fb_ref)
     for layer in s["layers"][1:]:  # the quantized layers
         q, k, v = _qkv(s["gen"], sum(new))
-        o = backend._plain_extend(q, k, v, q.new_empty(sum(new), HQ * D), layer)
+        o = backend._plain_extend(q, k, v, layer, md)
         o_ref = layer(q, k, v, fb_ref)
         torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels run on a GPU or under TRITON_INTERPRET=1")
+def test_plain_prefill_route_with_triton(setup, monkeypatch):
+    """With the Triton kernels (as on a GPU) a batch without cached prefixes takes the plain route: its
+    quantized layers store the new K/V packed (the same codes as the reference compress) and attend over
+    the fresh bf16 K/V through SGLang's Triton extend kernel, matching the reference path's output."""
+    s = setup
+    pool, backend = s["pool"], s["backend"]
+    new = [6, 3]
+    fb, slots = _fresh_prefill(s, new)
+    layers = s["layers"][1:]  # the quantized layers
+    qkv = [_qkv(s["gen"], sum(new)) for _ in layers]
+    outs, codes = {}, {}
+    for route in ("reference", "triton"):
+        if route == "triton":
+            triton = KernelCalls("cpu", triton=True)
+            monkeypatch.setattr(backend, "ops", triton)
+            monkeypatch.setattr(pool, "ops", triton)
+            monkeypatch.setattr(backend, "plain_prefill", True)
+        backend.init_forward_metadata(fb)
+        assert backend.forward_metadata.plain is (route == "triton")
+        outs[route] = [layer(q, k, v, fb).float() for layer, (q, k, v) in zip(layers, qkv)]
+        codes[route] = [pool.get_key_buffer(layer.layer_id).codes[slots].clone() for layer in layers]
+    for layer, a, b, ca, cb in zip(layers, outs["reference"], outs["triton"], codes["reference"], codes["triton"]):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"layer {layer.layer_id}: {m}")
+        assert (ca != cb).float().mean().item() < 0.01  # the same codes up to rounding ties
 
 
 def test_model_logit_caps():
@@ -356,39 +417,46 @@ def test_model_logit_caps():
     assert _model_logit_caps(capped) == (0.0, 30.0)
 
 
+class RecordingCalls(KernelCalls):
+    """The Triton kernels (interpreter) with every extend's variant recorded."""
+
+    def __init__(self, run=True):
+        super().__init__("cpu", triton=True)
+        self.calls, self.run = [], run
+
+    def extend(self, q, k, v, kb, vb, qo, kvp, kvi, scale, **kw):
+        self.calls.append(dict(kw, fmts=(kb.codec.fmt, vb.codec.fmt), index_dtypes=(qo.dtype, kvp.dtype)))
+        if self.run:
+            out = super().extend(q, k, v, kb, vb, qo, kvp, kvi, scale, **kw)
+            assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
+            return out
+        return None
+
+
+def _variant(kw):
+    return (*kw["fmts"], kw["block_m"], kw["logit_cap"], kw["gqa_pack"], kw.get("num_splits") or 1)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
-def test_warm_extend_kernels_runs_each_variant_once(setup):
+def test_warm_extend_kernels_runs_each_variant_once(setup, monkeypatch):
     """The start-up warm-up (run on CUDA in __init__) calls the Triton extend kernel once per distinct
     (K format, V format) of the quantized layers, per block size and with and without GQA packing (a
     group of 3 here) and per prefix split count (1, and 2 where the kernel splits by itself), over
-    slot 0, with the parent's own indptr buffers (the dtypes serving passes). It compresses a
+    slot 0, with the stock backend's own indptr buffers (the dtypes serving passes). It compresses a
     prefill-sized batch into slot 0 (SGLang's padding slot) and leaves every other cache row as it was."""
-    from tq_kernels import ops
-
     s = setup
     backend, pool = s["backend"], s["pool"]
     before = [t.clone() for t in pool._all_tensors("k") + pool._all_tensors("v")]
-    calls = []
-
-    def recording(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw):
-        out = ops.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
-        assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
-        assert qo.dtype == backend.qo_indptr.dtype and kvp.dtype == backend.kv_indptr.dtype
-        calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"], kw["gqa_pack"],
-                      kw.get("num_splits", 1)))
-        return out
-
-    splits = (1, 2) if getattr(backend.ops, "extend_auto_splits", lambda: False)() else (1,)
+    ops = RecordingCalls()
+    monkeypatch.setattr(backend, "ops", ops)
+    splits = (1, 2) if ops.extend_splits_prefix() else (1,)
     n = 12 * len(splits)
-    saved = backend._extend
-    backend._extend = recording
-    try:
-        runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
-        assert runs == len(calls) == n
-        runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
-    finally:
-        backend._extend = saved
+    runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
+    assert runs == len(ops.calls) == n
+    assert {kw["index_dtypes"] for kw in ops.calls} == {(backend.bf16.qo_indptr.dtype, backend.bf16.kv_indptr.dtype)}
+    runs = backend.warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
+    calls = [_variant(kw) for kw in ops.calls]
     pairs = {(pool.codecs(lid)[0].fmt, pool.codecs(lid)[1].fmt) for lid in range(NUM_LAYERS) if pool.is_quantized(lid)}
     assert len(pairs) == 3  # layers 1, 2, 3 of CFG: three different K/V format pairs
     assert set(calls[:n]) == {(kf, vf, bm, 0.0, p, ns) for kf, vf in pairs for bm in (32, 64)
@@ -399,6 +467,23 @@ def test_warm_extend_kernels_runs_each_variant_once(setup):
     for a, b in zip(before, pool._all_tensors("k") + pool._all_tensors("v")):
         assert torch.equal(a[1:], b[1:])  # rows past slot 0
     assert any(changed)  # the compress warm-up wrote slot 0
+
+
+def test_warm_extend_variants_follow_the_serving_choices(setup, monkeypatch):
+    """With FlashInfer's prefill the warm-up also compiles the prefix-only (hybrid) variant; a
+    batch-invariant server compiles only its fixed variant (block 64, no packing, one split)."""
+    backend = setup["backend"]
+    ops = RecordingCalls(run=False)
+    monkeypatch.setattr(backend, "ops", ops)
+    monkeypatch.setattr(backend, "ragged_prefill", object())
+    backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
+    assert sum("new_part" in kw for kw in ops.calls) == 2 * 3  # block sizes x K/V format pairs
+    ops.calls.clear()
+    monkeypatch.setattr(backend, "ragged_prefill", None)
+    monkeypatch.setattr(backend, "batch_invariant", True)
+    monkeypatch.setattr(backend, "extend_fixed", dict(block_m=64, gqa_pack=False, num_splits=1))
+    backend.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64), logit_caps=(0.0, 30.0))
+    assert len(ops.calls) == 2 * 3 and {(kw["block_m"], kw["gqa_pack"], kw["num_splits"]) for kw in ops.calls} == {(64, False, 1)}
 
 
 @pytest.mark.parametrize("from_cache", [False, True], ids=["fresh", "from-cache"])
@@ -436,53 +521,45 @@ def test_padded_extend_equals_unpadded(setup, from_cache):
         backend.prefill_from_cache = False
 
 
-def test_env_switches_reach_the_kernels(setup):
-    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS / SGLANG_TQ_V_PAIRS (read when the backend is built;
-    unset: the kernels' own defaults) become decode's rotate_q / v_pairs and extend's auto_splits, and the
-    start-up warm-up compiles the split variant when splits are on. Batch-invariant runs never split."""
-    s = setup
-    runner = s["runner"]
-    with env(SGLANG_TQ_ROTATE_Q="1", SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_V_PAIRS="0"):
-        b = TurboQuantAttnBackend(runner)
-    assert b.rotate_q is True and b.extend_splits is True and b.v_pairs is False
-    calls = []
-    b._extend = lambda *a, **kw: calls.append(kw)
-    b.warm_extend_kernels(torch.bfloat16, block_ms=(32,))
-    assert {kw.get("num_splits", 1) for kw in calls} == {1, 2}
-    with env(SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_BATCH_INVARIANT="1"):
-        assert TurboQuantAttnBackend(runner).extend_splits is None
-    plain = TurboQuantAttnBackend(runner)
-    assert plain.rotate_q is None and plain.extend_splits is None and plain.v_pairs is None
-    hb = TurboQuantAttnBackend(runner)  # on by default, but it needs FlashInfer's prefill: never on the CPU
-    assert hb.ragged_prefill is None and not hb.hybrid_extend
-    hb.hybrid_extend, calls = True, []  # as on a GPU: the warm-up also compiles the prefix-only variant
-    hb._extend = lambda *a, **kw: calls.append(kw)
-    hb.warm_extend_kernels(torch.bfloat16, block_ms=(32, 64))
-    assert sum("new_part" in kw for kw in calls) == 2 * 3  # block sizes x K/V format pairs
+def test_only_the_config_and_autoload_variables_are_read():
+    """User-facing behaviour comes from the YAML config: the adapter reads no environment variable but
+    SGLANG_TQ_CONFIG (the config, carried to spawned processes) and SGLANG_TQ_AUTOLOAD (opt-out)."""
+    import re
+
+    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sglang_tq")
+    found = set()
+    for name in os.listdir(pkg):
+        if name.endswith(".py"):
+            with open(os.path.join(pkg, name)) as f:
+                found |= set(re.findall(r"SGLANG_TQ_[A-Z_]+", f.read()))
+    assert found == {"SGLANG_TQ_CONFIG", "SGLANG_TQ_AUTOLOAD"}
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton extend kernel runs on a GPU or under TRITON_INTERPRET=1")
 def test_hybrid_extend_matches_single_kernel(setup, monkeypatch):
-    """SGLANG_TQ_HYBRID_EXTEND: the new tokens' attention from the plain-prefill kernel (a torch stand-in
-    for FlashInfer here: called with the batch's lengths, keys centered like the cache's, an lse buffer)
-    plus the prefix-only TurboQuant kernel gives the one-kernel extend's output (a radix-hit sequence
-    and a fresh one, with and without key centering)."""
+    """The hybrid extend: the new tokens' attention from the plain-prefill kernel (a torch stand-in for
+    FlashInfer here: planned with the batch's lengths in the metadata, keys centered like the cache's, an
+    lse buffer) plus the prefix-only TurboQuant kernel gives the one-kernel extend's output (a radix-hit
+    sequence and a fresh one, with and without key centering)."""
     import sglang_tq.backend as backend_mod
-    from tq_kernels import ops, reference
+    from tq_kernels import reference
 
     s = setup
     runner, pool, backend = s["runner"], s["pool"], s["backend"]
     calls = []
 
     class TorchRagged:
-        def run(self, q3, k3, v3, out3, lens, sm_scale, cap, causal, lse=None):
-            n = sum(lens)
-            qo = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-            o, l2 = reference.new_token_attention(q3[:n], k3[:n], v3[:n], qo, sm_scale, cap, causal)
+        def plan(self, lens):
+            self.lens = list(lens)
+
+        def run(self, q3, k3, v3, out3, lse=None):
+            n = sum(self.lens)
+            qo = torch.tensor([0, *torch.tensor(self.lens).cumsum(0).tolist()])
+            o, l2 = reference.new_token_attention(q3[:n], k3[:n], v3[:n], qo, D ** -0.5, 0.0, True)
             out3[:n] = o.to(out3.dtype)
             lse[:n] = l2
-            calls.append((list(lens), k3[:n].float().clone()))
+            calls.append((list(self.lens), k3[:n].float().clone()))
 
     r2t = runner.req_to_token_pool.req_to_token
     prefix = runner.token_to_kv_pool_allocator.alloc(6)
@@ -495,49 +572,152 @@ def test_hybrid_extend_matches_single_kernel(setup, monkeypatch):
     r2t[7, 6:11] = slots[:5].to(r2t.dtype)
     r2t[4, :4] = slots[5:].to(r2t.dtype)
     monkeypatch.setattr(backend_mod, "HYBRID_MIN_NEW", 2)
-    saved = backend._extend, backend.ragged_prefill, backend.hybrid_extend
-    backend._extend, backend.ragged_prefill = ops.extend_attention, TorchRagged()
-    try:
-        for layer in s["layers"][1:]:  # the quantized layers
-            q, k, v = _qkv(s["gen"], sum(new))
-            outs = []
-            for hybrid in (False, True):
-                backend.hybrid_extend = hybrid
-                fb = extend_batch(runner, [7, 4], [6, 0], new, slots, backend)
-                backend.init_forward_metadata(fb)
-                outs.append(layer(q, k, v, fb).float())
-            assert calls and calls[-1][0] == new
-            mu = pool.key_mean(layer.layer_id)
-            k_sent = k.view(-1, HKV, D).float() - (mu if mu is not None else 0.0)
-            assert ((calls[-1][1] - k_sent).norm() / k_sent.norm()).item() < 1e-2  # centered (bf16 rounding)
-            err = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
-            assert err < 2e-2, f"layer {layer.layer_id}: {err:.3e}"
-    finally:
-        backend._extend, backend.ragged_prefill, backend.hybrid_extend = saved
+    monkeypatch.setattr(backend, "ops", KernelCalls("cpu", triton=True))
+    for layer in s["layers"][1:]:  # the quantized layers
+        q, k, v = _qkv(s["gen"], sum(new))
+        outs = []
+        for ragged in (None, TorchRagged()):
+            monkeypatch.setattr(backend, "ragged_prefill", ragged)
+            fb = extend_batch(runner, [7, 4], [6, 0], new, slots, backend)
+            backend.init_forward_metadata(fb)
+            assert backend.forward_metadata.hybrid is (ragged is not None)
+            outs.append(layer(q, k, v, fb).float())
+        assert calls and calls[-1][0] == new
+        mu = pool.key_mean(layer.layer_id)
+        k_sent = k.view(-1, HKV, D).float() - (mu if mu is not None else 0.0)
+        assert ((calls[-1][1] - k_sent).norm() / k_sent.norm()).item() < 1e-2  # centered (bf16 rounding)
+        err = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
+        assert err < 2e-2, f"layer {layer.layer_id}: {err:.3e}"
 
 
-def test_plain_prefill_falls_back_when_flashinfer_fails(setup):
-    """The start-up run of FlashInfer's prefill (with an lse, per soft-cap) switches plain prefills and the
+def test_extend_routing_in_the_metadata(setup, monkeypatch):
+    """init_forward_metadata decides the extend's route once per batch: FlashInfer's prefill is planned
+    (with the host-side lengths) for a batch without cached prefixes or a hybrid one, never with a custom
+    mask; the hybrid extend needs HYBRID_MIN_NEW new tokens in one sequence and no evaluation mode."""
+    import sglang_tq.backend as backend_mod
+
+    s = setup
+    runner, backend = s["runner"], s["backend"]
+    planned = []
+
+    class Ragged:
+        def plan(self, lens):
+            planned.append(list(lens))
+
+    slots = runner.token_to_kv_pool_allocator.alloc(9)
+    monkeypatch.setattr(backend, "ragged_prefill", Ragged())
+    monkeypatch.setattr(backend_mod, "HYBRID_MIN_NEW", 5)
+
+    def md(prefix, new=(5, 4)):
+        backend.init_forward_metadata(extend_batch(runner, [4, 7], list(prefix), list(new), slots, backend))
+        return backend.forward_metadata
+
+    m = md([0, 0])
+    assert m.no_prefix and m.ragged and not m.hybrid and m.max_prefix_len == 0 and planned[-1] == [5, 4]
+    m = md([3, 0])
+    assert m.hybrid and m.ragged and m.max_prefix_len == 3 and not m.no_prefix
+    m = md([3, 0], new=(4, 4))
+    assert not m.hybrid and not m.ragged
+    monkeypatch.setattr(backend, "prefill_from_cache", True)
+    assert not md([3, 0]).hybrid
+    monkeypatch.setattr(backend, "prefill_from_cache", False)
+    n = len(planned)
+    monkeypatch.setattr(TorchMetadataWithMask, "mask", torch.ones(3, dtype=torch.bool))
+    monkeypatch.setattr(backend.bf16, "init_forward_metadata",
+                        TorchMetadataWithMask(backend.bf16.init_forward_metadata, backend.bf16))
+    m = md([0, 0])
+    assert m.no_prefix and not m.ragged and len(planned) == n
+
+
+class TorchMetadataWithMask:
+    """The stock metadata with a custom mask set (as SGLang sets one for some multimodal batches)."""
+
+    mask = None
+
+    def __init__(self, init, owner):
+        self.init, self.owner = init, owner
+
+    def __call__(self, fb):
+        self.init(fb)
+        self.owner.forward_metadata.custom_mask = self.mask
+
+
+def test_plain_prefill_falls_back_when_flashinfer_fails(setup, monkeypatch):
+    """The start-up run of FlashInfer's prefill (planned, with an lse) switches plain prefills and the
     hybrid extend back to SGLang's Triton path when FlashInfer cannot serve the model."""
     backend = setup["backend"]
     seen = []
 
     class Ok:
-        def run(self, q3, k3, v3, out3, lens, sm_scale, cap, causal, lse=None):
-            assert lse is not None and lens == [2] and causal
-            seen.append(cap)
+        def plan(self, lens):
+            seen.append(list(lens))
+
+        def run(self, q3, k3, v3, out3, lse=None):
+            assert lse is not None and seen == [[2]]
 
     class Broken:
+        def plan(self, lens):
+            pass
+
         def run(self, *a, **kw):
             raise RuntimeError("no kernel for this head size")
 
-    saved = backend.ragged_prefill, backend.hybrid_extend
-    try:
-        backend.ragged_prefill, backend.hybrid_extend = Ok(), True
-        assert backend.warm_plain_prefill(torch.bfloat16, logit_caps=(0.0, 30.0)) and seen == [0.0, 30.0]
-        assert backend.ragged_prefill is not None and backend.hybrid_extend
-        backend.ragged_prefill = Broken()
-        assert not backend.warm_plain_prefill(torch.bfloat16)
-        assert backend.ragged_prefill is None and not backend.hybrid_extend
-    finally:
-        backend.ragged_prefill, backend.hybrid_extend = saved
+    monkeypatch.setattr(backend, "ragged_prefill", Ok())
+    assert backend.warm_plain_prefill(torch.bfloat16) and backend.ragged_prefill is not None
+    monkeypatch.setattr(backend, "ragged_prefill", Broken())
+    assert not backend.warm_plain_prefill(torch.bfloat16)
+    assert backend.ragged_prefill is None
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels run on a GPU or under TRITON_INTERPRET=1")
+def test_decode_through_the_triton_kernels_eager_and_graph(setup, monkeypatch):
+    """The GPU decode path, with the Triton kernels in the interpreter: the compress launch rotates the
+    queries (into the workspace under CUDA graphs), decode takes the metadata's split count and warp
+    choice, eagerly and from the graph hooks' metadata; outputs match the reference path's."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    s = setup
+    runner, pool, backend = s["runner"], s["pool"], s["backend"]
+    for name in ("decode_workspace", "_workspace_bs", "_graph_md", "_graph_window", "_launches", "forward_metadata"):
+        monkeypatch.setattr(backend, name, getattr(backend, name))
+    monkeypatch.setattr(backend, "_graph_md", {})
+    gen = torch.Generator().manual_seed(5)
+    n = 10
+    slots = runner.token_to_kv_pool_allocator.alloc(n + 1)
+    r2t = runner.req_to_token_pool.req_to_token
+    r2t[6, :n + 1] = slots.to(r2t.dtype)
+    layers = s["layers"][1:]  # the quantized layers
+    for layer in layers:
+        pool.set_kv_buffer(layer, slots[:n], torch.randn(n, HKV, D, generator=gen).to(torch.bfloat16),
+                           torch.randn(n, HKV, D, generator=gen).to(torch.bfloat16))
+    qkv = [_qkv(gen, 1) for _ in layers]
+    fb = decode_batch(runner, [6], [n + 1], slots[n:], backend)
+
+    def run():
+        return [layer(q, k, v, fb).float() for layer, (q, k, v) in zip(layers, qkv)]
+
+    backend.init_forward_metadata(fb)
+    ref = run()
+    triton = KernelCalls("cpu", triton=True)
+    monkeypatch.setattr(backend, "ops", triton)
+    monkeypatch.setattr(pool, "ops", triton)
+    monkeypatch.setattr(backend, "_launches", {})
+    monkeypatch.setattr(backend, "num_sms", 4)
+    backend.init_forward_metadata(fb)
+    md = backend.forward_metadata
+    assert md.launch == backend.decode_launch(1) and md.launch.num_splits >= 1 and md.workspace is None
+    eager = run()
+    backend.init_cuda_graph_state(2, 2)
+    assert backend.decode_workspace is not None and backend._workspace_bs == 2
+    req, lens = torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64)
+    backend.init_forward_metadata_capture_cuda_graph(1, 1, req[:1], lens[:1], None, ForwardMode.DECODE, None)
+    req[0], lens[0] = 6, n + 1
+    backend.init_forward_metadata_replay_cuda_graph(1, req[:1], lens[:1], n + 1, None, ForwardMode.DECODE, None,
+                                                    lens[:1].clone())
+    md = backend.forward_metadata
+    assert md.workspace is backend.decode_workspace and md.launch == backend.decode_launch(1)
+    graph = run()
+    for layer, a, b, c in zip(layers, ref, eager, graph):
+        for name, o in (("eager", b), ("graph", c)):
+            torch.testing.assert_close(o, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name} layer {layer.layer_id}: {m}")

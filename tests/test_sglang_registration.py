@@ -167,7 +167,7 @@ def test_autoload_pth_hook(tmp_path):
             from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
             from sglang.srt.model_executor.model_runner_kv_cache_mixin import ModelRunnerKVCacheMixin as M
             print("PATCHED", "turboquant" in ATTENTION_BACKEND_CHOICES, "turboquant" in ATTENTION_BACKENDS,
-                  getattr(M, "_sglang_tq_installed", False))
+                  set(["_init_pools", "get_cell_size_per_token"]) <= M.__dict__.get("_sglang_tq_wrapped", set()))
     """)
     envv = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     envv.pop("SGLANG_TQ_AUTOLOAD", None)

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, write_tq_config  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
-from sglang_tq.backend import TurboQuantAttnBackend  # noqa: E402
+from sglang_fakes import tq_backend  # noqa: E402
 
 HQ, HKV, D, NUM_LAYERS, W = 4, 2, 64, 3, 4
 CFG = """
@@ -32,7 +32,7 @@ def s(tmp_path):
     with env(SGLANG_TQ_CONFIG=path):
         runner = FakeRunner(FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=64))
         pool = runner.build_pools(256, max_running_requests=8)
-        backend = TurboQuantAttnBackend(runner)
+        backend = tq_backend(runner)
     layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(NUM_LAYERS)]
     return dict(runner=runner, pool=pool, backend=backend, layers=layers, gen=torch.Generator().manual_seed(0),
                 exact={}, lens={}, start={})
@@ -50,8 +50,8 @@ def _extend(s, reqs, prefix, new, pad=0):
     slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
     r2t = runner.req_to_token_pool.req_to_token
     fb = extend_batch(runner, reqs, prefix, new, slots, s["backend"])
+    s["backend"].init_forward_metadata(fb)  # SGLang builds the metadata from the unpadded batch
     fb.out_cache_loc = torch.cat([slots, slots.new_zeros(pad)])
-    s["backend"].init_forward_metadata(fb)
     off = 0
     for r, p, n in zip(reqs, prefix, new):
         r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
@@ -115,9 +115,9 @@ def test_decode_reads_the_window_exactly(s, pad):
     _extend(s, [0], [0], [10], pad)                    # a prompt: positions 6..9 go to the ring
     r2t[1, :8] = r2t[0, :8]                            # req 1: radix hit on req 0's first 8 tokens
     _extend(s, [1, 2], [8, 0], [2, 5], pad)            # req 2: beyond the ring's 2 requests
-    if pad:
-        assert s["backend"]._window_md["rows"].shape == (7 + pad,)
-        assert (s["backend"]._window_md["rows"][7:] == -1).all()
+    md = s["backend"].forward_metadata
+    assert md.window_rows.shape == (7,) and md.ring_rows(7 + pad).shape == (7 + pad,)
+    assert (md.ring_rows(7 + pad)[7:] == -1).all() and torch.equal(md.ring_rows(7 + pad)[:7], md.window_rows)
     assert s["pool"].window_start[:2].tolist() == [0, 8]  # row 2 took req 2's write (no mask, no sync)
     assert s["pool"].window_start.shape == (3,)
     for _ in range(6):                                 # ring rows wrap around; req 1's window grows from 8
@@ -149,3 +149,43 @@ def test_lowest_free_request_index_first(s):
     new = [SimpleNamespace(req_pool_idx=None, is_chunked=0, kv_committed_len=0)]
     assert rtp.alloc(new) == [0]  # stock SGLang would hand out 4
     assert rtp.free_slots[:3] == [1, 4, 5]
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="SGLang's Triton metadata kernels run on a GPU or under TRITON_INTERPRET=1")
+def test_cuda_graph_hooks_match_eager_metadata(s):
+    """The CUDA-graph hooks build the decode metadata into static buffers: a replay gives the eager
+    metadata's indices, ring rows and bounds for the real rows, and a padding row (seq_len 1, a stale
+    request index, as SGLang's graph runner pads) writes no ring row."""
+    backend, runner = s["backend"], s["runner"]
+    _extend(s, [0, 1], [0, 0], [6, 3])
+    slots = runner.token_to_kv_pool_allocator.alloc(2)
+    r2t = runner.req_to_token_pool.req_to_token
+    for r, slot in zip([0, 1], slots.tolist()):
+        r2t[r, s["lens"][r]] = slot
+    seq = [s["lens"][0] + 1, s["lens"][1] + 1]
+    fb = decode_batch(runner, [0, 1], seq, slots, backend)
+    backend.init_forward_metadata(fb)
+    eager = backend.forward_metadata
+    backend.init_cuda_graph_state(4, 4)
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    fill = backend.get_cuda_graph_seq_len_fill_value()
+    assert fill == 1
+    req = torch.zeros(4, dtype=torch.int64)
+    lens = torch.full((4,), fill, dtype=torch.int64)
+    backend.init_forward_metadata_capture_cuda_graph(3, 3, req[:3], lens[:3], None, ForwardMode.DECODE, None)
+    captured = backend.forward_metadata
+    assert (captured.window_rows == -1).all()  # capture runs write no ring row
+    req[:2], req[2] = torch.tensor([0, 1]), 1  # row 2: padding with a stale (running) request index
+    lens[:2] = torch.tensor(seq)
+    backend.init_forward_metadata_replay_cuda_graph(3, req[:3], lens[:3], sum(seq) + fill, None, ForwardMode.DECODE,
+                                                    None, lens[:3].clone())
+    md = backend.forward_metadata
+    assert md is captured and md.launch == backend.decode_launch(3)
+    assert md.window_rows.data_ptr() == captured.window_rows.data_ptr()  # the buffers the graph reads
+    assert md.window_rows[:2].tolist() == eager.window_rows.tolist() and md.window_rows[2].item() == -1
+    assert md.window_lo[:2].tolist() == eager.window_lo.tolist()
+    assert md.window_base[:2].tolist() == eager.window_base.tolist()
+    assert md.kv_indptr[:3].tolist() == eager.kv_indptr.tolist()
+    assert torch.equal(md.kv_indices[:sum(seq)], eager.kv_indices)

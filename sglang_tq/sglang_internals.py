@@ -1,0 +1,121 @@
+"""Every place TurboQuant relies on SGLang 0.5.10.post1 internals rather than its public extension points.
+
+Each function here names the internal it uses and why; tests/test_sglang_internals.py checks each one
+against the real SGLang class on the CPU, so an SGLang upgrade that changes one fails a test instead of
+silently serving a wrong cache:
+
+* `wrap_method`: the three method wraps of registration.py (ServerArgs.__post_init__,
+  ModelRunnerKVCacheMixin.get_cell_size_per_token and _init_pools), idempotent.
+* `pool_class_during`: `_init_pools` constructs the MHA pool through the module global
+  `model_runner_kv_cache_mixin.MHATokenToKVPool`; rebinding it while the stock method runs makes SGLang
+  build the TurboQuant pool and keep its own req-to-token pool and allocator.
+* `POOL_DTYPE`: models with a fused RoPE + KV write (`models/utils.enable_fused_set_kv_buffer`) take it
+  only when `token_to_kv_pool.dtype == torch.bfloat16`; the pool reports uint8 so that every K/V write
+  goes through its `set_kv_buffer` (a fused write would store bf16 rows past the packed buffers).
+* `lowest_free_first`: the recent window's ring covers low request indices; `ReqToTokenPool.free`
+  appends to `free_slots` and `alloc` pops from the front.
+* `shrink_token_budget`: `_init_pools` sizes the pool by the runner's `max_total_num_tokens` (and its
+  `MemoryPoolConfig` keeps a copy); the recent window's ring takes its bytes out of that budget.
+* `server_arg`: server arguments are read by name; a name SGLang renamed or removed raises instead of
+  reading a default.
+
+Two more the backend relies on, with their tests there: the CUDA-graph runner pads a decode batch with
+the backend's seq_len fill value (1) and stale request indices (the recent window tells padding rows by
+their length), and the piecewise-graph runner builds the attention metadata from the unpadded batch while
+the layers see tokens padded with out_cache_loc 0 (the window pads its ring rows with "none"). The pool
+also answers `get_value_buffer(0)` on later pipeline ranks, which SGLang's Triton backend reads at
+construction.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import functools
+from typing import Callable, FrozenSet, Iterator
+
+import torch
+
+# The dtype the TurboQuant pool reports as `dtype` (never the model's 16-bit dtype): see the module docstring.
+POOL_DTYPE = torch.uint8
+_MARK = "_sglang_tq_wrapped"
+
+
+class SGLangInternalsError(RuntimeError):
+    """SGLang no longer has an internal TurboQuant relies on (another SGLang version)."""
+
+
+def wrap_method(cls, name: str, make: Callable[[Callable], Callable]) -> bool:
+    """cls.<name> = make(original), once per class and name (a second call is a no-op). Returns True when
+    it wrapped."""
+    marks = cls.__dict__.get(_MARK, frozenset())
+    if name in marks:
+        return False
+    orig = getattr(cls, name, None)
+    if orig is None:
+        raise SGLangInternalsError(f"TurboQuant: SGLang's {cls.__name__} has no method {name} to extend")
+    setattr(cls, name, functools.wraps(orig)(make(orig)))
+    setattr(cls, _MARK, marks | {name})
+    return True
+
+
+@contextlib.contextmanager
+def pool_class_during(mixin_module, factory) -> Iterator[None]:
+    """While the block runs, `_init_pools` of `mixin_module.ModelRunnerKVCacheMixin` builds `factory(...)`
+    where it would build an MHATokenToKVPool (same arguments)."""
+    if not hasattr(mixin_module, "MHATokenToKVPool"):
+        raise SGLangInternalsError("TurboQuant: model_runner_kv_cache_mixin no longer imports MHATokenToKVPool; "
+                                   "the KV pool cannot be replaced on this SGLang version")
+    stock = mixin_module.MHATokenToKVPool
+    mixin_module.MHATokenToKVPool = factory
+    try:
+        yield
+    finally:
+        mixin_module.MHATokenToKVPool = stock
+
+
+def lowest_free_first(req_to_token_pool) -> None:
+    """Make SGLang's req-to-token pool hand out its lowest free request index (it appends freed ones at the
+    end and pops from the front, cycling through every index), so the requests running at the same time
+    are the ones the recent window's ring covers. Idempotent."""
+    if getattr(req_to_token_pool, "_tq_lowest_first", False):
+        return
+    if not isinstance(getattr(req_to_token_pool, "free_slots", None), list):
+        raise SGLangInternalsError(f"TurboQuant: {type(req_to_token_pool).__name__} has no free_slots list; the "
+                                   f"recent window needs SGLang's ReqToTokenPool")
+    orig_free = req_to_token_pool.free
+
+    def free(req):
+        idx = req.req_pool_idx
+        orig_free(req)
+        slots = req_to_token_pool.free_slots
+        if idx is not None and slots and slots[-1] == idx:
+            slots.pop()
+            bisect.insort(slots, idx)
+
+    req_to_token_pool.free_slots = sorted(req_to_token_pool.free_slots)
+    req_to_token_pool.free = free
+    req_to_token_pool._tq_lowest_first = True
+
+
+def shrink_token_budget(runner, tokens: int) -> None:
+    """Take `tokens` out of the KV pool size SGLang computed, before `_init_pools` builds the pool."""
+    runner.max_total_num_tokens -= tokens
+    cfg = getattr(runner, "memory_pool_config", None)
+    if cfg is not None:
+        cfg.max_total_num_tokens = runner.max_total_num_tokens
+
+
+@functools.lru_cache(maxsize=1)
+def server_arg_names() -> FrozenSet[str]:
+    from sglang.srt.server_args import ServerArgs
+
+    return frozenset(f.name for f in dataclasses.fields(ServerArgs))
+
+
+def server_arg(server_args, name: str):
+    """server_args.<name>, after checking that SGLang's ServerArgs has that field."""
+    if name not in server_arg_names():
+        raise SGLangInternalsError(f"TurboQuant: SGLang's ServerArgs has no field '{name}' (renamed or removed in "
+                                   f"this SGLang version); the TurboQuant start-up checks need updating")
+    return getattr(server_args, name)
