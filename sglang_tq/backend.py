@@ -55,29 +55,13 @@ logger = logging.getLogger("sglang_tq")
 
 
 PREFILL_FROM_CACHE_ENV = "SGLANG_TQ_PREFILL_FROM_CACHE"
-# Decode stage-1 choice (tq_kernels.decode_attention's `sliced`): unset = automatic (the sliced stage 1
-# with a register LUT for 2-/3-/4-/5-bit layers, the general one otherwise), 1 = sliced wherever the
-# formats allow it, 0 = always the general stage 1.
-DECODE_SLICED_ENV = "SGLANG_TQ_DECODE_SLICED"
 # 1 = one split count for every decode batch size (the count of batch size 1). A sequence's split-K
 # partition then depends on its length alone, so its decode attention is bit-identical alone or in a
 # batch. Quantized K/V turn tiny upstream differences into other codes, so this matters more than with
 # bf16 KV. It costs more partials at large batches, so it is off by default.
 BATCH_INVARIANT_ENV = "SGLANG_TQ_BATCH_INVARIANT"
-# 1 = decode without stage 2: the last split program of each (sequence, KV head) merges the splits
-# (tq_kernels.decode_attention's fused_merge; one launch fewer per layer). Off: not faster on an H100.
-FUSED_MERGE_ENV = "SGLANG_TQ_FUSED_MERGE"
-# 0 = score 4-bit keys with bf16 centroids on bf16 tensor cores instead of the int8 path
-# (tq_kernels.decode_attention's key_int8; unset: the kernel's default, int8).
-KEY_INT8_ENV = "SGLANG_TQ_KEY_INT8"
-# 1 / 0 = 4-bit V codes load as 16-bit elements (four V slices) or as bytes (tq_kernels.decode_attention's
-# v_pairs; unset: the kernel's default, `V_PAIRS`).
-V_PAIRS_ENV = "SGLANG_TQ_V_PAIRS"
-# 1 / 0 = stage 1's packed splits rotate their own queries, or read compress's (tq_kernels.decode_attention's
-# rotate_q; unset: the kernel's default, `ROTATE_Q_IN_STAGE1`).
-ROTATE_Q_ENV = "SGLANG_TQ_ROTATE_Q"
-# 1 / 0 = extend splits the packed prefix over several programs where the grid is small, or never
-# (tq_kernels.extend_attention's auto_splits; unset: the kernel's default, `AUTO_SPLITS`).
+# 0 = extend never splits the packed prefix over several programs (unset: the kernel chooses, where the
+# grid is small; tq_kernels.extend.choose_extend_splits).
 EXTEND_SPLITS_ENV = "SGLANG_TQ_EXTEND_SPLITS"
 # 0 = every quantized-layer prefill through the TurboQuant extend kernel. Default 1: a batch without
 # cached prefixes reads nothing from the packed cache, so SGLang's Triton extend kernel serves it on the
@@ -182,13 +166,8 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         if self.on_cuda:
             self._warm_tables()
         self.prefill_from_cache = _env_flag(PREFILL_FROM_CACHE_ENV)
-        self.decode_sliced = _env_choice(DECODE_SLICED_ENV)
         self.batch_invariant = (_env_flag(BATCH_INVARIANT_ENV)
                                 or bool(getattr(model_runner.server_args, "enable_deterministic_inference", False)))
-        self.fused_merge = _env_flag(FUSED_MERGE_ENV)
-        self.key_int8 = _env_choice(KEY_INT8_ENV)
-        self.v_pairs = _env_choice(V_PAIRS_ENV)
-        self.rotate_q = _env_choice(ROTATE_Q_ENV)
         self.extend_splits = None if self.batch_invariant else _env_choice(EXTEND_SPLITS_ENV)
         self.plain_prefill = _env_on(PLAIN_PREFILL_ENV)
         # batch-invariant runs keep SGLang's Triton kernel (per-sequence results that no batch changes)
@@ -201,6 +180,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         self.decode_workspace = None
         self._workspace_bs = 0
         self._splits = {}
+        self._plans = {}
         self.window = pool.window_size      # recent window W (0: off)
         self.window_requests = pool.window_requests
         self._window_fb = None              # the forward batch self._window_md belongs to
@@ -265,12 +245,11 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         """One DecodeWorkspace (split-K partials) shared by all quantized layers, sized for the largest
         captured batch and the largest static split count (+ 1 with a recent window: the ring's partial);
         allocated before capture."""
-        ws_cls = getattr(self.ops, "DecodeWorkspace", None)
-        if ws_cls is None or not self.on_cuda:
+        if not self.on_cuda:
             return None
         max_splits = max(self.num_splits(b) or 1 for b in range(1, max_bs + 1)) + (1 if self.window else 0)
-        return ws_cls.create(max_bs, self.num_head, self.v_head_dim, max_splits, self.device,
-                             head_dim_k=self.tq_pool.head_dim)
+        return self.ops.DecodeWorkspace.create(max_bs, self.num_head, self.v_head_dim, max_splits, self.device,
+                                               head_dim_k=self.tq_pool.head_dim)
 
     def _warm_tables(self):
         """Build every codec's device tables now (eagerly), never inside a CUDA-graph capture."""
@@ -311,8 +290,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         # short runs pack the query group (tq_kernels.extend.choose_gqa_pack): a variant of its own
         packings = (False,) if (self.batch_invariant or h_q == h_kv) else (False, True)
         # split-K over the prefix, where the kernel chooses it itself (tq_kernels.extend.AUTO_SPLITS)
-        auto = (self.extend_splits if self.extend_splits is not None
-                else getattr(self.ops, "extend_auto_splits", lambda: False)())
+        auto = self.extend_splits is not False
         splittings = (1, 2) if (auto and not self.batch_invariant) else (1,)
         variants = [dict(block_m=block_m, logit_cap=cap, gqa_pack=pack, **({"num_splits": splits} if splits > 1 else {}),
                          **extra)
@@ -374,11 +352,23 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         with SGLANG_TQ_BATCH_INVARIANT=1 the batch-size-1 count for every batch."""
         n = self._splits.get(bs, 0)
         if n == 0:
-            choose = getattr(self.ops, "choose_num_splits", None)
-            n = (choose(1 if self.batch_invariant else bs, self.num_kv_head, self.max_context_len, self.num_sms)
-                 if (choose is not None and self.on_cuda) else None)
+            from tq_kernels.decode import choose_num_splits
+            n = (choose_num_splits(1 if self.batch_invariant else bs, self.num_kv_head, self.max_context_len,
+                                   self.num_sms) if self.on_cuda else None)
             self._splits[bs] = n
         return n
+
+    def _decode_plan(self, bs: int, kcodec, vcodec):
+        """The kernels' launch plan for a decode batch of `bs` with these codecs (cached per batch size and
+        formats): the static split count of `num_splits`, the recent window's ring, batch invariance."""
+        key = (bs, kcodec.fmt, vcodec.fmt)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.ops.plan_decode(kcodec, vcodec, bs, self.num_kv_head, self.max_context_len, self.device,
+                                        window=bool(self.window), batch_invariant=self.batch_invariant,
+                                        num_splits=self.num_splits(bs))
+            self._plans[key] = plan
+        return plan
 
     # ----------------------------------------------------------------------------------------
     # Recent window: ring rows and bounds, once per forward batch (inside a CUDA graph the first
@@ -504,7 +494,7 @@ class TurboQuantAttnBackend(TritonAttnBackend):
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len,  # python int from the metadata: no host sync
             max_prefix_len=self._max_prefix_len(forward_batch),  # for split-K over the prefix (host ints)
-            **({"auto_splits": self.extend_splits} if self.extend_splits is not None else {}),
+            **({"num_splits": 1} if self.extend_splits is False else {}),
             # the automatic choices (block rows, GQA packing, prefix splits) look at the batch
             **({"block_m": 64, "gqa_pack": False, "num_splits": 1} if self.batch_invariant else {}),
             **extra,
@@ -616,21 +606,12 @@ class TurboQuantAttnBackend(TritonAttnBackend):
         q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         bs = q.shape[0]
-        extra = {}
+        kb, vb = pool.get_kv_buffer(layer.layer_id)
+        extra, ws = {}, None
         if self.on_cuda:
             # the workspace is sized for the largest captured batch; bigger (eager) batches allocate
             ws = self.decode_workspace if bs <= self._workspace_bs else None
-            extra = dict(workspace=ws, num_splits=self.num_splits(bs), sliced=self.decode_sliced,
-                         warps_for_batch=1 if self.batch_invariant else bs)
-            if self.fused_merge:
-                extra["fused_merge"] = True
-            if self.key_int8 is not None:
-                extra["key_int8"] = self.key_int8
-            if self.rotate_q is not None:
-                extra["rotate_q"] = self.rotate_q
-            if self.v_pairs is not None:
-                extra["v_pairs"] = self.v_pairs
-        kb, vb = pool.get_kv_buffer(layer.layer_id)
+            extra = dict(workspace=ws, plan=self._decode_plan(bs, kb.codec, vb.codec))
         wmd = self._window_metadata(forward_batch, layer.layer_id) if self.window else None
         if save_kv_cache:
             rot = {}

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -54,28 +54,16 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Kernel entry points: Triton ops on GPU, the pure-torch reference on CPU.
 # --------------------------------------------------------------------------------------------
-_OPS_CACHE: Dict[str, object] = {}
-
-
-def kernel_ops(device) -> object:
-    """Module with compress_and_store / decode_attention / extend_attention for `device`.
-
-    CPU (and anything that is not CUDA): `tq_kernels.reference` (pure PyTorch, no Triton).
-    CUDA: `tq_kernels.ops` (Triton)."""
-    dev = torch.device(device)
-    key = "cuda" if dev.type == "cuda" else "ref"
-    if key not in _OPS_CACHE:
-        if key == "ref":
-            from tq_kernels import reference as mod
-        else:
-            try:
-                from tq_kernels import ops as mod
-            except ImportError as e:  # pragma: no cover - GPU only
-                raise RuntimeError(
-                    "TurboQuant: the Triton kernels (tq_kernels.ops) could not be imported on "
-                    f"{dev}: {e}. Is the repo's kernels/ folder importable as tq_kernels?") from e
-        _OPS_CACHE[key] = mod
-    return _OPS_CACHE[key]
+def kernel_ops(device):
+    """`tq_kernels.ops.KernelOps` for `device`: the Triton kernels on CUDA, the pure-PyTorch reference
+    elsewhere (same signatures)."""
+    try:
+        from tq_kernels import ops
+    except ImportError as e:  # pragma: no cover - GPU only
+        raise RuntimeError(
+            "TurboQuant: the kernels (tq_kernels.ops) could not be imported on "
+            f"{device}: {e}. Is the repo's kernels/ folder importable as tq_kernels?") from e
+    return ops.for_device(device)
 
 
 def _attention_tp_rank_size() -> Tuple[int, int]:

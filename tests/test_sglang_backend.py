@@ -292,10 +292,8 @@ def test_batch_invariant_split_count(setup, monkeypatch):
     """SGLANG_TQ_BATCH_INVARIANT=1: every decode batch size gets batch size 1's split count (a sequence's
     split-K partition then depends on its length only); otherwise the count falls as batches grow."""
     backend = setup["backend"]
-    from tq_kernels.decode import choose_num_splits
 
     monkeypatch.setattr(backend, "on_cuda", True)  # the split count is a GPU-path choice
-    monkeypatch.setattr(backend, "ops", type("Ops", (), {"choose_num_splits": staticmethod(choose_num_splits)}))
     monkeypatch.setattr(backend, "num_sms", 132)
     monkeypatch.setattr(backend, "max_context_len", 16960)
     for invariant in (False, True):
@@ -372,14 +370,14 @@ def test_warm_extend_kernels_runs_each_variant_once(setup):
     calls = []
 
     def recording(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw):
-        out = ops.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
+        out = ops.TRITON.extend_attention(q, k, v, kc, ks, vc, vs, kcodec, vcodec, qo, kvp, kvi, scale, **kw)
         assert out.shape == (q.shape[0], HQ, D) and torch.isfinite(out).all()
         assert qo.dtype == backend.qo_indptr.dtype and kvp.dtype == backend.kv_indptr.dtype
         calls.append((kcodec.fmt, vcodec.fmt, kw["block_m"], kw["logit_cap"], kw["gqa_pack"],
                       kw.get("num_splits", 1)))
         return out
 
-    splits = (1, 2) if getattr(backend.ops, "extend_auto_splits", lambda: False)() else (1,)
+    splits = (1, 2)  # the kernel splits the prefix by itself where the grid is small
     n = 12 * len(splits)
     saved = backend._extend
     backend._extend = recording
@@ -437,22 +435,23 @@ def test_padded_extend_equals_unpadded(setup, from_cache):
 
 
 def test_env_switches_reach_the_kernels(setup):
-    """SGLANG_TQ_ROTATE_Q / SGLANG_TQ_EXTEND_SPLITS / SGLANG_TQ_V_PAIRS (read when the backend is built;
-    unset: the kernels' own defaults) become decode's rotate_q / v_pairs and extend's auto_splits, and the
-    start-up warm-up compiles the split variant when splits are on. Batch-invariant runs never split."""
+    """SGLANG_TQ_EXTEND_SPLITS (read when the backend is built; unset: the kernel chooses) and the
+    start-up warm-up: the split variant is compiled unless splits are off. Batch-invariant runs never
+    split."""
     s = setup
     runner = s["runner"]
-    with env(SGLANG_TQ_ROTATE_Q="1", SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_V_PAIRS="0"):
-        b = TurboQuantAttnBackend(runner)
-    assert b.rotate_q is True and b.extend_splits is True and b.v_pairs is False
-    calls = []
-    b._extend = lambda *a, **kw: calls.append(kw)
-    b.warm_extend_kernels(torch.bfloat16, block_ms=(32,))
-    assert {kw.get("num_splits", 1) for kw in calls} == {1, 2}
+    for value, want in (("1", {1, 2}), ("0", {1})):
+        with env(SGLANG_TQ_EXTEND_SPLITS=value):
+            b = TurboQuantAttnBackend(runner)
+        assert b.extend_splits is (value == "1")
+        calls = []
+        b._extend = lambda *a, **kw: calls.append(kw)
+        b.warm_extend_kernels(torch.bfloat16, block_ms=(32,))
+        assert {kw.get("num_splits", 1) for kw in calls} == want
     with env(SGLANG_TQ_EXTEND_SPLITS="1", SGLANG_TQ_BATCH_INVARIANT="1"):
         assert TurboQuantAttnBackend(runner).extend_splits is None
     plain = TurboQuantAttnBackend(runner)
-    assert plain.rotate_q is None and plain.extend_splits is None and plain.v_pairs is None
+    assert plain.extend_splits is None
     hb = TurboQuantAttnBackend(runner)  # on by default, but it needs FlashInfer's prefill: never on the CPU
     assert hb.ragged_prefill is None and not hb.hybrid_extend
     hb.hybrid_extend, calls = True, []  # as on a GPU: the warm-up also compiles the prefix-only variant
@@ -496,7 +495,7 @@ def test_hybrid_extend_matches_single_kernel(setup, monkeypatch):
     r2t[4, :4] = slots[5:].to(r2t.dtype)
     monkeypatch.setattr(backend_mod, "HYBRID_MIN_NEW", 2)
     saved = backend._extend, backend.ragged_prefill, backend.hybrid_extend
-    backend._extend, backend.ragged_prefill = ops.extend_attention, TorchRagged()
+    backend._extend, backend.ragged_prefill = ops.TRITON.extend_attention, TorchRagged()
     try:
         for layer in s["layers"][1:]:  # the quantized layers
             q, k, v = _qkv(s["gen"], sum(new))
