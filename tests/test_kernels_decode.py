@@ -191,7 +191,7 @@ def test_decode_cuda_graph_replay():
 # Every K x V bit-width pair of plain MSE formats through the default (automatic) stage 1 at d 64
 # (SmolLM2's head size), plus 3-bit keys at d 128: key and value LUT kinds differ in slice count (4 for
 # 2- and 3-bit codes, 2 for 4- and 5-bit ones), and 3-bit keys with 4-bit values once gave wrong results
-# on an H100 while the interpreter was right.
+# on sm_90 while the interpreter was right.
 MATRIX = [(64, kb, vb) for kb in (2, 3, 4, 5) for vb in (2, 3, 4, 5)] + [(128, 3, vb) for vb in (2, 4, 5)]
 
 
@@ -558,7 +558,7 @@ def test_decode_qjl_sign_tile(kfmt, vfmt, heads, lens, block_n):
 
 
 def test_stage1_register_caps_and_pairs_fit():
-    """The launch rules the GPU timings chose (thirteenth session): V pairs only with >= 8 PV columns per
+    """The stage-1 launch rules: V pairs only with >= 8 PV columns per
     warp; the 128 cap for int8 keys with V pairs up to head_dim 128 (168 otherwise, and at head_dim 256,
     where both spill); 96 for 3-bit K and V at BLOCK_N 64 and 4 warps; Triton's choice elsewhere."""
     from tq_kernels.decode import choose_max_registers, pairs_fit
@@ -570,7 +570,7 @@ def test_stage1_register_caps_and_pairs_fit():
     assert choose_max_registers(False, False, 4, 64, 128, "split", "split") == 96
     assert choose_max_registers(False, False, 4, 64, 256, "split", "split") is None
     assert choose_max_registers(False, False, 8, 128, 128, "split", "split") is None
-    assert choose_max_registers(False, True, 4, 64, 128, "split5", "single") is None  # K5V4: not timed with a cap
+    assert choose_max_registers(False, True, 4, 64, 128, "split5", "single") is None  # K5V4: Triton's choice
 
 
 @needs_triton
