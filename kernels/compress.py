@@ -10,8 +10,8 @@ positions against the outlier codebook -> norm correction scale0 = |x| / |c[idx]
 r = u - a c, signs of r S^T (>= 0 -> 1) in column chunks, scale1 = |x| |r| sqrt(pi/2) / m -> clamp
 scales to fp16 max -> pack each field LSB-first and store at the slot's row.
 
-Float-tie exception: the reference rotates with the butterfly FWHT, this kernel with a dense fp32
-matmul; u differs in the last float bits, so a code may differ where u lies within float rounding
+Float-tie exception: the reference rotates with the butterfly FWHT, this kernel with a dense matmul
+(bf16 hi + lo against the signs, fp32 sums); u differs in the last float bits, so a code may differ where u lies within float rounding
 (~1e-7) of a codebook boundary. Everything else is bit-identical up to that.
 """
 from __future__ import annotations
