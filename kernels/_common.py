@@ -1,5 +1,6 @@
-"""Shared pieces of the Triton kernels: the packed layout as constexprs (taken from VecFormat.fields,
-never redefined here), in-register unpacking of LSB-first bit fields, cached device tables.
+"""Shared pieces of the Triton kernels: the packed layout as one constexpr (`Fmt`, taken from
+VecFormat.fields, never redefined here), in-register unpacking of LSB-first bit fields, register LUTs
+(PTX byte permutes over a codebook held in registers), cached device tables.
 
 Unpacking: a field of width w holds per = 8 / w codes per byte, coordinate i in byte i // per at bit
 (i % per) * w. A [BLOCK_N, n*w/8] uint8 tile (contiguous per row -> vector loads) is split into `per`
@@ -7,13 +8,16 @@ shifted-and-masked planes of the same shape, and a bit-reversal tree of tl.inter
 planes back into coordinate order ([BLOCK_N, n]). tl.interleave is join (new minor dim of size 2,
 held per thread) + reshape merging it, which the compiler lowers to register renaming, unlike a
 3-D broadcast + reshape whose layout it may have to convert through shared memory.
+
+Interpreter path: TRITON_INTERPRET=1 cannot run inline PTX, so there every register LUT's ASM string
+is "" and the jit helpers gather the same bf16 / int8 table entries from memory instead.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Dict
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,13 +28,31 @@ from .codec import TQCodec, VecFormat
 LOG2E = 1.4426950408889634
 SQRT_PI_2 = math.sqrt(math.pi / 2.0)
 
-# Names of the per-format constexprs, in the order the jit helpers take them.
-FMT_KEYS = ("D", "LO", "M0W", "M0OFF", "M1W", "M1OFF", "M1SH", "QJLOFF",
-            "NOUT", "OSTRIDE", "X0W", "X0OFF", "X0SH", "X1W", "X1OFF", "X1SH")
+
+class Fmt(NamedTuple):
+    """One packed format as a single tl.constexpr: widths, byte offsets and shifts of its fields
+    (main fields M0 / M1, outlier extras X0 / X1, QJL signs; -1 / 0 where absent)."""
+    D: int        # head dim
+    LO: int       # bits of the low (non-outlier) codes
+    M0W: int
+    M0OFF: int
+    M1W: int
+    M1OFF: int
+    M1SH: int
+    QJLOFF: int   # -1: no QJL field
+    NOUT: int     # outlier positions (0: none), one every OSTRIDE coordinates
+    OSTRIDE: int
+    X0W: int
+    X0OFF: int
+    X0SH: int
+    X1W: int
+    X1OFF: int
+    X1SH: int
 
 
-def fmt_constexprs(fmt: VecFormat, prefix: str) -> Dict[str, int]:
-    """VecFormat -> flat constexpr kwargs (prefix + key). Every number comes from fmt.fields."""
+@functools.lru_cache(maxsize=None)
+def fmt_constexpr(fmt: VecFormat) -> Fmt:
+    """VecFormat -> Fmt. Every number comes from fmt.fields."""
     mains = [(w, off, sh) for kind, w, n, off, sh in fmt.fields if kind == "main"]
     extras = [(w, off, sh) for kind, w, n, off, sh in fmt.fields if kind == "extra"]
     qjl = [off for kind, w, n, off, sh in fmt.fields if kind == "qjl"]
@@ -39,11 +61,9 @@ def fmt_constexprs(fmt: VecFormat, prefix: str) -> Dict[str, int]:
     m1 = mains[1] if len(mains) > 1 else (0, 0, 0)
     x0 = extras[0] if extras else (0, 0, 0)
     x1 = extras[1] if len(extras) > 1 else (0, 0, 0)
-    vals = dict(D=fmt.head_dim, LO=fmt.mse_bits, M0W=mains[0][0], M0OFF=mains[0][1],
-                M1W=m1[0], M1OFF=m1[1], M1SH=m1[2], QJLOFF=qjl[0] if qjl else -1,
-                NOUT=fmt.outlier_channels, OSTRIDE=fmt.outlier_stride,
-                X0W=x0[0], X0OFF=x0[1], X0SH=x0[2], X1W=x1[0], X1OFF=x1[1], X1SH=x1[2])
-    return {prefix + k: vals[k] for k in FMT_KEYS}
+    return Fmt(fmt.head_dim, fmt.mse_bits, mains[0][0], mains[0][1], m1[0], m1[1], m1[2],
+               qjl[0] if qjl else -1, fmt.outlier_channels, fmt.outlier_stride,
+               x0[0], x0[1], x0[2], x1[0], x1[1], x1[2])
 
 
 def interpreting() -> bool:
@@ -59,13 +79,6 @@ except ImportError:  # pragma: no cover - older Triton: PDL stays off
     HAS_GDC = False
 
 
-# Programmatic dependent launch in the decode step: stage 1 after compress, stage 2 after stage 1
-# (decode_attention(pdl=None) and compress_and_store(pdl_trigger=None) read it at call time). On: inside
-# the decode CUDA graph on an H200 it took 1.8 us off each layer's step at B=1-32, 1K (16.2 -> 14.4 us at
-# B=1) and nothing at long context (tenth session; scripts/bench_layer_step.py --variants default nopdl).
-PDL = True
-
-
 @functools.lru_cache(maxsize=None)
 def _sm90_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
@@ -73,8 +86,8 @@ def _sm90_or_newer(index: int) -> bool:
 
 def pdl_ok(device) -> bool:
     """Programmatic dependent launch possible here: a CUDA device of sm_90 or newer, Triton with GDC,
-    not the interpreter (which has no PTX). The capability is read once per device: this runs at every
-    eager launch."""
+    not the interpreter (which has no PTX). The decode step then launches stage 1 as a dependent of
+    compress and stage 2 as one of stage 1, so each gets on the SMs while the one before finishes."""
     dev = torch.device(device)
     return (HAS_GDC and dev.type == "cuda" and not interpreting()
             and _sm90_or_newer(dev.index if dev.index is not None else torch.cuda.current_device()))
@@ -85,11 +98,22 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreting()
 
 
+def lut_kind(fmt: VecFormat) -> str:
+    """Which bf16 register LUT serves fmt's codes: "single" (one 4- or 2-bit field), "split" (3-bit codes:
+    a 2-bit field and its 1-bit high field), "split5" (5-bit: 4 + 1) or "" (outliers, 6-bit codes)."""
+    mains = [w for kind, w, *_ in fmt.fields if kind == "main"]
+    if fmt.outlier_channels:
+        return ""
+    return {(2,): "single", (4,): "single", (2, 1): "split", (4, 1): "split5"}.get(tuple(mains), "")
+
+
 def kernel_tables(codec: TQCodec, device) -> dict:
     """Device tables of one codec, cached inside the codec next to its own device_tables():
-    M (u = M x), M^T, centroid table, boundaries, S^T (PROD), the query matrix W with
-    q_all = q @ W^T = [M q ; S M q] (one matmul gives the rotated query and its QJL sketch), and
-    M^T as int8 signs with M's one magnitude (msign_t, mscale; None / 0.0 if M is not of that form)."""
+    M (u = M x) and M^T as int8 signs with their one magnitude (the rotation is +-1 / sqrt(d)), bf16
+    signs of M (decode stage 2's operand as loaded), the centroid tables (fp32, bf16, int8 with its
+    scale), boundaries, S^T (PROD), the query matrix W with q_all = q @ W^T = [M q ; S M q] (one matmul
+    gives the rotated query and its QJL sketch), and the register-LUT PTX strings ("" in the
+    interpreter)."""
     key = ("tq_kernels", str(torch.device(device)))
     cache = codec._cache
     if key not in cache:
@@ -97,48 +121,29 @@ def kernel_tables(codec: TQCodec, device) -> dict:
         m = t["rotation"].to(torch.float32).contiguous()
         w = m if t["qjl"] is None else torch.cat([m, t["qjl"].to(torch.float32) @ m], dim=0)
         cent = t["centroids"].to(torch.float32).contiguous()
-        bnd = t["boundaries"].to(torch.float32).contiguous()
-        cache[key] = dict(
-            m=m, mt=m.t().contiguous(), centroids=cent, centroids_bf16=cent.to(torch.bfloat16).contiguous(),
-            lut=byte_lut(codec.fmt, cent),
-            boundaries=bnd,
-            # the same values as Python floats (exact fp32), read once here: constexpr immediates for
-            # compress_and_store(constant_boundaries=, select_centroids=) without a device read per launch
-            boundary_values=tuple(float(x) for x in bnd.cpu()),
-            centroid_values=tuple(float(x) for x in cent.cpu()),
-            st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
-            wt=w.t().contiguous(),
-        )
-        # M = (+-1 matrix) / sqrt(d): x M^T is exact as a 16-bit MMA with fp32 accumulation of a
-        # bf16/fp16 x against the int8 sign matrix, scaled afterwards (compress, un-rotation)
         mag = m.abs()
         scale = float(mag.max())
-        exact = bool(torch.allclose(mag, torch.full_like(mag, scale), rtol=1e-6, atol=0.0))
-        cache[key]["msign_t"] = torch.sign(m).t().to(torch.int8).contiguous() if exact else None
-        cache[key]["msign"] = torch.sign(m).to(torch.int8).contiguous() if exact else None  # un-rotation
-        # the same signs in bf16 (exact): an MMA operand as loaded (decode stage 2's merge_preload)
-        cache[key]["msign_bf16"] = torch.sign(m).to(torch.bfloat16).contiguous() if exact else None
-        cache[key]["mscale"] = scale if exact else 0.0
-        asm = register_lut_asm(codec.fmt, cent)
-        # "single": one 4-/2-bit field; "split": 3-bit codes, high bits from a second field; "split5":
-        # 5-bit codes, the same scheme (all three pass the GPU tests and are decode's default)
-        mains = [w for kind, w, *_ in codec.fmt.fields if kind == "main"]
-        cache[key]["register_lut_kind"] = ("" if not asm else "single" if len(mains) == 1
-                                           else "split5" if mains[0] == 4 else "split")
-        cache[key]["lut_asm"] = "" if interpreting() else asm  # the interpreter cannot run inline asm
-        pairs_asm = register_lut_asm(codec.fmt, cent, pairs=True)
-        cache[key]["has_pairs"] = bool(pairs_asm)  # 4-bit one-field codes: V tiles as 16-bit elements
-        cache[key]["pairs_asm"] = "" if interpreting() else pairs_asm
-        poly = register_poly_asm(codec.fmt, cent)
-        cache[key]["has_poly"] = bool(poly)
-        cache[key]["poly_asm"] = "" if interpreting() else poly
-        cache[key]["centroids_f16"] = cent.to(torch.float16).contiguous()
-        i8_asm = register_lut_i8_asm(codec.fmt, cent)
+        if not torch.allclose(mag, torch.full_like(mag, scale), rtol=1e-6, atol=0.0):
+            raise ValueError("tq_kernels: the rotation must be a +-1 / sqrt(d) matrix (signed Hadamard)")
         table8, scale8 = int8_codebook(cent)
-        cache[key]["has_i8"] = bool(i8_asm)  # 4-bit one-field codes: int8 key centroids (IMMA scores)
-        cache[key]["i8_asm"] = "" if interpreting() else i8_asm
-        cache[key]["centroids_i8"] = table8.to(device)
-        cache[key]["i8_scale"] = scale8
+        asm = "" if interpreting() else None  # the interpreter cannot run inline asm
+        cache[key] = dict(
+            m=m, mt=m.t().contiguous(), wt=w.t().contiguous(),
+            centroids=cent, centroids_bf16=cent.to(torch.bfloat16).contiguous(),
+            boundaries=t["boundaries"].to(torch.float32).contiguous(),
+            st=None if t["qjl"] is None else t["qjl"].to(torch.float32).t().contiguous(),
+            msign_t=torch.sign(m).t().to(torch.int8).contiguous(),   # rotating rows: x M^T
+            msign=torch.sign(m).to(torch.int8).contiguous(),         # un-rotating: o M
+            msign_bf16=torch.sign(m).to(torch.bfloat16).contiguous(),
+            mscale=scale,
+            register_lut_kind=lut_kind(codec.fmt) if register_lut_asm(codec.fmt, cent) else "",
+            lut_asm=asm if asm is not None else register_lut_asm(codec.fmt, cent),
+            has_pairs=bool(register_lut_asm(codec.fmt, cent, pairs=True)),
+            pairs_asm=asm if asm is not None else register_lut_asm(codec.fmt, cent, pairs=True),
+            has_i8=bool(register_lut_i8_asm(codec.fmt, cent)),
+            i8_asm=asm if asm is not None else register_lut_i8_asm(codec.fmt, cent),
+            centroids_i8=table8.to(device), i8_scale=scale8,
+        )
     return cache[key]
 
 
@@ -194,34 +199,15 @@ if interpreting():  # GPU runs never touch the interpreter
     _patch_interpreter_index()
 
 
-def lut_width(fmt: VecFormat) -> int:
-    """Width w of the byte LUT path (one gather per code byte instead of per code): formats whose
-    codes are one main field of width 2 or 4 and no outliers. 0: generic path."""
-    mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
-    if len(mains) == 1 and mains[0] in (2, 4) and not fmt.outlier_channels:
-        return mains[0]
-    return 0
-
-
-def byte_lut(fmt: VecFormat, centroids: torch.Tensor):
-    """Byte -> the bf16 centroids of all codes in that byte, packed LSB-first like the field itself
-    (coordinate k of the byte in bits [16k, 16k + 16)): int32 [256] for w = 4, int64 [256] for w = 2."""
-    w = lut_width(fmt)
-    if not w:
-        return None
-    per = 8 // w
-    bits = centroids[: 1 << w].to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
-    b = torch.arange(256, device=centroids.device, dtype=torch.int64)
-    lut = torch.zeros(256, dtype=torch.int64, device=centroids.device)
-    for k in range(per):
-        lut |= bits[(b >> (k * w)) & ((1 << w) - 1)] << (16 * k)
-    if w == 4:
-        lut = torch.where(lut >= 2**31, lut - 2**32, lut).to(torch.int32)
-    return lut.contiguous()
-
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cache_args(k_codes, k_scales, v_codes, v_scales) -> tuple:
+    """The four cache buffers of a layer as one kernel argument: (codes, slot stride, head stride) and
+    (scales, slot stride, head stride) for K, then V."""
+    return tuple(x for t in (k_codes, k_scales, v_codes, v_scales) for x in (t, t.stride(0), t.stride(1)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,33 +251,25 @@ def spread(x, STRIDE: tl.constexpr):
 
 
 @triton.jit
-def table_index(rows, mask, D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
-                M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
-                OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr, X0SH: tl.constexpr,
-                X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+def table_index(rows, mask, F: tl.constexpr):
     """int32 [BLOCK_N, D]: index into the centroid table of every coordinate of every row
     (main fields; at outlier positions j*OSTRIDE also the extra bits and the 2^LO table offset)."""
-    idx = unpack_field(rows, mask, M0OFF, M0W, D)
-    if M1W > 0:
-        idx = idx | (unpack_field(rows, mask, M1OFF, M1W, D) << M1SH)
-    if NOUT > 0:
-        e = unpack_field(rows, mask, X0OFF, X0W, NOUT) << X0SH
-        if X1W > 0:
-            e = e | (unpack_field(rows, mask, X1OFF, X1W, NOUT) << X1SH)
-        idx = idx + spread(e + (1 << LO), OSTRIDE)
+    idx = unpack_field(rows, mask, F.M0OFF, F.M0W, F.D)
+    if F.M1W > 0:
+        idx = idx | (unpack_field(rows, mask, F.M1OFF, F.M1W, F.D) << F.M1SH)
+    if F.NOUT > 0:
+        e = unpack_field(rows, mask, F.X0OFF, F.X0W, F.NOUT) << F.X0SH
+        if F.X1W > 0:
+            e = e | (unpack_field(rows, mask, F.X1OFF, F.X1W, F.NOUT) << F.X1SH)
+        idx = idx + spread(e + (1 << F.LO), F.OSTRIDE)
     return idx
-
-
-@triton.jit
-def _bf16_lane(x, K: tl.constexpr):
-    """16-bit lane K of an int32/int64 tensor, reinterpreted as bf16."""
-    return (x >> (16 * K)).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _reg_slice_code(b, h, T: tl.constexpr, W: tl.constexpr, M1W: tl.constexpr, M1SH: tl.constexpr):
     """Code of slice T (bit position T * W of every first-field byte b), with its second-field bit from
-    bit T of h when M1W is 1: the table index the register LUTs look up, computed in integers."""
+    bit T of h when M1W is 1: the table index the register LUTs look up, computed in integers (the
+    interpreter path's gather index)."""
     code = (b >> (T * W)) & ((1 << W) - 1)
     if M1W == 1:
         code = code | (((h >> T) & 1) << M1SH)
@@ -299,65 +277,45 @@ def _reg_slice_code(b, h, T: tl.constexpr, W: tl.constexpr, M1W: tl.constexpr, M
 
 
 @triton.jit
-def centroid_tile(rows, mask, cent_ptr, lut_ptr, LUT: tl.constexpr,
-                  D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
-                  M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, NOUT: tl.constexpr,
-                  OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr, X0SH: tl.constexpr,
-                  X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr,
-                  REG: tl.constexpr = 0, ASM: tl.constexpr = ""):
+def centroid_tile(rows, mask, cent_ptr, F: tl.constexpr, REG: tl.constexpr, ASM: tl.constexpr):
     """bf16 [BLOCK_N, D]: the (unscaled) centroids of every coordinate of every row.
-    REG 4 / 2 (= M0W, the first code field's width; no outliers): the register LUT `ASM` gives the
+    REG 4 / 2 (= F.M0W; formats with a register LUT, `lut_kind`): the register LUT `ASM` gives the
     centroids of a whole first-field byte's slices without a memory gather, interleaved back into
-    coordinate order (register renaming, no layout conversion). With a 1-bit second field (M1W: 3-bit
-    codes after a 2-bit field, 5-bit after a 4-bit one) its bits come along as decode's split LUTs take
-    them. ASM "": one gather per slice, the interpreter's stand-in.
-    LUT 4 / 2: one gather per code byte from the byte LUT (2 / 4 bf16 per entry), lanes put back in
-    coordinate order by interleaving. LUT 0: per-code gathers from the bf16 centroid table."""
+    coordinate order (register renaming, no layout conversion). With a 1-bit second field (3-bit codes
+    after a 2-bit field, 5-bit after a 4-bit one) its bits come along as decode's split LUTs take them.
+    ASM "" (interpreter): one gather per slice. REG 0: per-code gathers from the bf16 centroid table."""
     if REG != 0:
-        NB: tl.constexpr = D * REG // 8
-        b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
+        NB: tl.constexpr = F.D * REG // 8
+        b = tl.load(rows[:, None] + F.M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
         h = b  # the second field's bits, one byte per first-field byte (bit T: slice T's code)
-        if M1W == 1:
+        if F.M1W == 1:
             if REG == 2:
-                h = split_high_nibbles(rows, mask, M1OFF, D)
+                h = split_high_nibbles(rows, mask, F.M1OFF, F.D)
             else:
-                h = split_high_crumbs(rows, mask, M1OFF, D)
+                h = split_high_crumbs(rows, mask, F.M1OFF, F.D)
         if ASM != "":
-            if M1W == 1 and REG == 2:
+            if F.M1W == 1 and REG == 2:
                 c0, c1, c2, c3 = register_lut_slices3(b, h, ASM)
-            elif M1W == 1:
+            elif F.M1W == 1:
                 c0, c1, c2, c3 = register_lut_slices5(b, h, ASM)
             else:
                 c0, c1, c2, c3 = register_lut_slices(b, ASM, REG)
         else:
             bi = b.to(tl.int32)
             hi = h.to(tl.int32)
-            c0 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 0, REG, M1W, M1SH))
-            c1 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 1, REG, M1W, M1SH))
+            c0 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 0, REG, F.M1W, F.M1SH))
+            c1 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 1, REG, F.M1W, F.M1SH))
             c2 = c0
             c3 = c0
             if REG == 2:
-                c2 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 2, REG, M1W, M1SH))
-                c3 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 3, REG, M1W, M1SH))
+                c2 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 2, REG, F.M1W, F.M1SH))
+                c3 = tl.load(cent_ptr + _reg_slice_code(bi, hi, 3, REG, F.M1W, F.M1SH))
         if REG == 4:
             c = tl.interleave(c0, c1)
         else:
             c = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
-    elif LUT == 4:
-        NB: tl.constexpr = D // 2
-        b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
-        x = tl.load(lut_ptr + b.to(tl.int32))
-        c = tl.interleave(_bf16_lane(x, 0), _bf16_lane(x, 1))
-    elif LUT == 2:
-        NB: tl.constexpr = D // 4
-        b = tl.load(rows[:, None] + M0OFF + tl.arange(0, NB)[None, :], mask=mask[:, None], other=0)
-        x = tl.load(lut_ptr + b.to(tl.int32))
-        c = tl.interleave(tl.interleave(_bf16_lane(x, 0), _bf16_lane(x, 2)),
-                          tl.interleave(_bf16_lane(x, 1), _bf16_lane(x, 3)))
     else:
-        idx = table_index(rows, mask, D, LO, M0W, M0OFF, M1W, M1OFF, M1SH, NOUT, OSTRIDE,
-                          X0W, X0OFF, X0SH, X1W, X1OFF, X1SH)
-        c = tl.load(cent_ptr + idx)
+        c = tl.load(cent_ptr + table_index(rows, mask, F))
     return c
 
 
@@ -395,63 +353,39 @@ def online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
 
 @triton.jit
 def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   MV_SCALE: tl.constexpr = 0.0, add_ptrs=None, add_w=None):
+                   MV_SCALE: tl.constexpr, add_ptrs=None, add_w=None):
     """out[:, j] = sum_k acc[:, k] M_v[k, j] (x = M_v^T u), BLOCK_DO output columns at a time;
-    out_ptrs [R] point at each output row (unit stride over the head dim).
-    MV_SCALE > 0: mv_ptr holds M_v's int8 signs (M_v = signs * MV_SCALE; `rotation_operand`), and acc
-    goes through two bf16 MMAs as hi + lo (16 mantissa bits, exact products, fp32 sums); else mv_ptr
-    holds M_v in fp32 and one tf32x3 dot does it (three MMAs on fp32 operands).
-    add_ptrs / add_w ([R] rows and weights): out += add_w * the rows at add_ptrs (already un-rotated)."""
+    out_ptrs [R] point at each output row (unit stride over the head dim). mv_ptr holds M_v's int8
+    signs (M_v = signs * MV_SCALE); acc goes through two bf16 MMAs as hi + lo (16 mantissa bits, exact
+    products, fp32 sums). add_ptrs / add_w ([R] rows and weights): out += add_w * the rows at add_ptrs
+    (already un-rotated)."""
     kk = tl.arange(0, DV)
-    if MV_SCALE > 0:
-        hi = acc.to(tl.bfloat16)
-        lo = (acc - hi.to(tl.float32)).to(tl.bfloat16)
+    hi = acc.to(tl.bfloat16)
+    lo = (acc - hi.to(tl.float32)).to(tl.bfloat16)
     for j0 in tl.static_range(0, DV, BLOCK_DO):
         jj = j0 + tl.arange(0, BLOCK_DO)
-        if MV_SCALE > 0:
-            sg = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :]).to(tl.float32).to(tl.bfloat16)
-            o = tl.dot(lo, sg, tl.dot(hi, sg)) * MV_SCALE
-        else:
-            mv = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :])
-            o = tl.dot(acc, mv, input_precision="tf32x3")
+        sg = tl.load(mv_ptr + kk[:, None] * DV + jj[None, :]).to(tl.float32).to(tl.bfloat16)
+        o = tl.dot(lo, sg, tl.dot(hi, sg)) * MV_SCALE
         if add_ptrs is not None:
             o += add_w[:, None] * tl.load(add_ptrs[:, None] + jj[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
         tl.store(out_ptrs[:, None] + jj[None, :], o.to(out_ptrs.dtype.element_ty), mask=row_mask[:, None])
 
 
-def rotation_operand(tables, transposed: bool, signs: bool = True) -> tuple:
-    """(matrix, scale) of a codec's rotation M for a kernel from its kernel_tables: M's int8 signs and
-    its one magnitude where M has that form (always, for these rotations) and `signs`, else the fp32
-    matrix and 0.0. transposed: M^T (rotating rows x into u = x M^T) instead of M (un-rotating)."""
-    if signs and tables["msign"] is not None:
-        return tables["msign_t" if transposed else "msign"], float(tables["mscale"])
-    return tables["mt" if transposed else "m"], 0.0
-
-
 @triton.jit
-def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
-                       kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                       kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr,
-                       USE_CAP: tl.constexpr, K_LUT: tl.constexpr, V_LUT: tl.constexpr,
-                       K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
-                       SCALE_TILES: tl.constexpr,
-                       K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
-                       K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
-                       K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
-                       K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
-                       V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
-                       V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr,
-                       V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
-                       V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, kcent_ptr, vcent_ptr,
+                       KF: tl.constexpr, VF: tl.constexpr, K_REG: tl.constexpr, K_ASM: tl.constexpr,
+                       V_REG: tl.constexpr, V_ASM: tl.constexpr, USE_CAP: tl.constexpr,
+                       SCALE_TILES: tl.constexpr):
     """One BLOCK_N tile of packed tokens (slots) for a block of query rows q (rotated, scaled; sk: the
     QJL sketch for PROD keys): scores from the K codes, online softmax (fp32, log2 units), p * scale0
-    against the V centroids in V's rotated domain. Shared by decode stage 1 and extend's prefix loop.
-    K_REG / V_REG, K_ASM / V_ASM: `centroid_tile`'s register LUT. SCALE_TILES: |k| and |v| multiply the
-    dequantized tiles (fp32, rounded to bf16) instead of the scores and p, so they are loaded in the
-    tiles' row layout (extend's many query rows). Returns the updated (m_i, l_i, acc)."""
+    against the V centroids in V's rotated domain. Shared by decode's general stage 1 and extend's
+    prefix loop. cache: `cache_args`. K_REG / V_REG, K_ASM / V_ASM: `centroid_tile`'s register LUT.
+    SCALE_TILES (extend: many query rows): |k| and |v| multiply the dequantized tiles (fp32, rounded to
+    bf16), loaded in the tiles' row layout; else (decode: a GQA group of rows) they multiply the scores
+    and p. Returns the updated (m_i, l_i, acc)."""
+    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h = cache
     krow = kc_ptr + slot * kc_s + hk * kc_h
-    kcen = centroid_tile(krow, nmask, kcent_ptr, klut_ptr, K_LUT, K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF,
-                         K_M1SH, K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH, K_REG, K_ASM)
+    kcen = centroid_tile(krow, nmask, kcent_ptr, KF, K_REG, K_ASM)
     ksrow = ks_ptr + slot * ks_s + hk * ks_h
     if SCALE_TILES:
         ks0 = tl.load(ksrow, mask=nmask, other=0.0)
@@ -459,14 +393,13 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
     else:
         ks0 = tl.load(ksrow, mask=nmask, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(kcen)) * ks0[None, :]
-    if K_QJLOFF >= 0:
-        sg = qjl_signs(krow, nmask, K_QJLOFF, K_D)
+    if KF.QJLOFF >= 0:
+        sg = qjl_signs(krow, nmask, KF.QJLOFF, KF.D)
         ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
         s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
     p, alpha, m_new, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
     vrow = vc_ptr + slot * vc_s + hk * vc_h
-    vcen = centroid_tile(vrow, nmask, vcent_ptr, vlut_ptr, V_LUT, V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF,
-                         V_M1SH, V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH, V_REG, V_ASM)
+    vcen = centroid_tile(vrow, nmask, vcent_ptr, VF, V_REG, V_ASM)
     if SCALE_TILES:
         vs0 = tl.load(vs_ptr + slot * vs_s + hk * vs_h, mask=nmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16),
@@ -563,7 +496,7 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = Fals
     than 4 bits; a 4-bit codebook that is not exactly antisymmetric in bf16). The table words (bf16
     bits of the codebook) are immediates: with a single tensor operand Triton loads the code bytes
     straight into the MMA operand layout and converts nothing but uint8 tiles (table words as extra
-    tensor operands made it round-trip every bf16 tile through shared memory: sm_90, 2026-11-28).
+    tensor operands make it round-trip every bf16 tile through shared memory on sm_90).
       w = 4: two outputs (low nibble = slice 0, high nibble = slice 1). The codebook is antisymmetric,
         c[15 - i] = -c[i], so 8 magnitudes m[k] = c[8 + k] suffice: index k = (i & 7) ^ (7 if i < 8),
         sign from bit 3; low and high bytes of the magnitudes are looked up separately (two prmt),
@@ -660,159 +593,6 @@ def register_lut_i8_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
     return "{\n.reg .b32 s, h, l0, u0, l1, u1, c, m0, m1, r0, r1;\n" + "\n".join(body) + "\n}"
 
 
-POLY_DEGREE = 7
-
-
-def poly_coefficients(centroids) -> list:
-    """Odd polynomial c(u) = a1 u + a3 u^3 + a5 u^5 + a7 u^7 of u = (code - 7.5) / 8 through a 4-bit
-    codebook (least squares over its 16 centroids, float64), as float16 values."""
-    import numpy as np
-
-    c = np.asarray(centroids, dtype=np.float64)
-    u = (np.arange(16) - 7.5) / 8
-    a = np.stack([u ** k for k in range(1, POLY_DEGREE + 1, 2)], 1)
-    coef = np.linalg.lstsq(a, c, rcond=None)[0]
-    return [float(np.float16(x)) for x in coef]
-
-
-def _f16x2(value: float) -> str:
-    import numpy as np
-
-    b = int(np.array(value, dtype=np.float16).view(np.uint16))
-    return "0x%08x" % (b | b << 16)
-
-
-def register_poly_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
-    """PTX that computes 4-bit centroids instead of looking them up ("" where it does not apply: other
-    widths, outlier splits). The lookup LUT spends ~23 integer instructions per 8 codes, and integer
-    ops issue at half rate on sm_90's ALU pipe, which bounds stage 1; this spends 6 integer and 26
-    f16x2 instructions (FMA pipe, full rate). Each nibble n becomes the f16 u = (n - 7.5) / 8 by the
-    magic-number trick (OR into the mantissa of 128.0 or 1.0, then exact subtractions), and the centroid
-    is an odd degree-7 polynomial of u by Horner in f16x2 (`poly_coefficients`). Over every codebook
-    here it is closer to the exact centroid than the bf16 table (d = 128: max error 2.0e-4 against
-    3.6e-4). Outputs are f16 (the MMAs then run in f16): $0, $1 slice 0 (low nibbles, elements 0-1
-    and 2-3), $2, $3 slice 1; $4 the 4 code bytes. `prmt 0x3120` orders the bytes so that each output
-    register holds two consecutive elements."""
-    mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
-    if fmt.outlier_channels or mains != [4]:
-        return ""
-    a1, a3, a5, a7 = (_f16x2(x) for x in poly_coefficients(centroids[:16].tolist()))
-    body = [f"mov.b32 c1, {a1};", f"mov.b32 c3, {a3};", f"mov.b32 c5, {a5};", f"mov.b32 c7, {a7};",
-            f"mov.b32 k128, {_f16x2(128.0)};", f"mov.b32 k15, {_f16x2(0.9375)};",
-            f"mov.b32 k1, {_f16x2(1.0)};", f"mov.b32 k8, {_f16x2(8.0)};", f"mov.b32 km, {_f16x2(-8.9375)};",
-            "prmt.b32 w, $4, $4, 0x3120;", "shr.b32 x, w, 8;"]
-
-    def horner(dst):
-        return ["mul.f16x2 s, u, u;", "fma.rn.f16x2 p, c7, s, c5;", "fma.rn.f16x2 p, p, s, c3;",
-                "fma.rn.f16x2 p, p, s, c1;", f"mul.f16x2 {dst}, p, u;"]
-
-    for src, dst in (("w", "$0"), ("x", "$1")):  # low nibbles: 128 + n / 8, minus 128, minus 0.9375
-        body += [f"and.b32 u, {src}, 0x000F000F;", "or.b32 u, u, k128;", "sub.f16x2 u, u, k128;",
-                 "sub.f16x2 u, u, k15;"] + horner(dst)
-    for src, dst in (("w", "$2"), ("x", "$3")):  # high nibbles: 1 + n / 64, times 8 minus 8.9375
-        body += [f"and.b32 u, {src}, 0x00F000F0;", "or.b32 u, u, k1;", "fma.rn.f16x2 u, u, k8, km;"] + horner(dst)
-    return "{\n.reg .b32 c1, c3, c5, c7, k128, k15, k1, k8, km, w, x, u, s, p;\n" + "\n".join(body) + "\n}"
-
-
-def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = None) -> list:
-    """Run `register_lut_asm`'s PTX on the CPU (the few integer instructions it uses, on uint32
-    words) for code bytes `codes` (uint8, numel % 4 == 0; 3-bit codes: and their high-bit nibbles
-    `high`): returns one bf16 tensor per slice. Lets CPU tests check the asm logic; the GPU tests
-    check the real thing."""
-    def words(t):
-        b = t.to(torch.int64).reshape(-1, 4)
-        return b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
-
-    word = words(codes)
-    # output registers $0 .. $3 (4- and 5-bit codes), $7 (2-, 3-bit) or $1 (the int8 LUT)
-    pairs = "0x6240" in asm  # `_register_lut_asm_pairs`
-    first = 8 if "$8" in asm else 4 if pairs else 2 if "lop3" in asm else 4
-    operands = {first: word}
-    if high is not None:  # 3-/5-bit codes: the spread high bits follow the code bytes
-        operands[first + 1] = words(high)
-    outs = {}
-    regs = {}
-    M = 0xFFFFFFFF
-
-    def val(tok):
-        tok = tok.strip()
-        if tok.startswith("$"):
-            i = int(tok[1:])
-            return operands[i]
-        if tok.startswith("0x") or tok.isdigit():
-            return torch.full_like(word, int(tok, 0))
-        return regs[tok]
-
-    def f16(wd):  # uint32 words -> two float64 lanes
-        return [torch.tensor(((wd >> (16 * k)) & 0xFFFF).numpy().astype("uint16").view("float16").astype("float64"))
-                for k in range(2)]
-
-    def pack16(lanes):  # two float64 lanes -> uint32 words, each lane rounded once to f16
-        import numpy as np
-        out = torch.zeros_like(word)
-        for k, v in enumerate(lanes):
-            bits = np.asarray(v.numpy(), dtype=np.float64).astype(np.float16).view(np.uint16).astype(np.int64)
-            out |= torch.from_numpy(bits) << (16 * k)
-        return out
-
-    def h2(fn, *ws):
-        lanes = [f16(wd) for wd in ws]
-        return pack16([fn(*(ln[k] for ln in lanes)) for k in range(2)])
-
-    def prmt(a, bb, c):  # default mode: bit 3 of a selector nibble replicates the byte's msb
-        src = a | (bb << 32)
-        r = torch.zeros_like(a)
-        for k in range(4):
-            nib = (c >> (4 * k)) & 15
-            byte = (src >> (8 * (nib & 7))) & 0xFF
-            byte = torch.where(nib >= 8, torch.where(byte >= 128, 0xFF, 0), byte)
-            r |= byte << (8 * k)
-        return r
-
-    def lop3(a, bb, c, lut):  # bit i of lut is the result for (a, b, c) bits = (i >> 2, i >> 1, i) & 1
-        r = torch.zeros_like(a)
-        for i in range(8):
-            if (int(lut[0]) >> i) & 1:
-                r |= ((a if i & 4 else ~a & M) & (bb if i & 2 else ~bb & M) & (c if i & 1 else ~c & M))
-        return r
-
-    for line in asm.replace("{", "").replace("}", "").splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line.startswith(".reg"):
-            continue
-        op, args = line.split(None, 1)
-        a = [x.strip() for x in args.split(",")]
-        x = [val(t) for t in a[1:]]
-        name = op.split(".")[0]
-        if op.endswith("f16x2"):  # exact float64 lane arithmetic, one rounding to f16 (as fma.rn)
-            r = {"mul": lambda: h2(lambda p, q: p * q, x[0], x[1]), "sub": lambda: h2(lambda p, q: p - q, x[0], x[1]),
-                 "add": lambda: h2(lambda p, q: p + q, x[0], x[1]),
-                 "fma": lambda: h2(lambda p, q, t: p * q + t, x[0], x[1], x[2])}[name]()
-        else:
-            r = {"shr": lambda: x[0] >> x[1], "shl": lambda: (x[0] << x[1]) & M, "and": lambda: x[0] & x[1],
-                 "or": lambda: x[0] | x[1], "xor": lambda: x[0] ^ x[1], "mul": lambda: (x[0] * x[1]) & M,
-                 "mad": lambda: (x[0] * x[1] + x[2]) & M, "prmt": lambda: prmt(x[0], x[1], x[2]),
-                 "lop3": lambda: lop3(x[0], x[1], x[2], x[3]),
-                 "mov": lambda: x[0]}[name]()
-        if a[0].startswith("$"):
-            outs[int(a[0][1:])] = r
-        else:
-            regs[a[0]] = r
-    if pairs:  # output T holds coordinate T of both tokens
-        lanes = [torch.stack([outs[t] & 0xFFFF, outs[t] >> 16], dim=1).reshape(-1) for t in range(4)]
-        return [torch.where(x >= 32768, x - 65536, x).to(torch.int16).view(torch.bfloat16) for x in lanes]
-    if "lop3" in asm:  # the int8 LUT: one output word of 4 int8 values per slice
-        return [torch.stack([(outs[k] >> (8 * j)) & 0xFF for j in range(4)], dim=1).reshape(-1)
-                .to(torch.uint8).view(torch.int8) for k in sorted(outs)]
-    res = []
-    for s in range(len(outs) // 2):
-        lanes = torch.stack([outs[2 * s] & 0xFFFF, outs[2 * s] >> 16, outs[2 * s + 1] & 0xFFFF,
-                             outs[2 * s + 1] >> 16], dim=1).reshape(-1)
-        dt = torch.float16 if "f16x2" in asm else torch.bfloat16  # the polynomial asm returns f16
-        res.append(torch.where(lanes >= 32768, lanes - 65536, lanes).to(torch.int16).view(dt))
-    return res
-
-
 @triton.jit
 def split_high_nibbles(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
     """The 1-bit field of 3-bit codes (bit 2 of coordinate i at byte OFF + i // 8, bit i % 8), as one
@@ -848,14 +628,6 @@ def register_lut_slices3(b, hn, ASM: tl.constexpr):
                                                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                                is_pure=True, pack=4)
     return c0, c1, c2, c3
-
-
-@triton.jit
-def register_poly_slices(b, ASM: tl.constexpr):
-    """uint8 4-bit code bytes [R, C] -> the f16 centroids of both slices, computed by `register_poly_asm`."""
-    c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                       is_pure=True, pack=4)
-    return c0, c1, c0, c0
 
 
 @triton.jit

@@ -4,14 +4,14 @@ Grid (cdiv(N, BLOCK_T), H_kv, 2 or 3); axis 2 is the role (0: K, 1: V, each with
 format; 2: the decode queries of the head's GQA group rotated like the keys, so that decode needs no
 rotation launches of its own). Per tile of BLOCK_T token-heads: load rows (bf16/fp16/fp32) -> (keys with a calibrated mean
 mu [H_kv, d]: x -= mu[h], key centering; softmax attention is invariant to it) -> fp32 norm -> normalize ->
-rotate u = x M^T (bf16 hi/lo rows against M's int8 signs on tensor cores, or an fp32 FMA dot;
+rotate u = x M^T (bf16 hi/lo rows against M's int8 signs on tensor cores;
 K chunked by 32 so a d=256 matrix never sits in registers) -> bucketize count(u > boundary) (= torch.searchsorted(right=False)), outlier
 positions against the outlier codebook -> norm correction scale0 = |x| / |c[idx]| -> PROD: residual
 r = u - a c, signs of r S^T (>= 0 -> 1) in column chunks, scale1 = |x| |r| sqrt(pi/2) / m -> clamp
 scales to fp16 max -> pack each field LSB-first and store at the slot's row.
 
-Float-tie exception: the reference rotates with the butterfly FWHT, this kernel with a dense fp32
-matmul; u differs in the last float bits, so a code may differ where u lies within float rounding
+Float-tie exception: the reference rotates with the butterfly FWHT, this kernel with a dense matmul
+(bf16 hi + lo against the signs, fp32 sums); u differs in the last float bits, so a code may differ where u lies within float rounding
 (~1e-7) of a codebook boundary. Everything else is bit-identical up to that.
 """
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
-from ._common import SQRT_PI_2, fmt_constexprs, gdc_launch_dependents, kernel_tables, pdl_ok, rotation_operand
+from ._common import SQRT_PI_2, cache_args, fmt_constexpr, gdc_launch_dependents, kernel_tables, pdl_ok
 from .codec import FP16_MAX, TQCodec
 from .window import check_ring
 
@@ -42,10 +41,9 @@ def _pack_store(rows, mask, vals, off, W: tl.constexpr, N: tl.constexpr, BLOCK_T
 @triton.jit
 def _rotate_rows(xrow, tmask, mu_row, HAS_MU: tl.constexpr, mt_ptr, MSCALE: tl.constexpr,
                  BLOCK_T: tl.constexpr, D: tl.constexpr):
-    """(x - mu) M^T in fp32 for the rows at xrow [BLOCK_T], K in chunks of BK. MSCALE > 0: M = signs *
-    MSCALE and mt_ptr holds the int8 signs; x goes in as bf16 hi + lo (exact for bf16/fp16 rows, 16
-    mantissa bits otherwise) on tensor cores with fp32 sums. Else mt_ptr holds M^T in fp32 and an
-    fp32-exact FMA dot does it."""
+    """(x - mu) M^T in fp32 for the rows at xrow [BLOCK_T], K in chunks of BK. M = signs * MSCALE and
+    mt_ptr holds M^T's int8 signs; x goes in as bf16 hi + lo (exact for bf16/fp16 rows, 16 mantissa
+    bits otherwise) on tensor cores with fp32 sums."""
     d = tl.arange(0, D)
     BK: tl.constexpr = 32 if D > 32 else D
     u = tl.zeros((BLOCK_T, D), dtype=tl.float32)
@@ -54,17 +52,11 @@ def _rotate_rows(xrow, tmask, mu_row, HAS_MU: tl.constexpr, mt_ptr, MSCALE: tl.c
         xk = tl.load(xrow[:, None] + kk[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
         if HAS_MU:
             xk -= tl.load(mu_row + kk)[None, :]
-        if MSCALE > 0:
-            xh = xk.to(tl.bfloat16)
-            xl = (xk - xh.to(tl.float32)).to(tl.bfloat16)
-            sk = tl.load(mt_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
-            u = tl.dot(xl, sk, tl.dot(xh, sk, u))
-        else:
-            mk = tl.load(mt_ptr + kk[:, None] * D + d[None, :])
-            u += tl.dot(xk, mk, input_precision="ieee")
-    if MSCALE > 0:
-        u = u * MSCALE
-    return u
+        xh = xk.to(tl.bfloat16)
+        xl = (xk - xh.to(tl.float32)).to(tl.bfloat16)
+        sk = tl.load(mt_ptr + kk[:, None] * D + d[None, :]).to(tl.float32).to(tl.bfloat16)
+        u = tl.dot(xl, sk, tl.dot(xh, sk, u))
+    return u * MSCALE
 
 
 @triton.jit
@@ -85,14 +77,15 @@ def _rotate_queries(q_ptr, q_t, q_h, N, G: tl.constexpr, qr_ptr, qr_t, qr_h, mt_
 
 
 @triton.jit
-def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_h,
-                  mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr, mu_ptr, HAS_MU: tl.constexpr,
-                  ring_ptr, ring_t, ring_h, ring_rows_ptr, HAS_RING: tl.constexpr,
-                  BND: tl.constexpr, CENT: tl.constexpr, BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
-                  D: tl.constexpr, LO: tl.constexpr, M0W: tl.constexpr, M0OFF: tl.constexpr,
-                  M1W: tl.constexpr, M1OFF: tl.constexpr, M1SH: tl.constexpr, QJLOFF: tl.constexpr,
-                  NOUT: tl.constexpr, OSTRIDE: tl.constexpr, X0W: tl.constexpr, X0OFF: tl.constexpr,
-                  X0SH: tl.constexpr, X1W: tl.constexpr, X1OFF: tl.constexpr, X1SH: tl.constexpr):
+def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, codes, mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr,
+                  mu_ptr, HAS_MU: tl.constexpr, ring, ring_rows_ptr, HAS_RING: tl.constexpr,
+                  BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
+                  F: tl.constexpr):
+    """One role's tile: codes = (codes, slot stride, head stride, scales, slot stride, head stride);
+    ring = (ring rows, row stride, head stride)."""
+    c_ptr, c_s, c_h, s_ptr, s_s, s_h = codes
+    ring_ptr, ring_t, ring_h = ring
+    D: tl.constexpr = F.D
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -116,37 +109,21 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
                  mask=rmask[:, None])
     u = y * inv[:, None]
 
-    # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's).
-    # BND (constexpr tuple, or empty): the boundaries as immediates, no loads. CENT (or empty; no
-    # outliers): each centroid follows the same comparisons, c = CENT[i + 1] where u > b[i]
-    # (boundaries ascend: exactly CENT[idx]), instead of a gather after them.
-    CONST: tl.constexpr = len(BND) > 0
-    SELECT: tl.constexpr = len(CENT) > 0 and NOUT == 0
-    NB_LO: tl.constexpr = (1 << LO) - 1
+    # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
+    NB_LO: tl.constexpr = (1 << F.LO) - 1
     idx = tl.zeros((BLOCK_T, D), dtype=tl.int32)
-    if SELECT:
-        c = tl.zeros((BLOCK_T, D), dtype=tl.float32) + CENT[0]
     for i in tl.static_range(NB_LO):
-        if CONST:
-            above = u > BND[i]
-        else:
-            above = u > tl.load(bnd_ptr + i)
-        idx += above.to(tl.int32)
-        if SELECT:
-            c = tl.where(above, CENT[i + 1], c)
-    if NOUT > 0:
-        HI: tl.constexpr = LO + (X0W if X1W == 0 else X0W + X1W)
+        idx += (u > tl.load(bnd_ptr + i)).to(tl.int32)
+    if F.NOUT > 0:
+        HI: tl.constexpr = F.LO + (F.X0W if F.X1W == 0 else F.X0W + F.X1W)
         NB_HI: tl.constexpr = (1 << HI) - 1
         idx_hi = tl.zeros((BLOCK_T, D), dtype=tl.int32)
         for i in tl.static_range(NB_HI):
-            if CONST:
-                idx_hi += (u > BND[NB_LO + i]).to(tl.int32)
-            else:
-                idx_hi += (u > tl.load(bnd_ptr + NB_LO + i)).to(tl.int32)
-        is_out = (d % OSTRIDE) == 0
+            idx_hi += (u > tl.load(bnd_ptr + NB_LO + i)).to(tl.int32)
+        is_out = (d % F.OSTRIDE) == 0
         idx = tl.where(is_out[None, :], idx_hi, idx)
-        c = tl.load(cent_ptr + idx + tl.where(is_out, 1 << LO, 0)[None, :])
-    elif not SELECT:
+        c = tl.load(cent_ptr + idx + tl.where(is_out, 1 << F.LO, 0)[None, :])
+    else:
         c = tl.load(cent_ptr + idx)
 
     if NC:
@@ -158,18 +135,18 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
     crow = c_ptr + slot * c_s + h * c_h
 
     # main fields carry the low LO bits of every code (outlier positions: of the outlier code)
-    _pack_store(crow, tmask, (idx >> 0) & ((1 << M0W) - 1), M0OFF, M0W, D, BLOCK_T)
-    if M1W > 0:
-        _pack_store(crow, tmask, (idx >> M1SH) & ((1 << M1W) - 1), M1OFF, M1W, D, BLOCK_T)
-    if NOUT > 0:
-        e3 = tl.reshape(idx, (BLOCK_T, NOUT, OSTRIDE))
-        first = (tl.arange(0, OSTRIDE) == 0)[None, None, :]
+    _pack_store(crow, tmask, (idx >> 0) & ((1 << F.M0W) - 1), F.M0OFF, F.M0W, D, BLOCK_T)
+    if F.M1W > 0:
+        _pack_store(crow, tmask, (idx >> F.M1SH) & ((1 << F.M1W) - 1), F.M1OFF, F.M1W, D, BLOCK_T)
+    if F.NOUT > 0:
+        e3 = tl.reshape(idx, (BLOCK_T, F.NOUT, F.OSTRIDE))
+        first = (tl.arange(0, F.OSTRIDE) == 0)[None, None, :]
         ev = tl.sum(tl.where(first, e3, 0), axis=2)  # codes at positions j * OSTRIDE
-        _pack_store(crow, tmask, (ev >> X0SH) & ((1 << X0W) - 1), X0OFF, X0W, NOUT, BLOCK_T)
-        if X1W > 0:
-            _pack_store(crow, tmask, (ev >> X1SH) & ((1 << X1W) - 1), X1OFF, X1W, NOUT, BLOCK_T)
+        _pack_store(crow, tmask, (ev >> F.X0SH) & ((1 << F.X0W) - 1), F.X0OFF, F.X0W, F.NOUT, BLOCK_T)
+        if F.X1W > 0:
+            _pack_store(crow, tmask, (ev >> F.X1SH) & ((1 << F.X1W) - 1), F.X1OFF, F.X1W, F.NOUT, BLOCK_T)
 
-    if QJLOFF >= 0:
+    if F.QJLOFF >= 0:
         r = u - a[:, None] * c
         rn = tl.sqrt(tl.sum(r * r, axis=1))
         tl.store(srow + 1, tl.minimum(nrm * rn * QJLC, SMAX).to(tl.float16), mask=tmask)
@@ -179,51 +156,36 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, c_ptr, c_s, c_h, s_ptr, s_s, s_
             jj = j0 + tl.arange(0, BJ)
             sj = tl.load(st_ptr + d[:, None] * D + jj[None, :])
             pr = tl.dot(r, sj, input_precision="ieee")
-            _pack_store(crow, tmask, (pr >= 0).to(tl.int32), QJLOFF + j0 // 8, 1, BJ, BLOCK_T)
+            _pack_store(crow, tmask, (pr >= 0).to(tl.int32), F.QJLOFF + j0 // 8, 1, BJ, BLOCK_T)
 
 
 @triton.jit
-def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N,
-                     kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                     kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr, vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr,
-                     K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr, kmu_ptr,
-                     rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING: tl.constexpr,
-                     q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h, G: tl.constexpr, QROWS: tl.constexpr, HAS_KMU: tl.constexpr,
-                     K_BND: tl.constexpr, K_CENT: tl.constexpr, V_BND: tl.constexpr, V_CENT: tl.constexpr,
-                     BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_NC: tl.constexpr, V_NC: tl.constexpr,
-                     K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
-                     K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
-                     K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
-                     K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
-                     K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
-                     V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
-                     V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
-                     V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
-                     V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr,
-                     PDL_TRIGGER: tl.constexpr = False):
+def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N, cache, k_tables, v_tables, kmu_ptr,
+                     ring, ring_rows_ptr, q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h,
+                     HAS_KMU: tl.constexpr, HAS_RING: tl.constexpr, G: tl.constexpr, QROWS: tl.constexpr,
+                     BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr,
+                     K_NC: tl.constexpr, V_NC: tl.constexpr, K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
+                     KF: tl.constexpr, VF: tl.constexpr, PDL_TRIGGER: tl.constexpr):
+    """cache: `cache_args`; k_tables / v_tables: (M^T signs, centroids, boundaries, S^T) of each role;
+    ring: (K rows, row stride, head stride, V rows, row stride, head stride)."""
     if PDL_TRIGGER:  # the decode's stage 1, launched as a programmatic dependent, may start now (it
         # waits for this kernel's writes before reading them)
         gdc_launch_dependents()
+    kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h = cache
+    kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr = k_tables
+    vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr = v_tables
+    rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h = ring
     role = tl.program_id(2)
     if role == 0:
-        _compress_one(k_ptr, k_t, k_h, slots_ptr, N, kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h,
+        _compress_one(k_ptr, k_t, k_h, slots_ptr, N, (kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h),
                       kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU,
-                      rk_ptr, rk_t, rk_h, ring_rows_ptr, HAS_RING, K_BND, K_CENT, BLOCK_T, K_NC, K_QJLC, SMAX,
-                      K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF,
-                      K_NOUT, K_OSTRIDE, K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH)
+                      (rk_ptr, rk_t, rk_h), ring_rows_ptr, HAS_RING, BLOCK_T, K_NC, K_QJLC, SMAX, KF)
     elif role == 1:
-        _compress_one(v_ptr, v_t, v_h, slots_ptr, N, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
+        _compress_one(v_ptr, v_t, v_h, slots_ptr, N, (vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h),
                       vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False,
-                      rv_ptr, rv_t, rv_h, ring_rows_ptr, HAS_RING, V_BND, V_CENT, BLOCK_T, V_NC, V_QJLC, SMAX,
-                      V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_QJLOFF,
-                      V_NOUT, V_OSTRIDE, V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+                      (rv_ptr, rv_t, rv_h), ring_rows_ptr, HAS_RING, BLOCK_T, V_NC, V_QJLC, SMAX, VF)
     else:
-        _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, QROWS, K_D)
-
-
-# compress_and_store's defaults for constant_boundaries / select_centroids (see there)
-CONSTANT_BOUNDARIES = False
-SELECT_CENTROIDS = False
+        _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, QROWS, KF.D)
 
 
 def _rows(x, n, h, d):
@@ -237,22 +199,24 @@ def check_k_mean(k_mean, h: int, d: int, device):
     """k_mean: None or [H_kv, d] -> None or a contiguous fp32 tensor on `device`."""
     if k_mean is None:
         return None
-    assert tuple(k_mean.shape) == (h, d), f"k_mean must be [H_kv={h}, d={d}], got {tuple(k_mean.shape)}"
+    if tuple(k_mean.shape) != (h, d):
+        raise ValueError(f"k_mean must be [H_kv={h}, d={d}], got {tuple(k_mean.shape)}")
     return k_mean.to(device=device, dtype=torch.float32).contiguous()
 
 
 def choose_compress_tile(n: int, with_q: bool, head_dim: int) -> int:
-    """Token-heads per program. Prefills (more than 16 rows, no queries to rotate, d <= 128) take 32: on
-    an H200 (eleventh session, K4V4 (32, 8, 128)) a layer's 8 x 1K compress took 91 us against 119 with
-    16, 16K tokens 172 against 230, 1K 18.4 against 21.3 (64-row tiles: slower). A decode step keeps 16
-    (its launch also rotates the queries, and a batch is a few rows)."""
+    """Token-heads per program: prefills (more than 16 rows, no queries to rotate, d <= 128) take 32
+    (fewer programs re-reading the rotation signs); a decode step keeps 16 (its launch also rotates the
+    queries, and a batch is a few rows)."""
     return 32 if (n > 16 and not with_q and head_dim <= 128) else 16
 
 
+def _role_tables(t: dict, dummy) -> tuple:
+    return (t["msign_t"], t["centroids"], t["boundaries"], t["st"] if t["st"] is not None else dummy)
+
+
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
-                       *, k_mean=None, q=None, q_rot=None, ring=None, block_t: Optional[int] = None, num_warps: int = 4,
-                       exact_rotation: bool = True, constant_boundaries: Optional[bool] = None,
-                       select_centroids: Optional[bool] = None, pdl_trigger: Optional[bool] = None) -> None:
+                       *, k_mean=None, q=None, q_rot=None, ring=None, block_t: Optional[int] = None) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
     q [N, H_q, d_k] with q_rot (fp32, [N, H_q, d_k] or larger in dim 0, unit last stride): the same
@@ -261,16 +225,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h].
     ring: optional `RingWrite` (recent window): token i's exact rotated K / V ((k - mu) M_k^T, v M_v^T,
     bf16) also go to row ring.rows[i] of ring.k / ring.v (rows < 0: not written).
-    exact_rotation: rotate on tensor cores against M's signs (bf16 hi/lo split of the rows);
-    False: an fp32 FMA matmul with M (the first kernels' way; slower, same codes up to ties).
-    constant_boundaries: the codebook boundaries compiled into the kernel as immediates (no loads);
-    select_centroids (codes of at most 4 bits without outliers): each centroid selected along the
-    comparisons from immediates instead of gathered after them. Both take table loads out of the
-    launch's dependent chain (its decode-step cost is latency; for K4V4 at d 128 the sm_90 build goes
-    from 70 to ~40 / 8 global loads, the selects add ~480 FSEL per thread). Same codes and scales.
-    None: `CONSTANT_BOUNDARIES` / `SELECT_CENTROIDS` (off: no faster on an H200, ninth session).
-    pdl_trigger (sm_90+; None: `_common.PDL`): let the next kernel, launched as a programmatic
-    dependent (the decode's stage 1 with decode_attention(pdl=True)), start while this one runs."""
+    block_t: token-heads per program (None: `choose_compress_tile`; the codes do not depend on it).
+    On sm_90+ the launch lets a programmatic dependent (decode's stage 1) start while it runs."""
     n = k.shape[0]
     if n == 0:
         return
@@ -286,13 +242,12 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     k3, v3 = _rows(k, n, h, kf.head_dim), _rows(v, n, h, vf.head_dim)
     slots = slots.reshape(n)
     kt, vt = kernel_tables(kcodec, k.device), kernel_tables(vcodec, v.device)
-    kmt, k_mscale = rotation_operand(kt, transposed=True, signs=exact_rotation)
-    vmt, v_mscale = rotation_operand(vt, transposed=True, signs=exact_rotation)
     dummy = kt["mt"]
     kmu = check_k_mean(k_mean, h, kf.head_dim, k.device)
     with_q = q is not None
     if with_q:
-        assert q_rot is not None and not kf.qjl, "q rotation in compress: keys without QJL, q_rot given"
+        if q_rot is None or kf.qjl:
+            raise ValueError("compress_and_store(q=...): needs q_rot, and keys without QJL")
         q3 = _rows(q, n, q.reshape(n, -1).shape[1] // kf.head_dim, kf.head_dim)
         assert q3.shape[1] % h == 0 and q_rot.dtype == torch.float32 and q_rot.shape[0] >= n
         group = q3.shape[1] // h
@@ -304,27 +259,17 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         rk, rv, rrows = check_ring(ring, n, h, kf.head_dim, vf.head_dim)
     else:
         rk, rv, rrows = k3, v3, slots
-    constant_boundaries = CONSTANT_BOUNDARIES if constant_boundaries is None else constant_boundaries
-    select_centroids = SELECT_CENTROIDS if select_centroids is None else select_centroids
-
-    def tables(fmt, t):  # (BND, CENT) constexpr tuples of a role, or empty ones
-        select = select_centroids and not fmt.outlier_channels and fmt.mse_bits <= 4
-        return t["boundary_values"] if constant_boundaries else (), t["centroid_values"] if select else ()
-
-    (k_bnd, k_cent), (v_bnd, v_cent) = tables(kf, kt), tables(vf, vt)
     grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
-        k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
-        v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-        kmt, kt["centroids"], kt["boundaries"], kt["st"] if kt["st"] is not None else dummy,
-        vmt, vt["centroids"], vt["boundaries"], vt["st"] if vt["st"] is not None else dummy,
-        k_mscale, v_mscale, kmu if kmu is not None else dummy,
-        rk, rk.stride(0), rk.stride(1), rv, rv.stride(0), rv.stride(1), rrows, ring is not None,
-        q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1), group,
-        min(triton.next_power_of_2(block_t * group), max(16, 8192 // kf.head_dim)),
-        HAS_KMU=kmu is not None, K_BND=k_bnd, K_CENT=k_cent, V_BND=v_bnd, V_CENT=v_cent, BLOCK_T=block_t, SMAX=FP16_MAX, K_NC=kf.norm_correction, V_NC=vf.norm_correction,
+        cache_args(k_codes, k_scales, v_codes, v_scales), _role_tables(kt, dummy), _role_tables(vt, dummy),
+        kmu if kmu is not None else dummy,
+        (rk, rk.stride(0), rk.stride(1), rv, rv.stride(0), rv.stride(1)), rrows,
+        q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1),
+        HAS_KMU=kmu is not None, HAS_RING=ring is not None, G=group,
+        QROWS=min(triton.next_power_of_2(block_t * group), max(16, 8192 // kf.head_dim)),
+        BLOCK_T=block_t, SMAX=FP16_MAX, K_MSCALE=kt["mscale"], V_MSCALE=vt["mscale"],
+        K_NC=kf.norm_correction, V_NC=vf.norm_correction,
         K_QJLC=SQRT_PI_2 / kf.qjl_dim if kf.qjl else 0.0, V_QJLC=SQRT_PI_2 / vf.qjl_dim if vf.qjl else 0.0,
-        **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"), num_warps=num_warps,
-        PDL_TRIGGER=bool((_common.PDL if pdl_trigger is None else pdl_trigger) and pdl_ok(k.device)),
+        KF=fmt_constexpr(kf), VF=fmt_constexpr(vf), PDL_TRIGGER=pdl_ok(k.device), num_warps=4,
     )

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, fmt_constexprs, kernel_tables, lut_width, packed_tile_update, rotation_operand,
-                      softcap_log2, unrotate_store)
+from ._common import (LOG2E, cache_args, fmt_constexpr, kernel_tables, packed_tile_update, softcap_log2,
+                      unrotate_store)
 from .codec import TQCodec
 from .decode import _merge_step, merge_weights, num_sms
 from .window import ExtendWindow
@@ -43,24 +43,15 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: t
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, ko_ptr, vo_ptr, q_scale, logit_cap,
-                   kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-                   kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr,
-                   out_ptr, out_t, out_h, ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, num_splits,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
-                   USE_CAP: tl.constexpr, BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr,
-                   K_LUT: tl.constexpr, V_LUT: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
+def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out, ws,
+                   num_splits, q_scale, logit_cap, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_CAP: tl.constexpr,
+                   BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
                    K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
-                   SCALE_TILES: tl.constexpr,
-                   K_D: tl.constexpr, K_LO: tl.constexpr, K_M0W: tl.constexpr, K_M0OFF: tl.constexpr,
-                   K_M1W: tl.constexpr, K_M1OFF: tl.constexpr, K_M1SH: tl.constexpr, K_QJLOFF: tl.constexpr,
-                   K_NOUT: tl.constexpr, K_OSTRIDE: tl.constexpr, K_X0W: tl.constexpr, K_X0OFF: tl.constexpr,
-                   K_X0SH: tl.constexpr, K_X1W: tl.constexpr, K_X1OFF: tl.constexpr, K_X1SH: tl.constexpr,
-                   V_D: tl.constexpr, V_LO: tl.constexpr, V_M0W: tl.constexpr, V_M0OFF: tl.constexpr,
-                   V_M1W: tl.constexpr, V_M1OFF: tl.constexpr, V_M1SH: tl.constexpr, V_QJLOFF: tl.constexpr,
-                   V_NOUT: tl.constexpr, V_OSTRIDE: tl.constexpr, V_X0W: tl.constexpr, V_X0OFF: tl.constexpr,
-                   V_X0SH: tl.constexpr, V_X1W: tl.constexpr, V_X1OFF: tl.constexpr, V_X1SH: tl.constexpr):
+                   KF: tl.constexpr, VF: tl.constexpr):
+    """qr: (rotated queries, token stride, head stride); new: (k~, token stride, head stride, v~, token
+    stride, head stride, k_old~, v_old~); cache: `cache_args`; out: (out, token stride, head stride);
+    ws: (partials, lse, split stride, token stride, head stride)."""
     # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
@@ -69,6 +60,12 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
     # to the workspace for _extend_merge_kernel.
     # NEW == False (the new tokens' attention comes from another kernel, `new_part`): only the prefix is
     # read, always through the workspace (SPLIT), and the merge folds in that outside partial.
+    qr_ptr, qr_t, qr_h = qr
+    kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, ko_ptr, vo_ptr = new
+    out_ptr, out_t, out_h = out
+    ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h = ws
+    K_D: tl.constexpr = KF.D
+    V_D: tl.constexpr = VF.D
     i = tl.program_id(0)
     h = tl.program_id(1)
     if SPLIT:
@@ -98,7 +95,7 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
     qrow = qr_ptr + (q0 + rows).to(tl.int64) * qr_t + head * qr_h
     q = (tl.load(qrow[:, None] + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
     sk = q  # unused unless PROD keys
-    if K_QJLOFF >= 0:
+    if KF.QJLOFF >= 0:
         sk = (tl.load(qrow[:, None] + K_D + dk[None, :], mask=rmask[:, None], other=0.0) * q_scale).to(tl.bfloat16)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -118,14 +115,8 @@ def _extend_kernel(qr_ptr, qr_t, qr_h, kn_ptr, kn_t, kn_h, vn_ptr, vn_t, vn_h, k
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < p_hi
         slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
-        m_i, l_i, acc = packed_tile_update(
-            q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap,
-            kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h,
-            kcent_ptr, vcent_ptr, klut_ptr, vlut_ptr, USE_CAP, K_LUT, V_LUT, K_REG, K_ASM, V_REG, V_ASM, SCALE_TILES,
-            K_D, K_LO, K_M0W, K_M0OFF, K_M1W, K_M1OFF, K_M1SH, K_QJLOFF, K_NOUT, K_OSTRIDE,
-            K_X0W, K_X0OFF, K_X0SH, K_X1W, K_X1OFF, K_X1SH,
-            V_D, V_LO, V_M0W, V_M0OFF, V_M1W, V_M1OFF, V_M1SH, V_NOUT, V_OSTRIDE,
-            V_X0W, V_X0OFF, V_X0SH, V_X1W, V_X1OFF, V_X1SH)
+        m_i, l_i, acc = packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, kcent_ptr,
+                                           vcent_ptr, KF, VF, K_REG, K_ASM, V_REG, V_ASM, USE_CAP, True)
 
     # ---- new tokens (already rotated, unquantized), causal
     if NEW:  # else the new tokens' part comes from new_part, merged by _extend_merge_kernel
@@ -202,11 +193,6 @@ def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_
         unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
 
-# Split-K over the prefix chosen by `extend_attention(num_splits=None)` itself. On an H200 (eleventh
-# session, K4V4 (32, 8, 128)) one sequence of 32 new tokens over a 16K prefix took 244 us with the
-# automatic 16 splits against 2,642 unsplit (SGLang's Triton extend over BF16: 1,100); every other timed
-# shape kept 1 split by the rule (a grid of >= one program per SM), so it ran as before.
-AUTO_SPLITS = True
 WORKSPACE_CAP_BYTES = 256 << 20
 
 
@@ -224,98 +210,50 @@ def choose_extend_splits(programs: int, max_prefix_len: int, rows: int, heads: i
     return int(max(1, min(want, cap)))
 
 
-# The prefix tiles' centroids from decode's bf16 register LUT (PTX byte permutes over the codebook held
-# in registers), interleaved into coordinate order, instead of one memory gather per code, for formats
-# whose codes are one 4- or 2-bit field (K4 / V4 / V2, PROD-K3's keys). sm_90 prefix loop (K4V4, d 128):
-# 1,059 instructions per tile at 128 rows (1,425 with gathers) and 1,357 at 64 rows (2,354, 160 spills),
-# no spills. One H200 (twelfth session, K4V4 (32, 8, 128), extend_attention's defaults): 1.7-2.9x faster,
-# e.g. 8K new over an 8K prefix 9.98 against 16.61 ms, 512 over 16K 0.99 against 2.83 ms, 64 x 128 over
-# 4K 4.74 against 8.82 ms; all GPU extend tests pass with it.
-REGISTER_LUT = True
-# The same for 3-bit codes (2-bit field + 1-bit field: decode's "split" LUT, `register_lut_slices3`) and
-# 5-bit ones (4 + 1: "split5"). One H200 (thirteenth session, K3V3 (32, 8, 128), one layer, one call):
-# 512 new over a 16K prefix 1.11 against 2.52 ms, 2K over 8K 2.31 against 3.80, 8K over 8K 10.36 against
-# 17.62; the GPU extend tests passed with it.
-REGISTER_LUT_SPLIT = True
-# The per-token scales (|k|, |v|) multiply the dequantized [BLOCK_N, d] K / V tiles (in fp32, rounded to
-# bf16 per element) instead of the [BLOCK_M, BLOCK_N] scores and probabilities. In the score layout each
-# thread needed 16 scale loads per tile with 64-bit slot addressing; in the tile layout one or two. The
-# sm_90 prefix loop (K4V4, d 128, register LUT) goes from 1,059 to 823 instructions per tile at 128 rows
-# and from 1,357 to 1,303 at 64; the interpreter tests' error moves from 3.9e-3 to 4.3e-3 (the tile's
-# bf16 rounding of c |k| instead of the fp32 product on the scores). One H200 (thirteenth session, K4V4
-# (32, 8, 128), one layer, one call): 512 new over 16K 0.88 against 0.99 ms, 2K over 8K 1.66 against
-# 1.98, 8K over 8K 8.61 against 9.93 (all in one kernel); the GPU extend tests passed with it.
-SCALE_TILES = True
-
-
-def _register_lut_width(tables: dict, fmt, split: bool) -> int:
-    """The first code field's width (4 or 2) where `centroid_tile` can take the register LUT for this
-    format: one main field, or (split) a second 1-bit one; else 0."""
-    kind = tables["register_lut_kind"]
-    if kind != "single" and not (split and kind in ("split", "split5")):
+def _register_lut_width(tables: dict, fmt) -> int:
+    """The first code field's width (4 or 2) where `centroid_tile` takes the register LUT for this
+    format (one main field, or a second 1-bit one: 3- and 5-bit codes); else 0 (per-code gathers)."""
+    if not tables["register_lut_kind"]:
         return 0
     return [w for k, w, *_ in fmt.fields if k == "main"][0]
 
 
 def choose_block_m(n_seqs: int, h_q: int, max_extend_len: int, device) -> int:
     """Query rows per program. Every program dequantizes the whole prefix once, so more rows per program
-    means fewer dequantizations per row: BLOCK_M 128 with 8 warps ran the prefix loop in ~1,425 sm_90
-    instructions per 128 rows (15 spill instructions) against ~2,354 per 64 rows (4 warps, 160 spills;
-    K4V4, d 128, per-code gathers; with the register LUT 1,059 and 1,357, no spills: the rule was not
-    re-measured since). It is taken where the grid still has two programs per SM."""
+    means fewer dequantizations per row: 128 rows with 8 warps where the grid still has two programs
+    per SM, else 64."""
     return 128 if n_seqs * h_q * triton.cdiv(max(max_extend_len, 1), 128) >= 2 * num_sms(device) else 64
 
 
 def choose_gqa_pack(group: int, max_extend_len: int) -> bool:
     """Pack the query group into each program's rows when the longest new-token run of the whole group
     fits one 128-row block: a program per query head would then fill a quarter to a half of its rows
-    and dequantize the prefix G times. On an H200 (tenth session, K4V4 (32, 8, 128)) 32 sequences x 32
-    new tokens over 16K prefixes took 4.2 ms packed against 16.1 (SGLang's BF16 extend: 8.2); 1 x 32 2.59
-    against 2.67; from 128 new tokens on packing made no difference (within +-3 %)."""
+    and dequantize the prefix G times (many short turns over long cached histories)."""
     return group > 1 and max_extend_len * triton.next_power_of_2(group) <= 128
 
 
 def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      qo_indptr, kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0,
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,
-                     block_m: Optional[int] = None, block_n: int = 64, num_warps: Optional[int] = None,
-                     num_stages: int = 2,
-                     use_lut: bool = False, k_mean=None, window: Optional[ExtendWindow] = None,
-                     gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None,
-                     max_prefix_len: Optional[int] = None, auto_splits: Optional[bool] = None,
-                     new_part: Optional[tuple] = None, register_lut: Optional[bool] = None,
-                     register_lut_split: Optional[bool] = None, scale_tiles: Optional[bool] = None):
+                     max_prefix_len: Optional[int] = None, k_mean=None, window: Optional[ExtendWindow] = None,
+                     new_part: Optional[tuple] = None, block_m: Optional[int] = None, block_n: int = 64,
+                     num_warps: Optional[int] = None, gqa_pack: Optional[bool] = None,
+                     num_splits: Optional[int] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
-    when not given.
+    when not given. max_prefix_len: the longest cached prefix (Python int; enables split-K).
     k_mean: optional fp32 [H_kv, d_k], the key-centering mean the cache was written with: the new
     tokens' keys are centered the same way (k_new - k_mean) so all scores shift by the same q.k_mean.
-    use_lut defaults to False here: with BLOCK_M = 64 the byte-LUT tile (bitcast lanes feeding a wgmma
-    operand) crashes Triton 3.6's TritonGPUOptimizeDotOperands pass (seen compiling for sm_90;
-    scripts/compile_check.py reproduces it without a GPU). The register LUT (register_lut) replaces the
-    gathers without that crash, for the same one-field formats.
-    block_m / block_n must be >= 32: with 16-wide tiles the compiled kernel gave wrong results on an
-    H100 (Triton 3.6) while the interpreter was right.
-    block_m=None: `choose_block_m` (128 query rows with 8 warps where that still fills the GPU, else 64);
-    num_warps=None: 8 for block_m >= 128, else 4.
-    register_lut (None: REGISTER_LUT, on): prefix centroids of one-field 4-/2-bit codes from the bf16
-    register LUT, interleaved into coordinate order (`centroid_tile`'s REG), instead of a gather per code;
-    register_lut_split (None: REGISTER_LUT_SPLIT, on): also 3- and 5-bit codes (decode's split LUTs).
-    scale_tiles (None: SCALE_TILES, on): the per-token scales multiply the K / V tiles, not the scores.
-    (A fourth-session variant with decode's sliced layout and register LUT for the prefix failed 2 of 8
-    GPU tests on an H100 and was slower with long new-token runs; removed, 2026-11-28. This one keeps the
-    coordinate order and the general kernel.)
-    gqa_pack: one program per (sequence, KV head) and block of new tokens, its rows covering the whole
-    query group (the group padded to a power of two, BLOCK_G; block_m // BLOCK_G tokens per program), so
-    the packed prefix is dequantized once per group instead of once per query head: G times less
-    prefix work in all. Meant for many short extends over long prefixes at once (concurrent chat turns
-    over their cached histories); a lone one still waits for one program's pass over its prefix, which
-    is as long either way. None: `choose_gqa_pack` (on for short runs, where it was faster).
-    num_splits (split-K over the prefix, for grids too small to fill the GPU: a lone turn over a long
-    history): each of the splits walks its share of the prefix, the last one also the new tokens, into
-    fp32 partials that `_extend_merge_kernel` merges and un-rotates (one launch more). None: 1 unless
-    auto_splits (None: AUTO_SPLITS, on), then `choose_extend_splits`, which needs max_prefix_len (the
-    longest cached prefix in the batch, a Python int the caller knows without a sync).
+    The prefix tiles' centroids come from the bf16 register LUT where the format has one (2-/3-/4-/5-bit
+    codes; gathers in the interpreter and for outlier / 6-bit formats), and the per-token scales
+    multiply the dequantized K / V tiles.
+    Launch choices (None: chosen here): block_m `choose_block_m` (>= 32; 16-wide tiles gave wrong
+    results on sm_90), num_warps 8 for block_m >= 128 else 4, gqa_pack `choose_gqa_pack` (one program
+    per (sequence, KV head) and block of new tokens, its rows covering the whole query group, so the
+    prefix is dequantized once per group), num_splits `choose_extend_splits` (split-K over the prefix
+    for grids too small to fill the GPU, e.g. a lone turn over a long history; needs max_prefix_len,
+    else 1): each split walks its share of the prefix, the last one also the new tokens, into fp32
+    partials that `_extend_merge_kernel` merges and un-rotates.
     window (`tq_kernels.window.ExtendWindow`, for measuring the cache format with a recent window): new
     key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old (the keys and
     values as the codes give them back; k_old already centered, so k_mean applies to k_new only).
@@ -323,20 +261,20 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     kernel (e.g. FlashInfer's ragged prefill with its lse): o_new [T, H_q, d_v] in the original domain,
     lse_new fp32 [T, H_q] in log2 units (log2 of the sum of exp(score * sm_scale), soft-capped as here;
     FlashInfer's convention). This kernel then reads only the prefix, into fp32 partials, and the merge
-    launch folds o_new in by its lse. k_new / v_new are not read (no window then). For long new-token
-    runs, where a dedicated prefill kernel is much faster than this kernel's bf16 loop."""
+    launch folds o_new in by its lse. k_new / v_new are not read (no window then)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if new_part is not None and window is not None and window.size > 0:
-        raise ValueError("new_part and a recent window (evaluation view) do not combine")
+        raise ValueError("extend: new_part and a recent window (evaluation view) do not combine")
     if vf.qjl:
-        raise NotImplementedError("PROD (QJL) format for V is not supported by the Triton extend kernel")
+        raise ValueError("extend: the PROD (QJL) format is for keys only; V has no QJL field")
     if (block_m is not None and block_m < 32) or block_n < 32:
-        raise ValueError(f"block_m / block_n must be >= 32 (got {block_m}, {block_n})")
+        raise ValueError(f"extend: block_m / block_n must be >= 32 (got {block_m}, {block_n})")
     d_k, d_v = kf.head_dim, vf.head_dim
     T = q.shape[0]
     q3 = q.reshape(T, -1, d_k)
     h_q, h_kv = q3.shape[1], k_codes.shape[1]
-    assert h_q % h_kv == 0
+    if h_q % h_kv:
+        raise ValueError(f"extend: {h_q} query heads are not a multiple of {h_kv} KV heads")
     G = h_q // h_kv
     dev = q.device
     if out is None:
@@ -356,7 +294,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     if block_m is None:
         block_m = choose_block_m(n_seqs, h_q, max_extend_len, dev)
     if block_m < block_g:
-        raise ValueError(f"block_m ({block_m}) must hold the padded query group ({block_g})")
+        raise ValueError(f"extend: block_m ({block_m}) must hold the padded query group ({block_g})")
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     kt, vt = kernel_tables(kcodec, dev), kernel_tables(vcodec, dev)
@@ -366,7 +304,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     else:
         kn = k_new.reshape(T, h_kv, d_k).to(torch.float32)
         if k_mean is not None:
-            assert tuple(k_mean.shape) == (h_kv, d_k), f"k_mean must be [{h_kv}, {d_k}], got {tuple(k_mean.shape)}"
+            if tuple(k_mean.shape) != (h_kv, d_k):
+                raise ValueError(f"extend: k_mean must be [{h_kv}, {d_k}], got {tuple(k_mean.shape)}")
             kn = kn - k_mean.to(device=dev, dtype=torch.float32)
         kn = torch.matmul(kn, kt["mt"]).to(torch.bfloat16)                        # k~ = (k - mu) M_k^T
         vn = torch.matmul(v_new.reshape(T, h_kv, d_v).to(torch.float32), vt["mt"]).to(torch.bfloat16)  # v~ = v M_v^T
@@ -378,19 +317,13 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     else:
         ko, vo, wsize = kn, vn, 0
     use_cap = bool(logit_cap and logit_cap > 0)
-    k_lut = lut_width(kf) if use_lut else 0
-    v_lut = lut_width(vf) if use_lut else 0
-    reg = REGISTER_LUT if register_lut is None else register_lut
-    split_reg = REGISTER_LUT_SPLIT if register_lut_split is None else register_lut_split
-    k_reg, v_reg = (_register_lut_width(t, f, split_reg) if reg and not use_lut else 0
-                    for t, f in ((kt, kf), (vt, vf)))
+    k_reg, v_reg = _register_lut_width(kt, kf), _register_lut_width(vt, vf)
     q_scale = float(sm_scale) * (1.0 if use_cap else LOG2E)
     blocks = triton.cdiv(max_extend_len, block_m // block_g)
     heads_axis = h_kv if gqa_pack else h_q
     if num_splits is None:
-        auto = AUTO_SPLITS if auto_splits is None else auto_splits
         num_splits = (choose_extend_splits(n_seqs * heads_axis * blocks, max_prefix_len, T, h_q, d_v, dev, block_n)
-                      if auto and max_prefix_len is not None else 1)
+                      if max_prefix_len is not None else 1)
     num_splits = max(1, int(num_splits))
     split = num_splits > 1 or new_part is not None
     if split:  # fp32 partials: [splits, T, H_q] rows of d_v (normalized accumulator) and their lse
@@ -399,23 +332,16 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     else:
         ws_acc = ws_lse = out3
     grid = (n_seqs, heads_axis, blocks * num_splits)
-    mv, mv_scale = rotation_operand(vt, transposed=False)
     _extend_kernel[grid](
-        qr, qr.stride(0), qr.stride(1), kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo,
-        q_scale, float(logit_cap) if use_cap else 1.0,
-        k_codes, k_codes.stride(0), k_codes.stride(1), k_scales, k_scales.stride(0), k_scales.stride(1),
-        v_codes, v_codes.stride(0), v_codes.stride(1), v_scales, v_scales.stride(0), v_scales.stride(1),
-        kt["centroids_bf16"], vt["centroids_bf16"],
-        kt["lut"] if k_lut else kt["centroids_bf16"], vt["lut"] if v_lut else vt["centroids_bf16"],
-        qo_indptr, kv_indptr, kv_indices, mv, out3,
-        out3.stride(0), out3.stride(1), ws_acc, ws_lse, T * h_q, h_q, 1, num_splits,
+        (qr, qr.stride(0), qr.stride(1)),
+        (kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo),
+        cache_args(k_codes, k_scales, v_codes, v_scales), kt["centroids_bf16"], vt["centroids_bf16"],
+        qo_indptr, kv_indptr, kv_indices, vt["msign"], (out3, out3.stride(0), out3.stride(1)),
+        (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, q_scale, float(logit_cap) if use_cap else 1.0,
         G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
-        USE_CAP=use_cap, K_LUT=k_lut, V_LUT=v_lut, WINDOW=wsize, NEW=new_part is None,
+        USE_CAP=use_cap, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], WINDOW=wsize, NEW=new_part is None,
         K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",
-        SCALE_TILES=bool(SCALE_TILES if scale_tiles is None else scale_tiles),
-        BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale,
-        **fmt_constexprs(kf, "K_"), **fmt_constexprs(vf, "V_"),
-        num_warps=num_warps, num_stages=num_stages,
+        KF=fmt_constexpr(kf), VF=fmt_constexpr(vf), num_warps=num_warps, num_stages=2,
     )
     if split:
         if new_part is not None:
@@ -426,8 +352,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         else:
             o_new, lse_new = out3, ws_lse[0]
         _extend_merge_kernel[(triton.cdiv(T, 32), h_q)](
-            ws_acc, ws_lse, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, mv, out3, out3.stride(0), out3.stride(1),
-            o_new, o_new.stride(0), o_new.stride(1), lse_new, lse_new.stride(0), lse_new.stride(1),
-            V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=mv_scale, NEW_PART=new_part is not None,
+            ws_acc, ws_lse, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, vt["msign"], out3, out3.stride(0),
+            out3.stride(1), o_new, o_new.stride(0), o_new.stride(1), lse_new, lse_new.stride(0), lse_new.stride(1),
+            V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], NEW_PART=new_part is not None,
             num_warps=4)
     return out

@@ -1,50 +1,65 @@
-"""Public kernel API: dispatches to Triton when the tensors are on CUDA or TRITON_INTERPRET=1 is
-set, else to the pure-PyTorch reference (same signatures; Triton-only keyword arguments such as
-workspace / num_splits / block sizes are ignored by the reference; the key-centering mean `k_mean`
-of compress_and_store / extend_attention and the recent window (`ring` / `window`, tq_kernels.window)
-are honoured by both)."""
+"""The one interface between an engine adapter and the kernels: `for_device(device)` returns a
+`KernelOps` whose functions have the same signatures for the Triton kernels (CUDA) and the pure-PyTorch
+reference (every other device):
+
+  compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales,
+                     *, k_mean=None, q=None, q_rot=None, ring=None)
+  plan_decode(kcodec, vcodec, batch, num_kv_heads, max_seq_len, device,
+              *, window=False, batch_invariant=False, max_splits=64,
+              num_splits=None, block_n=None, sm_count=None) -> DecodePlan
+  decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices,
+                   sm_scale, logit_cap=0.0, out=None, *, plan=None, workspace=None, q_rotated=None,
+                   window=None)
+  extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr,
+                   kv_indptr, kv_indices, sm_scale, logit_cap=0.0, causal=True, out=None,
+                   *, max_extend_len=None, max_prefix_len=None, k_mean=None, window=None, new_part=None,
+                   block_m=None, gqa_pack=None, num_splits=None)
+  DecodeWorkspace.create(max_batch, num_q_heads, head_dim_v, max_splits, device, head_dim_k=None)
+
+The reference takes the launch arguments (plan, workspace, block sizes, splits) and ignores them; it
+honours k_mean, the recent window (ring / window) and compress's query rotation (q, q_rot)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
 from . import reference as _ref
-from ._common import kernel_tables, use_triton
-from .decode import DecodeWorkspace, choose_num_splits  # noqa: F401
+from .compress import compress_and_store as _tq_compress
+from .decode import DecodePlan, DecodeWorkspace, decode_attention as _tq_decode, plan_decode
+from .extend import extend_attention as _tq_extend
 
 
-def compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, **kw):
-    if use_triton(k_codes):
-        from .compress import compress_and_store as fn
-        return fn(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, **kw)
-    _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales,
-                            k_mean=kw.get("k_mean"), ring=kw.get("ring"))
-    if kw.get("q") is not None:  # the decode queries rotated like the keys (decode_attention's q_rotated)
-        q, q_rot = kw["q"], kw["q_rot"]
+@dataclass(frozen=True)
+class KernelOps:
+    name: str
+    compress_and_store: Callable
+    plan_decode: Callable
+    decode_attention: Callable
+    extend_attention: Callable
+    DecodeWorkspace: type = DecodeWorkspace
+
+
+def _ref_compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, *, k_mean=None,
+                            q=None, q_rot=None, ring=None, **_launch):
+    _ref.compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_codes, v_scales, k_mean=k_mean,
+                            ring=ring)
+    if q is not None:  # the decode queries rotated like the keys (decode_attention's q_rotated)
         n = k.shape[0]
-        wt = kernel_tables(kcodec, q.device)["wt"]  # M_k^T (keys without QJL), cached in the codec
-        q_rot[:n] = (q.reshape(n, -1, kcodec.fmt.head_dim).float() @ wt).view_as(q_rot[:n])
+        m = kcodec.rotation.matrix().to(device=q.device, dtype=torch.float32)
+        q_rot[:n] = (q.reshape(n, -1, kcodec.fmt.head_dim).float() @ m.t()).view_as(q_rot[:n])
 
 
-def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,
-                     logit_cap=0.0, out=None, **kw):
-    if use_triton(k_codes):
-        from .decode import decode_attention as fn
-        return fn(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices, sm_scale,
-                  logit_cap, out, **kw)
-    return _ref.decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices,
-                                 sm_scale, logit_cap, out, window=kw.get("window"))
+TRITON = KernelOps("triton", _tq_compress, plan_decode, _tq_decode, _tq_extend)
+REFERENCE = KernelOps("reference", _ref_compress_and_store, plan_decode, _ref.decode_attention,
+                      _ref.extend_attention)
 
 
-def extend_auto_splits() -> bool:
-    """Whether the Triton extend chooses split-K over the prefix by itself (tq_kernels.extend.AUTO_SPLITS)."""
-    from . import extend
-    return bool(extend.AUTO_SPLITS)
+def for_device(device) -> KernelOps:
+    """The Triton kernels on CUDA devices, the reference elsewhere (tests call the Triton launch
+    functions on CPU tensors under TRITON_INTERPRET=1 through `TRITON` directly)."""
+    return TRITON if torch.device(device).type == "cuda" else REFERENCE
 
 
-def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr, kv_indptr,
-                     kv_indices, sm_scale, logit_cap=0.0, causal=True, out=None, **kw):
-    if use_triton(k_codes):
-        from .extend import extend_attention as fn
-        return fn(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr, kv_indptr,
-                  kv_indices, sm_scale, logit_cap, causal, out, **kw)
-    return _ref.extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr,
-                                 kv_indptr, kv_indices, sm_scale, logit_cap, causal, out, k_mean=kw.get("k_mean"),
-                                 window=kw.get("window"))
+__all__ = ["KernelOps", "TRITON", "REFERENCE", "for_device", "DecodePlan", "DecodeWorkspace", "plan_decode"]

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Decode-attention benchmark of the TurboQuant kernels against FlashInfer (BF16 / FP8 KV) and
-SGLang's Triton decode, on one GPU, in one run.
+"""Benchmark of the TurboQuant kernels against FlashInfer (BF16 / FP8 KV) and SGLang's Triton kernels, on one
+GPU, in one run.
 
+  python scripts/bench_kernels.py --headline --json results/headline.json  # the before/after points
   python scripts/bench_kernels.py --check --quick            # validate every codec, then a short bench
   python scripts/bench_kernels.py --check --out results/     # full grid, JSON + PNG
-  python scripts/bench_kernels.py --quick --sweep            # also sweep BLOCK_N / warps / stages / splits
-  python scripts/bench_kernels.py --quick --extend 8192:8192  # also extend over a packed 8K prefix, 8K new
+  python scripts/bench_kernels.py --quick --extend 16384:512  # also extend: 512 new over a packed 16K prefix
 
+--headline times decode K4V4 at (32, 8, 128) B=32 ctx 32K and B=1 ctx 1K, K4V4 at (9, 3, 64) B=32 ctx 32K,
+and extend of 512 new tokens over a 16K packed prefix (K4V4, (32, 8, 128)), each with FlashInfer BF16.
 Every baseline is optional (lazy imports, try/except): a missing or failing FlashInfer / SGLang only
 blanks its columns. Times are medians of CUDA-graph replays (falls back to plain launches when a
 capture fails); when a point's data would fit in L2, several buffer sets are cycled.
@@ -26,25 +28,14 @@ import traceback
 
 import torch
 
-try:  # installed (pip -e) or put on the path as tq_kernels (see docs/KERNELS.md)
-    import tq_kernels  # noqa: F401
-except ImportError:  # fall back to the repo's kernels/ folder, loaded under the name tq_kernels
-    import importlib.util
-
-    _kdir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels")
-    _spec = importlib.util.spec_from_file_location("tq_kernels", os.path.join(_kdir, "__init__.py"),
-                                                   submodule_search_locations=[_kdir])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["tq_kernels"] = _mod
-    _spec.loader.exec_module(_mod)
-
-from tq_kernels._common import kernel_tables
-from tq_kernels import reference
-from tq_kernels.codec import VecFormat
-from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms
-from tq_kernels.compress import compress_and_store
-from tq_kernels.extend import extend_attention
-from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from kernel_helpers import alloc_cache, fill_random_kv, make_codecs, rel_err  # noqa: E402
+from tq_kernels import reference  # noqa: E402
+from tq_kernels._common import kernel_tables  # noqa: E402
+from tq_kernels.codec import VecFormat  # noqa: E402
+from tq_kernels.compress import compress_and_store  # noqa: E402
+from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode  # noqa: E402
+from tq_kernels.extend import extend_attention  # noqa: E402
 
 CODECS = {
     "K4V4": (dict(bits=4), dict(bits=4)),
@@ -54,22 +45,9 @@ CODECS = {
     "K5V4": (dict(bits=5), dict(bits=4)),  # k5v4 preset: 5-bit keys take the general stage 1
 }
 SHAPES = {"hd128": (32, 8, 128), "hd64": (9, 3, 64)}
-# block_n, num_warps, num_stages, use_lut (byte LUT of the general stage 1), sliced (no-interleave
-# stage 1 where the formats allow it, else the general one), register_lut (sliced: PTX byte-permute
-# centroid lookup instead of per-code gathers), max_registers (0: Triton's choice), centroid_poly (4-bit
-# centroids as an f16 polynomial instead of the lookup; optional 8th entry).
-# First run (H100, 2026-11-28): general stage 1 with per-code gathers 3.54 ms for K4V4 at B=32, ctx 32K
-# (byte LUT 2x slower). H200 sweep (2026-11-28): sliced + register LUT 0.97 ms at (128, 4, 2), the
-# default since. The 3-bit register LUT came after that sweep; on an H100 (profile_decode.py) K3V3 ran
-# 1.37 ms with it against 3.65 ms general, and it is the default for 3-bit codes since.
-# key_int8 (optional 9th entry): 4-bit keys' scores on int8 tensor cores (seventh session).
-SWEEP = [(128, 4, 2, False, True, True, 0), (128, 8, 2, False, True, True, 0), (64, 4, 2, False, True, True, 0),
-         (64, 2, 2, False, True, True, 0), (32, 1, 2, False, True, True, 0),
-         (128, 4, 2, False, True, True, 0, True),
-         (128, 4, 2, False, True, True, 0, False, True), (128, 4, 2, False, True, True, 168, False, True),
-         (128, 4, 3, False, True, True, 168, False, True), (128, 8, 2, False, True, True, 0, False, True),
-         (64, 4, 2, False, True, True, 0, False, True), (64, 2, 2, False, True, True, 0, False, True),
-         (32, 1, 2, False, True, True, 0, False, True), (128, 4, 2, False, True, True, 168, True, True)]
+# (shape, codec, B, ctx) of --headline, and its extend point (prefix, new)
+HEADLINE_DECODE = [("hd128", "K4V4", 32, 32768), ("hd128", "K4V4", 1, 1024), ("hd64", "K4V4", 32, 32768)]
+HEADLINE_EXTEND = (16384, 512)
 
 
 def log(*a):
@@ -147,9 +125,8 @@ def n_sets_for(nbytes, l2_bytes):
 # --------------------------------------------------------------------------------------------
 # systems
 # --------------------------------------------------------------------------------------------
-def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, window=0, key_int8=None, extra=None):
-    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16).
-    extra: more decode_attention keyword arguments (`--variants`)."""
+def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, splits=None, window=0):
+    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     per_set = B * ctx * hkv * (kfmt.slot_bytes + vfmt.slot_bytes)
@@ -173,39 +150,19 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, cfg=None, splits=None, wi
                                (lens - window).clamp_min(0).contiguous(),
                                torch.arange(B, device="cuda", dtype=torch.int32) * window)
         sets.append((bufs, indptr, idx, q, out, qrot, win))
-    ns = splits or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
-    ws = DecodeWorkspace.create(B, hq, d, max_splits=ns + (1 if window else 0), device="cuda")
-    kw = {}
-    if cfg is not None:
-        kw = dict(block_n=cfg[0], num_warps=cfg[1], num_stages=cfg[2], use_lut=cfg[3], sliced=cfg[4],
-                  register_lut=cfg[5], max_registers=cfg[6] or None, centroid_poly=len(cfg) > 7 and cfg[7],
-                  key_int8=len(cfg) > 8 and cfg[8])
-    if key_int8 is not None:
-        kw["key_int8"] = key_int8
-    kw.update(extra or {})
+    plan = plan_decode(kc, vc, B, hkv, ctx, "cuda", window=bool(window), num_splits=splits)
+    ws = DecodeWorkspace.create(B, hq, d, max_splits=plan.partials, device="cuda")
 
     def fn():
         for bufs, indptr, idx, q, out, qrot, win in sets:
-            decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
-                             q_rotated=qrot, window=win, **kw)
+            decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, plan=plan, workspace=ws,
+                             q_rotated=qrot, window=win)
 
     ms = bench(fn, n_inner=n_sets)
     qo_bytes = 2 * B * hq * d * 2
     del sets
     torch.cuda.empty_cache()
-    return ms, per_set + qo_bytes, ns
-
-
-def parse_variant(text):
-    """"name:key=value,key=value" -> (name, {key: value}); values are Python literals (True, 128, ...)."""
-    import ast
-
-    name, _, rest = text.partition(":")
-    kw = {}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        kw[k.strip()] = ast.literal_eval(v.strip())
-    return name, kw
+    return ms, per_set + qo_bytes, plan.num_splits
 
 
 def run_flashinfer(B, ctx, hq, hkv, d, kv_dtype, page_size, l2, seed):
@@ -293,15 +250,11 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
 def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
     """`seqs` sequences' chunked-prefill continuations (radix hits, or second chunks of long prompts):
     each sequence's `new` queries attend to its `prefix` cached tokens plus, causally, to themselves.
-    -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "gathers" (the prefix
-    centroids by per-code gathers instead of the register LUT), "no_split_lut" (3- / 5-bit codes by
-    gathers instead of the split register LUTs, extend_attention(register_lut_split=False); None for other
-    formats), "no_scale_tiles" (the per-token scales on the scores instead of the K / V tiles,
-    extend_attention(scale_tiles=False)), "one_split" (no
+    -> dict of ms: "ours" (the defaults: automatic GQA packing and prefix splits), "one_split" (no
     prefix splits), "split4" (4 splits), "hybrid" (FlashInfer's ragged prefill for the new tokens with its
     lse, then `extend_attention(new_part=)` over the packed prefix only; None without FlashInfer),
-    "fi_new" (that FlashInfer part alone), "sgl_triton_bf16" (SGLang's Triton extend over a BF16 prefix,
-    None if unavailable)."""
+    "fi_new" (that FlashInfer part alone), "sgl_triton_bf16" (SGLang's Triton extend over a BF16 prefix),
+    "fi_bf16" (FlashInfer's paged prefill over a BF16 prefix plus the new tokens); None if unavailable."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     n_slots = seqs * prefix + 1
@@ -321,11 +274,6 @@ def run_extend_pair(prefix, new, hq, hkv, d, codec_name, seed, seqs=1):
         return bench(lambda: extend_attention(q, k, v, *bufs, kc, vc, qo, kvp, idx, d ** -0.5, out=out,
                                               max_extend_len=new, max_prefix_len=prefix, **kw))
     res["ours"] = ext()
-    res["gathers"] = ext(register_lut=False)  # prefix centroids by per-code gathers (before the twelfth session)
-    res["no_scale_tiles"] = ext(scale_tiles=False)  # |k|, |v| on the scores (before the thirteenth session)
-    res["no_split_lut"] = None  # 3- / 5-bit codes by per-code gathers (before the thirteenth session)
-    if any(kernel_tables(c, dev)["register_lut_kind"] in ("split", "split5") for c in (kc, vc)):
-        res["no_split_lut"] = ext(register_lut_split=False)
     res["one_split"] = ext(num_splits=1)
     res["split4"] = ext(num_splits=4)
     res["hybrid"] = res["fi_new"] = None
@@ -375,8 +323,8 @@ def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
     tokens -> dict of ms: BF16 KV stores the K/V rows into the pool and runs SGLang's Triton extend;
     TurboQuant compresses them into the packed pool (and the last `window` tokens of each prompt into
     the exact ring) and runs the same extend over the new bf16 K/V. "*_fi": the same with FlashInfer's
-    ragged prefill instead of the Triton extend (what the backend runs by default since the eleventh
-    session; None without FlashInfer)."""
+    ragged prefill instead of the Triton extend (what the backend runs by default; None without
+    FlashInfer)."""
     from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     from tq_kernels.window import RingWrite
 
@@ -408,12 +356,10 @@ def run_prefill(seqs, length, hq, hkv, d, codec_name, seed, window=32):
         kb[slots] = k
         vb[slots] = v
 
-    def compress(**tile):
-        compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring, **tile)
+    def compress():
+        compress_and_store(k, v, slots, kc, vc, *bufs, ring=ring)
 
     res = dict(extend=bench(extend), store_bf16=bench(store_bf16), compress=bench(compress))
-    for bt, nw in ((32, 4), (64, 4), (64, 8)):  # larger token tiles: candidates for long prefills
-        res[f"compress_t{bt}w{nw}"] = bench(lambda: compress(block_t=bt, num_warps=nw))
     res["bf16_layer"] = bench(lambda: (store_bf16(), extend()))
     res["tq_layer"] = bench(lambda: (compress(), extend()))
     res["fi_prefill"] = res["bf16_layer_fi"] = res["tq_layer_fi"] = None
@@ -480,8 +426,8 @@ def check_all(dev="cuda"):
             errs = []
             for ns, cap in ((1, 0.0), (4, 0.0), (3, 30.0)):
                 out = torch.full((len(lens), hq, d), float("nan"), device=dev, dtype=torch.bfloat16)
-                decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, cap, out,
-                                 num_splits=ns)
+                plan = plan_decode(kc, vc, len(lens), hkv, max(lens), dev, num_splits=ns)
+                decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, cap, out, plan=plan)
                 ref = reference.decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, cap)
                 errs.append(rel_err(out.float(), ref.float()) if not out.isnan().any() else float("nan"))
             # extend: 2 sequences, prefix from the cache, new tokens
@@ -512,16 +458,115 @@ def check_all(dev="cuda"):
 
 
 # --------------------------------------------------------------------------------------------
+def run_flashinfer_extend(prefix, new, hq, hkv, d, seed, seqs=1, page_size=16):
+    """FlashInfer's paged prefill over a BF16 cache holding each sequence's prefix and new tokens (the
+    new queries causal at the end): the BF16 baseline of an extend over a cached prefix."""
+    import flashinfer
+
+    dev = "cuda"
+    total = prefix + new
+    pages_seq = math.ceil(total / page_size)
+    n_pages = seqs * pages_seq + 1
+    g = torch.Generator(device=dev).manual_seed(seed)
+    k = torch.randn(n_pages, page_size, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(n_pages, page_size, hkv, d, device=dev, dtype=torch.bfloat16)
+    pidx = (torch.randperm(n_pages - 1, device=dev, generator=g)[:seqs * pages_seq] + 1).to(torch.int32)
+    kv_indptr = torch.arange(seqs + 1, device=dev, dtype=torch.int32) * pages_seq
+    last = torch.full((seqs,), (total - 1) % page_size + 1, device=dev, dtype=torch.int32)
+    qo = torch.arange(seqs + 1, device=dev, dtype=torch.int32) * new
+    q = torch.randn(seqs * new, hq, d, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device=dev), "NHD")
+    w.plan(qo, kv_indptr, pidx, last, hq, hkv, d, page_size, causal=True, q_data_type=torch.bfloat16,
+           kv_data_type=torch.bfloat16, sm_scale=d ** -0.5)
+    ms = bench(lambda: w.run(q, (k, v), out=out))
+    del k, v
+    torch.cuda.empty_cache()
+    return ms
+
+
+def decode_baselines(B, ctx, hq, hkv, d, l2, args):
+    """FlashInfer BF16 / FP8 and SGLang's Triton decode at one point (None where unavailable)."""
+    base = {}
+    for name, f in (("fi_bf16", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.bfloat16, args.fi_page_size, l2, 1)),
+                    ("fi_fp8", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.float8_e4m3fn, args.fi_page_size,
+                                                      l2, 2)),
+                    ("sgl_triton", lambda: run_sglang_triton(B, ctx, hq, hkv, d, l2, 3, args.sgl_splits))):
+        if name == "sgl_triton" and B * ctx * hkv * d >= 2 ** 31:
+            # its kernel indexes the K/V buffers with 32-bit offsets: beyond them it faults, and a fault
+            # ends every later timing of the process
+            base[name] = None
+            log(f"  {name} skipped at B={B} ctx={ctx}: K/V beyond 32-bit offsets")
+            continue
+        try:
+            base[name] = f()
+        except Exception as e:  # noqa: BLE001 - the baselines are optional
+            base[name] = None
+            log(f"  {name} failed at B={B} ctx={ctx}: {type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.empty_cache()
+    return base
+
+
+def decode_point(shape, codec, B, ctx, l2, bw, args, base):
+    """One decode point: ours (and with a window), its bandwidth, its ratios to the baselines."""
+    hq, hkv, d = SHAPES[shape]
+    ms, nbytes, ns = run_ours(B, ctx, hq, hkv, d, codec, l2, 7)
+    pt = dict(shape=shape, hq=hq, hkv=hkv, d=d, B=B, ctx=ctx, codec=codec, ms=ms, bytes=nbytes, splits=ns,
+              gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3, **base)
+    pt["pct_copy"] = 100 * pt["gbs"] / bw
+    for b in ("fi_bf16", "fi_fp8", "sgl_triton"):
+        pt["x_" + b] = (base[b] / ms) if base.get(b) else None
+    if args.window:
+        pt["window"] = args.window
+        pt["ms_window"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, window=args.window)[0]
+        for b in ("fi_bf16", "fi_fp8"):
+            pt["x_window_" + b] = (base[b] / pt["ms_window"]) if base.get(b) else None
+        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with a {args.window}-token window "
+            f"{pt['ms_window'] * 1e3:8.1f} us")
+    log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} ours {ms * 1e3:8.1f} us  "
+        f"{pt['gbs']:6.0f} GB/s ({pt['pct_copy']:4.0f}% copy)  "
+        + "  ".join(f"{b} {base[b] * 1e3:8.1f} us" for b in base if base.get(b)))
+    return pt
+
+
+def extend_point(prefix, new, seqs, codec, args):
+    hq, hkv, d = SHAPES["hd128"]
+    r = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
+    r["fi_bf16"] = None
+    if not args.no_baselines:
+        try:
+            r["fi_bf16"] = run_flashinfer_extend(prefix, new, hq, hkv, d, 9, seqs)
+        except Exception as e:  # noqa: BLE001 - the baseline is optional
+            log(f"  FlashInfer BF16 extend failed: {type(e).__name__}: {str(e)[:200]}")
+
+    def us(x):
+        return f"{x * 1e3:9.1f}" if x else "        -"
+    log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
+        f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
+        f"(FlashInfer new {us(r['fi_new'])}; differs by {r.get('hybrid_rel_diff') or 0:.1e})  "
+        f"SGLang triton BF16 {us(r['sgl_triton_bf16'])}  FlashInfer BF16 {us(r['fi_bf16'])}"
+        + (f"  ratio {r['fi_bf16'] / r['ours']:.2f}x" if r["fi_bf16"] else ""))
+    return dict(codec=codec, prefix=prefix, new=new, seqs=seqs, **r)
+
+
+def headline(results, l2, bw, args):
+    """The before/after points (HEADLINE_DECODE, HEADLINE_EXTEND), each with FlashInfer BF16."""
+    for shape, codec, B, ctx in HEADLINE_DECODE:
+        hq, hkv, d = SHAPES[shape]
+        base = {} if args.no_baselines else decode_baselines(B, ctx, hq, hkv, d, l2, args)
+        results["points"].append(decode_point(shape, codec, B, ctx, l2, bw, args, base))
+    prefix, new = HEADLINE_EXTEND
+    results["extend"].append(extend_point(prefix, new, 1, "K4V4", args))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--headline", action="store_true",
+                    help="only the before/after points: decode K4V4 hd128 B=32 32K and B=1 1K, hd64 B=32 32K; "
+                         "extend 512 new over a 16K prefix")
+    ap.add_argument("--json", default=None, help="write the results as JSON to this file")
     ap.add_argument("--quick", action="store_true", help="B in {1,32}, ctx in {1K,32K}, K4V4+K3V3, hd128")
     ap.add_argument("--check", action="store_true", help="correctness of every codec first")
-    ap.add_argument("--sweep", action="store_true", help="sweep BLOCK_N/num_warps/num_stages and num_splits")
-    ap.add_argument("--key-int8", action="store_true",
-                    help="also time K4V4 / K4V2 points with decode_attention(key_int8=True)")
-    ap.add_argument("--variants", nargs="*", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                    help="also time our decode with these decode_attention arguments at every point, e.g. "
-                         "pairs:v_pairs=True pairs128:v_pairs=True,max_registers=128")
     ap.add_argument("--out", default=None, help="directory for results.json and speedup.png")
     ap.add_argument("--mem-budget-gb", type=float, default=30.0, help="skip points whose BF16 KV exceeds this")
     ap.add_argument("--fi-page-size", type=int, default=16)
@@ -535,13 +580,14 @@ def main():
                     help="also time each point with a recent window of this many positions (server presets: 32)")
     ap.add_argument("--extend", nargs="*", default=[], metavar="PREFIX:NEW[:SEQS]",
                     help="also time extend over a packed prefix (chunked prefill / radix hit) against SGLang's "
-                         "Triton extend over a BF16 prefix, per codec, at (32, 8, 128); SEQS sequences "
-                         "(default 1) of that shape in one call")
+                         "Triton extend and FlashInfer's prefill over a BF16 prefix, per codec, at (32, 8, 128); "
+                         "SEQS sequences (default 1) of that shape in one call")
     ap.add_argument("--prefill", nargs="*", default=[], metavar="SEQS:LEN",
                     help="also time one layer's first-prefill attention work (store + SGLang's Triton extend) "
                          "with BF16 KV and with each codec's compress, at (32, 8, 128)")
     args = ap.parse_args()
-    variants = [parse_variant(v) for v in args.variants]
+
+    import subprocess
 
     import triton
 
@@ -559,9 +605,15 @@ def main():
             log(f"{mod} not available ({type(e).__name__}: {e})")
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     t_start = time.time()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
 
-    results = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, points=[], compress=[],
-                   check=None)
+    results = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, commit=commit,
+                   date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), points=[], compress=[],
+                   extend=[], prefill=[], check=None)
     if args.check:
         results["check"] = check_all()
 
@@ -569,12 +621,17 @@ def main():
     log(f"copy bandwidth (read + write) {bw:.0f} GB/s")
     results["copy_gbs"] = bw
 
+    if args.headline:
+        headline(results, l2, bw, args)
+        save(results, args.out, args.json)
+        print_table(results, time.time() - t_start)
+        return 0 if results["check"] in (None, True) else 2
+
     batches = args.batch or ([1, 32] if args.quick else [1, 8, 32, 128])
     ctxs = args.ctx or ([1024, 32768] if args.quick else [1024, 4096, 16384, 32768])
     codecs = args.codecs or (["K4V4", "K3V3"] if args.quick else list(CODECS))
     shapes = args.shapes or (["hd128"] if args.quick else list(SHAPES))
 
-    base_cache = {}
     for shape in shapes:
         hq, hkv, d = SHAPES[shape]
         for B in batches:
@@ -583,91 +640,15 @@ def main():
                 if bf16_bytes > args.mem_budget_gb * 2**30:
                     log(f"skip {shape} B={B} ctx={ctx}: BF16 KV {bf16_bytes / 2**30:.1f} GiB > budget")
                     continue
-                key = (shape, B, ctx)
-                if key not in base_cache and not args.no_baselines:
-                    base = {}
-                    for name, f in (("fi_bf16", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.bfloat16,
-                                                                       args.fi_page_size, l2, 1)),
-                                    ("fi_fp8", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.float8_e4m3fn,
-                                                                      args.fi_page_size, l2, 2)),
-                                    ("sgl_triton", lambda: run_sglang_triton(B, ctx, hq, hkv, d, l2, 3,
-                                                                             args.sgl_splits))):
-                        if name == "sgl_triton" and B * ctx * hkv * d >= 2 ** 31:
-                            # its kernel indexes the K/V buffers with 32-bit offsets: at B=128, 32K,
-                            # (32, 8, 128) it faulted (illegal address, H200, thirteenth session), and a
-                            # fault ends every later timing of the process
-                            base[name] = None
-                            log(f"  {name} skipped at {shape} B={B} ctx={ctx}: K/V beyond 32-bit offsets")
-                            continue
-                        try:
-                            base[name] = f()
-                        except Exception as e:
-                            base[name] = None
-                            log(f"  {name} failed at {shape} B={B} ctx={ctx}: {type(e).__name__}: {str(e)[:200]}")
-                        torch.cuda.empty_cache()
-                    base_cache[key] = base
-                base = base_cache.get(key, {})
+                base = {} if args.no_baselines else decode_baselines(B, ctx, hq, hkv, d, l2, args)
                 for codec in codecs:
                     try:
-                        ms, nbytes, ns = run_ours(B, ctx, hq, hkv, d, codec, l2, 7)
-                    except Exception as e:
+                        results["points"].append(decode_point(shape, codec, B, ctx, l2, bw, args, base))
+                    except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
                         log(f"  ours failed at {shape} {codec} B={B} ctx={ctx}: {type(e).__name__}: {e}")
                         traceback.print_exc()
                         continue
-                    pt = dict(shape=shape, hq=hq, hkv=hkv, d=d, B=B, ctx=ctx, codec=codec, ms=ms, bytes=nbytes,
-                              splits=ns, gbs=nbytes / (ms * 1e-3) / 1e9, floor_ms=nbytes / (bw * 1e9) * 1e3, **base)
-                    pt["pct_copy"] = 100 * pt["gbs"] / bw
-                    if args.window:
-                        pt["window"] = args.window
-                        pt["ms_window"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, window=args.window)[0]
-                        for b in ("fi_bf16", "fi_fp8"):
-                            pt["x_window_" + b] = (base[b] / pt["ms_window"]) if base.get(b) else None
-                        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with a {args.window}-token window "
-                            f"{pt['ms_window'] * 1e3:8.1f} us")
-                    for name, extra in variants:
-                        try:
-                            t = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, extra=extra)[0]
-                        except Exception as e:  # noqa: BLE001 - a failing variant must not lose the point
-                            log(f"  variant {name} failed at {shape} {codec} B={B} ctx={ctx}: {type(e).__name__}: "
-                                f"{str(e)[:200]}")
-                            continue
-                        pt.setdefault("variants", {})[name] = dict(ms=t, args=extra, x_default=ms / t)
-                        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} variant {name:<12} {t * 1e3:8.1f} us "
-                            f"(default {ms * 1e3:8.1f} us: {ms / t:.3f}x)"
-                            + "".join(f"  {base[b] / t:.2f}x {b}" for b in ("fi_bf16", "fi_fp8") if base.get(b)))
-                    if args.key_int8 and codec in ("K4V4", "K4V2"):
-                        pt["ms_key_int8"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, key_int8=True)[0]
-                        for b in ("fi_bf16", "fi_fp8"):
-                            pt["x_key_int8_" + b] = (base[b] / pt["ms_key_int8"]) if base.get(b) else None
-                        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with int8 key scores "
-                            f"{pt['ms_key_int8'] * 1e3:8.1f} us")
-                    for b in ("fi_bf16", "fi_fp8", "sgl_triton"):
-                        pt["x_" + b] = (base[b] / ms) if base.get(b) else None
-                    if args.sweep:
-                        best = (ms, None, ns)
-                        sweep = []
-                        for cfg in SWEEP:
-                            for sp in sorted({ns, max(1, ns // 4), max(1, ns // 2), ns * 2}):
-                                try:
-                                    t, _, _ = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, cfg=cfg, splits=sp)
-                                except Exception as e:
-                                    log(f"    sweep {cfg} splits={sp} failed: {type(e).__name__}: {str(e)[:120]}")
-                                    continue
-                                sweep.append(dict(block_n=cfg[0], warps=cfg[1], stages=cfg[2], use_lut=cfg[3],
-                                                  sliced=cfg[4], register_lut=cfg[5], max_registers=cfg[6],
-                                                  centroid_poly=len(cfg) > 7 and cfg[7],
-                                                  key_int8=len(cfg) > 8 and cfg[8],
-                                                  splits=sp, ms=t))
-                                if t < best[0]:
-                                    best = (t, cfg, sp)
-                        pt["sweep"] = sweep
-                        pt["best"] = dict(ms=best[0], cfg=best[1], splits=best[2])
-                    results["points"].append(pt)
-                    save(results, args.out)
-                    log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} ours {ms * 1e3:8.1f} us  "
-                        f"{pt['gbs']:6.0f} GB/s ({pt['pct_copy']:4.0f}% copy)  "
-                        + "  ".join(f"{b} {base[b] * 1e3:8.1f} us" for b in base if base.get(b))
-                        + (f"  best {pt['best']}" if args.sweep else ""))
+                    save(results, args.out, args.json)
         # compress vs one decode step
         for codec in codecs:
             for B in batches:
@@ -681,31 +662,14 @@ def main():
                 except Exception as e:
                     log(f"  compress failed {shape} {codec} B={B}: {type(e).__name__}: {e}")
 
-    results["extend"] = []
     for pt in args.extend:
         prefix, new, *rest = (int(x) for x in pt.split(":"))
-        seqs = rest[0] if rest else 1
-        hq, hkv, d = SHAPES["hd128"]
         for codec in codecs:
             try:
-                r = run_extend_pair(prefix, new, hq, hkv, d, codec, 9, seqs)
+                results["extend"].append(extend_point(prefix, new, rest[0] if rest else 1, codec, args))
             except Exception as e:  # noqa: BLE001 - one failing point must not lose the others
                 log(f"  extend failed {codec} {pt}: {type(e).__name__}: {e}")
-                continue
-            results["extend"].append(dict(codec=codec, prefix=prefix, new=new, seqs=seqs, **r))
 
-            def us(x):
-                return f"{x * 1e3:9.1f}" if x else "        -"
-            base = r["sgl_triton_bf16"]
-            log(f"  extend {codec:<8} prefix {prefix:<6} new {new:<6} seqs {seqs:<3} ours {us(r['ours'])} us  "
-                f"gathers {us(r.get('gathers'))}  no split LUT {us(r.get('no_split_lut'))}  "
-                f"no scale tiles {us(r.get('no_scale_tiles'))}  "
-                f"1 split {us(r['one_split'])}  4 splits {us(r['split4'])}  hybrid {us(r['hybrid'])} "
-                f"(FlashInfer new {us(r['fi_new'])}; differs by {r.get('hybrid_rel_diff') or 0:.1e})  "
-                f"SGLang triton BF16 {us(base)}"
-                + (f"  ratio {base / r['ours']:.2f}x" if base else ""))
-
-    results["prefill"] = []
     for pt in args.prefill:
         seqs, length = (int(x) for x in pt.split(":"))
         hq, hkv, d = SHAPES["hd128"]
@@ -718,13 +682,12 @@ def main():
             results["prefill"].append(dict(codec=codec, seqs=seqs, len=length, **r))
             log(f"  prefill {codec:<8} {seqs} x {length}: per layer BF16 {r['bf16_layer'] * 1e3:8.1f} us "
                 f"(store {r['store_bf16'] * 1e3:.1f}, extend {r['extend'] * 1e3:.1f})  TQ {r['tq_layer'] * 1e3:8.1f} us "
-                f"(compress {r['compress'] * 1e3:.1f}; tiles 32/64/64w8: {r['compress_t32w4'] * 1e3:.1f} / "
-                f"{r['compress_t64w4'] * 1e3:.1f} / {r['compress_t64w8'] * 1e3:.1f})"
+                f"(compress {r['compress'] * 1e3:.1f})"
                 + (f"; FlashInfer prefill {r['fi_prefill'] * 1e3:.1f}: BF16 {r['bf16_layer_fi'] * 1e3:.1f} us, "
                    f"TQ {r['tq_layer_fi'] * 1e3:.1f} us" if r.get("fi_prefill") else ""))
 
+    save(results, args.out, args.json)
     if args.out:
-        save(results, args.out)
         try:
             plot(results, os.path.join(args.out, "speedup.png"))
         except Exception as e:
@@ -734,11 +697,13 @@ def main():
     return 0 if results["check"] in (None, True) else 2
 
 
-def save(results, out):
-    """results.json under out (after every decode point too, so a run cut short keeps what it measured)."""
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
+def save(results, out, json_path=None):
+    """results.json under out and / or json_path (after every decode point too, so a run cut short keeps
+    what it measured)."""
+    paths = ([os.path.join(out, "results.json")] if out else []) + ([json_path] if json_path else [])
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
             json.dump(results, f, indent=1, default=str)
 
 
@@ -761,8 +726,9 @@ def print_table(results, elapsed_s):
         log(f"{p['shape']:<6}{p['codec']:<9}{p['B']:>4}{p['ctx']:>7}{f(p['ms']):>9}{f(p['floor_ms']):>7}"
             f"{p['pct_copy']:>6.0f}{f(p.get('fi_bf16')):>8}{f(p.get('fi_fp8')):>8}{f(p.get('sgl_triton')):>8}"
             f"{f(p['x_fi_bf16'], 1, '.2f'):>6}{f(p['x_fi_fp8'], 1, '.2f'):>6}{f(p['x_sgl_triton'], 1, '.2f'):>6}")
-        if p.get("best"):
-            log(f"{'':<19}best config {p['best']['cfg']} splits {p['best']['splits']}: {f(p['best']['ms'])} us")
+    for e in results.get("extend", []):
+        log(f"extend {e['codec']} prefix {e['prefix']} new {e['new']} seqs {e['seqs']}: ours {f(e['ours'])} us"
+            f"  FlashInfer BF16 {f(e.get('fi_bf16'))} us  SGLang triton BF16 {f(e.get('sgl_triton_bf16'))} us")
 
 
 def plot(results, path):

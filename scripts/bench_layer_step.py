@@ -7,7 +7,7 @@ and FP8 KV (cast + store, FlashInfer FP8 decode). Same card, same run; per-layer
 
 Why: a serving step at short context is a sum of small launches per layer, and an isolated kernel's
 graph time hides how much of it is launch and latency. This is the number behind the ISL 1K serving
-ratio (`docs/RESULTS.md`), and the place to try latency changes (--variants).
+ratio (`docs/RESULTS.md`). --variants: the defaults, without the window, batch-invariant splits.
 
     python3 scripts/bench_layer_step.py [--points 1:1024 8:1024 32:1024 64:16384] [--out DIR]
 """
@@ -22,38 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import bench, fmts, paged_indices, random_packed  # noqa: E402
 from profile_decode import kernel_times  # noqa: E402
 
+from kernel_helpers import make_codecs  # noqa: E402  (bench_kernels put tests/ on the path)
 from tq_kernels.compress import compress_and_store  # noqa: E402
-from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms  # noqa: E402
-from tq_kernels.testing import make_codecs  # noqa: E402
+from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode  # noqa: E402
 from tq_kernels.window import DecodeWindow, RingWrite  # noqa: E402
 
-# name -> (compress_and_store kwargs, decode_attention kwargs)
+# name -> plan_decode keyword arguments (None: the defaults without the recent window)
 VARIANTS = {
-    "default": ({}, {}),
-    "bf16_keys": ({}, dict(key_int8=False)),
-    "no_window": None,  # the defaults without the recent window
-    # compress with the codebook boundaries as immediates, and with the centroids selected as well
-    "compress_const_bnd": (dict(constant_boundaries=True), {}),
-    "compress_const_select": (dict(constant_boundaries=True, select_centroids=True), {}),
-    # stage 2 with M_v's bf16 signs loaded before the merge
-    "merge_preload": ({}, dict(merge_preload=True)),
-    "all_latency": (dict(constant_boundaries=True), dict(merge_preload=True)),
-    # programmatic dependent launch: stage 1 after compress, stage 2 after stage 1
-    "pdl": (dict(pdl_trigger=True), dict(pdl=True)),
-    "nopdl": (dict(pdl_trigger=False), dict(pdl=False)),  # the step before PDL was on by default
-    # stage 1's packed splits rotate their own queries and so do not wait for compress (prepared)
-    "rotq": ({}, dict(rotate_q=True)),
-    # one decode launch: the last of the splits and the ring's program merges (no stage 2; prepared)
-    "fused": ({}, dict(fused_merge=True)),
-    "rotq_fused": ({}, dict(rotate_q=True, fused_merge=True)),
-    # V centroids as an f16 polynomial of the code (opt-in since the fourth session; not yet timed
-    # behind the int8 keys)
-    "vpoly": ({}, dict(centroid_poly=True)),
-    # V's 4-bit codes as 16-bit elements (four V slices), or bytes (two)
-    "pairs": ({}, dict(v_pairs=True)),
-    "nopairs": ({}, dict(v_pairs=False)),
-    # three pipeline stages in stage 1 (two by default)
-    "stages3": ({}, dict(num_stages=3)),
+    "default": {},
+    "no_window": None,
+    "batch_invariant": dict(batch_invariant=True),
 }
 
 
@@ -65,13 +43,14 @@ def layers_for(bytes_per_layer, want):
 def tq_layers(B, ctx, L, hq, hkv, d, codec, window, variant):
     kfmt, vfmt = fmts(codec, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=0)
-    ckw, dkw = VARIANTS[variant] or ({}, {})
-    if variant == "no_window":
+    pkw = VARIANTS[variant] or {}
+    if VARIANTS[variant] is None:
         window = 0
     n_slots = B * ctx + 1
     indptr, idx = paged_indices(B, ctx, n_slots, 2)
-    ns = choose_num_splits(B, hkv, ctx, num_sms("cuda"))
-    ws = DecodeWorkspace.create(B, hq, d, max_splits=ns + 1, device="cuda")  # + the window's ring partial
+    plan = plan_decode(kc, vc, B, hkv, ctx, "cuda", window=bool(window), **pkw)
+    ns = plan.num_splits
+    ws = DecodeWorkspace.create(B, hq, d, max_splits=plan.partials, device="cuda")
     slots = idx[indptr[1:].long() - 1].to(torch.int64)  # each sequence's last position is the new token
     lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
     base = torch.arange(B, device="cuda", dtype=torch.int32) * max(window, 1)
@@ -92,10 +71,10 @@ def tq_layers(B, ctx, L, hq, hkv, d, codec, window, variant):
 
     def one(bufs, ring):
         extra = {"ring": RingWrite(ring[0], ring[1], ring_rows)} if ring is not None else {}
-        compress_and_store(k, v, slots, kc, vc, *bufs, q=q, q_rot=ws.q_rot, **extra, **ckw)
+        compress_and_store(k, v, slots, kc, vc, *bufs, q=q, q_rot=ws.q_rot, **extra)
         win = DecodeWindow(ring[0], ring[1], window, win_lo, base) if ring is not None else None
-        decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
-                         q_rotated=ws.q_rot, window=win, **dkw)
+        decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, plan=plan, workspace=ws,
+                         q_rotated=ws.q_rot, window=win)
 
     return (*time_layers(one, layers), ns)
 

@@ -75,8 +75,9 @@ def main():
     ap.add_argument("--filter", default="")
     a = ap.parse_args()
     install(a.arch)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from kernel_helpers import alloc_cache, make_codecs
     from tq_kernels import compress, decode, extend
-    from tq_kernels.testing import alloc_cache, make_codecs
     failures = 0
     for name, kf, vf, hq, hkv in configs():
         kc, vc = make_codecs(kf, vf)
@@ -98,17 +99,16 @@ def main():
         jobs["compress-prefill"] = lambda: compress.compress_and_store(  # 40 rows: the prefill's 32-row tile
             torch.randn(40, hkv, d, dtype=torch.bfloat16), torch.randn(40, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 41) % 64, kc, vc, *bufs)
-        jobs["compress-tile64"] = lambda: compress.compress_and_store(  # the long-prefill tile candidate
-            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
-            torch.arange(1, 9), kc, vc, *bufs, block_t=64, num_warps=8)
-        jobs["compress-const"] = lambda: compress.compress_and_store(
-            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
-            torch.arange(1, 9), kc, vc, *bufs, constant_boundaries=True, select_centroids=True)
 
-        def decode_job(bn, **kw):
-            return lambda: decode.decode_attention(
-                torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 3, 6], dtype=torch.int32),
-                torch.arange(1, 7), d ** -0.5, num_splits=2, block_n=bn, **kw)
+        def decode_job(bn, window=None):
+            def run():
+                plan = decode.plan_decode(kc, vc, 2, hkv, 3, "cpu", window=window is not None, num_splits=2,
+                                          block_n=bn)
+                return decode.decode_attention(
+                    torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc,
+                    torch.tensor([0, 3, 6], dtype=torch.int32), torch.arange(1, 7), d ** -0.5, plan=plan,
+                    window=window)
+            return run
 
         from tq_kernels.window import DecodeWindow, ExtendWindow, RingWrite
 
@@ -118,25 +118,15 @@ def main():
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 9), kc, vc, *bufs, ring=RingWrite(*ring(64), torch.arange(8, dtype=torch.int32)))
         win = DecodeWindow(*ring(64), 32, torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0, 32], dtype=torch.int32))
-        jobs["decode-window"] = decode_job(128, window=win)
-        jobs["decode-window-general"] = decode_job(64, sliced=False, window=win)
+        jobs["decode-window"] = decode_job(None, window=win)
         jobs["extend-window"] = lambda: extend.extend_attention(
             torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
             torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
             torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
             window=ExtendWindow(torch.randn(4, hkv, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16), 32))
-        for bn in (32, 64):
-            jobs[f"decode-bn{bn}"] = decode_job(bn, sliced=False)
-            jobs[f"decode-sliced-bn{bn}"] = decode_job(bn, sliced=True)
-        jobs["decode-sliced-merge"] = decode_job(64, sliced=True, fused_merge=True)
-        jobs["decode-sliced-poly"] = decode_job(128, sliced=True, centroid_poly=True)
-        jobs["decode-key-int8"] = decode_job(128, key_int8=True)
-        jobs["decode-key-int8-bn64"] = decode_job(64, key_int8=True, max_registers=168)
-        jobs["decode-key-int8-poly"] = decode_job(128, key_int8=True, centroid_poly=True)
-        jobs["decode-key-int8-window"] = decode_job(128, key_int8=True, window=win)
-        jobs["decode-v-bytes"] = decode_job(128, key_int8=True, v_pairs=False)  # V pairs are the default
-        jobs["decode-v-pairs-bf16k"] = decode_job(64, key_int8=False, v_pairs=True)
-        jobs["decode-merge-preload"] = decode_job(128, window=win, merge_preload=True)
+        for bn in (32, 64, None):  # None: the plan's own tile
+            jobs[f"decode-bn{bn or 'plan'}"] = decode_job(bn)
+        jobs["decode-bn128"] = decode_job(128)
 
         def pdl_job(fn):  # programmatic dependent launch: pdl_ok() is False off a GPU, so force it
             def run():
@@ -147,13 +137,12 @@ def main():
                 finally:
                     decode.pdl_ok, compress.pdl_ok = saved
             return run
-        jobs["decode-pdl-window"] = pdl_job(decode_job(128, window=win, pdl=True))
-        jobs["decode-pdl-rotq"] = pdl_job(decode_job(128, window=win, pdl=True, rotate_q=True))
-        # one launch: the last of the splits and the ring's program merges (no stage 2)
-        jobs["decode-fused-window"] = pdl_job(decode_job(128, window=win, pdl=True, rotate_q=True, fused_merge=True))
+        jobs["decode-pdl-window"] = pdl_job(decode_job(None, window=win))
+        jobs["decode-pdl"] = pdl_job(decode_job(None))
         jobs["compress-pdl"] = pdl_job(lambda: compress.compress_and_store(
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
-            torch.arange(1, 9), kc, vc, *bufs, pdl_trigger=True))
+            torch.arange(1, 9), kc, vc, *bufs, q=None if kf.qjl else torch.randn(8, hq, d, dtype=torch.bfloat16),
+            q_rot=None if kf.qjl else torch.empty(8, hq, d)))
         for bm, bn in ((64, 64), (32, 32), (64, 32), (128, 64)):
             jobs[f"extend-bm{bm}-bn{bn}"] = lambda bm=bm, bn=bn: extend.extend_attention(
                 torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),

@@ -18,9 +18,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kernels import bench, fmts, paged_indices, random_packed  # noqa: E402
 
+from kernel_helpers import make_codecs  # noqa: E402  (bench_kernels put tests/ on the path)
 from tq_kernels.compress import compress_and_store  # noqa: E402
-from tq_kernels.decode import DecodeWorkspace, choose_num_splits, decode_attention, num_sms  # noqa: E402
-from tq_kernels.testing import make_codecs  # noqa: E402
+from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode  # noqa: E402
 
 
 def kernel_times(fn, iters=30):
@@ -51,16 +51,16 @@ def point(codec, B, ctx, hq=32, hkv=8, d=128, decode_kw=None):
     out = torch.empty_like(q)
     kw = dict(decode_kw or {})
     q_in_compress = kw.pop("q_in_compress", True) and not kfmt.qjl
-    ns = kw.pop("num_splits", None) or choose_num_splits(B, hkv, ctx, num_sms("cuda"))
-    ws = DecodeWorkspace.create(B, hq, d, max_splits=ns, device="cuda")
+    plan = plan_decode(kc, vc, B, hkv, ctx, "cuda", num_splits=kw.pop("num_splits", None))
+    ws = DecodeWorkspace.create(B, hq, d, max_splits=plan.partials, device="cuda")
     k = torch.randn(B, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     slots = (torch.randperm(n_slots - 1, device="cuda")[:B] + 1).to(torch.int64)
     qkw = dict(q=q, q_rot=ws.q_rot) if q_in_compress else {}
 
     def dec():
-        decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, workspace=ws, num_splits=ns,
-                         q_rotated=ws.q_rot if q_in_compress else None, **kw)
+        decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, plan=plan, workspace=ws,
+                         q_rotated=ws.q_rot if q_in_compress else None)
 
     def comp():
         compress_and_store(k, v, slots, kc, vc, *bufs, **qkw)
@@ -69,8 +69,8 @@ def point(codec, B, ctx, hq=32, hkv=8, d=128, decode_kw=None):
         comp()
         dec()
 
-    res = {"codec": codec, "B": B, "ctx": ctx, "splits": ns, "q_in_compress": q_in_compress,
-           "decode_kw": {k_: str(v_) for k_, v_ in kw.items()},
+    res = {"codec": codec, "B": B, "ctx": ctx, "splits": plan.num_splits, "q_in_compress": q_in_compress,
+           "plan": {k_: str(v_) for k_, v_ in vars(plan).items()},
            "decode_graph_us": bench(dec) * 1e3, "compress_graph_us": bench(comp) * 1e3,
            "step_graph_us": bench(step) * 1e3,
            "decode_kernels_us": kernel_times(dec), "compress_kernels_us": kernel_times(comp)}
@@ -83,19 +83,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--codecs", nargs="*", default=["K4V4"])
     ap.add_argument("--points", nargs="*", default=["1:1024", "8:1024", "32:1024", "1:32768", "32:32768"])
-    ap.add_argument("--sliced", choices=["auto", "1", "0"], default="auto")
     ap.add_argument("--compare-q-rotation", action="store_true",
                     help="each point also with decode's own q rotation (not in the compress launch)")
     ap.add_argument("--splits", type=int, nargs="*", default=[],
-                    help="each point also with these split counts (default: choose_num_splits)")
-    ap.add_argument("--compare-merge", action="store_true",
-                    help="each point also with fused_merge=True (no stage 2: the last split merges)")
+                    help="each point also with these split counts (default: the plan's)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    kw = {} if a.sliced == "auto" else {"sliced": a.sliced == "1"}
-    variants = ([kw] + ([dict(kw, q_in_compress=False)] if a.compare_q_rotation else [])
-                + ([dict(kw, fused_merge=True)] if a.compare_merge else [])
-                + [dict(kw, num_splits=n) for n in a.splits])
+    variants = ([{}] + ([dict(q_in_compress=False)] if a.compare_q_rotation else [])
+                + [dict(num_splits=n) for n in a.splits])
     print("GPU", torch.cuda.get_device_name(0), flush=True)
     rows = []
     for codec in a.codecs:

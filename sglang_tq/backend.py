@@ -112,7 +112,7 @@ class TQForwardMetadata:
     plain: bool = False                      # quantized layers: plain attention over the new bf16 K/V
     ragged: bool = False                     # FlashInfer's ragged prefill is planned for the new tokens
     hybrid: bool = False                     # new tokens' part from FlashInfer, the prefix from the codes
-    launch: Optional[DecodeLaunch] = None    # decode: split count and warp choice
+    launch: Optional[DecodeLaunch] = None    # decode: the kernels' plans for this batch size
     workspace: object = None                 # decode: DecodeWorkspace (None: the kernel allocates)
     window_rows: Optional[torch.Tensor] = None  # int32 ring row of each new token (< 0: none)
     window_lo: Optional[torch.Tensor] = None    # decode: first position read from the ring
@@ -151,6 +151,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.max_context_len = self.bf16.max_context_len
         self.num_sms = max(int(self.bf16.device_core_count), 1)
         self.ops.warm_tables(itertools.chain(pool.k_codecs, pool.v_codecs))
+        self._codec_pairs = [(kc, vc) for kc, vc in zip(pool.k_codecs, pool.v_codecs) if kc is not None]
         self.prefill_from_cache = bool(pool.plan.prefill_from_cache)
         if self.prefill_from_cache:
             _announce_prefill_from_cache(pool.plan.name)
@@ -222,8 +223,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         """Launch decisions of a decode batch of `bs` (cached): the same for eager and graph runs."""
         launch = self._launches.get(bs)
         if launch is None:
-            launch = self.ops.decode_launch(bs, self.num_kv_head, self.max_context_len, self.num_sms,
-                                            self.batch_invariant)
+            launch = self.ops.decode_launch(bs, self._codec_pairs, self.num_kv_head, self.max_context_len,
+                                            self.num_sms, self.batch_invariant, window=bool(self.window))
             self._launches[bs] = launch
         return launch
 
@@ -301,9 +302,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                                         cuda_graph_num_kv_splits_buf=cuda_graph_num_kv_splits_buf)
         # one workspace shared by all quantized layers, sized for the largest captured batch and split
         # count (+ 1 with a recent window: the ring's partial), allocated before capture
-        max_splits = (max(self.decode_launch(b).num_splits or 1 for b in range(1, max_num_tokens + 1))
-                      + (1 if self.window else 0))
-        self.decode_workspace = self.ops.decode_workspace(max_num_tokens, self.num_head, self.v_head_dim, max_splits,
+        partials = max(self.decode_launch(b).partials for b in range(1, max_num_tokens + 1))
+        self.decode_workspace = self.ops.decode_workspace(max_num_tokens, self.num_head, self.v_head_dim, partials,
                                                           self.tq_pool.head_dim)
         self._workspace_bs = max_num_tokens if self.decode_workspace is not None else 0
         if self.window:

@@ -14,7 +14,7 @@ import torch
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat, codebook
-from tq_kernels.testing import alloc_cache, make_codecs, pick_device, random_slots, triton_runnable
+from kernel_helpers import alloc_cache, make_codecs, pick_device, random_slots, triton_runnable
 
 RUNNABLE, WHY = triton_runnable()
 pytestmark = pytest.mark.skipif(not RUNNABLE, reason=WHY)
@@ -76,25 +76,10 @@ def _check_role(codec, x, slots, codes, scales, rcodes, rscales):
     assert not torch.isnan(qt.scales).any()
 
 
-@pytest.mark.parametrize("name,kfmt,vfmt,dtype", CASES + [
-    ("K4V3-d64-fp32-fma", VecFormat(64, 4), VecFormat(64, 3), torch.float32),
-    ("K3V2-d128-fma", VecFormat(128, 3), VecFormat(128, 2), torch.bfloat16),
-    ("K4V4-d128-const", VecFormat(128, 4), VecFormat(128, 4), torch.bfloat16),
-    ("PROD3-V3o-d64-const", VecFormat(64, 3, qjl=True), VecFormat(64, 3, outlier_channels=16, outlier_bits=4),
-     torch.float16)],
-    ids=[c[0] for c in CASES] + ["K4V3-d64-fp32-fma", "K3V2-d128-fma", "K4V4-d128-const", "PROD3-V3o-d64-const"])
+@pytest.mark.parametrize("name,kfmt,vfmt,dtype", CASES, ids=[c[0] for c in CASES])
 def test_compress_matches_reference(name, kfmt, vfmt, dtype):
-    """Every codec; the "-fma" cases take the fp32 FMA rotation instead of the tensor-core one, the
-    "-const" ones the codebooks compiled in (boundaries as immediates, centroids selected along the
-    comparisons; with outliers the boundaries only)."""
-    import functools
-
+    """Every codec: codes and scales as the reference writes them (up to float ties)."""
     from tq_kernels.compress import compress_and_store
-
-    if name.endswith("-fma"):
-        compress_and_store = functools.partial(compress_and_store, exact_rotation=False)
-    if name.endswith("-const"):
-        compress_and_store = functools.partial(compress_and_store, constant_boundaries=True, select_centroids=True)
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     kc, vc = make_codecs(kfmt, vfmt, seed=3)
@@ -149,38 +134,10 @@ def test_compress_ties_are_rare_but_tolerated():
     assert math.isfinite(float(qt.scales.sum()))
 
 
-@pytest.mark.parametrize("kfmt, vfmt", [(VecFormat(128, 4), VecFormat(128, 2)),
-                                        (VecFormat(64, 3, qjl=True), VecFormat(64, 5)),
-                                        (VecFormat(64, 4), VecFormat(64, 3, outlier_channels=16, outlier_bits=4))],
-                         ids=["K4V2", "PROD3-V5", "K4-V3o"])
-def test_compress_constant_tables_identical(kfmt, vfmt):
-    """constant_boundaries / select_centroids change where the codebooks come from, not the arithmetic:
-    every byte of codes and scales equals the default launch's, for each of the two and both (5-bit V
-    and the outlier V keep their gathers); so does the launch with pdl_trigger."""
-    from tq_kernels.compress import compress_and_store
-
-    gen = torch.Generator().manual_seed(11)
-    kc, vc = make_codecs(kfmt, vfmt, seed=4)
-    N, H, S = 21, 2, 32
-    k = torch.randn(N, H, kfmt.head_dim, generator=gen).to(DEV, torch.bfloat16)
-    v = torch.randn(N, H, vfmt.head_dim, generator=gen).to(DEV, torch.bfloat16)
-    slots = random_slots(N, S, gen).to(DEV)
-    out = []
-    for bnd, sel, pdl in ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                          (False, False, True)):  # last: pdl_trigger (lets a programmatic dependent start)
-        bufs = alloc_cache(kfmt, vfmt, S, H, DEV, poison=False)
-        compress_and_store(k, v, slots, kc, vc, *bufs, constant_boundaries=bnd, select_centroids=sel,
-                           pdl_trigger=pdl)
-        out.append(bufs)
-    for other in out[1:]:
-        for a, b in zip(out[0], other):
-            assert torch.equal(a.cpu(), b.cpu())
-
-
-@pytest.mark.parametrize("block_t, num_warps", [(32, 4), (64, 8)])
-def test_compress_block_sizes_identical(block_t, num_warps):
-    """Larger token tiles (for long prefills: fewer programs, each loading the rotation once for more
-    rows) write every byte as the default 16-token tile does, with a last partial tile."""
+@pytest.mark.parametrize("block_t", [32, 64])
+def test_compress_block_sizes_identical(block_t):
+    """Larger token tiles (the prefill's 32: fewer programs, each loading the rotation once for more
+    rows) write every byte as the decode step's 16-token tile does, with a last partial tile."""
     from tq_kernels.compress import compress_and_store
 
     kfmt, vfmt = VecFormat(128, 4), VecFormat(128, 4)
@@ -191,9 +148,9 @@ def test_compress_block_sizes_identical(block_t, num_warps):
     v = torch.randn(N, H, 128, generator=gen).to(DEV, torch.bfloat16)
     slots = random_slots(N, S, gen).to(DEV)
     out = []
-    for bt, nw in ((16, 4), (block_t, num_warps)):
+    for bt in (16, block_t):
         bufs = alloc_cache(kfmt, vfmt, S, H, DEV, poison=False)
-        compress_and_store(k, v, slots, kc, vc, *bufs, block_t=bt, num_warps=nw)
+        compress_and_store(k, v, slots, kc, vc, *bufs, block_t=bt)
         out.append(bufs)
     for a, b in zip(*out):
         assert torch.equal(a.cpu(), b.cpu())

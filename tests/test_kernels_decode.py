@@ -12,7 +12,7 @@ from tq_kernels._common import split_high_crumbs, split_high_nibbles
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
-from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
+from kernel_helpers import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
 
 RUNNABLE, WHY = triton_runnable()
 needs_triton = pytest.mark.skipif(not RUNNABLE, reason=WHY)
@@ -42,8 +42,10 @@ CASES = [
 
 
 def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype=torch.bfloat16, workspace=None,
-              **kw):
-    from tq_kernels.decode import DecodeWorkspace, decode_attention
+              expect_sliced=None, **kw):
+    """Decode one random batch with a plan of num_splits / block_n (the rest planned) against the
+    reference; expect_sliced: which stage 1 the plan must have chosen."""
+    from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode
 
     gen = torch.Generator().manual_seed(seed)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed % 7)
@@ -55,8 +57,12 @@ def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype
     sm = d ** -0.5
     ws = workspace or DecodeWorkspace.create(B + 1, hq, vfmt.head_dim, max_splits=max(num_splits, 4), device=DEV)
     out = torch.full((B, hq, vfmt.head_dim), float("nan"), dtype=q_dtype, device=DEV)
+    plan = plan_decode(kc, vc, B, hkv, max(lens), DEV, num_splits=num_splits, block_n=block_n,
+                       max_splits=ws.max_splits)
+    if expect_sliced is not None:
+        assert plan.sliced == expect_sliced, plan
     ret = decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, sm, cap, out,
-                           workspace=ws, num_splits=num_splits, block_n=block_n, **kw)
+                           plan=plan, workspace=ws, **kw)
     assert ret is out
     ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, batch.kv_indptr.cpu(),
                                      batch.kv_indices.cpu(), sm, cap)
@@ -67,22 +73,15 @@ def _run_case(kfmt, vfmt, hq, hkv, lens, num_splits, block_n, cap, seed, q_dtype
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_decode_matches_reference(case):
-    """The general stage 1 (codes put back in coordinate order; every format)."""
+    """Every format through the stage 1 its plan picks (sliced where both formats have a register LUT,
+    general for 6-bit codes, outliers and 3-bit keys at head_dim 64)."""
     name, kfmt, vfmt, (hq, hkv), lens, ns, bn, cap = case
-    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, ns, bn, cap, zlib.crc32(name.encode()), sliced=False)
+    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, ns, bn, cap, zlib.crc32(name.encode()))
     err = rel_err(out, ref)
     assert err < TOL, f"{name}: rel err {err:.3e}"
     for b, n in enumerate(lens):
         if n == 0:
             assert float(out[b].abs().max()) == 0.0  # empty sequence -> zeros, as the reference
-
-
-@needs_triton
-@pytest.mark.parametrize("use_lut", [True, False])
-def test_decode_byte_lut_and_generic_paths_agree(use_lut):
-    """K4 / V2 take the byte-LUT path by default; use_lut=False forces per-code gathers."""
-    out, ref = _run_case(F(64, 4), F(64, 2), 4, 2, [50, 7], 2, 32, 0.0, 99, use_lut=use_lut, sliced=False)
-    assert rel_err(out, ref) < TOL
 
 
 @needs_triton
@@ -147,7 +146,7 @@ def test_choose_num_warps():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_decode_cuda_graph_replay():
     """Capture decode_attention with a workspace, change lengths / indices in place, replay."""
-    from tq_kernels.decode import DecodeWorkspace, decode_attention
+    from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode
 
     gen = torch.Generator().manual_seed(5)
     kfmt, vfmt = F(128, 4), F(128, 4)
@@ -169,8 +168,10 @@ def test_decode_cuda_graph_replay():
         kv_indices[:idx.numel()].copy_(idx)
         return ip, idx
 
+    plan = plan_decode(kc, vc, B, hkv, max_len, "cuda", num_splits=4, max_splits=ws.max_splits)
+
     def run():
-        decode_attention(q, *bufs, kc, vc, kv_indptr, kv_indices, 128 ** -0.5, 0.0, out, workspace=ws, num_splits=4)
+        decode_attention(q, *bufs, kc, vc, kv_indptr, kv_indices, 128 ** -0.5, 0.0, out, plan=plan, workspace=ws)
 
     set_batch([10, 20, 30])
     run()  # warm-up: compile + cache tables outside the capture
@@ -190,7 +191,7 @@ def test_decode_cuda_graph_replay():
 # Every K x V bit-width pair of plain MSE formats through the default (automatic) stage 1 at d 64
 # (SmolLM2's head size), plus 3-bit keys at d 128: key and value LUT kinds differ in slice count (4 for
 # 2- and 3-bit codes, 2 for 4- and 5-bit ones), and 3-bit keys with 4-bit values once gave wrong results
-# on an H100 while the interpreter was right.
+# on sm_90 while the interpreter was right.
 MATRIX = [(64, kb, vb) for kb in (2, 3, 4, 5) for vb in (2, 3, 4, 5)] + [(128, 3, vb) for vb in (2, 4, 5)]
 
 
@@ -217,13 +218,13 @@ def test_decode_default_stage1_bit_matrix(d, kb, vb):
     (F(64, 5), F(64, 3), (9, 3), [40, 1], 0.0),
 ], ids=["K4V4-d128-g4", "K4V2-d64-g3-cap", "K2V4-d64-g1-empty", "K3V3-d128-g8", "PROD3-V3-d64-g3",
         "PROD4-V2-d128-g4", "K3o-V2o2-d128", "PROD3o-V3o-d64", "K5V4-d128-g4", "K5V3-d64-g3"])
-def test_decode_sliced_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
-    """The no-interleave stage 1 (one slice per code position of a first-field byte; further fields,
-    QJL signs and outlier bits gathered per slice) computes the same attention."""
+def test_decode_planned_stage1_matches_reference(kfmt, vfmt, heads, lens, cap):
+    """Formats whose first field suits the sliced layout (`sliced_ok`), with and without register LUTs
+    (outlier formats take the general stage 1): the same attention as the reference."""
     from tq_kernels.decode import sliced_ok
 
     assert sliced_ok(kfmt) and sliced_ok(vfmt)
-    out, ref = _run_case(kfmt, vfmt, *heads, lens, 3, 32, cap, 1234, sliced=True)
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 3, 32, cap, 1234)
     assert rel_err(out, ref) < TOL
     for b, n in enumerate(lens):
         if n == 0:
@@ -240,7 +241,7 @@ def test_decode_with_queries_rotated_by_compress(kfmt, vfmt, hq, hkv, q_dtype):
     """compress_and_store(q=, q_rot=) rotates the decode queries in its launch (q M_k^T, fp32); decode
     on them (q_rotated=) matches decode's own rotation and the reference."""
     from tq_kernels.compress import compress_and_store
-    from tq_kernels.decode import DecodeWorkspace, decode_attention
+    from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode
 
     gen = torch.Generator().manual_seed(21)
     kc, vc = make_codecs(kfmt, vfmt, seed=2)
@@ -262,36 +263,13 @@ def test_decode_with_queries_rotated_by_compress(kfmt, vfmt, hq, hkv, q_dtype):
     for qrot in (ws.q_rot, None):
         out = torch.empty(B, hq, vfmt.head_dim, dtype=q_dtype, device=DEV)
         decode_attention(q, *bufs, kc, vc, batch.kv_indptr, batch.kv_indices, d ** -0.5, 0.0, out,
-                         workspace=ws, num_splits=2, block_n=32, q_rotated=qrot)
+                         plan=plan_decode(kc, vc, B, hkv, max(lens), DEV, num_splits=2, block_n=32, max_splits=4),
+                         workspace=ws, q_rotated=qrot)
         outs.append(out.float().cpu())
     ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, batch.kv_indptr.cpu(),
                                      batch.kv_indices.cpu(), d ** -0.5, 0.0)
     assert rel_err(outs[0], ref.float()) < TOL
     assert rel_err(outs[0], outs[1]) < 1e-2
-
-
-@needs_triton
-@pytest.mark.parametrize("kfmt, vfmt, heads, lens, splits", [
-    (F(128, 4), F(128, 4), (8, 2), [1, 70, 129], 3),
-    (F(64, 4), F(64, 2), (9, 3), [3, 0, 40], 8),      # an empty sequence, more splits than tiles
-    (F(128, 3), F(128, 3), (16, 2), [100], 2),
-], ids=["K4V4-d128", "K4V2-d64-empty", "K3V3-d128-g8"])
-def test_decode_fused_merge(kfmt, vfmt, heads, lens, splits):
-    """fused_merge: the last split of each (sequence, KV head) merges them all in stage 1. Same result as
-    the reference, zeros for an empty sequence, and the split counters are back to 0 after every call
-    (two calls on one workspace, as CUDA-graph replays would)."""
-    from tq_kernels.decode import DecodeWorkspace
-
-    hq, hkv = heads
-    ws = DecodeWorkspace.create(len(lens) + 1, hq, vfmt.head_dim, max_splits=max(splits, 4), device=DEV)
-    for call in range(2):
-        out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 11 + call, sliced=True, fused_merge=True,
-                             workspace=ws)
-        assert rel_err(out, ref) < TOL
-        for b, n in enumerate(lens):
-            if n == 0:
-                assert float(out[b].abs().max()) == 0.0
-        assert int(ws.split_counts.abs().sum()) == 0
 
 
 @needs_triton
@@ -311,15 +289,12 @@ def test_decode_stage2_many_splits(num_splits):
     (F(64, 3), F(64, 2), (9, 3), [40, 5], 5),
     (F(256, 4), F(256, 4), (4, 2), [33], 2),  # d 256: never preloaded (int8 chunks either way)
 ], ids=["K4V4-d128", "K3V2-d64", "K4V4-d256"])
-def test_decode_merge_preload(kfmt, vfmt, heads, lens, splits):
-    """merge_preload (the default): stage 2 un-rotates with M_v's bf16 signs loaded before its merge;
-    the same result as the int8-chunk un-rotation (merge_preload=False) to float rounding, and as the
-    reference."""
+def test_decode_stage2_unrotation(kfmt, vfmt, heads, lens, splits):
+    """Stage 2 un-rotates with M_v's bf16 signs loaded before its merge (d_v <= 128) or int8 signs in
+    column chunks after it (d_v 256): the reference's result either way."""
     hq, hkv = heads
-    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 21, merge_preload=True)
-    base, _ = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 21, merge_preload=False)
+    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 32, 0.0, 21)
     assert rel_err(out, ref) < TOL
-    assert rel_err(out, base) < 1e-3  # exact products and fp32 sums both ways; only the order differs
 
 
 @needs_triton
@@ -328,52 +303,43 @@ def test_decode_merge_preload(kfmt, vfmt, heads, lens, splits):
     (F(64, 3, qjl=True), F(64, 2), (9, 3), [40, 5], 5),
 ], ids=["K4V4-d128", "PROD3V2-d64"])
 def test_decode_pdl(kfmt, vfmt, heads, lens, splits):
-    """pdl=True (the default on sm_90+): stage 1 and stage 2 launched as programmatic dependents,
-    waiting (gdc_wait) before they read what the kernel before them wrote. On an sm_90+ GPU this runs the
-    PDL build (outside a graph here, after ordinary launches); in the interpreter PDL is off (`pdl_ok`).
-    Same result as the reference and as pdl=False."""
+    """On sm_90+ the plan launches stage 1 and stage 2 as programmatic dependents, waiting (gdc_wait)
+    before they read what the kernel before them wrote (outside a graph here, after ordinary launches);
+    in the interpreter PDL is off (`pdl_ok`). Same result as the reference."""
     from tq_kernels._common import pdl_ok
+    from tq_kernels.decode import plan_decode
 
     hq, hkv = heads
+    kc, vc = make_codecs(kfmt, vfmt)
+    assert plan_decode(kc, vc, len(lens), hkv, max(lens), DEV).pdl == pdl_ok(DEV)
     if DEV == "cpu":
         assert not pdl_ok(DEV)
-    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 64, 0.0, 23, pdl=True)
-    base, _ = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 64, 0.0, 23, pdl=False)
+    out, ref = _run_case(kfmt, vfmt, hq, hkv, lens, splits, 64, 0.0, 23)
     assert rel_err(out, ref) < TOL
-    assert rel_err(out, base) < 1e-3
 
 
 def test_rotation_sign_tables_reproduce_m():
     """M = signs / sqrt(d) (also with an outlier permutation): the rotations on signs are exact."""
-    from tq_kernels._common import kernel_tables, rotation_operand
+    from tq_kernels._common import kernel_tables
 
     for kfmt in (F(64, 4), F(128, 3, outlier_channels=32, outlier_bits=4)):
         kc, _ = make_codecs(kfmt, kfmt, seed=3)
         t = kernel_tables(kc, "cpu")
-        assert t["msign_t"] is not None and t["msign_t"].dtype == torch.int8
+        assert t["msign_t"].dtype == torch.int8 and t["msign"].dtype == torch.int8
+        # what the kernels are handed: M^T to rotate, M to un-rotate (int8 and bf16 signs)
         torch.testing.assert_close(t["msign_t"].float() * t["mscale"], t["mt"], rtol=0, atol=1e-7)
-        for transposed in (True, False):  # what the kernels are handed: M^T to rotate, M to un-rotate
-            mat, scale = rotation_operand(t, transposed)
-            torch.testing.assert_close(mat.float() * scale, t["mt" if transposed else "m"], rtol=0, atol=1e-7)
-        assert rotation_operand(t, True, signs=False) == (t["mt"], 0.0)
-
-
-@needs_triton
-@pytest.mark.parametrize("register_lut", [True, False])
-def test_decode_sliced_register_lut_and_gathers_agree(register_lut):
-    """The default decode path (sliced stage 1) with the PTX register LUT (GPU; the interpreter has no
-    inline asm and takes the gathers) and with per-code gathers: the same centroids, the same result."""
-    out, ref = _run_case(F(128, 4), F(128, 2), 8, 2, [200, 31], 2, 64, 0.0, 7, register_lut=register_lut)
-    assert rel_err(out, ref) < TOL
+        torch.testing.assert_close(t["msign"].float() * t["mscale"], t["m"], rtol=0, atol=1e-7)
+        torch.testing.assert_close(t["msign_bf16"].float() * t["mscale"], t["m"], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("fmt", [F(128, 4), F(64, 4), F(256, 4), F(128, 2), F(64, 2),
                                  F(128, 3, qjl=True), F(64, 4, norm_correction=False)],
                          ids=["K4-d128", "K4-d64", "K4-d256", "K2-d128", "K2-d64", "PROD3-d128", "K4-d64-nonc"])
 def test_register_lut_asm_logic(fmt):
-    """The register-LUT PTX, run instruction by instruction on the CPU (kernels._common emulator), maps
+    """The register-LUT PTX, run instruction by instruction on the CPU (tests/kernel_helpers.py emulator), maps
     every code byte to exactly the bf16 centroids a per-code gather returns, slice by slice."""
-    from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
+    from kernel_helpers import emulate_register_lut
+    from tq_kernels._common import kernel_tables, register_lut_asm
 
     kc, _ = make_codecs(fmt, fmt)
     cent = kernel_tables(kc, "cpu")["centroids"]
@@ -408,7 +374,8 @@ def test_register_lut_asm_logic_split(bits, d):
     """3-/5-bit codes: the PTX (emulated on the CPU) combines every (bits-1)-bit code byte with every
     combination of its coordinates' high bits (spread per byte) into exactly the bf16 centroids of the
     2^bits-entry codebook, slice by slice."""
-    from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
+    from kernel_helpers import emulate_register_lut
+    from tq_kernels._common import kernel_tables, register_lut_asm
 
     fmt = F(d, bits)
     kc, _ = make_codecs(fmt, fmt)
@@ -465,40 +432,6 @@ def test_sliced_ok_formats():
     assert not sliced_ok(F(64, 2, qjl=True))  # 1-bit MSE codes under the QJL bit
 
 
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_register_poly_asm_logic(d):
-    """The polynomial PTX for 4-bit codes, run on the CPU emulator (f16x2 lanes rounded once per
-    instruction), gives every code of every byte in element order, closer to the exact centroid than
-    the bf16 table the lookup uses."""
-    from tq_kernels._common import emulate_register_lut, kernel_tables, register_poly_asm
-
-    kc, _ = make_codecs(F(d, 4), F(d, 4))
-    cent = kernel_tables(kc, "cpu")["centroids"].double()
-    asm = register_poly_asm(kc.fmt, cent.float())
-    assert asm and register_poly_asm(F(d, 3), cent) == "" and register_poly_asm(F(d, 2), cent) == ""
-    codes = torch.arange(256, dtype=torch.uint8)
-    slices = emulate_register_lut(asm, codes)
-    bf16_err = (cent.to(torch.bfloat16).double() - cent).abs().max()
-    for t, got in enumerate(slices):
-        assert got.dtype == torch.float16
-        want = cent[(codes.long() >> (4 * t)) & 15]
-        assert (got.double() - want).abs().max() < bf16_err, f"slice {t}"
-
-
-@needs_triton
-@pytest.mark.parametrize("kfmt, vfmt, heads, lens", [
-    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33]),
-    (F(64, 4), F(64, 2), (9, 3), [40]),
-    (F(64, 3), F(64, 4), (6, 2), [70, 5]),
-], ids=["K4V4", "K4V2-g3", "K3V4"])
-def test_decode_centroid_poly(kfmt, vfmt, heads, lens):
-    """centroid_poly: 4-bit keys (and 4-bit V behind them) take f16 centroids (the polynomial on a GPU,
-    an f16 table in the interpreter) and f16 MMAs; same result as the reference. K3V4: 3-bit keys keep
-    the LUT and so does V (a polynomial V there failed on an H100)."""
-    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, 32, 0.0, 77, sliced=True, centroid_poly=True)
-    assert rel_err(out, ref) < TOL
-
-
 @needs_triton
 @pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n", [
     (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32),
@@ -508,10 +441,13 @@ def test_decode_centroid_poly(kfmt, vfmt, heads, lens):
     (F(128, 4, norm_correction=False), F(128, 3), (4, 1), [66], 0.0, 64),
 ], ids=["K4V4-g4", "K4V4-g8-bn128", "K4V2-d64-g3-cap-empty", "K4V4-d256-g2", "K4nonc-V3-g4"])
 def test_decode_key_int8(kfmt, vfmt, heads, lens, cap, block_n):
-    """key_int8: 4-bit keys' scores from int8 centroids against the int8-rounded query on integer tensor
+    """4-bit one-field keys: scores from int8 centroids against the int8-rounded query on integer tensor
     cores (the register LUT on a GPU, a gather from the int8 table in the interpreter): within 1 % of the
-    reference (observed 0.4-0.7 % under the interpreter, the bf16-key path 0.4-0.5 %)."""
-    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 31, sliced=True, key_int8=True)
+    reference (observed 0.4-0.7 % under the interpreter, bf16 keys 0.4-0.5 %)."""
+    from tq_kernels.decode import plan_decode
+
+    assert plan_decode(*make_codecs(kfmt, vfmt), len(lens), heads[1], max(lens), DEV).key_int8
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 31, expect_sliced=True)
     assert rel_err(out, ref) < 1e-2
     for b, n in enumerate(lens):
         if n == 0:
@@ -524,7 +460,8 @@ def test_register_lut_i8_asm_logic(fmt):
     """The int8 register-LUT PTX, emulated on the CPU (prmt with its sign-replicate selectors, lop3),
     maps every code byte's two nibbles to the int8 table entries, slice 0 the low nibble; the table is
     the codebook to within half its scale."""
-    from tq_kernels._common import emulate_register_lut, int8_codebook, kernel_tables, register_lut_i8_asm
+    from kernel_helpers import emulate_register_lut
+    from tq_kernels._common import int8_codebook, kernel_tables, register_lut_i8_asm
 
     kc, _ = make_codecs(fmt, fmt)
     cent = kernel_tables(kc, "cpu")["centroids"]
@@ -564,27 +501,14 @@ def test_split_count_is_not_specialized():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-@needs_triton
-@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n", [
-    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32),
-    (F(64, 4), F(64, 2), (9, 3), [40, 0], 20.0, 32),
-], ids=["K4V4-g4", "K4V2-d64-g3-cap-empty"])
-def test_decode_rotate_q_in_stage1(kfmt, vfmt, heads, lens, cap, block_n):
-    """rotate_q: the packed splits rotate the query rows themselves (compress's own rotation code) instead
-    of reading the rotated queries; the same result as with them, and as the reference."""
-    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 37, sliced=True, key_int8=True, rotate_q=True)
-    base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 37, sliced=True, key_int8=True)
-    assert rel_err(out, ref) < 1e-2
-    assert rel_err(out, base) < 1e-3
-
-
 @pytest.mark.parametrize("fmt", [F(128, 4), F(64, 4), F(256, 4), F(128, 4, norm_correction=False)],
                          ids=["d128", "d64", "d256", "d128-nonc"])
 def test_register_lut_pairs_asm_logic(fmt):
     """The pairs variant of the 4-bit register LUT (V codes as 16-bit elements, two tokens per word),
     emulated on the CPU: output T holds the bf16 centroids of coordinate 4c + T (nibble T of the
     16-bit element) of both tokens, for every code byte in every position."""
-    from tq_kernels._common import emulate_register_lut, kernel_tables, register_lut_asm
+    from kernel_helpers import emulate_register_lut
+    from tq_kernels._common import kernel_tables, register_lut_asm
 
     kc, _ = make_codecs(fmt, fmt)
     cent = kernel_tables(kc, "cpu")["centroids"]
@@ -601,42 +525,40 @@ def test_register_lut_pairs_asm_logic(fmt):
 
 
 @needs_triton
-@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n, kw", [
-    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32, dict(key_int8=True)),
-    (F(128, 4), F(128, 4), (16, 2), [300, 129], 0.0, 128, dict(key_int8=True, fused_merge=True)),
-    (F(64, 4), F(64, 4), (9, 3), [40, 0], 20.0, 32, dict(key_int8=True)),
-    (F(256, 4), F(256, 4), (4, 2), [21], 0.0, 32, dict(key_int8=False)),
-    (F(128, 3, qjl=True), F(128, 4, norm_correction=False), (4, 1), [66], 0.0, 64, {}),
-], ids=["K4V4-g4", "K4V4-g8-bn128-merge", "K4V4-d64-g3-cap-empty", "K4V4-d256-bf16keys", "PROD3-V4nonc"])
-def test_decode_v_pairs(kfmt, vfmt, heads, lens, cap, block_n, kw):
-    """v_pairs: V's 4-bit codes load as 16-bit elements, four V slices (coordinates 4c + T) instead of
-    two: the reference's result, and the two-slice path's to fp32 rounding."""
-    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 41, sliced=True, v_pairs=True, **kw)
-    base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 41, sliced=True, v_pairs=False, **kw)
+@pytest.mark.parametrize("kfmt, vfmt, heads, lens, cap, block_n", [
+    (F(128, 4), F(128, 4), (8, 2), [90, 1, 33], 0.0, 32),
+    (F(128, 4), F(128, 4), (16, 2), [300, 129], 0.0, 128),
+    (F(256, 4), F(256, 4), (4, 2), [21], 0.0, 32),
+    (F(128, 3, qjl=True), F(128, 4, norm_correction=False), (4, 1), [66], 0.0, 64),
+], ids=["K4V4-g4", "K4V4-g8-bn128", "K4V4-d256", "PROD3-V4nonc"])
+def test_decode_v_pairs(kfmt, vfmt, heads, lens, cap, block_n):
+    """4-bit one-field V (d_v >= 128): the codes load as 16-bit elements, four V slices (coordinates
+    4c + T): the reference's result."""
+    from tq_kernels.decode import plan_decode
+
+    assert plan_decode(*make_codecs(kfmt, vfmt), len(lens), heads[1], max(lens), DEV, block_n=block_n).v_pairs
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, cap, 41)
     assert rel_err(out, ref) < TOL
-    assert rel_err(out, base) < 1e-3
-    for b, n in enumerate(lens):
-        if n == 0:
-            assert float(out[b].abs().max()) == 0.0
 
 
 @needs_triton
 @pytest.mark.parametrize("kfmt, vfmt, heads, lens, block_n", [
     (F(128, 3, qjl=True), F(128, 3), (8, 2), [90, 1, 33], 32),
-    (F(64, 4, qjl=True), F(64, 4), (9, 3), [70, 0], 64),
+    (F(128, 4, qjl=True), F(128, 4), (9, 3), [70, 0], 64),
     (F(128, 5, qjl=True), F(128, 2), (4, 1), [130], 128),
-], ids=["PROD3-V3-g4", "PROD4-V4-d64-g3-empty", "PROD5-V2-g4-bn128"])
+], ids=["PROD3-V3-g4", "PROD4-V4-g3-empty", "PROD5-V2-g4-bn128"])
 def test_decode_qjl_sign_tile(kfmt, vfmt, heads, lens, block_n):
-    """qjl_tile: PROD keys' QJL signs unpacked from one byte tile into coordinate order and scored in one
-    MMA against the whole sketch rows: the reference's result, and the per-slice gathers' to rounding."""
-    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, 0.0, 43, sliced=True, qjl_tile=True)
-    base, _ = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, 0.0, 43, sliced=True, qjl_tile=False)
+    """PROD keys in the sliced stage 1: the QJL signs unpacked from one byte tile into coordinate order
+    and scored in one MMA against the whole sketch rows: the reference's result."""
+    out, ref = _run_case(kfmt, vfmt, *heads, lens, 2, block_n, 0.0, 43, expect_sliced=True)
     assert rel_err(out, ref) < TOL
-    assert rel_err(out, base) < 1e-3
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert float(out[b].abs().max()) == 0.0
 
 
 def test_stage1_register_caps_and_pairs_fit():
-    """The launch rules the GPU timings chose (thirteenth session): V pairs only with >= 8 PV columns per
+    """The stage-1 launch rules: V pairs only with >= 8 PV columns per
     warp; the 128 cap for int8 keys with V pairs up to head_dim 128 (168 otherwise, and at head_dim 256,
     where both spill); 96 for 3-bit K and V at BLOCK_N 64 and 4 warps; Triton's choice elsewhere."""
     from tq_kernels.decode import choose_max_registers, pairs_fit
@@ -648,14 +570,14 @@ def test_stage1_register_caps_and_pairs_fit():
     assert choose_max_registers(False, False, 4, 64, 128, "split", "split") == 96
     assert choose_max_registers(False, False, 4, 64, 256, "split", "split") is None
     assert choose_max_registers(False, False, 8, 128, 128, "split", "split") is None
-    assert choose_max_registers(False, True, 4, 64, 128, "split5", "single") is None  # K5V4: not timed with a cap
+    assert choose_max_registers(False, True, 4, 64, 128, "split5", "single") is None  # K5V4: Triton's choice
 
 
 @needs_triton
-def test_decode_v_pairs_odd_byte_view_keeps_bytes():
-    """A V-code view whose rows start at odd addresses cannot load as 16-bit elements: decode keeps the
-    byte loads there (same result as a contiguous copy) instead of misaligned accesses."""
-    from tq_kernels.decode import _even_rows, decode_attention
+def test_decode_v_pairs_odd_byte_view_is_refused():
+    """A V-code view whose rows start at odd addresses cannot load as 16-bit elements: a plan with V
+    pairs refuses it with a clear error instead of misaligned accesses."""
+    from tq_kernels.decode import _even_rows, decode_attention, plan_decode
 
     gen = torch.Generator().manual_seed(3)
     kfmt = vfmt = F(128, 4)
@@ -669,9 +591,54 @@ def test_decode_v_pairs_odd_byte_view_keeps_bytes():
     odd.copy_(v_codes)
     assert _even_rows(v_codes) and not _even_rows(odd)
     q = (torch.randn(2, hq, 128, generator=gen) * 2).to(DEV, torch.bfloat16)
-    args = (batch.kv_indptr, batch.kv_indices, 128 ** -0.5)
-    out = decode_attention(q, k_codes, k_scales, odd, v_scales, kc, vc, *args, sliced=True, v_pairs=True,
-                           num_splits=2, block_n=32)
-    ref = decode_attention(q, k_codes, k_scales, v_codes, v_scales, kc, vc, *args, sliced=True, v_pairs=False,
-                           num_splits=2, block_n=32)
-    assert torch.equal(out.cpu(), ref.cpu())
+    plan = plan_decode(kc, vc, 2, hkv, 40, DEV, num_splits=2, block_n=32)
+    assert plan.v_pairs
+    with pytest.raises(ValueError, match="even addresses"):
+        decode_attention(q, k_codes, k_scales, odd, v_scales, kc, vc, batch.kv_indptr, batch.kv_indices,
+                         128 ** -0.5, plan=plan)
+
+
+def test_plan_decode_choices():
+    """The stage 1 and its options follow the formats: sliced with register LUTs (2-/3-/4-/5-bit codes,
+    PROD keys), general for 6-bit codes, outliers and 3-bit keys at head_dim 64; int8 keys for 4-bit
+    one-field keys; V pairs for 4-bit one-field V where d_v / 4 gives every warp 8 columns; one split
+    count for every batch size when batch-invariant; a window's ring counted in the partials."""
+    from tq_kernels.decode import plan_decode
+
+    def plan(kf, vf, batch=32, **kw):
+        return plan_decode(*make_codecs(kf, vf), batch, 8, 32768, "cpu", **kw)
+
+    p = plan(F(128, 4), F(128, 4))
+    assert p.sliced and p.key_int8 and p.v_pairs and p.block_n == 128 and p.num_warps == 4
+    assert p.max_registers == 128 and not p.pdl and p.partials == p.num_splits
+    assert plan(F(128, 4), F(128, 4), window=True).partials == p.num_splits + 1
+    p = plan(F(64, 4), F(64, 4))
+    assert p.sliced and p.key_int8 and not p.v_pairs and p.max_registers == 168
+    p = plan(F(128, 3), F(128, 3))
+    assert p.sliced and not p.key_int8 and not p.v_pairs and p.block_n == 64 and p.max_registers == 96
+    assert plan(F(128, 5), F(128, 4)).sliced and plan(F(128, 3, qjl=True), F(128, 4)).sliced
+    assert not plan(F(128, 3, qjl=True), F(128, 4)).key_int8
+    for kf, vf in ((F(128, 6), F(128, 4)), (F(64, 3), F(64, 4)),
+                   (F(128, 3, outlier_channels=32, outlier_bits=4), F(128, 4))):
+        p = plan(kf, vf)
+        assert not p.sliced and not p.key_int8 and not p.v_pairs and p.max_registers is None, (kf, p)
+    many = plan(F(128, 4), F(128, 4), batch=64, batch_invariant=True)
+    assert many.num_splits == plan(F(128, 4), F(128, 4), batch=1).num_splits
+    with pytest.raises(ValueError, match="block_n"):
+        plan(F(128, 4), F(128, 4), block_n=16)
+    with pytest.raises(ValueError, match="max_splits"):
+        plan(F(128, 4), F(128, 4), num_splits=64, window=True)
+
+
+def test_kernel_signatures_stay_small():
+    """A data format travels as one constexpr (`_common.Fmt`) and pointers with their strides as tuples:
+    no Triton kernel of the package takes more than 40 parameters (constexprs included)."""
+    import triton
+
+    from tq_kernels import _common, compress, decode, extend
+
+    kernels = [(m.__name__, name, obj) for m in (_common, compress, decode, extend)
+               for name, obj in vars(m).items() if isinstance(obj, triton.runtime.jit.KernelInterface)]
+    assert len(kernels) > 20
+    big = {f"{mod}.{name}": len(k.arg_names) for mod, name, k in kernels if len(k.arg_names) > 40}
+    assert not big, big

@@ -8,7 +8,7 @@ import triton
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
-from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
+from kernel_helpers import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
 
 RUNNABLE, WHY = triton_runnable()
 pytestmark = pytest.mark.skipif(not RUNNABLE, reason=WHY)
@@ -71,8 +71,8 @@ def test_extend_matches_reference(case):
 
 
 def _check_variant(case, pack, seed_offset, **kw):
-    """One case of a kernel variant (extend_attention keyword arguments kw), per query head or with the
-    query group packed into the rows, against the reference."""
+    """One case (extend_attention keyword arguments kw), per query head or with the query group packed
+    into the rows, against the reference."""
     name, kfmt, vfmt, (hq, hkv), pre, new, causal, cap, bm, bn = case
     if pack and not choose_gqa_pack_ok(hq // hkv, bm):
         pytest.skip("block too small for the packed group")
@@ -86,46 +86,19 @@ def _cases(*names):
     return [c for c in CASES if c[0] in names]
 
 
-PACKING = pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
-REG_CASES = _cases("K4V4-d128-g4", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD4-V4-d128-g4",
-                   "K4V2-d64-g4-cap-noncausal", "K4V2-d128-g2-default-blocks", "K4V4-d64-noprefix",
-                   "K4V4-d128-g4-bm128", "K4V4-d256-g2")
+PACKED_CASES = _cases("K4V4-d128-g4", "K2V2-d64-g1-nonc", "PROD3-V3-d64-g8", "PROD4-V4-d128-g4",
+                      "K4V2-d64-g4-cap-noncausal", "K4V2-d128-g2-default-blocks", "K4V4-d64-noprefix",
+                      "K4V4-d128-g4-bm128", "K4V4-d256-g2", "K3V3-d64-g3", "K5V4-d128-g4", "K3V3-d64-g3-auto-blocks",
+                      "K3o-V2o-d128-g1")
 
 
-@PACKING
-@pytest.mark.parametrize("case", REG_CASES, ids=[c[0] for c in REG_CASES])
-def test_extend_register_lut_matches_reference(case, pack):
-    """register_lut: prefix centroids of one-field 4- / 2-bit codes (K4, V4, V2, PROD keys' 2-bit field)
-    from the register LUT, interleaved into coordinate order (the PTX on a GPU; one gather per slice in
-    the interpreter, which checks the byte loads and the interleaving order); other formats (V3) keep
-    per-code gathers in the same kernel."""
-    _check_variant(case, pack, 7, register_lut=True)
-
-
-REG_SPLIT_CASES = _cases("K3V3-d64-g3", "K5V4-d128-g4", "K3V3-d64-g3-auto-blocks", "PROD4-V4-d128-g4")
-
-
-@PACKING
-@pytest.mark.parametrize("case", REG_SPLIT_CASES, ids=[c[0] for c in REG_SPLIT_CASES])
-def test_extend_register_lut_split_matches_reference(case, pack):
-    """register_lut_split: 3-bit codes (2-bit field + 1-bit field) and 5-bit ones (4 + 1; PROD4's keys are
-    3-bit MSE codes) through decode's split register LUTs, the second field's bits regrouped per first-field
-    byte as decode does, then interleaved into coordinate order (the interpreter computes each slice's code
-    in integers and gathers it)."""
-    _check_variant(case, pack, 9, register_lut=True, register_lut_split=True)
-
-
-SCALE_CASES = _cases("K4V4-d128-g4", "K3V3-d64-g3", "PROD3-V3-d64-g8", "K3o-V2o-d128-g1",
-                     "K4V2-d64-g4-cap-noncausal", "K4V4-d64-noprefix", "K4V4-d256-g2")
-
-
-@PACKING
-@pytest.mark.parametrize("case", SCALE_CASES, ids=[c[0] for c in SCALE_CASES])
-def test_extend_scale_tiles_off_matches_reference(case, pack):
-    """scale_tiles=False: |k| and |v| multiply the scores and p instead of the dequantized K / V tiles
-    (the default since the thirteenth session, which every other extend test runs: register LUT,
-    gathers, outliers, PROD keys whose QJL term keeps its scale on the scores)."""
-    _check_variant(case, pack, 17, scale_tiles=False)
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c[0] for c in PACKED_CASES])
+def test_extend_packed_group_matches_reference(case):
+    """The query group packed into each program's rows: prefix centroids from the register LUTs (one-field
+    4- / 2-bit codes, 3- and 5-bit codes through the split LUTs; the PTX on a GPU, one gather per slice in
+    the interpreter, which checks the byte loads and the interleaving order) or per-code gathers
+    (outliers), scales on the tiles."""
+    _check_variant(case, True, 7)
 
 
 def choose_gqa_pack_ok(group: int, block_m) -> bool:

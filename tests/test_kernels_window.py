@@ -6,7 +6,7 @@ import torch
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
-from tq_kernels.testing import alloc_cache, make_codecs, pick_device, random_slots, rel_err, triton_runnable
+from kernel_helpers import alloc_cache, make_codecs, pick_device, random_slots, rel_err, triton_runnable
 from tq_kernels.window import DecodeWindow, ExtendWindow, RingWrite
 
 RUNNABLE, WHY = triton_runnable()
@@ -56,7 +56,7 @@ def test_compress_writes_exact_rotated_rows(kfmt, vfmt, centered):
 def _decode_case(kfmt, vfmt, hq, hkv, lens, wsize, lo_back, seed, **kw):
     """Sequences written packed and, for their last positions, into a ring (row base + p % W); decode
     with window lo = L - lo_back (clamped) against the reference with the same window."""
-    from tq_kernels.decode import decode_attention
+    from tq_kernels.decode import decode_attention, plan_decode
 
     gen = torch.Generator().manual_seed(seed)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed % 5)
@@ -83,7 +83,8 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, wsize, lo_back, seed, **kw):
     q = (torch.randn(B, hq, kfmt.head_dim, generator=gen) * 2).to(DEV, torch.bfloat16)
     sm = kfmt.head_dim ** -0.5
     cap = kw.pop("logit_cap", 0.0)
-    out = decode_attention(q, *bufs, kc, vc, indptr.to(DEV), slots, sm, cap, window=win, **kw)
+    plan = plan_decode(kc, vc, B, hkv, max(lens), DEV, window=True, **kw)
+    out = decode_attention(q, *bufs, kc, vc, indptr.to(DEV), slots, sm, cap, plan=plan, window=win)
     ref = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, indptr, slots.cpu(), sm, cap,
                                      window=DecodeWindow(ring.k.cpu(), ring.v.cpu(), wsize, lo, req * wsize))
     no_win = reference.decode_attention(q.cpu(), *[b.cpu() for b in bufs], kc, vc, indptr, slots.cpu(), sm, cap)
@@ -97,11 +98,11 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, wsize, lo_back, seed, **kw):
     (F(64, 4), F(64, 2), (4, 4), [33, 1, 0], 8, 5, dict(num_splits=2, block_n=32)),          # lo above L - W
     (F(128, 4, qjl=True), F(128, 4), (4, 1), [50], 16, 16, dict(num_splits=2, block_n=32)),  # PROD keys
     (F(64, 4), F(64, 4), (8, 2), [90, 7], 16, 16, dict(num_splits=5, block_n=32, logit_cap=5.0)),  # soft-cap
-    (F(128, 4), F(128, 4), (8, 2), [40, 5, 100], 16, 16, dict(num_splits=2, block_n=32, rotate_q=True)),
-    (F(128, 4), F(128, 4), (8, 2), [40, 5, 100, 0], 16, 16, dict(num_splits=3, block_n=32, fused_merge=True)),
-    (F(64, 4), F(64, 2), (4, 4), [33, 1, 0], 8, 5, dict(num_splits=2, block_n=32, fused_merge=True)),
+    (F(128, 4), F(128, 4), (8, 2), [40, 5, 100, 0], 16, 16, dict(num_splits=3, block_n=32)),  # empty sequence
+    (F(64, 3, outlier_channels=16, outlier_bits=4), F(64, 4), (4, 2), [60, 9], 16, 16,
+     dict(num_splits=2, block_n=32)),                                                         # outliers: general
 ], ids=["K4V4-d128-sliced", "K3V3-d64-general", "K4V2-d64-partial", "PROD4-d128", "K4V4-d64-softcap",
-        "K4V4-d128-rotate-q", "K4V4-d128-fused-merge", "K4V2-d64-partial-fused-merge"])
+        "K4V4-d128-empty", "K3oV4-d64-general"])
 def test_decode_window_matches_reference(kfmt, vfmt, heads, lens, wsize, lo_back, kw):
     out, ref, no_win = _decode_case(kfmt, vfmt, *heads, lens, wsize, lo_back, seed=sum(lens), **kw)
     assert torch.isfinite(out).all()

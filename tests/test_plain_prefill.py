@@ -138,7 +138,7 @@ def test_flashinfer_lse_feeds_the_hybrid_extend(cap):
     from sglang_tq.flashinfer_prefill import RaggedParams, RaggedPrefill
     from tq_kernels.codec import VecFormat
     from tq_kernels.extend import extend_attention
-    from tq_kernels.testing import alloc_cache, fill_random_kv, make_codecs, rel_err
+    from kernel_helpers import alloc_cache, fill_random_kv, make_codecs, rel_err
 
     dev = torch.device("cuda")
     ragged = RaggedPrefill.create(dev, RaggedParams(HQ, HKV, D, D, torch.bfloat16, D ** -0.5, cap, True))

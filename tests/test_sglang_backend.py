@@ -323,10 +323,11 @@ def test_batch_invariant_split_count(setup, monkeypatch):
         counts = {bs: la.num_splits for bs, la in launches.items()}
         if invariant:
             assert counts[1] == counts[64] == counts[512] > 1
-            assert {la.warps_for_batch for la in launches.values()} == {1}
+            assert {la.batch for la in launches.values()} == {1}
+            assert launches[1].plans == launches[64].plans == launches[512].plans
         else:
             assert counts[1] > counts[64] > counts[512]
-            assert [launches[bs].warps_for_batch for bs in (1, 64, 512)] == [1, 64, 512]
+            assert [launches[bs].batch for bs in (1, 64, 512)] == [1, 64, 512]
         assert backend.decode_launch(64) is launches[64]
 
 
