@@ -22,7 +22,20 @@ character --chars onward), saved (--key-means-out, default <out stem>_key_means.
 without safetensors) and written into the calibrated YAML as `key_means:`; the sensitivity sweep then
 probes centered keys, and PPL is reported with and without centering for the calibrated plan and for
 every --presets entry. The simulator centers whenever a config has key_means: it quantizes k - mu
-and adds mu back (the same attention as the server's centered cache, by softmax invariance).
+and adds mu back (the same attention as the server's centered cache, by softmax invariance);
+`key_means: auto` uses the means the server computes from the weights (sglang_tq.key_means).
+
+Server agreement (--variants): perplexity of preset variants on the spans that
+`eval_quality.py ppl --text DIR --spans N --span-tokens T` sends to a server, each span one request
+whose every scored token reads the compressed cache -- the server's `evaluation: {prefill_from_cache:
+true}`; --write-configs writes the YAMLs to serve (add that evaluation key). Where the two may differ:
+arithmetic (here fp32 on CPU, bf16 with --device cuda; the server bf16 with fp16 code scales), and
+the recent window inside an evaluation prefill (here query i reads key j exactly when i - j < W, as
+decode does).
+
+  python scripts/calibrate.py --model DIR --text A.txt --means-text B.txt --key-means-out m.safetensors \
+      --no-calibrate --eval-texts austen/ --spans 4 --span-tokens 512 \
+      --variants turbo4:w=0:center=none,turbo4:w=0:center=auto,turbo4:w=0:center=calibrated:protect=2
 """
 from __future__ import annotations
 

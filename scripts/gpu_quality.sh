@@ -64,7 +64,8 @@ start_server() {  # start_server NAME MODULE ARGS...: up and healthy within 600 
         ${EXTRA_ARGS:-} "$@" > "$OUT/logs/server_$name.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 600); do
-        curl -sf "$URL/health" > /dev/null && { echo "[$name] up"; return 0; }
+        python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' "$URL/health" \
+            2>/dev/null && { echo "[$name] up"; return 0; }
         kill -0 "$SERVER_PID" 2>/dev/null || break
         sleep 1
     done

@@ -38,6 +38,9 @@ head_dim] (scripts/calibrate.py --center writes one). Quantized layers then stor
 k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu).
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
 (layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
+`key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their
+rotary average, sglang_tq.key_means), which removes the constant that biased models (Qwen2) add to
+every key; models without k_proj biases are not centered.
 
 Recent window (optional, top level)::
 
