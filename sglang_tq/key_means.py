@@ -92,11 +92,13 @@ def sglang_key_means(model, start_layer: int, num_layers_local: int, num_kv_head
     """`key_means: auto` on a SGLang server: one float32 CPU [H_local, head_dim] mean per local layer
     (None for a layer without a k bias), from this rank's shard of qkv_proj's bias (tensor parallelism
     shards heads, so each rank centers its own heads) and the layer's rotary cos/sin cache."""
-    layers = model.model.layers
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:  # not a decoder-layer stack this module knows: keys stay uncentered
+        return [None] * num_layers_local
     out: List[Optional[torch.Tensor]] = []
     for i in range(num_layers_local):
-        attn = layers[start_layer + i].self_attn
-        b = _sglang_k_bias(attn)
+        attn = getattr(layers[start_layer + i], "self_attn", None)
+        b = None if attn is None else _sglang_k_bias(attn)
         if b is None:
             out.append(None)
             continue

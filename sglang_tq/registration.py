@@ -169,7 +169,7 @@ def install_mixin(mod) -> None:
             raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of TQTokenToKVPool; "
                                f"this model/set-up takes a KV-pool branch TurboQuant does not support")
         if plan.key_means_path == "auto":  # [quality] key_means: auto, from the loaded weights
-            pool.use_auto_key_means(self.model)
+            pool.use_auto_key_means(getattr(self, "model", None))
         _log_startup(self, plan, pool)
 
     M.get_cell_size_per_token = get_cell_size_per_token

@@ -101,3 +101,21 @@ def test_pool_centers_from_weights_at_startup(tmp_path):
         b = runner.model.model.layers[l].self_attn.qkv_proj.bias[6 * 64: 8 * 64].reshape(2, 64)
         want = rope_averaged_bias(b, cos[:AUTO_POSITIONS], sin[:AUTO_POSITIONS])
         torch.testing.assert_close(pool.key_mean(l), want)
+
+
+@pytest.mark.parametrize("preset", ["turbo4", "turbo3", "k4v2", "turbo3.5", "turbo2", "prod3", "k5v4"])
+def test_presets_center_keys_from_the_weights(preset):
+    from sglang_tq.config import load_config
+
+    assert load_config(preset).resolve(28, 128, num_kv_heads=2).key_means_path == "auto"
+
+
+def test_model_without_biases_or_layers_is_not_centered():
+    from sglang_tq.key_means import sglang_key_means
+
+    gen = torch.Generator().manual_seed(3)
+    model, _ = _fake_sglang_model(2, 2, 4, 64, gen)
+    for layer in model.model.layers:
+        layer.self_attn.qkv_proj.bias = None
+    assert sglang_key_means(model, 0, 2, 2, 64) == [None, None]
+    assert sglang_key_means(None, 0, 3, 2, 64) == [None, None, None]
