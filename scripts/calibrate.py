@@ -22,7 +22,20 @@ character --chars onward), saved (--key-means-out, default <out stem>_key_means.
 without safetensors) and written into the calibrated YAML as `key_means:`; the sensitivity sweep then
 probes centered keys, and PPL is reported with and without centering for the calibrated plan and for
 every --presets entry. The simulator centers whenever a config has key_means: it quantizes k - mu
-and adds mu back (the same attention as the server's centered cache, by softmax invariance).
+and adds mu back (the same attention as the server's centered cache, by softmax invariance);
+`key_means: auto` uses the means the server computes from the weights (sglang_tq.key_means).
+
+Server agreement (--variants): perplexity of preset variants on the spans that
+`eval_quality.py ppl --text DIR --spans N --span-tokens T` sends to a server, each span one request
+whose every scored token reads the compressed cache -- the server's `evaluation: {prefill_from_cache:
+true}`; --write-configs writes the YAMLs to serve (add that evaluation key). Where the two may differ:
+arithmetic (here fp32 on CPU, bf16 with --device cuda; the server bf16 with fp16 code scales), and
+the recent window inside an evaluation prefill (here query i reads key j exactly when i - j < W, as
+decode does).
+
+  python scripts/calibrate.py --model DIR --text A.txt --means-text B.txt --key-means-out m.safetensors \
+      --no-calibrate --eval-texts austen/ --spans 4 --span-tokens 512 \
+      --variants turbo4:w=0:center=none,turbo4:w=0:center=auto,turbo4:w=0:center=calibrated:protect=2
 """
 from __future__ import annotations
 
@@ -37,7 +50,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_tq.config import TQConfig, load_config  # noqa: E402
+from sglang_tq.config import KEY_MEANS_AUTO, TQConfig, load_config, presets_dir  # noqa: E402
+from sglang_tq.key_means import hf_key_means  # noqa: E402
 from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
 
 
@@ -119,8 +133,18 @@ class Simulator:
             plan = cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
             self.recent = plan.window_tokens
             self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
-            means = plan.key_means if isinstance(key_means, str) else key_means
+            if isinstance(key_means, str):  # the config's own: a file, `auto` (from the weights) or none
+                means = self.auto_key_means() if plan.key_means_path == KEY_MEANS_AUTO else plan.key_means
+            else:
+                means = key_means
             self.layer_means = self._means(means, plan.quantized_layers)
+
+    def auto_key_means(self):
+        """`key_means: auto` as the server computes it (sglang_tq.key_means), from this model's weights;
+        None for a model without k_proj biases."""
+        if not hasattr(self, "_auto_means"):
+            self._auto_means = hf_key_means(self.model)
+        return self._auto_means
 
     def set_probe(self, layer, role, bits, seed, key_means=None, recent=0):
         """Only `role` ('k' or 'v') of `layer` quantized at `bits`, everything else exact (K centered
@@ -253,6 +277,92 @@ def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=No
     return per_layer, sens, base
 
 
+def variant_dict(spec: str, worst_layers=(), means_path: str = "") -> dict:
+    """Config dict of a variant spec PRESET[:w=N][:center=none|auto|calibrated][:protect=N]: the preset
+    with its recent window set to N tokens, its key centering replaced (calibrated = the means file
+    measured on probe text) and its N worst quantized layers (by |mean|/rms of the probe keys) kept bf16."""
+    import yaml
+
+    name, *opts = spec.split(":")
+    d = yaml.safe_load(open(presets_dir() / f"{name}.yaml", encoding="utf-8"))
+    d["name"] = spec
+    for o in opts:
+        k, _, v = o.partition("=")
+        if k == "w":
+            d["window"] = {**(d.get("window") or {}), "tokens": int(v)}
+        elif k == "center" and v in ("none", "auto", "calibrated"):
+            d.pop("key_means", None)
+            if v == "auto":
+                d["key_means"] = KEY_MEANS_AUTO
+            elif v == "calibrated":
+                if not means_path:
+                    raise SystemExit(f"calibrate: variant {spec!r}: center=calibrated needs measured means")
+                d["key_means"] = os.path.abspath(means_path)
+        elif k == "protect":  # the worst layers the preset quantizes
+            b = d.get("boundary") or {}
+            first, last = b.get("first", 2), b.get("last", 2)
+            quantized = [l for l in worst_layers if first <= l < len(worst_layers) - last]
+            d["overrides"] = list(d.get("overrides") or []) + [{"layers": l, "format": "bf16"}
+                                                              for l in quantized[: int(v)]]
+        else:
+            raise SystemExit(f"calibrate: variant {spec!r}: unknown option {o!r}; allowed: w=N, "
+                             f"center=none|auto|calibrated, protect=N")
+    return d
+
+
+def span_ppl(sim, spans):
+    """Perplexity of every span, each scored as one request (its first token context only): what
+    `eval_quality.py ppl --spans` reports from a server whose every scored token reads the cache."""
+    per = [math.exp(sim.nll(sp, len(sp))) for sp in spans]
+    mean = sum(per) / len(per)
+    std = (sum((x - mean) ** 2 for x in per) / (len(per) - 1)) ** 0.5 if len(per) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(per), "max": max(per), "per_span": per}
+
+
+def run_variants(sim, a, log, means=None, means_path="", ratio=None):
+    """--variants on --eval-texts spans: perplexity (mean, std over spans) and cache bytes per token of
+    each variant; the YAMLs go to --write-configs when given (serve them with
+    `evaluation: {prefill_from_cache: true}` to compare with the server)."""
+    import yaml
+    import eval_quality as ev
+
+    spans = ev.text_spans(ev.read_texts(a.eval_texts), a.spans, a.span_tokens,
+                          lambda t: sim.tok(t, add_special_tokens=False)["input_ids"])
+    worst = []
+    if ratio is not None:
+        worst = sorted(range(len(ratio)), key=lambda l: -ratio[l])
+    auto = sim.auto_key_means()
+    if means is not None and auto is not None:  # how much of the measured key mean the bias explains
+        rms = sim.last_key_rms.clamp_min(1e-30)
+        left = [float(((means[l] - auto[l]).norm(dim=-1) / rms[l]).mean()) for l in range(sim.num_layers)]
+        log("|measured mean - bias mean| / rms per layer: " + " ".join(f"{r:.2f}" for r in left))
+    log(f"{len(spans)} spans of {a.span_tokens} tokens from {a.eval_texts}; same as the server's "
+        f"`eval_quality.py ppl --text {a.eval_texts} --spans {a.spans} --span-tokens {a.span_tokens}`")
+    rows = {}
+    sim.set_config(None)
+    rows["bf16"] = {**span_ppl(sim, spans), "bytes_per_token": None}
+    bf16 = rows["bf16"]["mean"]
+    log(f"{'bf16':36s} ppl {bf16:.4f} +- {rows['bf16']['std']:.4f}")
+    for spec in a.variants.split(","):
+        d = variant_dict(spec, worst, means_path)
+        cfg = TQConfig.from_dict(d, f"<variant {spec}>")
+        sim.set_config(cfg)
+        r = span_ppl(sim, spans)
+        plan = cfg.resolve(sim.num_layers, sim.head_dim, num_kv_heads=sim.num_kv_heads)
+        r["bytes_per_token"] = plan.bytes_per_token(sim.num_kv_heads)
+        r["protected"] = [o["layers"] for o in d.get("overrides", []) if o.get("format") == "bf16"]
+        rows[spec] = r
+        log(f"{spec:36s} ppl {r['mean']:.4f} +- {r['std']:.4f} ({(r['mean'] / bf16 - 1) * 100:+.2f} %; spans "
+            + " ".join(f"{x:.3f}" for x in r["per_span"]) + f"); {r['bytes_per_token']} B/token"
+            + (f"; bf16 layers {r['protected']}" if r["protected"] else ""))
+        if a.write_configs:
+            os.makedirs(a.write_configs, exist_ok=True)
+            with open(os.path.join(a.write_configs, spec.replace(":", "_").replace("=", "") + ".yaml"), "w") as f:
+                yaml.safe_dump(d, f, sort_keys=False)
+    return {"spans": len(spans), "span_tokens": a.span_tokens, "texts": a.eval_texts, "spread": "std over spans",
+            "rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description="per-layer KV bit-width calibration")
     ap.add_argument("--model", required=True)
@@ -283,6 +393,13 @@ def main():
     ap.add_argument("--means-text", default="",
                     help="text for the key means (default: the --text file from character --chars onward)")
     ap.add_argument("--means-tokens", type=int, default=0, help="tokens for the key means (default: --tokens)")
+    ap.add_argument("--variants", default="",
+                    help="comma list of PRESET[:w=N][:center=none|auto|calibrated][:protect=N]: perplexity of each "
+                         "on --spans spans of --eval-texts, as a server with evaluation.prefill_from_cache reports it")
+    ap.add_argument("--eval-texts", default="", help="text file or folder of *.txt for --variants")
+    ap.add_argument("--spans", type=int, default=3)
+    ap.add_argument("--span-tokens", type=int, default=1024)
+    ap.add_argument("--write-configs", default="", help="write each variant's YAML into this folder")
     a = ap.parse_args()
     log = lambda m: print(m, flush=True)  # noqa: E731
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
@@ -318,6 +435,15 @@ def main():
             f"|mean|/rms per layer: " + " ".join(f"{r:.2f}" for r in ratio))
         report["key_means"] = {"path": means_path, "tokens": len(mids), "text": msrc, "mean_over_rms": ratio}
 
+    if a.variants:
+        if not a.eval_texts:
+            raise SystemExit("calibrate: --variants needs --eval-texts")
+        report["variants"] = run_variants(sim, a, log, means, means_path,
+                                          key_mean_ratio(means, sim.last_key_rms) if means is not None else None)
+        if a.json:
+            json.dump(report, open(a.json, "w"), indent=1)
+        if a.no_calibrate and not a.presets:
+            return
     report["ppl_bf16"] = ppl_of(None)
     if a.presets:
         rows = {}

@@ -112,7 +112,7 @@ def evaluation_config(ref, out):
     stem = os.path.splitext(os.path.basename(path))[0]
     cfg = yaml.safe_load(open(path)) or {}
     cfg.setdefault("name", stem)
-    if cfg.get("key_means") and not os.path.isabs(os.path.expanduser(cfg["key_means"])):
+    if cfg.get("key_means") not in (None, "auto") and not os.path.isabs(os.path.expanduser(cfg["key_means"])):
         cfg["key_means"] = os.path.join(os.path.dirname(os.path.abspath(path)), cfg["key_means"])
     cfg["evaluation"] = {"prefill_from_cache": True}
     dst = os.path.join(out, f"eval_{stem}.yaml")

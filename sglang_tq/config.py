@@ -31,12 +31,16 @@ K/V keys:
 Key centering (optional, top level)::
 
     key_means: smollm2_key_means.safetensors   # relative to this YAML's folder unless absolute
+    key_means: auto               # or: from the model's k_proj biases at start-up (sglang_tq.key_means)
 
 A safetensors or .pt file with one float32 tensor `key_means` [num_layers, num_kv_heads_total,
 head_dim] (scripts/calibrate.py --center writes one). Quantized layers then store keys as codes of
 k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu).
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
 (layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
+`key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their
+rotary average, sglang_tq.key_means), which removes the constant that biased models (Qwen2) add to
+every key; models without k_proj biases are not centered.
 
 Recent window (optional, top level)::
 
@@ -93,6 +97,7 @@ _EVALUATION_KEYS = ("prefill_from_cache",)
 WINDOW_MAX_TOKENS = 256      # the decode kernel keeps a window's scores in registers
 DEFAULT_WINDOW_REQUESTS = 256
 KEY_MEANS_TENSOR = "key_means"  # name of the tensor inside a key-means file
+KEY_MEANS_AUTO = "auto"          # key_means: auto -> means from the weights at start-up
 _DEFAULTS_KEYS = ("k", "v")
 _K_KEYS = ("bits", "qjl", "norm_correction", "outliers")
 _V_KEYS = ("bits", "norm_correction", "outliers")
@@ -535,8 +540,11 @@ def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
     """key_means: PATH -> absolute path (relative paths: to the YAML's folder; from_dict: to the cwd)."""
     if value is None:
         return None
+    if value == KEY_MEANS_AUTO:  # computed from the model's k_proj biases at start-up (sglang_tq.key_means)
+        return KEY_MEANS_AUTO
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise _fail(source, "key_means", f"expected a file path (.safetensors or .pt), got {value!r}")
+        raise _fail(source, "key_means", f"expected '{KEY_MEANS_AUTO}' or a file path (.safetensors or .pt), "
+                                         f"got {value!r}")
     path = Path(os.path.expanduser(str(value)))
     if not path.is_absolute():
         base = Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
@@ -658,7 +666,7 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         vf, vl = vs.to_format(v_head_dim, where + ".v")
         plans.append(LayerPlan(i, True, kf, vf, kl, vl))
     means = None
-    if cfg.key_means is not None:
+    if cfg.key_means is not None and cfg.key_means != KEY_MEANS_AUTO:  # auto: filled by the pool
         means = load_key_means(cfg.key_means, src)
         check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
     return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means,

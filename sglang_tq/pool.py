@@ -224,6 +224,15 @@ class TQTokenToKVPool(KVCache):
             out.append(None if mu is None else mu.to(device=self.device, dtype=torch.float32).contiguous())
         return out
 
+    def use_auto_key_means(self, model) -> None:
+        """`key_means: auto`: the means of this rank's layers and heads from the loaded model's k_proj
+        biases (sglang_tq.key_means); bf16 layers stay uncentered. Called before any key is stored."""
+        from sglang_tq.key_means import sglang_key_means
+
+        means = sglang_key_means(model, self.start_layer, self.layer_num, self.head_num, self.head_dim)
+        self.key_means = [None if mu is None or not q else mu.to(device=self.device, dtype=torch.float32).contiguous()
+                          for mu, q in zip(means, self.quantized)]
+
     def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
         """fp32 [H_kv, head_dim] key-centering mean of a quantized layer, or None."""
         return self.key_means[self._local(layer_id)]

@@ -29,6 +29,7 @@ import functools
 import logging
 import os
 
+from sglang_tq.config import KEY_MEANS_AUTO
 from sglang_tq.compat import (BACKEND_NAME, check_runner, check_server_args, resolve_plan_for,
                               total_kv_heads, uses_turboquant)
 from sglang_tq.sglang_internals import pool_class_during, server_arg, shrink_token_budget, wrap_method
@@ -152,6 +153,8 @@ def install_mixin(mod) -> None:
             if not isinstance(pool, TQTokenToKVPool):
                 raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of TQTokenToKVPool; "
                                    f"this model/set-up takes a KV-pool branch TurboQuant does not support")
+            if plan.key_means_path == KEY_MEANS_AUTO:  # means from the loaded weights, before any key is stored
+                pool.use_auto_key_means(getattr(self, "model", None))
             _log_startup(self, plan, pool)
         return _init_pools
 

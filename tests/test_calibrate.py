@@ -90,3 +90,62 @@ def test_calibrate_writes_a_config_meeting_the_target(tiny_model, tmp_path):
     plan = load_config(str(out)).resolve(4, 64, num_kv_heads=1)
     assert plan.quantized_layers == (1, 2) and plan.key_means is not None
     assert sum(plan[l].k.bits + plan[l].v.bits for l in (1, 2)) == 12  # 3 bits average over 4 roles
+
+
+def test_hf_key_means_is_the_mean_of_hf_rotated_biases():
+    """`key_means: auto` in the simulator (sglang_tq.key_means.hf_key_means) equals the mean over positions
+    of the bias rotated by the model's own rotary embedding (transformers' apply_rotary_pos_emb)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from sglang_tq.key_means import hf_key_means
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).eval()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=3.0)
+    got = hf_key_means(model, positions=200)
+    pos = torch.arange(200)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, 200, 128), pos)
+    for l, layer in enumerate(model.model.layers):
+        b = layer.self_attn.k_proj.bias.detach().reshape(1, 1, 1, 64).expand(1, 1, 200, 64)
+        _, kb = apply_rotary_pos_emb(b, b, cos, sin)
+        torch.testing.assert_close(got[l], kb[0, :, :, :].mean(1), atol=1e-5, rtol=1e-5)
+    from transformers import LlamaConfig, LlamaForCausalLM  # no k_proj bias: nothing to center
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert hf_key_means(llama) is None
+
+
+def test_variants_score_spans_and_write_server_configs(tiny_model, tmp_path):
+    """--variants: each variant's perplexity over the spans eval_quality would send to a server, its bytes
+    per token, protected layers, and a YAML the server loads."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in ("a", "b"):
+        (texts / f"{name}.txt").write_text(f"It is a truth universally acknowledged ({name}), that a single man. " * 30)
+    report, cfgs = tmp_path / "v.json", tmp_path / "cfgs"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "calibrate.py"), "--model", tiny_model,
+           "--text", str(texts / "a.txt"), "--chars", "600", "--tokens", "64", "--window", "64", "--device", "cpu",
+           "--means-text", str(texts / "b.txt"), "--key-means-out", str(tmp_path / "m.safetensors"), "--no-calibrate",
+           "--eval-texts", str(texts), "--spans", "3", "--span-tokens", "48", "--write-configs", str(cfgs),
+           "--json", str(report),
+           "--variants", "turbo4:w=0:center=none,turbo4:w=0:center=calibrated,turbo4:w=0:center=none:protect=1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    v = json.loads(report.read_text())["variants"]
+    rows = v["rows"]
+    assert v["spans"] == 3 and v["spread"] == "std over spans"
+    assert all(len(r["per_span"]) == 3 for r in rows.values())
+    plain, protected = rows["turbo4:w=0:center=none"], rows["turbo4:w=0:center=none:protect=1"]
+    (layer,) = protected["protected"]
+    assert layer in (1, 2, 3)  # turbo4 keeps layer 0 bf16 already: the worst of the quantized layers
+    assert protected["bytes_per_token"] > plain["bytes_per_token"]
+    assert plain["mean"] != rows["bf16"]["mean"]  # every scored token reads 4-bit codes of its past
+    from sglang_tq.config import load_config
+
+    cal = load_config(str(cfgs / "turbo4_w0_centercalibrated.yaml"))
+    assert cal.key_means == str(tmp_path / "m.safetensors") and cal.window_tokens == 0

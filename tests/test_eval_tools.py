@@ -21,7 +21,7 @@ LOGPROB = -2.0  # every input token gets this log-probability
 
 class FakeSGLang(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": [], "stream_prompts": []}
+    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": [], "stream_prompts": [], "perturb_at": None}
 
     def log_message(self, *a):  # keep pytest output clean
         pass
@@ -40,7 +40,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
         if self.path == "/get_load":
             return self._json([{"num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": self.state["tokens_held"]}])
         if self.path == "/server_info":
-            return self._json({"attention_backend": "fake", "max_total_num_tokens": 1000})
+            return self._json({"attention_backend": "fake", "max_total_num_tokens": 1000, "model_path": "/m/Fake-1B"})
         self._json({"error": "no route"}, 404)
 
     def do_POST(self):
@@ -65,7 +65,12 @@ class FakeSGLang(BaseHTTPRequestHandler):
                 key = text.split("The pass key is ")[1][:5] if "The pass key is " in text else "x"
                 if "The pass key is " in text and text.index("The pass key is ") < 150:
                     key = "00000"
-                return self._json({"text": f" {key}.", "meta_info": {"input_token_logprobs": lps}})
+                # greedy tokens: a function of the prompt; with perturb_at set, prompts starting with an even
+                # token id diverge from that position on (a stand-in for a lossy cache)
+                n_out, cut = req.get("sampling_params", {}).get("max_new_tokens", 1), self.state["perturb_at"]
+                out = [(sum(ids) + i) % 97 + (1000 if cut is not None and ids[0] % 2 == 0 and i >= cut else 0)
+                       for i in range(n_out)]
+                return self._json({"text": f" {key}.", "output_ids": out, "meta_info": {"input_token_logprobs": lps}})
             self.state["count"] += 1
             if self.state["fail_every"] and self.state["count"] % self.state["fail_every"] == 0:
                 return self._json({"error": "boom"}, 500)
@@ -91,7 +96,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[], stream_prompts=[])
+    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[], stream_prompts=[], perturb_at=None)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -266,3 +271,116 @@ def test_bench_serving_config_args():
                                                       "--enforce-piecewise-cuda-graph"]
     with pytest.raises(SystemExit):
         bench_serving.config_args("turbo4+nope")
+
+
+# --- records: ppl over spans, needle, asdiv, greedy agreement, merge --------------------------------
+RECORD_KEYS = {"model", "config", "metric", "length", "mean", "spread", "spread_kind", "n", "bf16_mean", "card",
+               "date", "commit", "command", "path", "detail"}
+LABELS = ["--card", "H100", "--commit", "abc1234", "--command", "run it"]
+
+
+def _texts(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("abcdefghij" * 30)   # 300 tokens in the stand-in tokenizer
+    (d / "b.txt").write_text("klmnopqrst" * 12)   # 120 tokens
+    return d
+
+
+def _run(argv, out):
+    eval_quality.main(argv + ["--json", str(out)])
+    recs = json.loads(out.read_text())
+    assert isinstance(recs, list) and all(set(r) == RECORD_KEYS for r in recs)
+    return recs
+
+
+def test_text_spans_are_disjoint_and_alternate_texts():
+    a, b = "".join(chr(0x100 + i) for i in range(300)), "".join(chr(0x1000 + i) for i in range(120))
+    spans = eval_quality.text_spans([a, b], 5, 50, lambda t: [ord(c) for c in t])
+    assert len(spans) == 5 and all(len(s) == 50 for s in spans)
+    # the first span of each text, then the second, ...; each span starts where the text's last one ended
+    assert [s[0] for s in spans] == [0x100, 0x1000, 0x100 + 50, 0x1000 + 50, 0x100 + 100]
+    with pytest.raises(SystemExit, match="only 8 spans"):
+        eval_quality.text_spans(["abcdefghij" * 30, "klmnopqrst" * 12], 9, 50, lambda t: [ord(c) for c in t])
+
+
+def test_ppl_spans_record(server, tmp_path):
+    recs = _run(["ppl", "--url", server, "--text", str(_texts(tmp_path)), "--spans", "4", "--span-tokens", "40",
+                 "--config", "turbo4", "--path", "extend, evaluation.prefill_from_cache"] + LABELS, tmp_path / "p.json")
+    (r,) = recs
+    assert r["metric"] == "ppl" and r["config"] == "turbo4" and r["model"] == "Fake-1B" and r["n"] == 4
+    assert r["mean"] == pytest.approx(math.exp(-LOGPROB)) and r["spread"] == pytest.approx(0.0)
+    assert r["spread_kind"] == "std over spans" and r["detail"]["tokens"] == 4 * 39
+    assert r["path"] == "extend, evaluation.prefill_from_cache" and r["card"] == "H100" and r["commit"] == "abc1234"
+
+
+def test_span_perplexity_mean_and_std(monkeypatch):
+    lps = {1: -1.0, 2: -2.0, 3: -3.0}  # each span's tokens all get the log-probability of its first id
+    monkeypatch.setattr(eval_quality, "_post", lambda url, path, p: {
+        "meta_info": {"input_token_logprobs": [[None]] + [[lps[p["input_ids"][0]]]] * (len(p["input_ids"]) - 1)}})
+    res = eval_quality.span_perplexity("u", [[1] * 10, [2] * 10, [3] * 10])
+    per = [math.exp(1), math.exp(2), math.exp(3)]
+    assert res["ppl"] == pytest.approx(sum(per) / 3) and res["min"] == pytest.approx(per[0])
+    assert res["std"] == pytest.approx(__import__("statistics").stdev(per))
+    assert res["pooled"] == pytest.approx(math.exp(2))
+
+
+def test_needle_records_per_length(server, tmp_path):
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The grass is green. The sky is blue. The sun is yellow. Here we go. " * 200)
+    recs = _run(["needle", "--url", server, "--haystack", str(hay), "--lengths", "400,800", "--depths", "0.0,0.5",
+                 "--trials", "3", "--margin", "64", "--config", "bf16"] + LABELS, tmp_path / "n.json")
+    assert [(r["length"], r["n"]) for r in recs] == [(400, 6), (800, 6)]
+    for r in recs:  # the stand-in misses needles at the very start
+        assert r["mean"] == pytest.approx(0.5) and r["detail"]["by_depth"] == {"0.0": 0.0, "0.5": 1.0}
+        assert r["spread"] == pytest.approx(math.sqrt(0.25 / 6)) and r["path"] == "decode"
+
+
+def test_asdiv_record(server, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"passage": f"Tom has {a} apples and {b} pears.", "question": "How many?",
+                                          "answer": str(a + b)}) for a, b in [(2, 3), (4, 4), (1, 0)]))
+    (r,) = _run(["asdiv", "--url", server, "--data", str(data), "--config", "fp8"] + LABELS, tmp_path / "q.json")
+    assert r["metric"] == "asdiv" and r["mean"] == 1.0 and r["n"] == 3 and r["spread"] == 0.0
+
+
+def test_greedy_reference_and_compare(server, tmp_path):
+    texts = str(_texts(tmp_path))
+    common = ["--url", server, "--text", texts, "--prompts", "6", "--prompt-tokens", "20", "--tokens", "16"] + LABELS
+    ref = tmp_path / "ref.json"
+    eval_quality.main(["greedy", *common, "--config", "bf16", "--save", str(ref)])
+    assert len(json.loads(ref.read_text())["outputs"]) == 6
+    FakeSGLang.state["perturb_at"] = 5
+    run = tmp_path / "run.json"
+    (r,) = _run(["greedy", *common, "--config", "turbo3", "--save", str(run), "--reference", str(ref)],
+                tmp_path / "g1.json")
+    firsts = [p[0] for p in json.loads(ref.read_text())["prompts"]]
+    want = [5 if f % 2 == 0 else 16 for f in firsts]
+    assert r["metric"] == "greedy_prefix" and r["n"] == 6 and r["mean"] == pytest.approx(sum(want) / 6)
+    assert r["detail"]["identical"] == want.count(16)
+    eval_quality.main(["greedy-compare", str(ref), str(run), "--json", str(tmp_path / "g2.json")])
+    (c,) = json.loads((tmp_path / "g2.json").read_text())
+    assert c["mean"] == r["mean"] and c["config"] == "turbo3" and c["spread_kind"] == "std over prompts"
+
+
+def test_merge_fills_bf16_mean_and_replaces(tmp_path):
+    def rec(config, metric, mean, length=None, n=10):
+        return {"model": "M", "config": config, "metric": metric, "length": length, "mean": mean, "spread": 0.0,
+                "spread_kind": "x", "n": n, "bf16_mean": None, "card": "H100", "date": "2026-01-01",
+                "commit": "c", "command": "", "path": "decode", "detail": {}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([rec("bf16", "ppl", 7.0), rec("bf16", "needle", 0.9, 4096)]))
+    b.write_text(json.dumps([rec("turbo4", "ppl", 7.2), rec("turbo4", "needle", 0.8, 4096),
+                             rec("turbo4", "needle", 0.5, 8192)]))
+    out = tmp_path / "quality.json"
+    out.write_text(json.dumps([rec("turbo4", "ppl", 99.0), rec("other", "ppl", 1.0)]))
+    recs = eval_quality.merge([str(a), str(b)], "bf16", str(out))
+    got = {(r["config"], r["metric"], r["length"]): r["bf16_mean"] for r in recs}
+    assert got[("turbo4", "ppl", None)] == 7.0 and got[("turbo4", "needle", 4096)] == 0.9
+    assert got[("turbo4", "needle", 8192)] is None  # no BF16 record of that length
+    saved = json.loads(out.read_text())
+    assert [r["mean"] for r in saved if r["config"] == "turbo4" and r["metric"] == "ppl"] == [7.2]  # replaced
+    assert any(r["config"] == "other" for r in saved) and len(saved) == 6
+    with pytest.raises(SystemExit, match="baseline config 'fp8'.*configs found"):
+        eval_quality.merge([str(b)], "fp8")
+    assert "+2.86" in eval_quality.compare(str(a), str(b))  # compare reads record lists: ppl 7.0 -> 7.2
