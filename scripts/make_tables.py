@@ -32,7 +32,7 @@ REQUIRED = {
                       "command"),
 }
 ALLOWED = {"kernels": {"bench": ("decode", "step", "extend")},
-           "quality": {"metric": ("ppl", "passkey", "asdiv", "greedy_prefix")}}
+           "quality": {"metric": ("ppl", "needle", "passkey", "asdiv", "greedy_prefix")}}
 
 
 class ResultsError(ValueError):
