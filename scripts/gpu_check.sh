@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of the whole product on one warm GPU machine, as back-to-back device calls (the machine keeps
+# GPU checks of the whole product on one warm GPU machine, as back-to-back commands (the machine keeps
 # /tmp only while warm). From the repo root:
 #
 #   tests     carry .gpu_bundle            SGLang bundle into /tmp/site; the kernel tests on the GPU

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Real-server checks on a GPU: one script, one device call.
+"""Real-server checks on a GPU: one script, one run on a GPU machine.
 
 Starts SGLang servers one after another (BF16 KV with the triton backend as the baseline, then
 TurboQuant presets), and records for each: max_total_num_tokens, perplexity, chat answers, greedy
@@ -296,7 +296,7 @@ def smollm2_servers(a, base, out):
                 "turbo3.5", "k4v2", "k5v4",
                 "turbo4_noboundary", "turbo3_noboundary", "k4v2_noboundary", "turbo2_noboundary",
                 "turbo3.5_noboundary", "turbo4_nowindow", "turbo3_nowindow")
-    res = {}  # a subset of servers (e.g. split over two device calls): the summary covers what ran
+    res = {}  # a subset of servers (e.g. split over two runs): the summary covers what ran
     for name, extra in selected(plan, a.servers):
         r = {}
         s = Server(name, base + with_evaluation(extra, out), log_dir=out)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where the time of one decode step goes (GPU): per-kernel device time of compress_and_store and
+"""Where the time of one decode step goes (GPU): per-kernel GPU time of compress_and_store and
 decode_attention at a few (B, context) points, from torch.profiler over plain launches, next to the
 CUDA-graph times of each call and of the layer's whole step (compress, then decode: what a server's
 decode graph pays per quantized layer). By default the compress launch also rotates the queries, as in

@@ -400,7 +400,7 @@ def test_calibrated_example_config_loads_with_its_key_means(name, n_quantized, a
 
 
 def test_calibrated_window_example_config():
-    """configs/examples/calibrated3_window_smollm2.yaml (scripts/calibrate.py --recent 32, seventh session)
+    """configs/examples/calibrated3_window_smollm2.yaml (scripts/calibrate.py --recent 32)
     resolves for SmolLM2's shape with its 32-token window, 26 quantized layers averaging 3.00 code bits:
     the bytes of uniform 3-bit codes on the same layers."""
     path = Path(__file__).resolve().parent.parent / "configs" / "examples" / "calibrated3_window_smollm2.yaml"
