@@ -27,6 +27,9 @@ REQUIRED = {
     "serving": ("workload", "config", "backend", "kv_dtype", "clients", "isl", "osl", "output_tok_s", "spread",
                 "reps", "ttft_p50_ms", "tpot_p99_ms", "max_total_num_tokens") + COMMON,
     "capacity": ("model", "config", "backend", "max_total_num_tokens") + COMMON,
+    "simulation": ("model", "config", "window", "centering", "protected_layers", "metric", "mean", "spread", "n",
+                   "bf16_mean", "delta_pct", "delta_spread", "bytes_per_token", "bf16_bytes_per_token", "path")
+    + COMMON,
     "consolidation": ("point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
                       "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
                       "command"),
@@ -253,6 +256,27 @@ def capacity_section(recs: List[dict]) -> List[str]:
     return out
 
 
+def simulation_section(recs: List[dict]) -> List[str]:
+    if not recs:
+        return []
+    out = ["## Key centering (CPU simulation)", "",
+           "Perplexity from `scripts/calibrate.py`'s simulator: the model in fp32 on the CPU, K and V of every "
+           "quantized layer coded and decoded as the cache stores them, every scored token reading the compressed "
+           "cache (window 0: the codecs alone, as a radix-cached prefix or a far-back needle sees them; window 32: "
+           "the presets' recent window). Not a server measurement. Change = mean over spans of the per-span "
+           "perplexity ratio − 1, ± its standard deviation over the spans; bytes are the KV cache per token.", ""]
+    for g in groups(recs, lambda r: (r["model"], r["path"], r.get("text"), r["n"])):
+        out += [f"{g[0]['model']}, {g[0]['n']} spans ({g[0].get('text', '')}); BF16 perplexity "
+                f"{num(g[0]['bf16_mean'], 2)}, {num(g[0]['bf16_bytes_per_token'])} B/token.", ""]
+        rows = [[f"`{r['config']}`", str(r["window"]), r["centering"],
+                 ", ".join(map(str, r["protected_layers"])) or "—", num(r["mean"], 2),
+                 f"{r['delta_pct']:+.2f} % ± {r['delta_spread']:.2f}", num(r["bytes_per_token"])] for r in g]
+        out += table(["preset", "window", "key centering", "bf16 layers", "perplexity", "change", "B/token"], rows,
+                     4)
+        out += ["", provenance(g[0]) + ".", ""]
+    return out
+
+
 def consolidation_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
@@ -276,6 +300,7 @@ def results_md(data: Dict[str, List[dict]]) -> str:
     lines += step_section([r for r in k if r["bench"] == "step"])
     lines += extend_section([r for r in k if r["bench"] == "extend"])
     lines += quality_section(data["quality"])
+    lines += simulation_section(data["simulation"])
     lines += serving_section(data["serving"])
     lines += capacity_section(data["capacity"])
     lines += consolidation_section(data["consolidation"])
