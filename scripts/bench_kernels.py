@@ -165,6 +165,14 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, splits=None, window=0):
     return ms, per_set + qo_bytes, plan.num_splits
 
 
+def sglang_tensor_cores(kv_dtype, hq, hkv) -> bool:
+    """Whether SGLang's flashinfer backend decodes this shape on tensor cores (its should_use_tensor_core:
+    FP8 always, 16-bit KV from a GQA group of 4), so the baseline is the kernel the server runs."""
+    from sglang.srt.layers.attention.flashinfer_backend import should_use_tensor_core
+
+    return bool(should_use_tensor_core(kv_dtype, hq, hkv))
+
+
 def run_flashinfer(B, ctx, hq, hkv, d, kv_dtype, page_size, l2, seed):
     import flashinfer
 
@@ -175,6 +183,7 @@ def run_flashinfer(B, ctx, hq, hkv, d, kv_dtype, page_size, l2, seed):
     ws_buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     wrappers, sets = [], []
     last = (ctx - 1) % page_size + 1
+    tensor_cores = sglang_tensor_cores(kv_dtype, hq, hkv)
     for i in range(n_sets):
         n_pages = B * n_pages_seq + 1
         k = torch.randn(n_pages, page_size, hkv, d, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
@@ -184,7 +193,7 @@ def run_flashinfer(B, ctx, hq, hkv, d, kv_dtype, page_size, l2, seed):
         indptr = torch.arange(B + 1, device="cuda", dtype=torch.int32) * n_pages_seq
         lastlen = torch.full((B,), last, device="cuda", dtype=torch.int32)
         w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws_buf if i == 0 else torch.empty_like(ws_buf), "NHD",
-                                                          use_tensor_cores=True)
+                                                          use_tensor_cores=tensor_cores)
         w.plan(indptr, pidx, lastlen, hq, hkv, d, page_size, pos_encoding_mode="NONE",
                q_data_type=torch.bfloat16, kv_data_type=kv_dtype, sm_scale=d ** -0.5)
         q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -224,6 +233,7 @@ def run_sglang_triton(B, ctx, hq, hkv, d, l2, seed, max_splits=16):
         k = torch.randn(n_slots, hkv, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(n_slots, hkv, d, device="cuda", dtype=torch.bfloat16)
         indptr, idx = paged_indices(B, ctx, n_slots, seed + i)
+        idx = idx.to(torch.int64)  # as SGLang's Triton backend passes them: 64-bit slot offsets past 2^31 elements
         q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
         o = torch.empty(B, hq, d, device="cuda", dtype=torch.bfloat16)
         sets.append((q, k, v, o, indptr, idx))
@@ -492,12 +502,6 @@ def decode_baselines(B, ctx, hq, hkv, d, l2, args):
                     ("fi_fp8", lambda: run_flashinfer(B, ctx, hq, hkv, d, torch.float8_e4m3fn, args.fi_page_size,
                                                       l2, 2)),
                     ("sgl_triton", lambda: run_sglang_triton(B, ctx, hq, hkv, d, l2, 3, args.sgl_splits))):
-        if name == "sgl_triton" and B * ctx * hkv * d >= 2 ** 31:
-            # its kernel indexes the K/V buffers with 32-bit offsets: beyond them it faults, and a fault
-            # ends every later timing of the process
-            base[name] = None
-            log(f"  {name} skipped at B={B} ctx={ctx}: K/V beyond 32-bit offsets")
-            continue
         try:
             base[name] = f()
         except Exception as e:  # noqa: BLE001 - the baselines are optional
@@ -565,11 +569,17 @@ def main():
                     help="only the before/after points: decode K4V4 hd128 B=32 32K and B=1 1K, hd64 B=32 32K; "
                          "extend 512 new over a 16K prefix")
     ap.add_argument("--json", default=None, help="write the results as JSON to this file")
+    ap.add_argument("--commit", default=None, help="the commit to record (default: git rev-parse HEAD, where the "
+                                                    "checkout has its .git)")
+    ap.add_argument("--records", default=None, metavar="PATH",
+                    help="merge this run's points into a results/kernels.json-style record list (then run "
+                         "scripts/make_tables.py)")
     ap.add_argument("--quick", action="store_true", help="B in {1,32}, ctx in {1K,32K}, K4V4+K3V3, hd128")
     ap.add_argument("--check", action="store_true", help="correctness of every codec first")
     ap.add_argument("--out", default=None, help="directory for results.json and speedup.png")
     ap.add_argument("--mem-budget-gb", type=float, default=30.0, help="skip points whose BF16 KV exceeds this")
-    ap.add_argument("--fi-page-size", type=int, default=16)
+    ap.add_argument("--fi-page-size", type=int, default=1,
+                    help="FlashInfer's KV page size (default 1: the page size SGLang serves with by default)")
     ap.add_argument("--sgl-splits", type=int, default=16, help="num_kv_splits / max_kv_splits of SGLang triton")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--batch", type=int, nargs="*", default=None)
@@ -605,11 +615,13 @@ def main():
             log(f"{mod} not available ({type(e).__name__}: {e})")
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     t_start = time.time()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except OSError:
+            commit = None
 
     results = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, commit=commit,
                    date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), points=[], compress=[],
@@ -624,6 +636,8 @@ def main():
     if args.headline:
         headline(results, l2, bw, args)
         save(results, args.out, args.json)
+        if args.records:
+            merge_records(args.records, kernel_records(results))
         print_table(results, time.time() - t_start)
         return 0 if results["check"] in (None, True) else 2
 
@@ -687,6 +701,8 @@ def main():
                    f"TQ {r['tq_layer_fi'] * 1e3:.1f} us" if r.get("fi_prefill") else ""))
 
     save(results, args.out, args.json)
+    if args.records:
+        merge_records(args.records, kernel_records(results))
     if args.out:
         try:
             plot(results, os.path.join(args.out, "speedup.png"))
@@ -695,6 +711,46 @@ def main():
 
     print_table(results, time.time() - t_start)
     return 0 if results["check"] in (None, True) else 2
+
+
+def kernel_records(results) -> list:
+    """results/kernels.json records (decode points and extend rows) of this run."""
+    common = dict(card=results["gpu"], date=results["date"][:10], commit=(results.get("commit") or "")[:7] or None,
+                  command="python scripts/bench_kernels.py " + " ".join(sys.argv[1:]), copy_gbps=round(results["copy_gbs"]))
+
+    def us(ms):
+        return None if not ms else round(ms * 1e3, 1)
+
+    recs = [dict(bench="decode", codec=p["codec"], h_q=p["hq"], h_kv=p["hkv"], head_dim=p["d"], batch=p["B"],
+                 context=p["ctx"], new_tokens=None, ours_us=us(p["ms"]), flashinfer_bf16_us=us(p.get("fi_bf16")),
+                 flashinfer_fp8_us=us(p.get("fi_fp8")), sglang_triton_us=us(p.get("sgl_triton")),
+                 packed_bytes=p["bytes"], **common) for p in results["points"]]
+    hq, hkv, d = SHAPES["hd128"]
+    recs += [dict(bench="extend", codec=e["codec"], h_q=hq, h_kv=hkv, head_dim=d, batch=e["seqs"], context=e["prefix"],
+                  new_tokens=e["new"], ours_us=us(e["ours"]), flashinfer_bf16_us=us(e.get("fi_bf16")),
+                  flashinfer_fp8_us=None, sglang_triton_us=us(e.get("sgl_triton_bf16")), packed_bytes=None, **common)
+             for e in results["extend"]]
+    return recs
+
+
+def record_key(r: dict) -> tuple:
+    return tuple(r.get(k) for k in ("bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
+                                    "card"))
+
+
+def merge_records(path, recs) -> None:
+    """Write recs into the JSON list at path; a new record replaces an older one of the same point and card
+    (the published tables hold current numbers only)."""
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    keys = {record_key(r) for r in recs}
+    merged = [r for r in old if record_key(r) not in keys] + recs
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1)
+        f.write("\n")
+    log(f"{len(recs)} records into {path} ({len(merged)} in all)")
 
 
 def save(results, out, json_path=None):

