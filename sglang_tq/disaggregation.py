@@ -210,16 +210,27 @@ def _rank_key(tp_rank, pp_rank) -> str:
     return f"{int(tp_rank)}.{int(pp_rank)}"
 
 
-def publish_fingerprint(kv_manager, fingerprint: Dict) -> None:
-    """PUT this prefill rank's fingerprint on the bootstrap server."""
+def publish_fingerprint(kv_manager, fingerprint: Dict, tries: int = 60, wait_s: float = 0.5) -> None:
+    """PUT this prefill rank's fingerprint on the bootstrap server. The server starts in the launcher process
+    while the schedulers load the model; an unreachable server is retried for tries * wait_s seconds."""
+    import time
+
     import requests
 
     url = _bootstrap_url(kv_manager) + ROUTE
     body = {"rank": _rank_key(kv_manager.attn_tp_rank, kv_manager.pp_rank), "fingerprint": fingerprint}
-    resp = requests.put(url, json=body, timeout=5)
-    if resp.status_code != 200:
-        raise RuntimeError(f"TurboQuant: could not publish the KV config to the bootstrap server {url}: "
-                           f"HTTP {resp.status_code} {resp.text}")
+    for i in range(tries):
+        try:
+            resp = requests.put(url, json=body, timeout=5)
+        except requests.RequestException as e:
+            if i == tries - 1:
+                raise RuntimeError(f"TurboQuant: the bootstrap server {url} did not answer: {e}") from e
+            time.sleep(wait_s)
+            continue
+        if resp.status_code != 200:
+            raise RuntimeError(f"TurboQuant: could not publish the KV config to the bootstrap server {url}: "
+                               f"HTTP {resp.status_code} {resp.text}")
+        return
 
 
 _PENDING = object()

@@ -238,18 +238,18 @@ def test_restart_window_only_touches_ring_slots(tmp_path):
 
 def test_prebuilt_hook_restarts_the_window(tmp_path):
     _, pool = _pool(tmp_path, WINDOW)
-    calls = []
+    ran = []
 
     class Mixin:
         def prepare_for_prebuilt(self):
-            calls.append(1)
+            ran.append(1)
             self.req_pool_indices, self.seq_lens = torch.tensor([0, 1]), torch.tensor([7, 9])
 
     dg.install_prebuilt(SimpleNamespace(ScheduleBatchDisaggregationDecodeMixin=Mixin))
     batch = Mixin()
     batch.token_to_kv_pool_allocator = SimpleNamespace(get_kvcache=lambda: pool)
     batch.prepare_for_prebuilt()
-    assert calls == [1] and pool.window_start[:2].tolist() == [7, 9]
+    assert ran == [1] and pool.window_start[:2].tolist() == [7, 9]
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,9 +303,35 @@ def test_config_route():
     assert dg.config_route(store, "DELETE", "0.0", None)[0] == 405
 
 
+def test_publish_retries_until_the_bootstrap_server_answers(monkeypatch):
+    import requests
+
+    sent, answers = [], [requests.ConnectionError("refused"), SimpleNamespace(status_code=200, text="")]
+
+    def put(url, json, timeout):
+        sent.append((url, json))
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(requests, "put", put)
+    mgr = SimpleNamespace(dist_init_addr=None, bootstrap_host="127.0.0.1", bootstrap_port=8998, attn_tp_rank=1,
+                          pp_rank=0)
+    dg.publish_fingerprint(mgr, {"turboquant": False}, tries=3, wait_s=0)
+    assert len(sent) == 2 and sent[1] == ("http://127.0.0.1:8998" + dg.ROUTE,
+                                          {"rank": "1.0", "fingerprint": {"turboquant": False}})
+    answers[:] = [SimpleNamespace(status_code=500, text="boom")]
+    with pytest.raises(RuntimeError, match="HTTP 500 boom"):
+        dg.publish_fingerprint(mgr, {"turboquant": False}, tries=3, wait_s=0)
+    answers[:] = [requests.ConnectionError("refused")] * 2
+    with pytest.raises(RuntimeError, match="did not answer"):
+        dg.publish_fingerprint(mgr, {"turboquant": False}, tries=2, wait_s=0)
+
+
 def test_decode_check_runs_once_per_prefill_server(tmp_path, monkeypatch):
     """The wrapped try_ensure_parallel_info: retries while the prefill config is not published, refuses a
-    mismatch, accepts a match once (later calls do not fetch again); a non-TurboQuant decode manager with a
+    mismatch, accepts a match once (asking again fetches nothing); a non-TurboQuant decode manager with a
     prefill server without sglang_tq passes."""
     _, a = _pool(tmp_path, BOUNDARY, "a.yaml")
     _, b = _pool(tmp_path, ALL_Q, "b.yaml")
