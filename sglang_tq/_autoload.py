@@ -7,12 +7,14 @@
 
 The `.pth` line runs at every interpreter start (including SGLang's spawned scheduler processes). It
 executes this file by absolute path (without importing the `sglang_tq` package, torch or SGLang:
-~1 ms) and installs a `sys.meta_path` finder that watches three SGLang modules. Right after one of
+~1 ms) and installs a `sys.meta_path` finder that watches seven SGLang modules. Right after one of
 them has executed, the matching part of `sglang_tq.registration` is applied to it:
 
     sglang.srt.server_args                               -> install_server_args (CLI choice, checks)
     sglang.srt.layers.attention.attention_registry       -> install_registry (backend factory)
     sglang.srt.model_executor.model_runner_kv_cache_mixin -> install_mixin (pool + capacity)
+    sglang.srt.disaggregation.{common.conn, prefill, decode, decode_schedule_batch_mixin}
+                                                          -> install_disagg_* (sglang_tq.disaggregation)
 
 A failure inside the hook is reported on stderr and never breaks the SGLang import. The config comes
 from $SGLANG_TQ_CONFIG (preset name or YAML path; default turbo4).
@@ -32,6 +34,10 @@ _WATCH = {
     "sglang.srt.server_args": "install_server_args",
     "sglang.srt.layers.attention.attention_registry": "install_registry",
     "sglang.srt.model_executor.model_runner_kv_cache_mixin": "install_mixin",
+    "sglang.srt.disaggregation.common.conn": "install_disagg_conn",
+    "sglang.srt.disaggregation.prefill": "install_disagg_prefill",
+    "sglang.srt.disaggregation.decode": "install_disagg_decode",
+    "sglang.srt.disaggregation.decode_schedule_batch_mixin": "install_disagg_prebuilt",
 }
 
 

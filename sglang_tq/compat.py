@@ -56,9 +56,9 @@ def _problems_server_args(sa) -> List[str]:
         p.append("double sparsity (--enable-double-sparsity)")
     if int(arg("page_size") or 1) > 1:
         p.append(f"--page-size {arg('page_size')}: v1 supports page size 1 only")
-    if arg("disaggregation_mode") not in (None, "null"):
-        p.append(f"PD disaggregation (--disaggregation-mode {arg('disaggregation_mode')}): KV transfer of packed "
-                 f"TurboQuant slots is not implemented")
+    from sglang_tq.disaggregation import problems_server_args as disaggregation_problems
+
+    p += disaggregation_problems(arg)
     if arg("dllm_algorithm"):
         p.append(f"diffusion LLM decoding (--dllm-algorithm {arg('dllm_algorithm')})")
     if int(arg("attn_cp_size") or 1) > 1:

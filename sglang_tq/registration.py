@@ -1,6 +1,6 @@
 """Hook TurboQuant into SGLang 0.5.10.post1 (idempotent, cheap, no SGLang source changes).
 
-`register()` installs three things; each is also installable on its own from the `.pth` autoload
+`register()` installs four things; each is also installable on its own from the `.pth` autoload
 hook (`sglang_tq._autoload`) right after the SGLang module it patches has executed:
 
 1. `sglang.srt.server_args`: `add_attention_backend_choices(["turboquant"])` so argparse accepts
@@ -18,6 +18,10 @@ hook (`sglang_tq._autoload`) right after the SGLang module it patches has execut
    runs, so the stock req-to-token pool and allocator are kept). Both only when the server runs the
    turboquant backend; otherwise they call the originals. The wraps and the rebinding are
    `sglang_internals` functions (each tested against SGLang's own classes).
+
+4. `sglang.srt.disaggregation` (common.conn, prefill, decode, decode_schedule_batch_mixin): the
+   TurboQuant config check between prefill and decode workers and the recent window of transferred
+   requests (`sglang_tq.disaggregation`).
 
 The scheduler processes (spawned, one per TP/PP rank) get this through `run_scheduler_process_tq`
 (passed by `sglang_tq.launch_server` as `run_scheduler_process_func`), through the launcher module
@@ -179,10 +183,41 @@ def _log_startup(runner, plan, pool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# 4. PD disaggregation (sglang_tq.disaggregation)
+# --------------------------------------------------------------------------------------------
+def install_disagg_conn(mod) -> None:
+    from sglang_tq.disaggregation import install_conn
+
+    install_conn(mod)
+
+
+def install_disagg_prefill(mod) -> None:
+    from sglang_tq.disaggregation import install_prefill
+
+    install_prefill(mod)
+
+
+def install_disagg_decode(mod) -> None:
+    from sglang_tq.disaggregation import install_decode
+
+    install_decode(mod)
+
+
+def install_disagg_prebuilt(mod) -> None:
+    from sglang_tq.disaggregation import install_prebuilt
+
+    install_prebuilt(mod)
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
 def register() -> None:
     """Install everything (idempotent). Imports SGLang."""
+    import sglang.srt.disaggregation.common.conn as disagg_conn
+    import sglang.srt.disaggregation.decode as disagg_decode
+    import sglang.srt.disaggregation.decode_schedule_batch_mixin as disagg_prebuilt
+    import sglang.srt.disaggregation.prefill as disagg_prefill
     import sglang.srt.layers.attention.attention_registry as registry
     import sglang.srt.model_executor.model_runner_kv_cache_mixin as mixin
     import sglang.srt.server_args as server_args
@@ -190,6 +225,10 @@ def register() -> None:
     install_server_args(server_args)
     install_registry(registry)
     install_mixin(mixin)
+    install_disagg_conn(disagg_conn)
+    install_disagg_prefill(disagg_prefill)
+    install_disagg_decode(disagg_decode)
+    install_disagg_prebuilt(disagg_prebuilt)
 
 
 def run_scheduler_process_tq(*args, **kwargs):
