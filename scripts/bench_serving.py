@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +150,7 @@ class Server:
     alive = []  # the server now running, if any
     lock = threading.Lock()
 
-    def __init__(self, name, args, port, log_dir, start_timeout=900):
+    def __init__(self, name, args, port, log_dir, start_timeout=360):
         with Server.lock:
             if Server.alive:
                 raise BenchError(f"server {name}: {Server.alive[0].name} is still running (one server at a time)")
@@ -241,11 +242,12 @@ class Stream:
 class Load:
     """Closed-loop load: `clients` threads, each running sessions (one request, or a chat of several turns)
     taken from a shared list until it is empty, `max_s` has passed or stop() is called. Bounded in requests
-    (the sessions given) and time (max_s, socket timeouts)."""
+    (max_requests, default 20 per client) and time (max_s, socket timeouts)."""
 
-    def __init__(self, url, clients, max_s, request_timeout=600):
+    def __init__(self, url, clients, max_s, request_timeout=600, max_requests=None):
         self.addr, self.url = local_address(url), url
         self.clients, self.max_s, self.request_timeout = clients, max_s, request_timeout
+        self.max_requests = max_requests or 20 * clients + 64
         self.streams, self.stopped = [], threading.Event()
         self._lock, self._conns = threading.Lock(), set()
 
@@ -253,7 +255,12 @@ class Load:
         """One /generate request with fixed output length (ignore_eos), streamed; returns its Stream."""
         s = Stream()
         with self._lock:
-            self.streams.append(s)
+            full = len(self.streams) >= self.max_requests
+            if not full:
+                self.streams.append(s)
+        if full:
+            self.stopped.set()
+            return s
         if self.stopped.is_set() or time.perf_counter() > self.deadline:
             s.error = "not sent: load stopped"
             return s
@@ -518,7 +525,10 @@ class Workload:
             sessions = endless_clients(seed, vocab, self.clients, self.isl, self.osl)
         else:
             sessions = single_requests(rng, vocab, self.kw["requests"], self.isl, self.osl)
-        load = Load(url, self.clients, max_s)
+        if self.kind == "window":  # the window always completes unless the server stops streaming
+            max_s = max(max_s, self.kw["warmup_s"] + self.kw["window_s"] + 30)
+        bound = {"chat": self.clients * self.kw.get("turns", 1), "closed": self.kw.get("requests")}.get(self.kind)
+        load = Load(url, self.clients, max_s, max_requests=bound)
         on_start()
         if self.kind == "window":
             stop = self.kw["warmup_s"] + self.kw["window_s"]
@@ -651,23 +661,31 @@ MEDIAN_KEYS = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpo
 
 
 def record(point, spec, runs, meta, skipped=None):
-    """One results/serving.json record of a point and config: medians over the repetitions, spread =
-    max - min output tok/s, every repetition kept under `runs`."""
-    ok = [r for r in runs if r.get("output_tok_s") is not None]
-    rec = {**point, "config": spec["config"], "backend": spec["backend"], "kv_dtype": spec["kv_dtype"]}
+    """One results/serving.json record of a point and config, every repetition kept under `runs`."""
+    rec = {**point, "config": spec["config"], "backend": spec["backend"], "kv_dtype": spec["kv_dtype"],
+           "max_total_num_tokens": meta.get("max_total_num_tokens", {}).get(spec["config"])}
+    if skipped:
+        rec["skipped"] = skipped
+    rec.update({k: meta.get(k) for k in ("card", "gpu_uuid", "date", "commit", "command", "server_settings")})
+    rec["runs"] = runs
+    return summarize(rec)
+
+
+def summarize(rec):
+    """Fills a record's medians over its runs, spread = max - min output tok/s, reps, and the peak running
+    requests and retractions of any run."""
+    ok = [r for r in rec["runs"] if r.get("output_tok_s") is not None]
     for k in MEDIAN_KEYS:
         vals = [r[k] for r in ok if r.get(k) is not None]
         rec[k] = round(statistics.median(vals), 3) if vals else None
     tps = [r["output_tok_s"] for r in ok]
     rec.update(spread=round(max(tps) - min(tps), 3) if len(tps) > 1 else None, spread_kind="max - min tok/s",
-               reps=len(ok), max_total_num_tokens=meta.get("max_total_num_tokens", {}).get(spec["config"]))
+               reps=len(ok))
     for k in ("peak_running_requests", "retractions"):
         vals = [r[k] for r in ok if r.get(k) is not None]
         rec[k] = max(vals) if vals else None
-    if skipped:
-        rec["skipped"] = skipped
-    rec.update({k: meta.get(k) for k in ("card", "gpu_uuid", "date", "commit", "command", "server_settings")})
-    rec["runs"] = runs
+    if ok:
+        rec.pop("skipped", None)
     return rec
 
 
@@ -679,15 +697,35 @@ def check_records(records, where):
             raise BenchError(f"{where}: record {i}: missing key(s) {', '.join(missing)}")
 
 
+MERGE_KEY = ("workload", "config", "clients", "isl", "osl", "card", "gpu_uuid", "date", "commit")
+
+
 def merge(into, new):
-    """Writes `new` records into the list at `into`: a record with the same workload, config, clients,
-    ISL, OSL, card, date and commit is replaced, others kept."""
-    key = lambda r: tuple(r.get(k) for k in ("workload", "config", "clients", "isl", "osl", "card", "date",  # noqa: E731
-                                             "commit"))
-    old = json.load(open(into)) if os.path.exists(into) else []
+    """Writes `new` records into the list at `into`. A record of the same point, config and run (card,
+    GPU, date, commit: e.g. one run split over several commands on one machine) gains the new record's
+    repetitions (by run_id, so merging twice adds nothing) and is summarized again; a record without
+    repetitions replaces it; others are appended."""
+    key = lambda r: tuple(r.get(k) for k in MERGE_KEY)  # noqa: E731
+    out = json.load(open(into)) if os.path.exists(into) else []
     check_records(new, "new records")
-    keys = {key(r) for r in new}
-    out = [r for r in old if key(r) not in keys] + list(new)
+    index = {key(r): i for i, r in enumerate(out)}
+    for r in new:
+        k = key(r)
+        if k not in index:
+            index[k] = len(out)
+            out.append(r)
+            continue
+        base = out[index[k]]
+        if "runs" not in base or "runs" not in r:
+            out[index[k]] = r
+            continue
+        seen = {x.get("run_id") for x in base["runs"]}
+        both = dict(base, runs=base["runs"] + [x for x in r["runs"] if x.get("run_id") not in seen])
+        both["command"] = "; ".join(dict.fromkeys(c for x in (base, r) for c in x["command"].split("; ")))
+        both["max_total_num_tokens"] = base["max_total_num_tokens"] or r["max_total_num_tokens"]
+        if r.get("skipped") and not base.get("skipped"):
+            both["skipped"] = r["skipped"]
+        out[index[k]] = summarize(both)
     with open(into, "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
         f.write("\n")
@@ -789,7 +827,7 @@ def run_bench(a, specs, loads, common, meta, out_dir):
                     except Exception as e:  # noqa: BLE001 - one failed point must not end the run
                         r = {"output_tok_s": None, "error": repr(e)[:500]}
                     s.log.flush()
-                    r.update(server_log_stats(s.log_path, mark[0]), rep=rep)
+                    r.update(server_log_stats(s.log_path, mark[0]), rep=rep, run_id=uuid.uuid4().hex[:12])
                     runs.setdefault((w.key(), cfg), []).append(r)
                     print(f"[{cfg}] {w.key()} rep {rep}: {json.dumps(r)[:600]}", flush=True)
             except BenchError as e:
@@ -799,9 +837,9 @@ def run_bench(a, specs, loads, common, meta, out_dir):
                 s.stop()
             write_out(out_dir, records_of(specs, loads, runs, skipped, meta))
 
-    one_pass(specs, 1)
+    one_pass(specs, a.first_rep)
     pass1 = {k: (v[0].get("output_tok_s") if v else None) for k, v in runs.items()}
-    for i, again in enumerate(plan_passes(specs, a.reps, pass1), start=2):
+    for i, again in enumerate(plan_passes(specs, a.reps, pass1), start=a.first_rep + 1):
         one_pass(again, i)
     return records_of(specs, loads, runs, skipped, meta)
 
@@ -847,18 +885,21 @@ def main(argv=None):
     ap.add_argument("--a", default="16384:512:64", help="isl:osl:clients")
     ap.add_argument("--a-requests", type=int, default=64, help="requests of workload a (at least its clients)")
     ap.add_argument("--b", default="2048:8192:256", help="isl:osl:clients (also the sweep's lengths)")
-    ap.add_argument("--b-warmup-s", type=float, default=120.0, help="window opens this long after the load starts")
+    ap.add_argument("--b-warmup-s", type=float, default=60.0, help="window opens this long after the load starts")
     ap.add_argument("--b-window-s", type=float, default=60.0)
     ap.add_argument("--c", default="16384:8:64:128:256",
                     help="shared document tokens : turns : conversations : user tokens per turn : OSL per turn")
     ap.add_argument("--d", default="1024:256:8", help="isl:osl:clients")
     ap.add_argument("--d-requests", type=int, default=64, help="requests of workload d (at least its clients)")
     ap.add_argument("--sweep-clients", default="32,64,128,256,512")
-    ap.add_argument("--sweep-warmup-s", type=float, default=60.0)
+    ap.add_argument("--sweep-warmup-s", type=float, default=45.0)
     ap.add_argument("--sweep-window-s", type=float, default=60.0)
     ap.add_argument("--reps", type=int, default=2,
                     help="repetitions of TurboQuant configs, BF16 fa3 and the fastest FP8 (others once)")
     ap.add_argument("--seed", type=int, default=0, help="base of every point's seed")
+    ap.add_argument("--first-rep", type=int, default=1,
+                    help="number of this run's first repetition (a run split over several commands continues "
+                         "the numbering: repetition k has the same prompts for every config)")
     ap.add_argument("--max-load-s", type=float, default=600.0, help="a point's load is stopped after this long")
     ap.add_argument("--budget-s", type=float, default=1e9, help="no new server once this much time has passed")
     ap.add_argument("--min-config-s", type=float, default=0.0,

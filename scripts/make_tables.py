@@ -242,7 +242,9 @@ def serving_best_fp8(r: dict, recs: List[dict]) -> Optional[dict]:
 
 
 def serving_ratio(r: dict, base: Optional[dict]) -> str:
-    return "—" if not base or not r["output_tok_s"] or base is r else f"{r['output_tok_s'] / base['output_tok_s']:.3f}×"
+    if not base or not r["output_tok_s"] or base is r:
+        return "—"
+    return f"{r['output_tok_s'] / base['output_tok_s']:.3f}×"
 
 
 def serving_section(recs: List[dict]) -> List[str]:

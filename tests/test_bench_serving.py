@@ -58,7 +58,8 @@ def test_steady_state_window():
 
 def test_server_log_stats_slice(tmp_path):
     log = tmp_path / "server.log"
-    first = "Decode batch, #running-req: 99, #token: 5, cuda graph: True, gen throughput (token/s): 1.0, #queue-req: 7\n"
+    first = ("Decode batch, #running-req: 99, #token: 5, cuda graph: True, gen throughput (token/s): 1.0, "
+             "#queue-req: 7\n")
     log.write_text(first +
                    "Prefill batch, #new-seq: 8, #new-token: 8192, input throughput (token/s): 5000.0\n"
                    "Decode batch, #running-req: 40, cuda graph: True, gen throughput (token/s): 1500.0, #queue-req: 3\n"
@@ -221,6 +222,36 @@ def test_merge_replaces_same_point_and_keeps_others(tmp_path):
     assert bs.main(["--merge", str(path), "--from", str(f)]) == 0
     assert len(json.loads(path.read_text())) == 4
     assert bs.main(["--from", str(f)]) == 2  # --from alone is an error
+
+
+def test_merge_joins_repetitions_of_one_run(tmp_path):
+    """One run split over two commands on one card: the repetitions join (median and spread over all),
+    merging the same file again adds nothing, and a config that started later loses its skip note."""
+    meta = {"card": "H (GPU 0 of 1)", "gpu_uuid": "GPU-a", "date": "2026-12-07", "commit": "c1",
+            "max_total_num_tokens": {"turbo4": 99}}
+    point = {"workload": "b", "clients": 256, "isl": 2048, "osl": 8192}
+    spec = bs.config_spec("turbo4")
+    first = bs.record(point, spec, [{"output_tok_s": 100.0, "tpot_p99_ms": 40.0, "run_id": "r1"}],
+                      dict(meta, command="call 1"))
+    second = bs.record(point, spec, [{"output_tok_s": 130.0, "tpot_p99_ms": 30.0, "run_id": "r2"},
+                                     {"output_tok_s": 110.0, "tpot_p99_ms": 35.0, "run_id": "r3"}],
+                       dict(meta, command="call 2"))
+    path = tmp_path / "serving.json"
+    bs.merge(str(path), [first])
+    bs.merge(str(path), [second])
+    (r,) = bs.merge(str(path), [second])
+    assert r["reps"] == 3 and r["output_tok_s"] == 110.0 and r["spread"] == 30.0 and r["tpot_p99_ms"] == 35.0
+    assert r["command"] == "call 1; call 2" and r["max_total_num_tokens"] == 99
+    other_card = bs.record(point, spec, [{"output_tok_s": 1.0, "run_id": "r4"}], dict(meta, gpu_uuid="GPU-b",
+                                                                                       command="x"))
+    assert len(bs.merge(str(path), [other_card])) == 2
+    skipped = bs.record(dict(point, clients=8), bs.config_spec("bf16_fa3"), [], dict(meta, command="x"),
+                        skipped="did not start")
+    bs.merge(str(path), [skipped])
+    ran = bs.record(dict(point, clients=8), bs.config_spec("bf16_fa3"), [{"output_tok_s": 5.0, "run_id": "r5"}],
+                    dict(meta, command="y"))
+    rec = [x for x in bs.merge(str(path), [ran]) if x["config"] == "bf16_fa3"][0]
+    assert rec["reps"] == 1 and "skipped" not in rec
 
 
 def test_bad_flags_are_named(capsys, tmp_path):

@@ -20,7 +20,7 @@ LOGPROB = -2.0  # every input token gets this log-probability
 
 class FakeSGLang(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": [], "stream_prompts": [], "perturb_at": None}
+    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "perturb_at": None}
 
     def log_message(self, *a):  # keep pytest output clean
         pass
@@ -78,8 +78,6 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             try:
-                self.state["stream_ids"].append(len(ids))
-                self.state["stream_prompts"].append(list(ids))
                 for i in range(4):
                     chunk = {"text": "y" * i, "meta_info": {"output_token_logprobs": [[-0.5, 1, None]],
                                                             "completion_tokens": i + 1}}
@@ -95,7 +93,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[], stream_prompts=[], perturb_at=None)
+    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, perturb_at=None)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
