@@ -172,19 +172,32 @@ class Server:
             raise BenchError(f"server {name} did not start: {e}; log: {failure_reason(self.log_path)}") from None
 
     def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=60)
-        except Exception:  # noqa: BLE001
+        """Ends the server's whole process group and waits until every member is gone (the scheduler
+        holds the GPU memory the next server needs)."""
+        for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001
-                pass
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            t_end = time.time() + wait_s
+            while time.time() < t_end and group_alive(self.proc):
+                time.sleep(0.2)
+            if not group_alive(self.proc):
+                break
         self.log.close()
         with Server.lock:
             if self in Server.alive:
                 Server.alive.remove(self)
+
+
+def group_alive(proc):
+    """Whether any process of proc's process group is still running (proc itself reaped first)."""
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def failure_reason(log_path, limit=400):
@@ -240,7 +253,7 @@ class Stream:
 
 
 class Load:
-    """Closed-loop load: `clients` threads, each running sessions (one request, or a chat of several turns)
+    """Closed-loop load: `clients` threads, each running tasks (one request, or a chat of several turns)
     taken from a shared list until it is empty, `max_s` has passed or stop() is called. Bounded in requests
     (max_requests, default 20 per client) and time (max_s, socket timeouts)."""
 
@@ -305,10 +318,10 @@ class Load:
             conn.close()
         return s
 
-    def run(self, sessions, stop_at=None):
-        """Runs sessions (callables taking this Load) on `clients` threads. stop_at: seconds after the
+    def run(self, tasks, stop_at=None):
+        """Runs tasks (callables taking this Load) on `clients` threads. stop_at: seconds after the
         start at which the load is stopped (open requests aborted). Returns the start time."""
-        todo = list(sessions)
+        todo = list(tasks)
         self.t0 = time.perf_counter()
         self.deadline = self.t0 + self.max_s
 
@@ -317,8 +330,8 @@ class Load:
                 with self._lock:
                     if not todo:
                         return
-                    session = todo.pop(0)
-                session(self)
+                    task = todo.pop(0)
+                task(self)
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.clients)]
         for t in threads:
@@ -455,7 +468,7 @@ def single_requests(rng, vocab, n, isl, osl):
 
 
 def endless_clients(seed, vocab, clients, isl, osl):
-    """One session per client that sends a new prompt (from the client's own seed) whenever its last
+    """One task per client that sends a new prompt (from the client's own seed) whenever its last
     request ends, until the load stops: the server stays as full as the clients can make it."""
     def client(load, rng):
         while not load.stopped.is_set() and time.perf_counter() < load.deadline:
@@ -475,7 +488,7 @@ def flush_cache(url, timeout_s=120):
             time.sleep(2)
 
 
-def chat_sessions(rng, vocab, convs, turns, doc, user, osl):
+def chat_tasks(rng, vocab, convs, turns, doc, user, osl):
     """Conversations over one shared document: turn k's prompt = turn k-1's prompt + its answer + new user
     tokens, so the radix cache holds everything before the new user tokens."""
     document = token_ids(rng, doc, vocab)
@@ -518,13 +531,13 @@ class Workload:
         warm = Load(url, min(self.clients, 8), 120)  # first-use costs (new shapes, allocator) off the clock
         warm.run(single_requests(rng, vocab, min(self.clients, 8), min(self.isl, 1024), 4))
         if self.kind == "chat":
-            doc, sessions = chat_sessions(rng, vocab, self.clients, self.kw["turns"], self.kw["doc"],
+            doc, tasks = chat_tasks(rng, vocab, self.clients, self.kw["turns"], self.kw["doc"],
                                           self.kw["user"], self.osl)
             Load(url, 1, 300).run([lambda load: load.request(doc + [rng.randrange(100, 200)], 1)])  # doc cached
         elif self.kind == "window":
-            sessions = endless_clients(seed, vocab, self.clients, self.isl, self.osl)
+            tasks = endless_clients(seed, vocab, self.clients, self.isl, self.osl)
         else:
-            sessions = single_requests(rng, vocab, self.kw["requests"], self.isl, self.osl)
+            tasks = single_requests(rng, vocab, self.kw["requests"], self.isl, self.osl)
         if self.kind == "window":  # the window always completes unless the server stops streaming
             max_s = max(max_s, self.kw["warmup_s"] + self.kw["window_s"] + 30)
         bound = {"chat": self.clients * self.kw.get("turns", 1), "closed": self.kw.get("requests")}.get(self.kind)
@@ -532,11 +545,11 @@ class Workload:
         on_start()
         if self.kind == "window":
             stop = self.kw["warmup_s"] + self.kw["window_s"]
-            t0 = load.run(sessions, stop_at=stop)
+            t0 = load.run(tasks, stop_at=stop)
             load.stop()
             res = window_stats(load.streams, t0, self.kw["warmup_s"], self.kw["window_s"])
         else:
-            t0 = load.run(sessions)
+            t0 = load.run(tasks)
             res = whole_run_stats(load.streams, t0)
             if load.stopped.is_set():
                 res["cut_off_s"] = max_s

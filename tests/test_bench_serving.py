@@ -232,16 +232,16 @@ def test_merge_joins_repetitions_of_one_run(tmp_path):
     point = {"workload": "b", "clients": 256, "isl": 2048, "osl": 8192}
     spec = bs.config_spec("turbo4")
     first = bs.record(point, spec, [{"output_tok_s": 100.0, "tpot_p99_ms": 40.0, "run_id": "r1"}],
-                      dict(meta, command="call 1"))
+                      dict(meta, command="first command"))
     second = bs.record(point, spec, [{"output_tok_s": 130.0, "tpot_p99_ms": 30.0, "run_id": "r2"},
                                      {"output_tok_s": 110.0, "tpot_p99_ms": 35.0, "run_id": "r3"}],
-                       dict(meta, command="call 2"))
+                       dict(meta, command="second command"))
     path = tmp_path / "serving.json"
     bs.merge(str(path), [first])
     bs.merge(str(path), [second])
     (r,) = bs.merge(str(path), [second])
     assert r["reps"] == 3 and r["output_tok_s"] == 110.0 and r["spread"] == 30.0 and r["tpot_p99_ms"] == 35.0
-    assert r["command"] == "call 1; call 2" and r["max_total_num_tokens"] == 99
+    assert r["command"] == "first command; second command" and r["max_total_num_tokens"] == 99
     other_card = bs.record(point, spec, [{"output_tok_s": 1.0, "run_id": "r4"}], dict(meta, gpu_uuid="GPU-b",
                                                                                        command="x"))
     assert len(bs.merge(str(path), [other_card])) == 2
