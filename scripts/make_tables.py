@@ -249,7 +249,7 @@ def serving_ratio(r: dict, base: Optional[dict]) -> str:
 
 def serving_section(recs: List[dict]) -> List[str]:
     out = ["## Serving", "",
-           "Output tokens per second (median over `reps` repetitions; spread = max − min), TTFT p50 and TPOT p99. "
+           "Output tokens per second (median over `reps` repetitions; spread = max − min), TTFT p50, TPOT p50 and p99. "
            "Ratios divide by BF16 `fa3` (SGLang's default backend on Hopper) and by the fastest FP8-KV baseline, "
            "and are printed only where both numbers come from one run on one card (same card, date and commit); "
            "earlier records, whose configs ran on different GPUs at the same time, have none.", ""]
@@ -263,13 +263,14 @@ def serving_section(recs: List[dict]) -> List[str]:
             tps = num(r["output_tok_s"], 1) if r["output_tok_s"] is not None else (
                 "did not start" if r.get("skipped") else "—")
             rows.append([f"{r['isl']} / {r['osl']} / {r['clients']}", kv, r["backend"], tps,
-                         num(r["spread"], 1), str(r["reps"]), num(r["ttft_p50_ms"], 1), num(r["tpot_p99_ms"], 2),
+                         num(r["spread"], 1), str(r["reps"]), num(r["ttft_p50_ms"], 1), num(r.get("tpot_p50_ms"), 2),
+                         num(r["tpot_p99_ms"], 2),
                          num(r["max_total_num_tokens"]), num(r.get("peak_running_requests")),
                          num(r.get("retractions")), serving_ratio(r, serving_reference(r, recs)),
                          serving_ratio(r, serving_best_fp8(r, recs)), (r.get("skipped") or "")[:120]])
         out += table(["ISL / OSL / clients", "KV cache", "attention backend", "out tok/s", "spread", "reps",
-                      "TTFT p50 ms", "TPOT p99 ms", "max tokens", "peak running", "retractions", "vs BF16 fa3",
-                      "vs best FP8", "note"], rows, 3, 13)
+                      "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "max tokens", "peak running", "retractions",
+                      "vs BF16 fa3", "vs best FP8", "note"], rows, 3, 14)
         if w == "b_sweep":
             best = {}
             for r in g:
