@@ -15,13 +15,8 @@
 #   0. kernels    needs .gpu_bundle (.gpu_tok for onebatch)  $KERNEL_PARTS of: tests, bench (FlashInfer
 #        baselines), extend (packed prefix, first prefill), step (decode graph per layer), onebatch
 #        (8B shape without a server, profiled); dealt out over the GPUs when there are several
-#   4. timed      needs .gpu_bundle .gpu_tok            scripts/bench_serving.py: $SERVING_CONFIGS (turbo4, bf16)
-#        at $SERVING_POINTS one after another on GPU 0; with 2+ GPUs $SERVING_CONFIGS_2 (fp8, turbo4) at the same
-#        time on GPU 1, so each card has its own turbo4; with 3 GPUs bench_kernels (extend, decode) on GPU 2;
-#        with 4 the `onebatch` runs of BF16 and turbo4 on GPUs 2 and 3, then the kernel tests on GPU 3, or, with
-#        SERVING_CONFIGS_3 / _4 set, two more serving runs there (GPU 3's after tests/test_plain_prefill.py)
-#        SERVING_MODEL=/tmp/models/SmolLM2-135M-Instruct (after upload-a/b): the real-weights point
-#        (its context is 8K: e.g. SERVING_POINTS=1024:256:8,4096:256:64)
+#   4. timed      needs .gpu_bundle                     scripts/gpu_serving.sh $SERVING_STEP (default smoke) with
+#        $SERVING_CONFIGS: the serving benchmark on one card, its servers one after another
 #   4a. onebatch  needs .gpu_bundle .gpu_tok            scripts/bench_one_batch_tq.py, 8B shape: prefill and decode
 #        latencies of BF16 (triton) and turbo4 without a server, and the B=1 / B=8 prefills' kernels (profiled)
 # Servers left by a cut-off step are killed first (every process on the GPUs is ours).
@@ -175,37 +170,7 @@ tp)
     pack
     tail -15 "$W/tp.log" ;;
 timed)
-    source scripts/gpu_env.sh
-    kill_gpu_procs
-    serve() {  # serve GPU PORT NAME CONFIGS POINTS: one bench_serving run, its servers one after another
-        job "$1" "$2" "${SERVING_LIMIT_S:-480}" "$3" bench_serving.py --configs "$4" --points "$5" \
-            --extra "--cuda-graph-max-bs 64 --chunked-prefill-size 16384" ${SERVING_MODEL:+--model "$SERVING_MODEL"}
-    }
-    POINTS=${SERVING_POINTS:-1024:256:8,16384:512:64}
-    serve 0 30000 serving "${SERVING_CONFIGS:-turbo4,bf16}" "$POINTS" &
-    if [ "$NGPU" -ge 2 ]; then  # FP8 with its own turbo4 on a second card of the host, at the same time
-        sleep 20; serve 1 30100 serving_fp8 "${SERVING_CONFIGS_2:-fp8,turbo4}" "$POINTS" &
-    fi
-    if [ "$NGPU" -ge 4 ] && [ -n "${SERVING_CONFIGS_3:-}" ]; then  # more baselines, each card with its own turbo4
-        sleep 10; serve 2 30200 serving_3 "$SERVING_CONFIGS_3" "$POINTS" &
-        if [ -n "${SERVING_CONFIGS_4:-}" ]; then  # after the plain-prefill GPU tests, ~40 s
-            (CUDA_VISIBLE_DEVICES=3 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_plain_prefill.py \
-                > "$W/plain_prefill_tests.log" 2>&1; serve 3 30300 serving_4 "$SERVING_CONFIGS_4" "$POINTS") &
-        fi
-    elif [ "$NGPU" -ge 4 ]; then  # the two systems' model step without a server (GPUs 2, 3), then the kernel tests
-        dummy_8b
-        onebatch 2 bf16 --attention-backend triton &
-        (onebatch 3 turbo4 --attention-backend turboquant --tq-config turbo4; CUDA_VISIBLE_DEVICES=3 kernel_tests) &
-    elif [ "$NGPU" -ge 3 ]; then  # kernels: extend over a packed prefix and two decode points
-        CUDA_VISIBLE_DEVICES=2 timeout "${KERNELS_LIMIT_S:-300}" python3 scripts/bench_kernels.py --batch 1 32 \
-            --ctx 1024 32768 --codecs K4V4 --shapes hd128 --window 32 --extend 8192:8192 16384:2048 2048:512 \
-            --out "$W/bench" > "$W/bench.log" 2>&1 &
-    fi
-    wait
-    pack
-    tail -8 "$W/serving.log"; tail -8 "$W/serving_fp8.log" 2>/dev/null; grep -v "^    " "$W/bench.log" 2>/dev/null | tail -25
-    tail -n 8 "$W/serving_3.log" "$W/serving_4.log" 2>/dev/null; tail -3 "$W/plain_prefill_tests.log" 2>/dev/null
-    kernel_summary onebatch 2>/dev/null; tail -4 "$W/tests.log" 2>/dev/null ;;
+    bash scripts/gpu_serving.sh "${SERVING_STEP:-smoke}" "${SERVING_CONFIGS:-}" ;;
 onebatch)  # needs .gpu_bundle .gpu_tok: the model step of both systems without a server, one after the other
     source scripts/gpu_env.sh
     kill_gpu_procs

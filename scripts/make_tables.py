@@ -215,26 +215,74 @@ def quality_section(recs: List[dict]) -> List[str]:
     return out
 
 
+SERVING_WORKLOADS = {
+    "a": "long prompts", "b": "capacity-bound long generation: output tok/s over a steady-state window",
+    "c": "multi-turn chat over a shared document (radix-cache hits)", "d": "short and light",
+    "b_sweep": "capacity-bound generation at several client counts: steady-state window",
+}
+
+
+def serving_run(r: dict) -> tuple:
+    """The records of one run: same card (and GPU, where recorded), date and commit."""
+    return (r["card"], r.get("gpu_uuid"), r["date"], r["commit"])
+
+
+def serving_point(r: dict) -> tuple:
+    return (r["workload"], r["isl"], r["osl"], r["clients"])
+
+
+def serving_reference(r: dict, recs: List[dict]) -> Optional[dict]:
+    """BF16 `fa3` of the same run and point, if it was measured."""
+    return next((b for b in recs if serving_run(b) == serving_run(r) and serving_point(b) == serving_point(r)
+                 and b["backend"] == "fa3" and b["kv_dtype"] == "bf16" and b["output_tok_s"]), None)
+
+
+def serving_best_fp8(r: dict, recs: List[dict]) -> Optional[dict]:
+    """The fastest FP8-KV baseline of the same run and point."""
+    fp8 = [b for b in recs if serving_run(b) == serving_run(r) and serving_point(b) == serving_point(r)
+           and b["backend"] != "turboquant" and str(b["kv_dtype"]).startswith("fp8") and b["output_tok_s"]]
+    return max(fp8, key=lambda b: b["output_tok_s"], default=None)
+
+
+def serving_ratio(r: dict, base: Optional[dict]) -> str:
+    if not base or not r["output_tok_s"] or base is r:
+        return "—"
+    return f"{r['output_tok_s'] / base['output_tok_s']:.3f}×"
+
+
 def serving_section(recs: List[dict]) -> List[str]:
     out = ["## Serving", "",
-           "`sglang.bench_serving` against a running server: output tokens per second, median TTFT and TPOT. "
-           "A ratio is printed only where the BF16 baseline ran on the same card; the 8B-shape configs each ran "
-           "on their own GPU of one host at the same time, so **no same-card ratio exists for them yet**.", ""]
-    for g in groups(recs, lambda r: (r["workload"], r["date"])):
-        out += [f"**{g[0]['workload']}** ({g[0]['date']}).", ""]
+           "Output tokens per second (median over `reps` repetitions; spread = max − min), TTFT p50, TPOT p50 and p99. "
+           "Ratios divide by BF16 `fa3` (SGLang's default backend on Hopper) and by the fastest FP8-KV baseline, "
+           "and are printed only where both numbers come from one run on one card (same card, date and commit); "
+           "earlier records, whose configs ran on different GPUs at the same time, have none.", ""]
+    for g in groups(recs, lambda r: serving_run(r) + (r["workload"],)):
+        w = g[0]["workload"]
+        out += [f"**{w}**" + (f": {SERVING_WORKLOADS[w]}" if w in SERVING_WORKLOADS else "")
+                + f" ({g[0]['card']}, {g[0]['date']}, commit `{g[0]['commit']}`).", ""]
         rows = []
         for r in sorted(g, key=lambda r: (r["isl"], r["osl"], r["clients"], r["backend"] != "turboquant")):
-            base = [b for b in g if b["kv_dtype"] == "bf16" and b["card"] == r["card"] and b["backend"] != "turboquant"
-                    and (b["isl"], b["osl"], b["clients"]) == (r["isl"], r["osl"], r["clients"])]
-            same_card = (f"{r['output_tok_s'] / base[0]['output_tok_s']:.3f}×"
-                         if base and r["backend"] == "turboquant" else "—")
-            rows.append([f"{r['isl']} / {r['osl']} / {r['clients']}",
-                         f"`{r['config']}`" if r["backend"] == "turboquant" else r["kv_dtype"].upper().replace("_", " "),
-                         r["backend"], num(r["output_tok_s"], 2), num(r["ttft_p50_ms"], 1),
-                         num(r.get("tpot_p50_ms"), 2), num(r["max_total_num_tokens"]), r["card"], f"`{r['commit']}`",
-                         same_card])
-        out += table(["ISL / OSL / clients", "KV cache", "attention backend", "out tok/s", "TTFT p50 ms",
-                      "TPOT p50 ms", "max tokens", "card", "commit", "vs BF16, same card"], rows, 3, 7)
+            kv = f"`{r['config']}`" if r["backend"] == "turboquant" else str(r["kv_dtype"]).upper().replace("_", " ")
+            tps = num(r["output_tok_s"], 1) if r["output_tok_s"] is not None else (
+                "did not start" if r.get("skipped") else "—")
+            rows.append([f"{r['isl']} / {r['osl']} / {r['clients']}", kv, r["backend"], tps,
+                         num(r["spread"], 1), str(r["reps"]), num(r["ttft_p50_ms"], 1), num(r.get("tpot_p50_ms"), 2),
+                         num(r["tpot_p99_ms"], 2),
+                         num(r["max_total_num_tokens"]), num(r.get("peak_running_requests")),
+                         num(r.get("retractions")), serving_ratio(r, serving_reference(r, recs)),
+                         serving_ratio(r, serving_best_fp8(r, recs)), (r.get("skipped") or "")[:120]])
+        out += table(["ISL / OSL / clients", "KV cache", "attention backend", "out tok/s", "spread", "reps",
+                      "TTFT p50 ms", "TPOT p50 ms", "TPOT p99 ms", "max tokens", "peak running", "retractions",
+                      "vs BF16 fa3", "vs best FP8", "note"], rows, 3, 14)
+        if w == "b_sweep":
+            best = {}
+            for r in g:
+                if r["output_tok_s"] and r["tpot_p99_ms"] is not None and r["tpot_p99_ms"] <= 50.0:
+                    if r["config"] not in best or r["output_tok_s"] > best[r["config"]]["output_tok_s"]:
+                        best[r["config"]] = r
+            if best:
+                out += ["", "Highest output tok/s with TPOT p99 ≤ 50 ms: " + "; ".join(
+                    f"`{c}` {num(r['output_tok_s'], 1)} at {r['clients']} clients" for c, r in best.items()) + "."]
         out += ["", commands(g), ""]
     return out
 
@@ -346,10 +394,16 @@ def readme_summary(data: Dict[str, List[dict]]) -> str:
         rows.append(["KV pool capacity, Llama-3-8B shape, `turbo4`",
                      f"{num(tq['max_total_num_tokens'])} vs BF16 {num(bf['max_total_num_tokens'])} tokens "
                      f"({ratio(tq['max_total_num_tokens'], bf['max_total_num_tokens'])})", tq["card"].split(" (")[0]])
-    r = _find(data["serving"], backend="turboquant", isl=16384, clients=64)
+    tq = [r for r in data["serving"] if r["config"] == "turbo4" and r["isl"] == 16384 and r["clients"] == 64
+          and r["output_tok_s"]]
+    with_ref = [r for r in tq if serving_reference(r, data["serving"])]
+    r = (with_ref or tq or [None])[-1]
     if r:
+        ref = serving_reference(r, data["serving"])
         rows.append(["serving, 8B shape, ISL 16K / OSL 512 / 64 clients, `turbo4`",
-                     f"{num(r['output_tok_s'], 1)} output tok/s (no same-card baseline yet)", r["card"]])
+                     f"{num(r['output_tok_s'], 1)} output tok/s " + (
+                         f"({serving_ratio(r, ref)} BF16 fa3 on the same card)" if ref
+                         else "(no same-card BF16 fa3 baseline yet)"), r["card"]])
     lines = table(["what", "measured", "card"], rows, 0, 0)
     lines += ["", "Dates, commits, commands and every other point: [docs/RESULTS.md](docs/RESULTS.md)."]
     return "\n".join(lines) + "\n"

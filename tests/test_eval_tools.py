@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import bench_serving  # noqa: E402
 import eval_quality  # noqa: E402
 import load_test  # noqa: E402
 
@@ -21,7 +20,7 @@ LOGPROB = -2.0  # every input token gets this log-probability
 
 class FakeSGLang(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "stream_ids": [], "stream_prompts": [], "perturb_at": None}
+    state = {"fail_every": 0, "count": 0, "tokens_held": 0, "perturb_at": None}
 
     def log_message(self, *a):  # keep pytest output clean
         pass
@@ -79,8 +78,6 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             try:
-                self.state["stream_ids"].append(len(ids))
-                self.state["stream_prompts"].append(list(ids))
                 for i in range(4):
                     chunk = {"text": "y" * i, "meta_info": {"output_token_logprobs": [[-0.5, 1, None]],
                                                             "completion_tokens": i + 1}}
@@ -96,7 +93,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server():
-    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, stream_ids=[], stream_prompts=[], perturb_at=None)
+    FakeSGLang.state.update(fail_every=0, count=0, tokens_held=0, perturb_at=None)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -180,51 +177,6 @@ def test_passkey_accuracy_per_depth(server):
     assert res["accuracy"] == pytest.approx(4 / 6)
 
 
-def test_bench_serving_native_client(server):
-    """The built-in streaming client: every request sent with isl token ids, output tokens counted from
-    the streamed completion_tokens, throughput / TTFT / TPOT filled in."""
-    r = bench_serving.run_point_native(server, vocab=1000, isl=12, osl=4, conc=3, num_prompts=7)
-    assert r["completed"] == 7 and r["total_output_tokens"] == 28
-    # first the warm-up batch (min(conc, 8) requests of min(isl, 1024) ids), then the 7 timed requests
-    assert FakeSGLang.state["stream_ids"] == [12] * (3 + 7)
-    assert r["output_throughput"] > 0 and r["mean_ttft_ms"] >= 0 and r["mean_tpot_ms"] >= 0
-    assert r["median_ttft_ms"] <= r["duration"] * 1e3
-
-
-def test_bench_serving_shared_prefix_point(server):
-    """A point with a shared prefix: after the warm-up, one request puts the prefix in the radix cache;
-    then every timed prompt starts with those tokens and differs after them. Points parse with and
-    without the shared count."""
-    r = bench_serving.run_point_native(server, vocab=1000, isl=12, osl=4, conc=3, num_prompts=7, shared=8)
-    assert r["completed"] == 7
-    assert FakeSGLang.state["stream_ids"] == [12] * 3 + [9] + [12] * 7
-    prompts = FakeSGLang.state["stream_prompts"]
-    prefix = prompts[3][:8]
-    timed = prompts[4:]
-    assert all(p[:8] == prefix for p in timed)
-    assert len({tuple(p[8:]) for p in timed}) == 7
-    assert bench_serving.parse_points("1024:256:8,16384:512:64:15360") == [(1024, 256, 8, 0), (16384, 512, 64, 15360)]
-    assert bench_serving.point_key((16384, 512, 64, 15360)) == "16384:512:64:15360"
-    assert bench_serving.point_key((1024, 256, 8, 0)) == "1024:256:8"
-    with pytest.raises(SystemExit):
-        bench_serving.parse_points("1024:256:8:1024")  # shared must leave new tokens
-
-
-def test_bench_serving_server_log_stats(tmp_path):
-    """The server-log summary counts graph and eager decode batches and takes median throughputs."""
-    log = tmp_path / "server.log"
-    log.write_text(
-        "[t] Prefill batch, #new-seq: 1, #new-token: 6, cuda graph: False, input throughput (token/s): 0.00\n"
-        "[t] Prefill batch, #new-seq: 8, #new-token: 8192, cuda graph: False, input throughput (token/s): 5000.0\n"
-        "[t] Decode batch, #running-req: 8, cuda graph: True, gen throughput (token/s): 1500.0, #queue-req: 0\n"
-        "[t] Decode batch, #running-req: 8, cuda graph: True, gen throughput (token/s): 1300.0, #queue-req: 0\n"
-        "[t] Decode batch, #running-req: 80, cuda graph: False, gen throughput (token/s): 900.0, #queue-req: 0\n"
-        "unrelated line\n")
-    st = bench_serving.server_log_stats(str(log))
-    assert st == {"decode_batches_cuda_graph": 2, "decode_batches_eager": 1, "median_gen_throughput": 1300.0,
-                  "median_input_throughput": 5000.0}
-
-
 def test_server_check_eval_stage(server, tmp_path, monkeypatch):
     """gpu_server_check's eval stage: one server per name (BF16 on SGLang's triton backend, the others on
     turboquant with their preset), passkey and QA through eval_quality, one eval_quality-format JSON per
@@ -260,17 +212,6 @@ def test_server_check_eval_stage(server, tmp_path, monkeypatch):
     assert summ["passkey_points_vs_bf16_turbo4"] == 0.0
     table = eval_quality.compare(str(tmp_path / "eval_passkey_bf16.json"), str(tmp_path / "eval_passkey_turbo4.json"))
     assert "accuracy" in table
-
-
-def test_bench_serving_config_args():
-    """Config names: baseline entries, TurboQuant presets, "+pw" / "+nopw" (piecewise CUDA graphs for
-    prefill forced on / off)."""
-    assert bench_serving.config_args("bf16+nopw") == ["--attention-backend", "triton", "--disable-piecewise-cuda-graph"]
-    assert bench_serving.config_args("fp8") == ["--attention-backend", "triton", "--kv-cache-dtype", "fp8_e4m3"]
-    assert bench_serving.config_args("turbo4+pw") == ["--attention-backend", "turboquant", "--tq-config", "turbo4",
-                                                      "--enforce-piecewise-cuda-graph"]
-    with pytest.raises(SystemExit):
-        bench_serving.config_args("turbo4+nope")
 
 
 # --- records: ppl over spans, needle, asdiv, greedy agreement, merge --------------------------------

@@ -59,14 +59,25 @@ def test_check_detects_hand_edits(repo, capsys):
 
 
 def test_serving_ratios_only_on_one_card():
-    rec = dict(workload="w", config="turbo4", backend="turboquant", kv_dtype="turbo4", clients=8, isl=1024, osl=256,
+    """Ratios against BF16 fa3 and the fastest FP8 only within one run on one card (card, GPU, date,
+    commit); never across cards; a config that did not start shows its reason."""
+    rec = dict(workload="b", config="turbo4", backend="turboquant", kv_dtype="turbo4", clients=8, isl=1024, osl=256,
                output_tok_s=110.0, spread=None, reps=1, ttft_p50_ms=1.0, tpot_p99_ms=None, max_total_num_tokens=10,
-               card="H (GPU 0 of 2)", date="d", commit="c", command="x")
-    base = dict(rec, config="-", backend="triton", kv_dtype="bf16", output_tok_s=100.0)
-    same = "\n".join(mt.serving_section([rec, base]))
-    assert "1.100×" in same
-    other = "\n".join(mt.serving_section([rec, dict(base, card="H (GPU 1 of 2)")]))
-    assert "1.100×" not in other and "×" not in other.split("| ---")[-1]
+               card="H (GPU 0 of 2)", gpu_uuid="GPU-a", date="d", commit="c", command="x")
+    base = dict(rec, config="bf16_fa3", backend="fa3", kv_dtype="bf16", output_tok_s=100.0)
+    fp8 = [dict(rec, config="fp8_fa3", backend="fa3", kv_dtype="fp8_e4m3", output_tok_s=50.0),
+           dict(rec, config="fp8_flashinfer", backend="flashinfer", kv_dtype="fp8_e4m3", output_tok_s=55.0)]
+    same = "\n".join(mt.serving_section([rec, base] + fp8))
+    assert "| 1.100× | 2.000× |" in same   # vs BF16 fa3, vs the faster FP8 (flashinfer)
+    triton = dict(base, config="bf16_triton", backend="triton")
+    assert "1.100×" not in "\n".join(mt.serving_section([rec, triton]))  # only fa3 is the BF16 reference
+    for other in (dict(base, card="H (GPU 1 of 2)"), dict(base, gpu_uuid="GPU-b"), dict(base, date="e"),
+                  dict(base, commit="c2")):
+        text = "\n".join(mt.serving_section([rec, other]))
+        assert "1.100×" not in text and "×" not in text.split("| ---")[-1]
+    failed = dict(base, output_tok_s=None, reps=0, skipped="server bf16_fa3_r1 did not start: FA3")
+    text = "\n".join(mt.serving_section([rec, failed]))
+    assert "did not start" in text and "×" not in text.split("| ---")[-1]
 
 
 @pytest.mark.parametrize("edit, message", [
