@@ -156,6 +156,30 @@ class VecFormat:
 
 
 BF16_BYTES_PER_HEAD = lambda head_dim: 2 * head_dim  # noqa: E731  (one K or V vector in bf16)
+FP8_BYTES_PER_HEAD = lambda head_dim: head_dim  # noqa: E731  (one K or V vector in fp8 e4m3, no stored scale)
+
+
+# --------------------------------------------------------------------------------------------
+# fp8 layers (per-layer `format: fp8`)
+# --------------------------------------------------------------------------------------------
+# Layout of SGLang's own fp8 KV cache, so its Triton decode/extend kernels read such a layer directly:
+# e4m3 values of x / scale, one per-tensor scale per layer and role (the checkpoint's k_scale / v_scale,
+# 1.0 without one), stored as uint8 rows (index_put is not implemented for float8) and read as a
+# float8_e4m3fn view. Values past the e4m3 range saturate instead of turning into NaN.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def fp8_encode(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x [..., d] -> uint8 [..., d]: the e4m3 bits of x / scale, saturated at +-448."""
+    y = x.to(torch.float32) if scale == 1.0 else x.to(torch.float32) / scale
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.uint8)
+
+
+def fp8_decode(data: torch.Tensor, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (or float8_e4m3fn) [..., d] -> x_hat [..., d] in `dtype`: e4m3 value x scale."""
+    y = data.view(FP8_DTYPE).to(torch.float32)
+    return (y if scale == 1.0 else y * scale).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,8 +47,10 @@ BAD = [
     ("bad selector", "overrides:\n  - {layers: [1, 2, 3], k: {bits: 3}}\n", ["overrides[0].layers", "[1, 2, 3]", "[first, last]"]),
     ("backwards range", "overrides:\n  - {layers: \"9-4\", k: {bits: 3}}\n", ["overrides[0].layers", "first 9 > last 4"]),
     ("bf16 with k", "overrides:\n  - {layers: 5, format: bf16, k: {bits: 3}}\n", ["overrides[0]", "remove its k/v"]),
-    ("bad layer format", "overrides:\n  - {layers: 5, format: int8}\n", ["overrides[0].format", "'int8'", "tq, bf16"]),
-    ("bad boundary format", "boundary: {first: 1, format: fp8}\n", ["boundary.format", "'fp8'", "bf16"]),
+    ("bad layer format", "overrides:\n  - {layers: 5, format: int8}\n", ["overrides[0].format", "'int8'", "tq, bf16, fp8"]),
+    ("bad boundary format", "boundary: {first: 1, format: int8}\n", ["boundary.format", "'int8'", "bf16, fp8"]),
+    ("tq boundary format", "boundary: {first: 1, format: tq}\n", ["boundary.format", "'tq'", "bf16, fp8"]),
+    ("fp8 with v", "overrides:\n  - {layers: 5, format: fp8, v: {bits: 3}}\n", ["overrides[0]", "format: fp8", "remove its k/v"]),
     ("negative boundary", "boundary: {last: -1}\n", ["boundary.last", "-1 is negative"]),
     ("not a mapping", "- 1\n- 2\n", ["expected a mapping", "list"]),
     ("duplicate key", "seed: 1\nseed: 2\n", ["malformed YAML at line 2", "duplicate key 'seed'"]),
@@ -242,6 +244,27 @@ def test_llama3_8b_turbo4_with_boundary():
     assert bytes_per_token(two, **LLAMA3_8B) == 8 * (28 * 132 + 4 * 512) == 45952
     with pytest.raises(TQConfigError, match="was resolved for"):
         bytes_per_token(plan, 30, 8, 128)
+
+
+def test_fp8_boundary_and_override_layers():
+    """format: fp8 (boundary or override): head_dim bytes per K or V vector, no codecs, shown as fp8."""
+    plan = load_config(str(presets_dir() / "examples" / "turbo4_fp8_boundary.yaml")).resolve(32, 128)
+    assert plan[0].format == "fp8" and not plan[0].quantized and plan[0].codecs(0) == (None, None)
+    assert plan[0].bytes_per_token_head(128, 128) == 256 and plan[0].describe() == ("fp8", "fp8")
+    assert all(plan[i].quantized and plan[i].format == "tq" for i in range(1, 32))
+    per_head = 31 * 132 + 256
+    assert bytes_per_token(plan, **LLAMA3_8B) == 8 * per_head == 34784
+    assert f"{plan.compression_ratio():.3f}" == "3.768"  # bf16 first layer: 3.56x (above)
+    rows = [line.split() for line in plan.summary(8).splitlines()]
+    assert ["0", "fp8", "fp8", "2048", "2.00x"] in rows
+    cfg = parse_yaml("boundary: {first: 1, last: 1, format: fp8}\noverrides:\n  - {layers: 2, format: fp8}\n"
+                     "  - {layers: 3, format: bf16}\n  - {layers: -1, format: tq, k: {bits: 3}}\n", "f.yaml")
+    plan = cfg.resolve(6, 64, v_head_dim=128)
+    assert [lp.format for lp in plan.layers] == ["fp8", "tq", "fp8", "bf16", "tq", "tq"]
+    assert plan[2].bytes_per_token_head(64, 128) == 64 + 128 and plan[3].bytes_per_token_head(64, 128) == 384
+    assert plan[5].k.bits == 3
+    with pytest.raises(TQConfigError, match=r"overrides\[0\]: changes k/v of layer 0, which is a fp8 boundary layer"):
+        parse_yaml("boundary: {format: fp8}\noverrides:\n  - {layers: [0, 3], k: {bits: 3}}\n", "b.yaml").resolve(32, 128)
 
 
 def test_v_head_dim_counts_separately():
