@@ -67,6 +67,10 @@ model's 16-bit dtype) or `fp8` (SGLang's own fp8 KV layout: e4m3 of x / scale wi
 the checkpoint's k_scale / v_scale or 1.0, read directly by SGLang's Triton kernels; head_dim bytes per
 K or V vector, half of bf16). An override that changes k/v of a boundary layer (bf16 or fp8) must say
 `format: tq`, so that a range never quantizes a boundary layer by accident.
+
+head_dim 80 and 96 (e.g. Phi-3): quantized layers code the vectors zero-padded to 128 coordinates (the
+Walsh-Hadamard rotation needs a power of two), so a vector costs what one of 128 does (4-bit: 66 B against
+160 / 192 B in bf16); outlier counts and channel lists are of the 128 coded channels.
 """
 from __future__ import annotations
 
@@ -79,7 +83,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from tq_kernels.codec import (
-    BF16_BYTES_PER_HEAD, FP8_BYTES_PER_HEAD, ROLE_K, ROLE_V, SUPPORTED_HEAD_DIMS, TQCodec, VecFormat,
+    BF16_BYTES_PER_HEAD, FP8_BYTES_PER_HEAD, PADDED_HEAD_DIMS, ROLE_K, ROLE_V, SUPPORTED_HEAD_DIMS, TQCodec,
+    VecFormat, codec_dim,
 )
 
 CONFIG_ENV = "SGLANG_TQ_CONFIG"  # env var the SGLang integration reads: preset name or YAML path
@@ -155,11 +160,12 @@ class VecSpec:
     outliers: Optional[OutlierSpec] = None
 
     def to_format(self, head_dim: int, where: str) -> Tuple[VecFormat, Optional[Tuple[int, ...]]]:
-        """-> (VecFormat at this head_dim, calibrated outlier channel list or None)."""
-        n = self.outliers.count(head_dim, where + ".outliers") if self.outliers else 0
+        """-> (VecFormat at this head_dim, calibrated outlier channel list or None). A padded head_dim
+        (80, 96) gets the format of its codec dim; outlier counts are of the codec dim's channels."""
+        n = self.outliers.count(codec_dim(head_dim), where + ".outliers") if self.outliers else 0
         try:
-            fmt = VecFormat(head_dim, self.bits, qjl=self.qjl, norm_correction=self.norm_correction,
-                            outlier_channels=n, outlier_bits=self.outliers.bits if self.outliers else 0)
+            fmt = VecFormat.for_model(head_dim, self.bits, qjl=self.qjl, norm_correction=self.norm_correction,
+                                      outlier_channels=n, outlier_bits=self.outliers.bits if self.outliers else 0)
         except ValueError as e:  # a combination the field checks did not foresee
             raise TQConfigError(f"{where}: {e}") from None
         return fmt, (self.outliers.channel_list if self.outliers else None)
@@ -797,6 +803,10 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
              + (f", v_head_dim {dv}" if dv != d else "") + f", seed {plan.seed}",
              fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
     lines += [fmt_row(r) for r in rows]
+    for what, dim in (("head_dim", d), ("v_head_dim", dv)):
+        if dim in PADDED_HEAD_DIMS and (what == "head_dim" or dv != d) and plan.quantized_layers:
+            lines.append(f"{what} {dim}: quantized layers code {codec_dim(dim)} coordinates (zero-padded for the "
+                         f"rotation), so a vector costs what one of {codec_dim(dim)} does")
     if plan.key_means_path:
         lines.append(f"key centering: {plan.key_means_path}")
     if plan.window_tokens:

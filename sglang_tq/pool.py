@@ -104,8 +104,9 @@ class TQLayerBuffer(NamedTuple):
 
     @property
     def shape(self) -> Tuple[int, int, int]:
-        """Logical (rows, H_kv, head_dim) shape, as an unpacked buffer would have."""
-        return (self.codes.shape[0], self.codes.shape[1], self.codec.fmt.head_dim)
+        """Logical (rows, H_kv, head_dim) shape, as an unpacked buffer would have (the model's head_dim,
+        also where the codes cover a padded one)."""
+        return (self.codes.shape[0], self.codes.shape[1], self.codec.fmt.in_dim)
 
     @property
     def nbytes(self) -> int:

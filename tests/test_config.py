@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from sglang_tq import cli
 from sglang_tq.config import (
@@ -110,10 +111,27 @@ def test_layer_past_model_end():
 
 def test_unsupported_head_dim():
     cfg = load_config("turbo4")
-    with pytest.raises(TQConfigError, match=r"turbo4\.yaml: model head_dim 96 is not supported .*64, 128, 256"):
-        cfg.resolve(32, 96)
-    with pytest.raises(TQConfigError, match=r"model v_head_dim 80 is not supported"):
-        cfg.resolve(32, 128, v_head_dim=80)
+    with pytest.raises(TQConfigError, match=r"turbo4\.yaml: model head_dim 112 is not supported .*64, 80, 96, 128, 256"):
+        cfg.resolve(32, 112)
+    with pytest.raises(TQConfigError, match=r"model v_head_dim 48 is not supported"):
+        cfg.resolve(32, 128, v_head_dim=48)
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_padded_head_dims_resolve(d, capsys):
+    """head_dim 80 / 96: quantized layers use the 128-dim codec (66 B per 4-bit vector, vs 2 d B in bf16);
+    boundary layers keep the model's d; outlier counts are of the 128 codec channels; the summary says so."""
+    plan = parse_yaml("boundary: {first: 1, last: 0, format: fp8}\noverrides:\n"
+                      "  - {layers: 3, k: {bits: 3, outliers: {fraction: 0.25, bits: 4}}}\n", "p.yaml").resolve(4, d)
+    assert plan[0].bytes_per_token_head(d, d) == 2 * d  # fp8 at the model's d
+    assert plan[1].k == VecFormat(128, 4, model_head_dim=d) and plan[1].k.in_dim == d
+    assert plan[1].bytes_per_token_head(d, d) == 2 * 66
+    assert plan[3].k.outlier_channels == 32  # 0.25 x the 128 codec channels
+    kc, vc = plan.codecs(1)
+    assert kc.rotation.dim == 128 and kc.decode(*kc.encode(torch.randn(3, d))).shape == (3, d)
+    assert f"head_dim {d}: quantized layers code 128 coordinates" in plan.summary(8)
+    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", str(d)]) == 0
+    assert "OK: turbo4" in capsys.readouterr().out
 
 
 def test_overlap_through_negative_index():
@@ -290,8 +308,8 @@ def test_cli_validate(tmp_path, capsys):
     bad = write(tmp_path, "defaults:\n  k: {bits: 9}\n", "bad.yaml")
     assert cli.main(["validate", str(bad)]) == 2
     assert "bad.yaml: defaults.k.bits: 9 is out of range" in capsys.readouterr().err
-    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", "80"]) == 2
-    assert "head_dim 80 is not supported" in capsys.readouterr().err
+    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", "72"]) == 2
+    assert "head_dim 72 is not supported" in capsys.readouterr().err
 
 
 def test_cli_distortion_small(capsys):

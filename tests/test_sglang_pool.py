@@ -151,7 +151,7 @@ def test_unpatched_backend_keeps_stock_pool(tmp_path):
     (dict(server_args=server_args(kv_cache_dtype="fp8_e5m2")), "--kv-cache-dtype fp8_e5m2"),
     (dict(server_args=server_args(decode_attention_backend="triton")), "mixing attention backends"),
     (dict(server_args=server_args(page_size=16)), "--page-size 16"),
-    (dict(model_config=FakeModelConfig(4, 8, 2, 96)), "head_dim 96"),
+    (dict(model_config=FakeModelConfig(4, 8, 2, 112)), "head_dim 112"),
     (dict(model_config=FakeModelConfig(4, 8, 2, 128, v_head_dim=64)), "v_head_dim 64 != head_dim 128"),
 ])
 def test_unsupported_setups_refused(change, message):

@@ -1,7 +1,8 @@
-"""fp8 layers (`format: fp8`) through the production backend on the CPU: stored as e4m3 by the pool, read
-by the backend's held Triton backend (its torch twin here) from the float8 view, against SGLang's
-TorchNativeAttnBackend over a bf16 pool that holds the same fp8-rounded K/V. Covers a prefill, a radix-cache
-hit (prefix read from fp8 rows) and decode, with a TurboQuant layer between the two fp8 layers."""
+"""fp8 layers (`format: fp8`) and padded head dims (80 / 96) through the production backend on the CPU,
+against SGLang's TorchNativeAttnBackend over a bf16 pool that holds the K/V as the TurboQuant pool stores
+them (fp8-rounded, or dequantized from the codes). fp8 layers are stored as e4m3 by the pool and read by
+the backend's held Triton backend (its torch twin here) from the float8 view. Covers a prefill, a
+radix-cache hit (prefix read from the cache) and decode, with a TurboQuant layer between two fp8 layers."""
 import pytest
 
 pytest.importorskip("sglang")
@@ -14,16 +15,13 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from tq_kernels.codec import fp8_decode, fp8_encode  # noqa: E402
 
-HQ, HKV, D, NUM_LAYERS = 8, 2, 64, 3
+HQ, HKV, NUM_LAYERS = 8, 2, 3
 CFG = "boundary: {first: 1, last: 1, format: fp8}\n"  # layers 0 and 2 fp8, layer 1 TurboQuant
 ATOL = RTOL = 2e-2
 
 
-def _fp8_round(x):
-    return fp8_decode(fp8_encode(x.view(-1, HKV, D))).to(torch.bfloat16)
-
-
-def test_fp8_layers_prefill_prefix_decode(tmp_path):
+@pytest.mark.parametrize("D", [64, 96])
+def test_fp8_and_packed_layers_prefill_prefix_decode(tmp_path, D):
     path = write_tq_config(tmp_path, CFG)
     with env(SGLANG_TQ_CONFIG=path):
         mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=64)
@@ -37,6 +35,16 @@ def test_fp8_layers_prefill_prefix_decode(tmp_path):
     layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(NUM_LAYERS)]
     fp8_layers = [i for i in range(NUM_LAYERS) if pool.is_fp8(i)]
     assert fp8_layers == [0, 2] and pool.is_quantized(1)
+    assert pool.get_key_buffer(1).shape[-1] == D  # the model's head dim; 4-bit codes of 64 or 128 (padded) coords:
+    assert pool.k_codes[1].shape[-1] == {64: 32, 96: 64}[D]
+
+    def stored(lid, loc):
+        """K/V of rows `loc` as the cache holds them, [n, HKV, D] bf16."""
+        kb, vb = pool.get_kv_buffer(lid)
+        if lid in fp8_layers:
+            return fp8_decode(kb[loc]).bfloat16(), fp8_decode(vb[loc]).bfloat16()
+        return (kb.codec.decode(kb.codes[loc], kb.scales[loc]).bfloat16(),
+                vb.codec.decode(vb.codes[loc], vb.scales[loc]).bfloat16())
     gen = torch.Generator().manual_seed(0)
     r2t = runner.req_to_token_pool.req_to_token
 
@@ -47,20 +55,15 @@ def test_fp8_layers_prefill_prefix_decode(tmp_path):
         for layer in layers:
             q, k, v = qkv(n)
             o = layer(q, k, v, fb)
-            lid = layer.layer_id
-            if lid not in fp8_layers:
-                continue
-            kb = pool.k_buffer[lid][fb.out_cache_loc]
-            assert torch.equal(kb, fp8_encode(k.view(-1, HKV, D)))  # stored as e4m3 bytes
-            if decode:  # the reference pool holds the new token as the fp8 cache does
-                ref_pool.k_buffer[lid][fb.out_cache_loc] = _fp8_round(k)
-                ref_pool.v_buffer[lid][fb.out_cache_loc] = _fp8_round(v)
+            lid, loc = layer.layer_id, fb.out_cache_loc
+            if lid in fp8_layers:
+                assert torch.equal(pool.k_buffer[lid][loc], fp8_encode(k.view(-1, HKV, D)))  # e4m3 bytes
+            if decode:  # the reference pool holds the new token as the cache does
+                ref_pool.k_buffer[lid][loc], ref_pool.v_buffer[lid][loc] = stored(lid, loc)
             o_ref = layer(q, k, v, fb_ref, save_kv_cache=not decode)
             torch.testing.assert_close(o.float(), o_ref.float(), atol=ATOL, rtol=RTOL,
                                        msg=lambda m: f"layer {lid}: {m}")
-            # later steps read these rows as the fp8 cache holds them
-            ref_pool.k_buffer[lid][fb.out_cache_loc] = fp8_decode(pool.get_key_buffer(lid)[fb.out_cache_loc]).bfloat16()
-            ref_pool.v_buffer[lid][fb.out_cache_loc] = fp8_decode(pool.get_value_buffer(lid)[fb.out_cache_loc]).bfloat16()
+            ref_pool.k_buffer[lid][loc], ref_pool.v_buffer[lid][loc] = stored(lid, loc)  # as later steps read them
 
     def extend(req_ids, prefix_lens, new_lens):
         slots = runner.token_to_kv_pool_allocator.alloc(sum(new_lens))
