@@ -34,7 +34,17 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+CODEC_DIMS = (64, 128, 256)  # dimensions the rotation, codebooks and kernels work in (powers of two)
+# Model head dims that are no power of two: vectors are zero-padded to the next codec dim before the
+# rotation (the Walsh-Hadamard transform needs a power of two) and the codes cover all its coordinates,
+# so d = 80 and 96 cost what d = 128 does (4-bit: 66 B per vector vs 160 / 192 B in bf16).
+PADDED_HEAD_DIMS = {80: 128, 96: 128}
+SUPPORTED_HEAD_DIMS = tuple(sorted(CODEC_DIMS + tuple(PADDED_HEAD_DIMS)))  # model head dims
+
+
+def codec_dim(head_dim: int) -> int:
+    """The codec dimension of a model head dim (itself, or the padded one)."""
+    return PADDED_HEAD_DIMS.get(head_dim, head_dim)
 MIN_BITS, MAX_BITS = 1, 6
 SCALE_DTYPE = torch.float16
 FP16_MAX = 65504.0
@@ -59,6 +69,8 @@ class VecFormat:
     outlier_channels / outlier_bits: that many coordinates (a power of two dividing d) get
       `outlier_bits` (> bits; counted like `bits`, i.e. including the QJL bit for PROD keys).
     norm_correction: store |x| / |c_hat| so the dequantized vector keeps the norm of x.
+    head_dim: the codec dimension (a power of two: rotation, codes, kernels). model_head_dim: the model's
+      head dim when it is padded up to head_dim (PADDED_HEAD_DIMS); 0 = the same as head_dim.
     """
 
     head_dim: int
@@ -67,11 +79,27 @@ class VecFormat:
     norm_correction: bool = True
     outlier_channels: int = 0
     outlier_bits: int = 0
+    model_head_dim: int = 0
+
+    @classmethod
+    def for_model(cls, model_head_dim: int, bits: int, **kw) -> "VecFormat":
+        """The format of a model head dim: padded to its codec dim where that differs."""
+        d = codec_dim(model_head_dim)
+        return cls(d, bits, model_head_dim=0 if d == model_head_dim else model_head_dim, **kw)
+
+    @property
+    def in_dim(self) -> int:
+        """Coordinates of the vectors that go in and come out (the model's head dim)."""
+        return self.model_head_dim or self.head_dim
 
     def __post_init__(self):
         d = self.head_dim
-        if d not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"head_dim {d} not supported (supported: {SUPPORTED_HEAD_DIMS})")
+        if d not in CODEC_DIMS:
+            raise ValueError(f"codec dim {d} not supported (supported: {CODEC_DIMS}; model head dims "
+                             f"{tuple(PADDED_HEAD_DIMS)} are padded, VecFormat.for_model)")
+        if self.model_head_dim and PADDED_HEAD_DIMS.get(self.model_head_dim) != d:
+            raise ValueError(f"model_head_dim {self.model_head_dim} is not padded to {d} "
+                             f"(padded head dims: {PADDED_HEAD_DIMS})")
         lo = self.mse_bits
         if not (MIN_BITS <= lo <= MAX_BITS):
             raise ValueError(f"MSE bits {lo} out of range [{MIN_BITS}, {MAX_BITS}] (bits={self.bits}, qjl={self.qjl})")
@@ -152,10 +180,78 @@ class VecFormat:
             s += f"+{self.outlier_channels}ch@{self.outlier_bits}"
         if self.norm_correction:
             s += "/nc"
+        if self.model_head_dim:
+            s += f"/pad{self.model_head_dim}->{self.head_dim}"
         return s
 
 
 BF16_BYTES_PER_HEAD = lambda head_dim: 2 * head_dim  # noqa: E731  (one K or V vector in bf16)
+FP8_BYTES_PER_HEAD = lambda head_dim: head_dim  # noqa: E731  (one K or V vector in fp8 e4m3, no stored scale)
+
+
+# --------------------------------------------------------------------------------------------
+# fp8 layers (per-layer `format: fp8`)
+# --------------------------------------------------------------------------------------------
+# Layout of SGLang's own fp8 KV cache, so its Triton decode/extend kernels read such a layer directly:
+# e4m3 values of x / scale, one per-tensor scale per layer and role (the checkpoint's k_scale / v_scale,
+# 1.0 without one), stored as uint8 rows (index_put is not implemented for float8) and read as a
+# float8_e4m3fn view. Values past the e4m3 range saturate instead of turning into NaN.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def fp8_encode(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x [..., d] -> uint8 [..., d]: the e4m3 bits of x / scale, saturated at +-448."""
+    y = x.to(torch.float32) if scale == 1.0 else x.to(torch.float32) / scale
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(torch.uint8)
+
+
+def fp8_decode(data: torch.Tensor, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (or float8_e4m3fn) [..., d] -> x_hat [..., d] in `dtype`: e4m3 value x scale."""
+    y = data.view(FP8_DTYPE).to(torch.float32)
+    return (y if scale == 1.0 else y * scale).to(dtype)
+
+
+def padded_launch(fn):
+    """Decorator of an attention launch fn(q, ..., kcodec, vcodec, ..., out, ...) that works at the codec
+    dims: for padded formats (head_dim 80 / 96) it zero-pads q, k_new / v_new, k_mean, an extend window's
+    k_old / v_old and new_part's output to the codec dims, and slices the output back to the model's head
+    dim (into `out` when given). q_rotated, workspaces and rings are at the codec dims already."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    at_k, at_v = list(sig.parameters).index("kcodec"), list(sig.parameters).index("vcodec")
+
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        kc = args[at_k] if len(args) > at_k else kwargs["kcodec"]
+        vc = args[at_v] if len(args) > at_v else kwargs["vcodec"]
+        if not (kc.fmt.model_head_dim or vc.fmt.model_head_dim):  # the common case: no binding cost
+            return fn(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        p = bound.arguments
+        n = p["q"].shape[0]
+        kp = lambda x: kc.pad(x.reshape(n, -1, kc.fmt.in_dim))  # noqa: E731
+        vp = lambda x: vc.pad(x.reshape(n, -1, vc.fmt.in_dim))  # noqa: E731
+        p["q"] = kp(p["q"])
+        for name, pad in (("k_new", kp), ("v_new", vp)):
+            if name in p:
+                p[name] = pad(p[name])
+        if p.get("k_mean") is not None:
+            p["k_mean"] = kc.pad(p["k_mean"].to(torch.float32))
+        window = p.get("window")
+        if window is not None and hasattr(window, "k_old"):  # extend's evaluation window (model dims)
+            p["window"] = window._replace(k_old=kp(window.k_old), v_old=vp(window.v_old))
+        if p.get("new_part") is not None:
+            p["new_part"] = (vp(p["new_part"][0]), p["new_part"][1])
+        out, p["out"] = p.get("out"), None
+        o = vc.unpad(fn(*bound.args, **bound.kwargs))
+        if out is None:
+            return o.contiguous()
+        out.view(o.shape).copy_(o)
+        return out
+
+    return launch
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,9 +465,22 @@ class TQCodec:
         return table[idx]
 
     # --- quantize / dequantize --------------------------------------------------------------
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_dim] -> [..., head_dim]: zero-padded for a padded format (no copy otherwise)."""
+        extra = self.fmt.head_dim - x.shape[-1]
+        if extra == 0:
+            return x
+        assert x.shape[-1] == self.fmt.in_dim, (tuple(x.shape), self.fmt)
+        return torch.nn.functional.pad(x, (0, extra))
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., head_dim] -> [..., in_dim] (a view)."""
+        return x[..., :self.fmt.in_dim]
+
     def quantize(self, x: torch.Tensor) -> Quantized:
+        """x [..., in_dim] (or already padded [..., head_dim])."""
         fmt = self.fmt
-        x = x.to(torch.float32)
+        x = self.pad(x.to(torch.float32))
         norm = x.norm(dim=-1, keepdim=True)
         u = self.rotation.forward(x / norm.clamp_min(1e-30))
         _, b_lo = codebook(fmt.head_dim, fmt.mse_bits, x.device)
@@ -400,12 +509,13 @@ class TQCodec:
         return y
 
     def dequantize(self, q: Quantized) -> torch.Tensor:
-        return self.rotation.inverse(self.dequantize_rotated(q))
+        """-> x_hat [..., in_dim] (the padding coordinates are dropped)."""
+        return self.unpad(self.rotation.inverse(self.dequantize_rotated(q)))
 
     def inner_product(self, query: torch.Tensor, q: Quantized) -> torch.Tensor:
         """<query, x_hat> the way the kernels score: from codes, with the query rotated once.
         query [..., d] broadcast against the quantized vectors [..., d]."""
-        qr = self.rotation.forward(query.to(torch.float32))
+        qr = self.rotation.forward(self.pad(query.to(torch.float32)))
         s = q.scales[..., 0] * (qr * self._centroids(q.indices)).sum(-1)
         if self.fmt.qjl:
             sketch = qr @ self.qjl_matrix.to(qr.device).T
@@ -455,10 +565,11 @@ class TQCodec:
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x in the codes' rotated (storage-order) domain, unnormalized: M x (the recent window's ring)."""
-        return self.rotation.forward(x.to(torch.float32))
+        return self.rotation.forward(self.pad(x.to(torch.float32)))
 
     def unrotate(self, u: torch.Tensor) -> torch.Tensor:
-        return self.rotation.inverse(u.to(torch.float32))
+        """-> [..., in_dim]."""
+        return self.unpad(self.rotation.inverse(u.to(torch.float32)))
 
     # --- what the kernels need on the device -----------------------------------------------
     def device_tables(self, device) -> dict:

@@ -231,6 +231,11 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     if n == 0:
         return
     kf, vf = kcodec.fmt, vcodec.fmt
+    if kf.model_head_dim or vf.model_head_dim:  # head_dim 80 / 96: zero-padded to the codec dim here
+        h = k_codes.shape[1]
+        k, v = kcodec.pad(k.reshape(n, h, kf.in_dim)), vcodec.pad(v.reshape(n, h, vf.in_dim))
+        k_mean = None if k_mean is None else kcodec.pad(k_mean.to(torch.float32))
+        q = None if q is None else kcodec.pad(q.reshape(n, -1, kf.in_dim))
     if block_t is None:
         block_t = choose_compress_tile(n, q is not None, max(kf.head_dim, vf.head_dim))
     h = k_codes.shape[1]

@@ -38,7 +38,7 @@ from ._common import (LOG2E, _reg_slice_code, cache_args, fmt_constexpr, gdc_lau
                       kernel_tables, next_pow2, online_softmax_step, packed_tile_update, pdl_ok, qjl_signs,
                       register_lut_i8_slices, register_lut_pair_slices, register_lut_slices, register_lut_slices3,
                       register_lut_slices5, softcap_log2, split_high_crumbs, split_high_nibbles, unrotate_store)
-from .codec import TQCodec
+from .codec import TQCodec, padded_launch
 from .window import DecodeWindow, check_decode_window
 
 
@@ -700,6 +700,7 @@ def plan_decode(kcodec: TQCodec, vcodec: TQCodec, batch: int, num_kv_heads: int,
                       pdl=bool(sliced and pdl_ok(device)))
 
 
+@padded_launch  # head_dim 80 / 96: q and out at the model's dims, the launch at the codec's
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      plan: Optional[DecodePlan] = None, workspace: Optional[DecodeWorkspace] = None,

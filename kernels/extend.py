@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._common import (LOG2E, cache_args, fmt_constexpr, kernel_tables, packed_tile_update, softcap_log2,
                       unrotate_store)
-from .codec import TQCodec
+from .codec import TQCodec, padded_launch
 from .decode import _merge_step, merge_weights, num_sms
 from .window import ExtendWindow
 
@@ -232,6 +232,7 @@ def choose_gqa_pack(group: int, max_extend_len: int) -> bool:
     return group > 1 and max_extend_len * triton.next_power_of_2(group) <= 128
 
 
+@padded_launch  # head_dim 80 / 96: tensors at the model's dims, the launch at the codec's
 def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      qo_indptr, kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0,
                      causal: bool = True, out=None, *, max_extend_len: Optional[int] = None,

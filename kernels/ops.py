@@ -47,8 +47,7 @@ def _ref_compress_and_store(k, v, slots, kcodec, vcodec, k_codes, k_scales, v_co
                             ring=ring)
     if q is not None:  # the decode queries rotated like the keys (decode_attention's q_rotated)
         n = k.shape[0]
-        m = kcodec.rotation.matrix().to(device=q.device, dtype=torch.float32)
-        q_rot[:n] = (q.reshape(n, -1, kcodec.fmt.head_dim).float() @ m.t()).view_as(q_rot[:n])
+        q_rot[:n] = kcodec.rotate(q.reshape(n, -1, kcodec.fmt.in_dim)).to(q_rot.device).view_as(q_rot[:n])
 
 
 TRITON = KernelOps("triton", _tq_compress, plan_decode, _tq_decode, _tq_extend)

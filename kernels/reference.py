@@ -88,7 +88,7 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Ten
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v]: softmax attention of each query over
     the dequantized K/V of slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. An empty sequence gives 0.
     window: positions [window.lo[b], L) come from the recent window's ring instead."""
-    d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
+    d_k, d_v = kcodec.fmt.in_dim, vcodec.fmt.in_dim
     B = q.shape[0]
     q3 = q.reshape(B, -1, d_k)
     h_q = q3.shape[1]
@@ -123,7 +123,7 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     sequence's own new, unquantized K/V. -> out [T, H_q, d_v]. k_mean: the key-centering mean the
     cache was written with (optional, [H_kv, d_k]); the new keys are centered with it too.
     window: new key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old."""
-    d_k, d_v = kcodec.fmt.head_dim, vcodec.fmt.head_dim
+    d_k, d_v = kcodec.fmt.in_dim, vcodec.fmt.in_dim
     T = q.shape[0]
     q3 = q.reshape(T, -1, d_k)
     h_q = q3.shape[1]

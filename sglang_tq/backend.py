@@ -560,8 +560,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         if save_kv_cache:
             rot = {}
             if self.ops.rotates_queries(kb.codec):  # the new K/V's launch also rotates the queries
-                q_rot = (md.workspace.q_rot if md.workspace is not None
-                         else q.new_empty((bs, hq, d), dtype=torch.float32))
+                q_rot = (md.workspace.q_rot if md.workspace is not None  # codec dim (head_dim 80/96: padded)
+                         else q.new_empty((bs, hq, kb.codec.fmt.head_dim), dtype=torch.float32))
                 rot = dict(q=q, q_rot=q_rot)
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.window_rows, **rot)
         self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check

@@ -15,10 +15,10 @@ import os
 from typing import Iterable, List, Optional
 
 from sglang_tq.sglang_internals import server_arg
+from tq_kernels.codec import SUPPORTED_HEAD_DIMS  # 80 and 96 are zero-padded to 128 inside the codec
 
 BACKEND_NAME = "turboquant"
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
 _PREFIX = "TurboQuant (--attention-backend turboquant) does not support "
 
 

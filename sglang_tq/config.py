@@ -11,13 +11,13 @@ Schema (every key optional; values shown are the defaults)::
     defaults:                     # formats of every quantized layer, unless an override says otherwise
       k: {bits: 4, qjl: false, norm_correction: true, outliers: null}
       v: {bits: 4, norm_correction: true, outliers: null}
-    boundary: {first: 2, last: 2, format: bf16}   # first/last N layers stay unquantized
+    boundary: {first: 2, last: 2, format: bf16}   # first/last N layers stay unquantized (bf16 or fp8)
     overrides:                    # applied in order after defaults and boundary; may not overlap
       - layers: [3, 5]            # inclusive range [first, last]; also 7, -1 (last layer) or "10-12"
         k: {bits: 3}              # only the keys given change; the rest comes from defaults
         v: {bits: 2}
       - layers: 9
-        format: bf16              # whole layer unquantized
+        format: bf16              # whole layer unquantized (or fp8)
 
 K/V keys:
   bits: bits per coordinate. MSE: 2..4. PROD keys (`qjl: true`, K only): 2..5, counting the QJL
@@ -62,9 +62,15 @@ prefill_from_cache: true makes every prefill attend to its own new tokens' K/V a
 values, so each token sees its whole past exactly as decoding would: perplexity then measures the
 cache format. It costs prefill speed and changes outputs, so the server warns about it in its log.
 
-Layer formats: `tq` (quantized with the K/V formats above) or `bf16` (stored unquantized, at the
-model's 16-bit dtype). An override that changes k/v of a layer that is bf16 (boundary) must say
+Layer formats: `tq` (quantized with the K/V formats above), `bf16` (stored unquantized, at the
+model's 16-bit dtype) or `fp8` (SGLang's own fp8 KV layout: e4m3 of x / scale with one per-tensor scale,
+the checkpoint's k_scale / v_scale or 1.0, read directly by SGLang's Triton kernels; head_dim bytes per
+K or V vector, half of bf16). An override that changes k/v of a boundary layer (bf16 or fp8) must say
 `format: tq`, so that a range never quantizes a boundary layer by accident.
+
+head_dim 80 and 96 (e.g. Phi-3): quantized layers code the vectors zero-padded to 128 coordinates (the
+Walsh-Hadamard rotation needs a power of two), so a vector costs what one of 128 does (4-bit: 66 B against
+160 / 192 B in bf16); outlier counts and channel lists are of the 128 coded channels.
 """
 from __future__ import annotations
 
@@ -77,15 +83,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from tq_kernels.codec import (
-    BF16_BYTES_PER_HEAD, ROLE_K, ROLE_V, SUPPORTED_HEAD_DIMS, TQCodec, VecFormat,
+    BF16_BYTES_PER_HEAD, FP8_BYTES_PER_HEAD, PADDED_HEAD_DIMS, ROLE_K, ROLE_V, SUPPORTED_HEAD_DIMS, TQCodec,
+    VecFormat, codec_dim,
 )
 
 CONFIG_ENV = "SGLANG_TQ_CONFIG"  # env var the SGLang integration reads: preset name or YAML path
 DEFAULT_PRESET = "turbo4"
 
-FORMAT_TQ, FORMAT_BF16 = "tq", "bf16"
-LAYER_FORMATS = (FORMAT_TQ, FORMAT_BF16)
-BOUNDARY_FORMATS = (FORMAT_BF16,)
+FORMAT_TQ, FORMAT_BF16, FORMAT_FP8 = "tq", "bf16", "fp8"
+LAYER_FORMATS = (FORMAT_TQ, FORMAT_BF16, FORMAT_FP8)
+BOUNDARY_FORMATS = (FORMAT_BF16, FORMAT_FP8)
+PLAIN_FORMATS = (FORMAT_BF16, FORMAT_FP8)  # layers served by SGLang's Triton kernels from plain buffers
 MSE_BITS_RANGE = (2, 6)   # 1-bit MSE is legal in VecFormat but too lossy to offer for K or V alone;
                           # 5 and 6 bits (fields [4, 1] / [4, 2]) are for keys of small, sensitive models
 PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
@@ -152,11 +160,12 @@ class VecSpec:
     outliers: Optional[OutlierSpec] = None
 
     def to_format(self, head_dim: int, where: str) -> Tuple[VecFormat, Optional[Tuple[int, ...]]]:
-        """-> (VecFormat at this head_dim, calibrated outlier channel list or None)."""
-        n = self.outliers.count(head_dim, where + ".outliers") if self.outliers else 0
+        """-> (VecFormat at this head_dim, calibrated outlier channel list or None). A padded head_dim
+        (80, 96) gets the format of its codec dim; outlier counts are of the codec dim's channels."""
+        n = self.outliers.count(codec_dim(head_dim), where + ".outliers") if self.outliers else 0
         try:
-            fmt = VecFormat(head_dim, self.bits, qjl=self.qjl, norm_correction=self.norm_correction,
-                            outlier_channels=n, outlier_bits=self.outliers.bits if self.outliers else 0)
+            fmt = VecFormat.for_model(head_dim, self.bits, qjl=self.qjl, norm_correction=self.norm_correction,
+                                      outlier_channels=n, outlier_bits=self.outliers.bits if self.outliers else 0)
         except ValueError as e:  # a combination the field checks did not foresee
             raise TQConfigError(f"{where}: {e}") from None
         return fmt, (self.outliers.channel_list if self.outliers else None)
@@ -233,6 +242,7 @@ class LayerPlan:
     v: Optional[VecFormat]
     k_outlier_channel_list: Optional[Tuple[int, ...]] = None
     v_outlier_channel_list: Optional[Tuple[int, ...]] = None
+    format: str = FORMAT_TQ  # FORMAT_TQ exactly when quantized; else FORMAT_BF16 or FORMAT_FP8
 
     def codecs(self, seed: int) -> Tuple[Optional[TQCodec], Optional[TQCodec]]:
         """(K codec, V codec) of this layer; (None, None) for an unquantized layer."""
@@ -243,13 +253,15 @@ class LayerPlan:
 
     def bytes_per_token_head(self, head_dim: int, v_head_dim: int) -> int:
         """K + V bytes of one token in one KV head."""
+        if self.format == FORMAT_FP8:
+            return FP8_BYTES_PER_HEAD(head_dim) + FP8_BYTES_PER_HEAD(v_head_dim)
         if not self.quantized:
             return BF16_BYTES_PER_HEAD(head_dim) + BF16_BYTES_PER_HEAD(v_head_dim)
         return self.k.slot_bytes + self.v.slot_bytes
 
     def describe(self) -> Tuple[str, str]:
         if not self.quantized:
-            return FORMAT_BF16, FORMAT_BF16
+            return self.format, self.format
         k = self.k.describe() + (" (calibrated)" if self.k_outlier_channel_list else "")
         v = self.v.describe() + (" (calibrated)" if self.v_outlier_channel_list else "")
         return k, v
@@ -456,8 +468,9 @@ def _parse_override(data: Any, index: int, source: str) -> Override:
     fmt = _want_choice(data["format"], LAYER_FORMATS, source, path + ".format") if "format" in data else None
     k = data.get("k")
     v = data.get("v")
-    if fmt == FORMAT_BF16 and (k is not None or v is not None):
-        raise _fail(source, path, "format: bf16 leaves the layer unquantized; remove its k/v settings")
+    if fmt in PLAIN_FORMATS and (k is not None or v is not None):
+        raise _fail(source, path, f"format: {fmt} stores the layer without TurboQuant codes; remove its k/v "
+                                  f"settings (they apply to format: tq only)")
     if fmt is None and k is None and v is None:
         raise _fail(source, path, "changes nothing; give k, v or format")
     for role, sub in (("k", k), ("v", v)):
@@ -634,7 +647,8 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
 
     first = min(cfg.boundary_first, num_layers)
     last = min(cfg.boundary_last, num_layers - first)  # capped: first + last <= num_layers
-    layer_format = [FORMAT_BF16 if i < first or i >= num_layers - last else FORMAT_TQ for i in range(num_layers)]
+    layer_format = [cfg.boundary_format if i < first or i >= num_layers - last else FORMAT_TQ
+                    for i in range(num_layers)]
     specs: List[Tuple[VecSpec, VecSpec]] = [(cfg.k, cfg.v)] * num_layers
 
     owner: Dict[int, int] = {}
@@ -650,15 +664,16 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         for i in layers:
             if o.format is not None:
                 layer_format[i] = o.format
-            elif layer_format[i] == FORMAT_BF16:
-                raise TQConfigError(f"{src}: {path}: changes k/v of layer {i}, which is a bf16 boundary layer; "
+            elif layer_format[i] in PLAIN_FORMATS:
+                raise TQConfigError(f"{src}: {path}: changes k/v of layer {i}, which is a {layer_format[i]} "
+                                    f"boundary layer; "
                                     f"add 'format: tq' to quantize it, or leave it out of the range")
             specs[i] = (ks, vs)
 
     plans = []
     for i in range(num_layers):
-        if layer_format[i] == FORMAT_BF16:
-            plans.append(LayerPlan(i, False, None, None))
+        if layer_format[i] in PLAIN_FORMATS:
+            plans.append(LayerPlan(i, False, None, None, format=layer_format[i]))
             continue
         ks, vs = specs[i]
         where = f"{src}: {'overrides[%d]' % owner[i] if i in owner else 'defaults'}"
@@ -788,6 +803,10 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
              + (f", v_head_dim {dv}" if dv != d else "") + f", seed {plan.seed}",
              fmt_row(header), fmt_row(tuple("-" * w for w in widths))]
     lines += [fmt_row(r) for r in rows]
+    for what, dim in (("head_dim", d), ("v_head_dim", dv)):
+        if dim in PADDED_HEAD_DIMS and (what == "head_dim" or dv != d) and plan.quantized_layers:
+            lines.append(f"{what} {dim}: quantized layers code {codec_dim(dim)} coordinates (zero-padded for the "
+                         f"rotation), so a vector costs what one of {codec_dim(dim)} does")
     if plan.key_means_path:
         lines.append(f"key centering: {plan.key_means_path}")
     if plan.window_tokens:

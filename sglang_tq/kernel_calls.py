@@ -75,11 +75,14 @@ class KernelCalls:
         return DecodeLaunch(batch=b, plans=tuple(plans.items()))
 
     def decode_workspace(self, max_bs: int, num_q_heads: int, v_head_dim: int, max_partials: int, head_dim_k: int):
-        """Preallocated split-K partials for CUDA graphs (None off the GPU: the reference needs none)."""
+        """Preallocated split-K partials for CUDA graphs (None off the GPU: the reference needs none), at the
+        codec dims (a head_dim of 80 / 96 is padded)."""
         if not self.triton:
             return None
-        return self._ops.DecodeWorkspace.create(max_bs, num_q_heads, v_head_dim, max_partials, self.device,
-                                                head_dim_k=head_dim_k)
+        from tq_kernels.codec import codec_dim
+
+        return self._ops.DecodeWorkspace.create(max_bs, num_q_heads, codec_dim(v_head_dim), max_partials, self.device,
+                                                head_dim_k=codec_dim(head_dim_k))
 
     def rotates_queries(self, kcodec) -> bool:
         """Whether decode's compress launch also rotates the queries (keys without QJL, Triton only)."""

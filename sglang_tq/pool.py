@@ -14,6 +14,10 @@ CUDA-graph tokens write to; the allocator hands out 1..size):
     v_scales float16 [size + page, H_kv, vfmt.n_scales]
 * unquantized (boundary) layer: plain `[size + page, H_kv, head_dim]` buffers in the model dtype,
   exactly like `MHATokenToKVPool`, so SGLang's Triton kernels read them directly.
+* fp8 layer (`format: fp8`): the same plain buffers as uint8 holding e4m3 values of x / scale
+  (`tq_kernels.codec.fp8_encode`), the layout of `MHATokenToKVPool` with an fp8 `--kv-cache-dtype`:
+  the accessors return float8_e4m3fn views, and SGLang's Triton kernels multiply by the layer's
+  k_scale / v_scale (1.0 when the checkpoint has none), the scale the pool divided by.
 
 What the accessors return:
 
@@ -51,6 +55,7 @@ from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import KVCache
 from sglang_tq.kernel_calls import kernel_calls
 from sglang_tq.sglang_internals import POOL_DTYPE
+from tq_kernels.codec import FP8_DTYPE, fp8_encode
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,15 @@ def key_mean_heads(total: int, local: int, tp_rank: int, tp_size: int) -> slice:
                         f"(attention TP rank {tp_rank} of {tp_size}); expected the model's total KV head count")
 
 
+def fp8_layer_scales(layer) -> Tuple[float, float]:
+    """(k_scale, v_scale) of an fp8 layer: the checkpoint's (RadixAttention.k_scale_float /
+    v_scale_float, which SGLang's Triton kernels multiply by), else 1.0. Taken from the layer, not
+    from set_kv_buffer's arguments, so that every caller stores with the scale the kernels read with."""
+    if getattr(layer, "k_scale", None) is None or getattr(layer, "v_scale", None) is None:
+        return 1.0, 1.0
+    return float(layer.k_scale_float), float(layer.v_scale_float)
+
+
 class TQLayerBuffer(NamedTuple):
     """Packed K (or V) cache of one quantized layer."""
 
@@ -90,8 +104,9 @@ class TQLayerBuffer(NamedTuple):
 
     @property
     def shape(self) -> Tuple[int, int, int]:
-        """Logical (rows, H_kv, head_dim) shape, as an unpacked buffer would have."""
-        return (self.codes.shape[0], self.codes.shape[1], self.codec.fmt.head_dim)
+        """Logical (rows, H_kv, head_dim) shape, as an unpacked buffer would have (the model's head_dim,
+        also where the codes cover a padded one)."""
+        return (self.codes.shape[0], self.codes.shape[1], self.codec.fmt.in_dim)
 
     @property
     def nbytes(self) -> int:
@@ -149,6 +164,7 @@ class TQTokenToKVPool(KVCache):
 
         self.layer_plans = [plan.layers[self.start_layer + i] for i in range(layer_num)]
         self.quantized = [lp.quantized for lp in self.layer_plans]
+        self.fp8 = [lp.format == "fp8" for lp in self.layer_plans]
         self.first_quantized_layer = next((self.start_layer + i for i, qz in enumerate(self.quantized) if qz), -1)
         self.k_codecs: List[object] = []
         self.v_codecs: List[object] = []
@@ -197,8 +213,9 @@ class TQTokenToKVPool(KVCache):
                     self.k_buffer.append(None)
                     self.v_buffer.append(None)
                 else:
-                    self.k_buffer.append(torch.zeros((rows, h, self.head_dim), dtype=self.model_dtype, device=dev))
-                    self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=self.model_dtype, device=dev))
+                    plain = torch.uint8 if self.fp8[i] else self.model_dtype
+                    self.k_buffer.append(torch.zeros((rows, h, self.head_dim), dtype=plain, device=dev))
+                    self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=plain, device=dev))
                     for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.ring_k, self.ring_v):
                         lst.append(None)
             # first ring position of each request slot (set at its extends): decode never reads older rows.
@@ -293,12 +310,15 @@ class TQTokenToKVPool(KVCache):
     def _key(self, idx: int):
         if self.quantized[idx]:
             return TQLayerBuffer(self.k_codes[idx], self.k_scales[idx], self.k_codecs[idx])
-        return self.k_buffer[idx]
+        return self.k_buffer[idx].view(FP8_DTYPE) if self.fp8[idx] else self.k_buffer[idx]
 
     def _value(self, idx: int):
         if self.quantized[idx]:
             return TQLayerBuffer(self.v_codes[idx], self.v_scales[idx], self.v_codecs[idx])
-        return self.v_buffer[idx]
+        return self.v_buffer[idx].view(FP8_DTYPE) if self.fp8[idx] else self.v_buffer[idx]
+
+    def is_fp8(self, layer_id: int) -> bool:
+        return self.fp8[self._local(layer_id)]
 
     def _buffer_index(self, layer_id: int) -> int:
         # TritonAttnBackend.__init__ reads get_value_buffer(0) (global id 0) even on later PP ranks,
@@ -349,8 +369,8 @@ class TQTokenToKVPool(KVCache):
         window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens."""
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = self._local(layer_id)
-        # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored, as MHATokenToKVPool
-        # ignores them for a 16-bit cache: values are stored unscaled.
+        # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored by the bf16 and packed
+        # layers, as MHATokenToKVPool ignores them for a 16-bit cache; fp8 layers take them from `layer`.
         k = cache_k.reshape(-1, self.head_num, self.head_dim)
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.quantized[idx]:
@@ -360,6 +380,10 @@ class TQTokenToKVPool(KVCache):
                 ring = RingWrite(self.ring_k[idx], self.ring_v[idx], window_rows)
             self.ops.compress(k, v, loc, self._key(idx), self._value(idx), k_mean=self.key_means[idx], ring=ring,
                               q=q, q_rot=q_rot)
+        elif self.fp8[idx]:
+            ks, vs = fp8_layer_scales(layer)
+            self.k_buffer[idx][loc] = fp8_encode(k, ks)
+            self.v_buffer[idx][loc] = fp8_encode(v, vs)
         else:
             kb, vb = self.k_buffer[idx], self.v_buffer[idx]
             kb[loc] = k.to(kb.dtype)

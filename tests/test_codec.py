@@ -193,3 +193,35 @@ def test_zero_vector_encodes_without_nan():
         assert torch.isfinite(scales.float()).all() and (scales == 0).all()
         assert torch.equal(codec.decode(codes, scales), torch.zeros(3, fmt.head_dim))
         assert torch.isfinite(codec.inner_product(torch.ones(fmt.head_dim), codec.unpack(codes, scales))).all()
+
+
+# --- padded head dims (80, 96 -> 128) ---------------------------------------------------------------
+@pytest.mark.parametrize("d", [80, 96])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_padded_head_dim_round_trip_matches_theory(d, bits):
+    """x in R^d is zero-padded to 128 and rotated: the 128-dim Lloyd-Max distortion D_128 spreads evenly
+    over the 128 original coordinates, so the d that come back keep d/128 of it: E|x - x_hat|^2 / |x|^2 =
+    D_128 * d / 128 (no norm correction, which would rescale by the whole 128-dim code)."""
+    fmt = VecFormat.for_model(d, bits, norm_correction=False)
+    assert (fmt.head_dim, fmt.in_dim, fmt.code_bytes) == (128, d, 16 * bits)
+    codec = TQCodec.build(fmt, 0, 3, ROLE_K)
+    x = torch.randn(20_000, d, generator=torch.Generator().manual_seed(d + bits))
+    codes, scales = codec.encode(x)
+    assert codes.shape == (20_000, 16 * bits)
+    x_hat = codec.decode(codes, scales)
+    assert x_hat.shape == x.shape
+    measured = (((x_hat - x) ** 2).sum(-1) / (x ** 2).sum(-1)).mean().item()
+    theory = 128 * lloyd_max(128, bits)[2] * d / 128
+    assert measured == pytest.approx(theory, rel=0.10)
+    # scores from the codes with the query padded alike equal <q, x_hat> in the model's d
+    q = torch.randn(4, d, generator=torch.Generator().manual_seed(1))
+    ip = codec.inner_product(q[:, None, :], codec.unpack(codes[:50], scales[:50]))
+    assert torch.allclose(ip, q @ x_hat[:50].T, atol=1e-4)
+
+
+def test_padded_formats_are_checked():
+    assert VecFormat.for_model(128, 4) == VecFormat(128, 4) and VecFormat(128, 4).in_dim == 128
+    with pytest.raises(ValueError, match="model_head_dim 72 is not padded to 128"):
+        VecFormat(128, 4, model_head_dim=72)
+    with pytest.raises(ValueError, match="codec dim 96 not supported"):
+        VecFormat(96, 4)

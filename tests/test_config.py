@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from sglang_tq import cli
 from sglang_tq.config import (
@@ -47,8 +48,10 @@ BAD = [
     ("bad selector", "overrides:\n  - {layers: [1, 2, 3], k: {bits: 3}}\n", ["overrides[0].layers", "[1, 2, 3]", "[first, last]"]),
     ("backwards range", "overrides:\n  - {layers: \"9-4\", k: {bits: 3}}\n", ["overrides[0].layers", "first 9 > last 4"]),
     ("bf16 with k", "overrides:\n  - {layers: 5, format: bf16, k: {bits: 3}}\n", ["overrides[0]", "remove its k/v"]),
-    ("bad layer format", "overrides:\n  - {layers: 5, format: int8}\n", ["overrides[0].format", "'int8'", "tq, bf16"]),
-    ("bad boundary format", "boundary: {first: 1, format: fp8}\n", ["boundary.format", "'fp8'", "bf16"]),
+    ("bad layer format", "overrides:\n  - {layers: 5, format: int8}\n", ["overrides[0].format", "'int8'", "tq, bf16, fp8"]),
+    ("bad boundary format", "boundary: {first: 1, format: int8}\n", ["boundary.format", "'int8'", "bf16, fp8"]),
+    ("tq boundary format", "boundary: {first: 1, format: tq}\n", ["boundary.format", "'tq'", "bf16, fp8"]),
+    ("fp8 with v", "overrides:\n  - {layers: 5, format: fp8, v: {bits: 3}}\n", ["overrides[0]", "format: fp8", "remove its k/v"]),
     ("negative boundary", "boundary: {last: -1}\n", ["boundary.last", "-1 is negative"]),
     ("not a mapping", "- 1\n- 2\n", ["expected a mapping", "list"]),
     ("duplicate key", "seed: 1\nseed: 2\n", ["malformed YAML at line 2", "duplicate key 'seed'"]),
@@ -108,10 +111,27 @@ def test_layer_past_model_end():
 
 def test_unsupported_head_dim():
     cfg = load_config("turbo4")
-    with pytest.raises(TQConfigError, match=r"turbo4\.yaml: model head_dim 96 is not supported .*64, 128, 256"):
-        cfg.resolve(32, 96)
-    with pytest.raises(TQConfigError, match=r"model v_head_dim 80 is not supported"):
-        cfg.resolve(32, 128, v_head_dim=80)
+    with pytest.raises(TQConfigError, match=r"turbo4\.yaml: model head_dim 112 is not supported .*64, 80, 96, 128, 256"):
+        cfg.resolve(32, 112)
+    with pytest.raises(TQConfigError, match=r"model v_head_dim 48 is not supported"):
+        cfg.resolve(32, 128, v_head_dim=48)
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_padded_head_dims_resolve(d, capsys):
+    """head_dim 80 / 96: quantized layers use the 128-dim codec (66 B per 4-bit vector, vs 2 d B in bf16);
+    boundary layers keep the model's d; outlier counts are of the 128 codec channels; the summary says so."""
+    plan = parse_yaml("boundary: {first: 1, last: 0, format: fp8}\noverrides:\n"
+                      "  - {layers: 3, k: {bits: 3, outliers: {fraction: 0.25, bits: 4}}}\n", "p.yaml").resolve(4, d)
+    assert plan[0].bytes_per_token_head(d, d) == 2 * d  # fp8 at the model's d
+    assert plan[1].k == VecFormat(128, 4, model_head_dim=d) and plan[1].k.in_dim == d
+    assert plan[1].bytes_per_token_head(d, d) == 2 * 66
+    assert plan[3].k.outlier_channels == 32  # 0.25 x the 128 codec channels
+    kc, vc = plan.codecs(1)
+    assert kc.rotation.dim == 128 and kc.decode(*kc.encode(torch.randn(3, d))).shape == (3, d)
+    assert f"head_dim {d}: quantized layers code 128 coordinates" in plan.summary(8)
+    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", str(d)]) == 0
+    assert "OK: turbo4" in capsys.readouterr().out
 
 
 def test_overlap_through_negative_index():
@@ -244,6 +264,27 @@ def test_llama3_8b_turbo4_with_boundary():
         bytes_per_token(plan, 30, 8, 128)
 
 
+def test_fp8_boundary_and_override_layers():
+    """format: fp8 (boundary or override): head_dim bytes per K or V vector, no codecs, shown as fp8."""
+    plan = load_config(str(presets_dir() / "examples" / "turbo4_fp8_boundary.yaml")).resolve(32, 128)
+    assert plan[0].format == "fp8" and not plan[0].quantized and plan[0].codecs(0) == (None, None)
+    assert plan[0].bytes_per_token_head(128, 128) == 256 and plan[0].describe() == ("fp8", "fp8")
+    assert all(plan[i].quantized and plan[i].format == "tq" for i in range(1, 32))
+    per_head = 31 * 132 + 256
+    assert bytes_per_token(plan, **LLAMA3_8B) == 8 * per_head == 34784
+    assert f"{plan.compression_ratio():.3f}" == "3.768"  # bf16 first layer: 3.56x (above)
+    rows = [line.split() for line in plan.summary(8).splitlines()]
+    assert ["0", "fp8", "fp8", "2048", "2.00x"] in rows
+    cfg = parse_yaml("boundary: {first: 1, last: 1, format: fp8}\noverrides:\n  - {layers: 2, format: fp8}\n"
+                     "  - {layers: 3, format: bf16}\n  - {layers: -1, format: tq, k: {bits: 3}}\n", "f.yaml")
+    plan = cfg.resolve(6, 64, v_head_dim=128)
+    assert [lp.format for lp in plan.layers] == ["fp8", "tq", "fp8", "bf16", "tq", "tq"]
+    assert plan[2].bytes_per_token_head(64, 128) == 64 + 128 and plan[3].bytes_per_token_head(64, 128) == 384
+    assert plan[5].k.bits == 3
+    with pytest.raises(TQConfigError, match=r"overrides\[0\]: changes k/v of layer 0, which is a fp8 boundary layer"):
+        parse_yaml("boundary: {format: fp8}\noverrides:\n  - {layers: [0, 3], k: {bits: 3}}\n", "b.yaml").resolve(32, 128)
+
+
 def test_v_head_dim_counts_separately():
     plan = load_config("turbo4").resolve(4, 128, v_head_dim=64)
     assert plan.bytes_per_token(1) == (256 + 128) + 3 * (66 + 34)  # layer 0 bf16, then K4 d128 + V4 d64
@@ -267,8 +308,8 @@ def test_cli_validate(tmp_path, capsys):
     bad = write(tmp_path, "defaults:\n  k: {bits: 9}\n", "bad.yaml")
     assert cli.main(["validate", str(bad)]) == 2
     assert "bad.yaml: defaults.k.bits: 9 is out of range" in capsys.readouterr().err
-    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", "80"]) == 2
-    assert "head_dim 80 is not supported" in capsys.readouterr().err
+    assert cli.main(["validate", "turbo4", "--layers", "32", "--head-dim", "72"]) == 2
+    assert "head_dim 72 is not supported" in capsys.readouterr().err
 
 
 def test_cli_distortion_small(capsys):

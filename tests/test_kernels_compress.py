@@ -14,7 +14,7 @@ import torch
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat, codebook
-from kernel_helpers import alloc_cache, make_codecs, pick_device, random_slots, triton_runnable
+from kernel_helpers import alloc_cache, make_codecs, pick_device, random_slots, rel_err, triton_runnable
 
 RUNNABLE, WHY = triton_runnable()
 pytestmark = pytest.mark.skipif(not RUNNABLE, reason=WHY)
@@ -154,3 +154,58 @@ def test_compress_block_sizes_identical(block_t):
         out.append(bufs)
     for a, b in zip(*out):
         assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_padded_head_dim_compress_decode_extend(d):
+    """head_dim 80 / 96: the launch functions take model-dim tensors, pad them to the codec dim (128) and
+    slice the output back. Triton compress / decode / extend against the reference, and the reference
+    against dense attention over the dequantized (model-dim) K/V."""
+    from tq_kernels.compress import compress_and_store
+    from tq_kernels.decode import decode_attention
+    from tq_kernels.extend import extend_attention
+
+    kfmt, vfmt = VecFormat.for_model(d, 4), VecFormat.for_model(d, 3)
+    assert (kfmt.head_dim, kfmt.in_dim, kfmt.code_bytes + 2) == (128, d, 66)
+    kc, vc = make_codecs(kfmt, vfmt, seed=2, layer_id=1)
+    gen = torch.Generator().manual_seed(d)
+    h_kv, g, n_slots, lens = 2, 2, 40, [7, 12]
+    n = sum(lens)
+    k = torch.randn(n, h_kv, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(n, h_kv, d, generator=gen).to(torch.bfloat16)
+    mu = torch.randn(h_kv, d, generator=gen)
+    q = torch.randn(n, h_kv * g, d, generator=gen).to(torch.bfloat16)
+    slots = random_slots(n, n_slots, gen)
+    bufs, rbufs = alloc_cache(kfmt, vfmt, n_slots, h_kv, DEV), alloc_cache(kfmt, vfmt, n_slots, h_kv, DEV)
+    q_rot = torch.zeros(n, h_kv * g, 128, dtype=torch.float32, device=DEV)
+    compress_and_store(k.to(DEV), v.to(DEV), slots.to(DEV), kc, vc, *bufs, k_mean=mu.to(DEV), q=q.to(DEV), q_rot=q_rot)
+    reference.compress_and_store(k, v, slots, kc, vc, *rbufs, k_mean=mu)
+    for codec, x, (codes, scales), (rcodes, rscales) in ((kc, k.float() - mu, bufs[:2], rbufs[:2]),
+                                                         (vc, v, bufs[2:], rbufs[2:])):
+        _check_role(codec, codec.pad(x), slots.long(), codes, scales, rcodes, rscales)
+    assert torch.allclose(q_rot.cpu(), kc.rotate(q), atol=1e-2)  # queries rotated in the codec's 128 dims
+
+    indptr = torch.tensor([0, lens[0], n], dtype=torch.int32)
+    kd = kc.decode(rbufs[0][slots.long()], rbufs[1][slots.long()]) + mu  # model-dim K/V as the cache holds them
+    vd = vc.decode(rbufs[2][slots.long()], rbufs[3][slots.long()])
+    assert kd.shape == vd.shape == (n, h_kv, d)
+    qd = q[[lens[0] - 1, n - 1]]  # one decode query per sequence
+    ref = reference.decode_attention(qd, *rbufs, kc, vc, indptr, slots, d ** -0.5)
+    assert ref.shape == (2, h_kv * g, d)
+    for b, (a, e) in enumerate(((0, lens[0]), (lens[0], n))):  # dense attention over the dequantized rows
+        s = torch.einsum("hd,lhd->hl", qd[b].float(), kd[a:e].repeat_interleave(g, 1)) * d ** -0.5
+        dense = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), vd[a:e].repeat_interleave(g, 1))
+        assert rel_err(ref[b].float(), dense) < 5e-3  # ref is rounded to q's bf16
+    out = torch.empty(2, h_kv * g, d, dtype=torch.bfloat16, device=DEV)
+    got = decode_attention(qd.to(DEV), *bufs, kc, vc, indptr.to(DEV), slots.to(DEV), d ** -0.5, out=out)
+    assert got is out and rel_err(out.float().cpu(), ref.float()) < 2e-2
+
+    # extend: 3 new tokens of sequence 1 over its 12-token packed prefix, keys centered with mu
+    new = 3
+    qn, kn, vn = (torch.randn(new, h, d, generator=gen).to(torch.bfloat16) for h in (h_kv * g, h_kv, h_kv))
+    args = (torch.tensor([0, new], dtype=torch.int32), torch.tensor([0, lens[1]], dtype=torch.int32), slots[lens[0]:])
+    ref_e = reference.extend_attention(qn, kn, vn, *rbufs, kc, vc, *args, d ** -0.5, k_mean=mu)
+    assert ref_e.shape == (new, h_kv * g, d)
+    got_e = extend_attention(qn.to(DEV), kn.to(DEV), vn.to(DEV), *bufs, kc, vc, *(a.to(DEV) for a in args), d ** -0.5,
+                             k_mean=mu.to(DEV), max_extend_len=new, max_prefix_len=lens[1])
+    assert got_e.shape == (new, h_kv * g, d) and rel_err(got_e.float().cpu(), ref_e.float()) < 2e-2

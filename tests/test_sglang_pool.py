@@ -151,7 +151,7 @@ def test_unpatched_backend_keeps_stock_pool(tmp_path):
     (dict(server_args=server_args(kv_cache_dtype="fp8_e5m2")), "--kv-cache-dtype fp8_e5m2"),
     (dict(server_args=server_args(decode_attention_backend="triton")), "mixing attention backends"),
     (dict(server_args=server_args(page_size=16)), "--page-size 16"),
-    (dict(model_config=FakeModelConfig(4, 8, 2, 96)), "head_dim 96"),
+    (dict(model_config=FakeModelConfig(4, 8, 2, 112)), "head_dim 112"),
     (dict(model_config=FakeModelConfig(4, 8, 2, 128, v_head_dim=64)), "v_head_dim 64 != head_dim 128"),
 ])
 def test_unsupported_setups_refused(change, message):
@@ -187,3 +187,88 @@ def test_pool_rejects_key_means_with_wrong_heads(tmp_path):
         runner = FakeRunner(FakeModelConfig(4, 6, 2, 64))
         with pytest.raises(TQConfigError, match=r"\[4, 5, 64\]|5 KV heads"):
             runner.build_pools(64, max_running_requests=2)
+
+
+# --- fp8 layers --------------------------------------------------------------------------------------
+FP8_CFG = "boundary: {first: 1, last: 0, format: fp8}\noverrides:\n  - {layers: 2, format: fp8}\n"
+
+
+def test_fp8_capacity_llama3_8b_turbo4_plan(tmp_path):
+    """The 32-layer turbo4 plan with its first layer in fp8 instead of bf16, Llama-3-8B shape, at equal KV
+    memory (55 GiB, about what an H100 80 GB leaves for the KV cache of an 8B bf16 model): SGLang's
+    profile_max_num_token with the packed cell size, minus the recent window's ring (256 requests x 32
+    tokens in bf16, taken from the token budget as reserve_window_memory does) -> 3.70x the bf16 tokens
+    (3.77x without the ring; the bf16 first layer gives 3.50x with the ring)."""
+    import sglang.srt.model_executor.model_runner_kv_cache_mixin as mix
+    from sglang_tq.config import presets_dir
+    from sglang_tq.registration import reserve_window_memory
+
+    fp8_path = str(presets_dir() / "examples" / "turbo4_fp8_boundary.yaml")
+    budget = 55.0
+    bf16_tokens = FakeRunner(FakeModelConfig(**LLAMA3_8B), server_args(attention_backend="triton")).profile_tokens(budget)
+
+    def tq_tokens(path):
+        with env(SGLANG_TQ_CONFIG=path):
+            r = _llama(path)
+            r.max_total_num_tokens = r.profile_tokens(budget)
+            r.max_running_requests = 256
+            cell = r.get_cell_size_per_token(32)
+            plan = load_config(path).resolve(32, 128)
+            assert reserve_window_memory(r, plan, mix) == 256
+            return r.max_total_num_tokens, cell, plan
+
+    fp8_tokens, fp8_cell, plan = tq_tokens(fp8_path)
+    assert fp8_cell == 8 * (31 * 132 + 256) == 34784
+    ring = plan.window_bytes(8, 256)
+    assert ring == 31 * 8 * 512 * 32 * 256
+    assert fp8_tokens == int(budget * (1 << 30)) // fp8_cell - -(-ring // fp8_cell)
+    ratio = fp8_tokens / bf16_tokens
+    assert ratio >= 3.70 and f"{ratio:.3f}" == "3.702"
+    bf16_first, _, _ = tq_tokens("turbo4")
+    assert f"{bf16_first / bf16_tokens:.3f}" == "3.496"
+
+
+def test_fp8_pool_layout_store_and_read(tmp_path):
+    """fp8 layers: uint8 rows of e4m3 values (SGLang's fp8 layout) read as float8_e4m3fn views; the
+    checkpoint's k_scale / v_scale (from the layer) divide on store; out-of-range values saturate."""
+    from tq_kernels.codec import FP8_MAX, fp8_decode, fp8_encode
+
+    path = write_tq_config(tmp_path, FP8_CFG)
+    with env(SGLANG_TQ_CONFIG=path):
+        r = FakeRunner(FakeModelConfig(4, 8, 2, 128, context_len=64))
+        cell = r.get_cell_size_per_token(4)
+        pool = r.build_pools(50, max_running_requests=2)
+    assert [pool.is_fp8(i) for i in range(4)] == [True, False, True, False]
+    assert [pool.is_quantized(i) for i in range(4)] == [False, True, False, True]
+    assert cell == pool.bytes_per_token() == 2 * (2 * 256 + 2 * 132)
+    kb, vb = pool.get_kv_buffer(0)
+    assert kb.dtype == vb.dtype == torch.float8_e4m3fn and kb.shape == (51, 2, 128)
+    assert pool.k_buffer[0].dtype == torch.uint8
+
+    class Layer:
+        layer_id, k_scale, v_scale = 2, None, None
+
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(5, 2 * 128, generator=gen).to(torch.bfloat16)
+    v = (torch.randn(5, 2 * 128, generator=gen) * 0.1).to(torch.bfloat16)
+    k[0, 0] = 1000.0  # past e4m3's range: saturates, never NaN
+    loc = torch.tensor([3, 7, 8, 20, 50])
+    pool.set_kv_buffer(Layer, loc, k, v)
+    kd = pool.get_key_buffer(2)[loc].float()
+    vd = fp8_decode(pool.get_value_buffer(2)[loc])
+    assert torch.isfinite(kd).all() and kd[0, 0, 0] == FP8_MAX
+    kf = k.float().view(5, 2, 128)
+    normal = kf.abs() >= 2 ** -6  # e4m3 normal range: relative error <= 2^-4 (3 mantissa bits)
+    err = ((kd - kf).abs() / kf.abs().clamp_min(1e-30))[normal & (kf.abs() <= FP8_MAX)]
+    assert err.max() <= 2 ** -4 and err.mean() < 0.03
+    assert torch.equal(vd, fp8_decode(fp8_encode(v.view(5, 2, 128))))
+    assert not torch.equal(vd, v.float().view(5, 2, 128))  # really stored in 8 bits
+
+    Layer.k_scale, Layer.v_scale, Layer.k_scale_float, Layer.v_scale_float = torch.tensor(4.0), torch.tensor(0.5), 4.0, 0.5
+    pool.set_kv_buffer(Layer, loc, k, v, k_scale=Layer.k_scale, v_scale=Layer.v_scale)
+    assert torch.equal(pool.get_key_buffer(2)[loc].float(), fp8_encode(kf, 4.0).view(torch.float8_e4m3fn).float())
+    assert torch.equal(fp8_decode(pool.get_value_buffer(2)[loc], 0.5), fp8_decode(fp8_encode(v.view(5, 2, 128), 0.5), 0.5))
+    # whole-slot moves and the CPU copy carry the fp8 bytes
+    before = pool.k_buffer[2][loc[:2]].clone()
+    pool.move_kv_cache(torch.tensor([30, 31]), loc[:2])
+    assert torch.equal(pool.k_buffer[2][torch.tensor([30, 31])], before)

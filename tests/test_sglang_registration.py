@@ -95,8 +95,8 @@ def test_server_args_refusals(tmp_path, kw, message):
 
 
 def test_server_args_model_refusals(tmp_path):
-    with pytest.raises(TQUnsupportedError, match="head_dim 96"):
-        _server_args(write_hf_config(tmp_path, hidden_size=96 * 32))
+    with pytest.raises(TQUnsupportedError, match="head_dim 112"):
+        _server_args(write_hf_config(tmp_path, hidden_size=112 * 32))
 
 
 def test_bad_tq_config_fails_before_launch(tmp_path):
@@ -196,8 +196,8 @@ def test_autoload_install_commands(tmp_path, monkeypatch):
           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1408,
           n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
           num_hidden_layers=27), "MLA"),
-    # Llama shape with head_dim 80 (hidden 2560 / 32 heads)
-    (dict(hidden_size=2560), "head_dim 80"),
+    # Llama shape with head_dim 72 (hidden 2304 / 32 heads)
+    (dict(hidden_size=2304), "head_dim 72"),
     # Gemma-2-2B shape: every other layer attends to a 4096-token window (SGLang serves it from one pool)
     (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=2304, num_attention_heads=8,
           num_key_value_heads=4, head_dim=256, sliding_window=4096, num_hidden_layers=26,
