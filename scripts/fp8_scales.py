@@ -6,8 +6,12 @@ log-normal channel magnitudes, values of std 0.5); "small" (the lognormal data x
 e4m3's normal range). Rows: the error of the attention output against exact attention, relative, mean of 8
 seeds; SGLang's Triton kernels also cast the softmax weights (decode and extend) and the queries (extend,
 prefix) to the cache's e4m3, which the "SGLang decode / extend" rows emulate. turbo4's codec on the same
-data for scale. Usage: python scripts/fp8_scales.py
+data for scale. Usage: python scripts/fp8_scales.py [--json results/fp8_scales.json --commit REV]
+(the records feed docs/RESULTS.md through scripts/make_tables.py).
 """
+import argparse
+import datetime
+import json
 import math
 
 import torch
@@ -41,6 +45,10 @@ def data(kind, gen):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help="write the records (one per storage and data kind) here")
+    ap.add_argument("--commit", default=None, help="the commit to record with --json")
+    a = ap.parse_args()
     kc, vc = (TQCodec.build(VecFormat(D, 4), 0, 1, role) for role in (0, 1))
     rows = {
         "per-tensor scale 1.0, exact math": lambda q, k, v: attend(q, e4m3(k), e4m3(v)),
@@ -64,6 +72,14 @@ def main():
     print("| --- |" + " ---: |" * len(kinds))
     for name in rows:
         print(f"| {name} | " + " | ".join(f"{err[(name, kd)]:.3f}" for kd in kinds) + " |")
+    if a.json:
+        date = datetime.date.today().isoformat()
+        recs = [dict(storage=name, data=kd, rel_err=round(err[(name, kd)], 4), seeds=SEEDS, head_dim=D, tokens=T,
+                     card="CPU", date=date, commit=a.commit, command="python scripts/fp8_scales.py")
+                for name in rows for kd in kinds]
+        with open(a.json, "w") as f:
+            json.dump(recs, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

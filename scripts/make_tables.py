@@ -30,6 +30,7 @@ REQUIRED = {
     "simulation": ("model", "config", "window", "centering", "protected_layers", "metric", "mean", "spread", "n",
                    "bf16_mean", "delta_pct", "delta_spread", "bytes_per_token", "bf16_bytes_per_token", "path")
     + COMMON,
+    "fp8_scales": ("storage", "data", "rel_err", "seeds") + COMMON,
     "consolidation": ("point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
                       "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
                       "command"),
@@ -325,6 +326,23 @@ def simulation_section(recs: List[dict]) -> List[str]:
     return out
 
 
+def fp8_section(recs: List[dict]) -> List[str]:
+    if not recs:
+        return []
+    out = ["## fp8 layers: per-tensor scale", "",
+           "`format: fp8` stores a layer in SGLang's own fp8 KV layout (e4m3 of x / scale, one scale per layer and "
+           "role: the checkpoint's k_scale / v_scale, else 1.0), which SGLang's Triton kernels read as they are. A "
+           "per-token-head scale would need kernels of its own. Relative error of the attention output against exact "
+           "attention on synthetic K/V (the data are described in the script), mean over seeds; the "
+           "\"SGLang decode / extend\" rows also round what those kernels round to e4m3.", ""]
+    for g in groups(recs, run_key):
+        kinds = list(dict.fromkeys(r["data"] for r in g))
+        rows = [[name] + [num(next(r["rel_err"] for r in g if r["storage"] == name and r["data"] == kd), 3)
+                          for kd in kinds] for name in dict.fromkeys(r["storage"] for r in g)]
+        out += table(["K/V storage"] + kinds, rows) + ["", f"{g[0]['seeds']} seeds. " + provenance(g[0]) + ".", ""]
+    return out
+
+
 def consolidation_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
@@ -351,6 +369,7 @@ def results_md(data: Dict[str, List[dict]]) -> str:
     lines += simulation_section(data["simulation"])
     lines += serving_section(data["serving"])
     lines += capacity_section(data["capacity"])
+    lines += fp8_section(data["fp8_scales"])
     lines += consolidation_section(data["consolidation"])
     return "\n".join(lines).rstrip() + "\n"
 
