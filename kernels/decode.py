@@ -438,7 +438,7 @@ def _merge_acc(po, po_s, pl, used, gmask, BLOCK_G: tl.constexpr, V_D: tl.constex
                HAS_TAIL: tl.constexpr, sink, HAS_SINK: tl.constexpr):
     """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers) and of
     partial `tail_sid` (HAS_TAIL: the recent window's): the normalized output rows [BLOCK_G, V_D],
-    still rotated. HAS_SINK: sink [BLOCK_G] (log2 units) joins the denominator (`sink_step`)."""
+    still rotated. HAS_SINK: sink [BLOCK_G] joins the denominator (`sink_step`)."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
@@ -460,10 +460,12 @@ def _merge_acc(po, po_s, pl, used, gmask, BLOCK_G: tl.constexpr, V_D: tl.constex
 
 @triton.jit
 def sink_step(m, l, sink):
-    """An attention sink (a logit in log2 units whose value is 0) folded into a running (max m, sum l):
-    the factor for what was accumulated so far and the new sum, relative to max(m, sink)."""
-    m_new = tl.maximum(m, sink)
-    return tl.exp2(m - m_new), l * tl.exp2(m - m_new) + tl.exp2(sink - m_new)
+    """An attention sink (a logit whose value is 0, natural-log units like the scaled scores) folded into
+    a running (max m, sum l) in log2 units: the factor for what was accumulated so far and the new sum,
+    relative to max(m, sink)."""
+    s2 = sink * 1.4426950408889634  # log2(e): a literal, jit code reads no Python globals
+    m_new = tl.maximum(m, s2)
+    return tl.exp2(m - m_new), l * tl.exp2(m - m_new) + tl.exp2(s2 - m_new)
 
 
 @triton.jit
@@ -537,7 +539,7 @@ def _decode_stage2(parts, num_splits, sliding_window, mv_ptr, out_ptr, out_b, ou
     used = _used_splits(tl.maximum(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING) - w0, 0), num_splits, BLOCK_N)
     sink = tl.zeros((BLOCK_G,), tl.float32)
     if HAS_SINK:
-        sink = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * LOG2E
+        sink = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
     if PDL:  # a programmatic dependent of stage 1: M_v and the split count above did not need it
         gdc_wait()
     po = po_ptr + b * po_b + heads * po_h

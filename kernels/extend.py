@@ -160,7 +160,7 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
     if HAS_SINK:  # unsplit only (SPLIT: the merge adds the sink once)
-        alpha, l_i = sink_step(m_i, l_i, tl.load(sink_ptr + head).to(tl.float32) * LOG2E)
+        alpha, l_i = sink_step(m_i, l_i, tl.load(sink_ptr + head).to(tl.float32))
         acc = acc * alpha[:, None]
     has = l_i > 0
     acc = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -199,7 +199,7 @@ def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_
     orow = out_ptr + rows.to(tl.int64) * out_t + head * out_h
     sink = 0.0
     if HAS_SINK:
-        sink = tl.load(sink_ptr + head).to(tl.float32) * LOG2E
+        sink = tl.load(sink_ptr + head).to(tl.float32)
     if NEW_PART:
         lse_n = tl.load(nl_ptr + rows.to(tl.int64) * nl_t + head * nl_h, mask=rmask, other=float("-inf"))
         m_new, alpha, beta = merge_weights(m, lse_n)

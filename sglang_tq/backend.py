@@ -89,6 +89,16 @@ def _attention_layers(model):
     return [m for m in (model.modules() if model is not None else ()) if isinstance(m, RadixAttention)]
 
 
+def _model_sinks_dtype(model) -> Optional[torch.dtype]:
+    """The dtype of the model's attention sinks (gpt-oss: a `sinks` parameter per attention module),
+    None without any: the sink variants of the extend kernels are compiled for it at start-up."""
+    for m in (model.modules() if isinstance(model, torch.nn.Module) else ()):
+        sinks = getattr(m, "sinks", None)
+        if isinstance(sinks, torch.Tensor):
+            return sinks.dtype
+    return None
+
+
 def _model_logit_caps(model) -> tuple:
     """(0.0,) plus one soft-capped value if any attention layer of `model` soft-caps its logits (the
     extend kernel has one variant with and one without a cap, whatever its value)."""
@@ -174,7 +184,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.ragged_prefill = self._create_ragged_prefill(model, dtype)
         self.forward_metadata: Optional[TQForwardMetadata] = None
         if self.on_cuda and not skip_prefill:  # Triton's and FlashInfer's JIT builds at start-up
-            self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model))
+            self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
 
@@ -335,7 +345,8 @@ class TurboQuantAttnBackend(AttentionBackend):
     # ----------------------------------------------------------------------------------------
     # Start-up warm-up (GPU)
     # ----------------------------------------------------------------------------------------
-    def warm_extend_kernels(self, dtype, block_ms=(64, 128), logit_caps=(0.0,)) -> int:
+    def warm_extend_kernels(self, dtype, block_ms=(64, 128), logit_caps=(0.0,),
+                            sinks_dtype: Optional[torch.dtype] = None) -> int:
         """Run the packed-prefix extend once per distinct (K format, V format) of the quantized layers,
         per query-block size the automatic choice takes and per logit soft-cap the model's attention
         layers use (0: none), on a 2-token prefill over a 1-token prefix (slot 0, SGLang's padding slot),
@@ -344,8 +355,9 @@ class TurboQuantAttnBackend(AttentionBackend):
         on the JIT). Only the constexprs select a variant (formats, block size, GQA packing, window,
         causal, soft-cap on or off; strides and the index dtypes are the serving ones: the stock
         backend's own indptr buffers), so serving finds them all compiled. It also runs a prefill-sized
-        compress (its own tile size) into slot 0; it writes no other cache row. Returns the number of
-        extend runs."""
+        compress (its own tile size) into slot 0; it writes no other cache row. sinks_dtype: the model's
+        attention sinks' dtype (None: no sinks); every variant again with sinks. A sliding window selects
+        no variant (a plain int argument). Returns the number of extend runs."""
         pool, dev = self.tq_pool, self.device
         n_new, h_q, h_kv = 2, self.num_head, pool.head_num
         qo_indptr = self.bf16.qo_indptr[:2]
@@ -375,6 +387,9 @@ class TurboQuantAttnBackend(AttentionBackend):
                         torch.zeros(n_new, h_q, device=dev, dtype=torch.float32))
             variants += [dict(block_m=block_m, logit_cap=cap, gqa_pack=False, new_part=new_part)
                          for block_m, cap in itertools.product(block_ms, logit_caps)]
+        if sinks_dtype is not None:
+            sinks = torch.zeros(h_q, device=dev, dtype=sinks_dtype)
+            variants += [dict(kw, sinks=sinks) for kw in variants]
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
             if not quantized:

@@ -166,3 +166,25 @@ def test_sliding_window_and_sinks_triton_path(setup, monkeypatch):
     monkeypatch.setattr(s["pool"], "ops", triton)
     monkeypatch.setattr(s["backend"], "plain_prefill", True)
     _serve(s)
+
+
+def test_warm_up_compiles_the_sink_variants(setup, monkeypatch):
+    """A model with attention sinks (gpt-oss: a `sinks` parameter per attention module, bf16 on this
+    backend) gets every start-up extend variant again with sinks of that dtype, so the first request does
+    not wait on their compilation; a model without sinks gets none."""
+    from sglang_tq.backend import _model_sinks_dtype
+
+    s = setup
+    attn = torch.nn.Module()
+    attn.sinks = torch.nn.Parameter(torch.zeros(HQ, dtype=torch.bfloat16), requires_grad=False)
+    assert _model_sinks_dtype(torch.nn.Sequential(torch.nn.Linear(2, 2), attn)) == torch.bfloat16
+    assert _model_sinks_dtype(torch.nn.Linear(2, 2)) is None and _model_sinks_dtype(None) is None
+    calls = []
+    monkeypatch.setattr(s["backend"].ops, "extend", lambda *a, **kw: calls.append(kw))
+    plain = s["backend"].warm_extend_kernels(torch.bfloat16, block_ms=(32,))
+    assert plain == len(calls) and all("sinks" not in kw for kw in calls)
+    calls.clear()
+    both = s["backend"].warm_extend_kernels(torch.bfloat16, block_ms=(32,), sinks_dtype=torch.bfloat16)
+    with_sinks = [kw["sinks"] for kw in calls if "sinks" in kw]
+    assert both == 2 * plain and len(with_sinks) == plain
+    assert all(t.dtype == torch.bfloat16 and t.shape == (HQ,) for t in with_sinks)
