@@ -339,15 +339,17 @@ def softcap_log2(s, logit_cap, USE_CAP: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
-    """One tile of the online softmax over packed tokens: soft-cap, mask the tile's padding columns,
-    new running max (log2 units), rescale factor alpha of the old sums, tile probabilities p.
-    Returns (p, alpha, m_new, l_new)."""
+def online_softmax_step(s, valid, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
+    """One tile of the online softmax over packed tokens: soft-cap, mask what `valid` hides (the tile's
+    padding columns [1, N]; with a sliding window per row [M, N], so a row may see nothing yet: its max
+    stays -inf and its sums 0), new running max (log2 units), rescale factor alpha of the old sums, tile
+    probabilities p. Returns (p, alpha, m_new, l_new)."""
     s = softcap_log2(s, logit_cap, USE_CAP)
-    s = tl.where(nmask[None, :], s, float("-inf"))
+    s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
@@ -375,14 +377,14 @@ def unrotate_store(acc, mv_ptr, out_ptrs, row_mask, DV: tl.constexpr, BLOCK_DO: 
 def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, kcent_ptr, vcent_ptr,
                        KF: tl.constexpr, VF: tl.constexpr, K_REG: tl.constexpr, K_ASM: tl.constexpr,
                        V_REG: tl.constexpr, V_ASM: tl.constexpr, USE_CAP: tl.constexpr,
-                       SCALE_TILES: tl.constexpr):
+                       SCALE_TILES: tl.constexpr, valid):
     """One BLOCK_N tile of packed tokens (slots) for a block of query rows q (rotated, scaled; sk: the
     QJL sketch for PROD keys): scores from the K codes, online softmax (fp32, log2 units), p * scale0
     against the V centroids in V's rotated domain. Shared by decode's general stage 1 and extend's
     prefix loop. cache: `cache_args`. K_REG / V_REG, K_ASM / V_ASM: `centroid_tile`'s register LUT.
     SCALE_TILES (extend: many query rows): |k| and |v| multiply the dequantized tiles (fp32, rounded to
     bf16), loaded in the tiles' row layout; else (decode: a GQA group of rows) they multiply the scores
-    and p. Returns the updated (m_i, l_i, acc)."""
+    and p. valid: `online_softmax_step`'s mask. Returns the updated (m_i, l_i, acc)."""
     kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h, vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h = cache
     krow = kc_ptr + slot * kc_s + hk * kc_h
     kcen = centroid_tile(krow, nmask, kcent_ptr, KF, K_REG, K_ASM)
@@ -397,7 +399,7 @@ def packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, 
         sg = qjl_signs(krow, nmask, KF.QJLOFF, KF.D)
         ks1 = tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)
         s += tl.dot(sk, tl.trans(sg)) * ks1[None, :]
-    p, alpha, m_new, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
+    p, alpha, m_new, l_i = online_softmax_step(s, valid, m_i, l_i, logit_cap, USE_CAP)
     vrow = vc_ptr + slot * vc_s + hk * vc_h
     vcen = centroid_tile(vrow, nmask, vcent_ptr, VF, V_REG, V_ASM)
     if SCALE_TILES:

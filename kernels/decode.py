@@ -43,16 +43,27 @@ from .window import DecodeWindow, check_decode_window
 
 
 @triton.jit
-def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr, plen_ptr, HAS_PLEN: tl.constexpr):
+def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr, plen_ptr, HAS_PLEN: tl.constexpr,
+                 sliding_window):
     """Tokens [lo, hi) of split `sid` of sequence b (split length rounded up to whole tiles, so the
-    partition depends only on the sequence length and num_splits); and the sequence's start in
+    partition depends only on the packed range's length and num_splits); and the sequence's start in
     kv_indices. HAS_PLEN: only the first plen[b] tokens come from the codes (the rest from the recent
-    window's ring)."""
+    window's ring). The splits partition [window start, packed end): positions before a sliding
+    window are never read."""
     seq_start = tl.load(kv_indptr + b)
-    seq_len = _packed_len(kv_indptr, b, plen_ptr, HAS_PLEN)
-    split_len = _split_len(seq_len, num_splits, BLOCK_N)
-    lo = sid * split_len
+    w0 = _window_start(kv_indptr, b, sliding_window)
+    seq_len = tl.maximum(_packed_len(kv_indptr, b, plen_ptr, HAS_PLEN), w0)
+    split_len = _split_len(seq_len - w0, num_splits, BLOCK_N)
+    lo = w0 + sid * split_len
     return seq_start, lo, tl.minimum(lo + split_len, seq_len)
+
+
+@triton.jit
+def _window_start(kv_indptr, b, sliding_window):
+    """First position of sequence b inside its sliding window (the last `sliding_window` positions;
+    0 = full attention)."""
+    n = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
+    return tl.where(sliding_window > 0, tl.maximum(n - sliding_window, 0), 0)
 
 
 @triton.jit
@@ -85,12 +96,13 @@ def _store_partial(parts, b, heads, gmask, sid, o, lse, V_D: tl.constexpr):
 # as a separate variant. The CUDA graphs capture batches up to --cuda-graph-max-bs, whose split counts
 # are above 1; larger batches run eagerly, and from B x H_kv >= 16 x SMs on with 1 split
 # (`choose_num_splits`): the first of them would compile both kernels again while serving.
-_SPLITS_ARG = ["num_splits"]
+# The sliding window is a per-layer runtime int for the same reason: no variant per window size.
+_SPLITS_ARG = ["num_splits", "sliding_window"]
 
 
 @triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap, cache, kcent_ptr, vcent_ptr, kv_indptr, kv_indices,
-                   num_splits, parts, plen_ptr, HAS_PLEN: tl.constexpr, ring, WSIZE: tl.constexpr,
+                   num_splits, sliding_window, parts, plen_ptr, HAS_PLEN: tl.constexpr, ring, WSIZE: tl.constexpr,
                    BLOCK_W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    USE_CAP: tl.constexpr, KF: tl.constexpr, VF: tl.constexpr):
     """The general stage 1 (every format): codes put back in coordinate order, per-code gathers, one
@@ -102,10 +114,10 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap, cache, kcent_ptr, vce
     sid = tl.program_id(2)
     if WSIZE > 0:
         if sid == num_splits:  # the recent window's ring (`_ring_split`)
-            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, ring, parts,
-                        G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, KF.D, VF.D)
+            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, sliding_window,
+                        ring, parts, G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, KF.D, VF.D)
             return
-    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
+    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN, sliding_window)
     if lo >= hi:  # an empty split: stage 2 never reads its partials
         return
     g = tl.arange(0, BLOCK_G)
@@ -126,7 +138,7 @@ def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap, cache, kcent_ptr, vce
         nmask = offs < hi
         slot = tl.load(kv_indices + seq_start + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc = packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, kcent_ptr,
-                                           vcent_ptr, KF, VF, 0, "", 0, "", USE_CAP, False)
+                                           vcent_ptr, KF, VF, 0, "", 0, "", USE_CAP, False, nmask[None, :])
     has = l_i > 0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
@@ -300,7 +312,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
     if KF.QJLOFF >= 0:  # the QJL signs as one tile in coordinate order, against the whole sketch rows
         s += tl.dot(sk, tl.trans(qjl_signs(krow, nmask, KF.QJLOFF, KF.D))) * \
             tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    p, alpha, m_i, l_i = online_softmax_step(s, nmask, m_i, l_i, logit_cap, USE_CAP)
+    p, alpha, m_i, l_i = online_softmax_step(s, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
     # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
     pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
     if V_PAIRS:
@@ -317,7 +329,8 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
 
 @triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, cache, kcent_ptr, vcent_ptr,
-                          kv_indptr, kv_indices, num_splits, parts, plen_ptr, HAS_PLEN: tl.constexpr, ring,
+                          kv_indptr, kv_indices, num_splits, sliding_window, parts, plen_ptr, HAS_PLEN: tl.constexpr,
+                          ring,
                           WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
                           BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
                           K_I8: tl.constexpr, V_PAIRS: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr,
@@ -342,10 +355,10 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
         if sid == num_splits:  # the recent window's ring (`_ring_split`)
             if PDL:
                 gdc_wait()
-            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, ring, parts,
-                        G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, KF.D, VF.D)
+            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, sliding_window,
+                        ring, parts, G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, KF.D, VF.D)
             return
-    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN)
+    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN, sliding_window)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
@@ -399,7 +412,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
 
 @triton.jit
 def _used_splits(seq_len, num_splits, BLOCK_N: tl.constexpr):
-    """How many splits of a sequence hold tokens (stage 1's partition, `_split_range`)."""
+    """How many splits of a sequence's packed range of seq_len tokens hold tokens (stage 1's
+    partition, `_split_range`)."""
     return tl.cdiv(seq_len, tl.maximum(_split_len(seq_len, num_splits, BLOCK_N), 1))
 
 
@@ -421,10 +435,10 @@ def _merge_step(m, l, acc, lse, o):
 
 @triton.jit
 def _merge_acc(po, po_s, pl, used, gmask, BLOCK_G: tl.constexpr, V_D: tl.constexpr, tail_sid,
-               HAS_TAIL: tl.constexpr):
+               HAS_TAIL: tl.constexpr, sink, HAS_SINK: tl.constexpr):
     """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers) and of
     partial `tail_sid` (HAS_TAIL: the recent window's): the normalized output rows [BLOCK_G, V_D],
-    still rotated."""
+    still rotated. HAS_SINK: sink [BLOCK_G] joins the denominator (`sink_step`)."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_G,), tl.float32)
@@ -438,7 +452,20 @@ def _merge_acc(po, po_s, pl, used, gmask, BLOCK_G: tl.constexpr, V_D: tl.constex
         m, l, acc = _merge_step(m, l, acc, lse, o)
     if HAS_TAIL:
         m, l, acc = _merge_step(m, l, acc, tail_lse, tail_o)
+    if HAS_SINK:
+        alpha, l = sink_step(m, l, sink)
+        acc = acc * alpha[:, None]
     return acc / tl.where(l > 0, l, 1.0)[:, None]
+
+
+@triton.jit
+def sink_step(m, l, sink):
+    """An attention sink (a logit whose value is 0, natural-log units like the scaled scores) folded into
+    a running (max m, sum l) in log2 units: the factor for what was accumulated so far and the new sum,
+    relative to max(m, sink)."""
+    s2 = sink * 1.4426950408889634  # log2(e): a literal, jit code reads no Python globals
+    m_new = tl.maximum(m, s2)
+    return tl.exp2(m - m_new), l * tl.exp2(m - m_new) + tl.exp2(s2 - m_new)
 
 
 @triton.jit
@@ -468,18 +495,18 @@ def _window_partial(qrow, gmask, q_scale, logit_cap, hk, ring, lo, seq_len, base
 
 
 @triton.jit
-def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, wlo_ptr, ring, parts,
-                G: tl.constexpr, BLOCK_G: tl.constexpr, USE_CAP: tl.constexpr, WSIZE: tl.constexpr,
+def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, wlo_ptr, sliding_window, ring,
+                parts, G: tl.constexpr, BLOCK_G: tl.constexpr, USE_CAP: tl.constexpr, WSIZE: tl.constexpr,
                 BLOCK_W: tl.constexpr, K_D: tl.constexpr, V_D: tl.constexpr):
     """Stage 1's extra program per (sequence, KV head) with a recent window: the ring's partial over
     positions [lo, L), stored as split `sid` (= num_splits) for stage 2 to merge like any other. It
     runs beside the packed splits; scored inside stage 2 it would put dependent loads in front of the
-    merge."""
+    merge. A sliding window starting after lo cuts the ring's range too."""
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
     seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
-    lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), 0)
+    lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), _window_start(kv_indptr, b, sliding_window))
     wbase_ptr = ring[6]
     o, lse = _window_partial(qr_ptr + b * qr_b + heads * qr_h, gmask, q_scale, logit_cap, hk, ring, lo, seq_len,
                              tl.load(wbase_ptr + b), USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
@@ -487,16 +514,18 @@ def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, w
 
 
 @triton.jit(do_not_specialize=_SPLITS_ARG)
-def _decode_stage2(parts, num_splits, mv_ptr, out_ptr, out_b, out_h, kv_indptr, wlo_ptr, G: tl.constexpr,
-                   BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr, PRELOAD_M: tl.constexpr, PDL: tl.constexpr):
+def _decode_stage2(parts, num_splits, sliding_window, mv_ptr, out_ptr, out_b, out_h, kv_indptr, wlo_ptr, sink_ptr,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr, HAS_SINK: tl.constexpr,
+                   PRELOAD_M: tl.constexpr, PDL: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
     CUDA graphs and sized for the longest context, so short sequences leave most splits empty) and,
     with a recent window (HAS_RING), of the ring's partial that stage 1 stored as split num_splits;
     then one un-rotation. PRELOAD_M (d_v <= 128): mv_ptr holds M_v's signs in bf16, loaded whole
     before the merge so their latency overlaps the merge's, and used as the MMA operand as loaded;
     wider heads (a d_v x d_v bf16 matrix too large for registers) load int8 signs in BLOCK_DO-column
-    chunks after the merge (`unrotate_store`)."""
+    chunks after the merge (`unrotate_store`). HAS_SINK: sink_ptr holds one logit per query head
+    (natural-log units, like the scaled scores), added to the denominator."""
     po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h = parts
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -506,13 +535,17 @@ def _decode_stage2(parts, num_splits, mv_ptr, out_ptr, out_b, out_h, kv_indptr, 
     if PRELOAD_M:
         dv = tl.arange(0, V_D)
         mvt = tl.load(mv_ptr + dv[:, None] * V_D + dv[None, :])
-    used = _used_splits(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING), num_splits, BLOCK_N)
+    w0 = _window_start(kv_indptr, b, sliding_window)
+    used = _used_splits(tl.maximum(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING) - w0, 0), num_splits, BLOCK_N)
+    sink = tl.zeros((BLOCK_G,), tl.float32)
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
     if PDL:  # a programmatic dependent of stage 1: M_v and the split count above did not need it
         gdc_wait()
     po = po_ptr + b * po_b + heads * po_h
     pl = pl_ptr + b * pl_b + heads * pl_h
     out_rows = out_ptr + b * out_b + heads * out_h
-    acc = _merge_acc(po, po_s, pl, used, gmask, BLOCK_G, V_D, num_splits, HAS_RING)
+    acc = _merge_acc(po, po_s, pl, used, gmask, BLOCK_G, V_D, num_splits, HAS_RING, sink, HAS_SINK)
     if PRELOAD_M:
         hi = acc.to(tl.bfloat16)
         lo = (acc - hi.to(tl.float32)).to(tl.bfloat16)
@@ -704,7 +737,8 @@ def plan_decode(kcodec: TQCodec, vcodec: TQCodec, batch: int, num_kv_heads: int,
 def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, vcodec: TQCodec,
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      plan: Optional[DecodePlan] = None, workspace: Optional[DecodeWorkspace] = None,
-                     q_rotated: Optional[torch.Tensor] = None, window: Optional[DecodeWindow] = None):
+                     q_rotated: Optional[torch.Tensor] = None, window: Optional[DecodeWindow] = None,
+                     sliding_window: int = 0, sinks: Optional[torch.Tensor] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     plan: `plan_decode`'s decisions (None: planned here for this batch, from kv_indices' length).
@@ -713,7 +747,11 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     the same launch as the new K/V: keys without QJL); q then gives only shapes and the output dtype.
     Else q is rotated here by an fp32 matmul.
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from
-    the recent window's ring (exact bf16, rotated) instead of the codes; the plan must have ring=True."""
+    the recent window's ring (exact bf16, rotated) instead of the codes; the plan must have ring=True.
+    sliding_window: only the last `sliding_window` positions of each sequence are read (0: all); the
+    splits partition the window, so stage 1 never touches the tokens before it.
+    sinks: [H_q] logits (gpt-oss attention sinks, natural-log units like the scaled scores) added to
+    each head's softmax denominator."""
     kf, vf = kcodec.fmt, vcodec.fmt
     d_k, d_v = kf.head_dim, vf.head_dim
     B = q.shape[0]
@@ -741,6 +779,10 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     assert workspace.part_out.shape[1] == h_q and workspace.part_out.shape[3] == d_v
     if plan.v_pairs and not _even_rows(v_codes):
         raise ValueError("decode: V pairs load 16-bit elements; the V codes' rows must start at even addresses")
+    if sliding_window < 0:
+        raise ValueError(f"decode: sliding_window must be >= 0 (0: full attention), got {sliding_window}")
+    if sinks is not None:
+        assert sinks.shape == (h_q,) and sinks.stride(0) == 1, (tuple(sinks.shape), h_q)
     if B == 0:
         return out
 
@@ -769,8 +811,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         _decode_stage1_sliced[grid](
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], cap, cache,
             kt["centroids_i8" if plan.key_int8 else "centroids_bf16"], vt["centroids_bf16"],
-            kv_indptr, kv_indices, plan.num_splits, parts, plen, window is not None, ring, wsize, block_w,
-            K_ASM=kt["i8_asm"] if plan.key_int8 else kt["lut_asm"],
+            kv_indptr, kv_indices, plan.num_splits, int(sliding_window), parts, plen, window is not None, ring, wsize,
+            block_w, K_ASM=kt["i8_asm"] if plan.key_int8 else kt["lut_asm"],
             V_ASM=vt["pairs_asm"] if plan.v_pairs else vt["lut_asm"],
             K_I8=plan.key_int8, V_PAIRS=plan.v_pairs,
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, PDL=plan.pdl,
@@ -779,14 +821,15 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     else:
         _decode_stage1[grid](
             qr, qr.stride(0), qr.stride(1), q_scale, cap, cache, kt["centroids_bf16"], vt["centroids_bf16"],
-            kv_indptr, kv_indices, plan.num_splits, parts, plen, window is not None, ring, wsize, block_w,
-            **common,
+            kv_indptr, kv_indices, plan.num_splits, int(sliding_window), parts, plen, window is not None, ring, wsize,
+            block_w, **common,
         )
     preload_m = d_v <= 128
     _decode_stage2[(B, h_kv)](
-        parts, plan.num_splits, vt["msign_bf16"] if preload_m else vt["msign"], out3, out3.stride(0),
-        out3.stride(1), kv_indptr, plen, G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64),
-        BLOCK_N=plan.block_n, MV_SCALE=vt["mscale"], HAS_RING=window is not None, PRELOAD_M=preload_m,
+        parts, plan.num_splits, int(sliding_window), vt["msign_bf16"] if preload_m else vt["msign"], out3,
+        out3.stride(0), out3.stride(1), kv_indptr, plen, sinks if sinks is not None else plen, G=G, BLOCK_G=BLOCK_G,
+        V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=plan.block_n, MV_SCALE=vt["mscale"], HAS_RING=window is not None,
+        HAS_SINK=sinks is not None, PRELOAD_M=preload_m,
         PDL=plan.pdl, num_warps=4, launch_pdl=plan.pdl,
     )
     return out

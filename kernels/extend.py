@@ -21,19 +21,22 @@ import triton.language as tl
 from ._common import (LOG2E, cache_args, fmt_constexpr, kernel_tables, packed_tile_update, softcap_log2,
                       unrotate_store)
 from .codec import TQCodec, padded_launch
-from .decode import _merge_step, merge_weights, num_sms
+from .decode import _merge_step, merge_weights, num_sms, sink_step
 from .window import ExtendWindow
 
 
 @triton.jit
-def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: tl.constexpr, USE_CAP: tl.constexpr):
+def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_window, CAUSAL: tl.constexpr,
+                            USE_CAP: tl.constexpr):
     """Online-softmax step over a tile of new tokens (columns `cols` of the sequence's new run) for query
-    rows `rows`: soft-cap, padding and causal mask (token j visible to query i iff j <= i). A padded row
-    may see nothing yet; its max stays -inf and its sums 0. Returns (p, alpha, m_new, l_new)."""
+    rows `rows`: soft-cap, padding and causal mask (token j visible to query i iff j <= i) and the sliding
+    window (iff i - j < sliding_window, when > 0). A padded row may see nothing yet; its max stays -inf
+    and its sums 0. Returns (p, alpha, m_new, l_new)."""
     s = softcap_log2(s, logit_cap, USE_CAP)
     valid = cmask[None, :]
     if CAUSAL:
         valid = valid & (cols[None, :] <= rows[:, None])
+    valid = valid & ((sliding_window <= 0) | (rows[:, None] - cols[None, :] < sliding_window))
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -42,16 +45,20 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL: t
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "sliding_window"])
 def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out, ws,
-                   num_splits, q_scale, logit_cap, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, HAS_SINK: tl.constexpr, G: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_CAP: tl.constexpr,
                    BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
                    K_REG: tl.constexpr, K_ASM: tl.constexpr, V_REG: tl.constexpr, V_ASM: tl.constexpr,
                    KF: tl.constexpr, VF: tl.constexpr):
     """qr: (rotated queries, token stride, head stride); new: (k~, token stride, head stride, v~, token
     stride, head stride, k_old~, v_old~); cache: `cache_args`; out: (out, token stride, head stride);
-    ws: (partials, lse, split stride, token stride, head stride)."""
+    ws: (partials, lse, split stride, token stride, head stride). sliding_window (> 0): query i of the
+    new run (position pre + i) sees positions j > pre + i - sliding_window only; whole prefix tiles
+    before the block's first visible position are skipped. HAS_SINK (unsplit launches; else the merge
+    adds it): sink_ptr's logit per query head joins the denominator."""
     # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
@@ -111,12 +118,17 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
         chunk = tl.cdiv(tl.cdiv(pre, num_splits), BLOCK_N) * BLOCK_N
         p_lo = sp * chunk
         p_hi = tl.minimum(pre, p_lo + chunk)
+    # a sliding window: tiles wholly before the block's first row's window hold nothing any row sees
+    row0 = mb * BLOCK_T
+    first = tl.where(sliding_window > 0, tl.maximum(pre + row0 - sliding_window + 1, 0), 0)
+    p_lo = tl.maximum(p_lo, (first // BLOCK_N) * BLOCK_N)
     for n0 in range(p_lo, p_hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < p_hi
+        valid = nmask[None, :] & ((sliding_window <= 0) | (pre + rows[:, None] - offs[None, :] < sliding_window))
         slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc = packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, kcent_ptr,
-                                           vcent_ptr, KF, VF, K_REG, K_ASM, V_REG, V_ASM, USE_CAP, True)
+                                           vcent_ptr, KF, VF, K_REG, K_ASM, V_REG, V_ASM, USE_CAP, True, valid)
 
     # ---- new tokens (already rotated, unquantized), causal
     if NEW:  # else the new tokens' part comes from new_part, merged by _extend_merge_kernel
@@ -126,7 +138,8 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
             hi = ext
         if SPLIT:
             hi = tl.where(sp == num_splits - 1, hi, 0)
-        for n0 in range(0, hi, BLOCK_N):
+        c_lo = (tl.where(sliding_window > 0, tl.maximum(row0 - sliding_window + 1, 0), 0) // BLOCK_N) * BLOCK_N
+        for n0 in range(c_lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < hi
             tok = (q0 + cols).to(tl.int64)
@@ -136,7 +149,8 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
                 recent = (rows[:, None] - cols[None, :]) < WINDOW
                 ko = tl.load(ko_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
                 s = tl.where(recent, s, tl.dot(q, tl.trans(ko)))
-            p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, CAUSAL, USE_CAP)
+            p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_window,
+                                                         CAUSAL, USE_CAP)
             v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
             if WINDOW > 0:
                 vo = tl.load(vo_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
@@ -145,6 +159,9 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
 
+    if HAS_SINK:  # unsplit only (SPLIT: the merge adds the sink once)
+        alpha, l_i = sink_step(m_i, l_i, tl.load(sink_ptr + head).to(tl.float32))
+        acc = acc * alpha[:, None]
     has = l_i > 0
     acc = acc / tl.where(has, l_i, 1.0)[:, None]
     if SPLIT:  # the normalized partial and its lse (log2 units; -inf: nothing seen), as decode's splits
@@ -159,14 +176,14 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_seqs, num_splits, mv_ptr,
-                         out_ptr, out_t, out_h, no_ptr, no_t, no_h, nl_ptr, nl_t, nl_h,
+                         out_ptr, out_t, out_h, no_ptr, no_t, no_h, nl_ptr, nl_t, nl_h, sink_ptr,
                          V_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DO: tl.constexpr,
-                         MV_SCALE: tl.constexpr, NEW_PART: tl.constexpr):
+                         MV_SCALE: tl.constexpr, NEW_PART: tl.constexpr, HAS_SINK: tl.constexpr):
     """The splits' normalized partials of BLOCK_R new tokens of one query head -> the merged, un-rotated
     output (decode's log-sum-exp step, `_merge_step`). NEW_PART: one more normalized partial, the new
     tokens' attention from another kernel (no_ptr, un-rotated, with its lse at nl_ptr in log2 units):
     its weight goes on after the un-rotation, which is linear. Rows past the batch's real tokens
-    (piecewise-graph padding) are left untouched."""
+    (piecewise-graph padding) are left untouched. HAS_SINK: the head's sink joins the denominator."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     rmask = rows < tl.load(qo_indptr + n_seqs)
@@ -180,15 +197,25 @@ def _extend_merge_kernel(ws_acc_ptr, ws_lse_ptr, ws_s, ws_t, ws_h, qo_indptr, n_
         o = tl.load(ws_acc_ptr + wrow[:, None] * V_D + dv[None, :], mask=rmask[:, None], other=0.0)
         m, l_sum, acc = _merge_step(m, l_sum, acc, lse, o)
     orow = out_ptr + rows.to(tl.int64) * out_t + head * out_h
+    sink = 0.0
+    if HAS_SINK:
+        sink = tl.load(sink_ptr + head).to(tl.float32)
     if NEW_PART:
         lse_n = tl.load(nl_ptr + rows.to(tl.int64) * nl_t + head * nl_h, mask=rmask, other=float("-inf"))
-        _, alpha, beta = merge_weights(m, lse_n)
+        m_new, alpha, beta = merge_weights(m, lse_n)
         l_tot = l_sum * alpha + beta
+        if HAS_SINK:
+            a_s, l_tot = sink_step(m_new, l_tot, sink)
+            alpha = alpha * a_s
+            beta = beta * a_s
         l_tot = tl.where(l_tot > 0, l_tot, 1.0)
         acc = acc * (alpha / l_tot)[:, None]
         nrow = no_ptr + rows.to(tl.int64) * no_t + head * no_h
         unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE, nrow, beta / l_tot)
     else:
+        if HAS_SINK:
+            a_s, l_sum = sink_step(m, l_sum, sink)
+            acc = acc * a_s[:, None]
         acc = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
         unrotate_store(acc, mv_ptr, orow, rmask, V_D, BLOCK_DO, MV_SCALE)
 
@@ -239,7 +266,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      max_prefix_len: Optional[int] = None, k_mean=None, window: Optional[ExtendWindow] = None,
                      new_part: Optional[tuple] = None, block_m: Optional[int] = None, block_n: int = 64,
                      num_warps: Optional[int] = None, gqa_pack: Optional[bool] = None,
-                     num_splits: Optional[int] = None):
+                     num_splits: Optional[int] = None, sliding_window: int = 0, sinks=None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given. max_prefix_len: the longest cached prefix (Python int; enables split-K).
@@ -262,10 +289,17 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     kernel (e.g. FlashInfer's ragged prefill with its lse): o_new [T, H_q, d_v] in the original domain,
     lse_new fp32 [T, H_q] in log2 units (log2 of the sum of exp(score * sm_scale), soft-capped as here;
     FlashInfer's convention). This kernel then reads only the prefix, into fp32 partials, and the merge
-    launch folds o_new in by its lse. k_new / v_new are not read (no window then)."""
+    launch folds o_new in by its lse. k_new / v_new are not read (no window then).
+    sliding_window: query i (position prefix + i) sees positions j > prefix + i - sliding_window only
+    (0: all); not with new_part (that kernel would have to apply it). sinks: [H_q] logits (natural-log
+    units, like the scaled scores) added to each head's softmax denominator."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if new_part is not None and window is not None and window.size > 0:
         raise ValueError("extend: new_part and a recent window (evaluation view) do not combine")
+    if new_part is not None and sliding_window > 0:
+        raise ValueError("extend: new_part and a sliding window do not combine (new_part's kernel would apply it)")
+    if sliding_window < 0:
+        raise ValueError(f"extend: sliding_window must be >= 0 (0: full attention), got {sliding_window}")
     if vf.qjl:
         raise ValueError("extend: the PROD (QJL) format is for keys only; V has no QJL field")
     if (block_m is not None and block_m < 32) or block_n < 32:
@@ -333,13 +367,17 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     else:
         ws_acc = ws_lse = out3
     grid = (n_seqs, heads_axis, blocks * num_splits)
+    if sinks is not None:
+        assert sinks.shape == (h_q,) and sinks.stride(0) == 1, (tuple(sinks.shape), h_q)
+    sink_arg = sinks if sinks is not None else qo_indptr
     _extend_kernel[grid](
         (qr, qr.stride(0), qr.stride(1)),
         (kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo),
         cache_args(k_codes, k_scales, v_codes, v_scales), kt["centroids_bf16"], vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, vt["msign"], (out3, out3.stride(0), out3.stride(1)),
-        (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, q_scale, float(logit_cap) if use_cap else 1.0,
-        G=G, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
+        (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, int(sliding_window), sink_arg, q_scale,
+        float(logit_cap) if use_cap else 1.0, HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
         USE_CAP=use_cap, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], WINDOW=wsize, NEW=new_part is None,
         K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",
         KF=fmt_constexpr(kf), VF=fmt_constexpr(vf), num_warps=num_warps, num_stages=2,
@@ -355,6 +393,6 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         _extend_merge_kernel[(triton.cdiv(T, 32), h_q)](
             ws_acc, ws_lse, T * h_q, h_q, 1, qo_indptr, n_seqs, num_splits, vt["msign"], out3, out3.stride(0),
             out3.stride(1), o_new, o_new.stride(0), o_new.stride(1), lse_new, lse_new.stride(0), lse_new.stride(1),
-            V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], NEW_PART=new_part is not None,
-            num_warps=4)
+            sink_arg, V_D=d_v, BLOCK_R=32, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"],
+            NEW_PART=new_part is not None, HAS_SINK=sinks is not None, num_warps=4)
     return out

@@ -9,15 +9,18 @@ reference (every other device):
               num_splits=None, block_n=None, sm_count=None) -> DecodePlan
   decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, kv_indptr, kv_indices,
                    sm_scale, logit_cap=0.0, out=None, *, plan=None, workspace=None, q_rotated=None,
-                   window=None)
+                   window=None, sliding_window=0, sinks=None)
   extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr,
                    kv_indptr, kv_indices, sm_scale, logit_cap=0.0, causal=True, out=None,
                    *, max_extend_len=None, max_prefix_len=None, k_mean=None, window=None, new_part=None,
-                   block_m=None, gqa_pack=None, num_splits=None)
+                   block_m=None, gqa_pack=None, num_splits=None, sliding_window=0, sinks=None)
   DecodeWorkspace.create(max_batch, num_q_heads, head_dim_v, max_splits, device, head_dim_k=None)
 
 The reference takes the launch arguments (plan, workspace, block sizes, splits) and ignores them; it
-honours k_mean, the recent window (ring / window) and compress's query rotation (q, q_rot)."""
+honours k_mean, the recent window (ring / window), compress's query rotation (q, q_rot), the sliding
+window (the query at position i sees positions j > i - sliding_window; 0: all) and attention sinks
+(sinks [H_q]: a logit per query head in the softmax's denominator, natural-log units like the scaled
+scores)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

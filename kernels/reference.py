@@ -62,9 +62,10 @@ def _dequant(codes, scales, codec: TQCodec, slots: torch.Tensor) -> torch.Tensor
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logit_cap: float,
-            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+            mask: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [M, H_q, d], k [L, H_kv, d], v [L, H_kv, d_v] float32 -> [M, H_q, d_v]; GQA by repeating
-    KV heads (q head h reads KV head h // (H_q / H_kv)); mask [M, L] bool (True = attend)."""
+    KV heads (q head h reads KV head h // (H_q / H_kv)); mask [M, L] bool (True = attend).
+    sinks [H_q]: a logit per query head in the softmax's denominator only (a key whose value is 0)."""
     h_q, h_kv = q.shape[1], k.shape[1]
     if k.shape[0] == 0:
         return q.new_zeros(q.shape[0], h_q, v.shape[-1])
@@ -75,8 +76,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, 
     s = _softcap(s, logit_cap)
     if mask is not None:
         s = s.masked_fill(~mask[None], float("-inf"))
+    if sinks is not None:  # the sink as one more key column, dropped after the softmax
+        sink = sinks.to(device=s.device, dtype=torch.float32)[:, None, None].expand(h_q, s.shape[1], 1)
+        s = torch.cat([s, sink], dim=-1)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with nothing to attend to -> 0
+    if sinks is not None:
+        p = p[..., :-1]
     return torch.einsum("hml,lhd->mhd", p, v)
 
 
@@ -84,10 +90,12 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Ten
                      v_scales: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec, kv_indptr: torch.Tensor,
                      kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
                      out: Optional[torch.Tensor] = None, window: Optional[DecodeWindow] = None,
-                     **_unused) -> torch.Tensor:
+                     sliding_window: int = 0, sinks: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v]: softmax attention of each query over
     the dequantized K/V of slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. An empty sequence gives 0.
-    window: positions [window.lo[b], L) come from the recent window's ring instead."""
+    window: positions [window.lo[b], L) come from the recent window's ring instead.
+    sliding_window: only the last `sliding_window` positions are attended to (0: all).
+    sinks: fp32 [H_q] logits in the softmax's denominator (`_attend`)."""
     d_k, d_v = kcodec.fmt.in_dim, vcodec.fmt.in_dim
     B = q.shape[0]
     q3 = q.reshape(B, -1, d_k)
@@ -104,7 +112,8 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Ten
             rows = (int(window.base[b]) + torch.arange(lo, n) % window.size).to(window.k.device)
             k = torch.cat([k[:lo], kcodec.unrotate(window.k[rows].float()).to(q.device)])
             v = torch.cat([v[:lo], vcodec.unrotate(window.v[rows].float()).to(q.device)])
-        res[b] = _attend(q3[b:b + 1].to(torch.float32), k, v, sm_scale, logit_cap)[0]
+        start = max(0, k.shape[0] - sliding_window) if sliding_window > 0 else 0
+        res[b] = _attend(q3[b:b + 1].to(torch.float32), k[start:], v[start:], sm_scale, logit_cap, sinks=sinks)[0]
     if out is None:
         return res.to(q.dtype)
     out.view(B, h_q, d_v).copy_(res.to(out.dtype))
@@ -116,13 +125,16 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      vcodec: TQCodec, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                      sm_scale: float, logit_cap: float = 0.0, causal: bool = True,
                      out: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
-                     window: Optional[ExtendWindow] = None, **_unused) -> torch.Tensor:
+                     window: Optional[ExtendWindow] = None, sliding_window: int = 0,
+                     sinks: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
     """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
     (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
     the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
     sequence's own new, unquantized K/V. -> out [T, H_q, d_v]. k_mean: the key-centering mean the
     cache was written with (optional, [H_kv, d_k]); the new keys are centered with it too.
-    window: new key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old."""
+    window: new key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old.
+    sliding_window: query at position i sees the keys at positions j > i - sliding_window only (0: all;
+    positions count the prefix first). sinks: fp32 [H_q] logits in the softmax's denominator."""
     d_k, d_v = kcodec.fmt.in_dim, vcodec.fmt.in_dim
     T = q.shape[0]
     q3 = q.reshape(T, -1, d_k)
@@ -145,6 +157,9 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         mask = torch.ones(n_new, n_pre + n_new, dtype=torch.bool, device=q.device)
         if causal:
             mask[:, n_pre:] = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
+        if sliding_window > 0:
+            pos = torch.arange(n_pre + n_new, device=q.device)
+            mask &= (n_pre + pos[:n_new, None]) - pos[None, :] < sliding_window
         if window is not None and window.size > 0:  # two key sets, each query picks per key by distance
             i = torch.arange(n_new, device=q.device)
             recent = (i[:, None] - i[None, :]) < window.size
@@ -156,7 +171,7 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
             # one softmax over both key sets, each key visible in exactly one of them
             k, v = torch.cat([k, ko]), torch.cat([v, vo])
             mask = torch.cat([m_new, mask & ~m_new], dim=1)
-        res[a:b] = _attend(q3[a:b].to(torch.float32), k, v, sm_scale, logit_cap, mask)
+        res[a:b] = _attend(q3[a:b].to(torch.float32), k, v, sm_scale, logit_cap, mask, sinks)
     if out is None:
         return res.to(q.dtype)
     out.view(T, h_q, d_v).copy_(res.to(out.dtype))

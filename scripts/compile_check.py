@@ -100,14 +100,14 @@ def main():
             torch.randn(40, hkv, d, dtype=torch.bfloat16), torch.randn(40, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 41) % 64, kc, vc, *bufs)
 
-        def decode_job(bn, window=None):
+        def decode_job(bn, window=None, **kw):
             def run():
                 plan = decode.plan_decode(kc, vc, 2, hkv, 3, "cpu", window=window is not None, num_splits=2,
                                           block_n=bn)
                 return decode.decode_attention(
                     torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc,
                     torch.tensor([0, 3, 6], dtype=torch.int32), torch.arange(1, 7), d ** -0.5, plan=plan,
-                    window=window)
+                    window=window, **kw)
             return run
 
         from tq_kernels.window import DecodeWindow, ExtendWindow, RingWrite
@@ -139,6 +139,10 @@ def main():
             return run
         jobs["decode-pdl-window"] = pdl_job(decode_job(None, window=win))
         jobs["decode-pdl"] = pdl_job(decode_job(None))
+        # a sliding-window layer with attention sinks (gpt-oss), with the recent window's ring too
+        sinks = torch.zeros(hq, dtype=torch.bfloat16)
+        jobs["decode-sliding-sinks"] = pdl_job(decode_job(None, window=win, sliding_window=128, sinks=sinks))
+        jobs["decode-sliding-sinks-bn32"] = decode_job(32, sliding_window=128, sinks=sinks)
         jobs["compress-pdl"] = pdl_job(lambda: compress.compress_and_store(
             torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
             torch.arange(1, 9), kc, vc, *bufs, q=None if kf.qjl else torch.randn(8, hq, d, dtype=torch.bfloat16),
@@ -168,6 +172,14 @@ def main():
                 torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
                 block_m=bm, block_n=64, gqa_pack=False,
                 new_part=(torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hq)))
+        for job, kw in (("extend-sliding-sinks", {}), ("extend-sliding-sinks-split", dict(num_splits=3)),
+                        ("extend-new-part-sinks", dict(new_part=(torch.randn(4, hq, d, dtype=torch.bfloat16),
+                                                                 torch.randn(4, hq))))):
+            jobs[job] = lambda kw=kw: extend.extend_attention(
+                torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+                torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+                torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+                sinks=sinks, sliding_window=0 if "new_part" in kw else 128, **kw)
         for job, fn in jobs.items():
             if a.filter and a.filter not in f"{name} {job}":
                 continue

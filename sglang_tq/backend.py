@@ -89,6 +89,16 @@ def _attention_layers(model):
     return [m for m in (model.modules() if model is not None else ()) if isinstance(m, RadixAttention)]
 
 
+def _model_sinks_dtype(model) -> Optional[torch.dtype]:
+    """The dtype of the model's attention sinks (gpt-oss: a `sinks` parameter per attention module),
+    None without any: the sink variants of the extend kernels are compiled for it at start-up."""
+    for m in (model.modules() if isinstance(model, torch.nn.Module) else ()):
+        sinks = getattr(m, "sinks", None)
+        if isinstance(sinks, torch.Tensor):
+            return sinks.dtype
+    return None
+
+
 def _model_logit_caps(model) -> tuple:
     """(0.0,) plus one soft-capped value if any attention layer of `model` soft-caps its logits (the
     extend kernel has one variant with and one without a cap, whatever its value)."""
@@ -174,7 +184,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.ragged_prefill = self._create_ragged_prefill(model, dtype)
         self.forward_metadata: Optional[TQForwardMetadata] = None
         if self.on_cuda and not skip_prefill:  # Triton's and FlashInfer's JIT builds at start-up
-            self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model))
+            self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
 
@@ -335,7 +345,8 @@ class TurboQuantAttnBackend(AttentionBackend):
     # ----------------------------------------------------------------------------------------
     # Start-up warm-up (GPU)
     # ----------------------------------------------------------------------------------------
-    def warm_extend_kernels(self, dtype, block_ms=(64, 128), logit_caps=(0.0,)) -> int:
+    def warm_extend_kernels(self, dtype, block_ms=(64, 128), logit_caps=(0.0,),
+                            sinks_dtype: Optional[torch.dtype] = None) -> int:
         """Run the packed-prefix extend once per distinct (K format, V format) of the quantized layers,
         per query-block size the automatic choice takes and per logit soft-cap the model's attention
         layers use (0: none), on a 2-token prefill over a 1-token prefix (slot 0, SGLang's padding slot),
@@ -344,8 +355,9 @@ class TurboQuantAttnBackend(AttentionBackend):
         on the JIT). Only the constexprs select a variant (formats, block size, GQA packing, window,
         causal, soft-cap on or off; strides and the index dtypes are the serving ones: the stock
         backend's own indptr buffers), so serving finds them all compiled. It also runs a prefill-sized
-        compress (its own tile size) into slot 0; it writes no other cache row. Returns the number of
-        extend runs."""
+        compress (its own tile size) into slot 0; it writes no other cache row. sinks_dtype: the model's
+        attention sinks' dtype (None: no sinks); every variant again with sinks. A sliding window selects
+        no variant (a plain int argument). Returns the number of extend runs."""
         pool, dev = self.tq_pool, self.device
         n_new, h_q, h_kv = 2, self.num_head, pool.head_num
         qo_indptr = self.bf16.qo_indptr[:2]
@@ -375,6 +387,9 @@ class TurboQuantAttnBackend(AttentionBackend):
                         torch.zeros(n_new, h_q, device=dev, dtype=torch.float32))
             variants += [dict(block_m=block_m, logit_cap=cap, gqa_pack=False, new_part=new_part)
                          for block_m, cap in itertools.product(block_ms, logit_caps)]
+        if sinks_dtype is not None:
+            sinks = torch.zeros(h_q, device=dev, dtype=sinks_dtype)
+            variants += [dict(kw, sinks=sinks) for kw in variants]
         seen, runs = set(), 0
         for i, quantized in enumerate(pool.quantized):
             if not quantized:
@@ -428,39 +443,43 @@ class TurboQuantAttnBackend(AttentionBackend):
                         and self.bf16.allow_bidirectional_attention_in_extend))
 
     @staticmethod
-    def _unsupported(layer, sinks) -> Optional[str]:
+    def _unsupported(layer) -> Optional[str]:
         """Why the TurboQuant kernels (and the boundary layers' plain-prefill routing) cannot serve this
         layer, or None."""
-        if sinks is not None:
-            return "attention sinks are not supported"
-        window = getattr(layer, "sliding_window_size", None)
-        if window is not None and window > -1:
-            return "sliding-window layers are not supported"
         if getattr(layer, "is_cross_attention", False):
             return "cross attention is not supported"
         return None
 
     @classmethod
-    def _check_layer(cls, layer, sinks):
-        why = cls._unsupported(layer, sinks)
+    def _check_layer(cls, layer):
+        why = cls._unsupported(layer)
         if why is not None:
             raise NotImplementedError(f"TurboQuant: {why}")
+
+    @staticmethod
+    def _sliding_window(layer) -> int:
+        """The kernels' window of a layer: the query at position i sees positions j > i - w (0: all).
+        SGLang's sliding_window_size W (-1: none) lets a query see W positions back besides its own (its
+        Triton extend kernel, FlashInfer's window_left, FlashAttention's window), so w = W + 1."""
+        w = getattr(layer, "sliding_window_size", None)
+        return int(w) + 1 if w is not None and w > -1 else 0
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         pool = forward_batch.token_to_kv_pool
         md = self.forward_metadata
         if not pool.is_quantized(layer.layer_id):
-            if md.ragged and md.no_prefix and self._unsupported(layer, sinks) is None:
-                # a boundary layer's plain prefill: the same FlashInfer kernel as the quantized layers'
+            if md.ragged and md.no_prefix and self._unsupported(layer) is None:
+                # a boundary layer's plain prefill: the same kernel as the quantized layers'
                 if save_kv_cache:
                     pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
-                return self._plain_extend(q, k, v, layer, md)
+                return self._plain_extend(q, k, v, layer, md, sinks)
             return self.bf16.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
-        self._check_layer(layer, sinks)
+        self._check_layer(layer)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.ring_rows(k.shape[0]))
         if md.plain:
-            return self._plain_extend(q, k, v, layer, md)
+            return self._plain_extend(q, k, v, layer, md, sinks)
+        sliding = self._sliding_window(layer)
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         k_mean = self._key_mean(pool, layer)
         window = new_part = None
@@ -472,7 +491,7 @@ class TurboQuantAttnBackend(AttentionBackend):
                 window = ExtendWindow(k_old, v_old, self.window)
             else:
                 k, v, k_mean = k_old, v_old, None
-        elif md.hybrid:
+        elif md.hybrid and not sliding:  # FlashInfer's ragged plan has no window: the kernel reads k / v then
             new_part = self._new_part(q, k, v, layer, k_mean)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         self.ops.extend(  # views: the launch function rotates q / k / v into new tensors anyway
@@ -484,7 +503,8 @@ class TurboQuantAttnBackend(AttentionBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len, max_prefix_len=md.max_prefix_len,
-            k_mean=k_mean, window=window, new_part=new_part, **self.extend_fixed)
+            k_mean=k_mean, window=window, new_part=new_part, sliding_window=sliding, sinks=sinks,
+            **self.extend_fixed)
         return o
 
     def _new_part(self, q, k, v, layer, k_mean) -> tuple:
@@ -500,19 +520,21 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.ragged_prefill.run(q3, k3, _head_rows(v, layer.tp_v_head_num, layer.v_head_dim), o_new, lse=lse)
         return o_new, lse
 
-    def _plain_extend(self, q, k, v, layer, md):
+    def _plain_extend(self, q, k, v, layer, md, sinks=None):
         """Attention of new tokens without a cached prefix: nothing is read from the packed cache, and
         the rotation is orthogonal, so this is plain attention over the new bf16 K/V (key centering
         only shifts each query's scores by a constant). FlashInfer's ragged prefill serves it where it
         is planned, else SGLang's own Triton extend kernel, so such a prefill runs as fast as with BF16
         KV; the K/V were already stored packed. Both kernels take row and head strides, so q/k/v go in
-        as the views of the qkv projection they are: no copies."""
+        as the views of the qkv projection they are: no copies. Sliding-window and sink layers take the
+        Triton kernel (the ragged plan is one for all layers, without either)."""
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         q3 = _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim)
         k3 = _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim)
         v3 = _head_rows(v, layer.tp_v_head_num, layer.v_head_dim)
         o3 = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        if md.ragged:
+        sliding = self._sliding_window(layer)
+        if md.ragged and not sliding and sinks is None:
             self.ragged_prefill.run(q3, k3, v3, o3)
             return o
         t = self.bf16.forward_metadata
@@ -522,7 +544,7 @@ class TurboQuantAttnBackend(AttentionBackend):
             t.qo_indptr, t.kv_indptr, t.kv_indices, t.custom_mask, self._causal(layer), t.mask_indptr,
             t.max_extend_len, 1.0, 1.0, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-            sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+            sliding_window_size=sliding - 1, sinks=sinks, window_kv_offsets=None,
             xai_temperature_len=getattr(layer, "xai_temperature_len", -1),
         )
         return o
@@ -550,7 +572,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         md = self.forward_metadata
         if not pool.is_quantized(layer.layer_id):
             return self.bf16.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
-        self._check_layer(layer, sinks)
+        self._check_layer(layer)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq * d)
         bs = q.shape[0]
@@ -575,5 +597,5 @@ class TurboQuantAttnBackend(AttentionBackend):
             q.view(bs, hq, d), kb, vb, md.kv_indptr, md.kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             out=o.view(bs, hq, layer.v_head_dim), launch=md.launch, workspace=md.workspace, q_rotated=q_rot,
-            window=window)
+            window=window, sliding_window=self._sliding_window(layer), sinks=sinks)
         return o

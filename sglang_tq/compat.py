@@ -7,7 +7,10 @@ Two layers of checks, both raising `TQUnsupportedError` (a ValueError):
   `ModelConfig` (built from the HF config by `server_args.get_model_config()`), and resolves the
   TurboQuant config against the model's layer count / head_dim.
 * `check_runner(runner)` — every scheduler process, inside `_init_pools` (after weights, before the
-  KV pool is allocated), with what only the loaded model knows (sliding window, hybrid layers).
+  KV pool is allocated), with what only the loaded model knows (hybrid layers).
+
+Sliding-window layers and attention sinks are served (the kernels take the layer's window and sinks)
+where SGLang keeps one KV pool for all layers; its hybrid SWA memory is refused (below).
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ from tq_kernels.codec import SUPPORTED_HEAD_DIMS  # 80 and 96 are zero-padded to
 BACKEND_NAME = "turboquant"
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
 _PREFIX = "TurboQuant (--attention-backend turboquant) does not support "
+HYBRID_SWA = ("SGLang's hybrid SWA memory (separate full-attention and sliding-window pools with index "
+              "translation): the packed pool is one for all layers. Sliding-window layers are served with "
+              "--disable-hybrid-swa-memory (every layer then keeps the whole context)")
 
 
 class TQUnsupportedError(ValueError):
@@ -81,14 +87,13 @@ def _problems_model_config(mc) -> List[str]:
     except ImportError:  # pragma: no cover
         pass
     if getattr(mc, "is_hybrid_swa", False):
-        p.append("hybrid sliding-window models (SWA layers use a separate pool)")
+        p.append(HYBRID_SWA)
     if getattr(mc, "is_encoder_decoder", False):
         p.append("encoder-decoder models (cross attention)")
     if getattr(mc, "attention_chunk_size", None):
-        p.append(f"chunked local attention (attention_chunk_size={mc.attention_chunk_size})")
-    sw = _model_sliding_window(mc)
-    if sw is not None and sw > 0:
-        p.append(f"sliding-window attention layers (sliding_window_size={sw})")
+        p.append(f"chunked local attention (attention_chunk_size={mc.attention_chunk_size}): a query sees only "
+                 f"its own chunk of positions, a mask the kernels do not have; SGLang serves it through its SWA "
+                 f"pool and FlashAttention 3's local-attention metadata")
     hd = getattr(mc, "head_dim", None)
     vhd = getattr(mc, "v_head_dim", hd)
     if hd is not None and hd not in SUPPORTED_HEAD_DIMS:
@@ -98,46 +103,17 @@ def _problems_model_config(mc) -> List[str]:
     return p
 
 
-def _model_sliding_window(mc) -> Optional[int]:
-    """The sliding window the model class will report, from the HF config alone. ModelRunner asks the
-    loaded model (`model.get_attention_sliding_window_size()`, after the weights); the model modules
-    define the same computation as a module-level function of the config, so the main process can
-    refuse such models before any weight loads."""
-    import sys
-
-    try:
-        from sglang.srt.models.registry import ModelRegistry
-
-        cls, _ = ModelRegistry.resolve_model_cls(mc.hf_config.architectures)
-    except Exception:  # unknown architecture: SGLang itself will complain
-        return None
-    if not hasattr(cls, "get_attention_sliding_window_size"):
-        return None
-    fn = getattr(sys.modules.get(cls.__module__), "get_attention_sliding_window_size", None)
-    for cfg in (getattr(mc, "hf_text_config", None), getattr(mc, "hf_config", None)):
-        if fn is None or cfg is None:
-            continue
-        try:
-            return fn(cfg)
-        except Exception:  # noqa: BLE001 - a config the function does not understand
-            continue
-    return None
-
-
 def _problems_runner(runner) -> List[str]:
     p = []
     if getattr(runner, "use_mla_backend", False):
         p.append("MLA models (DeepSeek-style latent attention)")
     if getattr(runner, "is_hybrid_swa", False):
-        p.append("hybrid sliding-window models")
+        p.append(HYBRID_SWA)
     try:  # mamba2 / GDN / Kimi-linear / lightning hybrids
         if getattr(runner, "mambaish_config", None) is not None:
             p.append("Mamba / linear-attention hybrid models")
     except Exception:
         pass
-    sw = getattr(runner, "sliding_window_size", None)
-    if sw is not None and sw > 0:
-        p.append(f"sliding-window attention layers (sliding_window_size={sw})")
     if getattr(runner, "is_draft_worker", False):
         p.append("speculative-decoding draft workers")
     if getattr(runner, "enable_hisparse", False):

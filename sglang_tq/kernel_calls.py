@@ -115,23 +115,27 @@ class KernelCalls:
 
     @_no_compile
     def decode(self, q, kb, vb, kv_indptr, kv_indices, sm_scale: float, *, logit_cap: float, out,
-               launch: DecodeLaunch, workspace=None, q_rotated=None, window=None):
+               launch: DecodeLaunch, workspace=None, q_rotated=None, window=None, sliding_window: int = 0,
+               sinks=None):
         return self._ops.decode_attention(q, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec, kv_indptr,
                                           kv_indices, sm_scale, logit_cap, out, plan=launch.plan(kb.codec, vb.codec),
-                                          workspace=workspace, q_rotated=q_rotated, window=window)
+                                          workspace=workspace, q_rotated=q_rotated, window=window,
+                                          sliding_window=sliding_window, sinks=sinks)
 
     @_no_compile
     def extend(self, q, k, v, kb, vb, qo_indptr, kv_indptr, kv_indices, sm_scale: float, *, logit_cap: float,
                causal: bool, out=None, max_extend_len: Optional[int] = None, max_prefix_len: Optional[int] = None,
                k_mean=None, window=None, new_part=None, block_m: Optional[int] = None,
-               gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None):
+               gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None, sliding_window: int = 0,
+               sinks=None):
         """block_m / gqa_pack / num_splits: fixed by batch-invariant runs and the start-up warm-up; None
-        leaves the choice to the kernel."""
+        leaves the choice to the kernel. sliding_window / sinks: the layer's (`extend_attention`)."""
         return self._ops.extend_attention(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                                           qo_indptr, kv_indptr, kv_indices, sm_scale, logit_cap, causal, out,
                                           max_extend_len=max_extend_len, max_prefix_len=max_prefix_len,
                                           k_mean=k_mean, window=window, new_part=new_part, block_m=block_m,
-                                          gqa_pack=gqa_pack, num_splits=num_splits)
+                                          gqa_pack=gqa_pack, num_splits=num_splits, sliding_window=sliding_window,
+                                          sinks=sinks)
 
 
 _CALLS: Dict[str, KernelCalls] = {}

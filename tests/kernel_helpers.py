@@ -76,6 +76,25 @@ def fill_random_kv(lens: Sequence[int], h_kv: int, kcodec: TQCodec, vcodec: TQCo
     return PagedBatch(indptr.to(device), slots.to(device), list(lens))
 
 
+def extend_inputs(kfmt: VecFormat, vfmt: VecFormat, hq: int, hkv: int, pre: Sequence[int], new: Sequence[int],
+                  seed: int, device, qkv_device=None):
+    """An extend batch: a packed random prefix per sequence (poisoned cache elsewhere, on `device`), the
+    new-token indptr (CPU) and the new tokens' bf16 q (x2) / k / v on qkv_device (default: device).
+    -> (gen, kcodec, vcodec, bufs, PagedBatch, qo_indptr, q, k_new, v_new)."""
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed % 5)
+    bufs = alloc_cache(kfmt, vfmt, sum(pre) + 11, hkv, device)
+    batch = fill_random_kv(pre, hkv, kc, vc, bufs, gen, device)
+    T = sum(new)
+    qo = torch.zeros(len(new) + 1, dtype=torch.int32)
+    qo[1:] = torch.tensor(list(new)).cumsum(0)
+    dev = device if qkv_device is None else qkv_device
+    q = (torch.randn(T, hq, kfmt.head_dim, generator=gen) * 2).to(dev, torch.bfloat16)
+    kn = torch.randn(T, hkv, kfmt.head_dim, generator=gen).to(dev, torch.bfloat16)
+    vn = torch.randn(T, hkv, vfmt.head_dim, generator=gen).to(dev, torch.bfloat16)
+    return gen, kc, vc, bufs, batch, qo, q, kn, vn
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

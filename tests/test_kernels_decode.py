@@ -488,13 +488,13 @@ def test_split_count_is_not_specialized():
     split counts are above 1; the eager batches above --cuda-graph-max-bs get 1 split. With num_splits
     specialized, the first such batch compiled stage 1 and stage 2 again while the server waited, so
     every decode kernel takes num_splits as a plain int (checked on the JIT functions, outside the
-    interpreter)."""
+    interpreter); the per-layer sliding window too (0 and a window divisible by 16 are variants)."""
     import subprocess
     import sys
 
     code = ("from tq_kernels import decode as d\n"
             "for k in (d._decode_stage1, d._decode_stage1_sliced, d._decode_stage2):\n"
-            "    assert [p.name for p in k.params if p.do_not_specialize] == ['num_splits'], k\n"
+            "    assert [p.name for p in k.params if p.do_not_specialize] == ['num_splits', 'sliding_window'], k\n"
             "assert d.choose_num_splits(300, 8, 17408, 132) == 1  # an eager batch: one split\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

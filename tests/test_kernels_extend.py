@@ -8,7 +8,8 @@ import triton
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
-from kernel_helpers import alloc_cache, fill_random_kv, make_codecs, pick_device, rel_err, triton_runnable
+from kernel_helpers import (alloc_cache, extend_inputs, fill_random_kv, make_codecs, pick_device, rel_err,
+                            triton_runnable)
 
 RUNNABLE, WHY = triton_runnable()
 pytestmark = pytest.mark.skipif(not RUNNABLE, reason=WHY)
@@ -208,17 +209,9 @@ def test_extend_new_part_matches_reference(case, splits, pack):
     if pack and not choose_gqa_pack_ok(hq // hkv, bm):
         pytest.skip("block too small for the packed group")
     seed = zlib.crc32(name.encode()) + 4
-    gen = torch.Generator().manual_seed(seed)
-    kc, vc = make_codecs(kfmt, vfmt, seed=seed % 5)
-    bufs = alloc_cache(kfmt, vfmt, sum(pre) + 11, hkv, DEV)
-    batch = fill_random_kv(pre, hkv, kc, vc, bufs, gen, DEV)
+    gen, kc, vc, bufs, batch, qo, q, kn, vn = extend_inputs(kfmt, vfmt, hq, hkv, pre, new, seed, DEV, qkv_device="cpu")
     T = sum(new)
-    qo = torch.zeros(len(new) + 1, dtype=torch.int32)
-    qo[1:] = torch.tensor(new).cumsum(0)
     dk, dv = kfmt.head_dim, vfmt.head_dim
-    q = (torch.randn(T, hq, dk, generator=gen) * 2).to(torch.bfloat16)
-    kn = torch.randn(T, hkv, dk, generator=gen).to(torch.bfloat16)
-    vn = torch.randn(T, hkv, dv, generator=gen).to(torch.bfloat16)
     k_mean = None if (cap or kfmt.qjl) else torch.randn(hkv, dk, generator=gen) * 0.3
     sm = dk ** -0.5
     o_new, lse_new = reference.new_token_attention(q, kn, vn, qo, sm, cap, causal, k_mean=k_mean)

@@ -140,10 +140,25 @@ def test_unpatched_backend_keeps_stock_pool(tmp_path):
     assert type(pool) is MHATokenToKVPool
 
 
+def _chunked_config():
+    """Llama 4's chunked local attention: each query sees its own chunk of positions only."""
+    mc = FakeModelConfig(4, 8, 2, 128, context_len=64)
+    mc.attention_chunk_size = 8192
+    return mc
+
+
+def test_sliding_window_layers_get_the_packed_pool():
+    """A model with sliding-window layers in one pool for all layers (Gemma 2 / 3, gpt-oss with
+    --disable-hybrid-swa-memory) is served: the packed pool is built."""
+    r = FakeRunner(FakeModelConfig(4, 8, 2, 128, context_len=64))
+    r.sliding_window_size = 4095
+    assert isinstance(r.build_pools(2048, max_running_requests=2), TQTokenToKVPool)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(use_mla_backend=True), "MLA"),
-    (dict(sliding_window_size=4096), "sliding-window"),
-    (dict(is_hybrid_swa=True), "hybrid sliding-window"),
+    (dict(is_hybrid_swa=True), "hybrid SWA memory"),
+    (dict(model_config=_chunked_config()), "chunked local attention"),
     (dict(mambaish_config=object()), "linear-attention hybrid"),
     (dict(kv_cache_dtype=torch.float8_e4m3fn), "KV cache"),
     (dict(server_args=server_args(speculative_algorithm="EAGLE")), "speculative decoding"),

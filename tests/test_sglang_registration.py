@@ -198,14 +198,19 @@ def test_autoload_install_commands(tmp_path, monkeypatch):
           num_hidden_layers=27), "MLA"),
     # Llama shape with head_dim 72 (hidden 2304 / 32 heads)
     (dict(hidden_size=2304), "head_dim 72"),
-    # Gemma-2-2B shape: every other layer attends to a 4096-token window (SGLang serves it from one pool)
-    (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=2304, num_attention_heads=8,
-          num_key_value_heads=4, head_dim=256, sliding_window=4096, num_hidden_layers=26,
-          query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-     "sliding-window"),
 ])
 def test_unsupported_models_refused_before_weights(tmp_path, over, message):
     """Refusal happens while the server arguments are built in the main process, from config.json
     alone: no weights exist in the folder, so nothing could have been loaded."""
     with env(SGLANG_TQ_CONFIG=None), pytest.raises(TQUnsupportedError, match=message):
         _server_args(write_hf_config(tmp_path, **over))
+
+
+def test_sliding_window_model_accepted_before_weights(tmp_path):
+    """Gemma-2-2B shape: every other layer attends to a 4096-token window, and SGLang serves it from
+    one pool for all layers, so the main-process checks let it through."""
+    gemma2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=2304, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256, sliding_window=4096, num_hidden_layers=26,
+                  query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    with env(SGLANG_TQ_CONFIG=None):
+        assert _server_args(write_hf_config(tmp_path, **gemma2)).attention_backend == "turboquant"
