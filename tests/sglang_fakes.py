@@ -313,6 +313,20 @@ def tq_backend(runner, **kw) -> CPUTurboQuantAttnBackend:
     return CPUTurboQuantAttnBackend(runner, **kw)
 
 
+def tq_and_reference_runners(config_path: str, mc, num_tokens: int, max_running_requests: int):
+    """A TurboQuant runner (pool and CPU backend built from `config_path`) and a TorchNative BF16 reference
+    runner with its own pool that shares the TurboQuant runner's req-to-token pool (the same slot mapping
+    for both). -> (runner, pool, backend, ref_runner, ref_pool)."""
+    with env(SGLANG_TQ_CONFIG=config_path):
+        runner = FakeRunner(mc)
+        pool = runner.build_pools(num_tokens, max_running_requests=max_running_requests)
+        backend = tq_backend(runner)
+        ref_runner = FakeRunner(mc, server_args(attention_backend="torch_native"))
+        ref_pool = ref_runner.build_pools(num_tokens, max_running_requests=max_running_requests)
+        ref_runner.req_to_token_pool = runner.req_to_token_pool
+    return runner, pool, backend, ref_runner, ref_pool
+
+
 def env(**kw):
     """Context manager setting environment variables."""
     import contextlib

@@ -18,7 +18,7 @@ pytest.importorskip("sglang")
 import torch  # noqa: E402
 
 from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args,  # noqa: E402
-                          tq_backend, write_tq_config)
+                          tq_and_reference_runners, tq_backend, write_tq_config)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
@@ -65,14 +65,8 @@ def setup(tmp_path_factory, request):
         save_file({"key_means": means}, str(d / "means.safetensors"))
         text = CFG + "key_means: means.safetensors\n"
     path = write_tq_config(d, text)
-    with env(SGLANG_TQ_CONFIG=path):
-        mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
-        runner = FakeRunner(mc)
-        pool = runner.build_pools(512, max_running_requests=8)
-        backend = tq_backend(runner)
-        ref_runner = FakeRunner(mc, server_args(attention_backend="torch_native"))
-        ref_pool = ref_runner.build_pools(512, max_running_requests=8)
-        ref_runner.req_to_token_pool = runner.req_to_token_pool  # same slot mapping for both
+    mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=128)
+    runner, pool, backend, ref_runner, ref_pool = tq_and_reference_runners(path, mc, 512, 8)
     assert isinstance(pool, TQTokenToKVPool) and isinstance(ref_pool, MHATokenToKVPool)
     if request.param == "centered":
         assert pool.key_mean(0) is None  # bf16 boundary layer: stored as is

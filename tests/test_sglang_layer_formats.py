@@ -9,8 +9,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args,  # noqa: E402
-                          tq_backend, write_tq_config)
+from sglang_fakes import (FakeModelConfig, decode_batch, extend_batch, tq_and_reference_runners,  # noqa: E402
+                          write_tq_config)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from tq_kernels.codec import fp8_decode, fp8_encode  # noqa: E402
@@ -23,14 +23,8 @@ ATOL = RTOL = 2e-2
 @pytest.mark.parametrize("D", [64, 96])
 def test_fp8_and_packed_layers_prefill_prefix_decode(tmp_path, D):
     path = write_tq_config(tmp_path, CFG)
-    with env(SGLANG_TQ_CONFIG=path):
-        mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=64)
-        runner = FakeRunner(mc)
-        pool = runner.build_pools(128, max_running_requests=4)
-        backend = tq_backend(runner)
-        ref_runner = FakeRunner(mc, server_args(attention_backend="torch_native"))
-        ref_pool = ref_runner.build_pools(128, max_running_requests=4)
-        ref_runner.req_to_token_pool = runner.req_to_token_pool
+    mc = FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=64)
+    runner, pool, backend, ref_runner, ref_pool = tq_and_reference_runners(path, mc, 128, 4)
     ref = TorchNativeAttnBackend(ref_runner)
     layers = [RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in range(NUM_LAYERS)]
     fp8_layers = [i for i in range(NUM_LAYERS) if pool.is_fp8(i)]
