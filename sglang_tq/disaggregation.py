@@ -314,30 +314,31 @@ def _is_common_manager(kv_manager) -> bool:
     return isinstance(kv_manager, CommonKVManager)
 
 
-def install_prefill(mod) -> None:
-    """sglang.srt.disaggregation.prefill: publish the pool's fingerprint once the KV manager registered."""
+def _after_kv_manager(cls, use) -> None:
+    """cls._init_kv_manager, then use(queue, kv_manager) for SGLang's common (mooncake / nixl / fake) managers."""
     def make(orig):
         def _init_kv_manager(self):
             kv_manager = orig(self)
             if _is_common_manager(kv_manager):
-                publish_fingerprint(kv_manager, config_fingerprint(self.token_to_kv_pool))
+                use(self, kv_manager)
             return kv_manager
         return _init_kv_manager
 
-    wrap_method(mod.PrefillBootstrapQueue, "_init_kv_manager", make)
+    wrap_method(cls, "_init_kv_manager", make)
+
+
+def install_prefill(mod) -> None:
+    """sglang.srt.disaggregation.prefill: publish the pool's fingerprint once the KV manager registered."""
+    _after_kv_manager(mod.PrefillBootstrapQueue,
+                      lambda queue, mgr: publish_fingerprint(mgr, config_fingerprint(queue.token_to_kv_pool)))
 
 
 def install_decode(mod) -> None:
     """sglang.srt.disaggregation.decode: the decode manager keeps its pool's fingerprint for the check."""
-    def make(orig):
-        def _init_kv_manager(self):
-            kv_manager = orig(self)
-            if _is_common_manager(kv_manager):
-                kv_manager._tq_fingerprint = config_fingerprint(self.token_to_kv_pool)
-            return kv_manager
-        return _init_kv_manager
+    def keep(queue, mgr):
+        mgr._tq_fingerprint = config_fingerprint(queue.token_to_kv_pool)
 
-    wrap_method(mod.DecodePreallocQueue, "_init_kv_manager", make)
+    _after_kv_manager(mod.DecodePreallocQueue, keep)
 
 
 def install_prebuilt(mod) -> None:
