@@ -47,12 +47,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
-from sglang.srt.mem_cache.memory_pool import KVCache
+from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVCache
+from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 from sglang_tq.kernel_calls import kernel_calls
 from sglang_tq.sglang_internals import POOL_DTYPE
 from tq_kernels.codec import FP8_DTYPE, fp8_encode
@@ -135,6 +136,7 @@ class TQTokenToKVPool(KVCache):
         plan=None,
         seed: Optional[int] = None,
         window_requests: int = 0,
+        layer_ids: Optional[Sequence[int]] = None,
         **unused,
     ):
         if plan is None:
@@ -156,16 +158,27 @@ class TQTokenToKVPool(KVCache):
         if plan.head_dim != self.head_dim or plan.v_head_dim != self.v_head_dim:
             raise ValueError(f"TurboQuant plan was resolved for head_dim {plan.head_dim}/{plan.v_head_dim}, "
                              f"pool has {self.head_dim}/{self.v_head_dim}")
-        if self.start_layer + layer_num > plan.num_layers:
-            raise ValueError(f"TurboQuant plan covers {plan.num_layers} layers; this rank holds layers "
-                             f"{self.start_layer}..{self.start_layer + layer_num - 1}")
+        # model layer ids of this pool's layers: a rank's contiguous range, or the full-attention / sliding-window
+        # / attention layers of a hybrid model's sub-pool (TQSWAKVPool, TQHybridLinearKVPool)
+        self.layer_ids = (list(range(self.start_layer, self.start_layer + layer_num)) if layer_ids is None
+                          else [int(i) for i in layer_ids])
+        if len(self.layer_ids) != layer_num:
+            raise ValueError(f"TurboQuant: a pool of {layer_num} layers was given {len(self.layer_ids)} layer ids")
+        if self.layer_ids and max(self.layer_ids) >= plan.num_layers:
+            raise ValueError(f"TurboQuant plan covers {plan.num_layers} layers; this pool holds layers "
+                             f"{self.layer_ids[0]}..{self.layer_ids[-1]}")
+        no_kv = [i for i in self.layer_ids if i not in set(plan.attention_layers)]
+        if no_kv:
+            raise ValueError(f"TurboQuant: layers {no_kv} have no KV cache in the plan (recurrent layers)")
+        self._index = {lid: i for i, lid in enumerate(self.layer_ids)}
         if enable_kv_cache_copy:
             logger.warning("TurboQuant: enable_kv_cache_copy (speculative decoding) is not supported; ignored")
 
-        self.layer_plans = [plan.layers[self.start_layer + i] for i in range(layer_num)]
+        self.layer_plans = [plan.layers[lid] for lid in self.layer_ids]
         self.quantized = [lp.quantized for lp in self.layer_plans]
         self.fp8 = [lp.format == "fp8" for lp in self.layer_plans]
-        self.first_quantized_layer = next((self.start_layer + i for i, qz in enumerate(self.quantized) if qz), -1)
+        self.quantized_layer_ids = [lid for lid, qz in zip(self.layer_ids, self.quantized) if qz]
+        self.first_quantized_layer = self.quantized_layer_ids[0] if self.quantized_layer_ids else -1
         self.k_codecs: List[object] = []
         self.v_codecs: List[object] = []
         for lp in self.layer_plans:
@@ -236,8 +249,8 @@ class TQTokenToKVPool(KVCache):
         rank, size = _attention_tp_rank_size()
         heads = key_mean_heads(int(means.shape[1]), self.head_num, rank, size)
         out = []
-        for i in range(self.layer_num):
-            mu = self.plan.layer_key_mean(self.start_layer + i, heads)
+        for lid in self.layer_ids:
+            mu = self.plan.layer_key_mean(lid, heads)
             out.append(None if mu is None else mu.to(device=self.device, dtype=torch.float32).contiguous())
         return out
 
@@ -246,7 +259,7 @@ class TQTokenToKVPool(KVCache):
         biases (sglang_tq.key_means); bf16 layers stay uncentered. Called before any key is stored."""
         from sglang_tq.key_means import sglang_key_means
 
-        means = sglang_key_means(model, self.start_layer, self.layer_num, self.head_num, self.head_dim)
+        means = [sglang_key_means(model, lid, 1, self.head_num, self.head_dim)[0] for lid in self.layer_ids]
         self.key_means = [None if mu is None or not q else mu.to(device=self.device, dtype=torch.float32).contiguous()
                           for mu, q in zip(means, self.quantized)]
 
@@ -290,10 +303,9 @@ class TQTokenToKVPool(KVCache):
     # Access
     # ----------------------------------------------------------------------------------------
     def _local(self, layer_id: int) -> int:
-        idx = layer_id - self.start_layer
-        if not 0 <= idx < self.layer_num:
-            raise IndexError(f"layer {layer_id} is not held by this pool (layers {self.start_layer}.."
-                             f"{self.start_layer + self.layer_num - 1})")
+        idx = self._index.get(layer_id)
+        if idx is None:
+            raise IndexError(f"layer {layer_id} is not held by this pool (layers {self.layer_ids})")
         return idx
 
     def is_quantized(self, layer_id: int) -> bool:
@@ -305,7 +317,7 @@ class TQTokenToKVPool(KVCache):
 
     def _wait(self, layer_id: int):
         if self.layer_transfer_counter is not None:
-            self.layer_transfer_counter.wait_until(layer_id - self.start_layer)
+            self.layer_transfer_counter.wait_until(self._local(layer_id))
 
     def _key(self, idx: int):
         if self.quantized[idx]:
@@ -323,7 +335,7 @@ class TQTokenToKVPool(KVCache):
     def _buffer_index(self, layer_id: int) -> int:
         # TritonAttnBackend.__init__ reads get_value_buffer(0) (global id 0) even on later PP ranks,
         # where MHATokenToKVPool silently wraps around its Python list; answer with the first local layer.
-        if layer_id == 0 and self.start_layer > 0:
+        if layer_id == 0 and 0 not in self._index:
             return 0
         return self._local(layer_id)
 
@@ -415,3 +427,141 @@ class TQTokenToKVPool(KVCache):
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize()
 
+
+
+# --------------------------------------------------------------------------------------------
+# Hybrid models: SGLang's two-pool layouts with TQTokenToKVPool sub-pools
+# --------------------------------------------------------------------------------------------
+class _SubPools:
+    """Stands in for SGLang's token_to_kv_pool_class / MHATokenToKVPool inside a hybrid pool's __init__:
+    its n-th call builds a TQTokenToKVPool of the n-th list of model layer ids (checked against the
+    layer count SGLang asks for, so a reordering in SGLang fails loudly). The ring of the recent window
+    goes to the one sub-pool named in `ring`."""
+
+    def __init__(self, plan, layer_ids: Sequence[Sequence[int]], window_requests: int, ring: Sequence[bool]):
+        self.plan, self.layer_ids, self.window_requests, self.ring = plan, list(layer_ids), window_requests, list(ring)
+        self.built: List[TQTokenToKVPool] = []
+
+    def __call__(self, *args, layer_num: int, **kwargs) -> TQTokenToKVPool:
+        n = len(self.built)
+        if n >= len(self.layer_ids) or len(self.layer_ids[n]) != layer_num:
+            raise RuntimeError(f"TurboQuant: SGLang asked for KV sub-pool #{n} of {layer_num} layers; expected "
+                               f"{[len(ids) for ids in self.layer_ids]} layers in that order")
+        pool = TQTokenToKVPool(*args, layer_num=layer_num, plan=self.plan, layer_ids=self.layer_ids[n],
+                               window_requests=self.window_requests if self.ring[n] else 0, **kwargs)
+        self.built.append(pool)
+        return pool
+
+
+class TQPoolGroup:
+    """What the attention backend reads of a pool, for a pool made of TQTokenToKVPool sub-pools: every
+    call takes the model's layer id and goes to the sub-pool holding that layer."""
+
+    def _init_group(self, subpools: Sequence[TQTokenToKVPool], plan) -> None:
+        self.tq_subpools = list(subpools)
+        self._pool_of: Dict[int, TQTokenToKVPool] = {lid: p for p in subpools for lid in p.layer_ids}
+        first = self.tq_subpools[0]
+        self.plan, self.seed, self.ops = plan, first.seed, first.ops
+        self.model_dtype, self.dtype = first.model_dtype, POOL_DTYPE  # never bf16 (module docstring)
+        self.head_dim, self.v_head_dim = first.head_dim, first.v_head_dim
+        ringed = [p for p in self.tq_subpools if p.window_size]
+        self.window_size = ringed[0].window_size if ringed else 0
+        self.window_requests = ringed[0].window_requests if ringed else 0
+        self.window_start = (ringed[0] if ringed else first).window_start
+        self.k_codecs = [c for p in self.tq_subpools for c in p.k_codecs]
+        self.v_codecs = [c for p in self.tq_subpools for c in p.v_codecs]
+        self.quantized_layer_ids = sorted(lid for p in self.tq_subpools for lid in p.quantized_layer_ids)
+
+    def tq_pool_of(self, layer_id: int) -> TQTokenToKVPool:
+        pool = self._pool_of.get(layer_id)
+        if pool is None:
+            raise IndexError(f"layer {layer_id} has no KV cache in this pool (layers {sorted(self._pool_of)})")
+        return pool
+
+    def get_key_buffer(self, layer_id: int):
+        return self.tq_pool_of(layer_id).get_key_buffer(layer_id)
+
+    def get_value_buffer(self, layer_id: int):
+        return self.tq_pool_of(layer_id).get_value_buffer(layer_id)
+
+    def get_kv_buffer(self, layer_id: int):
+        return self.tq_pool_of(layer_id).get_kv_buffer(layer_id)
+
+    def get_v_head_dim(self) -> int:
+        return self.v_head_dim
+
+    def is_quantized(self, layer_id: int) -> bool:
+        return self.tq_pool_of(layer_id).is_quantized(layer_id)
+
+    def is_fp8(self, layer_id: int) -> bool:
+        return self.tq_pool_of(layer_id).is_fp8(layer_id)
+
+    def codecs(self, layer_id: int):
+        return self.tq_pool_of(layer_id).codecs(layer_id)
+
+    def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
+        return self.tq_pool_of(layer_id).key_mean(layer_id)
+
+    def window_buffers(self, layer_id: int):
+        return self.tq_pool_of(layer_id).window_buffers(layer_id)
+
+    def window_bytes(self) -> int:
+        return sum(p.window_bytes() for p in self.tq_subpools)
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes of one token in every sub-pool (each holds its own tokens)."""
+        return sum(p.bytes_per_token() for p in self.tq_subpools)
+
+    def use_auto_key_means(self, model) -> None:
+        for p in self.tq_subpools:
+            p.use_auto_key_means(model)
+
+    def _sub_set_kv_buffer(self, layer, loc, cache_k, cache_v, layer_id_override=None, **extra) -> None:
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        self.tq_pool_of(layer_id).set_kv_buffer(layer, loc, cache_k, cache_v, layer_id_override=layer_id, **extra)
+
+
+class TQSWAKVPool(TQPoolGroup, SWAKVPool):
+    """SGLang's hybrid SWA memory (SWAKVPool: a full-attention pool of `size` tokens and a sliding-window
+    pool of `size_swa` tokens, slot ids translated by the allocator's full_to_swa_index_mapping) with
+    TQTokenToKVPool sub-pools: each layer is stored in its plan's format in its own pool. The recent
+    window's ring serves the full-attention layers only (the backend reads a sliding-window layer's last
+    positions through translated window indices, not by position)."""
+
+    def __init__(self, *args, plan=None, window_requests: int = 0, swa_attention_layer_ids, full_attention_layer_ids,
+                 token_to_kv_pool_class=None, **kwargs):
+        subs = _SubPools(plan, [swa_attention_layer_ids, full_attention_layer_ids], window_requests, ring=[False, True])
+        SWAKVPool.__init__(self, *args, swa_attention_layer_ids=swa_attention_layer_ids,
+                           full_attention_layer_ids=full_attention_layer_ids, token_to_kv_pool_class=subs, **kwargs)
+        self._init_group(subs.built, plan)
+
+    def is_swa_layer(self, layer_id: int) -> bool:
+        return self.layers_mapping[layer_id][1]
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, k_scale=None, v_scale=None, layer_id_override=None, **extra):
+        """As SWAKVPool.set_kv_buffer (a sliding-window layer's slots translated to its pool), passing the
+        layer and the TurboQuant arguments (q / q_rot / window_rows) through."""
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        if self.is_swa_layer(layer_id):
+            loc = self.swa_loc if self.swa_loc is not None else self.translate_loc_from_full_to_swa(loc)
+        self._sub_set_kv_buffer(layer, loc, cache_k, cache_v, layer_id_override=layer_id, **extra)
+
+
+class TQHybridLinearKVPool(TQPoolGroup, HybridLinearKVPool):
+    """SGLang's pool of a linear-attention hybrid (HybridLinearKVPool: the attention layers' KV pool next to
+    the recurrent-state MambaPool, which stays SGLang's) with a TQTokenToKVPool of the attention layers."""
+
+    def __init__(self, *args, plan=None, window_requests: int = 0, full_attention_layer_ids, **kwargs):
+        from sglang.srt.mem_cache import memory_pool as sglang_pools
+        from sglang_tq.sglang_internals import pool_class_during
+
+        subs = _SubPools(plan, [full_attention_layer_ids], window_requests, ring=[True])
+        with pool_class_during(sglang_pools, subs):  # HybridLinearKVPool builds its MHATokenToKVPool by name
+            HybridLinearKVPool.__init__(self, *args, full_attention_layer_ids=full_attention_layer_ids, **kwargs)
+        self._init_group(subs.built, plan)
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, k_scale=None, v_scale=None, layer_id_override=None, **extra):
+        self._sub_set_kv_buffer(layer, loc, cache_k, cache_v, layer_id_override=layer_id_override, **extra)
+
+
+TQ_POOLS = (TQTokenToKVPool, TQPoolGroup)  # pools the attention backend serves

@@ -147,6 +147,14 @@ def _chunked_config():
     return mc
 
 
+def _swa_own_shape_config():
+    """MiMo-V2-Flash: hybrid SWA memory whose sliding-window layers have their own head dims."""
+    mc = FakeModelConfig(4, 8, 2, 128, context_len=64)
+    mc.is_hybrid_swa = mc.is_hybrid_swa_compress = True
+    mc.swa_head_dim = mc.swa_v_head_dim = 64
+    return mc
+
+
 def test_sliding_window_layers_get_the_packed_pool():
     """A model with sliding-window layers in one pool for all layers (Gemma 2 / 3, gpt-oss with
     --disable-hybrid-swa-memory) is served: the packed pool is built."""
@@ -157,9 +165,11 @@ def test_sliding_window_layers_get_the_packed_pool():
 
 @pytest.mark.parametrize("change, message", [
     (dict(use_mla_backend=True), "MLA"),
-    (dict(is_hybrid_swa=True), "hybrid SWA memory"),
+    (dict(model_config=_swa_own_shape_config()), "their own KV head count or head dims"),
     (dict(model_config=_chunked_config()), "chunked local attention"),
-    (dict(mambaish_config=object()), "linear-attention hybrid"),
+    (dict(mambaish_config=object()), "Mamba2, Kimi-linear and lightning-attention hybrids"),
+    (dict(mambaish_config=object(), hybrid_gdn_config=object(),
+          server_args=server_args(disaggregation_mode="prefill")), "PD disaggregation of a model with hybrid"),
     (dict(kv_cache_dtype=torch.float8_e4m3fn), "KV cache"),
     (dict(server_args=server_args(speculative_algorithm="EAGLE")), "speculative decoding"),
     (dict(server_args=server_args(enable_hierarchical_cache=True)), "hierarchical cache"),
