@@ -569,3 +569,11 @@ def test_linear_hybrid_range_applies_to_its_attention_layers(tmp_path):
 def test_attention_layers_out_of_range():
     with pytest.raises(TQConfigError, match=r"attention layers \[16\] are past its 16 layers"):
         load_config("turbo4").resolve(16, 256, attention_layers=(3, 16))
+
+
+def test_cli_summary_of_a_linear_hybrid(capsys):
+    assert cli.main(["summary", "turbo4", "--layers", "16", "--kv-heads", "2", "--head-dim", "256",
+                     "--attention-layers", "3,7,11,15"]) == 0
+    out = capsys.readouterr().out
+    assert "no KV (recurrent)" in out and "3/4 layers quantized (the attention layers)" in out
+    assert cli.main(["validate", "turbo4", "--layers", "24", "--head-dim", "64", "--sliding-layers", "0-22"]) == 0
