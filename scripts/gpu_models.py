@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import random
+import signal
 import sys
 import time
 
@@ -173,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=470, help="start no server after this many seconds")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    # `timeout` ends this script with SIGTERM: unwind, so the running server's `finally` stops it (servers run
+    # in their own process group and would outlive the script)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     deadline = time.time() + a.budget_s
     meta = dict(card=ev._card(), date=datetime.date.today().isoformat(), commit=ev._git_commit(),
                 command="bash scripts/gpu_models.sh")

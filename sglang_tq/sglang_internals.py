@@ -65,7 +65,8 @@ def pool_class_during(module, factory, name: str = "MHATokenToKVPool") -> Iterat
     pool HybridLinearKVPool builds inside) builds `factory(...)` where it would build the pool class
     `name` (same arguments)."""
     if not hasattr(module, name):
-        raise SGLangInternalsError(f"TurboQuant: {module.__name__} no longer imports {name}; the KV pool cannot "
+        raise SGLangInternalsError(f"TurboQuant: {getattr(module, '__name__', module)} no longer imports {name}; "
+                                   f"the KV pool cannot "
                                    f"be replaced on this SGLang version")
     stock = getattr(module, name)
     setattr(module, name, factory)
