@@ -544,7 +544,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         swa = self._in_swa_pool(pool, layer)
         kv_indptr, kv_indices, max_prefix_len = md.kv(swa)
         kb, vb = pool.get_kv_buffer(layer.layer_id)
-        k_mean = self._key_mean(pool, layer)
+        k_mean = self._key_mean(pool, layer, sinks)
         window = new_part = None
         if self.prefill_from_cache:
             # stored keys are codes of k - mu: dequantized they are already centered like the prefix
@@ -614,13 +614,17 @@ class TurboQuantAttnBackend(AttentionBackend):
         return o
 
     @staticmethod
-    def _key_mean(pool, layer):
-        """The layer's key-centering mean (None without one). Softcapped scores are not shift
-        invariant, so centering is refused there."""
+    def _key_mean(pool, layer, sinks=None):
+        """The layer's key-centering mean (None without one). Softcapped scores are not shift invariant, and
+        neither is a softmax with a sink logit, so centering is refused there (the pool drops the means of a
+        model with sinks at start-up: registration.drop_key_means_for_sinks)."""
         mu = pool.key_mean(layer.layer_id)
         if mu is not None and logit_capping_mod(layer.logit_capping_method, layer.logit_cap):
             raise NotImplementedError("TurboQuant: key centering (key_means) is not exact with logit "
                                       "softcapping; remove key_means from the config for this model")
+        if mu is not None and sinks is not None:
+            raise NotImplementedError("TurboQuant: key centering (key_means) is not exact with attention sinks; "
+                                      "remove key_means from the config for this model")
         return mu
 
     @torch.compiler.disable
@@ -650,7 +654,7 @@ class TurboQuantAttnBackend(AttentionBackend):
                          else q.new_empty((bs, hq, kb.codec.fmt.head_dim), dtype=torch.float32))
                 rot = dict(q=q, q_rot=q_rot)
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.window_rows, **rot)
-        self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
+        self._key_mean(pool, layer, sinks)  # decode itself is unchanged by centering; only the checks
         kv_indptr, kv_indices, _ = md.kv(self._in_swa_pool(pool, layer))
         window = None
         ring_k, ring_v = pool.window_buffers(layer.layer_id)

@@ -36,7 +36,8 @@ Key centering (optional, top level)::
 
 A safetensors or .pt file with one float32 tensor `key_means` [num_layers, num_kv_heads_total,
 head_dim] (scripts/calibrate.py --center writes one). Quantized layers then store keys as codes of
-k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu).
+k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu). A model
+with attention sinks (gpt-oss) stores its keys uncentered: the sink logit breaks that invariance.
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
 (layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
 `key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their

@@ -267,6 +267,10 @@ class TQTokenToKVPool(KVCache):
         """fp32 [H_kv, head_dim] key-centering mean of a quantized layer, or None."""
         return self.key_means[self._local(layer_id)]
 
+    def drop_key_means(self) -> None:
+        """Store every key uncentered (a model whose scores are not shift invariant). Before any key is stored."""
+        self.key_means = [None] * self.layer_num
+
     def _layer_tensors(self, idx: int, role: str) -> List[torch.Tensor]:
         """Storage tensors of one local layer and role ('k' or 'v'), in a fixed order."""
         if self.quantized[idx]:
@@ -515,6 +519,10 @@ class TQPoolGroup:
     def use_auto_key_means(self, model) -> None:
         for p in self.tq_subpools:
             p.use_auto_key_means(model)
+
+    def drop_key_means(self) -> None:
+        for p in self.tq_subpools:
+            p.drop_key_means()
 
     def _sub_set_kv_buffer(self, layer, loc, cache_k, cache_v, layer_id_override=None, **extra) -> None:
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id

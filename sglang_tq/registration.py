@@ -237,12 +237,29 @@ def install_mixin(mod) -> None:
                                    f"this model/set-up takes a KV-pool branch TurboQuant does not support")
             if plan.key_means_path == KEY_MEANS_AUTO:  # means from the loaded weights, before any key is stored
                 pool.use_auto_key_means(getattr(self, "model", None))
+            drop_key_means_for_sinks(pool, plan, getattr(self, "model", None))
             _log_startup(self, plan, pool)
         return _init_pools
 
     wrap_method(M, "get_cell_size_per_token", make_cell)
     wrap_method(M, "_resolve_hybrid_swa_tokens", make_swa_split)
     wrap_method(M, "_init_pools", make_init)
+
+
+def drop_key_means_for_sinks(pool, plan, model) -> bool:
+    """A model with attention sinks (gpt-oss) stores its keys uncentered: a sink logit joins the softmax
+    denominator, so the per-query shift q.mu that centering adds to every score would change the result.
+    Returns True when means were dropped (logged)."""
+    import torch
+
+    if plan.key_means_path is None or not isinstance(model, torch.nn.Module):
+        return False
+    if not any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        return False
+    pool.drop_key_means()
+    logger.warning("TurboQuant: key centering (key_means: %s) is off for this model: its attention sinks make the "
+                   "softmax change under the per-query shift centering adds", plan.key_means_path)
+    return True
 
 
 def _log_startup(runner, plan, pool) -> None:

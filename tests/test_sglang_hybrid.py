@@ -388,3 +388,28 @@ def test_layer_kinds_from_the_model_config():
     one_pool = _swa_model(6)
     one_pool.is_hybrid_swa = False  # --disable-hybrid-swa-memory
     assert layer_kinds(one_pool) == (None, (0, 2, 4))
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_key_centering_off_for_models_with_sinks(tmp_path, with_sinks):
+    """Attention sinks make the softmax change under centering's per-query shift: a model with sinks stores
+    its keys uncentered (key means dropped at start-up), one without keeps them; the backend refuses a mean
+    next to sinks."""
+    from safetensors.torch import save_file
+    from sglang_tq.backend import TurboQuantAttnBackend
+
+    save_file({"key_means": torch.randn(2, HKV, D)}, str(tmp_path / "m.safetensors"))
+    path = write_tq_config(tmp_path, TQ_ALL + "key_means: m.safetensors\n")
+    model = torch.nn.Module()
+    model.attn = torch.nn.Module()
+    if with_sinks:
+        model.attn.sinks = torch.nn.Parameter(torch.zeros(HQ))
+    with env(SGLANG_TQ_CONFIG=path):
+        r = FakeRunner(FakeModelConfig(2, HQ, HKV, D, context_len=64))
+        r.model = model
+        pool = r.build_pools(64)
+    assert all((pool.key_mean(i) is None) == with_sinks for i in (0, 1))
+    layer = RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0)
+    if not with_sinks:
+        with pytest.raises(NotImplementedError, match="not exact with attention sinks"):
+            TurboQuantAttnBackend._key_mean(pool, layer, torch.zeros(HQ))
