@@ -195,7 +195,8 @@ class _SWAServer:
         """What SGLang's _evict_swa does: free the sliding-window slots of positions before keep_from."""
         self.alloc.free_swa(self.r2t[r, :keep_from])
 
-    def decode(self, reqs):
+    def decode(self, reqs, graph=False):
+        """graph: read the metadata a CUDA graph replay of this batch builds (static buffers)."""
         loc = self.alloc.alloc(len(reqs))
         seq = []
         for r, slot in zip(reqs, loc.tolist()):
@@ -204,6 +205,11 @@ class _SWAServer:
             seq.append(self.lens[r])
         fb = decode_batch(self.runner, reqs, seq, loc, self.backend)
         self.backend.init_forward_metadata(fb)
+        if graph:
+            self.backend.forward_metadata = self.backend._graph_metadata(
+                len(reqs), fb.req_pool_indices, fb.seq_lens, fb.forward_mode)
+            assert self.backend.forward_metadata.swa_kv_indices.data_ptr() == \
+                self.backend._graph_swa_kv_indices.data_ptr()
         md = self.backend.forward_metadata
         assert md.swa_kv_indptr.tolist() == [0] + torch.cumsum(torch.tensor([min(n, W + 1) for n in seq]), 0).tolist()
         for layer, sink in zip(self.layers, self.sinks):
@@ -226,6 +232,9 @@ def test_hybrid_swa_serving_reference_path(tmp_path):
     s.evict(0, s.lens[0] - 1 - W)       # SGLang's eviction keeps the last W + 1 positions
     for _ in range(2):
         s.decode([0, 1])
+    s.backend.init_cuda_graph_state(4, 4)
+    for _ in range(2):                  # as a CUDA-graph replay reads them
+        s.decode([0, 1], graph=True)
 
 
 def test_hybrid_swa_windows_read_only_kept_slots(tmp_path):
