@@ -38,6 +38,12 @@ positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `
 [R + 1]) the first position each request wrote there since its last extend. The attention backend
 decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
 
+Hybrid models (bottom of this module): `TQSWAKVPool` (SGLang's hybrid SWA memory: a full-attention and a
+sliding-window pool, slot ids translated by its allocator) and `TQHybridLinearKVPool` (a linear-attention
+hybrid's attention layers next to SGLang's recurrent-state pool) are SGLang's own hybrid pools whose
+sub-pools are TQTokenToKVPools holding the model layer ids they are given (`layer_ids`); `TQPoolGroup`
+answers the backend's calls by model layer id.
+
 `self.dtype` is `sglang_internals.POOL_DTYPE` (uint8, never bf16) on purpose: models with a fused RoPE +
 KV-write path (`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype ==
 torch.bfloat16` and would otherwise write raw bf16 rows past `set_kv_buffer` (tested against SGLang in
@@ -167,7 +173,8 @@ class TQTokenToKVPool(KVCache):
         if self.layer_ids and max(self.layer_ids) >= plan.num_layers:
             raise ValueError(f"TurboQuant plan covers {plan.num_layers} layers; this pool holds layers "
                              f"{self.layer_ids[0]}..{self.layer_ids[-1]}")
-        no_kv = [i for i in self.layer_ids if i not in set(plan.attention_layers)]
+        with_kv = set(plan.attention_layers)
+        no_kv = [i for i in self.layer_ids if i not in with_kv]
         if no_kv:
             raise ValueError(f"TurboQuant: layers {no_kv} have no KV cache in the plan (recurrent layers)")
         self._index = {lid: i for i, lid in enumerate(self.layer_ids)}
