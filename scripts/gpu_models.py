@@ -158,6 +158,7 @@ def summarize(shape, model, layout, memory, hybrid_swa, heads, got, meta):
         rec["quality_delta"] = round(sum(deltas) / len(deltas), 5)
         rec["quality_delta_max"] = round(max(deltas), 5)
         rec["bf16_greedy_agreement"] = f"{sum(x == y for x, y in zip(t['greedy'], b['greedy']))}/{len(t['greedy'])}"
+        rec["capacity_within_1pct"] = abs(rec["capacity_ratio"] / rec["expected_ratio"] - 1) <= 0.01
     if not t.get("served"):
         rec["error"] = t.get("error")
     return rec
@@ -194,7 +195,15 @@ def main(argv=None):
         with open(os.path.join(a.out, "models_detail.json"), "w") as f:
             json.dump(detail, f, indent=1)
     print(f"wrote {len(records)} records to {os.path.join(a.out, 'models.json')}")
-    return 0 if records and all(r["served"] for r in records) else 1
+    ok = bool(records)
+    for r in records:  # the targets: served, graphs on/off identical, capacity = byte ratio within 1 %
+        checks = {"served": r["served"], "graphs identical": r["graphs_identical"],
+                  "capacity within 1 %": r.get("capacity_within_1pct")}
+        failed = [k for k, v in checks.items() if v is False or (v is None and k != "graphs identical")]
+        ok = ok and not failed
+        print(f"{'PASS' if not failed else 'FAIL'} {r['model']}, {r['memory']}: "
+              + ", ".join(f"{k} {v}" for k, v in checks.items()) + f", quality Δ {r['quality_delta']}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

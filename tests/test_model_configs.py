@@ -83,6 +83,7 @@ def test_byte_ratios_and_record(tok, tmp_path):
     assert rec["served"] and rec["graphs_identical"] is True and rec["bf16_greedy_agreement"] == "1/2"
     assert rec["capacity_ratio"] == pytest.approx(ratio, abs=1e-4)
     assert rec["expected_ratio"] < rec["byte_ratio"]  # the ring's bytes come out of the pool
+    assert rec["capacity_within_1pct"] is True
     assert rec["quality_delta"] == pytest.approx(0.15) and rec["quality_delta_max"] == pytest.approx(0.2)
     got["turbo4-nograph"]["greedy"] = [[1, 2], [3, 6]]
     assert g.summarize("gpt-oss", d, "swa+sinks", "hybrid SWA pools", True, 8, got, meta)["graphs_identical"] is False
