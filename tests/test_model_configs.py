@@ -87,3 +87,21 @@ def test_byte_ratios_and_record(tok, tmp_path):
     assert rec["quality_delta"] == pytest.approx(0.15) and rec["quality_delta_max"] == pytest.approx(0.2)
     got["turbo4-nograph"]["greedy"] = [[1, 2], [3, 6]]
     assert g.summarize("gpt-oss", d, "swa+sinks", "hybrid SWA pools", True, 8, got, meta)["graphs_identical"] is False
+
+
+@pytest.mark.parametrize("shape", ["gpt-oss", "qwen3-next"])
+def test_sglang_model_specific_checks_accept_turboquant(tok, tmp_path, shape):
+    """ServerArgs' per-architecture adjustments list the attention backends gpt-oss allows; they run with the
+    name of the Triton backend (which serves TurboQuant's unquantized layers) and turboquant is put back."""
+    from sglang.srt.server_args import ServerArgs
+    from sglang_fakes import server_args
+
+    d = make_model_configs.build(shape, str(tmp_path), tok)
+    sa = server_args(model_path=d, tokenizer_path=d, attention_backend="turboquant")
+    ServerArgs._handle_model_specific_adjustments(sa)
+    assert sa.attention_backend == "turboquant"
+    if shape == "gpt-oss":
+        orig = getattr(ServerArgs._handle_model_specific_adjustments, "__wrapped__", None)
+        assert orig is not None  # sglang_tq's wrap (sglang_internals.wrap_method)
+        with pytest.raises(AssertionError, match="GptOssForCausalLM requires one of"):
+            orig(server_args(model_path=d, tokenizer_path=d, attention_backend="turboquant"))
