@@ -127,6 +127,7 @@ class TQForwardMetadata:
     window_rows: Optional[torch.Tensor] = None  # int32 ring row of each new token (< 0: none)
     window_lo: Optional[torch.Tensor] = None    # decode: first position read from the ring
     window_base: Optional[torch.Tensor] = None  # decode: ring row of position 0 (mod W)
+    verify: object = None                    # speculative verify: speculative.VerifyMetadata
 
     def ring_rows(self, n: int) -> Optional[torch.Tensor]:
         """window_rows for `n` written rows: a piecewise CUDA graph pads the extend's tokens past the batch
@@ -173,7 +174,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.decode_workspace = None
         self._workspace_bs = 0
         self._graph_window = None  # static [3, max_bs] int32: rows, lo, base of CUDA-graph decode
-        self._graph_md: Dict[int, TQForwardMetadata] = {}
+        self._graph_md: Dict[tuple, TQForwardMetadata] = {}  # (verify, bs)
         self.window = pool.window_size      # recent window W (0: off)
         self.window_requests = pool.window_requests
         if self.window:
@@ -183,10 +184,26 @@ class TurboQuantAttnBackend(AttentionBackend):
         dtype = getattr(model_runner, "dtype", pool.model_dtype)
         self.ragged_prefill = self._create_ragged_prefill(model, dtype)
         self.forward_metadata: Optional[TQForwardMetadata] = None
+        self.spec = self._create_speculative(model_runner, model)
         if self.on_cuda and not skip_prefill:  # Triton's and FlashInfer's JIT builds at start-up
             self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
+
+    def _create_speculative(self, model_runner, model):
+        """The verify side of speculative decoding (sglang_tq.speculative) when the server runs it."""
+        if not server_arg(model_runner.server_args, "speculative_algorithm"):
+            return None
+        if self.prefill_from_cache:
+            raise ValueError("TurboQuant: evaluation.prefill_from_cache does not combine with speculative "
+                             "decoding (it is a perplexity mode); remove one of them")
+        sliding = sorted({m.layer_id for m in _attention_layers(model) if self._sliding_window(m)})
+        if sliding:
+            raise NotImplementedError(f"TurboQuant: speculative decoding on a model with sliding-window layers "
+                                      f"({sliding[:4]}...) is not supported: the verify kernel has no window")
+        from sglang_tq.speculative import SpeculativeVerify
+
+        return SpeculativeVerify(self, model_runner)
 
     def _create_ragged_prefill(self, model, dtype) -> Optional[RaggedPrefill]:
         """FlashInfer's ragged prefill where it imports, the run is not batch-invariant and the model's
@@ -219,8 +236,20 @@ class TurboQuantAttnBackend(AttentionBackend):
     # ----------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         fb = forward_batch
+        if self.spec is not None and not fb.forward_mode.is_idle():
+            # the requests' last verify: accepted tokens into the ring before anything reads it
+            mode = fb.forward_mode
+            new_lens = fb.seq_lens if mode.is_target_verify() else fb.seq_lens - 1 if mode.is_decode() else None
+            self.spec.commit(fb.req_pool_indices, new_lens)
+        if fb.forward_mode.is_target_verify() and self.spec is not None:
+            self.bf16.init_forward_metadata(fb)
+            self.forward_metadata = self._verify_metadata(fb.batch_size, fb.batch_size, fb.req_pool_indices,
+                                                          fb.seq_lens, fb.positions)
+            return
         if fb.spec_info is not None or fb.forward_mode.is_target_verify() or fb.forward_mode.is_draft_extend():
-            raise NotImplementedError("TurboQuant: speculative decoding is not supported")
+            raise NotImplementedError(f"TurboQuant: {fb.forward_mode.name} batches (speculative decoding): the "
+                                      f"server was started without NGRAM speculative decoding, or a draft model's "
+                                      f"forward reached the backend")
         self.bf16.init_forward_metadata(fb)
         if fb.forward_mode.is_decode_or_idle():
             bs = fb.batch_size
@@ -228,6 +257,14 @@ class TurboQuantAttnBackend(AttentionBackend):
             self.forward_metadata = self._decode_metadata(bs, fb.req_pool_indices, fb.seq_lens, ws)
         else:
             self.forward_metadata = self._extend_metadata(fb)
+
+    def _verify_metadata(self, bs, raw_bs, req_pool_indices, seq_lens, positions) -> TQForwardMetadata:
+        """A TARGET_VERIFY batch: the stock backend's prefix indices, tree mask and draft count, plus the
+        verify's own (speculative.SpeculativeVerify.metadata)."""
+        t = self.bf16.forward_metadata
+        vm = self.spec.metadata(bs, raw_bs, req_pool_indices, seq_lens, positions, t.custom_mask, t.mask_indptr)
+        return TQForwardMetadata(decode=False, kv_indptr=t.kv_indptr, kv_indices=t.kv_indices, qo_indptr=t.qo_indptr,
+                                 max_extend_len=t.max_extend_len, verify=vm)
 
     def decode_launch(self, bs: int) -> DecodeLaunch:
         """Launch decisions of a decode batch of `bs` (cached): the same for eager and graph runs."""
@@ -319,7 +356,13 @@ class TurboQuantAttnBackend(AttentionBackend):
         if self.window:
             self._graph_window = torch.zeros(3, max_num_tokens, dtype=torch.int32, device=self.device)
 
-    def _graph_metadata(self, bs, req_pool_indices, seq_lens, forward_mode) -> TQForwardMetadata:
+    def _graph_metadata(self, bs, req_pool_indices, seq_lens, forward_mode, spec_info=None,
+                        capture=False) -> TQForwardMetadata:
+        if forward_mode.is_target_verify() and self.spec is not None:
+            # capture: no real rows; replay: the real rows are the spec_info's (its draft tokens)
+            raw_bs = 0 if capture else spec_info.draft_token.shape[0] // self.spec.draft_tokens
+            positions = seq_lens.new_zeros(0) if capture else spec_info.positions
+            return self._verify_metadata(bs, raw_bs, req_pool_indices, seq_lens, positions)
         if not forward_mode.is_decode_or_idle():
             raise NotImplementedError(f"TurboQuant: CUDA graphs of {forward_mode} batches are not supported")
         return self._decode_metadata(bs, req_pool_indices, seq_lens, self.decode_workspace,
@@ -329,15 +372,25 @@ class TurboQuantAttnBackend(AttentionBackend):
                                                  forward_mode, spec_info):
         self.bf16.init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
                                                            forward_mode, spec_info)
-        self.forward_metadata = self._graph_md[bs] = self._graph_metadata(bs, req_pool_indices, seq_lens,
-                                                                          forward_mode)
+        key = (forward_mode.is_target_verify(), bs)
+        self.forward_metadata = self._graph_md[key] = self._graph_metadata(bs, req_pool_indices, seq_lens,
+                                                                           forward_mode, spec_info, capture=True)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu=None):
+        if self.spec is not None and not forward_mode.is_idle():
+            if forward_mode.is_target_verify():
+                raw_bs = spec_info.draft_token.shape[0] // self.spec.draft_tokens
+                real = torch.arange(bs, device=seq_lens.device) < raw_bs
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs], real)
+            else:  # decode: padding rows carry the fill seq_len
+                real = seq_lens[:bs] > self.get_cuda_graph_seq_len_fill_value()
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs] - 1, real)
         self.bf16.init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens, seq_lens_sum,
                                                           encoder_lens, forward_mode, spec_info, seq_lens_cpu)
-        self._graph_metadata(bs, req_pool_indices, seq_lens, forward_mode)  # refills the static window buffers
-        self.forward_metadata = self._graph_md[bs]
+        # refills the static window / verify buffers the graph reads
+        self._graph_metadata(bs, req_pool_indices, seq_lens, forward_mode, spec_info)
+        self.forward_metadata = self._graph_md[(forward_mode.is_target_verify(), bs)]
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.bf16.get_cuda_graph_seq_len_fill_value()
@@ -475,6 +528,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                 return self._plain_extend(q, k, v, layer, md, sinks)
             return self.bf16.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
         self._check_layer(layer)
+        if md.verify is not None:
+            return self.spec.forward(q, k, v, layer, forward_batch, md, save_kv_cache, sinks)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.ring_rows(k.shape[0]))
         if md.plain:

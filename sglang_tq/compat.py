@@ -28,6 +28,16 @@ HYBRID_SWA = ("SGLang's hybrid SWA memory (separate full-attention and sliding-w
               "--disable-hybrid-swa-memory (every layer then keeps the whole context)")
 
 
+# Speculative decoding: NGRAM (no draft model) verifies over the packed cache (sglang_tq.speculative). The
+# draft-model algorithms (EAGLE, EAGLE3, STANDALONE; MTP runs as EAGLE) build a draft runner with its own KV
+# pool and attention backend through the same start-up path and draft with DRAFT_EXTEND and multi-step draft
+# decode, which this backend does not implement.
+SPECULATIVE_ALGORITHMS = ("NGRAM",)
+DRAFT_MODEL_REFUSAL = ("the draft model's forward (DRAFT_EXTEND and multi-step draft decode over its own KV pool) is "
+                       "not implemented on the TurboQuant backend; NGRAM (--speculative-algorithm NGRAM, no draft "
+                       "model) is supported")
+
+
 class TQUnsupportedError(ValueError):
     """A server set-up that the TurboQuant backend refuses."""
 
@@ -54,8 +64,9 @@ def _problems_server_args(sa) -> List[str]:
     if kvd not in SUPPORTED_KV_CACHE_DTYPES:
         p.append(f"--kv-cache-dtype {kvd}: TurboQuant is the KV-cache quantization; use --kv-cache-dtype auto "
                  f"(or bf16) and pick bit widths with --tq-config / SGLANG_TQ_CONFIG")
-    if arg("speculative_algorithm"):
-        p.append(f"speculative decoding (--speculative-algorithm {arg('speculative_algorithm')})")
+    algo = arg("speculative_algorithm")
+    if algo and str(algo).upper() not in SPECULATIVE_ALGORITHMS:
+        p.append(f"--speculative-algorithm {algo}: {DRAFT_MODEL_REFUSAL}")
     if arg("enable_hierarchical_cache"):
         p.append("the hierarchical cache (--enable-hierarchical-cache): host pools copy bf16 rows")
     if arg("enable_double_sparsity"):
