@@ -76,7 +76,7 @@ class SpeculativeVerify:
         self.p_prefix = torch.zeros(R + 1, dtype=torch.int64, device=dev)
         self.p_slots = torch.zeros(R + 1, D, dtype=torch.int64, device=dev)
         self.stage_k, self.stage_v = [], []
-        if W:
+        if W and any(pool.quantized):
             for i, quantized in enumerate(pool.quantized):
                 if quantized:
                     rk, rv = pool.window_buffers(pool.start_layer + i)
@@ -102,7 +102,7 @@ class SpeculativeVerify:
         tree = TreeMask(custom_mask, mask_indptr)
         req = req_pool_indices[:bs].to(torch.int64)
         prefix = seq_lens[:bs].to(torch.int64)
-        if not W:
+        if not self.stage_k:  # no recent window (or no quantized layer): nothing staged, no ring read
             return VerifyMetadata(tree=tree)
         dev = req.device
         tok = torch.arange(T, device=dev)
@@ -141,7 +141,7 @@ class SpeculativeVerify:
         layer, and drop the step. The token SGLang kept at a position is found by its slot among the step's
         draft slots. new_lens None (an extend of these request slots): drop without copying. real: the rows
         that are requests (CUDA-graph padding is not)."""
-        if not self.window:
+        if not self.stage_k:
             return
         D, W, R = self.draft_tokens, self.window, self.window_requests
         req = req_pool_indices.to(torch.int64)
@@ -175,12 +175,12 @@ class SpeculativeVerify:
         lid = layer.layer_id
         if save_kv_cache:
             idx = lid - pool.start_layer
-            stage = (self.stage_k[idx], self.stage_v[idx]) if self.window else None
+            stage = (self.stage_k[idx], self.stage_v[idx]) if self.stage_k else None
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v,
                                window_rows=vm.stage_rows if stage else None, window_buffers=stage)
         kb, vb = pool.get_kv_buffer(lid)
         ring = None
-        if self.window:
+        if self.stage_k:
             rk, rv = pool.window_buffers(lid)
             ring = PrefixRing(rk, rv, self.window, vm.ring_lo, vm.ring_base)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
