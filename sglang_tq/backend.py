@@ -464,6 +464,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                                 causal=True, max_extend_len=n_new, window=window,
                                 k_mean=None if kw["logit_cap"] else pool.key_mean(lid), **kw)
                 runs += 1
+            if self.spec is not None:  # speculative verify's variants (draft tree, prefix ring)
+                runs += self.spec.warm(kb, vb, lid, dtype, block_ms, logit_caps)
         return runs
 
     def warm_plain_prefill(self, dtype) -> bool:
