@@ -29,13 +29,14 @@ HYBRID_SWA = ("SGLang's hybrid SWA memory (separate full-attention and sliding-w
 
 
 # Speculative decoding: NGRAM (no draft model) verifies over the packed cache (sglang_tq.speculative). The
-# draft-model algorithms (EAGLE, EAGLE3, STANDALONE; MTP runs as EAGLE) build a draft runner with its own KV
-# pool and attention backend through the same start-up path and draft with DRAFT_EXTEND and multi-step draft
-# decode, which this backend does not implement.
+# draft-model algorithms (EAGLE, EAGLE3, STANDALONE; MTP runs as EAGLE) are refused: SGLang gives the draft
+# runner the target's pool size in tokens, which the packed pool multiplies, without budgeting the draft's own
+# BF16 pool for it, and drafts with DRAFT_EXTEND and multi-step draft decode, which this backend does not run.
 SPECULATIVE_ALGORITHMS = ("NGRAM",)
-DRAFT_MODEL_REFUSAL = ("the draft model's forward (DRAFT_EXTEND and multi-step draft decode over its own KV pool) is "
-                       "not implemented on the TurboQuant backend; NGRAM (--speculative-algorithm NGRAM, no draft "
-                       "model) is supported")
+DRAFT_MODEL_REFUSAL = ("the draft model's KV pool would get the target's token count, which TurboQuant raises by its "
+                       "compression ratio (a BF16 draft pool that large is not budgeted for), and its forward modes "
+                       "(DRAFT_EXTEND, multi-step draft decode) are not implemented on the TurboQuant backend; NGRAM "
+                       "(--speculative-algorithm NGRAM, no draft model) is supported")
 
 
 class TQUnsupportedError(ValueError):
