@@ -381,11 +381,9 @@ class TurboQuantAttnBackend(AttentionBackend):
         if self.spec is not None and not forward_mode.is_idle():
             if forward_mode.is_target_verify():
                 raw_bs = spec_info.draft_token.shape[0] // self.spec.draft_tokens
-                real = torch.arange(bs, device=seq_lens.device) < raw_bs
-                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs], real)
-            else:  # decode: padding rows carry the fill seq_len
-                real = seq_lens[:bs] > self.get_cuda_graph_seq_len_fill_value()
-                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs] - 1, real)
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs], raw_bs)
+            else:  # decode: padding rows (the fill seq_len) have new length 0, nothing to copy
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs] - 1)
         self.bf16.init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens, seq_lens_sum,
                                                           encoder_lens, forward_mode, spec_info, seq_lens_cpu)
         # refills the static window / verify buffers the graph reads

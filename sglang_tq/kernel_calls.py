@@ -138,11 +138,11 @@ class KernelCalls:
                                           gqa_pack=gqa_pack, num_splits=num_splits, sliding_window=sliding_window,
                                           sinks=sinks, tree=tree, prefix_ring=prefix_ring)
 
-    def row_copy(self, dst, src):
-        """A `tq_kernels.verify.RowCopy` from the tensors `src` to `dst` (one launch for all on the GPU)."""
-        from tq_kernels.verify import RowCopy
+    def draft_staging(self, rings_k, rings_v, window: int, requests: int, draft_tokens: int, max_rows: int):
+        """A `tq_kernels.verify.DraftStaging` over these rings (one launch per call on the GPU)."""
+        from tq_kernels.verify import DraftStaging
 
-        return RowCopy(dst, src, triton_kernel=self.triton)
+        return DraftStaging(rings_k, rings_v, window, requests, draft_tokens, max_rows, triton_kernel=self.triton)
 
 
 _CALLS: Dict[str, KernelCalls] = {}

@@ -15,8 +15,9 @@ On the quantized layers:
 * with a recent window, the draft tokens' exact rotated K/V go to staging rows (one per request slot and
   draft index), not to the ring: tree siblings share a position, and rejected tokens must leave no ring
   row behind. The request's next forward on the backend first copies its accepted tokens' staging rows
-  to their ring rows (one launch for all layers, `RowCopy`): how many were accepted follows from its new
-  length (that forward's seq_lens), which ones from the req-to-token row SGLang rewrote with their slots.
+  to their ring rows (`tq_kernels.verify.DraftStaging`, one launch for all layers): how many were accepted
+  follows from its new length (that forward's seq_lens), which ones from the req-to-token row SGLang
+  rewrote with their slots.
   The ring then holds what plain decode of the accepted tokens would have written. A request's staged
   step waits for its next verify or decode (a prefill batch of other requests may come first); an extend
   of the request slot (a new request, a retracted one re-prefilled) drops it.
@@ -65,29 +66,16 @@ class SpeculativeVerify:
                              f"--speculative-num-draft-tokens ({D}) with speculative decoding: the draft tokens of "
                              f"one step are committed to the recent window together")
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
-        max_bs = int(model_runner.req_to_token_pool.size)
-        dev = backend.device
-        self.stage_rows = torch.full((max_bs * D,), -1, dtype=torch.int32, device=dev)
-        self.ring_lo = torch.zeros(max_bs * D, dtype=torch.int32, device=dev)
-        self.ring_base = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        # per ring request slot (row R: the writes of rows outside the ring and of padding, never read): a staged
-        # verify step not yet committed, its prefix length and its draft tokens' slots
-        self.p_valid = torch.zeros(R + 1, dtype=torch.bool, device=dev)
-        self.p_prefix = torch.zeros(R + 1, dtype=torch.int64, device=dev)
-        self.p_slots = torch.zeros(R + 1, D, dtype=torch.int64, device=dev)
-        self.stage_k, self.stage_v = [], []
+        # the quantized layers' staging rows and ring commits (tq_kernels.verify.DraftStaging); None without a
+        # recent window: nothing staged, no ring read
+        self.staging = None
+        self.stage_index = {}
         if W and any(pool.quantized):
-            for i, quantized in enumerate(pool.quantized):
-                if quantized:
-                    rk, rv = pool.window_buffers(pool.start_layer + i)
-                    self.stage_k.append(torch.zeros((R * D,) + tuple(rk.shape[1:]), dtype=rk.dtype, device=dev))
-                    self.stage_v.append(torch.zeros((R * D,) + tuple(rv.shape[1:]), dtype=rv.dtype, device=dev))
-                else:
-                    self.stage_k.append(None)
-                    self.stage_v.append(None)
-            rings = [pool.window_buffers(pool.start_layer + i) for i, qz in enumerate(pool.quantized) if qz]
-            self.copy_k = backend.ops.row_copy([r[0] for r in rings], [s for s in self.stage_k if s is not None])
-            self.copy_v = backend.ops.row_copy([r[1] for r in rings], [s for s in self.stage_v if s is not None])
+            lids = [pool.start_layer + i for i, qz in enumerate(pool.quantized) if qz]
+            rings = [pool.window_buffers(lid) for lid in lids]
+            self.staging = backend.ops.draft_staging([r[0] for r in rings], [r[1] for r in rings], W, R, D,
+                                                     int(model_runner.req_to_token_pool.size))
+            self.stage_index = {lid: n for n, lid in enumerate(lids)}
 
     # ----------------------------------------------------------------------------------------
     # Metadata
@@ -97,69 +85,20 @@ class SpeculativeVerify:
         """Fill the static buffers for a verify batch of `bs` rows (the first `raw_bs` real; the rest CUDA-graph
         padding) and stage the real rows' step for their next commit. positions: the draft tokens' positions
         (prefix + depth in the tree), at least raw_bs * D of them."""
-        D, W, R = self.draft_tokens, self.window, self.window_requests
-        T = bs * D
         tree = TreeMask(custom_mask, mask_indptr)
-        req = req_pool_indices[:bs].to(torch.int64)
-        prefix = seq_lens[:bs].to(torch.int64)
-        if not self.stage_k:  # no recent window (or no quantized layer): nothing staged, no ring read
+        if self.staging is None:
             return VerifyMetadata(tree=tree)
-        dev = req.device
-        tok = torch.arange(T, device=dev)
-        seq, draft = tok // D, tok % D
-        in_ring = req < R
-        req_c = torch.clamp(req, max=R - 1)
-        real = seq < raw_bs
-        self._stage(torch.where(in_ring & (torch.arange(bs, device=dev) < raw_bs), req, R), prefix)
-        self.stage_rows[:T] = torch.where(in_ring[seq] & real, req_c[seq] * D + draft, -1).to(torch.int32)
-        pos = prefix[seq] + draft  # padding rows: any position (their outputs are dropped)
-        n = min(int(positions.shape[0]), raw_bs * D)
-        pos[:n] = positions[:n].to(torch.int64)
-        start = self.pool.window_start[req_c].to(torch.int64)[seq]
-        lo = torch.minimum(torch.maximum(pos + 1 - W, start), prefix[seq])
-        self.ring_lo[:T] = torch.where(in_ring[seq], lo, prefix[seq]).to(torch.int32)
-        self.ring_base[:bs] = (req_c * W).to(torch.int32)
-        return VerifyMetadata(tree=tree, stage_rows=self.stage_rows[:T], ring_lo=self.ring_lo[:T],
-                              ring_base=self.ring_base[:bs])
+        rows, lo, base = self.staging.stage(req_pool_indices[:bs], seq_lens[:bs], positions, raw_bs,
+                                            self.req_to_token, self.pool.window_start)
+        return VerifyMetadata(tree=tree, stage_rows=rows, ring_lo=lo, ring_base=base)
 
-    def _stage(self, r, prefix) -> None:
-        """Rows r (request slots; R: not staged) of this verify: prefixes and draft slots (req-to-token holds
-        the draft slots at positions prefix .. prefix + D - 1 until SGLang rewrites them with the accepted
-        ones)."""
-        self.p_valid[r] = r < self.window_requests
-        self.p_prefix[r] = prefix
-        self.p_slots[r] = self._slots_at(torch.clamp(r, max=self.window_requests - 1), prefix)
-
-    def _slots_at(self, req, prefix):
-        """[n, D] req_to_token[req, prefix + d] (positions clamped to the row)."""
-        pos = prefix[:, None] + torch.arange(self.draft_tokens, device=prefix.device)[None, :]
-        return self.req_to_token[req[:, None], pos.clamp(max=self.req_to_token.shape[1] - 1)].to(torch.int64)
-
-    def commit(self, req_pool_indices, new_lens=None, real=None) -> None:
-        """Before a forward of the requests `req_pool_indices`: copy each one's staged verify step, if any,
-        from the staging rows to the ring rows of its accepted tokens, positions [prefix, new_lens), in every
-        layer, and drop the step. The token SGLang kept at a position is found by its slot among the step's
-        draft slots. new_lens None (an extend of these request slots): drop without copying. real: the rows
-        that are requests (CUDA-graph padding is not)."""
-        if not self.stage_k:
-            return
-        D, W, R = self.draft_tokens, self.window, self.window_requests
-        req = req_pool_indices.to(torch.int64)
-        keep = req < R if real is None else (req < R) & real
-        r = torch.where(keep, req, R)
-        if new_lens is not None:
-            valid = self.p_valid[r] & keep
-            prefix = self.p_prefix[r]
-            d = torch.arange(D, device=req.device)
-            pos = prefix[:, None] + d[None, :]
-            take = valid[:, None] & (pos < new_lens.to(torch.int64)[:, None])
-            r_c = torch.clamp(r, max=R - 1)
-            match = self._slots_at(r_c, prefix)[:, :, None] == self.p_slots[r][:, None, :]
-            src = torch.where(take & match.any(-1), r_c[:, None] * D + match.to(torch.int32).argmax(-1), -1)
-            tgt = r_c[:, None] * W + pos % W
-            self.copy_k(src.flatten(), tgt.flatten())
-            self.copy_v(src.flatten(), tgt.flatten())
-        self.p_valid[r] = False
+    def commit(self, req_pool_indices, new_lens=None, n_real=None) -> None:
+        """Before a forward of the requests `req_pool_indices` (the first n_real real; default all) whose cache
+        then holds new_lens tokens: their last verify's accepted tokens into the ring (DraftStaging.commit);
+        new_lens None (an extend of these request slots): the staged steps are dropped."""
+        if self.staging is not None:
+            n = req_pool_indices.shape[0]
+            self.staging.commit(req_pool_indices, new_lens, n if n_real is None else n_real, self.req_to_token)
 
     def warm(self, kb, vb, lid: int, dtype, block_ms, logit_caps) -> int:
         """Run the verify extend of layer `lid` (formats kb / vb) on a draft tree over a 1-token prefix (slot 0,
@@ -176,7 +115,7 @@ class SpeculativeVerify:
         kv_indices = torch.zeros(1, dtype=torch.int64, device=dev)
         mask_indptr = torch.tensor([0, n * (1 + n)], dtype=torch.int64, device=dev)
         ring = None
-        if self.stage_k:
+        if self.staging is not None:
             rk, rv = pool.window_buffers(lid)
             ring = PrefixRing(rk, rv, self.window, torch.ones(n, dtype=torch.int32, device=dev),
                               torch.zeros(1, dtype=torch.int32, device=dev))
@@ -205,13 +144,15 @@ class SpeculativeVerify:
                                       f"{layer.layer_id}) is not supported")
         lid = layer.layer_id
         if save_kv_cache:
-            idx = lid - pool.start_layer
-            stage = (self.stage_k[idx], self.stage_v[idx]) if self.stage_k else None
+            stage = None
+            if self.staging is not None:
+                n = self.stage_index[lid]
+                stage = (self.staging.stage_k[n], self.staging.stage_v[n])
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v,
                                window_rows=vm.stage_rows if stage else None, window_buffers=stage)
         kb, vb = pool.get_kv_buffer(lid)
         ring = None
-        if self.stage_k:
+        if self.staging is not None:
             rk, rv = pool.window_buffers(lid)
             ring = PrefixRing(rk, rv, self.window, vm.ring_lo, vm.ring_base)
         o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))

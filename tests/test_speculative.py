@@ -279,7 +279,7 @@ def test_verify_accept_and_decode(s, kernels, monkeypatch):
 def test_verify_without_window(tmp_path):
     """No recent window: drafts see the prefix through the codes, each other exact; nothing is staged."""
     s = _setup(tmp_path, CFG_NO_WINDOW)
-    assert s["window"] == 0 and s["backend"].spec.stage_k == []
+    assert s["window"] == 0 and s["backend"].spec.staging is None
     _prefill(s, [0, 1], [9, 4])
     _verify(s, [0, 1], [[-1, 0, 0, 2], [-1, 0, 1, 1]], accept=[[0, 2, 3], [0, 1]])
     _decode(s, [0, 1])
@@ -300,7 +300,7 @@ def test_verify_cuda_graph_hooks_match_eager(s):
                                                      ForwardMode.TARGET_VERIFY, cap_info)
     captured = backend.forward_metadata
     assert captured.verify is not None and (captured.verify.stage_rows == -1).all()
-    assert not backend.spec.p_valid.any()  # a capture stages nothing
+    assert not backend.spec.staging.valid.any()  # a capture stages nothing
     # the real batch, eagerly
     prefix = [s["lens"][0], s["lens"][1]]
     from sglang.srt.speculative.ngram_info import NgramVerifyInput
@@ -328,39 +328,13 @@ def test_verify_cuda_graph_hooks_match_eager(s):
     backend.init_forward_metadata_replay_cuda_graph(3, req[:3], lens[:3], sum(prefix) + 1, None,
                                                     ForwardMode.TARGET_VERIFY, vi, lens[:3].clone())
     md = backend.forward_metadata
-    assert md is captured and backend.spec.p_valid.tolist() == [True, True, False, False, False]
+    assert md is captured and backend.spec.staging.valid.tolist() == [1, 1, 0, 0, 0]
     assert md.verify.stage_rows.data_ptr() == captured.verify.stage_rows.data_ptr()
     assert md.verify.stage_rows[:2 * DRAFTS].tolist() == e_rows.tolist()
     assert (md.verify.stage_rows[2 * DRAFTS:] == -1).all()
     assert md.verify.ring_lo[:2 * DRAFTS].tolist() == e_lo.tolist()
     assert md.verify.ring_base[:2].tolist() == e_base.tolist()
     assert torch.equal(md.kv_indices[:sum(prefix)], backend.bf16.forward_metadata.kv_indices[:sum(prefix)])
-
-
-def test_commit_copies_only_the_accepted_rows(s):
-    """commit(): a request's accepted tokens are found by their slots among its staged drafts and copied to
-    their ring rows, positions up to its new length only; a request outside the batch keeps its staged
-    step for its next forward, an extend of the request slot drops it."""
-    spec, pool = s["backend"].spec, s["pool"]
-    r2t = s["runner"].req_to_token_pool.req_to_token
-    for st in spec.stage_k + spec.stage_v:
-        if st is not None:
-            st.copy_(torch.arange(st.shape[0])[:, None, None].expand_as(st).to(st.dtype))
-    rk = pool.window_buffers(1)[0]
-    rk.fill_(-1)
-    prefix = 5
-    r2t[2, prefix:prefix + DRAFTS] = torch.tensor([40, 41, 42, 43], dtype=r2t.dtype)  # the drafts' slots
-    r2t[3, prefix:prefix + DRAFTS] = torch.tensor([50, 51, 52, 53], dtype=r2t.dtype)
-    spec._stage(torch.tensor([2, 3]), torch.tensor([prefix, prefix]))
-    assert spec.p_valid.tolist() == [False, False, True, True, False]
-    r2t[2, prefix:prefix + 2] = torch.tensor([42, 40], dtype=r2t.dtype)  # accepted: drafts 2 then 0
-    spec.commit(torch.tensor([2]), new_lens=torch.tensor([prefix + 2]))
-    assert spec.p_valid.tolist() == [False, False, False, True, False]  # request 3 was not in that batch
-    rows = [rk[2 * W + p % W, 0, 0].item() for p in range(prefix, prefix + DRAFTS)]
-    assert rows == [2 * DRAFTS + 2, 2 * DRAFTS + 0, -1, -1]  # past the new length: nothing (rows still read)
-    assert (rk[:2 * W] == -1).all() and (rk[3 * W:] == -1).all()
-    spec.commit(torch.tensor([3]), new_lens=None)  # an extend of slot 3: the step is dropped, nothing copied
-    assert not spec.p_valid.any() and (rk[3 * W:] == -1).all()
 
 
 @pytest.mark.parametrize("algo", ["EAGLE", "EAGLE3", "STANDALONE", "NEXTN"])

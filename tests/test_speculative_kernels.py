@@ -4,7 +4,8 @@
   ancestors were decoded (what plain decoding would have computed), with and without a recent window;
 * the Triton extend kernel with a tree mask and a prefix ring matches the reference (TRITON_INTERPRET=1 on
   CPU), for chains and branching trees, several prefix lengths, packed and unpacked query groups;
-* RowCopy's one-launch copy over a table of tensors matches the torch loop.
+* DraftStaging's one-launch stage / commit (staging rows, ring bounds, the accepted rows copied to the ring)
+  matches its PyTorch reference and does what it says.
 """
 import zlib
 
@@ -13,7 +14,7 @@ import torch
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
-from tq_kernels.verify import PrefixRing, RowCopy, TreeMask
+from tq_kernels.verify import DraftStaging, PrefixRing, TreeMask
 from tq_kernels.window import DecodeWindow
 from kernel_helpers import extend_inputs, pick_device, rel_err, triton_runnable
 
@@ -206,18 +207,66 @@ def test_verify_refuses_sliding_window():
                                    b.kv_indices, 0.125, tree=c["tree"], sliding_window=4)
 
 
+def _staging(use_triton, R=4, W=8, D=4):
+    gen = torch.Generator().manual_seed(0)
+    rings_k = [torch.full((R * W, 2, 8), -1.0, dtype=torch.bfloat16, device=DEV) for _ in range(2)]
+    rings_v = [torch.full((R * W, 2, 8), -2.0, dtype=torch.bfloat16, device=DEV) for _ in range(2)]
+    st = DraftStaging(rings_k, rings_v, W, R, D, max_rows=6, triton_kernel=use_triton)
+    for n, t in enumerate(st.stage_k + st.stage_v):  # staging row i of tensor n holds 100 n + i
+        t.copy_((100 * n + torch.arange(t.shape[0]))[:, None, None].expand_as(t).to(t.dtype))
+    table = torch.randint(1000, 2000, (R + 2, 64), generator=gen, dtype=torch.int32).to(DEV)
+    start = torch.tensor([0, 3, 0, 9, 0], dtype=torch.int32, device=DEV)
+    return st, table, start
+
+
 @pytest.mark.parametrize("use_triton", [False, True])
-def test_row_copy(use_triton):
+def test_draft_staging_stage_and_commit(use_triton):
+    """stage(): staging rows, ring starts and bases per draft token, padding and requests outside the ring
+    staged nowhere; commit(): the accepted tokens (by slot, up to the new length) copied to their ring rows in
+    every layer, nothing else; a request outside the batch keeps its step, an extend drops it."""
     if use_triton and not RUNNABLE:
         pytest.skip(WHY)
-    gen = torch.Generator().manual_seed(0)
-    dst = [torch.zeros(6, 2, 8, dtype=torch.bfloat16, device=DEV) for _ in range(3)]
-    src = [torch.randn(4, 2, 8, generator=gen).to(DEV, torch.bfloat16) for _ in range(3)]
-    want = [d.clone() for d in dst]
-    s_rows = torch.tensor([3, -1, 0], dtype=torch.int64, device=DEV)
-    d_rows = torch.tensor([5, 1, 2], dtype=torch.int64, device=DEV)
-    for w, s in zip(want, src):
-        w[5], w[2] = s[3], s[0]
-    RowCopy(dst, src, triton_kernel=use_triton)(s_rows, d_rows)
-    for d, w in zip(dst, want):
-        assert torch.equal(d, w)
+    D, W, R = 4, 8, 4
+    st, table, start = _staging(use_triton)
+    req = torch.tensor([1, 3, 5, 1], dtype=torch.int64, device=DEV)  # 5: outside the ring; row 3: padding
+    prefix = torch.tensor([10, 20, 7, 1], dtype=torch.int64, device=DEV)
+    positions = torch.tensor([10, 11, 11, 12, 20, 21, 22, 23, 7, 8, 9, 10], device=DEV)
+    rows, lo, base = st.stage(req, prefix, positions, 3, table, start)
+    assert rows.tolist() == [4, 5, 6, 7, 12, 13, 14, 15] + [-1] * 8
+    assert lo[:8].tolist() == [3, 4, 4, 5, 13, 14, 15, 16] and lo[8:12].tolist() == [7] * 4
+    assert base.tolist() == [8, 24, 24, 8]
+    assert st.valid.tolist() == [0, 1, 0, 1, 0] and st.prefix[1].item() == 10 and st.prefix[3].item() == 20
+    assert st.slots[1].tolist() == table[1, 10:14].tolist()
+    drafts1 = table[1, 10:14].clone()
+    # request 1 accepted drafts 2 then 0 (SGLang rewrote its row); request 3 is not in the next batch
+    table[1, 10], table[1, 11] = drafts1[2], drafts1[0]
+    st.commit(torch.tensor([1], device=DEV), torch.tensor([12], device=DEV), 1, table)
+    assert st.valid.tolist() == [0, 0, 0, 1, 0]
+    for n, ring in enumerate(st.rings_k + st.rings_v):
+        fill = -1.0 if n < 2 else -2.0
+        got = ring[:, 0, 0].float().tolist()
+        want = [fill] * (R * W)
+        want[1 * W + 10 % W] = 100 * n + 1 * D + 2
+        want[1 * W + 11 % W] = 100 * n + 1 * D + 0
+        assert got == want, (n, got)
+    st.commit(torch.tensor([3], device=DEV), None, 1, table)  # an extend of slot 3: dropped, nothing copied
+    assert not st.valid.any() and st.rings_k[0][3 * W:, 0, 0].eq(-1).all()
+
+
+@pytest.mark.skipif(not RUNNABLE, reason=WHY)
+def test_draft_staging_triton_matches_reference():
+    """The one-launch stage / commit against the PyTorch reference on one random sequence of steps."""
+    out = []
+    for use_triton in (False, True):
+        st, table, start = _staging(use_triton)
+        gen = torch.Generator().manual_seed(1)
+        req = torch.tensor([2, 0, 3], device=DEV)
+        prefix = torch.tensor([5, 17, 30], device=DEV)
+        positions = (prefix[:, None] + torch.randint(0, 4, (3, 4), generator=gen).to(DEV)).flatten()
+        res = [t.clone() for t in st.stage(req, prefix, positions, 3, table, start)]
+        table[2, 5:7] = table[2, 5:9][torch.tensor([3, 1])]
+        table[0, 17] = table[0, 18]
+        st.commit(req, torch.tensor([7, 18, 30], device=DEV), 3, table)
+        out.append(res + [st.valid.clone()] + [r.clone() for r in st.rings_k + st.rings_v])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
