@@ -119,7 +119,9 @@ class SpeculativeVerify:
             rk, rv = pool.window_buffers(lid)
             ring = PrefixRing(rk, rv, self.window, torch.ones(n, dtype=torch.int32, device=dev),
                               torch.zeros(1, dtype=torch.int32, device=dev))
-        variants = [backend.extend_fixed] if backend.batch_invariant else [dict(block_m=bm) for bm in block_ms]
+        # the prefix split by the longest context (as serving chooses it for small grids) and unsplit
+        variants = [backend.extend_fixed] if backend.batch_invariant else [
+            dict(block_m=bm, num_splits=splits) for bm in block_ms for splits in (None, 1)]
         runs = 0
         for mask_dtype in (torch.bool, torch.uint8):
             tree = TreeMask(torch.ones(n * (1 + n), dtype=mask_dtype, device=dev), mask_indptr)
@@ -127,6 +129,7 @@ class SpeculativeVerify:
                 for cap in logit_caps:
                     backend.ops.extend(q, k, v, kb, vb, qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5,
                                        logit_cap=cap, causal=True, max_extend_len=n,
+                                       max_prefix_len=backend.max_context_len,
                                        k_mean=None if cap else pool.key_mean(lid), tree=tree, prefix_ring=ring, **kw)
                     runs += 1
         return runs
@@ -163,6 +166,7 @@ class SpeculativeVerify:
             kb, vb, md.qo_indptr, md.kv_indptr, md.kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap), causal=True,
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), max_extend_len=md.max_extend_len,
+            max_prefix_len=backend.max_context_len,  # prefix splits by the longest context: one count per batch size
             k_mean=backend._key_mean(pool, layer), sinks=sinks, tree=vm.tree, prefix_ring=ring,
             **backend.extend_fixed)
         return o

@@ -371,6 +371,7 @@ def test_warm_up_compiles_the_verify_variants(s, monkeypatch):
     monkeypatch.setattr(s["backend"].spec, "warm", lambda *a, _w=s["backend"].spec.warm: calls.append(1) or _w(*a))
     runs = s["backend"].warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
     assert len(calls) == 1  # one (K, V) format pair
-    assert runs == 2 * 2 * 2 + 2 * 2  # plain: 2 caps x 2 packings x 2 splittings; verify: 2 caps x 2 mask dtypes
+    assert runs == 2 * 2 * 2 + 2 * 2 * 2  # plain: 2 caps x 2 packings x 2 splittings; verify: 2 caps x 2 mask
+    # dtypes x (split by the longest context, unsplit)
     assert all(torch.equal(a, b) for a, b in zip(rings, [t for lid in (1, 2) for t in pool.window_buffers(lid)]))
     assert torch.equal(codes, pool.get_kv_buffer(1)[0].codes[1:])
