@@ -19,6 +19,8 @@ indices both kinds of layer read (`kv_indptr / kv_indices`: token slot ids; for 
 * quantized layer, decode: compress the new token (the same launch rotates the queries), then split-K
   decode over the packed cache with a static per-batch-size split count and, under CUDA graphs, a
   preallocated workspace (no host syncs, static grid).
+* quantized layer, speculative verify (NGRAM's TARGET_VERIFY batches: draft trees under SGLang's tree mask):
+  `sglang_tq.speculative`, eagerly and from CUDA graphs.
 
 Batch invariance follows SGLang's `--enable-deterministic-inference`: decode uses batch size 1's split
 count for every batch, extend fixed block sizes and no prefix splits, and plain prefills stay on SGLang's
