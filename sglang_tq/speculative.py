@@ -66,6 +66,7 @@ class SpeculativeVerify:
                              f"--speculative-num-draft-tokens ({D}) with speculative decoding: the draft tokens of "
                              f"one step are committed to the recent window together")
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.graphs = not server_arg(sa, "disable_cuda_graph")  # verify from CUDA graphs (warm-up's variants)
         # the quantized layers' staging rows and ring commits (tq_kernels.verify.DraftStaging); None without a
         # recent window: nothing staged, no ring read
         self.staging = None
@@ -102,36 +103,39 @@ class SpeculativeVerify:
 
     def warm(self, kb, vb, lid: int, dtype, block_ms, logit_caps) -> int:
         """Run the verify extend of layer `lid` (formats kb / vb) on a draft tree over a 1-token prefix (slot 0,
-        nothing written) per query-block size, soft-cap and mask dtype (eager verify: bool, CUDA graphs: uint8),
-        so Triton compiles those variants at start-up. Returns the number of runs."""
+        nothing written) per query-block size, soft-cap and prefix split (split by the longest context, as small
+        grids take it, and unsplit), with the index and mask dtypes of the path that serves verify (CUDA graphs:
+        SGLang's int64 qo_indptr and uint8 mask buffers; eager: int32 and bool), so Triton compiles those
+        variants at start-up. Returns the number of runs."""
         backend, pool, dev, n = self.backend, self.pool, self.backend.device, self.draft_tokens
         gen = torch.Generator(device="cpu").manual_seed(0)
         q = torch.randn(n, backend.num_head, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
         k = torch.randn(n, pool.head_num, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
         v = torch.randn(n, pool.head_num, pool.v_head_dim, generator=gen).to(device=dev, dtype=dtype)
-        qo_indptr, kv_indptr = backend.bf16.qo_indptr[:2], backend.bf16.kv_indptr[:2]
-        qo_indptr.copy_(torch.tensor([0, n], dtype=qo_indptr.dtype))
+        kv_indptr = backend.bf16.kv_indptr[:2]
         kv_indptr.copy_(torch.tensor([0, 1], dtype=kv_indptr.dtype))
+        if self.graphs:
+            qo_indptr = backend.bf16.qo_indptr[:2]
+            qo_indptr.copy_(torch.tensor([0, n], dtype=qo_indptr.dtype))
+        else:
+            qo_indptr = torch.tensor([0, n], dtype=torch.int32, device=dev)
+        tree = TreeMask(torch.ones(n * (1 + n), dtype=torch.uint8 if self.graphs else torch.bool, device=dev),
+                        torch.tensor([0, n * (1 + n)], dtype=torch.int64, device=dev))
         kv_indices = torch.zeros(1, dtype=torch.int64, device=dev)
-        mask_indptr = torch.tensor([0, n * (1 + n)], dtype=torch.int64, device=dev)
         ring = None
         if self.staging is not None:
             rk, rv = pool.window_buffers(lid)
             ring = PrefixRing(rk, rv, self.window, torch.ones(n, dtype=torch.int32, device=dev),
                               torch.zeros(1, dtype=torch.int32, device=dev))
-        # the prefix split by the longest context (as serving chooses it for small grids) and unsplit
         variants = [backend.extend_fixed] if backend.batch_invariant else [
             dict(block_m=bm, num_splits=splits) for bm in block_ms for splits in (None, 1)]
         runs = 0
-        for mask_dtype in (torch.bool, torch.uint8):
-            tree = TreeMask(torch.ones(n * (1 + n), dtype=mask_dtype, device=dev), mask_indptr)
-            for kw in variants:
-                for cap in logit_caps:
-                    backend.ops.extend(q, k, v, kb, vb, qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5,
-                                       logit_cap=cap, causal=True, max_extend_len=n,
-                                       max_prefix_len=backend.max_context_len,
-                                       k_mean=None if cap else pool.key_mean(lid), tree=tree, prefix_ring=ring, **kw)
-                    runs += 1
+        for kw in variants:
+            for cap in logit_caps:
+                backend.ops.extend(q, k, v, kb, vb, qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5,
+                                   logit_cap=cap, causal=True, max_extend_len=n, max_prefix_len=backend.max_context_len,
+                                   k_mean=None if cap else pool.key_mean(lid), tree=tree, prefix_ring=ring, **kw)
+                runs += 1
         return runs
 
     # ----------------------------------------------------------------------------------------

@@ -357,8 +357,8 @@ def test_window_narrower_than_the_drafts_refused(tmp_path):
 
 
 def test_warm_up_compiles_the_verify_variants(s, monkeypatch):
-    """Start-up warm-up (Triton in the interpreter): the verify extend once per block size, soft-cap and mask
-    dtype besides the plain variants; it writes no ring row (and no cache row but the padding slot 0)."""
+    """Start-up warm-up (Triton in the interpreter): the verify extend once per block size, soft-cap and prefix
+    split besides the plain variants; it writes no ring row (and no cache row but the padding slot 0)."""
     from sglang_tq.kernel_calls import KernelCalls
 
     ops = KernelCalls("cpu", triton=True)
@@ -371,7 +371,9 @@ def test_warm_up_compiles_the_verify_variants(s, monkeypatch):
     monkeypatch.setattr(s["backend"].spec, "warm", lambda *a, _w=s["backend"].spec.warm: calls.append(1) or _w(*a))
     runs = s["backend"].warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0))
     assert len(calls) == 1  # one (K, V) format pair
-    assert runs == 2 * 2 * 2 + 2 * 2 * 2  # plain: 2 caps x 2 packings x 2 splittings; verify: 2 caps x 2 mask
-    # dtypes x (split by the longest context, unsplit)
+    assert not s["backend"].spec.graphs  # the fake server runs without CUDA graphs: the eager variants
+    assert runs == 2 * 2 * 2 + 2 * 2  # plain: 2 caps x 2 packings x 2 splittings; verify: 2 caps x (split, unsplit)
     assert all(torch.equal(a, b) for a, b in zip(rings, [t for lid in (1, 2) for t in pool.window_buffers(lid)]))
     assert torch.equal(codes, pool.get_kv_buffer(1)[0].codes[1:])
+    monkeypatch.setattr(s["backend"].spec, "graphs", True)  # the CUDA-graph variants (int64 qo_indptr, uint8 mask)
+    assert s["backend"].warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0)) == runs
