@@ -33,6 +33,8 @@ REQUIRED = {
                    "bf16_mean", "delta_pct", "delta_spread", "bytes_per_token", "bf16_bytes_per_token", "path")
     + COMMON,
     "fp8_scales": ("storage", "data", "rel_err", "seeds") + COMMON,
+    "speculative": ("algorithm", "config", "backend", "prompts", "greedy_identical", "accept_len",
+                    "bf16_accept_len", "tpot_ms", "bf16_tpot_ms", "batch") + COMMON,
     "consolidation": ("point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
                       "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
                       "command"),
@@ -365,6 +367,47 @@ def fp8_section(recs: List[dict]) -> List[str]:
     return out
 
 
+SPECULATIVE_HEADER = ["batch", "KV cache", "greedy identical (NGRAM on vs off)", "accept length", "vs BF16",
+                      "TPOT ms, NGRAM", "BF16 TPOT ms, NGRAM", "vs BF16", "TPOT ms, off", "BF16 TPOT ms, off",
+                      "out tok/s, NGRAM", "BF16 out tok/s, NGRAM"]
+
+
+def speculative_section(recs: List[dict]) -> List[str]:
+    out = ["## Speculative decoding (NGRAM)", "",
+           "Servers one at a time on one card: TurboQuant and BF16 KV (the BF16 backend named below), each with NGRAM "
+           "off and on, the same prompts. Greedy identical: prompts whose greedy tokens are the same with NGRAM on and "
+           "off (batch-1 runs; in brackets the same for BF16). Accept length: SGLang's average tokens per verify "
+           "step; \"vs BF16\" = ours / BF16's. TPOT p50 per request; \"vs BF16\" = our TPOT / BF16's with NGRAM on "
+           "(below 1: faster).", ""]
+    if not recs:
+        return out + table(SPECULATIVE_HEADER, [["not measured yet"] + ["—"] * (len(SPECULATIVE_HEADER) - 1)], 3) + [""]
+    for g in groups(recs, run_key):
+        r0 = g[0]
+        out += [f"**{r0.get('workload', r0['algorithm'])}**, {r0['prompts']} prompts, "
+                f"{r0.get('draft_tokens', '—')} draft tokens, BF16 on `{r0.get('bf16_backend', '—')}`.", ""]
+        rows = []
+        for r in sorted(g, key=lambda r: r["batch"]):
+            same = "—" if r["greedy_identical"] is None else (
+                f"{r['greedy_identical']} / {r['prompts']}" + (f" ({r['bf16_greedy_identical']} / {r['prompts']})"
+                                                             if r.get("bf16_greedy_identical") is not None else ""))
+            acc = "—" if not (r["accept_len"] and r["bf16_accept_len"]) else f"{r['accept_len'] / r['bf16_accept_len']:.3f}"
+            tp = "—" if not (r["tpot_ms"] and r["bf16_tpot_ms"]) else f"{r['tpot_ms'] / r['bf16_tpot_ms']:.2f}×"
+            rows.append([str(r["batch"]), f"`{r['config']}`", same, num(r["accept_len"], 2) + " / " + num(
+                r["bf16_accept_len"], 2), acc, num(r["tpot_ms"], 2), num(r["bf16_tpot_ms"], 2), tp,
+                num(r.get("tpot_off_ms"), 2), num(r.get("bf16_tpot_off_ms"), 2), num(r.get("tok_s"), 1),
+                num(r.get("bf16_tok_s"), 1)])
+        out += table(SPECULATIVE_HEADER, rows, 3)
+        load = r0.get("load")
+        if load:
+            out += ["", f"Load test with NGRAM on (`{r0['config']}`, scripts/load_test.py): {load.get('requests')} "
+                        f"requests, {load.get('failed')} failed, {load.get('aborted')} aborted on purpose, "
+                        f"{load.get('idle_tokens_after_flush')} tokens held when idle, "
+                        f"{load.get('retractions_in_log')} retractions, "
+                        f"{'passed' if load.get('pass') else 'FAILED'}."]
+        out += ["", provenance(r0) + ".", ""]
+    return out
+
+
 def consolidation_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
@@ -443,7 +486,9 @@ def results_md(data: Dict[str, List[dict]]) -> str:
     lines += simulation_section(data["simulation"])
     lines += serving_section(data["serving"])
     lines += capacity_section(data["capacity"])
+
     lines += models_section(data["models"])
+    lines += speculative_section(data["speculative"])
     lines += fp8_section(data["fp8_scales"])
     lines += consolidation_section(data["consolidation"])
     return "\n".join(lines).rstrip() + "\n"

@@ -19,6 +19,8 @@ indices both kinds of layer read (`kv_indptr / kv_indices`: token slot ids; for 
 * quantized layer, decode: compress the new token (the same launch rotates the queries), then split-K
   decode over the packed cache with a static per-batch-size split count and, under CUDA graphs, a
   preallocated workspace (no host syncs, static grid).
+* quantized layer, speculative verify (NGRAM's TARGET_VERIFY batches: draft trees under SGLang's tree mask):
+  `sglang_tq.speculative`, eagerly and from CUDA graphs.
 
 Batch invariance follows SGLang's `--enable-deterministic-inference`: decode uses batch size 1's split
 count for every batch, extend fixed block sizes and no prefix splits, and plain prefills stay on SGLang's
@@ -127,6 +129,7 @@ class TQForwardMetadata:
     window_rows: Optional[torch.Tensor] = None  # int32 ring row of each new token (< 0: none)
     window_lo: Optional[torch.Tensor] = None    # decode: first position read from the ring
     window_base: Optional[torch.Tensor] = None  # decode: ring row of position 0 (mod W)
+
     # hybrid SWA memory: what a sliding-window layer reads instead of kv_indptr / kv_indices: the positions
     # its window can reach (decode: the last W + 1, extend: the prefix's last W), as sliding-window pool slots
     swa_kv_indptr: Optional[torch.Tensor] = None
@@ -140,6 +143,7 @@ class TQForwardMetadata:
         if swa:
             return self.swa_kv_indptr, self.swa_kv_indices, self.swa_max_prefix_len
         return self.kv_indptr, self.kv_indices, self.max_prefix_len
+    verify: object = None                    # speculative verify: speculative.VerifyMetadata
 
     def ring_rows(self, n: int) -> Optional[torch.Tensor]:
         """window_rows for `n` written rows: a piecewise CUDA graph pads the extend's tokens past the batch
@@ -191,7 +195,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.decode_workspace = None
         self._workspace_bs = 0
         self._graph_window = None  # static [3, max_bs] int32: rows, lo, base of CUDA-graph decode
-        self._graph_md: Dict[int, TQForwardMetadata] = {}
+        self._graph_md: Dict[tuple, TQForwardMetadata] = {}  # (verify, bs)
+
         # hybrid SWA memory: sliding-window layers read their window through translated slot ids
         self.swa_window = int(model_runner.sliding_window_size) if isinstance(pool, TQSWAKVPool) else 0
         if self.swa_window:
@@ -207,10 +212,26 @@ class TurboQuantAttnBackend(AttentionBackend):
         dtype = getattr(model_runner, "dtype", pool.model_dtype)
         self.ragged_prefill = self._create_ragged_prefill(model, dtype)
         self.forward_metadata: Optional[TQForwardMetadata] = None
+        self.spec = self._create_speculative(model_runner, model)
         if self.on_cuda and not skip_prefill:  # Triton's and FlashInfer's JIT builds at start-up
             self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
+
+    def _create_speculative(self, model_runner, model):
+        """The verify side of speculative decoding (sglang_tq.speculative) when the server runs it."""
+        if not server_arg(model_runner.server_args, "speculative_algorithm"):
+            return None
+        if self.prefill_from_cache:
+            raise ValueError("TurboQuant: evaluation.prefill_from_cache does not combine with speculative "
+                             "decoding (it is a perplexity mode); remove one of them")
+        sliding = sorted({m.layer_id for m in _attention_layers(model) if self._sliding_window(m)})
+        if sliding:
+            raise NotImplementedError(f"TurboQuant: speculative decoding on a model with sliding-window layers "
+                                      f"({sliding[:4]}...) is not supported: the verify kernel has no window")
+        from sglang_tq.speculative import SpeculativeVerify
+
+        return SpeculativeVerify(self, model_runner)
 
     def _create_ragged_prefill(self, model, dtype) -> Optional[RaggedPrefill]:
         """FlashInfer's ragged prefill where it imports, the run is not batch-invariant and the model's
@@ -243,8 +264,20 @@ class TurboQuantAttnBackend(AttentionBackend):
     # ----------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         fb = forward_batch
+        if self.spec is not None and not fb.forward_mode.is_idle():
+            # the requests' last verify: accepted tokens into the ring before anything reads it
+            mode = fb.forward_mode
+            new_lens = fb.seq_lens if mode.is_target_verify() else fb.seq_lens - 1 if mode.is_decode() else None
+            self.spec.commit(fb.req_pool_indices, new_lens)
+        if fb.forward_mode.is_target_verify() and self.spec is not None:
+            self.bf16.init_forward_metadata(fb)
+            self.forward_metadata = self._verify_metadata(fb.batch_size, fb.batch_size, fb.req_pool_indices,
+                                                          fb.seq_lens, fb.positions)
+            return
         if fb.spec_info is not None or fb.forward_mode.is_target_verify() or fb.forward_mode.is_draft_extend():
-            raise NotImplementedError("TurboQuant: speculative decoding is not supported")
+            raise NotImplementedError(f"TurboQuant: {fb.forward_mode.name} batches (speculative decoding): the "
+                                      f"server was started without NGRAM speculative decoding, or a draft model's "
+                                      f"forward reached the backend")
         self.bf16.init_forward_metadata(fb)
         if fb.forward_mode.is_decode_or_idle():
             bs = fb.batch_size
@@ -252,6 +285,14 @@ class TurboQuantAttnBackend(AttentionBackend):
             self.forward_metadata = self._decode_metadata(bs, fb.req_pool_indices, fb.seq_lens, ws)
         else:
             self.forward_metadata = self._extend_metadata(fb)
+
+    def _verify_metadata(self, bs, raw_bs, req_pool_indices, seq_lens, positions) -> TQForwardMetadata:
+        """A TARGET_VERIFY batch: the stock backend's prefix indices, tree mask and draft count, plus the
+        verify's own (speculative.SpeculativeVerify.metadata)."""
+        t = self.bf16.forward_metadata
+        vm = self.spec.metadata(bs, raw_bs, req_pool_indices, seq_lens, positions, t.custom_mask, t.mask_indptr)
+        return TQForwardMetadata(decode=False, kv_indptr=t.kv_indptr, kv_indices=t.kv_indices, qo_indptr=t.qo_indptr,
+                                 max_extend_len=t.max_extend_len, verify=vm)
 
     def decode_launch(self, bs: int) -> DecodeLaunch:
         """Launch decisions of a decode batch of `bs` (cached): the same for eager and graph runs."""
@@ -373,7 +414,13 @@ class TurboQuantAttnBackend(AttentionBackend):
             self._graph_swa_kv_indices = torch.zeros(max_num_tokens * (self.swa_window + 1), dtype=torch.int64,
                                                      device=self.device)
 
-    def _graph_metadata(self, bs, req_pool_indices, seq_lens, forward_mode) -> TQForwardMetadata:
+    def _graph_metadata(self, bs, req_pool_indices, seq_lens, forward_mode, spec_info=None,
+                        capture=False) -> TQForwardMetadata:
+        if forward_mode.is_target_verify() and self.spec is not None:
+            # capture: no real rows; replay: the real rows are the spec_info's (its draft tokens)
+            raw_bs = 0 if capture else spec_info.draft_token.shape[0] // self.spec.draft_tokens
+            positions = seq_lens.new_zeros(0) if capture else spec_info.positions
+            return self._verify_metadata(bs, raw_bs, req_pool_indices, seq_lens, positions)
         if not forward_mode.is_decode_or_idle():
             raise NotImplementedError(f"TurboQuant: CUDA graphs of {forward_mode} batches are not supported")
         return self._decode_metadata(bs, req_pool_indices, seq_lens, self.decode_workspace, graph=True)
@@ -382,15 +429,23 @@ class TurboQuantAttnBackend(AttentionBackend):
                                                  forward_mode, spec_info):
         self.bf16.init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
                                                            forward_mode, spec_info)
-        self.forward_metadata = self._graph_md[bs] = self._graph_metadata(bs, req_pool_indices, seq_lens,
-                                                                          forward_mode)
+        key = (forward_mode.is_target_verify(), bs)
+        self.forward_metadata = self._graph_md[key] = self._graph_metadata(bs, req_pool_indices, seq_lens,
+                                                                           forward_mode, spec_info, capture=True)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu=None):
+        if self.spec is not None and not forward_mode.is_idle():
+            if forward_mode.is_target_verify():
+                raw_bs = spec_info.draft_token.shape[0] // self.spec.draft_tokens
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs], raw_bs)
+            else:  # decode: padding rows (the fill seq_len) have new length 0, nothing to copy
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs] - 1)
         self.bf16.init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens, seq_lens_sum,
                                                           encoder_lens, forward_mode, spec_info, seq_lens_cpu)
-        self._graph_metadata(bs, req_pool_indices, seq_lens, forward_mode)  # refills the static window buffers
-        self.forward_metadata = self._graph_md[bs]
+        # refills the static window / verify buffers the graph reads
+        self._graph_metadata(bs, req_pool_indices, seq_lens, forward_mode, spec_info)
+        self.forward_metadata = self._graph_md[(forward_mode.is_target_verify(), bs)]
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.bf16.get_cuda_graph_seq_len_fill_value()
@@ -461,6 +516,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                                 causal=True, max_extend_len=n_new, window=window,
                                 k_mean=None if kw["logit_cap"] else pool.key_mean(lid), **kw)
                 runs += 1
+            if self.spec is not None:  # speculative verify's variants (draft tree, prefix ring)
+                runs += self.spec.warm(kb, vb, lid, dtype, block_ms, logit_caps)
         return runs
 
     def warm_plain_prefill(self, dtype) -> bool:
@@ -536,6 +593,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                 return self._plain_extend(q, k, v, layer, md, sinks)
             return self.bf16.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
         self._check_layer(layer)
+        if md.verify is not None:
+            return self.spec.forward(q, k, v, layer, forward_batch, md, save_kv_cache, sinks)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.ring_rows(k.shape[0]))
         if md.plain:

@@ -32,6 +32,17 @@ LINEAR_NOT_GDN = ("Mamba2, Kimi-linear and lightning-attention hybrids: served a
                   "0's cache, a recurrent layer in these models")
 
 
+# Speculative decoding: NGRAM (no draft model) verifies over the packed cache (sglang_tq.speculative). The
+# draft-model algorithms (EAGLE, EAGLE3, STANDALONE; MTP runs as EAGLE) are refused: SGLang gives the draft
+# runner the target's pool size in tokens, which the packed pool multiplies, without budgeting the draft's own
+# BF16 pool for it, and drafts with DRAFT_EXTEND and multi-step draft decode, which this backend does not run.
+SPECULATIVE_ALGORITHMS = ("NGRAM",)
+DRAFT_MODEL_REFUSAL = ("the draft model's KV pool would get the target's token count, which TurboQuant raises by its "
+                       "compression ratio (a BF16 draft pool that large is not budgeted for), and its forward modes "
+                       "(DRAFT_EXTEND, multi-step draft decode) are not implemented on the TurboQuant backend; NGRAM "
+                       "(--speculative-algorithm NGRAM, no draft model) is supported")
+
+
 class TQUnsupportedError(ValueError):
     """A server set-up that the TurboQuant backend refuses."""
 
@@ -58,8 +69,9 @@ def _problems_server_args(sa) -> List[str]:
     if kvd not in SUPPORTED_KV_CACHE_DTYPES:
         p.append(f"--kv-cache-dtype {kvd}: TurboQuant is the KV-cache quantization; use --kv-cache-dtype auto "
                  f"(or bf16) and pick bit widths with --tq-config / SGLANG_TQ_CONFIG")
-    if arg("speculative_algorithm"):
-        p.append(f"speculative decoding (--speculative-algorithm {arg('speculative_algorithm')})")
+    algo = arg("speculative_algorithm")
+    if algo and str(algo).upper() not in SPECULATIVE_ALGORITHMS:
+        p.append(f"--speculative-algorithm {algo}: {DRAFT_MODEL_REFUSAL}")
     if arg("enable_hierarchical_cache"):
         p.append("the hierarchical cache (--enable-hierarchical-cache): host pools copy bf16 rows")
     if arg("enable_double_sparsity"):

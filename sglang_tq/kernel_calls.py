@@ -130,15 +130,22 @@ class KernelCalls:
                causal: bool, out=None, max_extend_len: Optional[int] = None, max_prefix_len: Optional[int] = None,
                k_mean=None, window=None, new_part=None, block_m: Optional[int] = None,
                gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None, sliding_window: int = 0,
-               sinks=None):
+               sinks=None, tree=None, prefix_ring=None):
         """block_m / gqa_pack / num_splits: fixed by batch-invariant runs and the start-up warm-up; None
-        leaves the choice to the kernel. sliding_window / sinks: the layer's (`extend_attention`)."""
+        leaves the choice to the kernel. sliding_window / sinks: the layer's (`extend_attention`).
+        tree / prefix_ring: speculative verify (`tq_kernels.verify`)."""
         return self._ops.extend_attention(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                                           qo_indptr, kv_indptr, kv_indices, sm_scale, logit_cap, causal, out,
                                           max_extend_len=max_extend_len, max_prefix_len=max_prefix_len,
                                           k_mean=k_mean, window=window, new_part=new_part, block_m=block_m,
                                           gqa_pack=gqa_pack, num_splits=num_splits, sliding_window=sliding_window,
-                                          sinks=sinks)
+                                          sinks=sinks, tree=tree, prefix_ring=prefix_ring)
+
+    def draft_staging(self, rings_k, rings_v, window: int, requests: int, draft_tokens: int, max_rows: int):
+        """A `tq_kernels.verify.DraftStaging` over these rings (one launch per call on the GPU)."""
+        from tq_kernels.verify import DraftStaging
+
+        return DraftStaging(rings_k, rings_v, window, requests, draft_tokens, max_rows, triton_kernel=self.triton)
 
 
 _CALLS: Dict[str, KernelCalls] = {}

@@ -386,10 +386,13 @@ class TQTokenToKVPool(KVCache):
         q: Optional[torch.Tensor] = None,
         q_rot: Optional[torch.Tensor] = None,
         window_rows: Optional[torch.Tensor] = None,
+        window_buffers: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """q / q_rot (quantized layers, decode): the same compress launch writes the queries rotated like
         the keys into q_rot (tq_kernels.compress_and_store); the decode kernel then reads them.
-        window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens."""
+        window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens.
+        window_buffers: (k, v) rows that window_rows index instead of the ring (speculative verify stages
+        its draft tokens there)."""
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = self._local(layer_id)
         # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored by the bf16 and packed
@@ -400,7 +403,7 @@ class TQTokenToKVPool(KVCache):
             ring = None
             if window_rows is not None and self.ring_k[idx] is not None:
                 from tq_kernels.window import RingWrite
-                ring = RingWrite(self.ring_k[idx], self.ring_v[idx], window_rows)
+                ring = RingWrite(*(window_buffers or (self.ring_k[idx], self.ring_v[idx])), window_rows)
             self.ops.compress(k, v, loc, self._key(idx), self._value(idx), k_mean=self.key_means[idx], ring=ring,
                               q=q, q_rot=q_rot)
         elif self.fp8[idx]:

@@ -255,6 +255,17 @@ class TorchTritonTwin(TritonAttnBackend):
                 max_extend_len=None, kv_indptr=kv_indptr, kv_indices=self._gather_indices(fb.req_pool_indices, fb.seq_lens),
                 qo_indptr=None, **none)
             return
+        if fb.forward_mode.is_target_verify():  # prefixes = seq_lens; D draft tokens each under the tree mask
+            d = fb.spec_info.draft_token_num
+            kv_indptr[1:bs + 1] = torch.cumsum(fb.seq_lens, dim=0)
+            mask_indptr = self.mask_indptr[:bs + 1]
+            mask_indptr[1:] = torch.cumsum(d * (fb.seq_lens + d), dim=0)
+            self.forward_metadata = ForwardMetadata(
+                max_extend_len=d, kv_indptr=kv_indptr[:bs + 1],
+                kv_indices=self._gather_indices(fb.req_pool_indices, fb.seq_lens),
+                qo_indptr=torch.arange(0, (bs + 1) * d, d, dtype=torch.int32),
+                **dict(none, custom_mask=fb.spec_info.custom_mask, mask_indptr=mask_indptr))
+            return
         kv_indptr[1:bs + 1] = torch.cumsum(fb.extend_prefix_lens, dim=0)
         kv_indptr = kv_indptr[:bs + 1]
         qo_indptr = self.qo_indptr
@@ -311,7 +322,11 @@ class TorchTritonTwin(TritonAttnBackend):
             vv = torch.cat([vbuf[slots].float(), v3[a:b]])
             n_pre, n = kvp[i + 1] - kvp[i], b - a
             mask = torch.ones(n, n_pre + n, dtype=torch.bool, device=q.device)
-            mask[:, n_pre:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            if md.custom_mask is not None:  # a verify's tree mask (SGLang's layout: rows prefix + drafts wide)
+                m0 = int(md.mask_indptr[i])
+                mask = md.custom_mask[m0:m0 + n * (n_pre + n)].view(n, n_pre + n).bool()
+            else:
+                mask[:, n_pre:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             o3[a:b] = self._attend(q3[a:b], kk, vv, layer.scaling, cap, mask).to(o.dtype)
         return o
 

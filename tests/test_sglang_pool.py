@@ -171,7 +171,7 @@ def test_sliding_window_layers_get_the_packed_pool():
     (dict(mambaish_config=object(), hybrid_gdn_config=object(),
           server_args=server_args(disaggregation_mode="prefill")), "PD disaggregation of a model with hybrid"),
     (dict(kv_cache_dtype=torch.float8_e4m3fn), "KV cache"),
-    (dict(server_args=server_args(speculative_algorithm="EAGLE")), "speculative decoding"),
+    (dict(server_args=server_args(speculative_algorithm="EAGLE")), "--speculative-algorithm EAGLE: the draft model"),
     (dict(server_args=server_args(enable_hierarchical_cache=True)), "hierarchical cache"),
     (dict(server_args=server_args(kv_cache_dtype="fp8_e5m2")), "--kv-cache-dtype fp8_e5m2"),
     (dict(server_args=server_args(decode_attention_backend="triton")), "mixing attention backends"),
