@@ -182,6 +182,10 @@ def reserve_window_memory(runner, plan, mod) -> int:
         cell = tq_cell_size_per_token(runner, len(layers), heads)
     if not ring_bytes:
         return 0
+    # speculative verify stages each ring request's draft tokens in rows shaped like the ring's (DraftStaging)
+    draft = int(server_arg(runner.server_args, "speculative_num_draft_tokens") or 0) \
+        if server_arg(runner.server_args, "speculative_algorithm") else 0
+    ring_bytes = ring_bytes * (plan.window_tokens + draft) // plan.window_tokens
     cut = int(-(-ring_bytes // max(cell, 1)))
     if server_arg(runner.server_args, "max_total_tokens"):  # a user cap: the pool is below what memory allows
         logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "

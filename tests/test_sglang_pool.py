@@ -253,6 +253,33 @@ def test_fp8_capacity_llama3_8b_turbo4_plan(tmp_path):
     assert f"{bf16_first / bf16_tokens:.3f}" == "3.496"
 
 
+def test_window_reservation_counts_draft_staging():
+    """With speculative decoding each ring request also has staging rows for its draft tokens (bf16, the ring's
+    row shape): the reservation grows by draft_tokens / window_tokens of the ring."""
+    import sglang.srt.model_executor.model_runner_kv_cache_mixin as mix
+    from sglang_tq.registration import reserve_window_memory
+
+    budget = 55.0
+    plan = load_config("turbo4").resolve(32, 128)
+
+    def tokens(**spec):
+        with env(SGLANG_TQ_CONFIG="turbo4"):
+            r = _llama("turbo4")
+            for k, v in spec.items():
+                setattr(r.server_args, k, v)
+            r.max_total_num_tokens = r.profile_tokens(budget)
+            r.max_running_requests = 256
+            full = r.max_total_num_tokens
+            assert reserve_window_memory(r, plan, mix) == 256
+            return full - r.max_total_num_tokens, r.get_cell_size_per_token(32)
+
+    plain, cell = tokens()
+    spec, _ = tokens(speculative_algorithm="NGRAM", speculative_num_draft_tokens=8)
+    ring = plan.window_bytes(8, 256)
+    assert plain == -(-ring // cell)
+    assert spec == -(-(ring * (plan.window_tokens + 8) // plan.window_tokens) // cell) > plain
+
+
 def test_fp8_pool_layout_store_and_read(tmp_path):
     """fp8 layers: uint8 rows of e4m3 values (SGLang's fp8 layout) read as float8_e4m3fn views; the
     checkpoint's k_scale / v_scale (from the layer) divide on store; out-of-range values saturate."""
