@@ -37,6 +37,8 @@ LINEAR_NOT_GDN = ("Mamba2, Kimi-linear and lightning-attention hybrids: served a
 # runner the target's pool size in tokens, which the packed pool multiplies, without budgeting the draft's own
 # BF16 pool for it, and drafts with DRAFT_EXTEND and multi-step draft decode, which this backend does not run.
 SPECULATIVE_ALGORITHMS = ("NGRAM",)
+SPECULATIVE_SLIDING = ("speculative decoding on a model with sliding-window layers: the verify step reads the whole "
+                       "packed prefix and has no window mask")
 DRAFT_MODEL_REFUSAL = ("the draft model's KV pool would get the target's token count, which TurboQuant raises by its "
                        "compression ratio (a BF16 draft pool that large is not budgeted for), and its forward modes "
                        "(DRAFT_EXTEND, multi-step draft decode) are not implemented on the TurboQuant backend; NGRAM "
@@ -134,6 +136,10 @@ def _problems_runner(runner) -> List[str]:
                  "transfer describes one packed pool")
     if getattr(runner, "is_draft_worker", False):
         p.append("speculative-decoding draft workers")
+    model = getattr(runner, "model", None)
+    if server_arg(runner.server_args, "speculative_algorithm") and model is not None and any(
+            (getattr(m, "sliding_window_size", None) or -1) > -1 for m in model.modules()):
+        p.append(SPECULATIVE_SLIDING)
     if getattr(runner, "enable_hisparse", False):
         p.append("HiSparse")
     import torch
@@ -222,6 +228,8 @@ def check_server_args(server_args, resolve: bool = True):
             mc = None
     if mc is not None:
         problems += _problems_model_config(mc)
+        if server_arg(server_args, "speculative_algorithm") and layer_kinds(mc)[1]:
+            problems.append(SPECULATIVE_SLIDING)
     _raise(problems)
     if mc is not None and resolve:
         return resolve_model_plan(mc)[1]

@@ -377,3 +377,31 @@ def test_warm_up_compiles_the_verify_variants(s, monkeypatch):
     assert torch.equal(codes, pool.get_kv_buffer(1)[0].codes[1:])
     monkeypatch.setattr(s["backend"].spec, "graphs", True)  # the CUDA-graph variants (int64 qo_indptr, uint8 mask)
     assert s["backend"].warm_extend_kernels(torch.bfloat16, block_ms=(32,), logit_caps=(0.0, 30.0)) == runs
+
+
+def test_sliding_window_models_refused_with_speculative_decoding():
+    """A model with sliding-window layers and NGRAM is refused at start-up (the loaded model's attention layers
+    in the scheduler; the config's layer types in the main process), not at its first verify step."""
+    import types
+
+    from sglang_tq.compat import SPECULATIVE_SLIDING, TQUnsupportedError, _problems_runner, check_server_args
+
+    def runner(window, algo):
+        attn = torch.nn.Module()
+        attn.sliding_window_size = window
+        model = torch.nn.Sequential(attn)
+        return types.SimpleNamespace(server_args=server_args(speculative_algorithm=algo), model=model)
+
+    assert SPECULATIVE_SLIDING in _problems_runner(runner(127, "NGRAM"))
+    assert SPECULATIVE_SLIDING not in _problems_runner(runner(-1, "NGRAM"))
+    assert SPECULATIVE_SLIDING not in _problems_runner(runner(127, None))
+
+    tc = types.SimpleNamespace(layer_types=["sliding_attention", "full_attention"])
+    mc = types.SimpleNamespace(hf_text_config=tc, num_hidden_layers=2, head_dim=64, v_head_dim=64)
+    sa = server_args(speculative_algorithm="NGRAM", speculative_num_draft_tokens=DRAFTS)
+    sa.model_path = "some/model"
+    sa.get_model_config = lambda: mc
+    with pytest.raises(TQUnsupportedError, match="sliding-window layers: the verify step"):
+        check_server_args(sa, resolve=False)
+    tc.layer_types = ["full_attention"] * 2
+    check_server_args(sa, resolve=False)
