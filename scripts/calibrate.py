@@ -55,9 +55,10 @@ from sglang_tq.key_means import hf_key_means  # noqa: E402
 from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
 
 
-def recent_window_attention(module, query, exact, coded, recent):
+def recent_window_attention(module, query, exact, coded, recent, mask=None):
     """Causal attention where query i sees key j exact when i - j < recent and as the cache's codes
-    give it back otherwise (the server's recent window; query [B, H_q, T, d], K/V [B, H_kv, T, d])."""
+    give it back otherwise (the server's recent window; query [B, H_q, T, d], K/V [B, H_kv, T, d]).
+    mask: transformers' boolean [B, 1, T, T] (True = attend; a sliding-window layer's band), None = causal."""
     (k, v), (kq, vq) = exact, coded
     g = query.shape[1] // k.shape[1]
     rep = lambda x: x.repeat_interleave(g, dim=1)  # noqa: E731
@@ -65,8 +66,9 @@ def recent_window_attention(module, query, exact, coded, recent):
     i = torch.arange(t, device=query.device)[:, None]
     j = torch.arange(t, device=query.device)[None, :]
     near = (i - j < recent) & (j <= i)
+    allowed = j <= i if mask is None else mask[..., -t:, -t:]
     s = torch.where(near, query @ rep(k).transpose(-1, -2), query @ rep(kq).transpose(-1, -2)) * module.scaling
-    p = torch.softmax(s.float().masked_fill(j > i, float("-inf")), -1).to(query.dtype)
+    p = torch.softmax(s.float().masked_fill(~allowed, float("-inf")), -1).to(query.dtype)
     out = (p * near) @ rep(v) + (p * ~near) @ rep(vq)
     return out.transpose(1, 2).contiguous(), None
 
@@ -76,6 +78,7 @@ class Simulator:
 
     def __init__(self, model_path, device, dtype):
         from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.layer_codecs = {}  # layer -> (K codec or None, V codec or None); absent = exact
@@ -105,10 +108,13 @@ class Simulator:
                 if vc is not None:
                     value = vc.decode(*vc.encode(value.float())).to(value.dtype)
                 if sim.recent > 0:  # the server's recent window: the last `recent` positions exact
-                    return recent_window_attention(module, query, (exact_k, exact_v), (key, value), sim.recent)
+                    return recent_window_attention(module, query, (exact_k, exact_v), (key, value), sim.recent,
+                                                   attention_mask)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
         AttentionInterface.register("tq_sim", tq_attention)
+        # the masks SDPA gets (a sliding-window layer's band); without this transformers passes none
+        AttentionMaskInterface.register("tq_sim", sdpa_mask)
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype,
                                                           attn_implementation="tq_sim").to(device).eval()
