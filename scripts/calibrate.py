@@ -149,7 +149,11 @@ class Simulator:
         """`key_means: auto` as the server computes it (sglang_tq.key_means), from this model's weights;
         None for a model without k_proj biases."""
         if not hasattr(self, "_auto_means"):
-            self._auto_means = hf_key_means(self.model)
+            layers = self.model.model.layers
+            # no k_proj bias: nothing to center (and hf_key_means reads a single rotary table, which
+            # Gemma 3's per-layer-type rotary module does not have)
+            no_bias = all(getattr(l.self_attn.k_proj, "bias", None) is None for l in layers)
+            self._auto_means = None if no_bias else hf_key_means(self.model)
         return self._auto_means
 
     def set_probe(self, layer, role, bits, seed, key_means=None, recent=0):
@@ -334,6 +338,9 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
 
     spans = ev.text_spans(ev.read_texts(a.eval_texts), a.spans, a.span_tokens,
                           lambda t: sim.tok(t, add_special_tokens=False)["input_ids"])
+    if a.bos:  # as `eval_quality.py ppl --bos`: the tokenizer's BOS in front of every span, context only
+        pre = sim.tok("", add_special_tokens=True)["input_ids"]
+        spans = [pre + sp for sp in spans]
     worst = []
     if ratio is not None:
         worst = sorted(range(len(ratio)), key=lambda l: -ratio[l])
@@ -343,7 +350,8 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
         left = [float(((means[l] - auto[l]).norm(dim=-1) / rms[l]).mean()) for l in range(sim.num_layers)]
         log("|measured mean - bias mean| / rms per layer: " + " ".join(f"{r:.2f}" for r in left))
     log(f"{len(spans)} spans of {a.span_tokens} tokens from {a.eval_texts}; same as the server's "
-        f"`eval_quality.py ppl --text {a.eval_texts} --spans {a.spans} --span-tokens {a.span_tokens}`")
+        f"`eval_quality.py ppl --text {a.eval_texts} --spans {a.spans} --span-tokens {a.span_tokens}"
+        f"{' --bos' if a.bos else ''}`")
     rows = {}
     sim.set_config(None)
     rows["bf16"] = {**span_ppl(sim, spans), "bytes_per_token": None}
@@ -366,7 +374,7 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
             with open(os.path.join(a.write_configs, spec.replace(":", "_").replace("=", "") + ".yaml"), "w") as f:
                 yaml.safe_dump(d, f, sort_keys=False)
     return {"spans": len(spans), "span_tokens": a.span_tokens, "texts": a.eval_texts, "spread": "std over spans",
-            "rows": rows}
+            "bos": a.bos, "rows": rows}
 
 
 def main():
@@ -406,6 +414,8 @@ def main():
     ap.add_argument("--spans", type=int, default=3)
     ap.add_argument("--span-tokens", type=int, default=1024)
     ap.add_argument("--write-configs", default="", help="write each variant's YAML into this folder")
+    ap.add_argument("--bos", action="store_true", help="--variants: the tokenizer's BOS in front of every span "
+                    "(as eval_quality.py ppl --bos; models that need it, e.g. Gemma)")
     a = ap.parse_args()
     log = lambda m: print(m, flush=True)  # noqa: E731
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32

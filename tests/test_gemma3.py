@@ -1,4 +1,5 @@
-"""scripts/gguf_gemma3_to_hf.py: the gemma3 GGUF -> Hugging Face conversion, on small synthetic inputs.
+"""Gemma 3: scripts/gguf_gemma3_to_hf.py (GGUF -> Hugging Face, on small synthetic inputs) and the record of
+scripts/gpu_gemma3.py.
 
 The tokenizer is checked against llama.cpp's SentencePiece-BPE procedure (merge the adjacent pair whose
 joined piece scores best, bytes for what is not in the vocabulary); the weights and config by a round
@@ -216,3 +217,29 @@ def test_round_trip_through_llama_cpp_layout(tmp_path):
     assert chat == "<bos><start_of_turn>user\nab<end_of_turn>\n<start_of_turn>model\n"
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [1, tokens.index("<end_of_turn>")]
+
+
+def test_gpu_record_from_server_results():
+    """scripts/gpu_gemma3.py's results/models.json record: capacity, greedy agreement, CUDA graphs on/off and
+    the perplexity change per span, from stand-in server results."""
+    import gpu_gemma3 as g
+
+    prompts = [[2, 5, 6], [2, 7, 8]]
+    got = {"bf16": {"served": True, "max_total_num_tokens": 1000, "prompts": prompts, "greedy": [[1, 2, 3], [4, 5, 6]],
+                    "ppl": {"ppl": 20.0, "per_span": [10.0, 30.0]}},
+           "turbo4-eval": {"served": True, "ppl": {"ppl": 20.6, "per_span": [10.2, 31.0]}},
+           "turbo4": {"served": True, "max_total_num_tokens": 3500, "prompts": prompts, "greedy": [[1, 2, 9], [4, 5, 6]]},
+           "turbo4-nograph": {"served": True, "prompts": prompts, "greedy": [[1, 2, 9], [4, 5, 6]]}}
+    meta = {"card": "H100", "date": "2026-12-08", "commit": "abc1234", "command": "bash scripts/gpu_gemma3.sh"}
+    rec = g.summarize(got, (3.6, 10, 36, 0), meta)
+    assert rec["layout"] == "swa" and rec["served"] and rec["graphs_identical"] is True
+    assert rec["capacity_ratio"] == 3.5 and rec["byte_ratio"] == 3.6 and rec["expected_ratio"] == 3.6
+    assert rec["quality_delta"] == pytest.approx(((10.2 / 10 + 31 / 30) / 2 - 1) * 100, abs=1e-3)
+    assert rec["greedy_agreement"] == {"mean_prefix": 2.5, "std": 0.71, "identical": "1/2", "tokens": g.GEN}
+    got["turbo4-nograph"]["greedy"] = [[1, 2, 3], [4, 5, 6]]
+    del got["turbo4-eval"]
+    rec = g.summarize(got, (3.6, 10, 36, 0), meta)
+    assert rec["graphs_identical"] is False and rec["quality_delta"] is None
+    for key in ("model", "layout", "config", "served", "graphs_identical", "capacity_ratio", "byte_ratio",
+                "quality_metric", "quality_delta", "card", "date", "commit"):
+        assert key in rec
