@@ -85,15 +85,16 @@ class Simulator:
         self.recent = 0         # recent window: key j exact for query i when i - j < recent (config `window:`)
         self.layer_means = {}   # layer -> fp32 [H_kv, d] key-centering mean on the device; absent = none
         self.collect = None     # while measuring means: layer -> [sum over tokens [H_kv, d], token count]
+        self.collect_skip = 0   # while measuring means: leading positions of each window left out
         sim = self
 
         def tq_attention(module, query, key, value, attention_mask, **kwargs):
             layer = getattr(module, "layer_idx", None)
             if sim.collect is not None and layer is not None:  # key: [B, H_kv, T, d], post-RoPE
                 acc = sim.collect.setdefault(layer, [0.0, 0, 0.0])
-                kf = key.float()
+                kf = key.float()[:, :, sim.collect_skip:]  # not the prefix (BOS): an attention sink's outlier key
                 acc[0] = acc[0] + kf.sum(dim=(0, 2))             # [H_kv, d]
-                acc[1] += key.shape[0] * key.shape[2]
+                acc[1] += kf.shape[0] * kf.shape[2]
                 acc[2] = acc[2] + kf.square().sum(dim=(0, 2, 3))  # [H_kv]: for |mu| / rms
             if layer in sim.layer_codecs:
                 exact_k, exact_v = key, value
@@ -166,14 +167,15 @@ class Simulator:
         self.layer_means = self._means(key_means, [layer]) if role == "k" else {}
 
     @torch.no_grad()
-    def key_means(self, ids, window):
+    def key_means(self, ids, window, prefix=()):
         """float32 CPU [num_layers, H_kv, d]: mean post-RoPE key of every (layer, KV head) over `ids`
-        (exact attention, non-overlapping windows). Also sets self.last_key_rms [num_layers, H_kv]."""
+        (exact attention, non-overlapping windows, each after `prefix` (e.g. BOS), whose keys are not
+        counted). Also sets self.last_key_rms [num_layers, H_kv]."""
         self.set_config(None)
-        self.collect = {}
+        self.collect, self.collect_skip = {}, len(prefix)
         try:
             for s in range(0, len(ids), window):
-                x = torch.tensor(ids[s:s + window], device=self.device)[None]
+                x = torch.tensor(list(prefix) + ids[s:s + window], device=self.device)[None]
                 if x.shape[1] < 2:
                     break
                 self.model(x)
@@ -183,7 +185,7 @@ class Simulator:
             self.last_key_rms = torch.stack([(c[2] / c[1]).sqrt() for c in acc]).float().cpu()  # [L, H_kv]
             return torch.stack([c[0] / c[1] for c in acc]).float().cpu()
         finally:
-            self.collect = None
+            self.collect, self.collect_skip = None, 0
 
     @torch.no_grad()
     def nll(self, ids, window):
@@ -414,8 +416,8 @@ def main():
     ap.add_argument("--spans", type=int, default=3)
     ap.add_argument("--span-tokens", type=int, default=1024)
     ap.add_argument("--write-configs", default="", help="write each variant's YAML into this folder")
-    ap.add_argument("--bos", action="store_true", help="--variants: the tokenizer's BOS in front of every span "
-                    "(as eval_quality.py ppl --bos; models that need it, e.g. Gemma)")
+    ap.add_argument("--bos", action="store_true", help="the tokenizer's BOS in front of every --variants span (as "
+                    "eval_quality.py ppl --bos) and every key-means window; for models that need it, e.g. Gemma")
     a = ap.parse_args()
     log = lambda m: print(m, flush=True)  # noqa: E731
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
@@ -444,7 +446,7 @@ def main():
             raise SystemExit(f"calibrate: only {len(mids)} tokens of text for the key means ({msrc}); "
                              f"give --means-text FILE (text other than the evaluation text)")
         t0 = time.time()
-        means = sim.key_means(mids, a.window)
+        means = sim.key_means(mids, a.window, sim.tok("", add_special_tokens=True)["input_ids"] if a.bos else ())
         means_path = save_key_means(means, a.key_means_out or default_means_path(a.out))
         ratio = key_mean_ratio(means, sim.last_key_rms)
         log(f"key means over {len(mids)} tokens of {msrc} ({time.time() - t0:.1f}s) -> {means_path}; "
