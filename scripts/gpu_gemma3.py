@@ -4,16 +4,18 @@
 
 Servers, one at a time (each one's numbers are written as soon as it stops, so a run cut short keeps
 what it measured; none starts after --budget-s):
-  bf16          perplexity spans, greedy prompts, a completion, max_total_num_tokens
-  turbo4-eval   perplexity spans with evaluation.prefill_from_cache: every scored token reads the packed
-                cache, as in decoding (configs/turbo4.yaml otherwise)
-  turbo4        greedy prompts (agreement with BF16), the completion, max_total_num_tokens (capacity)
-  turbo4-nograph  the greedy prompts again without CUDA graphs (graphs_identical)
+  bf16                     perplexity spans, greedy prompts, a completion, max_total_num_tokens
+  turbo4-eval              perplexity spans with evaluation.prefill_from_cache: every scored token reads the
+                           packed cache, as in decoding (configs/turbo4.yaml otherwise)
+  turbo4_gemma3_270m-eval  the same with Gemma-3-270M's measured key means
+                           (configs/examples/turbo4_gemma3_270m.yaml)
+  turbo4                   greedy prompts (agreement with BF16), the completion, max_total_num_tokens (capacity)
+  turbo4-nograph           the greedy prompts again without CUDA graphs (graphs_identical)
 Perplexity: SPANS spans of SPAN_TOKENS tokens of the Austen texts (eval_quality.py's spans), each after
 the tokenizer's BOS (Gemma reads BOS as its attention sink; without it perplexity doubles). Greedy:
 PROMPTS prompts of PROMPT_TOKENS tokens (after BOS), GEN tokens each, EOS ignored, one request at a time.
 Gemma 3 has 5 sliding-window (512) layers to each full one; SGLang 0.5.10 keeps them in one pool.
-Writes <out>/models.json (records for results/models.json) and <out>/gemma3_detail.json.
+Writes <out>/models.json (one record per config for results/models.json) and <out>/gemma3_detail.json.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ SPANS, SPAN_TOKENS = 4, 2048
 PROMPTS, PROMPT_TOKENS, GEN = 16, 128, 128
 MAX_RUNNING = 16
 COMPLETION = "Question: What is the capital of France?\nAnswer:"
+CENTERED = "turbo4_gemma3_270m"  # turbo4 + the model's measured key means (same bytes as turbo4)
+CENTERED_YAML = os.path.join(os.path.dirname(HERE), "configs", "examples", f"{CENTERED}.yaml")
 
 
 def greedy(url, prompts):
@@ -64,14 +68,15 @@ def byte_ratio(model_dir, config, max_running):
     return bf / tq, tq, bf, plan.window_bytes(heads, min(max_running, plan.window_requests))
 
 
-def summarize(got, ratios, meta):
-    """The results/models.json record from the servers' results (missing servers leave None)."""
-    b, e, t, ng = (got.get(k) or {} for k in ("bf16", "turbo4-eval", "turbo4", "turbo4-nograph"))
+def summarize(config, got, ratios, meta):
+    """The results/models.json record of `config` from the servers' results: quality from the server
+    `config`-eval, decoding (greedy, capacity, CUDA graphs) from `config` and `config`-nograph where run."""
+    b, e, t, ng = (got.get(k) or {} for k in ("bf16", f"{config}-eval", config, f"{config}-nograph"))
     ratio, tq_bytes, bf_bytes, ring = ratios
-    rec = dict(model=MODEL, layout="swa", memory="one pool", config="turbo4", served=bool(t.get("served")),
+    rec = dict(model=MODEL, layout="swa", memory="one pool", config=config, served=bool((t or e).get("served")),
                graphs_identical=None, capacity_ratio=None, byte_ratio=round(ratio, 4), expected_ratio=None,
-               quality_metric=f"perplexity change in % (turbo4 / BF16 − 1, mean over {SPANS} Austen spans of "
-                              f"{SPAN_TOKENS} tokens after BOS; turbo4 prefill from the packed cache)",
+               quality_metric=f"perplexity change in % ({config} / BF16 − 1, mean over {SPANS} Austen spans of "
+                              f"{SPAN_TOKENS} tokens after BOS; prefill from the packed cache)",
                quality_delta=None, **meta)
     if t.get("served") and ng.get("served"):
         same = sum(x == y for x, y in zip(t["greedy"], ng["greedy"]))
@@ -86,14 +91,15 @@ def summarize(got, ratios, meta):
         rec["greedy_agreement"] = {"mean_prefix": round(agree["mean"], 2), "std": round(agree["std"], 2),
                                    "identical": f"{agree['identical']}/{agree['n']}", "tokens": GEN}
     if b.get("served") and e.get("served"):
-        ratios_per_span = [x / y for x, y in zip(e["ppl"]["per_span"], b["ppl"]["per_span"])]
-        mean = sum(ratios_per_span) / len(ratios_per_span)
+        per_span = [x / y for x, y in zip(e["ppl"]["per_span"], b["ppl"]["per_span"])]
+        mean = sum(per_span) / len(per_span)
         rec["quality_delta"] = round((mean - 1) * 100, 3)
-        rec["quality_spread"] = round((sum((r - mean) ** 2 for r in ratios_per_span) / max(1, len(ratios_per_span) - 1))
-                                      ** 0.5 * 100, 3)
-        rec["bf16_ppl"], rec["turbo4_ppl"] = round(b["ppl"]["ppl"], 4), round(e["ppl"]["ppl"], 4)
-    if not t.get("served"):
-        rec["error"] = t.get("error")
+        rec["quality_spread"] = round((sum((r - mean) ** 2 for r in per_span) / max(1, len(per_span) - 1)) ** 0.5
+                                      * 100, 3)
+        rec["bf16_ppl"], rec["ppl"] = round(b["ppl"]["ppl"], 4), round(e["ppl"]["ppl"], 4)
+    for srv in (t, e):
+        if srv and not srv.get("served"):
+            rec["error"] = srv.get("error")
     return rec
 
 
@@ -116,6 +122,7 @@ def main(argv=None):
     tq = ["--attention-backend", "turboquant", "--tq-config"]
     runs = [("bf16", ["--attention-backend", "triton"]),
             ("turbo4-eval", tq + [evaluation_config("turbo4", a.out)]),
+            (f"{CENTERED}-eval", tq + [evaluation_config(CENTERED_YAML, a.out)]),
             ("turbo4", tq + ["turbo4"]),
             ("turbo4-nograph", tq + ["turbo4", "--disable-cuda-graph"])]
     texts = ev.read_texts(a.text)
@@ -139,10 +146,10 @@ def main(argv=None):
                 tok = lambda t: ev.tokenize(s.url, t)  # noqa: E731
                 spans = [bos + x for x in ev.text_spans(texts, SPANS, SPAN_TOKENS, tok)]
                 prompts = [bos + x for x in ev.text_spans(texts, PROMPTS, PROMPT_TOKENS, tok)]
-            if name in ("bf16", "turbo4-eval"):
+            if name == "bf16" or name.endswith("-eval"):
                 res["ppl"] = ev.span_perplexity(s.url, spans)
                 print(f"[{name}] perplexity {res['ppl']['ppl']:.4f} ± {res['ppl']['std']:.4f}", flush=True)
-            if name != "turbo4-eval":
+            if not name.endswith("-eval"):
                 res["prompts"], res["greedy"] = prompts, greedy(s.url, prompts)
                 res["completion"] = completion(s.url)
                 print(f"[{name}] {COMPLETION!r} -> {res['completion']!r}", flush=True)
@@ -152,14 +159,14 @@ def main(argv=None):
         finally:
             s.stop()
         got[name] = res
-        rec = summarize(got, ratios, meta)
+        recs = [summarize(c, got, ratios, meta) for c in ("turbo4", CENTERED)]
         with open(os.path.join(a.out, "models.json"), "w") as f:
-            json.dump([rec], f, indent=1)
+            json.dump(recs, f, indent=1)
         with open(os.path.join(a.out, "gemma3_detail.json"), "w") as f:
             json.dump({k: {x: y for x, y in v.items() if x != "prompts"} for k, v in got.items()}, f, indent=1)
-    rec = summarize(got, ratios, meta)
-    print(json.dumps(rec, indent=1), flush=True)
-    return 0 if rec["served"] else 1
+    recs = [summarize(c, got, ratios, meta) for c in ("turbo4", CENTERED)]
+    print(json.dumps(recs, indent=1), flush=True)
+    return 0 if all(r["served"] for r in recs) else 1
 
 
 if __name__ == "__main__":

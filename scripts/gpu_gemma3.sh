@@ -23,6 +23,7 @@ mkdir -p "$OUT"
 source scripts/gpu_env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 [ -d .gpu_data ] || { echo "blocked: no .gpu_data (scripts/prepare_gpu_assets.sh)"; exit 3; }
+python3 -c "import sglang" 2>/dev/null || { echo "blocked: SGLang is not importable (carry .gpu_bundle)"; exit 3; }
 if [ ! -f "$HF/config.json" ]; then
     if [ ! -f "$GGUF" ]; then
         [ -f "$DEST/tools/assemble.sh" ] || { echo "blocked: no $DEST/tools (carry it)"; exit 3; }

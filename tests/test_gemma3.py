@@ -231,15 +231,18 @@ def test_gpu_record_from_server_results():
            "turbo4": {"served": True, "max_total_num_tokens": 3500, "prompts": prompts, "greedy": [[1, 2, 9], [4, 5, 6]]},
            "turbo4-nograph": {"served": True, "prompts": prompts, "greedy": [[1, 2, 9], [4, 5, 6]]}}
     meta = {"card": "H100", "date": "2026-12-08", "commit": "abc1234", "command": "bash scripts/gpu_gemma3.sh"}
-    rec = g.summarize(got, (3.6, 10, 36, 0), meta)
+    rec = g.summarize("turbo4", got, (3.6, 10, 36, 0), meta)
     assert rec["layout"] == "swa" and rec["served"] and rec["graphs_identical"] is True
     assert rec["capacity_ratio"] == 3.5 and rec["byte_ratio"] == 3.6 and rec["expected_ratio"] == 3.6
     assert rec["quality_delta"] == pytest.approx(((10.2 / 10 + 31 / 30) / 2 - 1) * 100, abs=1e-3)
     assert rec["greedy_agreement"] == {"mean_prefix": 2.5, "std": 0.71, "identical": "1/2", "tokens": g.GEN}
     got["turbo4-nograph"]["greedy"] = [[1, 2, 3], [4, 5, 6]]
-    del got["turbo4-eval"]
-    rec = g.summarize(got, (3.6, 10, 36, 0), meta)
+    got[g.CENTERED + "-eval"] = got.pop("turbo4-eval")
+    rec = g.summarize("turbo4", got, (3.6, 10, 36, 0), meta)
     assert rec["graphs_identical"] is False and rec["quality_delta"] is None
+    centered = g.summarize(g.CENTERED, got, (3.6, 10, 36, 0), meta)  # perplexity server only
+    assert centered["served"] and centered["quality_delta"] is not None and centered["capacity_ratio"] is None
+    assert centered["graphs_identical"] is None
     for key in ("model", "layout", "config", "served", "graphs_identical", "capacity_ratio", "byte_ratio",
                 "quality_metric", "quality_delta", "card", "date", "commit"):
         assert key in rec
