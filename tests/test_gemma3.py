@@ -246,3 +246,14 @@ def test_gpu_record_from_server_results():
     for key in ("model", "layout", "config", "served", "graphs_identical", "capacity_ratio", "byte_ratio",
                 "quality_metric", "quality_delta", "card", "date", "commit"):
         assert key in rec
+
+
+def test_centered_example_config_resolves_for_gemma3_270m():
+    """configs/examples/turbo4_gemma3_270m.yaml: turbo4's bytes, with key means for 18 layers x 1 KV head x 256."""
+    from sglang_tq.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plan = load_config(os.path.join(root, "configs", "examples", "turbo4_gemma3_270m.yaml")).resolve(18, 256, num_kv_heads=1)
+    ref = load_config("turbo4").resolve(18, 256, num_kv_heads=1)
+    assert tuple(plan.key_means.shape) == (18, 1, 256) and plan.key_means.abs().sum() > 0
+    assert plan.bytes_per_token(1) == ref.bytes_per_token(1) and plan.window_tokens == ref.window_tokens
