@@ -85,16 +85,15 @@ class Simulator:
         self.recent = 0         # recent window: key j exact for query i when i - j < recent (config `window:`)
         self.layer_means = {}   # layer -> fp32 [H_kv, d] key-centering mean on the device; absent = none
         self.collect = None     # while measuring means: layer -> [sum over tokens [H_kv, d], token count]
-        self.collect_skip = 0   # while measuring means: leading positions of each window left out
         sim = self
 
         def tq_attention(module, query, key, value, attention_mask, **kwargs):
             layer = getattr(module, "layer_idx", None)
             if sim.collect is not None and layer is not None:  # key: [B, H_kv, T, d], post-RoPE
                 acc = sim.collect.setdefault(layer, [0.0, 0, 0.0])
-                kf = key.float()[:, :, sim.collect_skip:]  # not the prefix (BOS): an attention sink's outlier key
+                kf = key.float()
                 acc[0] = acc[0] + kf.sum(dim=(0, 2))             # [H_kv, d]
-                acc[1] += kf.shape[0] * kf.shape[2]
+                acc[1] += key.shape[0] * key.shape[2]
                 acc[2] = acc[2] + kf.square().sum(dim=(0, 2, 3))  # [H_kv]: for |mu| / rms
             if layer in sim.layer_codecs:
                 exact_k, exact_v = key, value
@@ -169,10 +168,11 @@ class Simulator:
     @torch.no_grad()
     def key_means(self, ids, window, prefix=()):
         """float32 CPU [num_layers, H_kv, d]: mean post-RoPE key of every (layer, KV head) over `ids`
-        (exact attention, non-overlapping windows, each after `prefix` (e.g. BOS), whose keys are not
-        counted). Also sets self.last_key_rms [num_layers, H_kv]."""
+        (exact attention, non-overlapping windows, each after `prefix`, e.g. BOS, whose keys count too:
+        an attention sink's outlier key pulls the mean towards itself, so its own codes err less).
+        Also sets self.last_key_rms [num_layers, H_kv]."""
         self.set_config(None)
-        self.collect, self.collect_skip = {}, len(prefix)
+        self.collect = {}
         try:
             for s in range(0, len(ids), window):
                 x = torch.tensor(list(prefix) + ids[s:s + window], device=self.device)[None]
@@ -185,7 +185,7 @@ class Simulator:
             self.last_key_rms = torch.stack([(c[2] / c[1]).sqrt() for c in acc]).float().cpu()  # [L, H_kv]
             return torch.stack([c[0] / c[1] for c in acc]).float().cpu()
         finally:
-            self.collect, self.collect_skip = None, 0
+            self.collect = None
 
     @torch.no_grad()
     def nll(self, ids, window):
