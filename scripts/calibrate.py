@@ -168,8 +168,8 @@ class Simulator:
     @torch.no_grad()
     def key_means(self, ids, window, prefix=()):
         """float32 CPU [num_layers, H_kv, d]: mean post-RoPE key of every (layer, KV head) over `ids`
-        (exact attention, non-overlapping windows, each after `prefix`, e.g. BOS, whose keys count too:
-        an attention sink's outlier key pulls the mean towards itself, so its own codes err less).
+        (exact attention, non-overlapping windows, each after `prefix`, e.g. BOS, whose keys count too, as
+        the server centers every position).
         Also sets self.last_key_rms [num_layers, H_kv]."""
         self.set_config(None)
         self.collect = {}
