@@ -76,8 +76,8 @@ def tokenize(url: str, text: str) -> list:
 
 def bos_prefix(url: str) -> list:
     """The ids the server's tokenizer puts in front of any text (its BOS; [] if none): --bos prepends them
-    to every span / prompt for models that read BOS as their attention sink (Gemma: perplexity 40 instead
-    of 18 without it). They are context only, never scored."""
+    to every span / prompt for models that read BOS as their attention sink (Gemma's perplexity about
+    doubles without it). They are context only, never scored."""
     return _post(url, "/tokenize", {"prompt": "", "add_special_tokens": True})["tokens"]
 
 
