@@ -13,8 +13,8 @@ What llama.cpp changes on the way in, undone here:
 - nothing else: gemma3 uses NEOX rope, so q/k rows are not permuted (unlike llama GGUFs), and the
   sqrt(hidden) embedding scale is applied by the model, not stored.
 What the GGUF may not say and llama.cpp hard-codes for gemma3 (src/llama-model.cpp): every 6th layer is
-full attention, the rest slide (unless gemma3.attention.sliding_window_pattern is present); sliding layers use rope base 10,000; the query scale is head_dim, except
-for the 27B (62 layers), which uses hidden / heads.
+full attention, the rest slide (unless gemma3.attention.sliding_window_pattern is present); sliding layers
+use rope base 10,000; the query scale is head_dim, except for the 27B (62 layers): hidden / heads.
 The tokenizer is SentencePiece BPE: llama.cpp merges the adjacent pair whose joined piece has the best
 score, so HF merges are every split of a piece into two pieces, ranked by the joined piece's score.
 """
