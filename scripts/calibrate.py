@@ -55,9 +55,10 @@ from sglang_tq.key_means import hf_key_means  # noqa: E402
 from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
 
 
-def recent_window_attention(module, query, exact, coded, recent):
+def recent_window_attention(module, query, exact, coded, recent, mask=None):
     """Causal attention where query i sees key j exact when i - j < recent and as the cache's codes
-    give it back otherwise (the server's recent window; query [B, H_q, T, d], K/V [B, H_kv, T, d])."""
+    give it back otherwise (the server's recent window; query [B, H_q, T, d], K/V [B, H_kv, T, d]).
+    mask: transformers' boolean [B, 1, T, T] (True = attend; a sliding-window layer's band), None = causal."""
     (k, v), (kq, vq) = exact, coded
     g = query.shape[1] // k.shape[1]
     rep = lambda x: x.repeat_interleave(g, dim=1)  # noqa: E731
@@ -65,8 +66,9 @@ def recent_window_attention(module, query, exact, coded, recent):
     i = torch.arange(t, device=query.device)[:, None]
     j = torch.arange(t, device=query.device)[None, :]
     near = (i - j < recent) & (j <= i)
+    allowed = j <= i if mask is None else mask[..., -t:, -t:]
     s = torch.where(near, query @ rep(k).transpose(-1, -2), query @ rep(kq).transpose(-1, -2)) * module.scaling
-    p = torch.softmax(s.float().masked_fill(j > i, float("-inf")), -1).to(query.dtype)
+    p = torch.softmax(s.float().masked_fill(~allowed, float("-inf")), -1).to(query.dtype)
     out = (p * near) @ rep(v) + (p * ~near) @ rep(vq)
     return out.transpose(1, 2).contiguous(), None
 
@@ -76,6 +78,7 @@ class Simulator:
 
     def __init__(self, model_path, device, dtype):
         from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.layer_codecs = {}  # layer -> (K codec or None, V codec or None); absent = exact
@@ -105,10 +108,13 @@ class Simulator:
                 if vc is not None:
                     value = vc.decode(*vc.encode(value.float())).to(value.dtype)
                 if sim.recent > 0:  # the server's recent window: the last `recent` positions exact
-                    return recent_window_attention(module, query, (exact_k, exact_v), (key, value), sim.recent)
+                    return recent_window_attention(module, query, (exact_k, exact_v), (key, value), sim.recent,
+                                                   attention_mask)
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
         AttentionInterface.register("tq_sim", tq_attention)
+        # the masks SDPA gets (a sliding-window layer's band); without this transformers passes none
+        AttentionMaskInterface.register("tq_sim", sdpa_mask)
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype,
                                                           attn_implementation="tq_sim").to(device).eval()
@@ -143,7 +149,11 @@ class Simulator:
         """`key_means: auto` as the server computes it (sglang_tq.key_means), from this model's weights;
         None for a model without k_proj biases."""
         if not hasattr(self, "_auto_means"):
-            self._auto_means = hf_key_means(self.model)
+            layers = self.model.model.layers
+            # no k_proj bias: nothing to center (and hf_key_means reads a single rotary table, which
+            # Gemma 3's per-layer-type rotary module does not have)
+            no_bias = all(getattr(l.self_attn.k_proj, "bias", None) is None for l in layers)
+            self._auto_means = None if no_bias else hf_key_means(self.model)
         return self._auto_means
 
     def set_probe(self, layer, role, bits, seed, key_means=None, recent=0):
@@ -156,14 +166,16 @@ class Simulator:
         self.layer_means = self._means(key_means, [layer]) if role == "k" else {}
 
     @torch.no_grad()
-    def key_means(self, ids, window):
+    def key_means(self, ids, window, prefix=()):
         """float32 CPU [num_layers, H_kv, d]: mean post-RoPE key of every (layer, KV head) over `ids`
-        (exact attention, non-overlapping windows). Also sets self.last_key_rms [num_layers, H_kv]."""
+        (exact attention, non-overlapping windows, each after `prefix`, e.g. BOS, whose keys count too, as
+        the server centers every position).
+        Also sets self.last_key_rms [num_layers, H_kv]."""
         self.set_config(None)
         self.collect = {}
         try:
             for s in range(0, len(ids), window):
-                x = torch.tensor(ids[s:s + window], device=self.device)[None]
+                x = torch.tensor(list(prefix) + ids[s:s + window], device=self.device)[None]
                 if x.shape[1] < 2:
                     break
                 self.model(x)
@@ -328,6 +340,9 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
 
     spans = ev.text_spans(ev.read_texts(a.eval_texts), a.spans, a.span_tokens,
                           lambda t: sim.tok(t, add_special_tokens=False)["input_ids"])
+    if a.bos:  # as `eval_quality.py ppl --bos`: the tokenizer's BOS in front of every span, context only
+        pre = sim.tok("", add_special_tokens=True)["input_ids"]
+        spans = [pre + sp for sp in spans]
     worst = []
     if ratio is not None:
         worst = sorted(range(len(ratio)), key=lambda l: -ratio[l])
@@ -337,7 +352,8 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
         left = [float(((means[l] - auto[l]).norm(dim=-1) / rms[l]).mean()) for l in range(sim.num_layers)]
         log("|measured mean - bias mean| / rms per layer: " + " ".join(f"{r:.2f}" for r in left))
     log(f"{len(spans)} spans of {a.span_tokens} tokens from {a.eval_texts}; same as the server's "
-        f"`eval_quality.py ppl --text {a.eval_texts} --spans {a.spans} --span-tokens {a.span_tokens}`")
+        f"`eval_quality.py ppl --text {a.eval_texts} --spans {a.spans} --span-tokens {a.span_tokens}"
+        f"{' --bos' if a.bos else ''}`")
     rows = {}
     sim.set_config(None)
     rows["bf16"] = {**span_ppl(sim, spans), "bytes_per_token": None}
@@ -360,7 +376,7 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
             with open(os.path.join(a.write_configs, spec.replace(":", "_").replace("=", "") + ".yaml"), "w") as f:
                 yaml.safe_dump(d, f, sort_keys=False)
     return {"spans": len(spans), "span_tokens": a.span_tokens, "texts": a.eval_texts, "spread": "std over spans",
-            "rows": rows}
+            "bos": a.bos, "rows": rows}
 
 
 def main():
@@ -400,6 +416,8 @@ def main():
     ap.add_argument("--spans", type=int, default=3)
     ap.add_argument("--span-tokens", type=int, default=1024)
     ap.add_argument("--write-configs", default="", help="write each variant's YAML into this folder")
+    ap.add_argument("--bos", action="store_true", help="the tokenizer's BOS in front of every --variants span (as "
+                    "eval_quality.py ppl --bos) and every key-means window; for models that need it, e.g. Gemma")
     a = ap.parse_args()
     log = lambda m: print(m, flush=True)  # noqa: E731
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
@@ -428,7 +446,7 @@ def main():
             raise SystemExit(f"calibrate: only {len(mids)} tokens of text for the key means ({msrc}); "
                              f"give --means-text FILE (text other than the evaluation text)")
         t0 = time.time()
-        means = sim.key_means(mids, a.window)
+        means = sim.key_means(mids, a.window, sim.tok("", add_special_tokens=True)["input_ids"] if a.bos else ())
         means_path = save_key_means(means, a.key_means_out or default_means_path(a.out))
         ratio = key_mean_ratio(means, sim.last_key_rms)
         log(f"key means over {len(mids)} tokens of {msrc} ({time.time() - t0:.1f}s) -> {means_path}; "

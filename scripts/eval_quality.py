@@ -74,6 +74,13 @@ def tokenize(url: str, text: str) -> list:
     return _post(url, "/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
 
 
+def bos_prefix(url: str) -> list:
+    """The ids the server's tokenizer puts in front of any text (its BOS; [] if none): --bos prepends them
+    to every span / prompt for models that read BOS as their attention sink (Gemma's perplexity about
+    doubles without it). They are context only, never scored."""
+    return _post(url, "/tokenize", {"prompt": "", "add_special_tokens": True})["tokens"]
+
+
 # ------------------------------------------------------------------------------------------------
 def _input_logprobs(url: str, prompt: dict) -> list:
     """Log-probabilities of a request's input tokens after the first ({"text": ...} or {"input_ids": ...})."""
@@ -380,6 +387,9 @@ def main(argv=None):
         p.add_argument("--card", default=None, help="GPU name (default: nvidia-smi)")
         p.add_argument("--commit", default=None, help="commit (default: git rev-parse of this checkout)")
         p.add_argument("--command", default="", help="command line to record (default: this one)")
+    for name in ("ppl", "greedy"):
+        sub.choices[name].add_argument("--bos", action="store_true",
+                                       help="prepend the tokenizer's BOS to every span / prompt (see bos_prefix)")
     P = sub.choices
     P["ppl"].add_argument("--text", required=True, help="a text file, or a folder of *.txt")
     P["ppl"].add_argument("--chars", type=int, default=0, help="one text: first N characters (0 = all)")
@@ -436,10 +446,12 @@ def main(argv=None):
         if cmd == "ppl":
             if args.spans:
                 spans = text_spans(read_texts(args.text), args.spans, args.span_tokens, lambda t: tokenize(args.url, t))
-                res = span_perplexity(args.url, spans, args.window)
+                pre = bos_prefix(args.url) if args.bos else []
+                res = span_perplexity(args.url, [pre + s for s in spans], args.window)
                 recs = [record(args, "ppl", res["ppl"], res["std"], "std over spans", res["spans"],
                                detail={k: res[k] for k in ("min", "max", "per_span", "pooled", "tokens")}
-                               | {"span_tokens": args.span_tokens, "window": args.window, "text": args.text},
+                               | {"span_tokens": args.span_tokens, "window": args.window, "text": args.text,
+                                  "bos": args.bos},
                                facts=facts)]
             else:
                 text = read_texts(args.text)[0]
@@ -462,6 +474,8 @@ def main(argv=None):
                            "binomial standard error", res["n"], facts=facts)]
         else:  # greedy
             prompts = text_spans(read_texts(args.text), args.prompts, args.prompt_tokens, lambda t: tokenize(args.url, t))
+            pre = bos_prefix(args.url) if args.bos else []
+            prompts = [pre + p for p in prompts]
             outputs = greedy_generate(args.url, prompts, args.tokens)
             base = record(args, "greedy_prefix", float(args.tokens), 0.0, "std over prompts", len(prompts), facts=facts)
             if args.save:

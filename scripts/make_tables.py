@@ -338,7 +338,7 @@ def simulation_section(recs: List[dict]) -> List[str]:
            "cache (window 0: the codecs alone, as a radix-cached prefix or a far-back needle sees them; window 32: "
            "the presets' recent window). Not a server measurement. Change = mean over spans of the per-span "
            "perplexity ratio − 1, ± its standard deviation over the spans; bytes are the KV cache per token.", ""]
-    for g in groups(recs, lambda r: (r["model"], r["path"], r.get("text"), r["n"])):
+    for g in groups(recs, lambda r: (r["model"], r["path"], r.get("text"), r["n"], r["commit"], r["command"])):
         out += [f"{g[0]['model']}, {g[0]['n']} spans ({g[0].get('text', '')}); BF16 perplexity "
                 f"{num(g[0]['bf16_mean'], 2)}, {num(g[0]['bf16_bytes_per_token'])} B/token.", ""]
         rows = [[f"`{r['config']}`", str(r["window"]), r["centering"],

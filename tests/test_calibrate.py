@@ -70,6 +70,44 @@ def test_simulator_recent_window(tiny_model):
     assert kl[96] < kl[8] < kl[0]
 
 
+class _Exact:
+    """A codec that gives back what it got: the simulator then must equal the model itself."""
+
+    def encode(self, x):
+        return (x,)
+
+    def decode(self, x):
+        return x
+
+
+def test_simulator_keeps_sliding_windows(tmp_path):
+    """Gemma 3's sliding-window layers (window 4 here, 30 tokens) attend only inside their band in the
+    simulator, with and without the recent window: lossless codecs give the eager model's logits."""
+    from tokenizers import Tokenizer, models
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+    import calibrate
+
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+                            ).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    Gemma3ForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 30))
+    eager = Gemma3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = eager(ids).logits
+        full = Gemma3ForCausalLM.from_pretrained(  # the same weights with no band: must differ
+            tmp_path, attn_implementation="eager", sliding_window=64).eval()(ids).logits
+        assert (full - want).abs().max() > 1e-3
+        sim = calibrate.Simulator(str(tmp_path), "cpu", torch.float32)
+        for recent in (0, 6):
+            sim.set_config(None)
+            sim.layer_codecs, sim.recent = {l: (_Exact(), _Exact()) for l in range(2)}, recent
+            torch.testing.assert_close(sim.model(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_calibrate_writes_a_config_meeting_the_target(tiny_model, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good "

@@ -48,7 +48,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
         if self.path == "/flush_cache":
             return self._json({})
         if self.path == "/tokenize":
-            return self._json({"tokens": [ord(c) for c in req["prompt"]]})
+            bos = [1] if req.get("add_special_tokens") else []  # the stand-in tokenizer's BOS is id 1
+            return self._json({"tokens": bos + [ord(c) for c in req["prompt"]]})
         if self.path == "/detokenize":
             return self._json({"text": "".join(chr(t) for t in req["tokens"])})
         if self.path == "/v1/chat/completions":
@@ -255,6 +256,13 @@ def test_ppl_spans_record(server, tmp_path):
     assert r["path"] == "extend, evaluation.prefill_from_cache" and r["card"] == "H100" and r["commit"] == "abc1234"
 
 
+def test_ppl_spans_with_bos_score_every_span_token(server, tmp_path):
+    """--bos: the tokenizer's BOS goes in front of each span as context, so all span tokens are scored."""
+    (r,) = _run(["ppl", "--url", server, "--text", str(_texts(tmp_path)), "--spans", "4", "--span-tokens", "40",
+                 "--bos", "--config", "bf16"] + LABELS, tmp_path / "p.json")
+    assert r["detail"]["tokens"] == 4 * 40 and r["detail"]["bos"] is True
+
+
 def test_span_perplexity_mean_and_std(monkeypatch):
     lps = {1: -1.0, 2: -2.0, 3: -3.0}  # each span's tokens all get the log-probability of its first id
     monkeypatch.setattr(eval_quality, "_post", lambda url, path, p: {
@@ -299,6 +307,10 @@ def test_greedy_reference_and_compare(server, tmp_path):
     want = [5 if f % 2 == 0 else 16 for f in firsts]
     assert r["metric"] == "greedy_prefix" and r["n"] == 6 and r["mean"] == pytest.approx(sum(want) / 6)
     assert r["detail"]["identical"] == want.count(16)
+    bos = tmp_path / "bos.json"
+    eval_quality.main(["greedy", *common, "--config", "bf16", "--bos", "--save", str(bos)])
+    assert [p[0] for p in json.loads(bos.read_text())["prompts"]] == [1] * 6
+    assert [p[1:] for p in json.loads(bos.read_text())["prompts"]] == json.loads(ref.read_text())["prompts"]
     eval_quality.main(["greedy-compare", str(ref), str(run), "--json", str(tmp_path / "g2.json")])
     (c,) = json.loads((tmp_path / "g2.json").read_text())
     assert c["mean"] == r["mean"] and c["config"] == "turbo3" and c["spread_kind"] == "std over prompts"
