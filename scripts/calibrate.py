@@ -149,11 +149,7 @@ class Simulator:
         """`key_means: auto` as the server computes it (sglang_tq.key_means), from this model's weights;
         None for a model without k_proj biases."""
         if not hasattr(self, "_auto_means"):
-            layers = self.model.model.layers
-            # no k_proj bias: nothing to center (and hf_key_means reads a single rotary table, which
-            # Gemma 3's per-layer-type rotary module does not have)
-            no_bias = all(getattr(l.self_attn.k_proj, "bias", None) is None for l in layers)
-            self._auto_means = None if no_bias else hf_key_means(self.model)
+            self._auto_means = hf_key_means(self.model)
         return self._auto_means
 
     def set_probe(self, layer, role, bits, seed, key_means=None, recent=0):

@@ -68,12 +68,15 @@ def means_from_biases(biases: Sequence[Optional[torch.Tensor]], num_kv_heads: in
 
 def hf_key_means(model, positions: int = AUTO_POSITIONS) -> Optional[torch.Tensor]:
     """`key_means: auto` for a Hugging Face transformers causal LM (Llama / Qwen2 layout: self_attn.k_proj,
-    model.rotary_emb); used by scripts/calibrate.py's simulator."""
+    model.rotary_emb); used by scripts/calibrate.py's simulator. None for a model without k_proj biases
+    (nothing to center; e.g. Gemma 3, whose per-layer-type rotary has no single table)."""
+    biases = [getattr(layer.self_attn.k_proj, "bias", None) for layer in model.model.layers]
+    if all(b is None for b in biases):
+        return None
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rot = model.model.rotary_emb
     cos, sin = rope_tables(rot.inv_freq.cpu(), positions, float(getattr(rot, "attention_scaling", 1.0)))
-    biases = [layer.self_attn.k_proj.bias for layer in model.model.layers]
     return means_from_biases(biases, cfg.num_key_value_heads, head_dim, cos, sin, neox=True)
 
 
