@@ -56,7 +56,9 @@ FAMILIES = (
      "packed pools; or one pool with --disable-hybrid-swa-memory",
      "tests/test_sglang_hybrid.py, test_sglang_sliding.py, test_kernels_sliding.py"),
     ("Sliding-window layers", "Gemma 2 / 3, Mistral with a window", "swa",
-     "one packed pool (SGLang keeps one pool for these)", "tests/test_sglang_sliding.py, test_kernels_sliding.py"),
+     "one packed pool (SGLang keeps one pool for these); Gemma 3 GGUFs convert with scripts/gguf_gemma3_to_hf.py",
+     "tests/test_sglang_sliding.py, test_kernels_sliding.py, test_gemma3.py (conversion; CPU simulation of "
+     "Gemma-3-270M in docs/RESULTS.md)"),
     ("Linear-attention hybrids (Gated DeltaNet)", "Qwen3-Next, Qwen3.5", "hybrid-linear",
      "the attention layers in the packed pool inside SGLang's hybrid pool; the recurrent-state pool is SGLang's",
      "tests/test_sglang_hybrid.py"),
