@@ -71,8 +71,9 @@ class SpeculativeVerify:
         # recent window: nothing staged, no ring read
         self.staging = None
         self.stage_index = {}
-        if W and any(pool.quantized):
-            lids = [pool.start_layer + i for i, qz in enumerate(pool.quantized) if qz]
+        # model layer ids (a linear-attention hybrid's attention layers are not contiguous)
+        lids = [lid for lid in pool.quantized_layer_ids if pool.window_buffers(lid)[0] is not None] if W else []
+        if lids:
             rings = [pool.window_buffers(lid) for lid in lids]
             self.staging = backend.ops.draft_staging([r[0] for r in rings], [r[1] for r in rings], W, R, D,
                                                      int(model_runner.req_to_token_pool.size))

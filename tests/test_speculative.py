@@ -224,7 +224,7 @@ def _check_ring(s, r):
     """The ring rows of request r's window hold exactly what compress writes for those tokens (rotated,
     bf16), so the ring is what decoding the accepted tokens one by one would have left."""
     pool, L = s["pool"], s["lens"][r]
-    for lid in range(NUM_LAYERS):
+    for lid in (layer.layer_id for layer in s["layers"]):
         if not pool.is_quantized(lid):
             continue
         rk, rv = pool.window_buffers(lid)
@@ -274,6 +274,38 @@ def test_verify_accept_and_decode(s, kernels, monkeypatch):
                 k, _ = s["exact"][(r, p, lid)]
                 codes, _ = kb.codec.encode(k.float()[None])
                 assert torch.equal(kb.codes[r2t[r, p].long()], codes[0]), (r, p, lid)
+
+
+def test_verify_on_a_linear_attention_hybrid(tmp_path):
+    """Qwen3-Next (attention layers 3 and 7 between Gated DeltaNet layers, TQHybridLinearKVPool): the draft
+    staging covers the attention layers by model layer id; verify, commit and decode as on a plain model."""
+    import sglang.srt.configs.qwen3_next as q3n
+
+    q3n.get_attention_tp_size = lambda: 1
+    hf = q3n.Qwen3NextConfig(
+        num_hidden_layers=8, hidden_size=256, num_attention_heads=HQ, num_key_value_heads=HKV, head_dim=D,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_conv_kernel_dim=4, full_attention_interval=4, vocab_size=1000, intermediate_size=512,
+        moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=128)
+    mc = FakeModelConfig(8, HQ, HKV, D, context_len=64)
+    mc.hf_config = mc.hf_text_config = hf
+    path = write_tq_config(tmp_path, CFG.replace("boundary: {first: 1, last: 0}", "boundary: {first: 0, last: 0}"))
+    with env(SGLANG_TQ_CONFIG=path):
+        runner = FakeRunner(mc, server_args(max_mamba_cache_size=8))
+        runner.mambaish_config = runner.hybrid_gdn_config = hf
+        pool = runner.build_pools(4096, max_running_requests=4)
+        # set after the pools: SGLang's recurrent-state pool keeps CUDA-only verify buffers with speculative decoding
+        runner.server_args.speculative_algorithm, runner.server_args.speculative_num_draft_tokens = "NGRAM", DRAFTS
+        backend = tq_backend(runner)
+    assert backend.spec.stage_index == {3: 0, 7: 1}
+    s = dict(runner=runner, pool=pool, backend=backend, gen=torch.Generator().manual_seed(1), exact={}, lens={},
+             start={}, window=backend.window,
+             layers=[RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in (3, 7)])
+    _prefill(s, [0, 1], [11, 6])
+    _verify(s, [0, 1], [[-1, 0, 0, 1], [-1, 0, 1, 2]], accept=[[0, 1, 3], [0, 1]])
+    _decode(s, [0, 1])
+    for r in (0, 1):
+        _check_ring(s, r)
 
 
 def test_verify_without_window(tmp_path):
