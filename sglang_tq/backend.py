@@ -402,6 +402,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                               cuda_graph_num_kv_splits_buf=None):
         self.bf16.init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf=kv_indices_buf,
                                         cuda_graph_num_kv_splits_buf=cuda_graph_num_kv_splits_buf)
+        if self.spec is not None:  # speculative decoding captures verify batches only: no decode buffers
+            return
         # one workspace shared by all quantized layers, sized for the largest captured batch and split
         # count (+ 1 with a recent window: the ring's partial), allocated before capture
         partials = max(self.decode_launch(b).partials for b in range(1, max_num_tokens + 1))

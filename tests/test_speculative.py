@@ -369,6 +369,26 @@ def test_verify_cuda_graph_hooks_match_eager(s):
     assert torch.equal(md.kv_indices[:sum(prefix)], backend.bf16.forward_metadata.kv_indices[:sum(prefix)])
 
 
+def test_verify_graphs_allocate_no_decode_workspace(s, tmp_path, monkeypatch):
+    """With NGRAM SGLang captures verify batches only (max_bs x draft tokens rows): the decode workspace, which
+    they do not read, is not allocated (memory outside SGLang's budget); without speculative decoding the decode
+    graphs get it (Triton kernels in the interpreter)."""
+    from sglang_tq.kernel_calls import KernelCalls
+
+    ops = KernelCalls("cpu", triton=True)
+    plain_path = write_tq_config(tmp_path, CFG, name="plain.yaml")
+    with env(SGLANG_TQ_CONFIG=plain_path):
+        runner = FakeRunner(FakeModelConfig(NUM_LAYERS, HQ, HKV, D, context_len=64))
+        runner.build_pools(256, max_running_requests=4)
+        plain = tq_backend(runner)
+    for backend in (s["backend"], plain):
+        monkeypatch.setattr(backend, "ops", ops)
+        monkeypatch.setattr(backend, "_launches", {})
+        backend.init_cuda_graph_state(4, 4 * DRAFTS if backend.spec is not None else 4)
+    assert s["backend"].decode_workspace is None and s["backend"]._graph_window is None
+    assert plain.spec is None and plain.decode_workspace.max_batch == 4 and plain._graph_window.shape == (3, 4)
+
+
 @pytest.mark.parametrize("algo", ["EAGLE", "EAGLE3", "STANDALONE", "NEXTN"])
 def test_draft_model_algorithms_refused(algo):
     from sglang_tq.compat import _problems_server_args
