@@ -32,9 +32,9 @@ token sees its whole past exactly as decoding would (perplexity then measures th
 
 Recent window (`window:` in the config; `tq_kernels.window`): every new token also writes its exact rotated
 K/V to its request's ring row (req_pool_idx * W + position % W; in extend only each sequence's last W
-tokens), and decode reads positions [lo, L) from the ring, lo = max(L - W, the position of the request's
-last extend), so a prefix that came from the radix cache (written by another request) is always read from
-the codes. Requests with req_pool_idx >= the ring's request count decode from the codes alone; the
+tokens), and decode reads positions [lo, L) from the ring, lo = max(L - W, the prefix length of the request's
+first extend), so a prefix that came from the radix cache (written by another request) is always read from
+the codes, while later chunks of a chunked prefill and mixed batches keep the request's ring. Requests with req_pool_idx >= the ring's request count decode from the codes alone; the
 req-to-token pool hands out the lowest free index first so that the ring covers the requests running at
 the same time.
 
@@ -57,8 +57,8 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang_tq.flashinfer_prefill import RaggedParams, RaggedPrefill
 from sglang_tq.kernel_calls import DecodeLaunch
-from sglang_tq.pool import TQ_POOLS, TQSWAKVPool
-from sglang_tq.sglang_internals import lowest_free_first, server_arg
+from sglang_tq.pool import TQ_POOLS, WINDOW_FRESH, TQSWAKVPool
+from sglang_tq.sglang_internals import lowest_free_first, on_new_request_slots, server_arg
 
 logger = logging.getLogger("sglang_tq")
 
@@ -207,6 +207,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.window_requests = pool.window_requests
         if self.window:
             lowest_free_first(model_runner.req_to_token_pool)
+            on_new_request_slots(model_runner.req_to_token_pool, self._new_request_slots)
         self.extend_fixed = dict(block_m=64, gqa_pack=False, num_splits=1) if self.batch_invariant else {}
         model = getattr(model_runner, "model", None)
         dtype = getattr(model_runner, "dtype", pool.model_dtype)
@@ -375,10 +376,17 @@ class TurboQuantAttnBackend(AttentionBackend):
                     swa_max_prefix_len=min(max(prefix), self.swa_window) if prefix else None)
                if self.swa_window else {}))
 
+    def _new_request_slots(self, req_pool_indices) -> None:
+        """SGLang handed these request slots to new requests: their ring rows are another request's."""
+        for r in req_pool_indices:
+            if r < self.window_requests:
+                self.tq_pool.window_start[r] = WINDOW_FRESH  # one fill each, no host sync
+
     def _extend_window(self, fb) -> torch.Tensor:
-        """Ring rows of the new tokens (each sequence's last W), and each ring request's first ring position
-        set to its prefix length: ring rows before this extend's tokens are not this sequence's (radix hit,
-        retraction), decode reads them from the codes."""
+        """Ring rows of the new tokens (each sequence's last W). A ring request's first extend sets its first
+        ring position to its prefix length (the prefix's ring rows are not its own: a radix hit, a retracted
+        request readmitted); a later extend of the same request (the next chunk of a chunked prefill, a running
+        request's token in a mixed batch, a session's next turn) keeps it, its ring rows being its own."""
         W, R = self.window, self.window_requests
         req = fb.req_pool_indices.to(torch.int64)
         in_ring = req < R
@@ -392,7 +400,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         keep = in_ring[seq] & (pos >= seq_lens[seq] - W)
         rows = torch.where(keep, req_c[seq] * W + pos % W, -1)
         # requests outside the ring write row R, which nothing reads: no boolean index, no host sync
-        self.tq_pool.window_start[torch.where(in_ring, req, R)] = fb.extend_prefix_lens.to(torch.int32)
+        start = self.tq_pool.window_start
+        start[torch.where(in_ring, req, R)] = torch.minimum(start[req_c], fb.extend_prefix_lens.to(torch.int32))
         return rows.to(torch.int32)
 
     # ----------------------------------------------------------------------------------------

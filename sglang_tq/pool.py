@@ -35,7 +35,8 @@ its own heads of the `[num_layers, H_kv_total, head_dim]` file (`key_mean_heads`
 Recent window (`window: {tokens: W, requests: R}` in the config; `tq_kernels.window`): per quantized
 layer two bf16 rings `[R * W, H_kv, head_dim]` hold the exact rotated K/V of each request's last W
 positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `window_start` (int32
-[R + 1]) the first position each request wrote there since its last extend. The attention backend
+[R + 1]) the first position the request holding each slot wrote there (WINDOW_FRESH: the slot was handed
+to a request that has not run yet). The attention backend
 decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
 
 Hybrid models (bottom of this module): `TQSWAKVPool` (SGLang's hybrid SWA memory: a full-attention and a
@@ -65,6 +66,10 @@ from sglang_tq.sglang_internals import POOL_DTYPE
 from tq_kernels.codec import FP8_DTYPE, fp8_encode
 
 logger = logging.getLogger(__name__)
+
+# window_start of a request slot just handed to a new request: above every position, so nothing of the slot's
+# ring is read until the request's first extend sets its own start
+WINDOW_FRESH = torch.iinfo(torch.int32).max
 
 def _attention_tp_rank_size() -> Tuple[int, int]:
     """(rank, size) of the attention TP group; (0, 1) when SGLang's groups are not initialised."""
@@ -238,10 +243,10 @@ class TQTokenToKVPool(KVCache):
                     self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=plain, device=dev))
                     for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.ring_k, self.ring_v):
                         lst.append(None)
-            # first ring position of each request slot (set at its extends): decode never reads older rows.
-            # Row R takes the writes of requests outside the ring (so the backend writes without a mask,
+            # first ring position of each request slot (set at its first extend): decode never reads older
+            # rows. Row R takes the writes of requests outside the ring (so the backend writes without a mask,
             # and without the host sync a boolean index costs); nothing reads it.
-            self.window_start = torch.zeros(self.window_requests + 1, dtype=torch.int32, device=dev)
+            self.window_start = torch.full((self.window_requests + 1,), WINDOW_FRESH, dtype=torch.int32, device=dev)
 
     def _load_key_means(self) -> List[Optional[torch.Tensor]]:
         """One fp32 [H_local, head_dim] device tensor per quantized local layer (None elsewhere)."""

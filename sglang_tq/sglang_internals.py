@@ -14,6 +14,9 @@ silently serving a wrong cache:
   goes through its `set_kv_buffer` (a fused write would store bf16 rows past the packed buffers).
 * `lowest_free_first`: the recent window's ring covers low request indices; `ReqToTokenPool.free`
   appends to `free_slots` and `alloc` pops from the front.
+* `on_new_request_slots`: `ReqToTokenPool.alloc(reqs)` gives an index to the requests whose `req_pool_idx` is
+  None and keeps the others' (a chunked request, a streaming session's turn); the recent window marks the
+  newly handed-out slots so that their ring rows (another request's) are never read.
 * `shrink_token_budget`: `_init_pools` sizes the pool by the runner's `max_total_num_tokens` (and its
   `MemoryPoolConfig` keeps a copy); the recent window's ring takes its bytes out of that budget.
 * `server_arg`: server arguments are read by name; a name SGLang renamed or removed raises instead of
@@ -98,6 +101,26 @@ def lowest_free_first(req_to_token_pool) -> None:
     req_to_token_pool.free_slots = sorted(req_to_token_pool.free_slots)
     req_to_token_pool.free = free
     req_to_token_pool._tq_lowest_first = True
+
+
+def on_new_request_slots(req_to_token_pool, callback: Callable[[list], None]) -> None:
+    """After SGLang's req-to-token pool hands request indices to requests that had none (`alloc`: a new request,
+    a retracted one readmitted), call callback(those indices). A chunked request's next chunk and a streaming
+    session's next turn keep their index (no new one). One wrap per pool; a later call replaces the callback."""
+    req_to_token_pool._tq_on_new_slots = callback
+    if getattr(req_to_token_pool, "_tq_alloc_wrapped", False):
+        return
+    orig_alloc = req_to_token_pool.alloc
+
+    def alloc(reqs, *args, **kwargs):
+        new = [r for r in reqs if r.req_pool_idx is None]
+        out = orig_alloc(reqs, *args, **kwargs)
+        if out is not None and new:
+            req_to_token_pool._tq_on_new_slots([r.req_pool_idx for r in new])
+        return out
+
+    req_to_token_pool.alloc = alloc
+    req_to_token_pool._tq_alloc_wrapped = True
 
 
 def shrink_token_budget(runner, tokens: int) -> None:

@@ -117,6 +117,22 @@ def test_req_to_token_pool_order_and_lowest_free_first():
         si.lowest_free_first(SimpleNamespace(free=lambda req: None))
 
 
+def test_on_new_request_slots_reports_only_new_indices():
+    """SGLang's ReqToTokenPool.alloc keeps the index of a request that has one (a chunked request's next chunk,
+    a streaming session's turn) and hands out new ones to the rest: only those are reported, none when it
+    cannot serve the batch; a second install replaces the callback without a second wrap."""
+    pool = ReqToTokenPool(size=3, max_context_len=16, device="cpu", enable_memory_saver=False)
+    seen = []
+    si.on_new_request_slots(pool, lambda idx: seen.append(("old", idx)))
+    si.on_new_request_slots(pool, seen.append)
+    chunked = SimpleNamespace(req_pool_idx=None, is_chunked=1, kv_committed_len=0)
+    assert pool.alloc([chunked]) == [0] and seen == [[0]]
+    new = [SimpleNamespace(req_pool_idx=None, is_chunked=0, kv_committed_len=0) for _ in range(2)]
+    assert pool.alloc([chunked] + new) == [0, 1, 2] and seen == [[0], [1, 2]]
+    assert pool.alloc([SimpleNamespace(req_pool_idx=None, is_chunked=0, kv_committed_len=0)]) is None
+    assert seen == [[0], [1, 2]]
+
+
 def test_server_args_read_by_name_exist():
     """Every server argument sglang_tq reads (server_arg(...) / arg(...) with a literal name) is a field of
     SGLang's ServerArgs; an unknown name raises instead of reading a default."""

@@ -55,7 +55,7 @@ def _extend(s, reqs, prefix, new, pad=0):
     off = 0
     for r, p, n in zip(reqs, prefix, new):
         r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
-        s["lens"][r], s["start"][r] = p + n, p
+        s["lens"][r], s["start"][r] = p + n, min(s["start"].get(r, p), p)  # a request's first extend sets it
         off += n
     for layer in s["layers"]:
         q = torch.randn(sum(new) + pad, HQ * D, generator=s["gen"]).to(torch.bfloat16)
@@ -122,9 +122,20 @@ def test_decode_reads_the_window_exactly(s, pad):
     assert s["pool"].window_start.shape == (3,)
     for _ in range(6):                                 # ring rows wrap around; req 1's window grows from 8
         assert _decode(s, [0, 1, 2]) == 3 * (NUM_LAYERS - 1)
-    _extend(s, [0], [16], [1], pad)                    # a 1-token extend resets req 0's start to 16
-    assert s["pool"].window_start[0].item() == 16
+    _extend(s, [0], [16], [1], pad)                    # req 0's token in a mixed batch: its ring stays
+    assert s["pool"].window_start[0].item() == 0
     _decode(s, [0])
+    # a new request handed slot 0 (SGLang's alloc) with a radix hit on req 0's first 12 tokens: slot 0's ring
+    # rows are req 0's, so its start is its prefix
+    from types import SimpleNamespace
+
+    assert s["runner"].req_to_token_pool.alloc([SimpleNamespace(req_pool_idx=None, is_chunked=0,
+                                                                kv_committed_len=0)]) == [0]
+    s["start"].pop(0)
+    _extend(s, [0], [12], [2], pad)
+    assert s["pool"].window_start[0].item() == 12
+    for _ in range(3):
+        _decode(s, [0, 1])
 
 
 def test_window_changes_attention_and_capacity(tmp_path, s):
