@@ -163,6 +163,15 @@ def tq_hybrid_swa_tokens(runner, token_capacity: int, num_kv_heads: int) -> Tupl
     return full, full, swa
 
 
+def ring_bytes(plan, num_kv_heads: int, requests: int, layers) -> int:
+    """Bytes of the recent-window rings of the quantized `layers`: bf16 K + V rows at the formats' dims, as the
+    pool allocates them (a head_dim of 80 / 96 is stored padded to the codec's 128)."""
+    if not getattr(plan, "window_tokens", 0):
+        return 0
+    dims = sum(plan.layers[i].k.head_dim + plan.layers[i].v.head_dim for i in layers if plan.layers[i].quantized)
+    return 2 * num_kv_heads * dims * plan.window_tokens * requests
+
+
 def reserve_window_memory(runner, plan, mod) -> int:
     """Request slots the recent window's ring covers (0: no window), after taking the ring's bytes out of
     the token budget SGLang computed (max_total_num_tokens), so the pool plus ring fit where SGLang
@@ -174,30 +183,30 @@ def reserve_window_memory(runner, plan, mod) -> int:
     if getattr(runner, "is_hybrid_swa", False):  # the ring serves the full-attention layers (TQSWAKVPool)
         full_b, swa_b = swa_pool_bytes(runner, heads)
         ratio = runner.swa_max_total_num_tokens / max(runner.full_max_total_num_tokens, 1)
-        ring_bytes = plan.window_bytes(heads, requests, runner.model_config.full_attention_layer_ids)
+        ring = ring_bytes(plan, heads, requests, runner.model_config.full_attention_layer_ids)
         cell = full_b + ratio * swa_b  # memory of one full-pool token, its share of the SWA pool included
     else:
         layers = kv_layer_ids(runner)
-        ring_bytes = plan.window_bytes(heads, requests, layers)
+        ring = ring_bytes(plan, heads, requests, layers)
         cell = tq_cell_size_per_token(runner, len(layers), heads)
-    if not ring_bytes:
+    if not ring:
         return 0
     # speculative verify stages each ring request's draft tokens in rows shaped like the ring's (DraftStaging)
     draft = int(server_arg(runner.server_args, "speculative_num_draft_tokens") or 0) \
         if server_arg(runner.server_args, "speculative_algorithm") else 0
-    ring_bytes = ring_bytes * (plan.window_tokens + draft) // plan.window_tokens
-    cut = int(-(-ring_bytes // max(cell, 1)))
+    ring = ring * (plan.window_tokens + draft) // plan.window_tokens
+    cut = int(-(-ring // max(cell, 1)))
     if server_arg(runner.server_args, "max_total_tokens"):  # a user cap: the pool is below what memory allows
         logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "
-                    "the --max-total-tokens pool", plan.window_tokens, requests, ring_bytes / 2**20)
+                    "the --max-total-tokens pool", plan.window_tokens, requests, ring / 2**20)
         return requests
     if cut >= runner.max_total_num_tokens:
-        raise RuntimeError(f"TurboQuant: the recent window's ring ({ring_bytes} B for {requests} requests x "
+        raise RuntimeError(f"TurboQuant: the recent window's ring ({ring} B for {requests} requests x "
                            f"{plan.window_tokens} tokens) does not fit next to the KV pool; lower window.requests "
                            f"or window.tokens in the config, or raise --mem-fraction-static")
     shrink_token_budget(runner, cut)
     logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB "
-                "(= %d tokens of the pool)", plan.window_tokens, requests, ring_bytes / 2**20, cut)
+                "(= %d tokens of the pool)", plan.window_tokens, requests, ring / 2**20, cut)
     return requests
 
 

@@ -148,6 +148,18 @@ def test_window_changes_attention_and_capacity(tmp_path, s):
     assert cut == -(-pool.window_bytes() // pool.bytes_per_token())
 
 
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_window_budget_of_padded_head_dims(tmp_path, head_dim):
+    """head_dim 80 / 96: the codes and the ring rows are at the codec's padded 128; the token budget gives up
+    the ring's real bytes."""
+    path = write_tq_config(tmp_path, CFG)
+    with env(SGLANG_TQ_CONFIG=path):
+        runner = FakeRunner(FakeModelConfig(NUM_LAYERS, HQ, HKV, head_dim, context_len=64))
+        pool = runner.build_pools(256, max_running_requests=8)
+    assert pool.ring_k[1].shape == (2 * W, HKV, 128)
+    assert 256 - runner.max_total_num_tokens == -(-pool.window_bytes() // pool.bytes_per_token())
+
+
 def test_lowest_free_request_index_first(s):
     from types import SimpleNamespace
 
