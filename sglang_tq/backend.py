@@ -266,9 +266,11 @@ class TurboQuantAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch):
         fb = forward_batch
         if self.spec is not None and not fb.forward_mode.is_idle():
-            # the requests' last verify: accepted tokens into the ring before anything reads it
+            # the requests' last verify: accepted tokens into the ring before anything reads it (an extend: the
+            # tokens before its prefix, which a new request in the slot never reads from the ring)
             mode = fb.forward_mode
-            new_lens = fb.seq_lens if mode.is_target_verify() else fb.seq_lens - 1 if mode.is_decode() else None
+            new_lens = (fb.seq_lens if mode.is_target_verify() else fb.seq_lens - 1 if mode.is_decode()
+                        else fb.extend_prefix_lens)
             self.spec.commit(fb.req_pool_indices, new_lens)
         if fb.forward_mode.is_target_verify() and self.spec is not None:
             self.bf16.init_forward_metadata(fb)

@@ -19,8 +19,9 @@ On the quantized layers:
   follows from its new length (that forward's seq_lens), which ones from the req-to-token row SGLang
   rewrote with their slots.
   The ring then holds what plain decode of the accepted tokens would have written. A request's staged
-  step waits for its next verify or decode (a prefill batch of other requests may come first); an extend
-  of the request slot (a new request, a retracted one re-prefilled) drops it.
+  step waits for its next forward (a prefill batch of other requests may come first); an extend of the
+  request slot commits the tokens before its prefix (a streaming session's next turn keeps its ring; a new
+  request in that slot reads its ring from its prefix on, so what this writes below it is never read).
 
 CUDA graphs: capture and replay fill static buffers (ring bounds, staging rows); padding rows of a replay
 (beyond the real batch) write no staging row.
@@ -94,10 +95,10 @@ class SpeculativeVerify:
                                             self.req_to_token, self.pool.window_start)
         return VerifyMetadata(tree=tree, stage_rows=rows, ring_lo=lo, ring_base=base)
 
-    def commit(self, req_pool_indices, new_lens=None, n_real=None) -> None:
+    def commit(self, req_pool_indices, new_lens, n_real=None) -> None:
         """Before a forward of the requests `req_pool_indices` (the first n_real real; default all) whose cache
-        then holds new_lens tokens: their last verify's accepted tokens into the ring (DraftStaging.commit);
-        new_lens None (an extend of these request slots): the staged steps are dropped."""
+        then holds new_lens tokens (an extend: its prefix): their last verify's accepted tokens into the ring
+        (DraftStaging.commit)."""
         if self.staging is not None:
             n = req_pool_indices.shape[0]
             self.staging.commit(req_pool_indices, new_lens, n if n_real is None else n_real, self.req_to_token)

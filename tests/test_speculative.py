@@ -74,24 +74,27 @@ def _attend(q, k, v):
     return torch.einsum("hl,lhd->hd", torch.softmax(sc, -1), v.float().repeat_interleave(HQ // HKV, 1))
 
 
-def _prefill(s, reqs, lens):
+def _prefill(s, reqs, lens, prefix=None):
+    """An extend of `lens` new tokens after `prefix` cached ones (default 0: a prompt) of each request; a request
+    extended again (a streaming session's next turn) keeps its first extend's ring start."""
     runner = s["runner"]
+    prefix = prefix or [0] * len(reqs)
     slots = runner.token_to_kv_pool_allocator.alloc(sum(lens))
     r2t = runner.req_to_token_pool.req_to_token
-    fb = extend_batch(runner, reqs, [0] * len(reqs), lens, slots, s["backend"])
+    fb = extend_batch(runner, reqs, prefix, lens, slots, s["backend"])
     s["backend"].init_forward_metadata(fb)
     off = 0
-    for r, n in zip(reqs, lens):
-        r2t[r, :n] = slots[off:off + n].to(r2t.dtype)
-        s["lens"][r], s["start"][r] = n, 0
+    for r, p, n in zip(reqs, prefix, lens):
+        r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
+        s["lens"][r], s["start"][r] = p + n, min(s["start"].get(r, p), p)
         off += n
     for layer in s["layers"]:
         q, k, v = _qkv(s, sum(lens))
         layer(q, k, v, fb)
         off = 0
-        for r, n in zip(reqs, lens):
+        for r, p, n in zip(reqs, prefix, lens):
             for j in range(n):
-                s["exact"][(r, j, layer.layer_id)] = (k[off + j].view(HKV, D), v[off + j].view(HKV, D))
+                s["exact"][(r, p + j, layer.layer_id)] = (k[off + j].view(HKV, D), v[off + j].view(HKV, D))
             off += n
 
 
@@ -303,6 +306,29 @@ def test_verify_on_a_linear_attention_hybrid(tmp_path):
              layers=[RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=i) for i in (3, 7)])
     _prefill(s, [0, 1], [11, 6])
     _verify(s, [0, 1], [[-1, 0, 0, 1], [-1, 0, 1, 2]], accept=[[0, 1, 3], [0, 1]])
+    _decode(s, [0, 1])
+    for r in (0, 1):
+        _check_ring(s, r)
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_extend_after_verify_commits_the_accepted_tokens(s, kernels, monkeypatch):
+    """A request whose last verify is still staged is extended in its own slot (a streaming session's next turn
+    after a verify that finished the previous one): the accepted tokens reach the ring first, since the extend
+    keeps the request's ring and decode then reads them."""
+    if kernels == "triton":
+        from sglang_tq.kernel_calls import KernelCalls
+        from sglang_tq.speculative import SpeculativeVerify
+
+        ops = KernelCalls("cpu", triton=True)
+        monkeypatch.setattr(s["backend"], "ops", ops)
+        monkeypatch.setattr(s["pool"], "ops", ops)
+        monkeypatch.setattr(s["backend"], "_launches", {})
+        monkeypatch.setattr(s["backend"], "spec", SpeculativeVerify(s["backend"], s["runner"]))
+    _prefill(s, [0, 1], [9, 5])
+    _verify(s, [0, 1], [[-1, 0, 0, 1], [-1, 0, 1, 2]], accept=[[0, 1, 3], [0, 1, 2]])
+    _prefill(s, [0], [2], prefix=[s["lens"][0]])  # req 1 stays staged
+    assert s["start"][0] == 0 and s["pool"].window_start[0].item() == 0
     _decode(s, [0, 1])
     for r in (0, 1):
         _check_ring(s, r)
