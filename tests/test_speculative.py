@@ -238,6 +238,18 @@ def _check_ring(s, r):
             assert torch.equal(rv[r * W + p % W], vb.codec.rotate(v.float()).to(torch.bfloat16)), (r, p, lid)
 
 
+def _use_triton(s, monkeypatch):
+    """The backend and pool on the Triton kernels (interpreter): the GPU path."""
+    from sglang_tq.kernel_calls import KernelCalls
+    from sglang_tq.speculative import SpeculativeVerify
+
+    ops = KernelCalls("cpu", triton=True)
+    monkeypatch.setattr(s["backend"], "ops", ops)
+    monkeypatch.setattr(s["pool"], "ops", ops)
+    monkeypatch.setattr(s["backend"], "_launches", {})
+    monkeypatch.setattr(s["backend"], "spec", SpeculativeVerify(s["backend"], s["runner"]))
+
+
 @pytest.mark.parametrize("kernels", ["reference", "triton"])
 def test_verify_accept_and_decode(s, kernels, monkeypatch):
     """Two verify rounds over a branching tree (siblings at one depth, the later-numbered one rejected)
@@ -245,14 +257,7 @@ def test_verify_accept_and_decode(s, kernels, monkeypatch):
     ops and through the Triton kernels (the GPU path: extend with the tree mask and prefix ring, staging
     through compress, the one-launch commit)."""
     if kernels == "triton":
-        from sglang_tq.kernel_calls import KernelCalls
-        from sglang_tq.speculative import SpeculativeVerify
-
-        ops = KernelCalls("cpu", triton=True)
-        monkeypatch.setattr(s["backend"], "ops", ops)
-        monkeypatch.setattr(s["pool"], "ops", ops)
-        monkeypatch.setattr(s["backend"], "_launches", {})
-        monkeypatch.setattr(s["backend"], "spec", SpeculativeVerify(s["backend"], s["runner"]))
+        _use_triton(s, monkeypatch)
     _prefill(s, [0, 1], [11, 6])
     tree = [-1, 0, 0, 1]   # nodes 1 and 2 share depth 1; accepting 0-1-3 rejects 2 (written after 1)
     chain = [-1, 0, 1, 2]
@@ -317,14 +322,7 @@ def test_extend_after_verify_commits_the_accepted_tokens(s, kernels, monkeypatch
     after a verify that finished the previous one): the accepted tokens reach the ring first, since the extend
     keeps the request's ring and decode then reads them."""
     if kernels == "triton":
-        from sglang_tq.kernel_calls import KernelCalls
-        from sglang_tq.speculative import SpeculativeVerify
-
-        ops = KernelCalls("cpu", triton=True)
-        monkeypatch.setattr(s["backend"], "ops", ops)
-        monkeypatch.setattr(s["pool"], "ops", ops)
-        monkeypatch.setattr(s["backend"], "_launches", {})
-        monkeypatch.setattr(s["backend"], "spec", SpeculativeVerify(s["backend"], s["runner"]))
+        _use_triton(s, monkeypatch)
     _prefill(s, [0, 1], [9, 5])
     _verify(s, [0, 1], [[-1, 0, 0, 1], [-1, 0, 1, 2]], accept=[[0, 1, 3], [0, 1, 2]])
     _prefill(s, [0], [2], prefix=[s["lens"][0]])  # req 1 stays staged
