@@ -72,7 +72,7 @@ def _extend(s, reqs, prefix, new):
     off = 0
     for r, p, n in zip(reqs, prefix, new):
         r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
-        s["lens"][r], s["start"][r] = p + n, p
+        s["lens"][r], s["start"][r] = p + n, min(s["start"].get(r, p), p)  # a request's first extend sets it
         off += n
     fb = extend_batch(s["runner"], reqs, prefix, new, slots, backend)
     backend.init_forward_metadata(fb)
