@@ -378,27 +378,35 @@ def _check_keys(data: Dict, allowed: Sequence[str], source: str, path: str) -> N
             raise _fail(source, where, f"unknown key '{key}'{hint} (allowed: {', '.join(allowed)})")
 
 
+def _got(value: Any) -> str:
+    """A YAML value for a message: its type and repr; null as YAML writes it."""
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
 def _want_mapping(value: Any, source: str, path: str) -> Dict:
     if not isinstance(value, dict):
-        raise _fail(source, path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected a mapping, got {_got(value)}")
     return value
 
 
 def _want_int(value: Any, source: str, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(source, path, f"expected an integer, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected an integer, got {_got(value)}")
     return value
 
 
 def _want_bool(value: Any, source: str, path: str) -> bool:
     if not isinstance(value, bool):
-        raise _fail(source, path, f"expected true or false, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected true or false, got {_got(value)}")
     return value
 
 
 def _want_choice(value: Any, choices: Sequence[str], source: str, path: str) -> str:
     if value not in choices:
-        raise _fail(source, path, f"{value!r} is not allowed; allowed: {', '.join(choices)}")
+        near = difflib.get_close_matches(str(value).lower(), choices, n=1) if isinstance(value, str) else []
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise _fail(source, path, f"{'null' if value is None else repr(value)} is not allowed{hint} "
+                                  f"(allowed: {', '.join(choices)})")
     return value
 
 
@@ -434,6 +442,10 @@ def _parse_outliers(data: Any, bits: int, qjl: bool, source: str, path: str) -> 
         if not isinstance(raw, list) or not raw:
             raise _fail(source, path + ".channel_list", f"expected a non-empty list of channel indices, got {raw!r}")
         channel_list = tuple(_want_int(c, source, f"{path}.channel_list[{i}]") for i, c in enumerate(raw))
+        negative = [c for c in channel_list if c < 0]
+        if negative:
+            raise _fail(source, path + ".channel_list", f"channels {negative} are negative; entries are channel "
+                                                        f"indices 0..head_dim - 1")
         dup = sorted({c for c in channel_list if channel_list.count(c) > 1})
         if dup:
             raise _fail(source, path + ".channel_list", f"channels {dup} repeated; entries must be distinct")
@@ -505,8 +517,8 @@ def _parse_override(data: Any, index: int, source: str) -> Override:
     if fmt in PLAIN_FORMATS and (k is not None or v is not None):
         raise _fail(source, path, f"format: {fmt} stores the layer without TurboQuant codes; remove its k/v "
                                   f"settings (they apply to format: tq only)")
-    if fmt is None and k is None and v is None:
-        raise _fail(source, path, "changes nothing; give k, v or format")
+    if fmt is None and not k and not v:
+        raise _fail(source, path, "changes nothing; give k, v (with at least one key) or format")
     for role, sub in (("k", k), ("v", v)):
         if sub is not None:
             _want_mapping(sub, source, f"{path}.{role}")  # keys and values are checked by _override_specs
@@ -549,7 +561,7 @@ def _parse(data: Any, source: str) -> TQConfig:
 
     raw_overrides = _or_empty(data.get("overrides"), [])
     if not isinstance(raw_overrides, list):
-        raise _fail(source, "overrides", f"expected a list of overrides, got {type(raw_overrides).__name__}")
+        raise _fail(source, "overrides", f"expected a list of overrides (- layers: ...), got {_got(raw_overrides)}")
     overrides = tuple(_parse_override(o, i, source) for i, o in enumerate(raw_overrides))
     key_means = _parse_key_means_path(data.get("key_means"), source)
     wtokens, wrequests = _parse_window(data.get("window"), source)
@@ -593,17 +605,19 @@ def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
         return None
     if value == KEY_MEANS_AUTO:  # computed from the model's k_proj biases at start-up (sglang_tq.key_means)
         return KEY_MEANS_AUTO
+    allowed = f"allowed: '{KEY_MEANS_AUTO}' or a file path (.safetensors or .pt)"
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise _fail(source, "key_means", f"expected '{KEY_MEANS_AUTO}' or a file path (.safetensors or .pt), "
-                                         f"got {value!r}")
+        raise _fail(source, "key_means", f"{value!r} is not allowed; {allowed}")
     path = Path(os.path.expanduser(str(value)))
     if not path.is_absolute():
         base = Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
         path = base / path
     if not path.is_file():
-        raise _fail(source, "key_means", f"{value!r}: no such file ({path}); expected a .safetensors or .pt "
-                                         f"file holding a float32 tensor '{KEY_MEANS_TENSOR}' "
-                                         f"[num_layers, num_kv_heads, head_dim] (scripts/calibrate.py --center)")
+        what = "is a folder" if path.is_dir() else "no such file"
+        hint = f"; did you mean '{KEY_MEANS_AUTO}'?" if str(value).strip().lower() == KEY_MEANS_AUTO else ""
+        raise _fail(source, "key_means", f"{value!r}: {what} ({path}); {allowed}, holding a float32 tensor "
+                                         f"'{KEY_MEANS_TENSOR}' [num_layers, num_kv_heads, head_dim] "
+                                         f"(scripts/calibrate.py --center){hint}")
     return str(path.resolve())
 
 
@@ -764,6 +778,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} as a key; keys are names",
+                                                    key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
@@ -802,15 +819,29 @@ def list_presets() -> List[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
+def _no_config(ref: str, path: Path) -> str:
+    """Why `ref` names neither a YAML file nor a preset, with the nearest preset name."""
+    presets = list_presets()
+    if path.is_dir():
+        what = "is a folder; expected a YAML file or a preset name"
+    elif os.sep in ref or "/" in ref or ref.endswith((".yaml", ".yml")):
+        what = f"no such file ({path.resolve()}); expected a YAML file or a preset name"
+    else:
+        what = "no such config file or preset"
+    near = difflib.get_close_matches(Path(ref).stem, presets, n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"{ref}: {what}{hint} (presets: {', '.join(presets)})"
+
+
 def load_config(path_or_name: Union[str, os.PathLike, None] = None) -> TQConfig:
     """Load a YAML file, or a preset by name (default: turbo4)."""
     ref = DEFAULT_PRESET if path_or_name is None or str(path_or_name) == "" else str(path_or_name)
-    path = Path(ref)
+    path = Path(ref).expanduser()
     if not path.is_file():
         stem = ref[:-5] if ref.endswith(".yaml") else ref
         preset = presets_dir() / f"{stem}.yaml"
         if os.sep in ref or "/" in ref or not preset.is_file():
-            raise TQConfigError(f"{ref}: no such config file or preset; presets: {', '.join(list_presets())}")
+            raise TQConfigError(_no_config(ref, path))
         path = preset
     try:
         text = path.read_text()
@@ -887,7 +918,7 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
         lines.append(f"sliding-window layers: {_spans(plan.sliding_layers)}")
     if plan.key_means_path:
         lines.append(f"key centering: {plan.key_means_path}")
-    if plan.window_tokens:
+    if plan.window_bytes(num_kv_heads):
         lines.append(f"recent window: the last {plan.window_tokens} tokens exact (bf16) for up to "
                      f"{plan.window_requests} requests at a time; ring {plan.window_bytes(num_kv_heads)} B in all")
     if plan.prefill_from_cache:
