@@ -2,7 +2,7 @@
 
   sglang-tq serve [--cache-dir DIR] [any sglang.launch_server argument]   start an SGLang server
   sglang-tq summary CONFIG --layers N --kv-heads H --head-dim D   per-layer formats and bytes/token
-  sglang-tq validate CONFIG [--layers N --head-dim D]             check a config (and its fit to a model)
+  sglang-tq validate CONFIG [--layers N --head-dim D] [--kv-heads H]   check a config (and its fit to a model)
   sglang-tq distortion [--samples N]                              measured codec error vs theory
 """
 from __future__ import annotations
@@ -184,12 +184,14 @@ def pop_flag(argv: Sequence[str], flag: str) -> Tuple[List[str], Optional[str]]:
     while i < len(argv):
         a = argv[i]
         if a == flag:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or not argv[i + 1] or argv[i + 1].startswith("--"):
                 raise TQConfigError(f"{flag} needs a value")
             value, i = argv[i + 1], i + 2
             continue
         if a.startswith(flag + "="):
             value = a.split("=", 1)[1]
+            if not value:
+                raise TQConfigError(f"{flag}= needs a value")
         else:
             out.append(a)
         i += 1

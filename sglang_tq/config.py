@@ -39,7 +39,8 @@ head_dim] (scripts/calibrate.py --center writes one). Quantized layers then stor
 k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu). A model
 with attention sinks (gpt-oss) stores its keys uncentered: the sink logit breaks that invariance.
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
-(layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
+(layers, head_dim, and heads when given; under tensor parallelism each rank takes its heads), and a plan
+that quantizes no layer refuses it (nothing would be centered).
 `key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their
 rotary average, sglang_tq.key_means), which removes the constant that biased models (Qwen2) add to
 every key; models without k_proj biases are not centered.
@@ -763,6 +764,11 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
     if cfg.key_means is not None and cfg.key_means != KEY_MEANS_AUTO:  # auto: filled by the pool
         means = load_key_means(cfg.key_means, src)
         check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
+        if not any(lp.quantized for lp in plans):
+            raise TQConfigError(f"{src}: key_means: {cfg.key_means}: no layer of this {num_layers}-layer model is "
+                                f"quantized (boundary, sliding and overrides leave every attention layer "
+                                f"{'/'.join(sorted({lp.format for lp in plans} - {FORMAT_NONE}))}), so nothing would be "
+                                f"centered; allowed: key_means with at least one tq layer, or no key_means")
     return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means,
                      cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, sliding, means)
 
@@ -847,6 +853,8 @@ def load_config(path_or_name: Union[str, os.PathLike, None] = None) -> TQConfig:
         text = path.read_text()
     except OSError as e:
         raise TQConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise TQConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected a YAML file") from None
     if not text.strip():
         raise TQConfigError(f"{path}: empty file; expected a mapping with keys {', '.join(_TOP_KEYS)}")
     return parse_yaml(text, str(path))

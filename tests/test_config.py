@@ -442,7 +442,7 @@ def test_key_means_absolute_path_and_no_means(tmp_path):
     import torch
 
     p = _save_means(tmp_path / "abs.pt", torch.zeros(4, 2, 128))
-    cfg = parse_yaml(f"key_means: {p}\n", str(tmp_path / "elsewhere" / "x.yaml"))
+    cfg = parse_yaml(f"boundary: {{first: 1, last: 1}}\nkey_means: {p}\n", str(tmp_path / "elsewhere" / "x.yaml"))
     assert cfg.resolve(4, 128, num_kv_heads=2).key_means.shape == (4, 2, 128)
     plain = parse_yaml("seed: 1\n", "x.yaml").resolve(4, 128)
     assert plain.key_means is None and plain.layer_key_mean(2) is None
@@ -768,3 +768,29 @@ def test_main_process_key_means_with_logit_softcapping(tmp_path):
         _main_process_check(tmp_path, "key_means: auto\n", mc)
     mc.hf_text_config.attn_logit_softcapping = None
     assert _main_process_check(tmp_path, "key_means: m.safetensors\n", mc).key_means is not None
+
+
+def test_binary_file_is_not_a_config(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xad\x00\xff" * 20)
+    with pytest.raises(TQConfigError, match=r"bin\.yaml: not a text file \(byte 0 is not UTF-8\)"):
+        load_config(str(tmp_path / "bin.yaml"))
+
+
+def test_key_means_file_without_a_quantized_layer(tmp_path):
+    """A key-means file on a plan that quantizes no layer would center nothing: refused, not ignored."""
+    _save_means(tmp_path / "m.safetensors", torch.zeros(4, 2, 64))
+    cfg = load_config(str(write(tmp_path, "boundary: {first: 2, last: 2, format: fp8}\nkey_means: m.safetensors\n")))
+    with pytest.raises(TQConfigError) as err:
+        cfg.resolve(4, 64, num_kv_heads=2)
+    msg = str(err.value)
+    assert "cfg.yaml: key_means: " in msg and "no layer of this 4-layer model is quantized" in msg
+    assert "every attention layer fp8" in msg and "or no key_means" in msg
+    one_tq = load_config(str(write(tmp_path, "boundary: {first: 2, last: 1}\nkey_means: m.safetensors\n", "c2.yaml")))
+    assert one_tq.resolve(4, 64, num_kv_heads=2).quantized_layers == (2,)
+    assert load_config("turbo4").resolve(1, 64).key_means_path == "auto"  # auto: nothing to read, nothing refused
+
+
+@pytest.mark.parametrize("argv", [["--tq-config="], ["--tq-config", ""], ["--tq-config", "--port", "1"], ["--tq-config"]])
+def test_config_flag_needs_a_value(argv):
+    with pytest.raises(TQConfigError, match="--tq-config=? needs a value"):
+        cli.pop_flag(argv, "--tq-config")
