@@ -16,7 +16,6 @@ SGLang's recurrent-state pool; their attention layers use the packed pool (pool.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from sglang_tq.config import KEY_MEANS_AUTO, TQConfigError
@@ -174,10 +173,9 @@ def resolve_plan_for(num_layers: int, head_dim: int, v_head_dim: Optional[int] =
     """Load the TurboQuant config named by `cfg_ref` (or $SGLANG_TQ_CONFIG, default turbo4) and
     resolve it for the model (num_kv_heads: total KV heads, checked against key_means when given;
     attention_layers / sliding_layers: `layer_kinds`). Raises TQConfigError."""
-    from sglang_tq.config import CONFIG_ENV, load_config
+    from sglang_tq.config import load_config, load_env_config
 
-    ref = cfg_ref if cfg_ref is not None else (os.environ.get(CONFIG_ENV) or None)
-    cfg = load_config(ref)
+    cfg = load_config(cfg_ref) if cfg_ref is not None else load_env_config()
     return cfg, cfg.resolve(int(num_layers), int(head_dim), None if v_head_dim is None else int(v_head_dim),
                             num_kv_heads=num_kv_heads, attention_layers=attention_layers,
                             sliding_layers=sliding_layers)

@@ -860,6 +860,17 @@ def load_config(path_or_name: Union[str, os.PathLike, None] = None) -> TQConfig:
     return parse_yaml(text, str(path))
 
 
+def load_env_config() -> TQConfig:
+    """The config $SGLANG_TQ_CONFIG names (default turbo4); a load error says the name came from there."""
+    ref = os.environ.get(CONFIG_ENV) or None
+    try:
+        return load_config(ref)
+    except TQConfigError as e:
+        if ref is None:
+            raise
+        raise TQConfigError(f"{e} [from {CONFIG_ENV}={ref}]") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Sizes and summary
 # --------------------------------------------------------------------------------------------
@@ -939,5 +950,5 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
 
 __all__ = [
     "CONFIG_ENV", "DEFAULT_PRESET", "TQConfigError", "TQConfig", "VecSpec", "OutlierSpec", "LayerPlan",
-    "ModelPlan", "load_config", "load_key_means", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
+    "ModelPlan", "load_config", "load_env_config", "load_key_means", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
 ]

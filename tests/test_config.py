@@ -794,3 +794,36 @@ def test_key_means_file_without_a_quantized_layer(tmp_path):
 def test_config_flag_needs_a_value(argv):
     with pytest.raises(TQConfigError, match="--tq-config=? needs a value"):
         cli.pop_flag(argv, "--tq-config")
+
+
+def test_env_config_errors_name_the_variable(tmp_path, monkeypatch):
+    from sglang_tq.config import load_env_config
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "gone.yaml"))
+    with pytest.raises(TQConfigError) as err:
+        load_env_config()
+    assert "gone.yaml: no such file" in str(err.value) and f"[from {CONFIG_ENV}={tmp_path / 'gone.yaml'}]" in str(err.value)
+    monkeypatch.setenv(CONFIG_ENV, "turbo3")
+    assert load_env_config().name == "turbo3"
+    monkeypatch.delenv(CONFIG_ENV)
+    assert load_env_config().name == "turbo4"
+
+
+@pytest.mark.parametrize("yaml_text, fragment", [
+    ("defaults:\n  k: {bitz: 3}\n", "launch.yaml: defaults.k.bitz: unknown key 'bitz'; did you mean 'bits'?"),
+    ("overrides:\n  - {layers: 40, format: bf16}\n", "launch.yaml: overrides[0].layers: layer 40 is past the model's 32"),
+])
+def test_launcher_exits_2_before_weights(tmp_path, monkeypatch, capsys, yaml_text, fragment):
+    """The launcher stops on a bad config with one line on stderr and exit code 2 (the model folder holds
+    config.json only: nothing could have been loaded)."""
+    pytest.importorskip("sglang")
+    from sglang_fakes import write_hf_config
+    from sglang_tq import launch_server as ls
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    cfg = write(tmp_path, yaml_text, "launch.yaml")
+    with pytest.raises(SystemExit) as ei:
+        ls.main(["--model-path", write_hf_config(tmp_path), "--device", "cpu", "--tq-config", str(cfg)])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sglang_tq: error: ") and fragment in err
