@@ -152,8 +152,10 @@ class OutlierSpec:
             exact = self.fraction * head_dim
             n = int(round(exact))
             if abs(exact - n) > 1e-9:
+                fractions = [f"{c / head_dim:g}" for c in _allowed_outlier_counts(head_dim)]
                 raise TQConfigError(f"{where}.fraction: {self.fraction} x head_dim {head_dim} = {exact:g} "
-                                    f"is not a whole number of channels")
+                                    f"is not a whole number of channels; allowed at head_dim {head_dim}: "
+                                    f"{', '.join(fractions)}")
         allowed = _allowed_outlier_counts(head_dim)
         if n not in allowed:
             what = f"fraction {self.fraction} gives {n} channels" if self.channels is None else f"channels: {n}"
@@ -615,7 +617,9 @@ def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
         path = base / path
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "no such file"
-        hint = f"; did you mean '{KEY_MEANS_AUTO}'?" if str(value).strip().lower() == KEY_MEANS_AUTO else ""
+        word = str(value).strip().lower()
+        near = "/" not in word and "." not in word and difflib.get_close_matches(word, [KEY_MEANS_AUTO], n=1)
+        hint = f"; did you mean '{KEY_MEANS_AUTO}'?" if near else ""
         raise _fail(source, "key_means", f"{value!r}: {what} ({path}); {allowed}, holding a float32 tensor "
                                          f"'{KEY_MEANS_TENSOR}' [num_layers, num_kv_heads, head_dim] "
                                          f"(scripts/calibrate.py --center){hint}")

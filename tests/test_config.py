@@ -219,7 +219,8 @@ def test_outlier_fraction_resolves_against_head_dim():
     with pytest.raises(TQConfigError, match=r"f\.yaml: defaults\.k\.outliers: fraction 0\.0625 gives 4 channels at head_dim 64"):
         cfg.resolve(6, 64)
     frac = parse_yaml("defaults:\n  v: {bits: 2, outliers: {fraction: 0.3, bits: 4}}\n", "g.yaml")
-    with pytest.raises(TQConfigError, match=r"0\.3 x head_dim 128 = 38\.4 is not a whole number"):
+    with pytest.raises(TQConfigError, match=r"0\.3 x head_dim 128 = 38\.4 is not a whole number of channels; "
+                                            r"allowed at head_dim 128: 0\.0625, 0\.125, 0\.25, 0\.5"):
         frac.resolve(6, 128)
 
 
