@@ -93,6 +93,9 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.config)
     if (args.layers is None) != (args.head_dim is None):
         raise TQConfigError("validate: give both --layers and --head-dim, or neither")
+    if args.layers is None and (args.attention_layers is not None or args.sliding_layers or args.v_head_dim):
+        raise TQConfigError("validate: --v-head-dim, --attention-layers and --sliding-layers describe a model; "
+                            "give --layers and --head-dim with them")
     msg = f"OK: {cfg.name} ({cfg.source}), {len(cfg.overrides)} override(s)"
     if args.layers is not None:
         plan = _resolve(cfg, args)

@@ -645,6 +645,7 @@ def test_cli_summary_of_a_linear_hybrid(capsys):
 @pytest.mark.parametrize("argv, fragments", [
     (["validate", "trubo4"], ["trubo4: no such config file or preset", "did you mean 'turbo4'"]),
     (["validate", "turbo4", "--layers", "4"], ["give both --layers and --head-dim"]),
+    (["validate", "turbo4", "--sliding-layers", "0-3"], ["--sliding-layers describe a model", "give --layers"]),
     (["validate", "turbo4", "--layers", "32", "--head-dim", "72"], ["head_dim 72 is not supported"]),
     (["validate", "turbo4", "--layers", "0", "--head-dim", "128"], ["num_layers=0", "expected an integer >= 1"]),
     (["summary", "turbo4", "--layers", "32", "--kv-heads", "2", "--head-dim", "128", "--attention-layers", "3,40"],
