@@ -822,7 +822,7 @@ def test_launcher_exits_2_before_weights(tmp_path, monkeypatch, capsys, yaml_tex
     from sglang_fakes import write_hf_config
     from sglang_tq import launch_server as ls
 
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv(CONFIG_ENV, "turbo4")  # restored after the test: the launcher exports --tq-config there
     cfg = write(tmp_path, yaml_text, "launch.yaml")
     with pytest.raises(SystemExit) as ei:
         ls.main(["--model-path", write_hf_config(tmp_path), "--device", "cpu", "--tq-config", str(cfg)])
