@@ -2,7 +2,7 @@
 
   sglang-tq serve [--cache-dir DIR] [any sglang.launch_server argument]   start an SGLang server
   sglang-tq summary CONFIG --layers N --kv-heads H --head-dim D   per-layer formats and bytes/token
-  sglang-tq validate CONFIG [--layers N --head-dim D]             check a config (and its fit to a model)
+  sglang-tq validate CONFIG [--layers N --head-dim D] [--kv-heads H]   check a config (and its fit to a model)
   sglang-tq distortion [--samples N]                              measured codec error vs theory
 """
 from __future__ import annotations
@@ -13,19 +13,31 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from .config import TQConfigError, list_presets, load_config
+from .config import KEY_MEANS_AUTO, TQConfigError, check_key_means_shape, list_presets, load_config, load_key_means
 
 
 def _layer_list(text: str) -> Tuple[int, ...]:
     """'3,7,11' or '0-5,8' -> layer ids."""
     out: List[int] = []
-    try:
-        for part in filter(None, text.replace(" ", "").split(",")):
-            a, _, b = part.partition("-")
-            out += range(int(a), int(b or a) + 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected layer ids like 3,7,11 or 0-5,8") from None
+    allowed = "expected layer ids >= 0 like 3,7,11 or 0-5,8"
+    for part in filter(None, text.replace(" ", "").split(",")):
+        a, _, b = part.partition("-")
+        if not a.isdigit() or not (b or a).isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: {part!r} is not a layer id or range; {allowed}")
+        if int(a) > int(b or a):
+            raise argparse.ArgumentTypeError(f"{text!r}: range {part!r} runs backwards; {allowed}")
+        out += range(int(a), int(b or a) + 1)
     return tuple(out)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return n
 
 
 def _add_shape(p: argparse.ArgumentParser, required: bool) -> None:
@@ -38,8 +50,8 @@ def _add_shape(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _resolve(cfg, args):
-    return cfg.resolve(args.layers, args.head_dim, args.v_head_dim, attention_layers=args.attention_layers,
-                       sliding_layers=args.sliding_layers)
+    return cfg.resolve(args.layers, args.head_dim, args.v_head_dim, num_kv_heads=args.kv_heads,
+                       attention_layers=args.attention_layers, sliding_layers=args.sliding_layers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="per-layer formats, bytes/token and compression vs bf16")
     p.add_argument("config", help=cfg_help)
     _add_shape(p, required=True)
-    p.add_argument("--kv-heads", type=int, required=True, help="KV heads per layer")
+    p.add_argument("--kv-heads", type=_positive_int, required=True, help="KV heads per layer")
 
     p = sub.add_parser("validate", help="check a config; with --layers/--head-dim also its fit to a model")
     p.add_argument("config", help=cfg_help)
     _add_shape(p, required=False)
+    p.add_argument("--kv-heads", type=_positive_int, default=None,
+                   help="KV heads per layer (checked against a key_means file)")
 
     p = sub.add_parser("distortion", help="measured MSE and PROD inner-product error vs the bounds")
     p.add_argument("--samples", type=int, default=100_000, help="random unit vectors per (d, bits)")
@@ -79,11 +93,19 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.config)
     if (args.layers is None) != (args.head_dim is None):
         raise TQConfigError("validate: give both --layers and --head-dim, or neither")
+    if args.layers is None and (args.attention_layers is not None or args.sliding_layers or args.v_head_dim):
+        raise TQConfigError("validate: --v-head-dim, --attention-layers and --sliding-layers describe a model; "
+                            "give --layers and --head-dim with them")
     msg = f"OK: {cfg.name} ({cfg.source}), {len(cfg.overrides)} override(s)"
     if args.layers is not None:
         plan = _resolve(cfg, args)
         msg += (f"; fits {args.layers} layers x head_dim {args.head_dim}: "
                 f"{len(plan.quantized_layers)} layers quantized, {plan.compression_ratio():.2f}x vs bf16")
+    elif cfg.key_means not in (None, KEY_MEANS_AUTO):  # without a model shape: the file's contents at least
+        means = load_key_means(cfg.key_means, cfg.source)
+        check_key_means_shape(means, means.shape[0], means.shape[2], args.kv_heads,
+                              f"{cfg.source}: key_means: {cfg.key_means}")
+        msg += f"; key_means {list(means.shape)} (layers, KV heads, head_dim)"
     print(msg)
     return 0
 
@@ -165,12 +187,14 @@ def pop_flag(argv: Sequence[str], flag: str) -> Tuple[List[str], Optional[str]]:
     while i < len(argv):
         a = argv[i]
         if a == flag:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or not argv[i + 1] or argv[i + 1].startswith("--"):
                 raise TQConfigError(f"{flag} needs a value")
             value, i = argv[i + 1], i + 2
             continue
         if a.startswith(flag + "="):
             value = a.split("=", 1)[1]
+            if not value:
+                raise TQConfigError(f"{flag}= needs a value")
         else:
             out.append(a)
         i += 1

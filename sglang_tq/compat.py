@@ -16,9 +16,9 @@ SGLang's recurrent-state pool; their attention layers use the packed pool (pool.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from sglang_tq.config import KEY_MEANS_AUTO, TQConfigError
 from sglang_tq.sglang_internals import server_arg
 from tq_kernels.codec import SUPPORTED_HEAD_DIMS  # 80 and 96 are zero-padded to 128 inside the codec
 
@@ -173,10 +173,9 @@ def resolve_plan_for(num_layers: int, head_dim: int, v_head_dim: Optional[int] =
     """Load the TurboQuant config named by `cfg_ref` (or $SGLANG_TQ_CONFIG, default turbo4) and
     resolve it for the model (num_kv_heads: total KV heads, checked against key_means when given;
     attention_layers / sliding_layers: `layer_kinds`). Raises TQConfigError."""
-    from sglang_tq.config import CONFIG_ENV, load_config
+    from sglang_tq.config import load_config, load_env_config
 
-    ref = cfg_ref if cfg_ref is not None else (os.environ.get(CONFIG_ENV) or None)
-    cfg = load_config(ref)
+    cfg = load_config(cfg_ref) if cfg_ref is not None else load_env_config()
     return cfg, cfg.resolve(int(num_layers), int(head_dim), None if v_head_dim is None else int(v_head_dim),
                             num_kv_heads=num_kv_heads, attention_layers=attention_layers,
                             sliding_layers=sliding_layers)
@@ -215,6 +214,40 @@ def total_kv_heads(mc) -> Optional[int]:
         return None
 
 
+def logit_softcap(mc) -> float:
+    """The attention logit softcap the model's SGLang code applies (0: none): Gemma 2's
+    attn_logit_softcapping; Grok's, whose SGLang model defaults it to 30."""
+    tc = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
+    cap = getattr(tc, "attn_logit_softcapping", None)
+    if cap is None and any("Grok" in str(a) for a in (getattr(tc, "architectures", None) or ())):
+        cap = 30.0
+    return float(cap) if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0 else 0.0
+
+
+def _config_problems(cfg, plan, server_args, mc) -> List[str]:
+    """Config keys that contradict the server arguments or the model: found here, before weights load, instead
+    of in the scheduler or at the first forward. Each names the key, its value and what is allowed."""
+    p = []
+    algo = server_arg(server_args, "speculative_algorithm")
+    if algo:
+        drafts = int(server_arg(server_args, "speculative_num_draft_tokens") or 0)
+        if plan.window_tokens and plan.quantized_layers and drafts > plan.window_tokens:
+            p.append(f"window.tokens: {plan.window_tokens} is narrower than --speculative-num-draft-tokens {drafts}; "
+                     f"allowed with speculative decoding: 0 (off) or >= {drafts} (a verify step commits its draft "
+                     f"tokens to the recent window together)")
+        if plan.prefill_from_cache:
+            p.append(f"evaluation.prefill_from_cache: true does not combine with --speculative-algorithm {algo} "
+                     f"(it is a perplexity mode); allowed there: false")
+    cap = logit_softcap(mc)
+    if cap and plan.quantized_layers and cfg.key_means is not None:
+        tc = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
+        if cfg.key_means != KEY_MEANS_AUTO or getattr(tc, "attention_bias", False):  # auto: biases to center
+            p.append(f"key_means: {cfg.key_means}: key centering is not exact with the model's attention logit "
+                     f"softcapping at {cap:g} (softcapped scores change under the per-query shift centering adds); "
+                     f"allowed for this model: no key_means")
+    return p
+
+
 def check_server_args(server_args, resolve: bool = True):
     """Main-process check. Returns the resolved plan (or None when the model config is unavailable)."""
     if not uses_turboquant(server_args):
@@ -232,7 +265,12 @@ def check_server_args(server_args, resolve: bool = True):
             problems.append(SPECULATIVE_SLIDING)
     _raise(problems)
     if mc is not None and resolve:
-        return resolve_model_plan(mc)[1]
+        cfg, plan = resolve_model_plan(mc)
+        problems = _config_problems(cfg, plan, server_args, mc)
+        if problems:
+            raise TQConfigError(f"{cfg.source}: " + problems[0] if len(problems) == 1 else
+                                f"{cfg.source}:\n" + "\n".join(f"  - {x}" for x in problems))
+        return plan
     return None
 
 

@@ -39,7 +39,8 @@ head_dim] (scripts/calibrate.py --center writes one). Quantized layers then stor
 k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu). A model
 with attention sinks (gpt-oss) stores its keys uncentered: the sink logit breaks that invariance.
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
-(layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
+(layers, head_dim, and heads when given; under tensor parallelism each rank takes its heads), and a plan
+that quantizes no layer refuses it (nothing would be centered).
 `key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their
 rotary average, sglang_tq.key_means), which removes the constant that biased models (Qwen2) add to
 every key; models without k_proj biases are not centered.
@@ -151,8 +152,10 @@ class OutlierSpec:
             exact = self.fraction * head_dim
             n = int(round(exact))
             if abs(exact - n) > 1e-9:
+                fractions = [f"{c / head_dim:g}" for c in _allowed_outlier_counts(head_dim)]
                 raise TQConfigError(f"{where}.fraction: {self.fraction} x head_dim {head_dim} = {exact:g} "
-                                    f"is not a whole number of channels")
+                                    f"is not a whole number of channels; allowed at head_dim {head_dim}: "
+                                    f"{', '.join(fractions)}")
         allowed = _allowed_outlier_counts(head_dim)
         if n not in allowed:
             what = f"fraction {self.fraction} gives {n} channels" if self.channels is None else f"channels: {n}"
@@ -378,27 +381,35 @@ def _check_keys(data: Dict, allowed: Sequence[str], source: str, path: str) -> N
             raise _fail(source, where, f"unknown key '{key}'{hint} (allowed: {', '.join(allowed)})")
 
 
+def _got(value: Any) -> str:
+    """A YAML value for a message: its type and repr; null as YAML writes it."""
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
 def _want_mapping(value: Any, source: str, path: str) -> Dict:
     if not isinstance(value, dict):
-        raise _fail(source, path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected a mapping, got {_got(value)}")
     return value
 
 
 def _want_int(value: Any, source: str, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(source, path, f"expected an integer, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected an integer, got {_got(value)}")
     return value
 
 
 def _want_bool(value: Any, source: str, path: str) -> bool:
     if not isinstance(value, bool):
-        raise _fail(source, path, f"expected true or false, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected true or false, got {_got(value)}")
     return value
 
 
 def _want_choice(value: Any, choices: Sequence[str], source: str, path: str) -> str:
     if value not in choices:
-        raise _fail(source, path, f"{value!r} is not allowed; allowed: {', '.join(choices)}")
+        near = difflib.get_close_matches(str(value).lower(), choices, n=1) if isinstance(value, str) else []
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise _fail(source, path, f"{'null' if value is None else repr(value)} is not allowed{hint} "
+                                  f"(allowed: {', '.join(choices)})")
     return value
 
 
@@ -434,6 +445,10 @@ def _parse_outliers(data: Any, bits: int, qjl: bool, source: str, path: str) -> 
         if not isinstance(raw, list) or not raw:
             raise _fail(source, path + ".channel_list", f"expected a non-empty list of channel indices, got {raw!r}")
         channel_list = tuple(_want_int(c, source, f"{path}.channel_list[{i}]") for i, c in enumerate(raw))
+        negative = [c for c in channel_list if c < 0]
+        if negative:
+            raise _fail(source, path + ".channel_list", f"channels {negative} are negative; entries are channel "
+                                                        f"indices 0..head_dim - 1")
         dup = sorted({c for c in channel_list if channel_list.count(c) > 1})
         if dup:
             raise _fail(source, path + ".channel_list", f"channels {dup} repeated; entries must be distinct")
@@ -505,8 +520,8 @@ def _parse_override(data: Any, index: int, source: str) -> Override:
     if fmt in PLAIN_FORMATS and (k is not None or v is not None):
         raise _fail(source, path, f"format: {fmt} stores the layer without TurboQuant codes; remove its k/v "
                                   f"settings (they apply to format: tq only)")
-    if fmt is None and k is None and v is None:
-        raise _fail(source, path, "changes nothing; give k, v or format")
+    if fmt is None and not k and not v:
+        raise _fail(source, path, "changes nothing; give k, v (with at least one key) or format")
     for role, sub in (("k", k), ("v", v)):
         if sub is not None:
             _want_mapping(sub, source, f"{path}.{role}")  # keys and values are checked by _override_specs
@@ -549,7 +564,7 @@ def _parse(data: Any, source: str) -> TQConfig:
 
     raw_overrides = _or_empty(data.get("overrides"), [])
     if not isinstance(raw_overrides, list):
-        raise _fail(source, "overrides", f"expected a list of overrides, got {type(raw_overrides).__name__}")
+        raise _fail(source, "overrides", f"expected a list of overrides (- layers: ...), got {_got(raw_overrides)}")
     overrides = tuple(_parse_override(o, i, source) for i, o in enumerate(raw_overrides))
     key_means = _parse_key_means_path(data.get("key_means"), source)
     wtokens, wrequests = _parse_window(data.get("window"), source)
@@ -593,17 +608,21 @@ def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
         return None
     if value == KEY_MEANS_AUTO:  # computed from the model's k_proj biases at start-up (sglang_tq.key_means)
         return KEY_MEANS_AUTO
+    allowed = f"allowed: '{KEY_MEANS_AUTO}' or a file path (.safetensors or .pt)"
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise _fail(source, "key_means", f"expected '{KEY_MEANS_AUTO}' or a file path (.safetensors or .pt), "
-                                         f"got {value!r}")
+        raise _fail(source, "key_means", f"{value!r} is not allowed; {allowed}")
     path = Path(os.path.expanduser(str(value)))
     if not path.is_absolute():
         base = Path(source).parent if source.endswith((".yaml", ".yml")) else Path.cwd()
         path = base / path
     if not path.is_file():
-        raise _fail(source, "key_means", f"{value!r}: no such file ({path}); expected a .safetensors or .pt "
-                                         f"file holding a float32 tensor '{KEY_MEANS_TENSOR}' "
-                                         f"[num_layers, num_kv_heads, head_dim] (scripts/calibrate.py --center)")
+        what = "is a folder" if path.is_dir() else "no such file"
+        word = str(value).strip().lower()
+        near = "/" not in word and "." not in word and difflib.get_close_matches(word, [KEY_MEANS_AUTO], n=1)
+        hint = f"; did you mean '{KEY_MEANS_AUTO}'?" if near else ""
+        raise _fail(source, "key_means", f"{value!r}: {what} ({path}); {allowed}, holding a float32 tensor "
+                                         f"'{KEY_MEANS_TENSOR}' [num_layers, num_kv_heads, head_dim] "
+                                         f"(scripts/calibrate.py --center){hint}")
     return str(path.resolve())
 
 
@@ -749,6 +768,11 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
     if cfg.key_means is not None and cfg.key_means != KEY_MEANS_AUTO:  # auto: filled by the pool
         means = load_key_means(cfg.key_means, src)
         check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
+        if not any(lp.quantized for lp in plans):
+            raise TQConfigError(f"{src}: key_means: {cfg.key_means}: no layer of this {num_layers}-layer model is "
+                                f"quantized (boundary, sliding and overrides leave every attention layer "
+                                f"{'/'.join(sorted({lp.format for lp in plans} - {FORMAT_NONE}))}), so nothing would be "
+                                f"centered; allowed: key_means with at least one tq layer, or no key_means")
     return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means,
                      cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, sliding, means)
 
@@ -764,6 +788,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} as a key; keys are names",
+                                                    key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
@@ -802,23 +829,50 @@ def list_presets() -> List[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
+def _no_config(ref: str, path: Path) -> str:
+    """Why `ref` names neither a YAML file nor a preset, with the nearest preset name."""
+    presets = list_presets()
+    if path.is_dir():
+        what = "is a folder; expected a YAML file or a preset name"
+    elif os.sep in ref or "/" in ref or ref.endswith((".yaml", ".yml")):
+        what = f"no such file ({path.resolve()}); expected a YAML file or a preset name"
+    else:
+        what = "no such config file or preset"
+    near = difflib.get_close_matches(Path(ref).stem, presets, n=1)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"{ref}: {what}{hint} (presets: {', '.join(presets)})"
+
+
 def load_config(path_or_name: Union[str, os.PathLike, None] = None) -> TQConfig:
     """Load a YAML file, or a preset by name (default: turbo4)."""
     ref = DEFAULT_PRESET if path_or_name is None or str(path_or_name) == "" else str(path_or_name)
-    path = Path(ref)
+    path = Path(ref).expanduser()
     if not path.is_file():
         stem = ref[:-5] if ref.endswith(".yaml") else ref
         preset = presets_dir() / f"{stem}.yaml"
         if os.sep in ref or "/" in ref or not preset.is_file():
-            raise TQConfigError(f"{ref}: no such config file or preset; presets: {', '.join(list_presets())}")
+            raise TQConfigError(_no_config(ref, path))
         path = preset
     try:
         text = path.read_text()
     except OSError as e:
         raise TQConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise TQConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected a YAML file") from None
     if not text.strip():
         raise TQConfigError(f"{path}: empty file; expected a mapping with keys {', '.join(_TOP_KEYS)}")
     return parse_yaml(text, str(path))
+
+
+def load_env_config() -> TQConfig:
+    """The config $SGLANG_TQ_CONFIG names (default turbo4); a load error says the name came from there."""
+    ref = os.environ.get(CONFIG_ENV) or None
+    try:
+        return load_config(ref)
+    except TQConfigError as e:
+        if ref is None:
+            raise
+        raise TQConfigError(f"{e} [from {CONFIG_ENV}={ref}]") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,7 +941,7 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
         lines.append(f"sliding-window layers: {_spans(plan.sliding_layers)}")
     if plan.key_means_path:
         lines.append(f"key centering: {plan.key_means_path}")
-    if plan.window_tokens:
+    if plan.window_bytes(num_kv_heads):
         lines.append(f"recent window: the last {plan.window_tokens} tokens exact (bf16) for up to "
                      f"{plan.window_requests} requests at a time; ring {plan.window_bytes(num_kv_heads)} B in all")
     if plan.prefill_from_cache:
@@ -900,5 +954,5 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
 
 __all__ = [
     "CONFIG_ENV", "DEFAULT_PRESET", "TQConfigError", "TQConfig", "VecSpec", "OutlierSpec", "LayerPlan",
-    "ModelPlan", "load_config", "load_key_means", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
+    "ModelPlan", "load_config", "load_env_config", "load_key_means", "check_key_means_shape", "parse_yaml", "list_presets", "presets_dir", "bytes_per_token", "summary_table",
 ]

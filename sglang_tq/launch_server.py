@@ -49,12 +49,14 @@ def _config_ref(value: str) -> str:
 def prepare(argv: List[str]):
     """argv -> validated ServerArgs (TurboQuant config checked first). Raises TQConfigError /
     TQUnsupportedError with a readable message."""
-    from sglang_tq.config import CONFIG_ENV, load_config
+    from sglang_tq.config import CONFIG_ENV, load_config, load_env_config
 
     argv, tq_cfg = pop_tq_args(argv)
-    if tq_cfg is not None:
+    if tq_cfg is not None:  # fail fast on a bad file, before SGLang starts
+        load_config(_config_ref(tq_cfg))
         os.environ[CONFIG_ENV] = _config_ref(tq_cfg)
-    load_config(os.environ.get(CONFIG_ENV) or None)  # fail fast on a bad file, before SGLang starts
+    else:
+        load_env_config()
     if not has_flag(argv, "--attention-backend"):
         argv = argv + ["--attention-backend", "turboquant"]
     from sglang.srt.server_args import prepare_server_args

@@ -69,6 +69,48 @@ BAD = [
     ("bad sliding format", "sliding: {format: int4}\n", ["sliding.format", "'int4'", "tq, bf16, fp8"]),
     ("sliding unknown key", "sliding: {fromat: bf16}\n", ["sliding.fromat", "did you mean 'format'"]),
     ("sliding not a mapping", "sliding: bf16\n", ["sliding", "expected a mapping", "'bf16'"]),
+    ("misspelled format suggests", "boundary: {format: FP8}\n", ["boundary.format", "'FP8'", "did you mean 'fp8'"]),
+    ("null format", "sliding: {format: null}\n", ["sliding.format", "null is not allowed", "tq, bf16, fp8"]),
+    ("null bits", "defaults:\n  k: {bits: null}\n", ["defaults.k.bits", "expected an integer, got null"]),
+    ("float seed", "seed: 1.5\n", ["seed", "expected an integer", "float 1.5"]),
+    ("negative seed", "seed: -1\n", ["seed", "-1 is negative", ">= 0"]),
+    ("name not a string", "name: 3\n", ["name", "non-empty string", "3"]),
+    ("defaults not a mapping", "defaults: 3\n", ["defaults", "expected a mapping", "int 3"]),
+    ("unknown defaults key", "defaults: {kk: {}}\n", ["defaults.kk", "did you mean 'k'", "allowed: k, v"]),
+    ("boundary misspelled", "boundary: {firts: 1}\n", ["boundary.firts", "did you mean 'first'"]),
+    ("boundary float", "boundary: {first: 1.0}\n", ["boundary.first", "expected an integer", "float 1.0"]),
+    ("outliers missing bits", "defaults:\n  k: {bits: 3, outliers: {channels: 16}}\n", ["defaults.k.outliers", "missing 'bits'"]),
+    ("outlier fraction out of range", "defaults:\n  v: {bits: 3, outliers: {fraction: 1.5, bits: 4}}\n",
+     ["defaults.v.outliers.fraction", "1.5", "(0, 1)"]),
+    ("outlier negative channel", "defaults:\n  k: {bits: 3, outliers: {channels: 8, bits: 4, channel_list: [0,1,2,3,4,5,6,-1]}}\n",
+     ["defaults.k.outliers.channel_list", "[-1] are negative", "0..head_dim - 1"]),
+    ("outlier list length", "defaults:\n  k: {bits: 3, outliers: {channels: 16, bits: 4, channel_list: [1, 2]}}\n",
+     ["defaults.k.outliers.channel_list", "2 entries", "channels: 16"]),
+    ("inherited outliers", "defaults:\n  k: {bits: 3, outliers: {channels: 16, bits: 4}}\noverrides:\n  - {layers: 5, k: {bits: 4}}\n",
+     ["overrides[0].k.bits", "inherited outliers.bits 4"]),
+    ("overrides not a list", "overrides: {layers: 5, format: bf16}\n", ["overrides", "expected a list", "dict"]),
+    ("override not a mapping", "overrides: [5]\n", ["overrides[0]", "expected a mapping", "int 5"]),
+    ("override without layers", "overrides:\n  - {k: {bits: 3}}\n", ["overrides[0]", "missing 'layers'"]),
+    ("override misspelled", "overrides:\n  - {layer: 5, k: {bits: 3}}\n", ["overrides[0].layer", "did you mean 'layers'"]),
+    ("override changes nothing", "overrides:\n  - {layers: 5}\n", ["overrides[0]", "changes nothing"]),
+    ("override with empty k", "overrides:\n  - {layers: 5, k: {}}\n", ["overrides[0]", "changes nothing"]),
+    ("override k not a mapping", "overrides:\n  - {layers: 5, k: 3}\n", ["overrides[0].k", "expected a mapping"]),
+    ("override bits", "overrides:\n  - {layers: 5, k: {bits: 9}}\n", ["overrides[0].k.bits", "9 is out of range", "2..6"]),
+    ("override qjl on V", "overrides:\n  - {layers: 5, v: {qjl: true}}\n", ["overrides[0].v.qjl", "V may not use qjl"]),
+    ("string selector negative", "overrides:\n  - {layers: \"-1\", k: {bits: 3}}\n",
+     ["overrides[0].layers", "'-1' is not a layer selector", "-1 = last layer"]),
+    ("float selector", "overrides:\n  - {layers: 3.5, k: {bits: 3}}\n", ["overrides[0].layers", "3.5 is not a layer selector"]),
+    ("bool selector", "overrides:\n  - {layers: true, k: {bits: 3}}\n", ["overrides[0].layers", "True is not a layer selector"]),
+    ("key_means empty", "key_means: ''\n", ["key_means", "'' is not allowed", "'auto' or a file path"]),
+    ("key_means not a path", "key_means: [a]\n", ["key_means", "['a'] is not allowed", "'auto' or a file path"]),
+    ("key_means AUTO", "key_means: AUTO\n", ["key_means", "'AUTO': no such file", "did you mean 'auto'"]),
+    ("key_means folder", "key_means: .\n", ["key_means", "'.': is a folder", "'auto' or a file path"]),
+    ("window float", "window: {tokens: 32.0}\n", ["window.tokens", "expected an integer", "float 32.0"]),
+    ("window bool", "window: {tokens: true}\n", ["window.tokens", "expected an integer", "bool True"]),
+    ("top level scalar", "3\n", ["expected a mapping", "int 3"]),
+    ("non-string key", "? [a, b]\n: 3\n", ["malformed YAML at line 1", "a list as a key"]),
+    ("unknown tag", "!!python/object:os.system {}\n", ["malformed YAML at line 1", "python/object"]),
+    ("tab indent", "defaults:\n\tk: {bits: 3}\n", ["malformed YAML at line 2"]),
 ]
 
 
@@ -97,9 +139,28 @@ def test_empty_file(tmp_path):
         parse_yaml("# only a comment\n", "comment.yaml")
 
 
-def test_unknown_preset_lists_presets():
-    with pytest.raises(TQConfigError, match=r"turbo9: no such config file or preset; presets: .*turbo4"):
-        load_config("turbo9")
+@pytest.mark.parametrize("ref, fragments", [
+    ("turbo9", ["turbo9: no such config file or preset", "(presets: ", "turbo4"]),
+    ("trubo4", ["trubo4: no such config file or preset", "did you mean 'turbo4'"]),
+    ("k4v3.yaml", ["k4v3.yaml: no such file", "did you mean 'k4v2'"]),
+    ("/nowhere/turbo4x.yaml", ["/nowhere/turbo4x.yaml: no such file (/nowhere/turbo4x.yaml)", "a YAML file or a preset"]),
+])
+def test_unknown_preset_or_file(ref, fragments):
+    with pytest.raises(TQConfigError) as err:
+        load_config(ref)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_config_ref_that_is_a_folder(tmp_path):
+    with pytest.raises(TQConfigError, match=r"is a folder; expected a YAML file or a preset name"):
+        load_config(str(tmp_path))
+
+
+def test_config_path_with_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, "name: home\n", "h.yaml")
+    assert load_config("~/h.yaml").name == "home"
 
 
 # --- errors that need the model's shape ------------------------------------------------------------
@@ -158,7 +219,8 @@ def test_outlier_fraction_resolves_against_head_dim():
     with pytest.raises(TQConfigError, match=r"f\.yaml: defaults\.k\.outliers: fraction 0\.0625 gives 4 channels at head_dim 64"):
         cfg.resolve(6, 64)
     frac = parse_yaml("defaults:\n  v: {bits: 2, outliers: {fraction: 0.3, bits: 4}}\n", "g.yaml")
-    with pytest.raises(TQConfigError, match=r"0\.3 x head_dim 128 = 38\.4 is not a whole number"):
+    with pytest.raises(TQConfigError, match=r"0\.3 x head_dim 128 = 38\.4 is not a whole number of channels; "
+                                            r"allowed at head_dim 128: 0\.0625, 0\.125, 0\.25, 0\.5"):
         frac.resolve(6, 128)
 
 
@@ -381,7 +443,7 @@ def test_key_means_absolute_path_and_no_means(tmp_path):
     import torch
 
     p = _save_means(tmp_path / "abs.pt", torch.zeros(4, 2, 128))
-    cfg = parse_yaml(f"key_means: {p}\n", str(tmp_path / "elsewhere" / "x.yaml"))
+    cfg = parse_yaml(f"boundary: {{first: 1, last: 1}}\nkey_means: {p}\n", str(tmp_path / "elsewhere" / "x.yaml"))
     assert cfg.resolve(4, 128, num_kv_heads=2).key_means.shape == (4, 2, 128)
     plain = parse_yaml("seed: 1\n", "x.yaml").resolve(4, 128)
     assert plain.key_means is None and plain.layer_key_mean(2) is None
@@ -577,3 +639,193 @@ def test_cli_summary_of_a_linear_hybrid(capsys):
     out = capsys.readouterr().out
     assert "no KV (recurrent)" in out and "3/4 layers quantized (the attention layers)" in out
     assert cli.main(["validate", "turbo4", "--layers", "24", "--head-dim", "64", "--sliding-layers", "0-22"]) == 0
+
+
+# --- CLI: exit codes and messages for bad input --------------------------------------------------
+@pytest.mark.parametrize("argv, fragments", [
+    (["validate", "trubo4"], ["trubo4: no such config file or preset", "did you mean 'turbo4'"]),
+    (["validate", "turbo4", "--layers", "4"], ["give both --layers and --head-dim"]),
+    (["validate", "turbo4", "--sliding-layers", "0-3"], ["--sliding-layers describe a model", "give --layers"]),
+    (["validate", "turbo4", "--layers", "32", "--head-dim", "72"], ["head_dim 72 is not supported"]),
+    (["validate", "turbo4", "--layers", "0", "--head-dim", "128"], ["num_layers=0", "expected an integer >= 1"]),
+    (["summary", "turbo4", "--layers", "32", "--kv-heads", "2", "--head-dim", "128", "--attention-layers", "3,40"],
+     ["attention layers [40] are past its 32 layers"]),
+    (["summary", "boundary_past.yaml", "--layers", "8", "--kv-heads", "2", "--head-dim", "64"],
+     ["overrides[0].layers: layer 9 is past the model's 8 layers", "allowed -8..7"]),
+])
+def test_cli_bad_input_exits_2(tmp_path, monkeypatch, capsys, argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "overrides:\n  - {layers: 9, format: bf16}\n", "boundary_past.yaml")
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    for fragment in fragments:
+        assert fragment in captured.err, (fragment, captured.err)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["summary", "turbo4", "--layers", "32", "--kv-heads", "0", "--head-dim", "128"], "'0': expected an integer >= 1"),
+    (["summary", "turbo4", "--layers", "32", "--kv-heads", "x", "--head-dim", "128"], "'x': expected an integer >= 1"),
+    (["summary", "turbo4", "--layers", "8", "--kv-heads", "2", "--head-dim", "64", "--attention-layers", "5-3"],
+     "range '5-3' runs backwards"),
+    (["summary", "turbo4", "--layers", "8", "--kv-heads", "2", "--head-dim", "64", "--sliding-layers", "-1"],
+     "'-1' is not a layer id or range"),
+    (["validate", "turbo4", "--kv-heads", "-2"], "'-2': expected an integer >= 1"),
+])
+def test_cli_bad_arguments_exit_2(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(argv)
+    assert ei.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_cli_key_means_checked_without_and_with_a_model_shape(tmp_path, capsys):
+    _save_means(tmp_path / "m.safetensors", torch.zeros(8, 2, 64))
+    cfg = str(write(tmp_path, "key_means: m.safetensors\n"))
+    assert cli.main(["validate", cfg]) == 0
+    assert "key_means [8, 2, 64]" in capsys.readouterr().out
+    assert cli.main(["validate", cfg, "--kv-heads", "4"]) == 2
+    assert "key_means" in capsys.readouterr().err
+    # the head count reaches the shape check of summary and validate with a model shape
+    assert cli.main(["summary", cfg, "--layers", "8", "--kv-heads", "4", "--head-dim", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "cfg.yaml: key_means" in err and "[8, 2, 64] does not fit the model; expected [8, 4, 64]" in err
+    assert cli.main(["validate", cfg, "--layers", "6", "--head-dim", "64"]) == 2
+    assert "expected [6, num_kv_heads, 64]" in capsys.readouterr().err
+    (tmp_path / "m.safetensors").write_bytes(b"junk")  # a broken file fails validate without a model shape too
+    assert cli.main(["validate", cfg]) == 2
+    assert "m.safetensors: cannot load" in capsys.readouterr().err
+
+
+def test_cli_summary_of_a_plan_without_quantized_layers(capsys):
+    assert cli.main(["summary", "turbo4", "--layers", "1", "--kv-heads", "2", "--head-dim", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "0/1 layers quantized" in out and "recent window" not in out  # no ring without a quantized layer
+
+
+# --- main process: config keys that contradict the server arguments or the model ----------------
+def _main_process_check(tmp_path, yaml_text, mc=None, **server_kw):
+    """compat.check_server_args as ServerArgs.__post_init__ runs it, with the config as SGLANG_TQ_CONFIG."""
+    pytest.importorskip("sglang")
+    from sglang_fakes import FakeModelConfig, env, server_args
+    from sglang_tq.compat import check_server_args
+
+    sa = server_args(**server_kw)
+    sa.model_path = "some/model"
+    mc = mc or FakeModelConfig(8, 4, 2, 64)
+    sa.get_model_config = lambda: mc
+    with env(SGLANG_TQ_CONFIG=str(write(tmp_path, yaml_text, "main.yaml"))):
+        return check_server_args(sa)
+
+
+NGRAM = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=12)
+
+
+@pytest.mark.parametrize("yaml_text, server_kw, fragments", [
+    ("window: {tokens: 8}\n", NGRAM, ["main.yaml: window.tokens: 8 is narrower than --speculative-num-draft-tokens 12",
+                                     "0 (off) or >= 12"]),
+    ("evaluation: {prefill_from_cache: true}\n", NGRAM,
+     ["main.yaml: evaluation.prefill_from_cache: true does not combine with --speculative-algorithm NGRAM",
+      "allowed there: false"]),
+    ("window: {tokens: 8}\nevaluation: {prefill_from_cache: true}\n", NGRAM,
+     ["main.yaml:\n  - window.tokens: 8", "\n  - evaluation.prefill_from_cache"]),
+    ("overrides:\n  - {layers: \"6-9\", k: {bits: 3}}\n", {}, ["main.yaml: overrides[0].layers: layer 9 is past the "
+                                                             "model's 8 layers"]),
+    ("key_means: m.safetensors\n", {}, ["main.yaml: key_means", "[8, 3, 64] does not fit the model; expected [8, 2, 64]"]),
+    ("key_means: l.safetensors\n", {}, ["main.yaml: key_means", "[6, 2, 64] does not fit the model; expected [8, 2, 64]"]),
+])
+def test_main_process_refuses_contradictions(tmp_path, yaml_text, server_kw, fragments):
+    _save_means(tmp_path / "m.safetensors", torch.zeros(8, 3, 64))
+    _save_means(tmp_path / "l.safetensors", torch.zeros(6, 2, 64))
+    with pytest.raises(TQConfigError) as err:
+        _main_process_check(tmp_path, yaml_text, **server_kw)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_main_process_accepts_what_fits(tmp_path):
+    _save_means(tmp_path / "m.safetensors", torch.zeros(8, 2, 64))
+    assert _main_process_check(tmp_path, "window: {tokens: 12}\nkey_means: m.safetensors\n", **NGRAM).window_tokens == 12
+    # no quantized layer: the window is never built, so the draft tokens do not matter
+    assert _main_process_check(tmp_path, "boundary: {first: 8}\nwindow: {tokens: 8}\n", **NGRAM) is not None
+    assert _main_process_check(tmp_path, "window: {tokens: 8}\n").window_tokens == 8  # no speculative decoding
+
+
+def test_main_process_key_means_with_logit_softcapping(tmp_path):
+    pytest.importorskip("sglang")
+    from sglang_fakes import FakeModelConfig
+
+    _save_means(tmp_path / "m.safetensors", torch.zeros(8, 2, 64))
+    mc = FakeModelConfig(8, 4, 2, 64)
+    mc.hf_text_config.attn_logit_softcapping = 50.0
+    with pytest.raises(TQConfigError) as err:
+        _main_process_check(tmp_path, "key_means: m.safetensors\n", mc)
+    msg = str(err.value)
+    assert "main.yaml: key_means: " in msg and "m.safetensors" in msg and "softcapping at 50" in msg
+    assert "allowed for this model: no key_means" in msg
+    # auto centers from k_proj biases: a model without them (Gemma 2) has nothing to center
+    assert _main_process_check(tmp_path, "key_means: auto\n", mc).key_means_path == "auto"
+    mc.hf_text_config.attention_bias = True
+    with pytest.raises(TQConfigError, match="key_means: auto: key centering is not exact"):
+        _main_process_check(tmp_path, "key_means: auto\n", mc)
+    mc.hf_text_config.attn_logit_softcapping = None
+    assert _main_process_check(tmp_path, "key_means: m.safetensors\n", mc).key_means is not None
+
+
+def test_binary_file_is_not_a_config(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xad\x00\xff" * 20)
+    with pytest.raises(TQConfigError, match=r"bin\.yaml: not a text file \(byte 0 is not UTF-8\)"):
+        load_config(str(tmp_path / "bin.yaml"))
+
+
+def test_key_means_file_without_a_quantized_layer(tmp_path):
+    """A key-means file on a plan that quantizes no layer would center nothing: refused, not ignored."""
+    _save_means(tmp_path / "m.safetensors", torch.zeros(4, 2, 64))
+    cfg = load_config(str(write(tmp_path, "boundary: {first: 2, last: 2, format: fp8}\nkey_means: m.safetensors\n")))
+    with pytest.raises(TQConfigError) as err:
+        cfg.resolve(4, 64, num_kv_heads=2)
+    msg = str(err.value)
+    assert "cfg.yaml: key_means: " in msg and "no layer of this 4-layer model is quantized" in msg
+    assert "every attention layer fp8" in msg and "or no key_means" in msg
+    one_tq = load_config(str(write(tmp_path, "boundary: {first: 2, last: 1}\nkey_means: m.safetensors\n", "c2.yaml")))
+    assert one_tq.resolve(4, 64, num_kv_heads=2).quantized_layers == (2,)
+    assert load_config("turbo4").resolve(1, 64).key_means_path == "auto"  # auto: nothing to read, nothing refused
+
+
+@pytest.mark.parametrize("argv", [["--tq-config="], ["--tq-config", ""], ["--tq-config", "--port", "1"], ["--tq-config"]])
+def test_config_flag_needs_a_value(argv):
+    with pytest.raises(TQConfigError, match="--tq-config=? needs a value"):
+        cli.pop_flag(argv, "--tq-config")
+
+
+def test_env_config_errors_name_the_variable(tmp_path, monkeypatch):
+    from sglang_tq.config import load_env_config
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "gone.yaml"))
+    with pytest.raises(TQConfigError) as err:
+        load_env_config()
+    assert "gone.yaml: no such file" in str(err.value) and f"[from {CONFIG_ENV}={tmp_path / 'gone.yaml'}]" in str(err.value)
+    monkeypatch.setenv(CONFIG_ENV, "turbo3")
+    assert load_env_config().name == "turbo3"
+    monkeypatch.delenv(CONFIG_ENV)
+    assert load_env_config().name == "turbo4"
+
+
+@pytest.mark.parametrize("yaml_text, fragment", [
+    ("defaults:\n  k: {bitz: 3}\n", "launch.yaml: defaults.k.bitz: unknown key 'bitz'; did you mean 'bits'?"),
+    ("overrides:\n  - {layers: 40, format: bf16}\n", "launch.yaml: overrides[0].layers: layer 40 is past the model's 32"),
+])
+def test_launcher_exits_2_before_weights(tmp_path, monkeypatch, capsys, yaml_text, fragment):
+    """The launcher stops on a bad config with one line on stderr and exit code 2 (the model folder holds
+    config.json only: nothing could have been loaded)."""
+    pytest.importorskip("sglang")
+    from sglang_fakes import write_hf_config
+    from sglang_tq import launch_server as ls
+
+    monkeypatch.setenv(CONFIG_ENV, "turbo4")  # restored after the test: the launcher exports --tq-config there
+    cfg = write(tmp_path, yaml_text, "launch.yaml")
+    with pytest.raises(SystemExit) as ei:
+        ls.main(["--model-path", write_hf_config(tmp_path), "--device", "cpu", "--tq-config", str(cfg)])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sglang_tq: error: ") and fragment in err
