@@ -41,16 +41,6 @@ CENTERED = "turbo4_gemma3_270m"  # turbo4 + the model's measured key means (same
 CENTERED_YAML = os.path.join(os.path.dirname(HERE), "configs", "examples", f"{CENTERED}.yaml")
 
 
-def greedy(url, prompts):
-    """Greedy token ids, one request at a time (graphs on and off see the same batches)."""
-    out = []
-    for p in prompts:
-        r = ev._post(url, "/generate", {"input_ids": p, "sampling_params": {
-            "max_new_tokens": GEN, "temperature": 0.0, "ignore_eos": True}})
-        out.append(list(r["meta_info"].get("output_ids") or r.get("output_ids") or []))
-    return out
-
-
 def completion(url):
     r = ev._post(url, "/generate", {"text": COMPLETION, "sampling_params": {"max_new_tokens": 24, "temperature": 0.0}})
     return r["text"]
@@ -150,7 +140,8 @@ def main(argv=None):
                 res["ppl"] = ev.span_perplexity(s.url, spans)
                 print(f"[{name}] perplexity {res['ppl']['ppl']:.4f} ± {res['ppl']['std']:.4f}", flush=True)
             if not name.endswith("-eval"):
-                res["prompts"], res["greedy"] = prompts, greedy(s.url, prompts)
+                # one request at a time: CUDA graphs on and off see the same batches
+                res["prompts"], res["greedy"] = prompts, ev.greedy_generate(s.url, prompts, GEN, concurrency=1)
                 res["completion"] = completion(s.url)
                 print(f"[{name}] {COMPLETION!r} -> {res['completion']!r}", flush=True)
             res["served"] = True

@@ -52,16 +52,6 @@ def prompts(vocab: int, n: int, length: int, seed: int):
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def greedy(url, ps):
-    """One request at a time: graphs on and off see the same batches."""
-    out = []
-    for p in ps:
-        r = ev._post(url, "/generate", {"input_ids": p, "sampling_params": {
-            "max_new_tokens": GEN, "temperature": 0.0, "ignore_eos": True}})
-        out.append(list(r["meta_info"].get("output_ids") or r.get("output_ids") or []))
-    return out
-
-
 def logprobs(url, ps):
     return [ev._input_logprobs(url, {"input_ids": p}) for p in ps]
 
@@ -116,7 +106,8 @@ def run_layout(shape, hybrid_swa, a, meta, records, detail, deadline):
         try:
             res["max_total_num_tokens"] = s.info.get("max_total_num_tokens")
             res["startup_s"] = round(s.startup_s, 1)
-            res["greedy"] = greedy(s.url, greedy_ps)
+            # one request at a time: CUDA graphs on and off see the same batches
+            res["greedy"] = ev.greedy_generate(s.url, greedy_ps, GEN, concurrency=1)
             if name != "turbo4-nograph":
                 res["logprobs"] = logprobs(s.url, lp_ps)
             res["served"] = True
