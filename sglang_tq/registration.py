@@ -163,13 +163,14 @@ def tq_hybrid_swa_tokens(runner, token_capacity: int, num_kv_heads: int) -> Tupl
     return full, full, swa
 
 
-def ring_bytes(plan, num_kv_heads: int, requests: int, layers) -> int:
+def ring_bytes(plan, num_kv_heads: int, requests: int, layers, staged_rows: int = 0) -> int:
     """Bytes of the recent-window rings of the quantized `layers`: bf16 K + V rows at the formats' dims, as the
-    pool allocates them (a head_dim of 80 / 96 is stored padded to the codec's 128)."""
+    pool allocates them (a head_dim of 80 / 96 is stored padded to the codec's 128), window_tokens rows per
+    request plus `staged_rows` rows of the same shape (speculative verify's DraftStaging)."""
     if not getattr(plan, "window_tokens", 0):
         return 0
     dims = sum(plan.layers[i].k.head_dim + plan.layers[i].v.head_dim for i in layers if plan.layers[i].quantized)
-    return 2 * num_kv_heads * dims * plan.window_tokens * requests
+    return 2 * num_kv_heads * dims * (plan.window_tokens + staged_rows) * requests
 
 
 def reserve_window_memory(runner, plan, mod) -> int:
@@ -180,21 +181,20 @@ def reserve_window_memory(runner, plan, mod) -> int:
         return 0
     requests = min(int(getattr(runner, "max_running_requests", None) or plan.window_requests), plan.window_requests)
     heads = runner.model_config.get_num_kv_heads(mod.get_attention_tp_size())
-    if getattr(runner, "is_hybrid_swa", False):  # the ring serves the full-attention layers (TQSWAKVPool)
-        full_b, swa_b = swa_pool_bytes(runner, heads)
-        ratio = runner.swa_max_total_num_tokens / max(runner.full_max_total_num_tokens, 1)
-        ring = ring_bytes(plan, heads, requests, runner.model_config.full_attention_layer_ids)
-        cell = full_b + ratio * swa_b  # memory of one full-pool token, its share of the SWA pool included
-    else:
-        layers = kv_layer_ids(runner)
-        ring = ring_bytes(plan, heads, requests, layers)
-        cell = tq_cell_size_per_token(runner, len(layers), heads)
-    if not ring:
-        return 0
     # speculative verify stages each ring request's draft tokens in rows shaped like the ring's (DraftStaging)
     draft = int(server_arg(runner.server_args, "speculative_num_draft_tokens") or 0) \
         if server_arg(runner.server_args, "speculative_algorithm") else 0
-    ring = ring * (plan.window_tokens + draft) // plan.window_tokens
+    if getattr(runner, "is_hybrid_swa", False):  # the ring serves the full-attention layers (TQSWAKVPool)
+        full_b, swa_b = swa_pool_bytes(runner, heads)
+        ratio = runner.swa_max_total_num_tokens / max(runner.full_max_total_num_tokens, 1)
+        ring = ring_bytes(plan, heads, requests, runner.model_config.full_attention_layer_ids, draft)
+        cell = full_b + ratio * swa_b  # memory of one full-pool token, its share of the SWA pool included
+    else:
+        layers = kv_layer_ids(runner)
+        ring = ring_bytes(plan, heads, requests, layers, draft)
+        cell = tq_cell_size_per_token(runner, len(layers), heads)
+    if not ring:
+        return 0
     cut = int(-(-ring // max(cell, 1)))
     if server_arg(runner.server_args, "max_total_tokens"):  # a user cap: the pool is below what memory allows
         logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "
