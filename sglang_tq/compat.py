@@ -136,10 +136,11 @@ def _problems_runner(runner) -> List[str]:
                  "transfer describes one packed pool")
     if getattr(runner, "is_draft_worker", False):
         p.append("speculative-decoding draft workers")
-    model = getattr(runner, "model", None)
-    if server_arg(runner.server_args, "speculative_algorithm") and model is not None and any(
-            (getattr(m, "sliding_window_size", None) or -1) > -1 for m in model.modules()):
-        p.append(SPECULATIVE_SLIDING)
+    if server_arg(runner.server_args, "speculative_algorithm"):
+        from sglang_tq.backend import TurboQuantAttnBackend, _attention_layers
+
+        if any(TurboQuantAttnBackend._sliding_window(m) for m in _attention_layers(getattr(runner, "model", None))):
+            p.append(SPECULATIVE_SLIDING)
     if getattr(runner, "enable_hisparse", False):
         p.append("HiSparse")
     import torch

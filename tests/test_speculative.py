@@ -463,9 +463,7 @@ def test_sliding_window_models_refused_with_speculative_decoding():
     from sglang_tq.compat import SPECULATIVE_SLIDING, TQUnsupportedError, _problems_runner, check_server_args
 
     def runner(window, algo):
-        attn = torch.nn.Module()
-        attn.sliding_window_size = window
-        model = torch.nn.Sequential(attn)
+        model = torch.nn.Sequential(RadixAttention(HQ, D, D ** -0.5, HKV, layer_id=0, sliding_window_size=window))
         return types.SimpleNamespace(server_args=server_args(speculative_algorithm=algo), model=model)
 
     assert SPECULATIVE_SLIDING in _problems_runner(runner(127, "NGRAM"))
