@@ -135,6 +135,7 @@ class TQForwardMetadata:
     swa_kv_indptr: Optional[torch.Tensor] = None
     swa_kv_indices: Optional[torch.Tensor] = None
     swa_max_prefix_len: Optional[int] = None  # extend
+    verify: object = None                     # speculative verify: speculative.VerifyMetadata
 
     def kv(self, swa: bool) -> tuple:
         """(kv_indptr, kv_indices, max_prefix_len) a layer reads: a sliding-window layer under hybrid SWA
@@ -143,7 +144,6 @@ class TQForwardMetadata:
         if swa:
             return self.swa_kv_indptr, self.swa_kv_indices, self.swa_max_prefix_len
         return self.kv_indptr, self.kv_indices, self.max_prefix_len
-    verify: object = None                    # speculative verify: speculative.VerifyMetadata
 
     def ring_rows(self, n: int) -> Optional[torch.Tensor]:
         """window_rows for `n` written rows: a piecewise CUDA graph pads the extend's tokens past the batch
@@ -213,23 +213,19 @@ class TurboQuantAttnBackend(AttentionBackend):
         dtype = getattr(model_runner, "dtype", pool.model_dtype)
         self.ragged_prefill = self._create_ragged_prefill(model, dtype)
         self.forward_metadata: Optional[TQForwardMetadata] = None
-        self.spec = self._create_speculative(model_runner, model)
+        self.spec = self._create_speculative(model_runner)
         if self.on_cuda and not skip_prefill:  # Triton's and FlashInfer's JIT builds at start-up
             self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
 
-    def _create_speculative(self, model_runner, model):
+    def _create_speculative(self, model_runner):
         """The verify side of speculative decoding (sglang_tq.speculative) when the server runs it."""
         if not server_arg(model_runner.server_args, "speculative_algorithm"):
             return None
         if self.prefill_from_cache:
             raise ValueError("TurboQuant: evaluation.prefill_from_cache does not combine with speculative "
                              "decoding (it is a perplexity mode); remove one of them")
-        sliding = sorted({m.layer_id for m in _attention_layers(model) if self._sliding_window(m)})
-        if sliding:
-            raise NotImplementedError(f"TurboQuant: speculative decoding on a model with sliding-window layers "
-                                      f"({sliding[:4]}...) is not supported: the verify kernel has no window")
         from sglang_tq.speculative import SpeculativeVerify
 
         return SpeculativeVerify(self, model_runner)
