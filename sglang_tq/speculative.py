@@ -173,6 +173,6 @@ class SpeculativeVerify:
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap), causal=True,
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), max_extend_len=md.max_extend_len,
             max_prefix_len=backend.max_context_len,  # prefix splits by the longest context: one count per batch size
-            k_mean=backend._key_mean(pool, layer), sinks=sinks, tree=vm.tree, prefix_ring=ring,
+            k_mean=backend._key_mean(pool, layer, sinks), sinks=sinks, tree=vm.tree, prefix_ring=ring,
             **backend.extend_fixed)
         return o
