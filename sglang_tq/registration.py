@@ -263,11 +263,9 @@ def drop_key_means_for_sinks(pool, plan, model) -> bool:
     """A model with attention sinks (gpt-oss) stores its keys uncentered: a sink logit joins the softmax
     denominator, so the per-query shift q.mu that centering adds to every score would change the result.
     Returns True when means were dropped (logged)."""
-    import torch
+    from sglang_tq.backend import _model_sinks_dtype
 
-    if plan.key_means_path is None or not isinstance(model, torch.nn.Module):
-        return False
-    if not any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+    if plan.key_means_path is None or _model_sinks_dtype(model) is None:
         return False
     pool.drop_key_means()
     logger.warning("TurboQuant: key centering (key_means: %s) is off for this model: its attention sinks make the "
