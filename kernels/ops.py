@@ -14,7 +14,7 @@ reference (every other device):
   extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcodec, vcodec, qo_indptr,
                    kv_indptr, kv_indices, sm_scale, logit_cap=0.0, causal=True, out=None,
                    *, max_extend_len=None, max_prefix_len=None, k_mean=None, window=None, new_part=None,
-                   block_m=None, gqa_pack=None, num_splits=None, sliding_window=0, sinks=None)
+                   block_m=None, gqa_pack=None, num_splits=None, sliding_window=0, sinks=None, first=None)
   DecodeWorkspace.create(max_batch, num_q_heads, head_dim_v, max_splits, device, head_dim_k=None)
 
 The reference takes the launch arguments (plan, workspace, block sizes, splits) and ignores them; it

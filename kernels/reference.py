@@ -140,7 +140,8 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      out: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
                      window: Optional[ExtendWindow] = None, sliding_window: int = 0,
                      sinks: Optional[torch.Tensor] = None, tree: Optional[TreeMask] = None,
-                     prefix_ring: Optional[PrefixRing] = None, **_unused) -> torch.Tensor:
+                     prefix_ring: Optional[PrefixRing] = None, first: Optional[FirstRows] = None,
+                     **_unused) -> torch.Tensor:
     """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
     (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
     the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
@@ -150,7 +151,8 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     sliding_window: query at position i sees the keys at positions j > i - sliding_window only (0: all;
     positions count the prefix first). sinks: fp32 [H_q] logits in the softmax's denominator.
     tree: the new tokens see each other where SGLang's tree mask says (instead of causally); prefix_ring:
-    new token r reads prefix positions [lo[r], prefix) from the ring (`tq_kernels.verify`)."""
+    new token r reads prefix positions [lo[r], prefix) from the ring (`tq_kernels.verify`). first: the
+    prefix's position 0 from first-token entry flags[its slot] - 1 where that is >= 0 (tq_kernels.window)."""
     if (tree is not None or prefix_ring is not None) and (sliding_window > 0 or (window is not None and window.size > 0)):
         raise ValueError("extend: a draft tree / prefix ring (verify) does not combine with a sliding window or "
                          "an evaluation window")
@@ -170,6 +172,10 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         slots = kv_indices[kvp[i]:kvp[i + 1]].to(device=k_codes.device, dtype=torch.long)
         kp = _dequant(k_codes, k_scales, kcodec, slots).to(q.device)
         vp = _dequant(v_codes, v_scales, vcodec, slots).to(q.device)
+        e = int(first.flags[slots[0]]) - 1 if first is not None and slots.shape[0] else -1
+        if e >= 0:  # the exact first token (the ring, where a row reads it from there, still wins below)
+            kp[0] = kcodec.unrotate(first.k[e].float()).to(q.device)
+            vp[0] = vcodec.unrotate(first.v[e].float()).to(q.device)
         k = torch.cat([kp, k_new[a:b].to(torch.float32)])
         v = torch.cat([vp, v_new[a:b].to(torch.float32)])
         n_new, n_pre = b - a, kp.shape[0]

@@ -131,6 +131,9 @@ _TOP_KEYS = ("name", "seed", "defaults", "boundary", "sliding", "overrides", "ke
              "first_token")
 FIRST_TOKEN_EXACT, FIRST_TOKEN_CODES = "exact", "codes"
 FIRST_TOKEN_CHOICES = (FIRST_TOKEN_EXACT, FIRST_TOKEN_CODES)
+# first-token table entries per quantized layer: the few first-token ids (BOS, a chat template's opening
+# token) the running requests share
+FIRST_TOKEN_ENTRIES = 4
 _WINDOW_KEYS = ("tokens", "requests")
 _EVALUATION_KEYS = ("prefill_from_cache",)
 WINDOW_MAX_TOKENS = 256      # the decode kernel keeps a window's scores in registers

@@ -221,3 +221,61 @@ def test_reference_first_row_replaces_position_zero():
     out = reference.decode_attention(torch.randn(1, 1, 64, generator=gen), *bufs, kc, vc, torch.tensor([0, 1]),
                                      torch.tensor([2]), 0.125, first=FirstRows(fv.clone(), fv, flags))
     assert rel_err(out.float(), vc.unrotate(fv[2].float())) < 1e-2
+
+
+def _extend_case(pre, new, first_ids, seed, hq=8, hkv=2, sliding=0, **kw):
+    """An extend over packed prefixes whose position-0 slots carry first_ids (-1: none) and a table far
+    from the codes; Triton against the reference with the table, and the reference without it."""
+    from tq_kernels.extend import extend_attention
+
+    kfmt = vfmt = F(64, 4)
+    gen = torch.Generator().manual_seed(seed)
+    kc, vc = make_codecs(kfmt, vfmt, seed=seed % 5)
+    bufs = alloc_cache(kfmt, vfmt, sum(pre) + 11, hkv, DEV, poison=False)
+    from kernel_helpers import fill_random_kv
+
+    batch = fill_random_kv(pre, hkv, kc, vc, bufs, gen, DEV)
+    flags = torch.zeros(sum(pre) + 11, dtype=torch.uint8)
+    indptr, indices = batch.kv_indptr.cpu(), batch.kv_indices.cpu()
+    for b, e in enumerate(first_ids):
+        if pre[b] and e >= 0:
+            flags[indices[indptr[b]]] = e + 1
+    fk = (torch.randn(ENTRIES, hkv, 64, generator=gen) * 3).to(torch.bfloat16)
+    fv = (torch.randn(ENTRIES, hkv, 64, generator=gen) * 3).to(torch.bfloat16)
+    T = sum(new)
+    qo = torch.zeros(len(new) + 1, dtype=torch.int32)
+    qo[1:] = torch.tensor(new).cumsum(0)
+    q = (torch.randn(T, hq, 64, generator=gen) * 2).to(DEV, torch.bfloat16)
+    kn = torch.randn(T, hkv, 64, generator=gen).to(DEV, torch.bfloat16)
+    vn = torch.randn(T, hkv, 64, generator=gen).to(DEV, torch.bfloat16)
+    args = (kc, vc, qo, indptr, indices, 0.125, 0.0, True)
+    out = extend_attention(q, kn, vn, *bufs, kc, vc, qo.to(DEV), batch.kv_indptr, batch.kv_indices, 0.125, 0.0, True,
+                           max_extend_len=max(new), max_prefix_len=max(pre), sliding_window=sliding,
+                           first=FirstRows(fk.to(DEV), fv.to(DEV), flags.to(DEV)), **kw)
+    cpu = (q.cpu(), kn.cpu(), vn.cpu(), *[b.cpu() for b in bufs])
+    ref = reference.extend_attention(*cpu, *args, sliding_window=sliding, first=FirstRows(fk, fv, flags))
+    codes = reference.extend_attention(*cpu, *args, sliding_window=sliding)
+    return out.float().cpu(), ref.float(), codes.float(), qo
+
+
+@needs_triton
+@pytest.mark.parametrize("kw", [dict(block_m=32, gqa_pack=False, num_splits=1), dict(block_m=32, gqa_pack=True),
+                                dict(block_m=32, gqa_pack=False, num_splits=3)],
+                         ids=["rows-per-head", "gqa-pack", "split-prefix"])
+def test_extend_reads_the_prefix_first_row(kw):
+    out, ref, codes, qo = _extend_case([40, 0, 100, 30], [9, 5, 20, 3], [1, 0, -1, 1], seed=21, **kw)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL
+    a, b = int(qo[0]), int(qo[1])
+    assert rel_err(ref[a:b], codes[a:b]) > 1e-2  # the exact row changes what a radix hit's queries see
+    c, d = int(qo[2]), int(qo[3])
+    assert torch.equal(ref[c:d], codes[c:d])  # an unflagged prefix reads its codes
+
+
+@needs_triton
+def test_extend_first_row_sliding_window():
+    """Queries whose sliding window has left position 0 see neither its codes nor its exact row."""
+    out, ref, codes, qo = _extend_case([20, 60], [30, 4], [0, 2], seed=5, sliding=32, block_m=32, num_splits=1)
+    assert rel_err(out, ref) < TOL
+    assert rel_err(ref[:12], codes[:12]) > 1e-2  # rows 0..11 of sequence 0 (positions 20..31) still see it
+    assert torch.equal(ref[12:30], codes[12:30]) and torch.equal(ref[30:], codes[30:])
