@@ -142,6 +142,15 @@ class FakeRunner(mix.ModelRunnerKVCacheMixin):
             mix.get_available_gpu_memory, mix.get_world_group = orig_mem, orig_world
 
 
+def first_token_cut(runner, layers, tokens: int, cell: float, extra_bytes: int = 0) -> int:
+    """Tokens a `tokens`-token budget gives up (cell: bytes of one token) for the exact first token's tables
+    and slot flags over `layers` (registration.first_token_bytes; page size 1) plus `extra_bytes`."""
+    from sglang_tq.registration import first_token_bytes
+
+    heads = runner.model_config.get_num_kv_heads(1)
+    return int(-(-(first_token_bytes(runner._tq_plan, heads, layers, tokens + 1) + extra_bytes) // cell))
+
+
 def write_tq_config(tmp_path, text: str, name: str = "tq.yaml") -> str:
     p = tmp_path / name
     p.write_text(text)
