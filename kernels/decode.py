@@ -797,7 +797,8 @@ def plan_decode(kcodec: TQCodec, vcodec: TQCodec, batch: int, num_kv_heads: int,
     v_pairs = bool(sliced and vt["has_pairs"] and pairs_fit(vf.head_dim, num_warps))
     max_registers = (choose_max_registers(k_i8, v_pairs, num_warps, block_n, kf.head_dim, kt["register_lut_kind"],
                                           vt["register_lut_kind"]) if sliced else None)
-    return DecodePlan(num_splits=int(num_splits), ring=ring, first=bool(first), sliced=sliced, key_int8=k_i8, v_pairs=v_pairs,
+    return DecodePlan(num_splits=int(num_splits), ring=ring, first=bool(first), sliced=sliced, key_int8=k_i8,
+                      v_pairs=v_pairs,
                       block_n=int(block_n), num_warps=num_warps, num_stages=2, max_registers=max_registers,
                       pdl=bool(sliced and pdl_ok(device)))
 

@@ -540,7 +540,8 @@ def heldout(sim, a, boundary, means, log):
     if float(a.target_bits).is_integer():
         out["uniform"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent, a.first_token))
         if a.center:
-            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent, a.first_token), means)
+            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent,
+                                                         a.first_token), means)
             out["calibrated_uncentered"] = ppl(load_config(a.out), None)
     log("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float)))
     return out

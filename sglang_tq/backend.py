@@ -43,8 +43,8 @@ any layer runs, the first-token table entry of every new token at position 0 (by
 new slot's flag; each quantized layer's compress also writes those tokens' exact rotated rows to their
 entry, and every reader of the cache (decode, extend over a cached prefix, speculative verify, the evaluation
 mode's stored view) takes position 0 from the entry its slot is flagged with (also through a radix-cache
-prefix: the flag is the slot's). Off, with a log line, where a token id does not determine position 0's K/V: LoRA adapters, multimodal
-models; a batch with input embeddings claims nothing.
+prefix: the flag is the slot's). Only where the token id determines position 0's K/V: off (logged) under
+LoRA adapters; a sequence with multimodal inputs or a batch of input embeddings claims nothing.
 
 Key centering (`key_means:` in the config): the pool stores keys as codes of k - mu; extend passes the mean
 so the new tokens' fresh keys are centered the same way (with prefill_from_cache the new keys come
@@ -240,14 +240,13 @@ class TurboQuantAttnBackend(AttentionBackend):
     @staticmethod
     def _first_token_holds(model_runner) -> bool:
         """Whether position 0's K/V are a function of the token id (the first-token table's key): not under
-        LoRA adapters (per request) or in a multimodal model (embeddings replaced per request). Logged."""
+        LoRA adapters, which change them per request. Logged."""
         args = model_runner.server_args
-        why = ("LoRA adapters change its K/V per request" if server_arg(args, "enable_lora") or server_arg(args, "lora_paths")
-               else "a multimodal model's inputs replace token embeddings"
-               if getattr(getattr(model_runner, "model_config", None), "is_multimodal", False) else None)
-        if why is not None:
-            logger.info("TurboQuant: first_token: exact is off (the first token is read from the codes): %s", why)
-        return why is None
+        if server_arg(args, "enable_lora") or server_arg(args, "lora_paths"):
+            logger.info("TurboQuant: first_token: exact is off under LoRA adapters (they change the first token's "
+                        "K/V per request); the first token is read from the codes")
+            return False
+        return True
 
     def _create_speculative(self, model_runner):
         """The verify side of speculative decoding (sglang_tq.speculative) when the server runs it."""
@@ -407,13 +406,18 @@ class TurboQuantAttnBackend(AttentionBackend):
 
     def _claim_first_rows(self, fb) -> torch.Tensor:
         """The first-token table entry of each new token (the claim kernel: each sequence's first new token
-        when its prefix is empty, unless the batch comes as input embeddings); every new slot's flag written."""
+        when its prefix is empty); every new slot's flag written. Sequences with multimodal inputs (their
+        embeddings replace token ids') and batches of input embeddings claim nothing."""
         n_tok = int(fb.extend_num_tokens) if fb.extend_num_tokens is not None else fb.out_cache_loc.shape[0]
         ext = fb.extend_seq_lens.to(torch.int64)
         first = torch.cumsum(ext, 0) - ext  # each sequence's first token in the batch (n_tok if it has none)
         starts = ((fb.extend_prefix_lens == 0) & (ext > 0)).to(torch.int32)
+        mm = getattr(fb, "mm_inputs", None)
         if getattr(fb, "input_embeds", None) is not None:
             starts = torch.zeros_like(starts)
+        elif mm is not None and any(x is not None for x in mm):
+            text = torch.tensor([x is None for x in mm], dtype=torch.int32).to(starts.device, non_blocking=True)
+            starts = starts * text
         at_zero = torch.zeros(n_tok + 1, dtype=torch.int32, device=ext.device).index_add_(0, first, starts)[:n_tok]
         return self.tq_pool.claim_first_rows(fb.input_ids[:n_tok], fb.out_cache_loc[:n_tok], at_zero > 0)
 

@@ -24,8 +24,8 @@ def _no_compile(fn):
 @dataclass(frozen=True)
 class DecodeLaunch:
     """Launch decisions of one decode batch shape, made in init_forward_metadata / the graph hooks: one
-    `tq_kernels` DecodePlan per (K format, V format, recent-window ring, first-token rows) of the model's quantized layers
-    (empty off the GPU: the reference takes no launch decisions)."""
+    `tq_kernels` DecodePlan per (K format, V format, recent-window ring, first-token rows) of the model's
+    quantized layers (empty off the GPU: the reference takes no launch decisions)."""
 
     batch: int                 # the batch size the decisions are made for (1: batch-invariant)
     plans: Tuple[Tuple[tuple, DecodePlan], ...] = ()

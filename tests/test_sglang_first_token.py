@@ -1,24 +1,24 @@
 """The exact first token through the SGLang adapter (reference path, CPU): the claim per extend batch (flags of
 position-0 slots by token id, radix hits through the slot, reused slots cleared, padding rows and input
-embeddings claim nothing), slot moves and the retraction copy carrying the flags, `first_token: codes`, and
-the set-ups where a token id does not determine position 0's K/V (LoRA, multimodal models)."""
+embeddings and multimodal requests claim nothing), slot moves and the retraction copy carrying the flags,
+`first_token: codes`, and LoRA (adapters change position 0's K/V per request: off)."""
 import pytest
 
 pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import FakeModelConfig, FakeRunner, env, extend_batch, server_args, tq_backend, write_tq_config  # noqa: E402
+from sglang_fakes import (FakeModelConfig, FakeRunner, env, extend_batch, server_args, tq_backend,  # noqa: E402
+                          write_tq_config)
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 
 HQ, HKV, D = 4, 2, 64
 CFG = "name: t\nboundary: {first: 1, last: 0}\n"
 
 
-def _server(tmp_path, cfg=CFG, sa=None, multimodal=False):
+def _server(tmp_path, cfg=CFG, sa=None):
     path = write_tq_config(tmp_path, cfg)
     mc = FakeModelConfig(3, HQ, HKV, D, context_len=64)
-    mc.is_multimodal = multimodal
     with env(SGLANG_TQ_CONFIG=path):
         runner = FakeRunner(mc, sa)
         pool = runner.build_pools(128, max_running_requests=4)
@@ -27,7 +27,7 @@ def _server(tmp_path, cfg=CFG, sa=None, multimodal=False):
     return runner, pool, backend, layers
 
 
-def _extend(runner, backend, layers, reqs, prefix, new, ids=None, pad=0, embeds=False):
+def _extend(runner, backend, layers, reqs, prefix, new, ids=None, pad=0, embeds=False, mm=None):
     slots = runner.token_to_kv_pool_allocator.alloc(sum(new))
     r2t = runner.req_to_token_pool.req_to_token
     off = 0
@@ -39,6 +39,7 @@ def _extend(runner, backend, layers, reqs, prefix, new, ids=None, pad=0, embeds=
         fb.input_ids = torch.tensor(ids)
     if embeds:
         fb.input_embeds = torch.zeros(sum(new), HQ * D)
+    fb.mm_inputs = mm
     backend.init_forward_metadata(fb)
     fb.out_cache_loc = torch.cat([slots, slots.new_zeros(pad)])  # a piecewise CUDA graph's padding rows
     gen = torch.Generator().manual_seed(sum(new))
@@ -90,6 +91,9 @@ def test_table_full_and_input_embeddings(tmp_path):
     assert md.first_entries.tolist() == [-1, -1] and pool.first_flags[r2t[0, 0].long()] == 0
     _, md = _extend(runner, backend, layers, [0], [0], [2], ids=[1, 1], embeds=True)  # embeddings: no claim
     assert md.first_entries.tolist() == [-1, -1] and pool.first_flags[r2t[0, 0].long()] == 0
+    r2t[1] = 0
+    _, md = _extend(runner, backend, layers, [0, 1], [0, 0], [2, 2], ids=[1, 1, 2, 2], mm=[object(), None])
+    assert md.first_entries.tolist() == [-1, -1, 1, -1]  # the multimodal request claims nothing, the text one does
 
 
 def test_slot_moves_and_retraction_copy_carry_flags(tmp_path):
@@ -113,12 +117,11 @@ def test_first_token_codes_keeps_no_rows(tmp_path):
     assert md.first_entries is None
 
 
-@pytest.mark.parametrize("why", ["lora", "multimodal"])
-def test_off_where_the_token_id_does_not_determine_the_first_rows(tmp_path, why, caplog):
-    sa = server_args(enable_lora=True) if why == "lora" else None
+@pytest.mark.parametrize("lora", [dict(enable_lora=True), dict(lora_paths=["adapter"])], ids=["enable", "paths"])
+def test_off_under_lora(tmp_path, lora, caplog):
     with caplog.at_level("INFO", logger="sglang_tq"):
-        runner, pool, backend, layers = _server(tmp_path, sa=sa, multimodal=why == "multimodal")
+        runner, pool, backend, layers = _server(tmp_path, sa=server_args(**lora))
     assert pool.first_token and not backend.first_token
-    assert "first_token: exact is off" in caplog.text
+    assert "first_token: exact is off under LoRA" in caplog.text
     slots, md = _extend(runner, backend, layers, [0], [0], [3])
     assert md.first_entries is None and not pool.first_flags[slots].any()

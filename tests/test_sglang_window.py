@@ -148,8 +148,8 @@ def _reserved_tokens(pool, tokens: int) -> int:
 
 
 def test_window_changes_attention_and_capacity(tmp_path, s):
-    """The ring's bytes (and the first token's) come out of the token budget; without the window the same request attends
-    to codes only (so the comparison above can tell the two apart)."""
+    """The ring's bytes (and the first token's) come out of the token budget; without the window the same
+    request attends to codes only (so the comparison above can tell the two apart)."""
     pool = s["pool"]
     assert s["runner"].max_total_num_tokens < 256
     assert pool.window_bytes() == 2 * (NUM_LAYERS - 1) * 2 * W * HKV * D * 2
