@@ -94,7 +94,8 @@ def test_compress_writes_first_rows_next_to_the_ring():
         assert rel_err(kc.unrotate(tf.k[e].float().cpu()), (k[i].float() - mu).cpu()) < 1e-2
 
 
-def _decode_case(kfmt, vfmt, hq, hkv, lens, first_ids, seed, wsize=0, lo_back=0, sliding=0, shared=None, **kw):
+def _decode_case(kfmt, vfmt, hq, hkv, lens, first_ids, seed, wsize=0, lo_back=0, sliding=0, shared=None, cap=0.0,
+                 **kw):
     """Sequences written packed to random slots; first_ids[b]: the table entry flagged at sequence b's
     position-0 slot (-1: none). The table rows are far from the codes (position 0's exact row is another
     vector), so decode that read position 0 from the codes would fail. shared: (b, c) -> sequence c starts
@@ -140,12 +141,12 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, first_ids, seed, wsize=0, lo_back=0,
     q = (torch.randn(B, hq, kfmt.head_dim, generator=gen) * 2).to(DEV, torch.bfloat16)
     sm = kfmt.head_dim ** -0.5
     plan = plan_decode(kc, vc, B, hkv, max(lens), DEV, window=bool(wsize), first=True, **kw)
-    out = decode_attention(q, *bufs, kc, vc, indptr.to(DEV), slots.to(DEV), sm, plan=plan, window=win, first=first,
-                           sliding_window=sliding)
+    out = decode_attention(q, *bufs, kc, vc, indptr.to(DEV), slots.to(DEV), sm, cap, plan=plan, window=win,
+                           first=first, sliding_window=sliding)
     cpu = [b.cpu() for b in bufs]
-    ref = reference.decode_attention(q.cpu(), *cpu, kc, vc, indptr, slots, sm, window=win_ref, first=first_ref,
+    ref = reference.decode_attention(q.cpu(), *cpu, kc, vc, indptr, slots, sm, cap, window=win_ref, first=first_ref,
                                      sliding_window=sliding)
-    codes = reference.decode_attention(q.cpu(), *cpu, kc, vc, indptr, slots, sm, window=win_ref,
+    codes = reference.decode_attention(q.cpu(), *cpu, kc, vc, indptr, slots, sm, cap, window=win_ref,
                                        sliding_window=sliding)
     return out.float().cpu(), ref.float(), codes.float()
 
@@ -155,7 +156,8 @@ def _decode_case(kfmt, vfmt, hq, hkv, lens, first_ids, seed, wsize=0, lo_back=0,
     (F(128, 4), F(128, 4), (8, 2), [40, 5, 100], [0, 3, -1], dict(num_splits=2, block_n=32)),    # sliced stage 1
     (F(64, 3), F(64, 3), (9, 3), [70, 1, 20], [1, 1, 2], dict(num_splits=3, block_n=32)),         # general stage 1
     (F(128, 4, qjl=True), F(128, 4), (4, 1), [50, 0], [2, 0], dict(num_splits=2, block_n=32)),    # PROD, empty
-], ids=["K4V4-d128-sliced", "K3V3-d64-general", "PROD4-d128-empty"])
+    (F(64, 4), F(64, 4), (8, 2), [90, 7], [0, 1], dict(num_splits=3, block_n=32, cap=5.0)),       # soft-cap
+], ids=["K4V4-d128-sliced", "K3V3-d64-general", "PROD4-d128-empty", "K4V4-d64-softcap"])
 def test_decode_first_row_without_window(kfmt, vfmt, heads, lens, first_ids, kw):
     out, ref, codes = _decode_case(kfmt, vfmt, *heads, lens, first_ids, seed=sum(lens), **kw)
     assert torch.isfinite(out).all()
@@ -223,7 +225,7 @@ def test_reference_first_row_replaces_position_zero():
     assert rel_err(out.float(), vc.unrotate(fv[2].float())) < 1e-2
 
 
-def _extend_case(pre, new, first_ids, seed, hq=8, hkv=2, sliding=0, **kw):
+def _extend_case(pre, new, first_ids, seed, hq=8, hkv=2, sliding=0, cap=0.0, **kw):
     """An extend over packed prefixes whose position-0 slots carry first_ids (-1: none) and a table far
     from the codes; Triton against the reference with the table, and the reference without it."""
     from tq_kernels.extend import extend_attention
@@ -248,8 +250,8 @@ def _extend_case(pre, new, first_ids, seed, hq=8, hkv=2, sliding=0, **kw):
     q = (torch.randn(T, hq, 64, generator=gen) * 2).to(DEV, torch.bfloat16)
     kn = torch.randn(T, hkv, 64, generator=gen).to(DEV, torch.bfloat16)
     vn = torch.randn(T, hkv, 64, generator=gen).to(DEV, torch.bfloat16)
-    args = (kc, vc, qo, indptr, indices, 0.125, 0.0, True)
-    out = extend_attention(q, kn, vn, *bufs, kc, vc, qo.to(DEV), batch.kv_indptr, batch.kv_indices, 0.125, 0.0, True,
+    args = (kc, vc, qo, indptr, indices, 0.125, cap, True)
+    out = extend_attention(q, kn, vn, *bufs, kc, vc, qo.to(DEV), batch.kv_indptr, batch.kv_indices, 0.125, cap, True,
                            max_extend_len=max(new), max_prefix_len=max(pre), sliding_window=sliding,
                            first=FirstRows(fk.to(DEV), fv.to(DEV), flags.to(DEV)), **kw)
     cpu = (q.cpu(), kn.cpu(), vn.cpu(), *[b.cpu() for b in bufs])
@@ -260,8 +262,9 @@ def _extend_case(pre, new, first_ids, seed, hq=8, hkv=2, sliding=0, **kw):
 
 @needs_triton
 @pytest.mark.parametrize("kw", [dict(block_m=32, gqa_pack=False, num_splits=1), dict(block_m=32, gqa_pack=True),
-                                dict(block_m=32, gqa_pack=False, num_splits=3)],
-                         ids=["rows-per-head", "gqa-pack", "split-prefix"])
+                                dict(block_m=32, gqa_pack=False, num_splits=3),
+                                dict(block_m=32, gqa_pack=False, num_splits=1, cap=5.0)],
+                         ids=["rows-per-head", "gqa-pack", "split-prefix", "softcap"])
 def test_extend_reads_the_prefix_first_row(kw):
     out, ref, codes, qo = _extend_case([40, 0, 100, 30], [9, 5, 20, 3], [1, 0, -1, 1], seed=21, **kw)
     assert torch.isfinite(out).all()
