@@ -336,7 +336,7 @@ def capacity_section(recs: List[dict]) -> List[str]:
 def simulation_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
-    out = ["## Key centering (CPU simulation)", "",
+    out = ["## Key centering and the exact first token (CPU simulation)", "",
            "Perplexity from `scripts/calibrate.py`'s simulator: the model in fp32 on the CPU, K and V of every "
            "quantized layer coded and decoded as the cache stores them, every scored token reading the compressed "
            "cache (window 0: the codecs alone, as a radix-cached prefix or a far-back needle sees them; window 32: "
