@@ -74,8 +74,9 @@ heads whose weight sits on that one key, so its quantization error costs more th
 `exact` (the default) keeps the first token's K/V exact (bf16, rotated like the recent window's rows) in
 a table of a few entries per quantized layer, keyed by token id: at position 0 a causal decoder's K/V
 depend on the token id alone, so every request starting with that token shares the entry, also through
-the radix cache. The packed codes are still written; decode reads the exact row instead. `codes` reads
-the first token from the codes like any other.
+the radix cache. The packed codes are still written; decode, extend over a cached prefix and speculative
+verify read the exact row instead. Under LoRA adapters (which change that K/V per request) the server
+turns it off and says so in its log. `codes` reads the first token from the codes like any other.
 
 Layer formats: `tq` (quantized with the K/V formats above), `bf16` (stored unquantized, at the
 model's 16-bit dtype) or `fp8` (SGLang's own fp8 KV layout: e4m3 of x / scale with one per-tensor scale,
