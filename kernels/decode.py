@@ -176,6 +176,15 @@ def _slice_index(rows, mask, b0, T: tl.constexpr, F: tl.constexpr):
 
 
 @triton.jit
+def _i8_slice_code(rows, mask, T: tl.constexpr, F: tl.constexpr):
+    """4-bit codes [BLOCK_N, D / 2] of slice T of the int8 LUT: column 4m + e holds coordinate 8m + 4T + e
+    (the interpreter's gather index; on a GPU `register_lut_i8_slices` reads them from the byte tile)."""
+    j = tl.arange(0, F.D // 2)
+    c = (j // 4) * 8 + T * 4 + j % 4
+    return _field_bits(rows, mask[:, None], c * 4, F.M0OFF, 4)
+
+
+@triton.jit
 def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
     """Columns T, T + S, T + 2S, ... of the rotated query rows (scaled, bf16)."""
     cols = tl.arange(0, D // S) * S + T
@@ -190,14 +199,17 @@ def _round_i8(x):
 
 @triton.jit
 def query_slices_i8(qrow, gmask, q_scale, D: tl.constexpr):
-    """The two column slices (even / odd coordinates) of the rotated query rows as int8 pairs for int8
-    keys, and each row's scale: q = scale * (hi + lo / 128) with scale = max|q| / 127 over the row, hi
-    the rounded q / scale and lo the rounded remainder times 128, so two int8 MMAs per slice give the
-    scores with ~15 bits of the query (one int8 would cost ~0.8 % of |q| in RMS)."""
-    # whole rows, then split: a row-major layout, so the int8 operands sit row-major in shared memory
-    # and load as words (strided slice loads came out column-major: byte loads every tile)
-    q = tl.load(qrow[:, None] + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0) * q_scale
-    qe, qo = tl.split(tl.reshape(q, (q.shape[0], D // 2, 2)))
+    """The two column slices of the rotated query rows as int8 pairs for int8 keys (slice T: coordinates
+    8m + 4T + e, e < 4, at column 4m + e, as `register_lut_i8_slices` orders the keys), and each row's
+    scale: q = scale * (hi + lo / 128) with scale = max|q| / 127 over the row, hi the rounded q / scale
+    and lo the rounded remainder times 128, so two int8 MMAs per slice give the scores with ~15 bits of
+    the query (one int8 would cost ~0.8 % of |q| in RMS)."""
+    # runs of 4 contiguous columns: a row-major layout, so the int8 operands sit row-major in shared
+    # memory and load as words (a permute of whole rows spilled; single-column strides loaded bytes)
+    j = tl.arange(0, D // 2)
+    cols = (j // 4) * 8 + j % 4
+    qe = tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    qo = tl.load(qrow[:, None] + 4 + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale
     amax = tl.maximum(tl.max(tl.abs(qe), axis=1), tl.max(tl.abs(qo), axis=1))
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
     qe = qe / scale[:, None]
@@ -231,6 +243,11 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, F: tl.constexp
     S: tl.constexpr = 8 // F.M0W
     if ASM != "" and I8:
         c0, c1, c2, c3 = register_lut_i8_slices(b0, ASM)
+    elif I8:  # the int8 LUT's slices: coordinate groups (`register_lut_i8_slices`)
+        c0 = tl.load(cent_ptr + _i8_slice_code(rows, mask, 0, F))
+        c1 = tl.load(cent_ptr + _i8_slice_code(rows, mask, 1, F))
+        c2 = c0
+        c3 = c0
     elif ASM != "" and F.M1W == 1 and F.M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
         c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, F.M1OFF, F.D), ASM)
     elif ASM != "" and F.M1W == 1:  # 5-bit codes: the same, two coordinates per byte
