@@ -403,15 +403,27 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
     a2 = tl.zeros((BLOCK_G, VC), tl.float32)
     a3 = tl.zeros((BLOCK_G, VC), tl.float32)
 
-    # Plain loop: Triton's software pipeliner (num_stages) issues the slot loads and the first-field
-    # byte tiles (cp.async into shared memory) of later tiles while this one is computed, and loads
-    # the bytes straight into the MMA operand layout, so only uint8 tiles cross shared memory.
-    for n0 in range(lo, hi, BLOCK_N):
-        nmask = n0 + tok < hi
-        slot = tl.load(kv_indices + seq_start + n0 + tok, mask=nmask, other=0)
+    # The split's whole tiles run in a plain loop: Triton's software pipeliner (num_stages) issues the
+    # slot loads and the first-field byte tiles (cp.async into shared memory) of later tiles while this
+    # one is computed, and loads the bytes straight into the MMA operand layout, so only uint8 tiles
+    # cross shared memory. Their token mask is a constant (every token), which the compiler folds away:
+    # no per-token compares, predicated copies or -inf selects. Only a split's last tile can be partial
+    # (splits are whole tiles); it runs first, with the real mask (before the loop rather than after:
+    # nothing but the softmax state stays live across the loop).
+    full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    if full_hi < hi:
+        nmask = full_hi + tok < hi
+        slot = tl.load(kv_indices + seq_start + full_hi + tok, mask=nmask, other=0)
         slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)  # 32-bit offset math where the buffers allow
         m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
             q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
+            cache, kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_I8, V_PAIRS, KF, VF)
+    every = tl.full((BLOCK_N,), 1, tl.int1)
+    for n0 in range(lo, full_hi, BLOCK_N):
+        slot = tl.load(kv_indices + seq_start + n0 + tok)
+        slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)
+        m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
+            q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, every, hk, logit_cap,
             cache, kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_I8, V_PAIRS, KF, VF)
 
     has = l_i > 0
