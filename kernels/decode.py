@@ -282,6 +282,23 @@ def _pair_centroids(b16, cent_ptr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _row_scaled_softmax_step(s, row_scale, valid, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
+    """`online_softmax_step` for the scores row_scale[:, None] * s (row_scale > 0: int8 keys' query and
+    table scales). Without a soft-cap the row scale goes into the exponent's FFMA (the row max of s, then
+    scaled) instead of a multiply per score."""
+    if USE_CAP:
+        p, alpha, m_new, l_new = online_softmax_step(s * row_scale[:, None], valid, m_i, l_i, logit_cap, USE_CAP)
+    else:
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
+        l_new = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
 def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
                        cache, kcent_ptr, vcent_ptr, USE_CAP: tl.constexpr, K_ASM: tl.constexpr,
                        V_ASM: tl.constexpr, K_I8: tl.constexpr, V_PAIRS: tl.constexpr, KF: tl.constexpr,
@@ -318,7 +335,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
         si = tl.dot(q1, tl.trans(c1), si, out_dtype=tl.int32) * 128
         si = tl.dot(q2, tl.trans(c0), si, out_dtype=tl.int32)
         si = tl.dot(q3, tl.trans(c1), si, out_dtype=tl.int32)
-        s = si.to(tl.float32) * q_row_scale[:, None] * ks0.to(tl.float32)[None, :]
+        s = si.to(tl.float32) * ks0.to(tl.float32)[None, :]  # q_row_scale joins in `_row_scaled_softmax_step`
     else:
         s = tl.dot(q0, tl.trans(c0))
         s = tl.dot(q1, tl.trans(c1), s)
@@ -329,7 +346,10 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
     if KF.QJLOFF >= 0:  # the QJL signs as one tile in coordinate order, against the whole sketch rows
         s += tl.dot(sk, tl.trans(qjl_signs(krow, nmask, KF.QJLOFF, KF.D))) * \
             tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    p, alpha, m_i, l_i = online_softmax_step(s, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
+    if K_I8:
+        p, alpha, m_i, l_i = _row_scaled_softmax_step(s, q_row_scale, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
+    else:
+        p, alpha, m_i, l_i = online_softmax_step(s, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
     # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
     pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
     if V_PAIRS:
