@@ -83,6 +83,16 @@ def bench(fn, n_inner=1, use_graph=True, rep_ms=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") / n_inner
 
 
+def checkout_commit():
+    """The checkout's HEAD (None where it has no .git: records then need --commit)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def copy_bandwidth_gbs(nbytes=2 << 30):
     x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -597,8 +607,6 @@ def main():
                          "with BF16 KV and with each codec's compress, at (32, 8, 128)")
     args = ap.parse_args()
 
-    import subprocess
-
     import triton
 
     log(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.version.cuda}")
@@ -615,13 +623,7 @@ def main():
             log(f"{mod} not available ({type(e).__name__}: {e})")
     l2 = getattr(props, "L2_cache_size", 50 << 20)
     t_start = time.time()
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-        except OSError:
-            commit = None
+    commit = args.commit or checkout_commit()
 
     results = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__, commit=commit,
                    date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), points=[], compress=[],

@@ -8,18 +8,22 @@ and FP8 KV (cast + store, FlashInfer FP8 decode). Same card, same run; per-layer
 Why: a serving step at short context is a sum of small launches per layer, and an isolated kernel's
 graph time hides how much of it is launch and latency. This is the number behind the ISL 1K serving
 ratio (`docs/RESULTS.md`). --variants: the defaults, without the window, batch-invariant splits.
+--records PATH merges the points into a results/kernels.json-style list (bench "step"; with the card, the
+copy bandwidth measured in this run and the commit), from which scripts/make_tables.py renders the tables.
 
-    python3 scripts/bench_layer_step.py [--points 1:1024 8:1024 32:1024 64:16384] [--out DIR]
+    python3 scripts/bench_layer_step.py [--points 1:1024 8:4096 ...] [--out DIR] [--records PATH]
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import bench, fmts, paged_indices, random_packed  # noqa: E402
+from bench_kernels import (bench, checkout_commit, copy_bandwidth_gbs, fmts, merge_records, paged_indices,  # noqa: E402
+                           random_packed)
 from profile_decode import kernel_times  # noqa: E402
 
 from kernel_helpers import make_codecs  # noqa: E402  (bench_kernels put tests/ on the path)
@@ -150,16 +154,37 @@ def fi_layers(B, ctx, L, hq, hkv, d, kv_dtype, store):
     return time_layers(one, layers)
 
 
+def step_records(rows, a, card, copy_gbps, shape) -> list:
+    """results/kernels.json records (bench "step") of this run's points: per-layer µs of the default
+    plan (the served one) against FlashInfer BF16 / FP8, the packed bytes one layer reads, the copy bandwidth."""
+    hq, hkv, d = shape
+    kfmt, vfmt = fmts(a.codec, d)
+    common = dict(card=card, date=time.strftime("%Y-%m-%d", time.gmtime()),
+                  commit=((a.commit or checkout_commit() or "")[:7] or None),
+                  command="python scripts/bench_layer_step.py " + " ".join(sys.argv[1:]), copy_gbps=round(copy_gbps))
+    return [dict(bench="step", codec=a.codec, h_q=hq, h_kv=hkv, head_dim=d, batch=r["B"], context=r["ctx"],
+                 new_tokens=1, layers=r["layers"], window=a.window, ours_us=round(r["tq_default_us"], 1), flashinfer_bf16_us=round(r["bf16_us"], 1),
+                 flashinfer_fp8_us=round(r["fp8_us"], 1) if "fp8_us" in r else None, sglang_triton_us=None,
+                 packed_bytes=r["B"] * r["ctx"] * hkv * (kfmt.slot_bytes + vfmt.slot_bytes), **common)
+            for r in rows]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--points", nargs="*", default=["1:1024", "8:1024", "32:1024", "64:16384"])
+    ap.add_argument("--points", nargs="*", default=["1:1024", "8:1024", "32:1024", "1:4096", "8:4096", "32:4096",
+                                                    "64:16384"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--codec", default="K4V4")
     ap.add_argument("--window", type=int, default=32, help="recent-window rows per request (presets: 32; 0: none)")
     ap.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS))
     ap.add_argument("--no-fp8", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--records", default=None, metavar="PATH",
+                    help="merge the points (the default plan) into a results/kernels.json-style record list")
+    ap.add_argument("--commit", default=None, help="the commit to record (default: git rev-parse HEAD)")
     a = ap.parse_args()
+    if a.records and "default" not in a.variants:
+        ap.error("--records holds the default plan's times: add 'default' to --variants")
     hq, hkv, d = 32, 8, 128
     gpu = torch.cuda.get_device_name(0)
     print("GPU", gpu, flush=True)
@@ -186,6 +211,8 @@ def main():
             if f"{key}_kernels_us" in r:
                 ks = ", ".join(f"{n.split('(')[0][:28]} {t:.1f}" for n, t in r[f"{key}_kernels_us"].items())
                 print(f"    {key} kernels (plain launches, one layer, us): {ks}", flush=True)
+    if a.records:
+        merge_records(a.records, step_records(rows, a, gpu, copy_bandwidth_gbs(), (hq, hkv, d)))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "bench_layer_step.json"), "w") as f:
