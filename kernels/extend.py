@@ -18,10 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, cache_args, fmt_constexpr, kernel_tables, packed_tile_update, softcap_log2,
-                      unrotate_store)
+from ._common import (LOG2E, cache_args, fmt_constexpr, kernel_tables, online_softmax_step, packed_tile_update,
+                      softcap_log2, unrotate_store)
 from .codec import TQCodec, padded_launch
 from .decode import _merge_step, merge_weights, num_sms, sink_step
+from .verify import PrefixRing, TreeMask
 from .window import ExtendWindow
 
 
@@ -29,11 +30,12 @@ from .window import ExtendWindow
 def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_window, CAUSAL: tl.constexpr,
                             USE_CAP: tl.constexpr):
     """Online-softmax step over a tile of new tokens (columns `cols` of the sequence's new run) for query
-    rows `rows`: soft-cap, padding and causal mask (token j visible to query i iff j <= i) and the sliding
-    window (iff i - j < sliding_window, when > 0). A padded row may see nothing yet; its max stays -inf
-    and its sums 0. Returns (p, alpha, m_new, l_new)."""
+    rows `rows`: soft-cap, the visibility mask `cmask` ([1, N] padding, or [M, N] with a draft tree's
+    mask), causal mask (token j visible to query i iff j <= i) and the sliding window (iff
+    i - j < sliding_window, when > 0). A padded row may see nothing yet; its max stays -inf and its sums
+    0. Returns (p, alpha, m_new, l_new)."""
     s = softcap_log2(s, logit_cap, USE_CAP)
-    valid = cmask[None, :]
+    valid = cmask
     if CAUSAL:
         valid = valid & (cols[None, :] <= rows[:, None])
     valid = valid & ((sliding_window <= 0) | (rows[:, None] - cols[None, :] < sliding_window))
@@ -47,7 +49,8 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_w
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window"])
 def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out, ws,
-                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, HAS_SINK: tl.constexpr, G: tl.constexpr,
+                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, tree, pring, TREE: tl.constexpr,
+                   PRING: tl.constexpr, HAS_SINK: tl.constexpr, G: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_CAP: tl.constexpr,
                    BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
@@ -58,7 +61,11 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
     ws: (partials, lse, split stride, token stride, head stride). sliding_window (> 0): query i of the
     new run (position pre + i) sees positions j > pre + i - sliding_window only; whole prefix tiles
     before the block's first visible position are skipped. HAS_SINK (unsplit launches; else the merge
-    adds it): sink_ptr's logit per query head joins the denominator."""
+    adds it): sink_ptr's logit per query head joins the denominator. TREE (speculative verify): tree =
+    (mask, mask indptr) in SGLang's layout (`tq_kernels.verify.TreeMask`) decides which new tokens each
+    new token sees, instead of causality. PRING: pring = (ring k, its token and head strides, ring v, its
+    strides, lo, base, W) (`tq_kernels.verify.PrefixRing`): new token r reads prefix positions
+    [lo[r], prefix) from the ring instead of the codes."""
     # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
@@ -122,20 +129,46 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
     row0 = mb * BLOCK_T
     first = tl.where(sliding_window > 0, tl.maximum(pre + row0 - sliding_window + 1, 0), 0)
     p_lo = tl.maximum(p_lo, (first // BLOCK_N) * BLOCK_N)
+    if PRING:  # each row reads the codes below its ring start only
+        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo_ptr, base_ptr, wsize = pring
+        lo_r = tl.minimum(tl.load(lo_ptr + q0 + rows, mask=rmask, other=0), pre)
+        p_hi = tl.minimum(p_hi, tl.max(tl.where(rmask, lo_r, 0), axis=0))
     for n0 in range(p_lo, p_hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < p_hi
         valid = nmask[None, :] & ((sliding_window <= 0) | (pre + rows[:, None] - offs[None, :] < sliding_window))
+        if PRING:
+            valid = valid & (offs[None, :] < lo_r[:, None])
         slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
         m_i, l_i, acc = packed_tile_update(q, sk, m_i, l_i, acc, slot, nmask, hk, logit_cap, cache, kcent_ptr,
                                            vcent_ptr, KF, VF, K_REG, K_ASM, V_REG, V_ASM, USE_CAP, True, valid)
 
-    # ---- new tokens (already rotated, unquantized), causal
+    # ---- the prefix's recent positions from the ring (exact, rotated like k~ / v~): the last split's
+    if PRING:
+        r_lo = tl.min(tl.where(rmask, lo_r, pre), axis=0)
+        r_hi = pre
+        if SPLIT:
+            r_hi = tl.where(sp == num_splits - 1, r_hi, r_lo)
+        wbase = tl.load(base_ptr + i).to(tl.int64)
+        for n0 in range(r_lo, r_hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs < r_hi
+            rrow = wbase + (offs % wsize).to(tl.int64)
+            k = tl.load(rk_ptr + rrow[:, None] * rk_t + hk * rk_h + dk[None, :], mask=nmask[:, None], other=0.0)
+            valid = nmask[None, :] & (offs[None, :] >= lo_r[:, None])
+            p, alpha, m_i, l_i = online_softmax_step(tl.dot(q, tl.trans(k)), valid, m_i, l_i, logit_cap, USE_CAP)
+            v = tl.load(rv_ptr + rrow[:, None] * rv_t + hk * rv_h + dv[None, :], mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+
+    # ---- new tokens (already rotated, unquantized): causal, or a draft tree's mask
     if NEW:  # else the new tokens' part comes from new_part, merged by _extend_merge_kernel
-        if CAUSAL:
+        if CAUSAL and not TREE:
             hi = tl.minimum(ext, (mb + 1) * BLOCK_T)
         else:
             hi = ext
+        if TREE:
+            tmask_ptr, tind_ptr = tree
+            mrow = tmask_ptr + tl.load(tind_ptr + i).to(tl.int64) + rows.to(tl.int64) * (pre + ext) + pre
         if SPLIT:
             hi = tl.where(sp == num_splits - 1, hi, 0)
         c_lo = (tl.where(sliding_window > 0, tl.maximum(row0 - sliding_window + 1, 0), 0) // BLOCK_N) * BLOCK_N
@@ -143,14 +176,17 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < hi
             tok = (q0 + cols).to(tl.int64)
+            seen = cmask[None, :]
+            if TREE:
+                seen = seen & (tl.load(mrow[:, None] + cols[None, :], mask=rmask[:, None] & seen, other=0) != 0)
             k = tl.load(kn_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k))
             if WINDOW > 0:  # key j exact for query i when i - j < WINDOW, else as the codes give it back
                 recent = (rows[:, None] - cols[None, :]) < WINDOW
                 ko = tl.load(ko_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
                 s = tl.where(recent, s, tl.dot(q, tl.trans(ko)))
-            p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_window,
-                                                         CAUSAL, USE_CAP)
+            p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, seen, rows, m_i, l_i, logit_cap, sliding_window,
+                                                         CAUSAL and not TREE, USE_CAP)
             v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
             if WINDOW > 0:
                 vo = tl.load(vo_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
@@ -266,7 +302,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      max_prefix_len: Optional[int] = None, k_mean=None, window: Optional[ExtendWindow] = None,
                      new_part: Optional[tuple] = None, block_m: Optional[int] = None, block_n: int = 64,
                      num_warps: Optional[int] = None, gqa_pack: Optional[bool] = None,
-                     num_splits: Optional[int] = None, sliding_window: int = 0, sinks=None):
+                     num_splits: Optional[int] = None, sliding_window: int = 0, sinks=None,
+                     tree: Optional[TreeMask] = None, prefix_ring: Optional[PrefixRing] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given. max_prefix_len: the longest cached prefix (Python int; enables split-K).
@@ -292,8 +329,15 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     launch folds o_new in by its lse. k_new / v_new are not read (no window then).
     sliding_window: query i (position prefix + i) sees positions j > prefix + i - sliding_window only
     (0: all); not with new_part (that kernel would have to apply it). sinks: [H_q] logits (natural-log
-    units, like the scaled scores) added to each head's softmax denominator."""
+    units, like the scaled scores) added to each head's softmax denominator.
+    tree / prefix_ring (speculative verify, `tq_kernels.verify`): the new tokens are draft tokens that see
+    each other where the tree mask says (not causally), and each reads its recent prefix positions from
+    the ring; neither with a sliding window, an evaluation window or new_part."""
     kf, vf = kcodec.fmt, vcodec.fmt
+    if (tree is not None or prefix_ring is not None) and (
+            sliding_window > 0 or new_part is not None or (window is not None and window.size > 0)):
+        raise ValueError("extend: a draft tree / prefix ring (verify) does not combine with a sliding window, "
+                         "an evaluation window or new_part")
     if new_part is not None and window is not None and window.size > 0:
         raise ValueError("extend: new_part and a recent window (evaluation view) do not combine")
     if new_part is not None and sliding_window > 0:
@@ -370,13 +414,23 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     if sinks is not None:
         assert sinks.shape == (h_q,) and sinks.stride(0) == 1, (tuple(sinks.shape), h_q)
     sink_arg = sinks if sinks is not None else qo_indptr
+    tree_arg = (tree.mask, tree.indptr) if tree is not None else (qo_indptr, qo_indptr)
+    if prefix_ring is not None:
+        rk, rv = prefix_ring.k, prefix_ring.v
+        assert rk.dtype == torch.bfloat16 and rk.shape[1:] == (h_kv, d_k) and rv.shape[1:] == (h_kv, d_v)
+        assert rk.stride(2) == 1 and rv.stride(2) == 1 and prefix_ring.lo.shape[0] >= T
+        pring_arg = (rk, rk.stride(0), rk.stride(1), rv, rv.stride(0), rv.stride(1), prefix_ring.lo,
+                     prefix_ring.base, int(prefix_ring.size))
+    else:
+        pring_arg = (qr, 0, 0, qr, 0, 0, qo_indptr, qo_indptr, 1)
     _extend_kernel[grid](
         (qr, qr.stride(0), qr.stride(1)),
         (kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo),
         cache_args(k_codes, k_scales, v_codes, v_scales), kt["centroids_bf16"], vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, vt["msign"], (out3, out3.stride(0), out3.stride(1)),
         (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, int(sliding_window), sink_arg, q_scale,
-        float(logit_cap) if use_cap else 1.0, HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
+        float(logit_cap) if use_cap else 1.0, tree_arg, pring_arg, TREE=tree is not None,
+        PRING=prefix_ring is not None, HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
         USE_CAP=use_cap, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], WINDOW=wsize, NEW=new_part is None,
         K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .codec import TQCodec
+from .verify import PrefixRing, TreeMask
 from .window import DecodeWindow, ExtendWindow, RingWrite
 
 
@@ -126,7 +127,8 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      sm_scale: float, logit_cap: float = 0.0, causal: bool = True,
                      out: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
                      window: Optional[ExtendWindow] = None, sliding_window: int = 0,
-                     sinks: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
+                     sinks: Optional[torch.Tensor] = None, tree: Optional[TreeMask] = None,
+                     prefix_ring: Optional[PrefixRing] = None, **_unused) -> torch.Tensor:
     """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
     (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
     the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
@@ -134,7 +136,12 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     cache was written with (optional, [H_kv, d_k]); the new keys are centered with it too.
     window: new key j is seen exact by query i when i - j < window.size, else as window.k_old / v_old.
     sliding_window: query at position i sees the keys at positions j > i - sliding_window only (0: all;
-    positions count the prefix first). sinks: fp32 [H_q] logits in the softmax's denominator."""
+    positions count the prefix first). sinks: fp32 [H_q] logits in the softmax's denominator.
+    tree: the new tokens see each other where SGLang's tree mask says (instead of causally); prefix_ring:
+    new token r reads prefix positions [lo[r], prefix) from the ring (`tq_kernels.verify`)."""
+    if (tree is not None or prefix_ring is not None) and (sliding_window > 0 or (window is not None and window.size > 0)):
+        raise ValueError("extend: a draft tree / prefix ring (verify) does not combine with a sliding window or "
+                         "an evaluation window")
     d_k, d_v = kcodec.fmt.in_dim, vcodec.fmt.in_dim
     T = q.shape[0]
     q3 = q.reshape(T, -1, d_k)
@@ -155,8 +162,22 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         v = torch.cat([vp, v_new[a:b].to(torch.float32)])
         n_new, n_pre = b - a, kp.shape[0]
         mask = torch.ones(n_new, n_pre + n_new, dtype=torch.bool, device=q.device)
-        if causal:
+        if tree is not None:  # row r of the sequence's block is prefix + drafts wide; the drafts' columns
+            m0, width = int(tree.indptr[i]), n_pre + n_new
+            mask[:, n_pre:] = tree.mask[m0:m0 + n_new * width].view(n_new, width)[:, n_pre:].to(
+                device=q.device, dtype=torch.bool)
+        elif causal:
             mask[:, n_pre:] = torch.ones(n_new, n_new, dtype=torch.bool, device=q.device).tril()
+        if prefix_ring is not None:  # each prefix position from the codes or the ring: two key sets
+            lo = prefix_ring.lo[a:b].to(device=q.device, dtype=torch.long).clamp(max=n_pre)
+            pos = torch.arange(n_pre, device=q.device)
+            rows = (int(prefix_ring.base[i]) + pos % prefix_ring.size).to(prefix_ring.k.device)
+            kr = kcodec.unrotate(prefix_ring.k[rows].float()).to(q.device)
+            vr = vcodec.unrotate(prefix_ring.v[rows].float()).to(q.device)
+            from_ring = pos[None, :] >= lo[:, None]
+            k, v = torch.cat([k, kr]), torch.cat([v, vr])
+            mask = torch.cat([mask, from_ring], dim=1)
+            mask[:, :n_pre] &= ~from_ring
         if sliding_window > 0:
             pos = torch.arange(n_pre + n_new, device=q.device)
             mask &= (n_pre + pos[:n_new, None]) - pos[None, :] < sliding_window

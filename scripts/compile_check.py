@@ -180,6 +180,28 @@ def main():
                 torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
                 torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
                 sinks=sinks, sliding_window=0 if "new_part" in kw else 128, **kw)
+        # speculative verify: a draft tree (bool mask eagerly, uint8 under CUDA graphs) and the prefix's ring,
+        # unsplit and split (packed group), and the staging / commit launches
+        from tq_kernels.verify import DraftStaging, PrefixRing, TreeMask
+
+        for job, mask_dtype, kw in (("extend-verify", torch.bool, dict(block_m=64, gqa_pack=False)),
+                                    ("extend-verify-pack", torch.bool, dict(block_m=64, gqa_pack=True)),
+                                    ("extend-verify-split", torch.uint8, dict(block_m=128, gqa_pack=True, num_splits=3))):
+            jobs[job] = lambda mask_dtype=mask_dtype, kw=kw: extend.extend_attention(
+                torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+                torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+                torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+                block_n=64, tree=TreeMask(torch.ones(28, dtype=mask_dtype), torch.tensor([0, 28])),
+                prefix_ring=PrefixRing(*ring(64), 32, torch.tensor([1, 1, 2, 2], dtype=torch.int32),
+                                       torch.tensor([0], dtype=torch.int32)), **kw)
+
+        def staging_job():
+            st = DraftStaging([ring(64)[0]] * 2, [ring(64)[1]] * 2, 32, 2, 4, 2, triton_kernel=True)
+            table = torch.zeros(3, 64, dtype=torch.int32)
+            req, pre = torch.tensor([0, 1]), torch.tensor([5, 9])
+            st.stage(req, pre, torch.arange(8), 2, table, torch.zeros(3, dtype=torch.int32))
+            st.commit(req, pre + 2, 2, table)
+        jobs["verify-staging"] = staging_job
         for job, fn in jobs.items():
             if a.filter and a.filter not in f"{name} {job}":
                 continue

@@ -4,7 +4,8 @@
     python scripts/make_tables.py           # rewrite the generated parts of docs/RESULTS.md and README.md
     python scripts/make_tables.py --check   # exit 1 if either file differs from what the JSON gives
 
-The generated part of a file lies between `<!-- BEGIN generated -->` and `<!-- END generated -->`;
+The generated part of a file lies between `<!-- BEGIN generated -->` and `<!-- END generated -->`
+(the README's model list between `<!-- BEGIN generated models -->` and `<!-- END generated models -->`);
 the text around it is kept. Every table names its card, date, commit and the command that produced it.
 Ratios are printed only between numbers measured on one card in one run.
 """
@@ -18,6 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- BEGIN generated -->", "<!-- END generated -->"
+MODELS_BEGIN, MODELS_END = "<!-- BEGIN generated models -->", "<!-- END generated models -->"
 
 COMMON = ("card", "date", "commit", "command")
 REQUIRED = {
@@ -31,12 +33,34 @@ REQUIRED = {
                    "bf16_mean", "delta_pct", "delta_spread", "bytes_per_token", "bf16_bytes_per_token", "path")
     + COMMON,
     "fp8_scales": ("storage", "data", "rel_err", "seeds") + COMMON,
+    "speculative": ("algorithm", "config", "backend", "prompts", "greedy_identical", "accept_len",
+                    "bf16_accept_len", "tpot_ms", "bf16_tpot_ms", "batch") + COMMON,
     "consolidation": ("point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
                       "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
                       "command"),
+    "models": ("model", "layout", "config", "served", "graphs_identical", "capacity_ratio", "byte_ratio",
+               "quality_metric", "quality_delta") + COMMON,
 }
+LAYOUTS = ("full", "swa", "swa+sinks", "hybrid-linear")
 ALLOWED = {"kernels": {"bench": ("decode", "step", "extend")},
-           "quality": {"metric": ("ppl", "needle", "passkey", "asdiv", "greedy_prefix")}}
+           "quality": {"metric": ("ppl", "needle", "passkey", "asdiv", "greedy_prefix")},
+           "models": {"layout": LAYOUTS}}
+# The README's model families: (family, examples, layout in results/models.json, how TurboQuant serves it,
+# where the CPU tests are)
+FAMILIES = (
+    ("Dense decoders, MHA / GQA", "Llama 3, Qwen2 / 2.5 / 3, Mistral, SmolLM2, Phi-3 (head_dim 96)", "full",
+     "one packed pool; head_dim 64, 128, 256 (80 / 96 coded as 128 zero-padded coordinates: CPU-tested only)",
+     "tests/test_sglang_backend.py, test_sglang_pool.py"),
+    ("Sliding-window layers with attention sinks", "gpt-oss", "swa+sinks",
+     "SGLang's hybrid SWA memory (its default for gpt-oss): full and sliding-window layers in their own "
+     "packed pools; or one pool with --disable-hybrid-swa-memory",
+     "tests/test_sglang_hybrid.py, test_sglang_sliding.py, test_kernels_sliding.py"),
+    ("Sliding-window layers", "Gemma 2 / 3, Mistral with a window", "swa",
+     "one packed pool (SGLang keeps one pool for these)", "tests/test_sglang_sliding.py, test_kernels_sliding.py"),
+    ("Linear-attention hybrids (Gated DeltaNet)", "Qwen3-Next, Qwen3.5", "hybrid-linear",
+     "the attention layers in the packed pool inside SGLang's hybrid pool; the recurrent-state pool is SGLang's",
+     "tests/test_sglang_hybrid.py"),
+)
 
 
 class ResultsError(ValueError):
@@ -343,6 +367,47 @@ def fp8_section(recs: List[dict]) -> List[str]:
     return out
 
 
+SPECULATIVE_HEADER = ["batch", "KV cache", "greedy identical (NGRAM on vs off)", "accept length", "vs BF16",
+                      "TPOT ms, NGRAM", "BF16 TPOT ms, NGRAM", "vs BF16", "TPOT ms, off", "BF16 TPOT ms, off",
+                      "out tok/s, NGRAM", "BF16 out tok/s, NGRAM"]
+
+
+def speculative_section(recs: List[dict]) -> List[str]:
+    out = ["## Speculative decoding (NGRAM)", "",
+           "Servers one at a time on one card: TurboQuant and BF16 KV (the BF16 backend named below), each with NGRAM "
+           "off and on, the same prompts. Greedy identical: prompts whose greedy tokens are the same with NGRAM on and "
+           "off (batch-1 runs; in brackets the same for BF16). Accept length: SGLang's average tokens per verify "
+           "step; \"vs BF16\" = ours / BF16's. TPOT p50 per request; \"vs BF16\" = our TPOT / BF16's with NGRAM on "
+           "(below 1: faster).", ""]
+    if not recs:
+        return out + table(SPECULATIVE_HEADER, [["not measured yet"] + ["—"] * (len(SPECULATIVE_HEADER) - 1)], 3) + [""]
+    for g in groups(recs, run_key):
+        r0 = g[0]
+        out += [f"**{r0.get('workload', r0['algorithm'])}**, {r0['prompts']} prompts, "
+                f"{r0.get('draft_tokens', '—')} draft tokens, BF16 on `{r0.get('bf16_backend', '—')}`.", ""]
+        rows = []
+        for r in sorted(g, key=lambda r: r["batch"]):
+            same = "—" if r["greedy_identical"] is None else (
+                f"{r['greedy_identical']} / {r['prompts']}" + (f" ({r['bf16_greedy_identical']} / {r['prompts']})"
+                                                             if r.get("bf16_greedy_identical") is not None else ""))
+            acc = "—" if not (r["accept_len"] and r["bf16_accept_len"]) else f"{r['accept_len'] / r['bf16_accept_len']:.3f}"
+            tp = "—" if not (r["tpot_ms"] and r["bf16_tpot_ms"]) else f"{r['tpot_ms'] / r['bf16_tpot_ms']:.2f}×"
+            rows.append([str(r["batch"]), f"`{r['config']}`", same, num(r["accept_len"], 2) + " / " + num(
+                r["bf16_accept_len"], 2), acc, num(r["tpot_ms"], 2), num(r["bf16_tpot_ms"], 2), tp,
+                num(r.get("tpot_off_ms"), 2), num(r.get("bf16_tpot_off_ms"), 2), num(r.get("tok_s"), 1),
+                num(r.get("bf16_tok_s"), 1)])
+        out += table(SPECULATIVE_HEADER, rows, 3)
+        load = r0.get("load")
+        if load:
+            out += ["", f"Load test with NGRAM on (`{r0['config']}`, scripts/load_test.py): {load.get('requests')} "
+                        f"requests, {load.get('failed')} failed, {load.get('aborted')} aborted on purpose, "
+                        f"{load.get('idle_tokens_after_flush')} tokens held when idle, "
+                        f"{load.get('retractions_in_log')} retractions, "
+                        f"{'passed' if load.get('pass') else 'FAILED'}."]
+        out += ["", provenance(r0) + ".", ""]
+    return out
+
+
 def consolidation_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
@@ -359,6 +424,58 @@ def consolidation_section(recs: List[dict]) -> List[str]:
     return out
 
 
+def _graphs(r: dict) -> str:
+    g = r["graphs_identical"]
+    return "—" if g is None else ("identical" if g else "differ") + (f" ({r['graphs_detail']})" if r.get("graphs_detail") else "")
+
+
+def _capacity(r: dict) -> str:
+    if r["capacity_ratio"] is None:
+        return "—"
+    want = r.get("expected_ratio") or r["byte_ratio"]
+    return f"{r['capacity_ratio']:.3f}× (bytes {r['byte_ratio']:.3f}×, {(r['capacity_ratio'] / want - 1) * 100:+.2f} %)"
+
+
+def models_section(recs: List[dict]) -> List[str]:
+    out = ["## Model shapes in real servers", "",
+           "`scripts/gpu_models.sh`: config-only model folders (`scripts/make_model_configs.py`, "
+           "`--load-format dummy`), BF16 (SGLang's triton backend) and TurboQuant servers on one card. Capacity: "
+           "`max_total_num_tokens` over BF16's at the same `--mem-fraction-static` (with hybrid SWA memory: the "
+           "full-attention pool's tokens), against the config's byte ratio for the layout (in brackets: the "
+           "difference to that ratio with the recent window's ring taken out of the pool).", ""]
+    if not recs:
+        return out + ["Not yet measured on a GPU.", ""]
+    rows = [[r["model"], r["layout"], r.get("memory", "—"), f"`{r['config']}`", "yes" if r["served"] else "no",
+             _graphs(r), _capacity(r), num(r["quality_delta"], 4), r["card"], r["date"], f"`{r['commit']}`"]
+            for r in recs]
+    out += table(["model", "layout", "KV memory", "config", "served", "CUDA graphs on / off", "capacity vs BF16",
+                  "quality Δ", "card", "date", "commit"], rows, 7, 8)
+    metrics = list(dict.fromkeys(r["quality_metric"] for r in recs))
+    return out + ["", "Quality Δ: " + "; ".join(metrics) + ".", "", commands(recs), ""]
+
+
+def readme_models(data: Dict[str, List[dict]]) -> str:
+    """The README's model families and what was run on each, from results/models.json (and, for dense models,
+    the capacity and quality records)."""
+    rows = []
+    for family, examples, layout, how, cpu_tests in FAMILIES:
+        recs = [r for r in data["models"] if r["layout"] == layout]
+        gpu = [f"{r['model']} ({r.get('memory', r['layout'])}): "
+               + ("served" if r["served"] else "did not serve")
+               + (f", CUDA graphs on/off {_graphs(r)}" if r["graphs_identical"] is not None else "")
+               + (f", capacity {_capacity(r)}" if r["capacity_ratio"] is not None else "")
+               + f"; {r['card']}, {r['date']}" for r in recs]
+        if layout == "full":
+            cap, ppl = _find(data["capacity"], config="turbo4"), _find(data["quality"], config="turbo4", metric="ppl")
+            if cap:
+                gpu.append(f"{cap['model']}: capacity measured; {cap['card'].split(' (')[0]}, {cap['date']}")
+            if ppl:
+                gpu.append(f"{ppl['model']}: perplexity measured; {ppl['card'].split(' (')[0]}, {ppl['date']}")
+        rows.append([family, examples, how, "<br>".join(gpu) or "not yet measured on a GPU", cpu_tests])
+    lines = table(["family", "e.g.", "served as", "run on a GPU", "CPU tests"], rows, 0, 0)
+    return "\n".join(lines) + "\n"
+
+
 def results_md(data: Dict[str, List[dict]]) -> str:
     k = data["kernels"]
     lines = ["## Kernels", ""]
@@ -369,6 +486,9 @@ def results_md(data: Dict[str, List[dict]]) -> str:
     lines += simulation_section(data["simulation"])
     lines += serving_section(data["serving"])
     lines += capacity_section(data["capacity"])
+
+    lines += models_section(data["models"])
+    lines += speculative_section(data["speculative"])
     lines += fp8_section(data["fp8_scales"])
     lines += consolidation_section(data["consolidation"])
     return "\n".join(lines).rstrip() + "\n"
@@ -428,16 +548,18 @@ def readme_summary(data: Dict[str, List[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice(text: str, generated: str, path: Path) -> str:
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ResultsError(f"{path}: needs exactly one {BEGIN} followed by one {END}")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{generated}{END}{tail}"
+def splice(text: str, generated: str, path: Path, begin: str = BEGIN, end: str = END) -> str:
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ResultsError(f"{path}: needs exactly one {begin} followed by one {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{generated}{end}{tail}"
 
 
 def targets(root: Path, data: Dict[str, List[dict]]):
-    return [(root / "docs" / "RESULTS.md", results_md(data)), (root / "README.md", readme_summary(data))]
+    """(path, [(generated text, begin marker, end marker)]) of every generated file."""
+    return [(root / "docs" / "RESULTS.md", [(results_md(data), BEGIN, END)]),
+            (root / "README.md", [(readme_summary(data), BEGIN, END), (readme_models(data), MODELS_BEGIN, MODELS_END)])]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -448,9 +570,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         data = load(args.root / "results")
         stale = []
-        for path, generated in targets(args.root, data):
+        for path, parts in targets(args.root, data):
             text = path.read_text()
-            new = splice(text, generated, path)
+            new = text
+            for generated, begin, end in parts:
+                new = splice(new, generated, path, begin, end)
             if new == text:
                 continue
             if args.check:

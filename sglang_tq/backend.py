@@ -19,6 +19,8 @@ indices both kinds of layer read (`kv_indptr / kv_indices`: token slot ids; for 
 * quantized layer, decode: compress the new token (the same launch rotates the queries), then split-K
   decode over the packed cache with a static per-batch-size split count and, under CUDA graphs, a
   preallocated workspace (no host syncs, static grid).
+* quantized layer, speculative verify (NGRAM's TARGET_VERIFY batches: draft trees under SGLang's tree mask):
+  `sglang_tq.speculative`, eagerly and from CUDA graphs.
 
 Batch invariance follows SGLang's `--enable-deterministic-inference`: decode uses batch size 1's split
 count for every batch, extend fixed block sizes and no prefix splits, and plain prefills stay on SGLang's
@@ -55,7 +57,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang_tq.flashinfer_prefill import RaggedParams, RaggedPrefill
 from sglang_tq.kernel_calls import DecodeLaunch
-from sglang_tq.pool import TQTokenToKVPool
+from sglang_tq.pool import TQ_POOLS, TQSWAKVPool
 from sglang_tq.sglang_internals import lowest_free_first, server_arg
 
 logger = logging.getLogger("sglang_tq")
@@ -128,6 +130,21 @@ class TQForwardMetadata:
     window_lo: Optional[torch.Tensor] = None    # decode: first position read from the ring
     window_base: Optional[torch.Tensor] = None  # decode: ring row of position 0 (mod W)
 
+    # hybrid SWA memory: what a sliding-window layer reads instead of kv_indptr / kv_indices: the positions
+    # its window can reach (decode: the last W + 1, extend: the prefix's last W), as sliding-window pool slots
+    swa_kv_indptr: Optional[torch.Tensor] = None
+    swa_kv_indices: Optional[torch.Tensor] = None
+    swa_max_prefix_len: Optional[int] = None  # extend
+
+    def kv(self, swa: bool) -> tuple:
+        """(kv_indptr, kv_indices, max_prefix_len) a layer reads: a sliding-window layer under hybrid SWA
+        memory its window's slots (positions counted from the window's start: the kernels' masks only
+        compare query and key positions, so the shift changes nothing), any other layer the whole context."""
+        if swa:
+            return self.swa_kv_indptr, self.swa_kv_indices, self.swa_max_prefix_len
+        return self.kv_indptr, self.kv_indices, self.max_prefix_len
+    verify: object = None                    # speculative verify: speculative.VerifyMetadata
+
     def ring_rows(self, n: int) -> Optional[torch.Tensor]:
         """window_rows for `n` written rows: a piecewise CUDA graph pads the extend's tokens past the batch
         (out_cache_loc 0, SGLang's padding slot); those rows write no ring row."""
@@ -144,7 +161,7 @@ class TurboQuantAttnBackend(AttentionBackend):
     def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf: Optional[torch.Tensor] = None):
         super().__init__()
         pool = model_runner.token_to_kv_pool
-        if not isinstance(pool, TQTokenToKVPool):
+        if not isinstance(pool, TQ_POOLS):
             raise RuntimeError(
                 "TurboQuant: the attention backend needs the TurboQuant KV pool, but the model runner "
                 f"built {type(pool).__name__}. Start the server with `python -m sglang_tq.launch_server` "
@@ -161,7 +178,12 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.max_context_len = self.bf16.max_context_len
         self.num_sms = max(int(self.bf16.device_core_count), 1)
         self.ops.warm_tables(itertools.chain(pool.k_codecs, pool.v_codecs))
-        self._codec_pairs = [(kc, vc) for kc, vc in zip(pool.k_codecs, pool.v_codecs) if kc is not None]
+        # (K codec, V codec) of the quantized layers with the recent window's ring and of those without one
+        # (the sliding-window pool's), planned apart
+        self._codec_pairs, self._ringless_pairs = [], []
+        for sub in getattr(pool, "tq_subpools", [pool]):
+            pairs = [(kc, vc) for kc, vc in zip(sub.k_codecs, sub.v_codecs) if kc is not None]
+            (self._codec_pairs if sub.window_size or not pool.window_size else self._ringless_pairs).extend(pairs)
         self.prefill_from_cache = bool(pool.plan.prefill_from_cache)
         if self.prefill_from_cache:
             _announce_prefill_from_cache(pool.plan.name)
@@ -173,7 +195,14 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.decode_workspace = None
         self._workspace_bs = 0
         self._graph_window = None  # static [3, max_bs] int32: rows, lo, base of CUDA-graph decode
-        self._graph_md: Dict[int, TQForwardMetadata] = {}
+        self._graph_md: Dict[tuple, TQForwardMetadata] = {}  # (verify, bs)
+
+        # hybrid SWA memory: sliding-window layers read their window through translated slot ids
+        self.swa_window = int(model_runner.sliding_window_size) if isinstance(pool, TQSWAKVPool) else 0
+        if self.swa_window:
+            self._swa_kv_indptr = torch.zeros(model_runner.req_to_token_pool.size + 1, dtype=torch.int32,
+                                              device=self.device)
+            self._graph_swa_kv_indices = None  # static decode indices of CUDA graphs (init_cuda_graph_state)
         self.window = pool.window_size      # recent window W (0: off)
         self.window_requests = pool.window_requests
         if self.window:
@@ -183,10 +212,26 @@ class TurboQuantAttnBackend(AttentionBackend):
         dtype = getattr(model_runner, "dtype", pool.model_dtype)
         self.ragged_prefill = self._create_ragged_prefill(model, dtype)
         self.forward_metadata: Optional[TQForwardMetadata] = None
+        self.spec = self._create_speculative(model_runner, model)
         if self.on_cuda and not skip_prefill:  # Triton's and FlashInfer's JIT builds at start-up
             self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
+
+    def _create_speculative(self, model_runner, model):
+        """The verify side of speculative decoding (sglang_tq.speculative) when the server runs it."""
+        if not server_arg(model_runner.server_args, "speculative_algorithm"):
+            return None
+        if self.prefill_from_cache:
+            raise ValueError("TurboQuant: evaluation.prefill_from_cache does not combine with speculative "
+                             "decoding (it is a perplexity mode); remove one of them")
+        sliding = sorted({m.layer_id for m in _attention_layers(model) if self._sliding_window(m)})
+        if sliding:
+            raise NotImplementedError(f"TurboQuant: speculative decoding on a model with sliding-window layers "
+                                      f"({sliding[:4]}...) is not supported: the verify kernel has no window")
+        from sglang_tq.speculative import SpeculativeVerify
+
+        return SpeculativeVerify(self, model_runner)
 
     def _create_ragged_prefill(self, model, dtype) -> Optional[RaggedPrefill]:
         """FlashInfer's ragged prefill where it imports, the run is not batch-invariant and the model's
@@ -219,8 +264,20 @@ class TurboQuantAttnBackend(AttentionBackend):
     # ----------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         fb = forward_batch
+        if self.spec is not None and not fb.forward_mode.is_idle():
+            # the requests' last verify: accepted tokens into the ring before anything reads it
+            mode = fb.forward_mode
+            new_lens = fb.seq_lens if mode.is_target_verify() else fb.seq_lens - 1 if mode.is_decode() else None
+            self.spec.commit(fb.req_pool_indices, new_lens)
+        if fb.forward_mode.is_target_verify() and self.spec is not None:
+            self.bf16.init_forward_metadata(fb)
+            self.forward_metadata = self._verify_metadata(fb.batch_size, fb.batch_size, fb.req_pool_indices,
+                                                          fb.seq_lens, fb.positions)
+            return
         if fb.spec_info is not None or fb.forward_mode.is_target_verify() or fb.forward_mode.is_draft_extend():
-            raise NotImplementedError("TurboQuant: speculative decoding is not supported")
+            raise NotImplementedError(f"TurboQuant: {fb.forward_mode.name} batches (speculative decoding): the "
+                                      f"server was started without NGRAM speculative decoding, or a draft model's "
+                                      f"forward reached the backend")
         self.bf16.init_forward_metadata(fb)
         if fb.forward_mode.is_decode_or_idle():
             bs = fb.batch_size
@@ -229,27 +286,58 @@ class TurboQuantAttnBackend(AttentionBackend):
         else:
             self.forward_metadata = self._extend_metadata(fb)
 
+    def _verify_metadata(self, bs, raw_bs, req_pool_indices, seq_lens, positions) -> TQForwardMetadata:
+        """A TARGET_VERIFY batch: the stock backend's prefix indices, tree mask and draft count, plus the
+        verify's own (speculative.SpeculativeVerify.metadata)."""
+        t = self.bf16.forward_metadata
+        vm = self.spec.metadata(bs, raw_bs, req_pool_indices, seq_lens, positions, t.custom_mask, t.mask_indptr)
+        return TQForwardMetadata(decode=False, kv_indptr=t.kv_indptr, kv_indices=t.kv_indices, qo_indptr=t.qo_indptr,
+                                 max_extend_len=t.max_extend_len, verify=vm)
+
     def decode_launch(self, bs: int) -> DecodeLaunch:
         """Launch decisions of a decode batch of `bs` (cached): the same for eager and graph runs."""
         launch = self._launches.get(bs)
         if launch is None:
             launch = self.ops.decode_launch(bs, self._codec_pairs, self.num_kv_head, self.max_context_len,
-                                            self.num_sms, self.batch_invariant, window=bool(self.window))
+                                            self.num_sms, self.batch_invariant, window=bool(self.window),
+                                            ringless_pairs=self._ringless_pairs)
             self._launches[bs] = launch
         return launch
 
-    def _decode_metadata(self, bs, req_pool_indices, seq_lens, workspace, window_out=None) -> TQForwardMetadata:
+    def _decode_metadata(self, bs, req_pool_indices, seq_lens, workspace, graph: bool = False) -> TQForwardMetadata:
+        """graph: a CUDA graph's batch (per-batch tensors go to the static buffers the graph reads)."""
         t = self.bf16.forward_metadata
         window = {}
         if self.window:
             rows, lo, base = self._decode_window(req_pool_indices[:bs], seq_lens[:bs])
-            if window_out is not None:  # CUDA graphs: the static buffers the graph reads
-                for dst, src in zip(window_out, (rows, lo, base)):
+            if graph:
+                for dst, src in zip(self._graph_window, (rows, lo, base)):
                     dst[:bs].copy_(src)
-                rows, lo, base = (w[:bs] for w in window_out)
+                rows, lo, base = (w[:bs] for w in self._graph_window)
             window = dict(window_rows=rows, window_lo=lo, window_base=base)
+        if self.swa_window:
+            window.update(self._swa_decode_kv(bs, req_pool_indices, seq_lens, graph))
         return TQForwardMetadata(decode=True, kv_indptr=t.kv_indptr, kv_indices=t.kv_indices,
                                  launch=self.decode_launch(bs), workspace=workspace, **window)
+
+    def _swa_decode_kv(self, bs, req_pool_indices, seq_lens, graph: bool) -> dict:
+        """The sliding-window layers' decode slots: each sequence's last W + 1 positions (the new token sees W
+        back, as in extend; SGLang's eviction keeps them), translated to the sliding-window pool. CUDA graphs
+        read them from static buffers, refilled before each replay."""
+        from sglang.srt.layers.attention.triton_backend import (update_sliding_window_buffer,
+                                                                update_sliding_window_buffer_cuda_graph)
+
+        reach = self.swa_window + 1
+        allocator = self.bf16.token_to_kv_pool_allocator
+        if graph:
+            indptr, indices, _, _ = update_sliding_window_buffer_cuda_graph(
+                self._swa_kv_indptr, self._graph_swa_kv_indices, self.bf16.req_to_token, reach, seq_lens[:bs],
+                req_pool_indices[:bs], bs, allocator)
+        else:
+            indptr, indices, _, _ = update_sliding_window_buffer(
+                self._swa_kv_indptr, self.bf16.req_to_token, reach, seq_lens[:bs], req_pool_indices[:bs], bs,
+                self.device, allocator)
+        return dict(swa_kv_indptr=indptr, swa_kv_indices=indices)
 
     def _decode_window(self, req_pool_indices, seq_lens):
         """Ring rows of the new tokens and the bounds decode reads from the ring. A CUDA graph's padding rows
@@ -281,7 +369,11 @@ class TurboQuantAttnBackend(AttentionBackend):
             max_extend_len=t.max_extend_len, max_prefix_len=max(prefix) if prefix else None,
             no_prefix=no_prefix, plain=self.plain_prefill and no_prefix and not self.prefill_from_cache,
             ragged=ragged, hybrid=hybrid and ragged,
-            window_rows=self._extend_window(fb) if self.window else None)
+            window_rows=self._extend_window(fb) if self.window else None,
+            # the stock backend's window of the prefix (its last W positions, as sliding-window pool slots)
+            **(dict(swa_kv_indptr=t.window_kv_indptr, swa_kv_indices=t.window_kv_indices,
+                    swa_max_prefix_len=min(max(prefix), self.swa_window) if prefix else None)
+               if self.swa_window else {}))
 
     def _extend_window(self, fb) -> torch.Tensor:
         """Ring rows of the new tokens (each sequence's last W), and each ring request's first ring position
@@ -318,26 +410,42 @@ class TurboQuantAttnBackend(AttentionBackend):
         self._workspace_bs = max_num_tokens if self.decode_workspace is not None else 0
         if self.window:
             self._graph_window = torch.zeros(3, max_num_tokens, dtype=torch.int32, device=self.device)
+        if self.swa_window:
+            self._graph_swa_kv_indices = torch.zeros(max_num_tokens * (self.swa_window + 1), dtype=torch.int64,
+                                                     device=self.device)
 
-    def _graph_metadata(self, bs, req_pool_indices, seq_lens, forward_mode) -> TQForwardMetadata:
+    def _graph_metadata(self, bs, req_pool_indices, seq_lens, forward_mode, spec_info=None,
+                        capture=False) -> TQForwardMetadata:
+        if forward_mode.is_target_verify() and self.spec is not None:
+            # capture: no real rows; replay: the real rows are the spec_info's (its draft tokens)
+            raw_bs = 0 if capture else spec_info.draft_token.shape[0] // self.spec.draft_tokens
+            positions = seq_lens.new_zeros(0) if capture else spec_info.positions
+            return self._verify_metadata(bs, raw_bs, req_pool_indices, seq_lens, positions)
         if not forward_mode.is_decode_or_idle():
             raise NotImplementedError(f"TurboQuant: CUDA graphs of {forward_mode} batches are not supported")
-        return self._decode_metadata(bs, req_pool_indices, seq_lens, self.decode_workspace,
-                                     window_out=self._graph_window)
+        return self._decode_metadata(bs, req_pool_indices, seq_lens, self.decode_workspace, graph=True)
 
     def init_forward_metadata_capture_cuda_graph(self, bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
                                                  forward_mode, spec_info):
         self.bf16.init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, encoder_lens,
                                                            forward_mode, spec_info)
-        self.forward_metadata = self._graph_md[bs] = self._graph_metadata(bs, req_pool_indices, seq_lens,
-                                                                          forward_mode)
+        key = (forward_mode.is_target_verify(), bs)
+        self.forward_metadata = self._graph_md[key] = self._graph_metadata(bs, req_pool_indices, seq_lens,
+                                                                           forward_mode, spec_info, capture=True)
 
     def init_forward_metadata_replay_cuda_graph(self, bs, req_pool_indices, seq_lens, seq_lens_sum, encoder_lens,
                                                 forward_mode, spec_info, seq_lens_cpu=None):
+        if self.spec is not None and not forward_mode.is_idle():
+            if forward_mode.is_target_verify():
+                raw_bs = spec_info.draft_token.shape[0] // self.spec.draft_tokens
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs], raw_bs)
+            else:  # decode: padding rows (the fill seq_len) have new length 0, nothing to copy
+                self.spec.commit(req_pool_indices[:bs], seq_lens[:bs] - 1)
         self.bf16.init_forward_metadata_replay_cuda_graph(bs, req_pool_indices, seq_lens, seq_lens_sum,
                                                           encoder_lens, forward_mode, spec_info, seq_lens_cpu)
-        self._graph_metadata(bs, req_pool_indices, seq_lens, forward_mode)  # refills the static window buffers
-        self.forward_metadata = self._graph_md[bs]
+        # refills the static window / verify buffers the graph reads
+        self._graph_metadata(bs, req_pool_indices, seq_lens, forward_mode, spec_info)
+        self.forward_metadata = self._graph_md[(forward_mode.is_target_verify(), bs)]
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.bf16.get_cuda_graph_seq_len_fill_value()
@@ -391,10 +499,7 @@ class TurboQuantAttnBackend(AttentionBackend):
             sinks = torch.zeros(h_q, device=dev, dtype=sinks_dtype)
             variants += [dict(kw, sinks=sinks) for kw in variants]
         seen, runs = set(), 0
-        for i, quantized in enumerate(pool.quantized):
-            if not quantized:
-                continue
-            lid = pool.start_layer + i
+        for lid in pool.quantized_layer_ids:
             kb, vb = pool.get_kv_buffer(lid)
             if (kb.codec.fmt, vb.codec.fmt) in seen:
                 continue
@@ -411,6 +516,8 @@ class TurboQuantAttnBackend(AttentionBackend):
                                 causal=True, max_extend_len=n_new, window=window,
                                 k_mean=None if kw["logit_cap"] else pool.key_mean(lid), **kw)
                 runs += 1
+            if self.spec is not None:  # speculative verify's variants (draft tree, prefix ring)
+                runs += self.spec.warm(kb, vb, lid, dtype, block_ms, logit_caps)
         return runs
 
     def warm_plain_prefill(self, dtype) -> bool:
@@ -464,6 +571,17 @@ class TurboQuantAttnBackend(AttentionBackend):
         w = getattr(layer, "sliding_window_size", None)
         return int(w) + 1 if w is not None and w > -1 else 0
 
+    def _in_swa_pool(self, pool, layer) -> bool:
+        """Whether the layer's cache is the sliding-window pool of hybrid SWA memory. Its slots hold the
+        window of SGLang's model-wide sliding_window_size, so a layer with another window is refused."""
+        if not self.swa_window or not pool.is_swa_layer(layer.layer_id):
+            return False
+        if self._sliding_window(layer) != self.swa_window + 1:
+            raise NotImplementedError(f"TurboQuant: layer {layer.layer_id} has sliding window "
+                                      f"{layer.sliding_window_size}, the model's is {self.swa_window}; start "
+                                      f"with --disable-hybrid-swa-memory")
+        return True
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         pool = forward_batch.token_to_kv_pool
         md = self.forward_metadata
@@ -475,17 +593,22 @@ class TurboQuantAttnBackend(AttentionBackend):
                 return self._plain_extend(q, k, v, layer, md, sinks)
             return self.bf16.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks)
         self._check_layer(layer)
+        if md.verify is not None:
+            return self.spec.forward(q, k, v, layer, forward_batch, md, save_kv_cache, sinks)
         if save_kv_cache:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.ring_rows(k.shape[0]))
         if md.plain:
             return self._plain_extend(q, k, v, layer, md, sinks)
         sliding = self._sliding_window(layer)
+        swa = self._in_swa_pool(pool, layer)
+        kv_indptr, kv_indices, max_prefix_len = md.kv(swa)
         kb, vb = pool.get_kv_buffer(layer.layer_id)
-        k_mean = self._key_mean(pool, layer)
+        k_mean = self._key_mean(pool, layer, sinks)
         window = new_part = None
         if self.prefill_from_cache:
             # stored keys are codes of k - mu: dequantized they are already centered like the prefix
-            k_old, v_old = self._stored_kv(kb, vb, forward_batch.out_cache_loc, q.dtype)
+            loc = forward_batch.out_cache_loc_swa if swa else forward_batch.out_cache_loc
+            k_old, v_old = self._stored_kv(kb, vb, loc, q.dtype)
             if self.window:  # decode's view: the last W positions exact, older ones from the codes
                 from tq_kernels.window import ExtendWindow
                 window = ExtendWindow(k_old, v_old, self.window)
@@ -498,11 +621,11 @@ class TurboQuantAttnBackend(AttentionBackend):
             _head_rows(q, layer.tp_q_head_num, layer.qk_head_dim),
             _head_rows(k, layer.tp_k_head_num, layer.qk_head_dim),
             _head_rows(v, layer.tp_v_head_num, layer.v_head_dim),
-            kb, vb, md.qo_indptr, md.kv_indptr, md.kv_indices, layer.scaling,
+            kb, vb, md.qo_indptr, kv_indptr, kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-            max_extend_len=md.max_extend_len, max_prefix_len=md.max_prefix_len,
+            max_extend_len=md.max_extend_len, max_prefix_len=max_prefix_len,
             k_mean=k_mean, window=window, new_part=new_part, sliding_window=sliding, sinks=sinks,
             **self.extend_fixed)
         return o
@@ -550,13 +673,17 @@ class TurboQuantAttnBackend(AttentionBackend):
         return o
 
     @staticmethod
-    def _key_mean(pool, layer):
-        """The layer's key-centering mean (None without one). Softcapped scores are not shift
-        invariant, so centering is refused there."""
+    def _key_mean(pool, layer, sinks=None):
+        """The layer's key-centering mean (None without one). Softcapped scores are not shift invariant, and
+        neither is a softmax with a sink logit, so centering is refused there (the pool drops the means of a
+        model with sinks at start-up: registration.drop_key_means_for_sinks)."""
         mu = pool.key_mean(layer.layer_id)
         if mu is not None and logit_capping_mod(layer.logit_capping_method, layer.logit_cap):
             raise NotImplementedError("TurboQuant: key centering (key_means) is not exact with logit "
                                       "softcapping; remove key_means from the config for this model")
+        if mu is not None and sinks is not None:
+            raise NotImplementedError("TurboQuant: key centering (key_means) is not exact with attention sinks; "
+                                      "remove key_means from the config for this model")
         return mu
 
     @torch.compiler.disable
@@ -586,15 +713,16 @@ class TurboQuantAttnBackend(AttentionBackend):
                          else q.new_empty((bs, hq, kb.codec.fmt.head_dim), dtype=torch.float32))
                 rot = dict(q=q, q_rot=q_rot)
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.window_rows, **rot)
-        self._key_mean(pool, layer)  # decode itself is unchanged by centering; only the cap check
+        self._key_mean(pool, layer, sinks)  # decode itself is unchanged by centering; only the checks
+        kv_indptr, kv_indices, _ = md.kv(self._in_swa_pool(pool, layer))
         window = None
-        if self.window:
+        ring_k, ring_v = pool.window_buffers(layer.layer_id)
+        if self.window and ring_k is not None:  # (no ring in the sliding-window pool: TQSWAKVPool)
             from tq_kernels.window import DecodeWindow
-            ring_k, ring_v = pool.window_buffers(layer.layer_id)
             window = DecodeWindow(ring_k, ring_v, self.window, md.window_lo, md.window_base)
         self.ops.decode(
             # no copy: decode reads q's values only through q_rotated or a matmul, which takes strides
-            q.view(bs, hq, d), kb, vb, md.kv_indptr, md.kv_indices, layer.scaling,
+            q.view(bs, hq, d), kb, vb, kv_indptr, kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             out=o.view(bs, hq, layer.v_head_dim), launch=md.launch, workspace=md.workspace, q_rotated=q_rot,
             window=window, sliding_window=self._sliding_window(layer), sinks=sinks)

@@ -16,10 +16,30 @@ from typing import List, Optional, Sequence, Tuple
 from .config import TQConfigError, list_presets, load_config
 
 
+def _layer_list(text: str) -> Tuple[int, ...]:
+    """'3,7,11' or '0-5,8' -> layer ids."""
+    out: List[int] = []
+    try:
+        for part in filter(None, text.replace(" ", "").split(",")):
+            a, _, b = part.partition("-")
+            out += range(int(a), int(b or a) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected layer ids like 3,7,11 or 0-5,8") from None
+    return tuple(out)
+
+
 def _add_shape(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--layers", type=int, required=required, help="number of attention layers")
+    p.add_argument("--layers", type=int, required=required, help="number of layers (the model's num_hidden_layers)")
     p.add_argument("--head-dim", type=int, required=required, help="K head dim (64, 128 or 256)")
     p.add_argument("--v-head-dim", type=int, default=None, help="V head dim if it differs from --head-dim")
+    p.add_argument("--attention-layers", type=_layer_list, default=None,
+                   help="linear-attention hybrids: the layers with a KV cache, e.g. 3,7,11 (default: all)")
+    p.add_argument("--sliding-layers", type=_layer_list, default=(), help="the sliding-window layers, e.g. 0-22")
+
+
+def _resolve(cfg, args):
+    return cfg.resolve(args.layers, args.head_dim, args.v_head_dim, attention_layers=args.attention_layers,
+                       sliding_layers=args.sliding_layers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_summary(args) -> int:
-    plan = load_config(args.config).resolve(args.layers, args.head_dim, args.v_head_dim)
-    print(plan.summary(args.kv_heads))
+    print(_resolve(load_config(args.config), args).summary(args.kv_heads))
     return 0
 
 
@@ -62,7 +81,7 @@ def cmd_validate(args) -> int:
         raise TQConfigError("validate: give both --layers and --head-dim, or neither")
     msg = f"OK: {cfg.name} ({cfg.source}), {len(cfg.overrides)} override(s)"
     if args.layers is not None:
-        plan = cfg.resolve(args.layers, args.head_dim, args.v_head_dim)
+        plan = _resolve(cfg, args)
         msg += (f"; fits {args.layers} layers x head_dim {args.head_dim}: "
                 f"{len(plan.quantized_layers)} layers quantized, {plan.compression_ratio():.2f}x vs bf16")
     print(msg)

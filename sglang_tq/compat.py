@@ -9,13 +9,15 @@ Two layers of checks, both raising `TQUnsupportedError` (a ValueError):
 * `check_runner(runner)` — every scheduler process, inside `_init_pools` (after weights, before the
   KV pool is allocated), with what only the loaded model knows (hybrid layers).
 
-Sliding-window layers and attention sinks are served (the kernels take the layer's window and sinks)
-where SGLang keeps one KV pool for all layers; its hybrid SWA memory is refused (below).
+Sliding-window layers and attention sinks are served (the kernels take the layer's window and sinks),
+in one KV pool for all layers or in SGLang's hybrid SWA memory (a full-attention pool and a sliding-window
+pool, pool.TQSWAKVPool). Linear-attention hybrids with Gated DeltaNet layers (Qwen3-Next, Qwen3.5) keep
+SGLang's recurrent-state pool; their attention layers use the packed pool (pool.TQHybridLinearKVPool).
 """
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from sglang_tq.sglang_internals import server_arg
 from tq_kernels.codec import SUPPORTED_HEAD_DIMS  # 80 and 96 are zero-padded to 128 inside the codec
@@ -23,9 +25,22 @@ from tq_kernels.codec import SUPPORTED_HEAD_DIMS  # 80 and 96 are zero-padded to
 BACKEND_NAME = "turboquant"
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
 _PREFIX = "TurboQuant (--attention-backend turboquant) does not support "
-HYBRID_SWA = ("SGLang's hybrid SWA memory (separate full-attention and sliding-window pools with index "
-              "translation): the packed pool is one for all layers. Sliding-window layers are served with "
-              "--disable-hybrid-swa-memory (every layer then keeps the whole context)")
+SWA_OWN_SHAPE = ("sliding-window layers with their own KV head count or head dims (MiMo-V2-Flash): one plan "
+                 "and one pair of codecs per head shape. Start with --disable-hybrid-swa-memory")
+LINEAR_NOT_GDN = ("Mamba2, Kimi-linear and lightning-attention hybrids: served are the Gated DeltaNet hybrids "
+                  "(Qwen3-Next, Qwen3.5); the stock Triton kernels that serve the unquantized layers read layer "
+                  "0's cache, a recurrent layer in these models")
+
+
+# Speculative decoding: NGRAM (no draft model) verifies over the packed cache (sglang_tq.speculative). The
+# draft-model algorithms (EAGLE, EAGLE3, STANDALONE; MTP runs as EAGLE) are refused: SGLang gives the draft
+# runner the target's pool size in tokens, which the packed pool multiplies, without budgeting the draft's own
+# BF16 pool for it, and drafts with DRAFT_EXTEND and multi-step draft decode, which this backend does not run.
+SPECULATIVE_ALGORITHMS = ("NGRAM",)
+DRAFT_MODEL_REFUSAL = ("the draft model's KV pool would get the target's token count, which TurboQuant raises by its "
+                       "compression ratio (a BF16 draft pool that large is not budgeted for), and its forward modes "
+                       "(DRAFT_EXTEND, multi-step draft decode) are not implemented on the TurboQuant backend; NGRAM "
+                       "(--speculative-algorithm NGRAM, no draft model) is supported")
 
 
 class TQUnsupportedError(ValueError):
@@ -54,8 +69,9 @@ def _problems_server_args(sa) -> List[str]:
     if kvd not in SUPPORTED_KV_CACHE_DTYPES:
         p.append(f"--kv-cache-dtype {kvd}: TurboQuant is the KV-cache quantization; use --kv-cache-dtype auto "
                  f"(or bf16) and pick bit widths with --tq-config / SGLANG_TQ_CONFIG")
-    if arg("speculative_algorithm"):
-        p.append(f"speculative decoding (--speculative-algorithm {arg('speculative_algorithm')})")
+    algo = arg("speculative_algorithm")
+    if algo and str(algo).upper() not in SPECULATIVE_ALGORITHMS:
+        p.append(f"--speculative-algorithm {algo}: {DRAFT_MODEL_REFUSAL}")
     if arg("enable_hierarchical_cache"):
         p.append("the hierarchical cache (--enable-hierarchical-cache): host pools copy bf16 rows")
     if arg("enable_double_sparsity"):
@@ -86,8 +102,11 @@ def _problems_model_config(mc) -> List[str]:
             p.append("MLA models (DeepSeek-style latent attention); TurboQuant compresses per-head K/V (MHA/GQA)")
     except ImportError:  # pragma: no cover
         pass
-    if getattr(mc, "is_hybrid_swa", False):
-        p.append(HYBRID_SWA)
+    if getattr(mc, "is_hybrid_swa", False) and (
+            getattr(mc, "is_hybrid_swa_compress", False)
+            or getattr(mc, "swa_head_dim", mc.head_dim) != mc.head_dim
+            or getattr(mc, "swa_v_head_dim", getattr(mc, "v_head_dim", mc.head_dim)) != getattr(mc, "v_head_dim", mc.head_dim)):
+        p.append(SWA_OWN_SHAPE)
     if getattr(mc, "is_encoder_decoder", False):
         p.append("encoder-decoder models (cross attention)")
     if getattr(mc, "attention_chunk_size", None):
@@ -107,13 +126,12 @@ def _problems_runner(runner) -> List[str]:
     p = []
     if getattr(runner, "use_mla_backend", False):
         p.append("MLA models (DeepSeek-style latent attention)")
-    if getattr(runner, "is_hybrid_swa", False):
-        p.append(HYBRID_SWA)
-    try:  # mamba2 / GDN / Kimi-linear / lightning hybrids
-        if getattr(runner, "mambaish_config", None) is not None:
-            p.append("Mamba / linear-attention hybrid models")
-    except Exception:
-        pass
+    if getattr(runner, "mambaish_config", None) is not None and getattr(runner, "hybrid_gdn_config", None) is None:
+        p.append(LINEAR_NOT_GDN)
+    if (getattr(runner, "is_hybrid_swa", False) or getattr(runner, "mambaish_config", None) is not None) and \
+            str(server_arg(runner.server_args, "disaggregation_mode") or "null") != "null":
+        p.append("PD disaggregation of a model with hybrid KV pools (sliding-window or recurrent layers): the "
+                 "transfer describes one packed pool")
     if getattr(runner, "is_draft_worker", False):
         p.append("speculative-decoding draft workers")
     if getattr(runner, "enable_hisparse", False):
@@ -144,16 +162,41 @@ def _raise(problems: Iterable[str]) -> None:
 
 
 def resolve_plan_for(num_layers: int, head_dim: int, v_head_dim: Optional[int] = None, cfg_ref: Optional[str] = None,
-                     num_kv_heads: Optional[int] = None):
+                     num_kv_heads: Optional[int] = None, attention_layers: Optional[Sequence[int]] = None,
+                     sliding_layers: Sequence[int] = ()):
     """Load the TurboQuant config named by `cfg_ref` (or $SGLANG_TQ_CONFIG, default turbo4) and
-    resolve it for the model (num_kv_heads: total KV heads, checked against key_means when given).
-    Raises TQConfigError."""
+    resolve it for the model (num_kv_heads: total KV heads, checked against key_means when given;
+    attention_layers / sliding_layers: `layer_kinds`). Raises TQConfigError."""
     from sglang_tq.config import CONFIG_ENV, load_config
 
     ref = cfg_ref if cfg_ref is not None else (os.environ.get(CONFIG_ENV) or None)
     cfg = load_config(ref)
     return cfg, cfg.resolve(int(num_layers), int(head_dim), None if v_head_dim is None else int(v_head_dim),
-                            num_kv_heads=num_kv_heads)
+                            num_kv_heads=num_kv_heads, attention_layers=attention_layers,
+                            sliding_layers=sliding_layers)
+
+
+def layer_kinds(mc) -> Tuple[Optional[Tuple[int, ...]], Tuple[int, ...]]:
+    """(attention layers, sliding-window layers) of an SGLang ModelConfig, as model layer ids. Attention
+    layers are None (all) except in a linear-attention hybrid, whose config lists its full-attention
+    layers; sliding-window layers come from SGLang's hybrid SWA split or the config's layer_types."""
+    tc = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
+    attention = None
+    if getattr(tc, "linear_layer_ids", None) is not None:  # Qwen3-Next / Qwen3.5 config classes
+        attention = tuple(int(i) for i in tc.full_attention_layer_ids)
+    if getattr(mc, "is_hybrid_swa", False) and getattr(mc, "swa_attention_layer_ids", None) is not None:
+        sliding = tuple(int(i) for i in mc.swa_attention_layer_ids)
+    else:
+        types = getattr(tc, "layer_types", None) or ()
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return attention, sliding
+
+
+def resolve_model_plan(mc, cfg_ref: Optional[str] = None):
+    """(config, plan) of the TurboQuant config for an SGLang ModelConfig."""
+    attention, sliding = layer_kinds(mc)
+    return resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim, cfg_ref,
+                            num_kv_heads=total_kv_heads(mc), attention_layers=attention, sliding_layers=sliding)
 
 
 def total_kv_heads(mc) -> Optional[int]:
@@ -181,9 +224,7 @@ def check_server_args(server_args, resolve: bool = True):
         problems += _problems_model_config(mc)
     _raise(problems)
     if mc is not None and resolve:
-        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim,
-                                   num_kv_heads=total_kv_heads(mc))
-        return plan
+        return resolve_model_plan(mc)[1]
     return None
 
 

@@ -12,6 +12,7 @@ Schema (every key optional; values shown are the defaults)::
       k: {bits: 4, qjl: false, norm_correction: true, outliers: null}
       v: {bits: 4, norm_correction: true, outliers: null}
     boundary: {first: 2, last: 2, format: bf16}   # first/last N layers stay unquantized (bf16 or fp8)
+    sliding: {format: tq}         # sliding-window layers: tq (like the rest), bf16 or fp8
     overrides:                    # applied in order after defaults and boundary; may not overlap
       - layers: [3, 5]            # inclusive range [first, last]; also 7, -1 (last layer) or "10-12"
         k: {bits: 3}              # only the keys given change; the rest comes from defaults
@@ -35,7 +36,8 @@ Key centering (optional, top level)::
 
 A safetensors or .pt file with one float32 tensor `key_means` [num_layers, num_kv_heads_total,
 head_dim] (scripts/calibrate.py --center writes one). Quantized layers then store keys as codes of
-k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu).
+k - mu[layer, head]; attention is unchanged (softmax is invariant to the per-query constant q.mu). A model
+with attention sinks (gpt-oss) stores its keys uncentered: the sink logit breaks that invariance.
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
 (layers, head_dim) and by the KV pool (heads; under tensor parallelism each rank takes its heads).
 `key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their
@@ -68,6 +70,18 @@ the checkpoint's k_scale / v_scale or 1.0, read directly by SGLang's Triton kern
 K or V vector, half of bf16). An override that changes k/v of a boundary layer (bf16 or fp8) must say
 `format: tq`, so that a range never quantizes a boundary layer by accident.
 
+Layer indices are the model's (`num_hidden_layers` of its config). In a linear-attention hybrid
+(Qwen3-Next, Qwen3.5: Gated DeltaNet layers with a few full-attention layers) only the attention layers
+hold a KV cache: the boundary counts attention layers (first: 1 = the first attention layer), a range
+applies to the attention layers inside it, and an override that selects only recurrent layers is an
+error naming them.
+
+Sliding-window layers (gpt-oss, Gemma 3; `sliding:`) default to `tq` like every other layer. Under
+SGLang's hybrid SWA memory their pool holds swa_full_tokens_ratio (default 0.8) tokens per full-pool
+token whatever the window, so their bytes weigh almost as much as the full layers': bf16 SWA layers
+there cost what bf16 full layers do, and packed ones keep the capacity gain of the whole model. `sliding:
+{format: bf16}` (or fp8) keeps them exact at that price; boundary layers and overrides take precedence.
+
 head_dim 80 and 96 (e.g. Phi-3): quantized layers code the vectors zero-padded to 128 coordinates (the
 Walsh-Hadamard rotation needs a power of two), so a vector costs what one of 128 does (4-bit: 66 B against
 160 / 192 B in bf16); outlier counts and channel lists are of the 128 coded channels.
@@ -91,6 +105,7 @@ CONFIG_ENV = "SGLANG_TQ_CONFIG"  # env var the SGLang integration reads: preset 
 DEFAULT_PRESET = "turbo4"
 
 FORMAT_TQ, FORMAT_BF16, FORMAT_FP8 = "tq", "bf16", "fp8"
+FORMAT_NONE = "none"  # a layer without a KV cache (recurrent layer of a linear-attention hybrid)
 LAYER_FORMATS = (FORMAT_TQ, FORMAT_BF16, FORMAT_FP8)
 BOUNDARY_FORMATS = (FORMAT_BF16, FORMAT_FP8)
 PLAIN_FORMATS = (FORMAT_BF16, FORMAT_FP8)  # layers served by SGLang's Triton kernels from plain buffers
@@ -99,7 +114,7 @@ MSE_BITS_RANGE = (2, 6)   # 1-bit MSE is legal in VecFormat but too lossy to off
 PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
 DEFAULT_BOUNDARY = 2
 
-_TOP_KEYS = ("name", "seed", "defaults", "boundary", "overrides", "key_means", "window", "evaluation")
+_TOP_KEYS = ("name", "seed", "defaults", "boundary", "sliding", "overrides", "key_means", "window", "evaluation")
 _WINDOW_KEYS = ("tokens", "requests")
 _EVALUATION_KEYS = ("prefill_from_cache",)
 WINDOW_MAX_TOKENS = 256      # the decode kernel keeps a window's scores in registers
@@ -111,6 +126,7 @@ _K_KEYS = ("bits", "qjl", "norm_correction", "outliers")
 _V_KEYS = ("bits", "norm_correction", "outliers")
 _OUTLIER_KEYS = ("channels", "fraction", "bits", "channel_list")
 _BOUNDARY_KEYS = ("first", "last", "format")
+_SLIDING_KEYS = ("format",)
 _OVERRIDE_KEYS = ("layers", "k", "v", "format")
 
 
@@ -216,16 +232,19 @@ class TQConfig:
     window_tokens: int = 0           # recent window: last N positions kept exact (0 = off)
     window_requests: int = DEFAULT_WINDOW_REQUESTS
     prefill_from_cache: bool = False  # evaluation.prefill_from_cache
+    sliding_format: str = FORMAT_TQ   # format of the sliding-window layers (sliding.format)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "TQConfig":
         return _parse(data, source)
 
     def resolve(self, num_layers: int, head_dim: int, v_head_dim: Optional[int] = None,
-                num_kv_heads: Optional[int] = None) -> "ModelPlan":
+                num_kv_heads: Optional[int] = None, attention_layers: Optional[Sequence[int]] = None,
+                sliding_layers: Sequence[int] = ()) -> "ModelPlan":
         """Per-layer plan for the model. num_kv_heads (total, before tensor parallelism), when given,
-        is checked against the key-means file too."""
-        return _resolve(self, num_layers, head_dim, v_head_dim, num_kv_heads)
+        is checked against the key-means file too. attention_layers: the layers with a KV cache (None:
+        all; a linear-attention hybrid's full-attention layers); sliding_layers: its sliding-window layers."""
+        return _resolve(self, num_layers, head_dim, v_head_dim, num_kv_heads, attention_layers, sliding_layers)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.source})"
@@ -242,7 +261,7 @@ class LayerPlan:
     v: Optional[VecFormat]
     k_outlier_channel_list: Optional[Tuple[int, ...]] = None
     v_outlier_channel_list: Optional[Tuple[int, ...]] = None
-    format: str = FORMAT_TQ  # FORMAT_TQ exactly when quantized; else FORMAT_BF16 or FORMAT_FP8
+    format: str = FORMAT_TQ  # FORMAT_TQ exactly when quantized; else FORMAT_BF16, FORMAT_FP8 or FORMAT_NONE
 
     def codecs(self, seed: int) -> Tuple[Optional[TQCodec], Optional[TQCodec]]:
         """(K codec, V codec) of this layer; (None, None) for an unquantized layer."""
@@ -252,7 +271,9 @@ class LayerPlan:
                 TQCodec.build(self.v, seed, self.layer_id, ROLE_V, outlier_channel_list=self.v_outlier_channel_list))
 
     def bytes_per_token_head(self, head_dim: int, v_head_dim: int) -> int:
-        """K + V bytes of one token in one KV head."""
+        """K + V bytes of one token in one KV head (0 for a layer without a KV cache)."""
+        if self.format == FORMAT_NONE:
+            return 0
         if self.format == FORMAT_FP8:
             return FP8_BYTES_PER_HEAD(head_dim) + FP8_BYTES_PER_HEAD(v_head_dim)
         if not self.quantized:
@@ -260,6 +281,8 @@ class LayerPlan:
         return self.k.slot_bytes + self.v.slot_bytes
 
     def describe(self) -> Tuple[str, str]:
+        if self.format == FORMAT_NONE:
+            return "no KV (recurrent)", "-"
         if not self.quantized:
             return self.format, self.format
         k = self.k.describe() + (" (calibrated)" if self.k_outlier_channel_list else "")
@@ -279,6 +302,7 @@ class ModelPlan:
     window_tokens: int = 0
     window_requests: int = DEFAULT_WINDOW_REQUESTS
     prefill_from_cache: bool = False  # evaluation.prefill_from_cache
+    sliding_layers: Tuple[int, ...] = ()  # the model's sliding-window layers (as given to resolve)
     # float32 CPU [num_layers, num_kv_heads_total, head_dim] (key centering) or None
     key_means: Optional[Any] = field(default=None, compare=False, repr=False)
 
@@ -300,6 +324,15 @@ class ModelPlan:
     def quantized_layers(self) -> Tuple[int, ...]:
         return tuple(lp.layer_id for lp in self.layers if lp.quantized)
 
+    @property
+    def attention_layers(self) -> Tuple[int, ...]:
+        """Layers with a KV cache (all but a linear-attention hybrid's recurrent layers)."""
+        return tuple(lp.layer_id for lp in self.layers if lp.format != FORMAT_NONE)
+
+    def layers_bytes_per_token(self, num_kv_heads: int, layers: Sequence[int]) -> int:
+        """K + V cache bytes of one token over `layers` (model layer ids) and `num_kv_heads` heads."""
+        return num_kv_heads * sum(self.layers[i].bytes_per_token_head(self.head_dim, self.v_head_dim) for i in layers)
+
     def bytes_per_token(self, num_kv_heads: int) -> int:
         """K + V cache bytes of one token over all layers and KV heads."""
         return num_kv_heads * sum(lp.bytes_per_token_head(self.head_dim, self.v_head_dim) for lp in self.layers)
@@ -315,7 +348,8 @@ class ModelPlan:
         return per_token * self.window_tokens * (self.window_requests if requests is None else requests)
 
     def bf16_bytes_per_token(self, num_kv_heads: int) -> int:
-        return num_kv_heads * self.num_layers * (BF16_BYTES_PER_HEAD(self.head_dim) + BF16_BYTES_PER_HEAD(self.v_head_dim))
+        return num_kv_heads * len(self.attention_layers) * (BF16_BYTES_PER_HEAD(self.head_dim)
+                                                            + BF16_BYTES_PER_HEAD(self.v_head_dim))
 
     def compression_ratio(self) -> float:
         return self.bf16_bytes_per_token(1) / self.bytes_per_token(1)
@@ -509,6 +543,9 @@ def _parse(data: Any, source: str) -> TQConfig:
         if val < 0:
             raise _fail(source, f"boundary.{key}", f"{val} is negative; allowed: an integer >= 0")
     bfmt = _want_choice(boundary.get("format", FORMAT_BF16), BOUNDARY_FORMATS, source, "boundary.format")
+    sliding = _want_mapping(_or_empty(data.get("sliding"), {}), source, "sliding")
+    _check_keys(sliding, _SLIDING_KEYS, source, "sliding")
+    sfmt = _want_choice(sliding.get("format", FORMAT_TQ), LAYER_FORMATS, source, "sliding.format")
 
     raw_overrides = _or_empty(data.get("overrides"), [])
     if not isinstance(raw_overrides, list):
@@ -517,7 +554,8 @@ def _parse(data: Any, source: str) -> TQConfig:
     key_means = _parse_key_means_path(data.get("key_means"), source)
     wtokens, wrequests = _parse_window(data.get("window"), source)
     from_cache = _parse_evaluation(data.get("evaluation"), source)
-    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source, key_means, wtokens, wrequests, from_cache)
+    cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source, key_means, wtokens, wrequests, from_cache,
+                   sfmt)
     # Check every override's k/v against the defaults now, so a bad value fails at load time.
     for o in overrides:
         _override_specs(cfg, o, k, v)
@@ -634,8 +672,17 @@ def _check_static_overlaps(cfg: TQConfig) -> None:
 # --------------------------------------------------------------------------------------------
 # Resolution
 # --------------------------------------------------------------------------------------------
+def _check_layer_ids(ids: Sequence[int], num_layers: int, what: str, src: str) -> Tuple[int, ...]:
+    ids = tuple(sorted(set(int(i) for i in ids)))
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+        raise TQConfigError(f"{src}: the model's {what} {bad} are past its {num_layers} layers")
+    return ids
+
+
 def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional[int],
-             num_kv_heads: Optional[int] = None) -> ModelPlan:
+             num_kv_heads: Optional[int] = None, attention_layers: Optional[Sequence[int]] = None,
+             sliding_layers: Sequence[int] = ()) -> ModelPlan:
     src = cfg.source
     v_head_dim = head_dim if v_head_dim is None else v_head_dim
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
@@ -644,17 +691,34 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         if d not in SUPPORTED_HEAD_DIMS:
             raise TQConfigError(f"{src}: model {what} {d} is not supported by TurboQuant "
                                 f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+    attn = (tuple(range(num_layers)) if attention_layers is None
+            else _check_layer_ids(attention_layers, num_layers, "attention layers", src))
+    if not attn:
+        raise TQConfigError(f"{src}: the model has no attention layer (nothing to cache)")
+    sliding = _check_layer_ids(sliding_layers, num_layers, "sliding-window layers", src)
+    is_attn = set(attn)
 
-    first = min(cfg.boundary_first, num_layers)
-    last = min(cfg.boundary_last, num_layers - first)  # capped: first + last <= num_layers
-    layer_format = [cfg.boundary_format if i < first or i >= num_layers - last else FORMAT_TQ
+    # boundary: the first / last N attention layers
+    first = min(cfg.boundary_first, len(attn))
+    last = min(cfg.boundary_last, len(attn) - first)  # capped: first + last <= attention layers
+    boundary = set(attn[:first]) | set(attn[len(attn) - last:])
+    layer_format = [FORMAT_NONE if i not in is_attn else cfg.boundary_format if i in boundary else FORMAT_TQ
                     for i in range(num_layers)]
+    for i in sliding:
+        if i in is_attn and i not in boundary:
+            layer_format[i] = cfg.sliding_format
     specs: List[Tuple[VecSpec, VecSpec]] = [(cfg.k, cfg.v)] * num_layers
 
     owner: Dict[int, int] = {}
     for o in cfg.overrides:
         path = f"overrides[{o.index}]"
-        layers = o.layers.resolve(num_layers, f"{src}: {path}.layers")
+        selected = o.layers.resolve(num_layers, f"{src}: {path}.layers")
+        layers = [i for i in selected if i in is_attn]
+        if not layers:
+            which = f"layer {selected[0]} is a" if len(selected) == 1 else f"layers {selected[0]}-{selected[-1]} are"
+            raise TQConfigError(f"{src}: {path}.layers: {o.layers.text}: {which} recurrent (linear-attention) "
+                                f"layer{'' if len(selected) == 1 else 's'} without a KV cache; allowed: the "
+                                f"attention layers {_spans(attn)}")
         for i in layers:
             if i in owner:
                 raise TQConfigError(f"{src}: {path}.layers: {o.layers.text} overlaps overrides[{owner[i]}] "
@@ -665,14 +729,15 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
             if o.format is not None:
                 layer_format[i] = o.format
             elif layer_format[i] in PLAIN_FORMATS:
+                kind = "sliding-window" if i in sliding and i not in boundary else "boundary"
                 raise TQConfigError(f"{src}: {path}: changes k/v of layer {i}, which is a {layer_format[i]} "
-                                    f"boundary layer; "
+                                    f"{kind} layer; "
                                     f"add 'format: tq' to quantize it, or leave it out of the range")
             specs[i] = (ks, vs)
 
     plans = []
     for i in range(num_layers):
-        if layer_format[i] in PLAIN_FORMATS:
+        if layer_format[i] != FORMAT_TQ:
             plans.append(LayerPlan(i, False, None, None, format=layer_format[i]))
             continue
         ks, vs = specs[i]
@@ -685,7 +750,7 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
         means = load_key_means(cfg.key_means, src)
         check_key_means_shape(means, num_layers, head_dim, num_kv_heads, f"{src}: key_means: {cfg.key_means}")
     return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means,
-                     cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, means)
+                     cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, sliding, means)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,6 +846,17 @@ def _layer_span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}-{b}"
 
 
+def _spans(ids: Sequence[int]) -> str:
+    """3, 7, 11 -> '3, 7, 11'; 0, 1, 2, 5 -> '0-2, 5'."""
+    runs: List[List[int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(_layer_span(a, b) for a, b in runs)
+
+
 def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
     """One row per run of consecutive identical layers, plus the total."""
     d, dv = plan.head_dim, plan.v_head_dim
@@ -793,7 +869,7 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
         else:
             groups.append([lp.layer_id, lp.layer_id, key, lp.bytes_per_token_head(d, dv) * num_kv_heads])
     header = ("layers", "K", "V", "B/token/layer", "vs bf16")
-    rows = [(_layer_span(a, b), k, v, str(per_layer), f"{bf16_layer / per_layer:.2f}x")
+    rows = [(_layer_span(a, b), k, v, str(per_layer), f"{bf16_layer / per_layer:.2f}x" if per_layer else "-")
             for a, b, (k, v), per_layer in groups]
     total = plan.bytes_per_token(num_kv_heads)
     bf16_total = plan.bf16_bytes_per_token(num_kv_heads)
@@ -807,6 +883,8 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
         if dim in PADDED_HEAD_DIMS and (what == "head_dim" or dv != d) and plan.quantized_layers:
             lines.append(f"{what} {dim}: quantized layers code {codec_dim(dim)} coordinates (zero-padded for the "
                          f"rotation), so a vector costs what one of {codec_dim(dim)} does")
+    if plan.sliding_layers:
+        lines.append(f"sliding-window layers: {_spans(plan.sliding_layers)}")
     if plan.key_means_path:
         lines.append(f"key centering: {plan.key_means_path}")
     if plan.window_tokens:
@@ -815,7 +893,8 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
     if plan.prefill_from_cache:
         lines.append("evaluation: prefill attends to its new tokens as the cache stores them (prefill_from_cache)")
     lines.append(f"total: {total} B/token (bf16 {bf16_total} B/token), "
-                 f"compression {bf16_total / total:.2f}x, {len(plan.quantized_layers)}/{plan.num_layers} layers quantized")
+                 f"compression {bf16_total / total:.2f}x, {len(plan.quantized_layers)}/{len(plan.attention_layers)} "
+                 f"layers quantized" + (" (the attention layers)" if len(plan.attention_layers) < plan.num_layers else ""))
     return "\n".join(lines)
 
 

@@ -24,14 +24,14 @@ def _no_compile(fn):
 @dataclass(frozen=True)
 class DecodeLaunch:
     """Launch decisions of one decode batch shape, made in init_forward_metadata / the graph hooks: one
-    `tq_kernels` DecodePlan per (K format, V format) pair of the model's quantized layers (empty off the
-    GPU: the reference takes no launch decisions)."""
+    `tq_kernels` DecodePlan per (K format, V format, recent-window ring) of the model's quantized layers
+    (empty off the GPU: the reference takes no launch decisions)."""
 
     batch: int                 # the batch size the decisions are made for (1: batch-invariant)
     plans: Tuple[Tuple[tuple, DecodePlan], ...] = ()
 
-    def plan(self, kcodec, vcodec) -> Optional[DecodePlan]:
-        key = (kcodec.fmt, vcodec.fmt)
+    def plan(self, kcodec, vcodec, ring: bool) -> Optional[DecodePlan]:
+        key = (kcodec.fmt, vcodec.fmt, bool(ring))
         for fmts, plan in self.plans:
             if fmts == key:
                 return plan
@@ -60,18 +60,21 @@ class KernelCalls:
     # Launch decisions (host side, once per batch shape)
     # ------------------------------------------------------------------------------------------
     def decode_launch(self, bs: int, codec_pairs: Sequence[tuple], num_kv_heads: int, max_context_len: int,
-                      num_sms: int, batch_invariant: bool, window: bool) -> DecodeLaunch:
-        """The decode plans of a batch of `bs` for every distinct (K, V) format pair; batch-invariant: batch
-        size 1's decisions for every batch, so a sequence's split-K partition depends on its length alone."""
+                      num_sms: int, batch_invariant: bool, window: bool,
+                      ringless_pairs: Sequence[tuple] = ()) -> DecodeLaunch:
+        """The decode plans of a batch of `bs` for every distinct (K, V) format pair (with the recent window's
+        ring when `window`; ringless_pairs: layers without a ring, the sliding-window pool's); batch-invariant:
+        batch size 1's decisions for every batch, so a sequence's split-K partition depends on its length alone."""
         b = 1 if batch_invariant else bs
         if not self.triton:
             return DecodeLaunch(batch=b)
         plans = {}
-        for kc, vc in codec_pairs:
-            key = (kc.fmt, vc.fmt)
-            if key not in plans:
-                plans[key] = self._ops.plan_decode(kc, vc, b, num_kv_heads, max_context_len, self.device,
-                                                   window=window, sm_count=num_sms)
+        for pairs, ring in ((codec_pairs, bool(window)), (ringless_pairs, False)):
+            for kc, vc in pairs:
+                key = (kc.fmt, vc.fmt, ring)
+                if key not in plans:
+                    plans[key] = self._ops.plan_decode(kc, vc, b, num_kv_heads, max_context_len, self.device,
+                                                       window=ring, sm_count=num_sms)
         return DecodeLaunch(batch=b, plans=tuple(plans.items()))
 
     def decode_workspace(self, max_bs: int, num_q_heads: int, v_head_dim: int, max_partials: int, head_dim_k: int):
@@ -118,7 +121,7 @@ class KernelCalls:
                launch: DecodeLaunch, workspace=None, q_rotated=None, window=None, sliding_window: int = 0,
                sinks=None):
         return self._ops.decode_attention(q, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec, kv_indptr,
-                                          kv_indices, sm_scale, logit_cap, out, plan=launch.plan(kb.codec, vb.codec),
+                                          kv_indices, sm_scale, logit_cap, out, plan=launch.plan(kb.codec, vb.codec, window is not None),
                                           workspace=workspace, q_rotated=q_rotated, window=window,
                                           sliding_window=sliding_window, sinks=sinks)
 
@@ -127,15 +130,22 @@ class KernelCalls:
                causal: bool, out=None, max_extend_len: Optional[int] = None, max_prefix_len: Optional[int] = None,
                k_mean=None, window=None, new_part=None, block_m: Optional[int] = None,
                gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None, sliding_window: int = 0,
-               sinks=None):
+               sinks=None, tree=None, prefix_ring=None):
         """block_m / gqa_pack / num_splits: fixed by batch-invariant runs and the start-up warm-up; None
-        leaves the choice to the kernel. sliding_window / sinks: the layer's (`extend_attention`)."""
+        leaves the choice to the kernel. sliding_window / sinks: the layer's (`extend_attention`).
+        tree / prefix_ring: speculative verify (`tq_kernels.verify`)."""
         return self._ops.extend_attention(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                                           qo_indptr, kv_indptr, kv_indices, sm_scale, logit_cap, causal, out,
                                           max_extend_len=max_extend_len, max_prefix_len=max_prefix_len,
                                           k_mean=k_mean, window=window, new_part=new_part, block_m=block_m,
                                           gqa_pack=gqa_pack, num_splits=num_splits, sliding_window=sliding_window,
-                                          sinks=sinks)
+                                          sinks=sinks, tree=tree, prefix_ring=prefix_ring)
+
+    def draft_staging(self, rings_k, rings_v, window: int, requests: int, draft_tokens: int, max_rows: int):
+        """A `tq_kernels.verify.DraftStaging` over these rings (one launch per call on the GPU)."""
+        from tq_kernels.verify import DraftStaging
+
+        return DraftStaging(rings_k, rings_v, window, requests, draft_tokens, max_rows, triton_kernel=self.triton)
 
 
 _CALLS: Dict[str, KernelCalls] = {}

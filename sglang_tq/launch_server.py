@@ -66,15 +66,13 @@ def prepare(argv: List[str]):
 
 def describe(server_args) -> str:
     """The per-layer table for the model (main-process log)."""
-    from sglang_tq.compat import resolve_plan_for, total_kv_heads, uses_turboquant
+    from sglang_tq.compat import resolve_model_plan, uses_turboquant
 
     if not uses_turboquant(server_args):
         return "TurboQuant: --attention-backend is not turboquant; the TurboQuant KV cache is off"
     mc = server_args.get_model_config()
     heads = max(1, mc.get_num_kv_heads(server_args.tp_size))
-    _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim,
-                               num_kv_heads=total_kv_heads(mc))
-    return plan.summary(heads)
+    return resolve_model_plan(mc)[1].summary(heads)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

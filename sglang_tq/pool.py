@@ -38,6 +38,12 @@ positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `
 [R + 1]) the first position each request wrote there since its last extend. The attention backend
 decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
 
+Hybrid models (bottom of this module): `TQSWAKVPool` (SGLang's hybrid SWA memory: a full-attention and a
+sliding-window pool, slot ids translated by its allocator) and `TQHybridLinearKVPool` (a linear-attention
+hybrid's attention layers next to SGLang's recurrent-state pool) are SGLang's own hybrid pools whose
+sub-pools are TQTokenToKVPools holding the model layer ids they are given (`layer_ids`); `TQPoolGroup`
+answers the backend's calls by model layer id.
+
 `self.dtype` is `sglang_internals.POOL_DTYPE` (uint8, never bf16) on purpose: models with a fused RoPE +
 KV-write path (`models/utils.py: enable_fused_set_kv_buffer`) check `token_to_kv_pool.dtype ==
 torch.bfloat16` and would otherwise write raw bf16 rows past `set_kv_buffer` (tested against SGLang in
@@ -47,12 +53,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
-from sglang.srt.mem_cache.memory_pool import KVCache
+from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVCache
+from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
 from sglang_tq.kernel_calls import kernel_calls
 from sglang_tq.sglang_internals import POOL_DTYPE
 from tq_kernels.codec import FP8_DTYPE, fp8_encode
@@ -135,6 +142,7 @@ class TQTokenToKVPool(KVCache):
         plan=None,
         seed: Optional[int] = None,
         window_requests: int = 0,
+        layer_ids: Optional[Sequence[int]] = None,
         **unused,
     ):
         if plan is None:
@@ -156,16 +164,28 @@ class TQTokenToKVPool(KVCache):
         if plan.head_dim != self.head_dim or plan.v_head_dim != self.v_head_dim:
             raise ValueError(f"TurboQuant plan was resolved for head_dim {plan.head_dim}/{plan.v_head_dim}, "
                              f"pool has {self.head_dim}/{self.v_head_dim}")
-        if self.start_layer + layer_num > plan.num_layers:
-            raise ValueError(f"TurboQuant plan covers {plan.num_layers} layers; this rank holds layers "
-                             f"{self.start_layer}..{self.start_layer + layer_num - 1}")
+        # model layer ids of this pool's layers: a rank's contiguous range, or the full-attention / sliding-window
+        # / attention layers of a hybrid model's sub-pool (TQSWAKVPool, TQHybridLinearKVPool)
+        self.layer_ids = (list(range(self.start_layer, self.start_layer + layer_num)) if layer_ids is None
+                          else [int(i) for i in layer_ids])
+        if len(self.layer_ids) != layer_num:
+            raise ValueError(f"TurboQuant: a pool of {layer_num} layers was given {len(self.layer_ids)} layer ids")
+        if self.layer_ids and max(self.layer_ids) >= plan.num_layers:
+            raise ValueError(f"TurboQuant plan covers {plan.num_layers} layers; this pool holds layers "
+                             f"{self.layer_ids[0]}..{self.layer_ids[-1]}")
+        with_kv = set(plan.attention_layers)
+        no_kv = [i for i in self.layer_ids if i not in with_kv]
+        if no_kv:
+            raise ValueError(f"TurboQuant: layers {no_kv} have no KV cache in the plan (recurrent layers)")
+        self._index = {lid: i for i, lid in enumerate(self.layer_ids)}
         if enable_kv_cache_copy:
             logger.warning("TurboQuant: enable_kv_cache_copy (speculative decoding) is not supported; ignored")
 
-        self.layer_plans = [plan.layers[self.start_layer + i] for i in range(layer_num)]
+        self.layer_plans = [plan.layers[lid] for lid in self.layer_ids]
         self.quantized = [lp.quantized for lp in self.layer_plans]
         self.fp8 = [lp.format == "fp8" for lp in self.layer_plans]
-        self.first_quantized_layer = next((self.start_layer + i for i, qz in enumerate(self.quantized) if qz), -1)
+        self.quantized_layer_ids = [lid for lid, qz in zip(self.layer_ids, self.quantized) if qz]
+        self.first_quantized_layer = self.quantized_layer_ids[0] if self.quantized_layer_ids else -1
         self.k_codecs: List[object] = []
         self.v_codecs: List[object] = []
         for lp in self.layer_plans:
@@ -236,8 +256,8 @@ class TQTokenToKVPool(KVCache):
         rank, size = _attention_tp_rank_size()
         heads = key_mean_heads(int(means.shape[1]), self.head_num, rank, size)
         out = []
-        for i in range(self.layer_num):
-            mu = self.plan.layer_key_mean(self.start_layer + i, heads)
+        for lid in self.layer_ids:
+            mu = self.plan.layer_key_mean(lid, heads)
             out.append(None if mu is None else mu.to(device=self.device, dtype=torch.float32).contiguous())
         return out
 
@@ -246,13 +266,17 @@ class TQTokenToKVPool(KVCache):
         biases (sglang_tq.key_means); bf16 layers stay uncentered. Called before any key is stored."""
         from sglang_tq.key_means import sglang_key_means
 
-        means = sglang_key_means(model, self.start_layer, self.layer_num, self.head_num, self.head_dim)
+        means = [sglang_key_means(model, lid, 1, self.head_num, self.head_dim)[0] for lid in self.layer_ids]
         self.key_means = [None if mu is None or not q else mu.to(device=self.device, dtype=torch.float32).contiguous()
                           for mu, q in zip(means, self.quantized)]
 
     def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
         """fp32 [H_kv, head_dim] key-centering mean of a quantized layer, or None."""
         return self.key_means[self._local(layer_id)]
+
+    def drop_key_means(self) -> None:
+        """Store every key uncentered (a model whose scores are not shift invariant). Before any key is stored."""
+        self.key_means = [None] * self.layer_num
 
     def _layer_tensors(self, idx: int, role: str) -> List[torch.Tensor]:
         """Storage tensors of one local layer and role ('k' or 'v'), in a fixed order."""
@@ -290,10 +314,9 @@ class TQTokenToKVPool(KVCache):
     # Access
     # ----------------------------------------------------------------------------------------
     def _local(self, layer_id: int) -> int:
-        idx = layer_id - self.start_layer
-        if not 0 <= idx < self.layer_num:
-            raise IndexError(f"layer {layer_id} is not held by this pool (layers {self.start_layer}.."
-                             f"{self.start_layer + self.layer_num - 1})")
+        idx = self._index.get(layer_id)
+        if idx is None:
+            raise IndexError(f"layer {layer_id} is not held by this pool (layers {self.layer_ids})")
         return idx
 
     def is_quantized(self, layer_id: int) -> bool:
@@ -305,7 +328,7 @@ class TQTokenToKVPool(KVCache):
 
     def _wait(self, layer_id: int):
         if self.layer_transfer_counter is not None:
-            self.layer_transfer_counter.wait_until(layer_id - self.start_layer)
+            self.layer_transfer_counter.wait_until(self._local(layer_id))
 
     def _key(self, idx: int):
         if self.quantized[idx]:
@@ -323,7 +346,7 @@ class TQTokenToKVPool(KVCache):
     def _buffer_index(self, layer_id: int) -> int:
         # TritonAttnBackend.__init__ reads get_value_buffer(0) (global id 0) even on later PP ranks,
         # where MHATokenToKVPool silently wraps around its Python list; answer with the first local layer.
-        if layer_id == 0 and self.start_layer > 0:
+        if layer_id == 0 and 0 not in self._index:
             return 0
         return self._local(layer_id)
 
@@ -363,10 +386,13 @@ class TQTokenToKVPool(KVCache):
         q: Optional[torch.Tensor] = None,
         q_rot: Optional[torch.Tensor] = None,
         window_rows: Optional[torch.Tensor] = None,
+        window_buffers: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """q / q_rot (quantized layers, decode): the same compress launch writes the queries rotated like
         the keys into q_rot (tq_kernels.compress_and_store); the decode kernel then reads them.
-        window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens."""
+        window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens.
+        window_buffers: (k, v) rows that window_rows index instead of the ring (speculative verify stages
+        its draft tokens there)."""
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = self._local(layer_id)
         # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored by the bf16 and packed
@@ -377,7 +403,7 @@ class TQTokenToKVPool(KVCache):
             ring = None
             if window_rows is not None and self.ring_k[idx] is not None:
                 from tq_kernels.window import RingWrite
-                ring = RingWrite(self.ring_k[idx], self.ring_v[idx], window_rows)
+                ring = RingWrite(*(window_buffers or (self.ring_k[idx], self.ring_v[idx])), window_rows)
             self.ops.compress(k, v, loc, self._key(idx), self._value(idx), k_mean=self.key_means[idx], ring=ring,
                               q=q, q_rot=q_rot)
         elif self.fp8[idx]:
@@ -415,3 +441,145 @@ class TQTokenToKVPool(KVCache):
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize()
 
+
+
+# --------------------------------------------------------------------------------------------
+# Hybrid models: SGLang's two-pool layouts with TQTokenToKVPool sub-pools
+# --------------------------------------------------------------------------------------------
+class _SubPools:
+    """Stands in for SGLang's token_to_kv_pool_class / MHATokenToKVPool inside a hybrid pool's __init__:
+    its n-th call builds a TQTokenToKVPool of the n-th list of model layer ids (checked against the
+    layer count SGLang asks for, so a reordering in SGLang fails loudly). The ring of the recent window
+    goes to the one sub-pool named in `ring`."""
+
+    def __init__(self, plan, layer_ids: Sequence[Sequence[int]], window_requests: int, ring: Sequence[bool]):
+        self.plan, self.layer_ids, self.window_requests, self.ring = plan, list(layer_ids), window_requests, list(ring)
+        self.built: List[TQTokenToKVPool] = []
+
+    def __call__(self, *args, layer_num: int, **kwargs) -> TQTokenToKVPool:
+        n = len(self.built)
+        if n >= len(self.layer_ids) or len(self.layer_ids[n]) != layer_num:
+            raise RuntimeError(f"TurboQuant: SGLang asked for KV sub-pool #{n} of {layer_num} layers; expected "
+                               f"{[len(ids) for ids in self.layer_ids]} layers in that order")
+        pool = TQTokenToKVPool(*args, layer_num=layer_num, plan=self.plan, layer_ids=self.layer_ids[n],
+                               window_requests=self.window_requests if self.ring[n] else 0, **kwargs)
+        self.built.append(pool)
+        return pool
+
+
+class TQPoolGroup:
+    """What the attention backend reads of a pool, for a pool made of TQTokenToKVPool sub-pools: every
+    call takes the model's layer id and goes to the sub-pool holding that layer."""
+
+    def _init_group(self, subpools: Sequence[TQTokenToKVPool], plan) -> None:
+        self.tq_subpools = list(subpools)
+        self._pool_of: Dict[int, TQTokenToKVPool] = {lid: p for p in subpools for lid in p.layer_ids}
+        first = self.tq_subpools[0]
+        self.plan, self.seed, self.ops = plan, first.seed, first.ops
+        self.model_dtype, self.dtype = first.model_dtype, POOL_DTYPE  # never bf16 (module docstring)
+        self.head_dim, self.v_head_dim = first.head_dim, first.v_head_dim
+        ringed = [p for p in self.tq_subpools if p.window_size]
+        self.window_size = ringed[0].window_size if ringed else 0
+        self.window_requests = ringed[0].window_requests if ringed else 0
+        self.window_start = (ringed[0] if ringed else first).window_start
+        self.k_codecs = [c for p in self.tq_subpools for c in p.k_codecs]
+        self.v_codecs = [c for p in self.tq_subpools for c in p.v_codecs]
+        self.quantized_layer_ids = sorted(lid for p in self.tq_subpools for lid in p.quantized_layer_ids)
+
+    def tq_pool_of(self, layer_id: int) -> TQTokenToKVPool:
+        pool = self._pool_of.get(layer_id)
+        if pool is None:
+            raise IndexError(f"layer {layer_id} has no KV cache in this pool (layers {sorted(self._pool_of)})")
+        return pool
+
+    def get_key_buffer(self, layer_id: int):
+        return self.tq_pool_of(layer_id).get_key_buffer(layer_id)
+
+    def get_value_buffer(self, layer_id: int):
+        return self.tq_pool_of(layer_id).get_value_buffer(layer_id)
+
+    def get_kv_buffer(self, layer_id: int):
+        return self.tq_pool_of(layer_id).get_kv_buffer(layer_id)
+
+    def get_v_head_dim(self) -> int:
+        return self.v_head_dim
+
+    def is_quantized(self, layer_id: int) -> bool:
+        return self.tq_pool_of(layer_id).is_quantized(layer_id)
+
+    def is_fp8(self, layer_id: int) -> bool:
+        return self.tq_pool_of(layer_id).is_fp8(layer_id)
+
+    def codecs(self, layer_id: int):
+        return self.tq_pool_of(layer_id).codecs(layer_id)
+
+    def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
+        return self.tq_pool_of(layer_id).key_mean(layer_id)
+
+    def window_buffers(self, layer_id: int):
+        return self.tq_pool_of(layer_id).window_buffers(layer_id)
+
+    def window_bytes(self) -> int:
+        return sum(p.window_bytes() for p in self.tq_subpools)
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes of one token in every sub-pool (each holds its own tokens)."""
+        return sum(p.bytes_per_token() for p in self.tq_subpools)
+
+    def use_auto_key_means(self, model) -> None:
+        for p in self.tq_subpools:
+            p.use_auto_key_means(model)
+
+    def drop_key_means(self) -> None:
+        for p in self.tq_subpools:
+            p.drop_key_means()
+
+    def _sub_set_kv_buffer(self, layer, loc, cache_k, cache_v, layer_id_override=None, **extra) -> None:
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        self.tq_pool_of(layer_id).set_kv_buffer(layer, loc, cache_k, cache_v, layer_id_override=layer_id, **extra)
+
+
+class TQSWAKVPool(TQPoolGroup, SWAKVPool):
+    """SGLang's hybrid SWA memory (SWAKVPool: a full-attention pool of `size` tokens and a sliding-window
+    pool of `size_swa` tokens, slot ids translated by the allocator's full_to_swa_index_mapping) with
+    TQTokenToKVPool sub-pools: each layer is stored in its plan's format in its own pool. The recent
+    window's ring serves the full-attention layers only (the backend reads a sliding-window layer's last
+    positions through translated window indices, not by position)."""
+
+    def __init__(self, *args, plan=None, window_requests: int = 0, swa_attention_layer_ids, full_attention_layer_ids,
+                 token_to_kv_pool_class=None, **kwargs):
+        subs = _SubPools(plan, [swa_attention_layer_ids, full_attention_layer_ids], window_requests, ring=[False, True])
+        SWAKVPool.__init__(self, *args, swa_attention_layer_ids=swa_attention_layer_ids,
+                           full_attention_layer_ids=full_attention_layer_ids, token_to_kv_pool_class=subs, **kwargs)
+        self._init_group(subs.built, plan)
+
+    def is_swa_layer(self, layer_id: int) -> bool:
+        return self.layers_mapping[layer_id][1]
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, k_scale=None, v_scale=None, layer_id_override=None, **extra):
+        """As SWAKVPool.set_kv_buffer (a sliding-window layer's slots translated to its pool), passing the
+        layer and the TurboQuant arguments (q / q_rot / window_rows) through."""
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        if self.is_swa_layer(layer_id):
+            loc = self.swa_loc if self.swa_loc is not None else self.translate_loc_from_full_to_swa(loc)
+        self._sub_set_kv_buffer(layer, loc, cache_k, cache_v, layer_id_override=layer_id, **extra)
+
+
+class TQHybridLinearKVPool(TQPoolGroup, HybridLinearKVPool):
+    """SGLang's pool of a linear-attention hybrid (HybridLinearKVPool: the attention layers' KV pool next to
+    the recurrent-state MambaPool, which stays SGLang's) with a TQTokenToKVPool of the attention layers."""
+
+    def __init__(self, *args, plan=None, window_requests: int = 0, full_attention_layer_ids, **kwargs):
+        from sglang.srt.mem_cache import memory_pool as sglang_pools
+        from sglang_tq.sglang_internals import pool_class_during
+
+        subs = _SubPools(plan, [full_attention_layer_ids], window_requests, ring=[True])
+        with pool_class_during(sglang_pools, subs):  # HybridLinearKVPool builds its MHATokenToKVPool by name
+            HybridLinearKVPool.__init__(self, *args, full_attention_layer_ids=full_attention_layer_ids, **kwargs)
+        self._init_group(subs.built, plan)
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, k_scale=None, v_scale=None, layer_id_override=None, **extra):
+        self._sub_set_kv_buffer(layer, loc, cache_k, cache_v, layer_id_override=layer_id_override, **extra)
+
+
+TQ_POOLS = (TQTokenToKVPool, TQPoolGroup)  # pools the attention backend serves

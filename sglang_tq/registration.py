@@ -7,15 +7,19 @@ hook (`sglang_tq._autoload`) right after the SGLang module it patches has execut
    `--attention-backend turboquant` (and the deterministic-inference list, so that
    `--enable-deterministic-inference` accepts it too); wraps `ServerArgs.__post_init__` (startup
    checks of `compat.check_server_args`: unsupported set-ups and a bad TurboQuant config fail in the
-   main process, before any weight loads). SGLang's piecewise CUDA graphs for prefill stay as SGLang
+   main process, before any weight loads) and `_handle_model_specific_adjustments` (run with the
+   Triton backend's name, the backend of the unquantized layers). SGLang's piecewise CUDA graphs for prefill stay as SGLang
    sets them (on by default): attention runs eagerly between the graph pieces, and the backend leaves
    the padded token rows out of the recent window's ring.
 2. `sglang.srt.layers.attention.attention_registry`: `@register_attention_backend("turboquant")`.
 3. `sglang.srt.model_executor.model_runner_kv_cache_mixin.ModelRunnerKVCacheMixin`:
    `get_cell_size_per_token` returns the real packed bytes/token of the layers this rank holds (so
-   `max_total_num_tokens` grows by the compression ratio) and `_init_pools` builds `TQTokenToKVPool`
-   in place of `MHATokenToKVPool` (by rebinding that module global while SGLang's own `_init_pools`
-   runs, so the stock req-to-token pool and allocator are kept). Both only when the server runs the
+   `max_total_num_tokens` grows by the compression ratio), `_resolve_hybrid_swa_tokens` splits the
+   memory between the full and the sliding-window pool by the plan's bytes, and `_init_pools` builds
+   `TQTokenToKVPool` in place of `MHATokenToKVPool` (and `TQSWAKVPool` / `TQHybridLinearKVPool` in place
+   of SGLang's hybrid pools, whose sub-pools are TQTokenToKVPools) by rebinding those module globals while
+   SGLang's own `_init_pools` runs, so the stock req-to-token pools (the recurrent-state pool included)
+   and allocators are kept. All only when the server runs the
    turboquant backend; otherwise they call the originals. The wraps and the rebinding are
    `sglang_internals` functions (each tested against SGLang's own classes).
 
@@ -32,10 +36,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import List, Optional, Tuple
 
 from sglang_tq.config import KEY_MEANS_AUTO
-from sglang_tq.compat import (BACKEND_NAME, check_runner, check_server_args, resolve_plan_for,
-                              total_kv_heads, uses_turboquant)
+from sglang_tq.compat import BACKEND_NAME, check_runner, check_server_args, resolve_model_plan, uses_turboquant
 from sglang_tq.sglang_internals import pool_class_during, server_arg, shrink_token_budget, wrap_method
 
 logger = logging.getLogger("sglang_tq")
@@ -60,6 +64,27 @@ def install_server_args(mod) -> None:
 
     wrap_method(mod.ServerArgs, "__post_init__", make)
 
+    def make_adjust(orig_adjust):
+        def _handle_model_specific_adjustments(self):
+            """SGLang's per-architecture settings and checks (gpt-oss and the GDN hybrids list the attention
+            backends they allow) see `triton`, the backend that serves TurboQuant's unquantized layers."""
+            if not uses_turboquant(self):
+                return orig_adjust(self)
+            names = [n for n in _BACKEND_ARGS if getattr(self, n, None) == BACKEND_NAME]
+            for n in names:
+                setattr(self, n, "triton")
+            try:
+                return orig_adjust(self)
+            finally:
+                for n in names:
+                    setattr(self, n, BACKEND_NAME)
+        return _handle_model_specific_adjustments
+
+    wrap_method(mod.ServerArgs, "_handle_model_specific_adjustments", make_adjust)
+
+
+_BACKEND_ARGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+
 
 # --------------------------------------------------------------------------------------------
 # 2. backend registry
@@ -83,11 +108,23 @@ def runner_plan(runner):
     """The TurboQuant plan of this model (cached on the runner). Layer ids are global."""
     plan = getattr(runner, "_tq_plan", None)
     if plan is None:
-        mc = runner.model_config
-        _, plan = resolve_plan_for(mc.num_hidden_layers, mc.head_dim, mc.v_head_dim,
-                                   num_kv_heads=total_kv_heads(mc))
+        _, plan = resolve_model_plan(runner.model_config)
         runner._tq_plan = plan
     return plan
+
+
+def kv_layer_ids(runner, num_layers: Optional[int] = None) -> List[int]:
+    """Model layer ids with a KV cache on this rank: the attention layers of a linear-attention hybrid in
+    [start_layer, end_layer), else `num_layers` (default: the rank's effective layer count) from start_layer."""
+    start = getattr(runner, "start_layer", 0) or 0
+    linear = getattr(runner, "mambaish_config", None)
+    if linear is not None:
+        end = getattr(runner, "end_layer", None)
+        return [i for i in linear.full_attention_layer_ids if start <= i and (end is None or i < end)]
+    plan = runner_plan(runner)
+    n = num_layers if num_layers is not None else (getattr(runner, "num_effective_layers", None)
+                                                   or plan.num_layers - start)
+    return list(range(start, min(start + n, plan.num_layers)))
 
 
 def _runner_uses_tq(runner) -> bool:
@@ -95,11 +132,35 @@ def _runner_uses_tq(runner) -> bool:
 
 
 def tq_cell_size_per_token(runner, num_layers: int, num_kv_heads: int) -> int:
-    """K + V bytes of one token over the layers [start_layer, start_layer + num_layers)."""
-    plan = runner_plan(runner)
-    start = getattr(runner, "start_layer", 0) or 0
-    return num_kv_heads * sum(plan.layers[i].bytes_per_token_head(plan.head_dim, plan.v_head_dim)
-                              for i in range(start, start + num_layers))
+    """K + V bytes of one token over this rank's layers with a KV cache (`kv_layer_ids`; SGLang passes the
+    attention-layer count of a linear-attention hybrid, all layers otherwise). With hybrid SWA memory
+    this is the bytes of one token in both pools, as SGLang's profile counts it."""
+    return runner_plan(runner).layers_bytes_per_token(num_kv_heads, kv_layer_ids(runner, num_layers))
+
+
+def swa_pool_bytes(runner, num_kv_heads: int) -> Tuple[int, int]:
+    """(full-attention, sliding-window) layers' bytes of one token under hybrid SWA memory."""
+    plan, mc = runner_plan(runner), runner.model_config
+    return (plan.layers_bytes_per_token(num_kv_heads, mc.full_attention_layer_ids),
+            plan.layers_bytes_per_token(num_kv_heads, mc.swa_attention_layer_ids))
+
+
+def tq_hybrid_swa_tokens(runner, token_capacity: int, num_kv_heads: int) -> Tuple[int, int, int]:
+    """SGLang's split of the profiled memory between the full and the sliding-window pool
+    (`_resolve_hybrid_swa_tokens`: swa_tokens = swa_full_tokens_ratio x full_tokens, both pools filling the
+    memory of `token_capacity` tokens of every layer) with this plan's bytes per layer instead of bf16's."""
+    full_b, swa_b = swa_pool_bytes(runner, num_kv_heads)
+    page = int(server_arg(runner.server_args, "page_size") or 1)
+    if not runner.model_config.full_attention_layer_ids:
+        cap = token_capacity // page * page
+        return cap, 0, cap
+    ratio = float(server_arg(runner.server_args, "swa_full_tokens_ratio"))
+    memory = token_capacity * (full_b + swa_b)
+    full = int(memory / (full_b + ratio * swa_b)) // page * page
+    swa = int(full * ratio) // page * page
+    logger.info("TurboQuant hybrid SWA memory: full-attention pool %d tokens (%d B/token), sliding-window pool %d "
+                "tokens (%d B/token)", full, full_b, swa, swa_b)
+    return full, full, swa
 
 
 def reserve_window_memory(runner, plan, mod) -> int:
@@ -110,12 +171,22 @@ def reserve_window_memory(runner, plan, mod) -> int:
         return 0
     requests = min(int(getattr(runner, "max_running_requests", None) or plan.window_requests), plan.window_requests)
     heads = runner.model_config.get_num_kv_heads(mod.get_attention_tp_size())
-    start = getattr(runner, "start_layer", 0) or 0
-    n_layers = getattr(runner, "num_effective_layers", None) or plan.num_layers - start
-    layers = range(start, min(start + n_layers, plan.num_layers))
-    ring_bytes = plan.window_bytes(heads, requests, layers)
-    cell = tq_cell_size_per_token(runner, len(layers), heads)
-    cut = -(-ring_bytes // max(cell, 1))
+    if getattr(runner, "is_hybrid_swa", False):  # the ring serves the full-attention layers (TQSWAKVPool)
+        full_b, swa_b = swa_pool_bytes(runner, heads)
+        ratio = runner.swa_max_total_num_tokens / max(runner.full_max_total_num_tokens, 1)
+        ring_bytes = plan.window_bytes(heads, requests, runner.model_config.full_attention_layer_ids)
+        cell = full_b + ratio * swa_b  # memory of one full-pool token, its share of the SWA pool included
+    else:
+        layers = kv_layer_ids(runner)
+        ring_bytes = plan.window_bytes(heads, requests, layers)
+        cell = tq_cell_size_per_token(runner, len(layers), heads)
+    if not ring_bytes:
+        return 0
+    # speculative verify stages each ring request's draft tokens in rows shaped like the ring's (DraftStaging)
+    draft = int(server_arg(runner.server_args, "speculative_num_draft_tokens") or 0) \
+        if server_arg(runner.server_args, "speculative_algorithm") else 0
+    ring_bytes = ring_bytes * (plan.window_tokens + draft) // plan.window_tokens
+    cut = int(-(-ring_bytes // max(cell, 1)))
     if server_arg(runner.server_args, "max_total_tokens"):  # a user cap: the pool is below what memory allows
         logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "
                     "the --max-total-tokens pool", plan.window_tokens, requests, ring_bytes / 2**20)
@@ -142,28 +213,57 @@ def install_mixin(mod) -> None:
             return tq_cell_size_per_token(self, num_layers, heads)
         return get_cell_size_per_token
 
+    def make_swa_split(orig_split):
+        def _resolve_hybrid_swa_tokens(self, token_capacity: int):
+            if not _runner_uses_tq(self):
+                return orig_split(self, token_capacity)
+            heads = self.model_config.get_num_kv_heads(mod.get_attention_tp_size())
+            return tq_hybrid_swa_tokens(self, token_capacity, heads)
+        return _resolve_hybrid_swa_tokens
+
     def make_init(orig_init):
         def _init_pools(self):
             if not _runner_uses_tq(self):
                 return orig_init(self)
             check_runner(self)
-            from sglang_tq.pool import TQTokenToKVPool
+            from sglang_tq.pool import TQ_POOLS, TQHybridLinearKVPool, TQSWAKVPool, TQTokenToKVPool
 
             plan = runner_plan(self)
             window_requests = reserve_window_memory(self, plan, mod)
-            with pool_class_during(mod, functools.partial(TQTokenToKVPool, plan=plan, window_requests=window_requests)):
+            built = dict(plan=plan, window_requests=window_requests)
+            with pool_class_during(mod, functools.partial(TQTokenToKVPool, **built)), \
+                    pool_class_during(mod, functools.partial(TQSWAKVPool, **built), "SWAKVPool"), \
+                    pool_class_during(mod, functools.partial(TQHybridLinearKVPool, **built), "HybridLinearKVPool"):
                 orig_init(self)
             pool = self.token_to_kv_pool
-            if not isinstance(pool, TQTokenToKVPool):
-                raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of TQTokenToKVPool; "
+            if not isinstance(pool, TQ_POOLS):
+                raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of a TurboQuant pool; "
                                    f"this model/set-up takes a KV-pool branch TurboQuant does not support")
             if plan.key_means_path == KEY_MEANS_AUTO:  # means from the loaded weights, before any key is stored
                 pool.use_auto_key_means(getattr(self, "model", None))
+            drop_key_means_for_sinks(pool, plan, getattr(self, "model", None))
             _log_startup(self, plan, pool)
         return _init_pools
 
     wrap_method(M, "get_cell_size_per_token", make_cell)
+    wrap_method(M, "_resolve_hybrid_swa_tokens", make_swa_split)
     wrap_method(M, "_init_pools", make_init)
+
+
+def drop_key_means_for_sinks(pool, plan, model) -> bool:
+    """A model with attention sinks (gpt-oss) stores its keys uncentered: a sink logit joins the softmax
+    denominator, so the per-query shift q.mu that centering adds to every score would change the result.
+    Returns True when means were dropped (logged)."""
+    import torch
+
+    if plan.key_means_path is None or not isinstance(model, torch.nn.Module):
+        return False
+    if not any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        return False
+    pool.drop_key_means()
+    logger.warning("TurboQuant: key centering (key_means: %s) is off for this model: its attention sinks make the "
+                   "softmax change under the per-query shift centering adds", plan.key_means_path)
+    return True
 
 
 def _log_startup(runner, plan, pool) -> None:
@@ -172,14 +272,16 @@ def _log_startup(runner, plan, pool) -> None:
     from sglang_tq.config import CONFIG_ENV
 
     heads = pool.head_num
-    tq = pool.bytes_per_token()
-    bf16 = heads * pool.layer_num * 2 * (pool.head_dim + pool.v_head_dim)
-    where = (f" (PP rank {runner.pp_rank}: layers {pool.start_layer}-{pool.start_layer + pool.layer_num - 1})"
+    layers = [lid for p in getattr(pool, "tq_subpools", [pool]) for lid in p.layer_ids]
+    tq = plan.layers_bytes_per_token(heads, layers)
+    bf16 = heads * len(layers) * 2 * (pool.head_dim + pool.v_head_dim)
+    where = (f" (PP rank {runner.pp_rank}: layers {layers[0]}-{layers[-1]})"
              if getattr(runner, "pp_size", 1) > 1 else "")
     logger.info("TurboQuant config %s (%s=%s)\n%s", plan.name, CONFIG_ENV, os.environ.get(CONFIG_ENV) or "<unset: turbo4>",
                 plan.summary(heads))
-    logger.info("TurboQuant KV pool%s: %d B/token vs %d B/token bf16 (%.2fx smaller); max_total_num_tokens=%d",
-                where, tq, bf16, bf16 / tq, pool.size)
+    logger.info("TurboQuant KV pool%s: %d B/token vs %d B/token bf16 (%.2fx smaller); max_total_num_tokens=%d%s",
+                where, tq, bf16, bf16 / tq, pool.size,
+                f", sliding-window pool {pool.size_swa} tokens" if hasattr(pool, "size_swa") else "")
 
 
 # --------------------------------------------------------------------------------------------

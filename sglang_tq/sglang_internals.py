@@ -60,18 +60,20 @@ def wrap_method(cls, name: str, make: Callable[[Callable], Callable]) -> bool:
 
 
 @contextlib.contextmanager
-def pool_class_during(mixin_module, factory) -> Iterator[None]:
-    """While the block runs, `_init_pools` of `mixin_module.ModelRunnerKVCacheMixin` builds `factory(...)`
-    where it would build an MHATokenToKVPool (same arguments)."""
-    if not hasattr(mixin_module, "MHATokenToKVPool"):
-        raise SGLangInternalsError("TurboQuant: model_runner_kv_cache_mixin no longer imports MHATokenToKVPool; "
-                                   "the KV pool cannot be replaced on this SGLang version")
-    stock = mixin_module.MHATokenToKVPool
-    mixin_module.MHATokenToKVPool = factory
+def pool_class_during(module, factory, name: str = "MHATokenToKVPool") -> Iterator[None]:
+    """While the block runs, code of `module` (SGLang's model_runner_kv_cache_mixin, or memory_pool for the
+    pool HybridLinearKVPool builds inside) builds `factory(...)` where it would build the pool class
+    `name` (same arguments)."""
+    if not hasattr(module, name):
+        raise SGLangInternalsError(f"TurboQuant: {getattr(module, '__name__', module)} no longer imports {name}; "
+                                   f"the KV pool cannot "
+                                   f"be replaced on this SGLang version")
+    stock = getattr(module, name)
+    setattr(module, name, factory)
     try:
         yield
     finally:
-        mixin_module.MHATokenToKVPool = stock
+        setattr(module, name, stock)
 
 
 def lowest_free_first(req_to_token_pool) -> None:
@@ -99,11 +101,19 @@ def lowest_free_first(req_to_token_pool) -> None:
 
 
 def shrink_token_budget(runner, tokens: int) -> None:
-    """Take `tokens` out of the KV pool size SGLang computed, before `_init_pools` builds the pool."""
+    """Take `tokens` out of the KV pool size SGLang computed, before `_init_pools` builds the pool. With
+    hybrid SWA memory `tokens` are full-pool tokens and the sliding-window pool shrinks in proportion."""
+    full = runner.max_total_num_tokens
     runner.max_total_num_tokens -= tokens
     cfg = getattr(runner, "memory_pool_config", None)
     if cfg is not None:
         cfg.max_total_num_tokens = runner.max_total_num_tokens
+    if getattr(runner, "is_hybrid_swa", False) and full > 0:
+        swa = int(runner.swa_max_total_num_tokens * runner.max_total_num_tokens / full)
+        runner.full_max_total_num_tokens = runner.max_total_num_tokens
+        runner.swa_max_total_num_tokens = swa
+        if cfg is not None:
+            cfg.full_max_total_num_tokens, cfg.swa_max_total_num_tokens = runner.max_total_num_tokens, swa
 
 
 @functools.lru_cache(maxsize=1)

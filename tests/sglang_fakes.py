@@ -214,6 +214,23 @@ from sglang.srt.layers.attention.triton_backend import ForwardMetadata, TritonAt
 from sglang_tq.backend import TurboQuantAttnBackend  # noqa: E402
 
 
+class _KVIndicesTwin:
+    """torch twin of SGLang's create_flashinfer_kv_indices_triton (a Triton kernel, launched as
+    `kernel[grid](...)`): kv_indices[indptr[b]:indptr[b] + len[b]] = req_to_token[req[b], start[b]:][:len[b]].
+    Installed in triton_backend, so its sliding-window helpers (update_sliding_window_buffer*) run here."""
+
+    def __getitem__(self, grid):
+        def launch(req_to_token, req_pool_indices, lens, kv_indptr, kv_start_idx, kv_indices, stride):
+            for b in range(int(grid[0])):
+                start = int(kv_start_idx[b]) if kv_start_idx is not None else 0
+                n, at = int(lens[b]), int(kv_indptr[b])
+                kv_indices[at:at + n] = req_to_token[int(req_pool_indices[b]), start:start + n].to(kv_indices.dtype)
+        return launch
+
+
+_tb.create_flashinfer_kv_indices_triton = _KVIndicesTwin()
+
+
 class TorchTritonTwin(TritonAttnBackend):
     """SGLang's Triton backend with its metadata and its bf16 attention computed in torch (its own are
     Triton kernels, which need a GPU): the same kv_indptr / kv_indices / qo_indptr as on the GPU, and
@@ -238,10 +255,26 @@ class TorchTritonTwin(TritonAttnBackend):
                 max_extend_len=None, kv_indptr=kv_indptr, kv_indices=self._gather_indices(fb.req_pool_indices, fb.seq_lens),
                 qo_indptr=None, **none)
             return
+        if fb.forward_mode.is_target_verify():  # prefixes = seq_lens; D draft tokens each under the tree mask
+            d = fb.spec_info.draft_token_num
+            kv_indptr[1:bs + 1] = torch.cumsum(fb.seq_lens, dim=0)
+            mask_indptr = self.mask_indptr[:bs + 1]
+            mask_indptr[1:] = torch.cumsum(d * (fb.seq_lens + d), dim=0)
+            self.forward_metadata = ForwardMetadata(
+                max_extend_len=d, kv_indptr=kv_indptr[:bs + 1],
+                kv_indices=self._gather_indices(fb.req_pool_indices, fb.seq_lens),
+                qo_indptr=torch.arange(0, (bs + 1) * d, d, dtype=torch.int32),
+                **dict(none, custom_mask=fb.spec_info.custom_mask, mask_indptr=mask_indptr))
+            return
         kv_indptr[1:bs + 1] = torch.cumsum(fb.extend_prefix_lens, dim=0)
         kv_indptr = kv_indptr[:bs + 1]
         qo_indptr = self.qo_indptr
         qo_indptr[1:bs + 1] = torch.cumsum(fb.extend_seq_lens, dim=0)
+        if self.sliding_window_size is not None and self.sliding_window_size > 0:  # as the Triton backend
+            (none["window_kv_indptr"], none["window_kv_indices"], _,
+             none["window_kv_offsets"]) = _tb.update_sliding_window_buffer(
+                self.window_kv_indptr, self.req_to_token, self.sliding_window_size, fb.extend_prefix_lens,
+                fb.req_pool_indices, bs, self.device, self.token_to_kv_pool_allocator)
         self.forward_metadata = ForwardMetadata(
             max_extend_len=max(fb.extend_seq_lens_cpu), kv_indptr=kv_indptr,
             kv_indices=self._gather_indices(fb.req_pool_indices, fb.extend_prefix_lens),
@@ -289,7 +322,11 @@ class TorchTritonTwin(TritonAttnBackend):
             vv = torch.cat([vbuf[slots].float(), v3[a:b]])
             n_pre, n = kvp[i + 1] - kvp[i], b - a
             mask = torch.ones(n, n_pre + n, dtype=torch.bool, device=q.device)
-            mask[:, n_pre:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            if md.custom_mask is not None:  # a verify's tree mask (SGLang's layout: rows prefix + drafts wide)
+                m0 = int(md.mask_indptr[i])
+                mask = md.custom_mask[m0:m0 + n * (n_pre + n)].view(n, n_pre + n).bool()
+            else:
+                mask[:, n_pre:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             o3[a:b] = self._attend(q3[a:b], kk, vv, layer.scaling, cap, mask).to(o.dtype)
         return o
 
@@ -325,6 +362,29 @@ def tq_and_reference_runners(config_path: str, mc, num_tokens: int, max_running_
         ref_pool = ref_runner.build_pools(num_tokens, max_running_requests=max_running_requests)
         ref_runner.req_to_token_pool = runner.req_to_token_pool
     return runner, pool, backend, ref_runner, ref_pool
+
+
+def random_qkv(gen, n: int, hq: int, hkv: int, d: int):
+    """bf16 q [n, hq * d], k and v [n, hkv * d] as a model's projections hand them over."""
+    return [(torch.randn(n, h * d, generator=gen) * s).to(torch.bfloat16) for h, s in ((hq, 2.0), (hkv, 1.0), (hkv, 1.0))]
+
+
+def dequant_slots(pool, layer_id: int, slots: torch.Tensor):
+    """float32 K, V [len(slots), H_kv, head_dim] of a quantized layer's slots, decoded from the packed cache."""
+    kb, vb = pool.get_kv_buffer(layer_id)
+    slots = slots.long()
+    return (kb.codec.decode(kb.codes[slots], kb.scales[slots]).float(),
+            vb.codec.decode(vb.codes[slots], vb.scales[slots]).float())
+
+
+def sink_attention_row(q, k, v, sink, lo: int):
+    """One query row [Hq, d] over keys / values [L, H_kv, d] from position lo on, plain softmax with one
+    sink logit per head added to the denominator (gpt-oss)."""
+    hq, hkv, d = q.shape[0], k.shape[1], q.shape[-1]
+    k, v = k[lo:].repeat_interleave(hq // hkv, 1), v[lo:].repeat_interleave(hq // hkv, 1)
+    s = torch.einsum("hd,lhd->hl", q.float(), k) * d ** -0.5
+    p = torch.softmax(torch.cat([s, sink[:, None]], 1), 1)[:, :-1]
+    return torch.einsum("hl,lhd->hd", p, v)
 
 
 def env(**kw):

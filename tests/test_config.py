@@ -66,6 +66,9 @@ BAD = [
     ("evaluation not a bool", "evaluation: {prefill_from_cache: 1}\n",
      ["evaluation.prefill_from_cache", "expected true or false", "int 1"]),
     ("evaluation not a mapping", "evaluation: true\n", ["evaluation", "expected a mapping"]),
+    ("bad sliding format", "sliding: {format: int4}\n", ["sliding.format", "'int4'", "tq, bf16, fp8"]),
+    ("sliding unknown key", "sliding: {fromat: bf16}\n", ["sliding.fromat", "did you mean 'format'"]),
+    ("sliding not a mapping", "sliding: bf16\n", ["sliding", "expected a mapping", "'bf16'"]),
 ]
 
 
@@ -497,3 +500,80 @@ def test_gpu_server_check_evaluation_copy(tmp_path, ref):
     assert plan.layers == base.layers and plan.window_tokens == base.window_tokens
     assert plan.key_means_path == base.key_means_path
     assert gpu_server_check.with_evaluation(["--attention-backend", "triton"], str(tmp_path)) == ["--attention-backend", "triton"]
+
+
+# --- hybrid models: sliding-window layers and linear-attention hybrids ---------------------------
+GPT_OSS_SLIDING = tuple(range(0, 24, 2))  # gpt-oss-20b: sliding-window layers 0, 2, ..., full layers 1, 3, ...
+
+
+def test_sliding_layers_default_to_tq_and_can_be_bf16_or_fp8(tmp_path):
+    """Sliding-window layers are packed like every other layer unless `sliding.format` says otherwise;
+    the boundary and overrides take precedence over it."""
+    plan = load_config("turbo4").resolve(24, 64, sliding_layers=GPT_OSS_SLIDING)
+    assert plan.layers[0].format == "bf16" and all(plan.layers[i].quantized for i in range(1, 24))
+    assert plan.sliding_layers == GPT_OSS_SLIDING
+    path = write(tmp_path, """
+        boundary: {first: 0, last: 1}
+        sliding: {format: bf16}
+        overrides:
+          - {layers: 4, format: tq, k: {bits: 3}}
+          - {layers: 6, format: fp8}
+        """)
+    plan = load_config(str(path)).resolve(24, 64, sliding_layers=GPT_OSS_SLIDING)
+    fmts = [lp.format for lp in plan.layers]
+    assert fmts[0] == fmts[2] == "bf16" and fmts[6] == "fp8" and fmts[4] == "tq" and plan.layers[4].k.bits == 3
+    assert all(fmts[i] == "tq" for i in range(1, 23, 2)) and fmts[23] == "bf16"  # the last layer: boundary
+    assert "sliding-window layers: 0, 2, 4" in plan.summary(8)
+
+
+def test_override_of_a_bf16_sliding_layer_needs_format_tq(tmp_path):
+    path = write(tmp_path, "boundary: {first: 0, last: 0}\nsliding: {format: bf16}\noverrides:\n  - {layers: 2, k: {bits: 3}}\n")
+    with pytest.raises(TQConfigError, match=r"overrides\[0\]: changes k/v of layer 2, which is a bf16 sliding-window layer"):
+        load_config(str(path)).resolve(24, 64, sliding_layers=GPT_OSS_SLIDING)
+
+
+QWEN3_NEXT_ATTN = (3, 7, 11, 15)  # 16 layers, every 4th one full attention
+
+
+def test_linear_hybrid_plan_counts_attention_layers_only():
+    """Recurrent layers hold no KV: no bytes, format `none`; the boundary is the first attention layer;
+    bf16 bytes and the compression ratio are over the attention layers."""
+    plan = load_config("turbo4").resolve(16, 256, attention_layers=QWEN3_NEXT_ATTN)
+    assert plan.attention_layers == QWEN3_NEXT_ATTN
+    assert [lp.format for lp in plan.layers if lp.layer_id not in QWEN3_NEXT_ATTN] == ["none"] * 12
+    assert plan.layers[3].format == "bf16" and plan.quantized_layers == (7, 11, 15)
+    assert plan.bytes_per_token(2) == plan.layers_bytes_per_token(2, QWEN3_NEXT_ATTN)
+    assert plan.bf16_bytes_per_token(2) == 2 * 4 * 2 * 256 * 2
+    out = plan.summary(2)
+    assert "no KV (recurrent)" in out and "3/4 layers quantized (the attention layers)" in out
+
+
+def test_linear_hybrid_override_on_a_recurrent_layer_names_it(tmp_path):
+    path = write(tmp_path, "overrides:\n  - {layers: 5, format: bf16}\n")
+    with pytest.raises(TQConfigError) as err:
+        load_config(str(path)).resolve(16, 256, attention_layers=QWEN3_NEXT_ATTN)
+    msg = str(err.value)
+    for fragment in (str(path), "overrides[0].layers", "layer 5 is a recurrent", "3, 7, 11, 15"):
+        assert fragment in msg, msg
+    path = write(tmp_path, "overrides:\n  - {layers: \"4-6\", format: bf16}\n", "range.yaml")
+    with pytest.raises(TQConfigError, match=r"layers 4-6 are recurrent"):
+        load_config(str(path)).resolve(16, 256, attention_layers=QWEN3_NEXT_ATTN)
+
+
+def test_linear_hybrid_range_applies_to_its_attention_layers(tmp_path):
+    path = write(tmp_path, "boundary: {first: 0, last: 0}\noverrides:\n  - {layers: \"0-8\", k: {bits: 3}}\n")
+    plan = load_config(str(path)).resolve(16, 256, attention_layers=QWEN3_NEXT_ATTN)
+    assert [plan.layers[i].k.bits for i in QWEN3_NEXT_ATTN] == [3, 3, 4, 4]
+
+
+def test_attention_layers_out_of_range():
+    with pytest.raises(TQConfigError, match=r"attention layers \[16\] are past its 16 layers"):
+        load_config("turbo4").resolve(16, 256, attention_layers=(3, 16))
+
+
+def test_cli_summary_of_a_linear_hybrid(capsys):
+    assert cli.main(["summary", "turbo4", "--layers", "16", "--kv-heads", "2", "--head-dim", "256",
+                     "--attention-layers", "3,7,11,15"]) == 0
+    out = capsys.readouterr().out
+    assert "no KV (recurrent)" in out and "3/4 layers quantized (the attention layers)" in out
+    assert cli.main(["validate", "turbo4", "--layers", "24", "--head-dim", "64", "--sliding-layers", "0-22"]) == 0

@@ -98,3 +98,34 @@ def test_markers_required(repo, capsys):
     (repo / "README.md").write_text("no markers\n")
     assert mt.main(["--check", "--root", str(repo)]) == 2
     assert "README.md: needs exactly one" in capsys.readouterr().err
+
+
+MODEL = dict(model="gpt-oss-20b shape, 4 layers (dummy weights)", layout="swa+sinks", memory="hybrid SWA pools",
+             config="turbo4", served=True, graphs_identical=True, graphs_detail="6/6 prompts", capacity_ratio=2.31,
+             byte_ratio=2.33, expected_ratio=2.32, quality_metric="mean |Δ log p| vs BF16", quality_delta=0.0012,
+             card="NVIDIA H100 80GB HBM3", date="2026-12-08", commit="ccccccc", command="bash scripts/gpu_models.sh")
+
+
+def test_models_table_and_readme_families(repo):
+    """results/models.json renders as a table in RESULTS.md and into the README's family list (the family
+    of the record's layout); families without records say so."""
+    data = mt.load(repo / "results")
+    assert "Not yet measured on a GPU." in mt.results_md(data)
+    (repo / "results" / "models.json").write_text(json.dumps([MODEL]))
+    assert mt.main(["--root", str(repo)]) == 0
+    results = (repo / "docs" / "RESULTS.md").read_text()
+    assert ("| gpt-oss-20b shape, 4 layers (dummy weights) | swa+sinks | hybrid SWA pools | `turbo4` | yes | "
+            "identical (6/6 prompts) | 2.310× (bytes 2.330×, -0.43 %) | 0.0012 | NVIDIA H100 80GB HBM3 |") in results
+    readme = (repo / "README.md").read_text()
+    models = readme[readme.index(mt.MODELS_BEGIN):readme.index(mt.MODELS_END)]
+    row = next(line for line in models.splitlines() if line.startswith("| Sliding-window layers with attention sinks"))
+    assert "gpt-oss-20b shape, 4 layers (dummy weights) (hybrid SWA pools): served, CUDA graphs on/off identical" in row
+    linear = next(line for line in models.splitlines() if line.startswith("| Linear-attention hybrids"))
+    assert "not yet measured on a GPU" in linear
+
+
+def test_models_layout_checked(repo, capsys):
+    (repo / "results" / "models.json").write_text(json.dumps([dict(MODEL, layout="sliding")]))
+    assert mt.main(["--check", "--root", str(repo)]) == 2
+    assert "models.json: record 0: layout: 'sliding' is not allowed; allowed: full, swa, swa+sinks, hybrid-linear" \
+        in capsys.readouterr().err

@@ -61,6 +61,20 @@ def test_init_pools_builds_the_mha_pool_through_the_module_global(tmp_path):
             pass
 
 
+def test_hybrid_pools_are_built_by_module_globals():
+    """The hybrid layouts are replaced the same way: _init_pools builds SWAKVPool(...) and
+    HybridLinearKVPool(...) by the names the mixin imported, and HybridLinearKVPool builds its attention pool
+    as MHATokenToKVPool by memory_pool's module global (TQHybridLinearKVPool rebinds that one)."""
+    from sglang.srt.mem_cache import memory_pool
+
+    src = inspect.getsource(inspect.unwrap(mix.ModelRunnerKVCacheMixin._init_pools))
+    assert "SWAKVPool(" in src and "HybridLinearKVPool(" in src
+    assert mix.SWAKVPool.__module__ == "sglang.srt.mem_cache.swa_memory_pool"
+    assert "TokenToKVPoolClass = MHATokenToKVPool" in inspect.getsource(memory_pool.HybridLinearKVPool.__init__)
+    assert "token_to_kv_pool_class(" in inspect.getsource(mix.SWAKVPool.__init__)
+    assert "_resolve_hybrid_swa_tokens" in inspect.getsource(mix.ModelRunnerKVCacheMixin._resolve_memory_pool_config)
+
+
 def test_pool_size_comes_from_the_runner_budget(tmp_path):
     """_init_pools sizes the KV pool by runner.max_total_num_tokens, and MemoryPoolConfig keeps a copy of
     it: shrink_token_budget changes both, and the pool built next has the smaller size."""

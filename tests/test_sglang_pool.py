@@ -147,6 +147,14 @@ def _chunked_config():
     return mc
 
 
+def _swa_own_shape_config():
+    """MiMo-V2-Flash: hybrid SWA memory whose sliding-window layers have their own head dims."""
+    mc = FakeModelConfig(4, 8, 2, 128, context_len=64)
+    mc.is_hybrid_swa = mc.is_hybrid_swa_compress = True
+    mc.swa_head_dim = mc.swa_v_head_dim = 64
+    return mc
+
+
 def test_sliding_window_layers_get_the_packed_pool():
     """A model with sliding-window layers in one pool for all layers (Gemma 2 / 3, gpt-oss with
     --disable-hybrid-swa-memory) is served: the packed pool is built."""
@@ -157,11 +165,13 @@ def test_sliding_window_layers_get_the_packed_pool():
 
 @pytest.mark.parametrize("change, message", [
     (dict(use_mla_backend=True), "MLA"),
-    (dict(is_hybrid_swa=True), "hybrid SWA memory"),
+    (dict(model_config=_swa_own_shape_config()), "their own KV head count or head dims"),
     (dict(model_config=_chunked_config()), "chunked local attention"),
-    (dict(mambaish_config=object()), "linear-attention hybrid"),
+    (dict(mambaish_config=object()), "Mamba2, Kimi-linear and lightning-attention hybrids"),
+    (dict(mambaish_config=object(), hybrid_gdn_config=object(),
+          server_args=server_args(disaggregation_mode="prefill")), "PD disaggregation of a model with hybrid"),
     (dict(kv_cache_dtype=torch.float8_e4m3fn), "KV cache"),
-    (dict(server_args=server_args(speculative_algorithm="EAGLE")), "speculative decoding"),
+    (dict(server_args=server_args(speculative_algorithm="EAGLE")), "--speculative-algorithm EAGLE: the draft model"),
     (dict(server_args=server_args(enable_hierarchical_cache=True)), "hierarchical cache"),
     (dict(server_args=server_args(kv_cache_dtype="fp8_e5m2")), "--kv-cache-dtype fp8_e5m2"),
     (dict(server_args=server_args(decode_attention_backend="triton")), "mixing attention backends"),
@@ -241,6 +251,33 @@ def test_fp8_capacity_llama3_8b_turbo4_plan(tmp_path):
     assert ratio >= 3.70 and f"{ratio:.3f}" == "3.702"
     bf16_first, _, _ = tq_tokens("turbo4")
     assert f"{bf16_first / bf16_tokens:.3f}" == "3.496"
+
+
+def test_window_reservation_counts_draft_staging():
+    """With speculative decoding each ring request also has staging rows for its draft tokens (bf16, the ring's
+    row shape): the reservation grows by draft_tokens / window_tokens of the ring."""
+    import sglang.srt.model_executor.model_runner_kv_cache_mixin as mix
+    from sglang_tq.registration import reserve_window_memory
+
+    budget = 55.0
+    plan = load_config("turbo4").resolve(32, 128)
+
+    def tokens(**spec):
+        with env(SGLANG_TQ_CONFIG="turbo4"):
+            r = _llama("turbo4")
+            for k, v in spec.items():
+                setattr(r.server_args, k, v)
+            r.max_total_num_tokens = r.profile_tokens(budget)
+            r.max_running_requests = 256
+            full = r.max_total_num_tokens
+            assert reserve_window_memory(r, plan, mix) == 256
+            return full - r.max_total_num_tokens, r.get_cell_size_per_token(32)
+
+    plain, cell = tokens()
+    spec, _ = tokens(speculative_algorithm="NGRAM", speculative_num_draft_tokens=8)
+    ring = plan.window_bytes(8, 256)
+    assert plain == -(-ring // cell)
+    assert spec == -(-(ring * (plan.window_tokens + 8) // plan.window_tokens) // cell) > plain
 
 
 def test_fp8_pool_layout_store_and_read(tmp_path):

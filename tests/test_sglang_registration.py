@@ -83,7 +83,7 @@ def test_deterministic_inference_accepts_turboquant(tmp_path):
 @pytest.mark.parametrize("kw, message", [
     (dict(kv_cache_dtype="fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
     (dict(decode_attention_backend="triton"), "mixing attention backends"),
-    (dict(speculative_algorithm="NGRAM"), "speculative decoding"),
+    (dict(speculative_algorithm="EAGLE3"), "--speculative-algorithm EAGLE3: the draft model"),
     (dict(enable_hierarchical_cache=True), "hierarchical cache"),
 ])
 def test_server_args_refusals(tmp_path, kw, message):

@@ -13,8 +13,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, tq_backend,  # noqa: E402
-                          write_tq_config)
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, dequant_slots, env, extend_batch,  # noqa: E402
+                          random_qkv, sink_attention_row, tq_backend, write_tq_config)
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang_tq.kernel_calls import KernelCalls  # noqa: E402
 
@@ -49,33 +49,17 @@ def setup(tmp_path, request):
 
 
 def _qkv(gen, n):
-    return [(torch.randn(n, h * D, generator=gen) * s).to(torch.bfloat16)
-            for h, s in ((HQ, 2.0), (HKV, 1.0), (HKV, 1.0))]
-
-
-def _dequant(pool, lid, slots):
-    kb, vb = pool.get_kv_buffer(lid)
-    slots = slots.long()
-    return (kb.codec.decode(kb.codes[slots], kb.scales[slots]).float(),
-            vb.codec.decode(vb.codes[slots], vb.scales[slots]).float())
+    return random_qkv(gen, n, HQ, HKV, D)
 
 
 def _decode_view(s, lid, r, n):
     """K/V of positions 0..n-1 of request r as decode reads them: from the codes, and the recent
     window's positions (the last `ring`, none before the request's last extend began) exact."""
-    k, v = _dequant(s["pool"], lid, s["r2t"][r, :n])
+    k, v = dequant_slots(s["pool"], lid, s["r2t"][r, :n])
     if s["ring"]:
         for p in range(max(n - s["ring"], s["start"][r]), n):
             k[p], v[p] = s["exact"][lid, r, p]
     return k, v
-
-
-def _expected_row(q, k, v, sink, lo):
-    """One query row [HQ, D] over keys [L, HKV, D] from position lo on, with a sink per head."""
-    k, v = k[lo:].repeat_interleave(HQ // HKV, 1), v[lo:].repeat_interleave(HQ // HKV, 1)
-    s = torch.einsum("hd,lhd->hl", q.float(), k) * D ** -0.5
-    p = torch.softmax(torch.cat([s, sink[:, None]], 1), 1)[:, :-1]
-    return torch.einsum("hl,lhd->hd", p, v)
 
 
 def _window_lo(layer, pos):
@@ -98,12 +82,12 @@ def _extend(s, reqs, prefix, new):
         q3, k3, v3 = (x.view(x.shape[0], -1, D).float() for x in (q, k, v))
         off = 0
         for r, p, n in zip(reqs, prefix, new):
-            kp, vp = _dequant(pool, layer.layer_id, r2t[r, :p])
+            kp, vp = dequant_slots(pool, layer.layer_id, r2t[r, :p])
             keys, vals = torch.cat([kp, k3[off:off + n]]), torch.cat([vp, v3[off:off + n]])  # new tokens exact
             for i in range(n):
                 pos = p + i
                 s["exact"][layer.layer_id, r, pos] = (k3[off + i], v3[off + i])
-                want = _expected_row(q3[off + i], keys[:pos + 1], vals[:pos + 1], sink, _window_lo(layer, pos))
+                want = sink_attention_row(q3[off + i], keys[:pos + 1], vals[:pos + 1], sink, _window_lo(layer, pos))
                 torch.testing.assert_close(o[off + i], want, atol=TOL, rtol=TOL,
                                            msg=lambda m: f"extend layer {layer.layer_id} req {r} pos {pos}: {m}")
             off += n
@@ -125,7 +109,7 @@ def _decode(s, reqs):
         for b, (r, n) in enumerate(zip(reqs, seq)):
             s["exact"][layer.layer_id, r, n - 1] = (k.view(-1, HKV, D)[b].float(), v.view(-1, HKV, D)[b].float())
             keys, vals = _decode_view(s, layer.layer_id, r, n)  # the new token too: read back from the cache
-            want = _expected_row(q.view(-1, HQ, D)[b], keys, vals, sink, _window_lo(layer, n - 1))
+            want = sink_attention_row(q.view(-1, HQ, D)[b], keys, vals, sink, _window_lo(layer, n - 1))
             torch.testing.assert_close(o[b], want, atol=TOL, rtol=TOL,
                                        msg=lambda m: f"decode layer {layer.layer_id} req {r} len {n}: {m}")
 
@@ -149,9 +133,9 @@ def test_sinks_and_window_change_the_answer(setup):
     q = torch.randn(HQ, D, generator=gen) * 2
     k, v = torch.randn(20, HKV, D, generator=gen), torch.randn(20, HKV, D, generator=gen)
     sink = s["sinks"][0]
-    base = _expected_row(q, k, v, sink, 20 - 1 - W)
-    assert (base - _expected_row(q, k, v, sink, 20 - W)).abs().max() > 5 * TOL   # one position fewer
-    assert (base - _expected_row(q, k, v, sink - 50, 20 - 1 - W)).abs().max() > 5 * TOL  # no sink
+    base = sink_attention_row(q, k, v, sink, 20 - 1 - W)
+    assert (base - sink_attention_row(q, k, v, sink, 20 - W)).abs().max() > 5 * TOL   # one position fewer
+    assert (base - sink_attention_row(q, k, v, sink - 50, 20 - 1 - W)).abs().max() > 5 * TOL  # no sink
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
