@@ -266,21 +266,6 @@ def table_index(rows, mask, F: tl.constexpr):
 
 
 @triton.jit
-def slice_coords(T: tl.constexpr, F: tl.constexpr, PAIRS: tl.constexpr):
-    """Storage coordinates [D / S] of slice T's columns in the sliced decode: coordinate S j + T for S
-    slices (S = 8 / M0W; PAIRS, 4-bit V as 16-bit elements: S = 4); the 3-bit LUT's slices
-    (`register_lut_asm`, fields [2, 1]): column 4m + e of slice T is coordinate
-    16m + 8 (T % 2) + 4 ((e // 2)) + 2 (e % 2) + T // 2."""
-    S: tl.constexpr = 4 if PAIRS else 8 // F.M0W
-    j = tl.arange(0, F.D // S)
-    if F.M0W == 2 and F.M1W == 1 and not PAIRS:
-        c = (j // 4) * 16 + (T % 2) * 8 + ((j % 4) // 2) * 4 + (j % 2) * 2 + T // 2
-    else:
-        c = j * S + T
-    return c
-
-
-@triton.jit
 def _reg_slice_code(b, h, T: tl.constexpr, W: tl.constexpr, M1W: tl.constexpr, M1SH: tl.constexpr):
     """Code of slice T (bit position T * W of every first-field byte b), with its second-field bit from
     bit T of h when M1W is 1: the table index the register LUTs look up, computed in integers (the
@@ -289,33 +274,6 @@ def _reg_slice_code(b, h, T: tl.constexpr, W: tl.constexpr, M1W: tl.constexpr, M
     if M1W == 1:
         code = code | (((h >> T) & 1) << M1SH)
     return code
-
-
-@triton.jit
-def _bytes_in_order(x, y):
-    """x: a value per byte 4m + i at column 2m + i, y: per byte 4m + 2 + i ([R, C / 2] each) -> [R, C],
-    byte order (column 4m + 2k + i; the inner join adds k, the outer i)."""
-    R: tl.constexpr = x.shape[0]
-    H: tl.constexpr = x.shape[1]
-    x0, x1 = tl.split(tl.reshape(x, (R, H // 2, 2)))
-    y0, y1 = tl.split(tl.reshape(y, (R, H // 2, 2)))
-    return tl.reshape(tl.join(tl.join(x0, y0), tl.join(x1, y1)), (R, 2 * H))
-
-
-@triton.jit
-def _slices3_as_crumbs(slices):
-    """The 3-bit LUT's 4 slices (`slice_coords`) -> slice T = crumb T of every byte (coordinates 4 j + T),
-    the order `centroid_tile` interleaves. Slice 2p + h holds crumbs p (even columns) and p + 2 (odd
-    columns) of bytes 4m + 2h + i at columns 4m + 2i + (0, 1): within-thread moves, as the asm's 4
-    columns are one packed register group."""
-    s0, s1, s2, s3 = slices
-    R: tl.constexpr = s0.shape[0]
-    C: tl.constexpr = s0.shape[1]
-    p0, p2 = tl.split(tl.reshape(s0, (R, C // 2, 2)))  # crumbs 0 / 2 of bytes 4m, 4m + 1
-    q0, q2 = tl.split(tl.reshape(s1, (R, C // 2, 2)))  # ... of bytes 4m + 2, 4m + 3
-    p1, p3 = tl.split(tl.reshape(s2, (R, C // 2, 2)))
-    q1, q3 = tl.split(tl.reshape(s3, (R, C // 2, 2)))
-    return _bytes_in_order(p0, q0), _bytes_in_order(p1, q1), _bytes_in_order(p2, q2), _bytes_in_order(p3, q3)
 
 
 @triton.jit
@@ -339,8 +297,8 @@ def centroid_tile(rows, mask, cent_ptr, F: tl.constexpr, REG: tl.constexpr, ASM:
             else:
                 h = split_high_crumbs(rows, mask, F.M1OFF, F.D)
         if ASM != "":
-            if F.M1W == 1 and REG == 2:  # put the 3-bit LUT's slices (`slice_coords`) in the 2-bit LUT's order
-                c0, c1, c2, c3 = _slices3_as_crumbs(register_lut_slices3(b, h, ASM))
+            if F.M1W == 1 and REG == 2:
+                c0, c1, c2, c3 = register_lut_slices3(b, h, ASM)
             elif F.M1W == 1:
                 c0, c1, c2, c3 = register_lut_slices5(b, h, ASM)
             else:
@@ -551,14 +509,11 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = Fals
         Operands: $0..$3 out, $4 the 4 code bytes.
       w = 2: four outputs; the 4 centroids are 8 bytes, so one prmt with selector nibbles (2c, 2c + 1)
         per code returns two bf16 values. $0..$7 out, $8 the 4 code bytes.
-      3-bit codes (fields [2, 1]): four outputs; $8 the 4 bytes of the 2-bit field (coordinates 16m ..
-        16m + 15), $9 the 1-bit field's bytes holding bit 2 of the same 4 coordinates each, byte e in
-        nibble e % 2 (`high_bytes_paired`; one shift and one lop3 pick the nibbles). Crumbs p and p + 2
-        of every byte become the two nibbles of that byte (its 3-bit codes: the crumbs in place, the high
-        bits moved next to them), so the low and the high 16 bits are selector nibbles of 4 codes as they
-        are; the 8 centroids' low and high bytes are two 8-byte tables: two lookups and two interleaving
-        prmt per 4 codes. Slice 2p + h holds bytes 2h, 2h + 1 (`slice_coords`: element 4m + e is
-        coordinate 16m + 8h + 4 (e // 2) + 2 (e % 2) + p).
+      3-bit codes (fields [2, 1]): four outputs; $8 the 4 bytes of the 2-bit field, $9 the 1-bit field's
+        bytes holding bit 2 of the same 4 coordinates each, byte e in nibble e % 2 (`high_bytes_paired`;
+        one shift and one lop3 pick the nibbles, bit T for slice T); the 8 centroids' low and high bytes
+        are two 8-byte tables, so per 4 codes: the code bytes, selector nibbles, two lookups and two
+        interleaving prmt.
       5-bit codes (fields [4, 1]): `_register_lut_asm_5bit`.
     pairs (4-bit one-field codes only, else ""): codes that arrive as 16-bit elements of two consecutive
       tokens (`_register_lut_asm_pairs`)."""
@@ -571,16 +526,13 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = Fals
         lo0, lo1, hi0, hi1 = _byte_tables(_bf16_bits(centroids[:8]))
         # g: nibble e % 2 of byte e of $9 in its low nibble (the high nibble holds bits no slice reads)
         body = ["shr.b32 g, $9, 4;", "lop3.b32 g, $9, g, 0x000F000F, 0xE4;"]  # 0x000F000F ? $9 : $9 >> 4
-        for p in range(2):  # crumbs p and p + 2 of every byte: its two nibbles' 3-bit codes
-            body += ([f"shr.b32 x, $8, {2 * p};", f"shr.b32 h, g, {p};"] if p else ["mov.b32 x, $8;", "mov.b32 h, g;"])
-            body += ["and.b32 a, h, 0x04040404;", "and.b32 h, h, 0x01010101;",  # high bits p + 2 and p
-                     "shl.b32 a, a, 2;", "or.b32 h, h, a;", "shl.b32 h, h, 2;",  # -> bits 6 and 2
-                     "and.b32 x, x, 0x33333333;", "or.b32 x, x, h;"]  # a 3-bit code per nibble
-            for half in range(2):  # bytes 0, 1 (slice 2p) / 2, 3 (slice 2p + 1)
-                o = 4 * p + 2 * half
-                body += (["shr.b32 u, x, 16;"] if half else ["mov.b32 u, x;"])
-                body += [f"prmt.b32 a, {lo0}, {lo1}, u;", f"prmt.b32 b, {hi0}, {hi1}, u;",
-                         f"prmt.b32 ${o}, a, b, 0x5140;", f"prmt.b32 ${o + 1}, a, b, 0x7362;"]
+        for t in range(4):
+            body += [f"shr.b32 x, $8, {2 * t};", "and.b32 x, x, 0x03030303;",
+                     f"shr.b32 h, g, {t};", "and.b32 h, h, 0x01010101;", "shl.b32 h, h, 2;",
+                     "or.b32 x, x, h;",  # 3-bit code per byte
+                     "shr.b32 u, x, 4;", "or.b32 u, x, u;", "prmt.b32 u, u, u, 0x0020;",  # 4 selector nibbles
+                     f"prmt.b32 a, {lo0}, {lo1}, u;", f"prmt.b32 b, {hi0}, {hi1}, u;",
+                     f"prmt.b32 ${2 * t}, a, b, 0x5140;", f"prmt.b32 ${2 * t + 1}, a, b, 0x7362;"]
         return "{\n.reg .b32 g, x, h, u, a, b;\n" + "\n".join(body) + "\n}"
     w = mains[0]
     bits = _bf16_bits(centroids[: 1 << w])

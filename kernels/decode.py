@@ -38,8 +38,7 @@ import triton.language as tl
 from ._common import (LOG2E, _reg_slice_code, cache_args, fmt_constexpr, gdc_launch_dependents, gdc_wait,
                       kernel_tables, next_pow2, online_softmax_step, packed_tile_update, pdl_ok, qjl_signs,
                       register_lut_i8_slices, register_lut_pair_slices, register_lut_slices, register_lut_slices3,
-                      register_lut_slices5, slice_coords, softcap_log2, split_high_crumbs, high_bytes_paired,
-                      unrotate_store)
+                      register_lut_slices5, softcap_log2, split_high_crumbs, high_bytes_paired, unrotate_store)
 from .codec import TQCodec, padded_launch
 from .window import DecodeWindow, check_decode_window
 
@@ -157,17 +156,16 @@ def _field_bits(rows, mask, pos, OFF: tl.constexpr, W: tl.constexpr):
 
 @triton.jit
 def _slice_index(rows, mask, b0, T: tl.constexpr, F: tl.constexpr):
-    """Centroid-table index of slice T: storage coordinates `slice_coords` (S j + T, S = 8 / M0W codes
-    per byte of the first field, whose byte tile b0 [BLOCK_N, D / S] the caller loaded once per tile;
-    the 3-bit LUT's own order). A one-field code needs only a shift; 3-bit codes and outlier refinement
-    bits (positions c % OSTRIDE == 0) are gathered per coordinate."""
-    c = slice_coords(T, F, False)
+    """Centroid-table index of slice T: storage coordinates c = S j + T (S = 8 / M0W codes per byte of
+    the first field, whose byte tile b0 [BLOCK_N, D / S] the caller loaded once per tile). The first
+    field needs only a shift; further fields (the high bit of 3-bit codes, outlier refinement bits at
+    positions c % OSTRIDE == 0) are gathered per coordinate."""
+    S: tl.constexpr = 8 // F.M0W
+    c = tl.arange(0, F.D // S) * S + T
     m2 = mask[:, None]
-    if F.M1W > 0:  # the 3-bit LUT's slices are not the bytes' crumbs: both fields per coordinate
-        idx = _field_bits(rows, m2, c * F.M0W, F.M0OFF, F.M0W)
+    idx = (b0 >> (T * F.M0W)) & ((1 << F.M0W) - 1)
+    if F.M1W > 0:
         idx = idx | (_field_bits(rows, m2, c * F.M1W, F.M1OFF, F.M1W) << F.M1SH)
-    else:
-        idx = (b0 >> (T * F.M0W)) & ((1 << F.M0W) - 1)
     if F.NOUT > 0:
         is_out = (c % F.OSTRIDE) == 0
         e = c // F.OSTRIDE
@@ -188,8 +186,9 @@ def _i8_slice_code(rows, mask, T: tl.constexpr, F: tl.constexpr):
 
 
 @triton.jit
-def _q_cols(qrow, gmask, q_scale, cols):
-    """Columns `cols` of the rotated query rows (scaled, bf16)."""
+def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
+    """Columns T, T + S, T + 2S, ... of the rotated query rows (scaled, bf16)."""
+    cols = tl.arange(0, D // S) * S + T
     q = tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale
     return q.to(tl.bfloat16)
 
@@ -224,16 +223,16 @@ def query_slices_i8(qrow, gmask, q_scale, D: tl.constexpr):
 
 
 @triton.jit
-def query_slices(qrow, mask, q_scale, F: tl.constexpr):
-    """The column slices of the rotated query rows at qrow that match the key slices (`slice_coords`);
-    unused entries of the 4-tuple repeat slice 0."""
-    q0 = _q_cols(qrow, mask, q_scale, slice_coords(0, F, False))
-    q1 = _q_cols(qrow, mask, q_scale, slice_coords(1, F, False))
+def query_slices(qrow, mask, q_scale, S: tl.constexpr, D: tl.constexpr):
+    """The S column slices of the rotated query rows at qrow (`_q_slice`); unused entries of the
+    4-tuple repeat slice 0."""
+    q0 = _q_slice(qrow, mask, q_scale, 0, S, D)
+    q1 = _q_slice(qrow, mask, q_scale, 1, S, D)
     q2 = q0
     q3 = q0
-    if F.M0W == 2:
-        q2 = _q_cols(qrow, mask, q_scale, slice_coords(2, F, False))
-        q3 = _q_cols(qrow, mask, q_scale, slice_coords(3, F, False))
+    if S == 4:
+        q2 = _q_slice(qrow, mask, q_scale, 2, S, D)
+        q3 = _q_slice(qrow, mask, q_scale, 3, S, D)
     return q0, q1, q2, q3
 
 
@@ -381,6 +380,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
     V_ASM: the register LUTs ("" in the interpreter: gathers). K_I8 / V_PAIRS: `sliced_tile_update`.
     WIDE: 64-bit slot offsets (buffers of 2^31 elements or more). PDL: launched as a programmatic
     dependent of compress (waits for its writes before reading the rotated query or the new codes)."""
+    KS: tl.constexpr = 8 // KF.M0W
     VS: tl.constexpr = 4 if V_PAIRS else 8 // VF.M0W
     K_D: tl.constexpr = KF.D
     VC: tl.constexpr = VF.D // VS  # columns per V slice
@@ -410,10 +410,11 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
         q0, q1, q2, q3, q_row_scale = query_slices_i8(qrow, gmask, q_scale, KF.D)
         q_row_scale = q_row_scale * (k_i8_scale / 128.0)
     else:
-        q0, q1, q2, q3 = query_slices(qrow, gmask, q_scale, KF)
+        q0, q1, q2, q3 = query_slices(qrow, gmask, q_scale, KS, KF.D)
         q_row_scale = tl.full((BLOCK_G,), 1.0, tl.float32)
         if KF.QJLOFF >= 0:  # the whole sketch rows, in coordinate order (they follow the rotated query)
-            sk = _q_cols(qrow + KF.D, gmask, q_scale, tl.arange(0, KF.D))
+            sk = _q_slice(qrow + KF.D, gmask, q_scale, 0, 1, KF.D)
+    vb_cols = tl.arange(0, VC)
     tok = tl.arange(0, BLOCK_N)
 
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -450,12 +451,12 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
     inv = 1.0 / tl.where(has, l_i, 1.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     po_ptr, po_b, po_h, po_s, pl_ptr, pl_b, pl_h = parts
-    po = (po_ptr + b * po_b + heads * po_h + sid * po_s)[:, None]  # slice T's columns: `slice_coords`
-    tl.store(po + slice_coords(0, VF, V_PAIRS)[None, :], a0 * inv[:, None], mask=gmask[:, None])
-    tl.store(po + slice_coords(1, VF, V_PAIRS)[None, :], a1 * inv[:, None], mask=gmask[:, None])
+    po = (po_ptr + b * po_b + heads * po_h + sid * po_s)[:, None] + vb_cols[None, :] * VS
+    tl.store(po, a0 * inv[:, None], mask=gmask[:, None])
+    tl.store(po + 1, a1 * inv[:, None], mask=gmask[:, None])
     if VS == 4:
-        tl.store(po + slice_coords(2, VF, V_PAIRS)[None, :], a2 * inv[:, None], mask=gmask[:, None])
-        tl.store(po + slice_coords(3, VF, V_PAIRS)[None, :], a3 * inv[:, None], mask=gmask[:, None])
+        tl.store(po + 2, a2 * inv[:, None], mask=gmask[:, None])
+        tl.store(po + 3, a3 * inv[:, None], mask=gmask[:, None])
     tl.store(pl_ptr + b * pl_b + heads * pl_h + sid, lse, mask=gmask)
 
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tq_kernels._common import _slices3_as_crumbs, slice_coords, split_high_crumbs, split_high_nibbles
+from tq_kernels._common import split_high_crumbs, split_high_nibbles
 
 from tq_kernels import reference
 from tq_kernels.codec import VecFormat
@@ -394,47 +394,14 @@ def test_register_lut_asm_logic_split(bits, d):
     slices = emulate_register_lut(asm, codes, fed)
     assert len(slices) == 8 // w
     table = cent.to(torch.bfloat16)
-    # (byte, crumb) of every output element: 5-bit codes slice t = field t of every byte; 3-bit codes
-    # (`slice_coords`) slice 2p + h, element e of a word = byte 2h + e // 2 of that word, crumb p + 2 (e % 2)
-    n = codes.numel()
-    e = torch.arange(n) % 4
     for t, got in enumerate(slices):
-        byte, crumb = torch.arange(n), torch.full((n,), t)
-        if bits == 3:
-            byte = torch.arange(n) // 4 * 4 + 2 * (t % 2) + e // 2
-            crumb = t // 2 + 2 * (e % 2)
-        idx = ((codes.long()[byte] >> (w * crumb)) & ((1 << w) - 1)) | (((high.long()[byte] >> crumb) & 1) << w)
+        idx = ((codes.long() >> (w * t)) & ((1 << w) - 1)) | (((high.long() >> t) & 1) << w)
         assert torch.equal(got.view(torch.int16), table[idx].view(torch.int16)), f"slice {t}"
     # a codebook that is not antisymmetric in bf16 gets no 5-bit LUT (the general path decodes it)
     if bits == 5:
         bad = cent.clone()
         bad[0] *= 1.01
         assert register_lut_asm(fmt, bad) == ""
-
-
-@triton.jit
-def _slices3_order_kernel(dst, F: tl.constexpr, ROWS: tl.constexpr):
-    r = tl.arange(0, ROWS)[:, None] * 0
-    c0, c1, c2, c3 = _slices3_as_crumbs((r + slice_coords(0, F, False)[None, :], r + slice_coords(1, F, False)[None, :],
-                                         r + slice_coords(2, F, False)[None, :], r + slice_coords(3, F, False)[None, :]))
-    cols = tl.arange(0, F.D // 4)[None, :]
-    rows = tl.arange(0, ROWS)[:, None] * F.D
-    tl.store(dst + rows + cols * 4, c0)
-    tl.store(dst + rows + cols * 4 + 1, c1)
-    tl.store(dst + rows + cols * 4 + 2, c2)
-    tl.store(dst + rows + cols * 4 + 3, c3)
-
-
-@needs_triton
-@pytest.mark.parametrize("d", [64, 128])
-def test_slices3_reorder_to_coordinate_order(d):
-    """The 3-bit LUT's slices (`slice_coords`) put back in crumb order by `_slices3_as_crumbs` (extend's
-    centroid tiles): slice T, column j is coordinate 4 j + T, so the interleave gives coordinate order."""
-    from tq_kernels._common import fmt_constexpr
-
-    out = torch.full((2, d), -1, dtype=torch.int32, device=DEV)
-    _slices3_order_kernel[(1,)](out, fmt_constexpr(F(d, 3)), 2)
-    assert torch.equal(out.cpu(), torch.arange(d, dtype=torch.int32).repeat(2, 1))
 
 
 @triton.jit
