@@ -290,10 +290,7 @@ def centroid_tile(rows, mask, cent_ptr, F: tl.constexpr, REG: tl.constexpr, ASM:
         h = b  # the second field's bits, one byte per first-field byte (bit T: slice T's code)
         if F.M1W == 1:
             if REG == 2:
-                if ASM != "":
-                    h = high_bytes_paired(rows, mask, F.M1OFF, F.D)
-                else:
-                    h = split_high_nibbles(rows, mask, F.M1OFF, F.D)
+                h = split_high_nibbles(rows, mask, F.M1OFF, F.D)
             else:
                 h = split_high_crumbs(rows, mask, F.M1OFF, F.D)
         if ASM != "":
@@ -509,11 +506,10 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = Fals
         Operands: $0..$3 out, $4 the 4 code bytes.
       w = 2: four outputs; the 4 centroids are 8 bytes, so one prmt with selector nibbles (2c, 2c + 1)
         per code returns two bf16 values. $0..$7 out, $8 the 4 code bytes.
-      3-bit codes (fields [2, 1]): four outputs; $8 the 4 bytes of the 2-bit field, $9 the 1-bit field's
-        bytes holding bit 2 of the same 4 coordinates each, byte e in nibble e % 2 (`high_bytes_paired`;
-        one shift and one lop3 pick the nibbles, bit T for slice T); the 8 centroids' low and high bytes
-        are two 8-byte tables, so per 4 codes: the code bytes, selector nibbles, two lookups and two
-        interleaving prmt.
+      3-bit codes (fields [2, 1]): four outputs; $8 the 4 bytes of the 2-bit field, $9 4 bytes whose low
+        nibble holds bit 2 of the same 4 coordinates each (bit T for slice T; `split_high_nibbles`);
+        the 8 centroids' low and high bytes are two 8-byte tables, so per 4 codes: the code bytes,
+        selector nibbles, two lookups and two interleaving prmt.
       5-bit codes (fields [4, 1]): `_register_lut_asm_5bit`.
     pairs (4-bit one-field codes only, else ""): codes that arrive as 16-bit elements of two consecutive
       tokens (`_register_lut_asm_pairs`)."""
@@ -524,16 +520,15 @@ def register_lut_asm(fmt: VecFormat, centroids: torch.Tensor, pairs: bool = Fals
         return _register_lut_asm_5bit(_bf16_bits(centroids[:32]))
     if mains == [2, 1]:
         lo0, lo1, hi0, hi1 = _byte_tables(_bf16_bits(centroids[:8]))
-        # g: nibble e % 2 of byte e of $9 in its low nibble (the high nibble holds bits no slice reads)
-        body = ["shr.b32 g, $9, 4;", "lop3.b32 g, $9, g, 0x000F000F, 0xE4;"]  # 0x000F000F ? $9 : $9 >> 4
+        body = []
         for t in range(4):
             body += [f"shr.b32 x, $8, {2 * t};", "and.b32 x, x, 0x03030303;",
-                     f"shr.b32 h, g, {t};", "and.b32 h, h, 0x01010101;", "shl.b32 h, h, 2;",
+                     f"shr.b32 h, $9, {t};", "and.b32 h, h, 0x01010101;", "shl.b32 h, h, 2;",
                      "or.b32 x, x, h;",  # 3-bit code per byte
                      "shr.b32 u, x, 4;", "or.b32 u, x, u;", "prmt.b32 u, u, u, 0x0020;",  # 4 selector nibbles
                      f"prmt.b32 a, {lo0}, {lo1}, u;", f"prmt.b32 b, {hi0}, {hi1}, u;",
                      f"prmt.b32 ${2 * t}, a, b, 0x5140;", f"prmt.b32 ${2 * t + 1}, a, b, 0x7362;"]
-        return "{\n.reg .b32 g, x, h, u, a, b;\n" + "\n".join(body) + "\n}"
+        return "{\n.reg .b32 x, h, u, a, b;\n" + "\n".join(body) + "\n}"
     w = mains[0]
     bits = _bf16_bits(centroids[: 1 << w])
     if w == 2:
@@ -611,17 +606,6 @@ def split_high_nibbles(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def high_bytes_paired(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
-    """The 1-bit field of 3-bit codes (bit 2 of coordinate i at byte OFF + i // 8, bit i % 8) with every
-    byte twice: [BLOCK_N, D / 4] uint8 whose byte j (for the 2-bit field's byte j, coordinates 4 j ..
-    4 j + 3) holds their high bits in nibble j % 2. The 3-bit register LUT picks the nibble itself (two
-    instructions per 4 bytes); duplicating is register renaming, where splitting the nibbles here cost
-    byte extracts and repacking per byte."""
-    hb = tl.load(rows[:, None] + OFF + tl.arange(0, D // 8)[None, :], mask=mask[:, None], other=0)
-    return tl.reshape(tl.join(hb, hb), (hb.shape[0], D // 4))
-
-
-@triton.jit
 def split_high_crumbs(rows, mask, OFF: tl.constexpr, D: tl.constexpr):
     """The 1-bit field of 5-bit codes (bit 4 of coordinate i at byte OFF + i // 8, bit i % 8), as one
     byte per byte of the 4-bit field (coordinates 2 j, 2 j + 1): [BLOCK_N, D / 2] uint8 whose bits 0 and 1
@@ -640,10 +624,10 @@ def register_lut_slices5(b, hc, ASM: tl.constexpr):
 
 
 @triton.jit
-def register_lut_slices3(b, hb, ASM: tl.constexpr):
-    """3-bit codes: 2-bit field bytes b and their 1-bit field bytes hb (`high_bytes_paired`; [R, C] uint8
-    each) -> the bf16 centroids of the 4 slices."""
-    c0, c1, c2, c3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [b, hb],
+def register_lut_slices3(b, hn, ASM: tl.constexpr):
+    """3-bit codes: 2-bit field bytes b and their high-bit nibbles hn ([R, C] uint8 each) -> the bf16
+    centroids of the 4 slices."""
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [b, hn],
                                                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
                                                is_pure=True, pack=4)
     return c0, c1, c2, c3

@@ -38,7 +38,7 @@ import triton.language as tl
 from ._common import (LOG2E, _reg_slice_code, cache_args, fmt_constexpr, gdc_launch_dependents, gdc_wait,
                       kernel_tables, next_pow2, online_softmax_step, packed_tile_update, pdl_ok, qjl_signs,
                       register_lut_i8_slices, register_lut_pair_slices, register_lut_slices, register_lut_slices3,
-                      register_lut_slices5, softcap_log2, split_high_crumbs, high_bytes_paired, unrotate_store)
+                      register_lut_slices5, softcap_log2, split_high_crumbs, split_high_nibbles, unrotate_store)
 from .codec import TQCodec, padded_launch
 from .window import DecodeWindow, check_decode_window
 
@@ -250,7 +250,7 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, F: tl.constexp
         c2 = c0
         c3 = c0
     elif ASM != "" and F.M1W == 1 and F.M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
-        c0, c1, c2, c3 = register_lut_slices3(b0, high_bytes_paired(rows, mask, F.M1OFF, F.D), ASM)
+        c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, F.M1OFF, F.D), ASM)
     elif ASM != "" and F.M1W == 1:  # 5-bit codes: the same, two coordinates per byte
         c0, c1, c2, c3 = register_lut_slices5(b0, split_high_crumbs(rows, mask, F.M1OFF, F.D), ASM)
     elif ASM != "":

@@ -112,8 +112,7 @@ def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = Non
     word = words(codes)
     # output registers $0 .. $3 (4- and 5-bit codes), $7 (2-, 3-bit) or $1 (the int8 LUT)
     pairs = "0x6240" in asm  # `_register_lut_asm_pairs`
-    i8 = "$3" not in asm  # `register_lut_i8_asm`: $0, $1 out, $2 in
-    first = 8 if "$8" in asm else 4 if pairs else 2 if i8 else 4
+    first = 8 if "$8" in asm else 4 if pairs else 2 if "lop3" in asm else 4
     operands = {first: word}
     if high is not None:  # 3-/5-bit codes: the spread high bits follow the code bytes
         operands[first + 1] = words(high)
@@ -166,7 +165,7 @@ def emulate_register_lut(asm: str, codes: torch.Tensor, high: torch.Tensor = Non
     if pairs:  # output T holds coordinate T of both tokens
         lanes = [torch.stack([outs[t] & 0xFFFF, outs[t] >> 16], dim=1).reshape(-1) for t in range(4)]
         return [torch.where(x >= 32768, x - 65536, x).to(torch.int16).view(torch.bfloat16) for x in lanes]
-    if i8:  # the int8 LUT: one output word of 4 int8 values per slice
+    if "lop3" in asm:  # the int8 LUT: one output word of 4 int8 values per slice
         return [torch.stack([(outs[k] >> (8 * j)) & 0xFF for j in range(4)], dim=1).reshape(-1)
                 .to(torch.uint8).view(torch.int8) for k in sorted(outs)]
     res = []

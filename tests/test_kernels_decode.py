@@ -372,9 +372,8 @@ def test_register_lut_formats():
 @pytest.mark.parametrize("bits, d", [(3, 64), (3, 128), (5, 64), (5, 128), (5, 256)])
 def test_register_lut_asm_logic_split(bits, d):
     """3-/5-bit codes: the PTX (emulated on the CPU) combines every (bits-1)-bit code byte with every
-    combination of its coordinates' high bits (spread per byte; 3-bit: in nibble e % 2 of byte e of the
-    word, random bits in the other nibble) into exactly the bf16 centroids of the 2^bits-entry codebook,
-    slice by slice."""
+    combination of its coordinates' high bits (spread per byte) into exactly the bf16 centroids of the
+    2^bits-entry codebook, slice by slice."""
     from kernel_helpers import emulate_register_lut
     from tq_kernels._common import kernel_tables, register_lut_asm
 
@@ -386,12 +385,7 @@ def test_register_lut_asm_logic_split(bits, d):
     n_high = 1 << (8 // w)  # one high bit per slice
     codes = torch.arange(256, dtype=torch.uint8).repeat(n_high)
     high = torch.arange(n_high, dtype=torch.uint8).repeat_interleave(256)
-    fed = high
-    if bits == 3:  # `high_bytes_paired`: the 1-bit field's byte, the nibble by position in the word
-        junk = torch.randint(0, 16, high.shape, generator=torch.Generator().manual_seed(d)).to(torch.uint8)
-        odd = (torch.arange(high.numel()) % 2 == 1)
-        fed = torch.where(odd, (high << 4) | junk, (junk << 4) | high)
-    slices = emulate_register_lut(asm, codes, fed)
+    slices = emulate_register_lut(asm, codes, high)
     assert len(slices) == 8 // w
     table = cent.to(torch.bfloat16)
     for t, got in enumerate(slices):
