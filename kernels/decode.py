@@ -13,7 +13,7 @@ capturable in a CUDA graph):
      so every packed K/V tile is read from HBM once per KV head. Two kinds:
      - sliced (formats whose first code field is 4 or 2 bits wide): the codes a register LUT (PTX byte
        permutes over the codebook in registers) reads from a word form slices in that order
-       (`slice_coords`: coordinates T, T + S, ... for one-field bf16 LUTs), each scored against the
+       (coordinates T, T + S, ... for one-field bf16 LUTs), each scored against the
        matching query columns and accumulated into its own V accumulator, so no tile is re-ordered.
        Whole tiles run with a constant token mask (folded away); a split's partial tile runs first.
        4-bit one-field keys: int8 centroids against the query split into int8 high and low parts, on
@@ -374,7 +374,7 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
                           K_I8: tl.constexpr, V_PAIRS: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr,
                           KF: tl.constexpr, VF: tl.constexpr):
     """Stage 1 without tl.interleave, for formats whose first code field is 4 or 2 bits wide (K4, K3,
-    K2, K5, PROD keys): the register LUTs' slices (`slice_coords`: S = 8 / W slices of D / S columns),
+    K2, K5, PROD keys): the register LUTs' slices (S = 8 / W slices of D / S columns),
     scored against the matching query columns and accumulated into their own V accumulators, so no tile
     is ever re-ordered. K_ASM /
     V_ASM: the register LUTs ("" in the interpreter: gathers). K_I8 / V_PAIRS: `sliced_tile_update`.
