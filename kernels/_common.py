@@ -574,14 +574,12 @@ def int8_codebook(centroids: torch.Tensor) -> tuple:
 
 def register_lut_i8_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
     """PTX of the int8 register LUT of 4-bit one-field codes ("" for other formats): 4 code bytes in
-    ($2: nibbles 0..7 = coordinates 8m .. 8m + 7), the int8 centroids of nibbles 0..3 ($0: slice 0,
-    coordinates 8m .. 8m + 3) and of nibbles 4..7 ($1: slice 1) out, 4 bytes each in nibble order: the
-    operand layout of an int8 MMA, one register per 4 codes (the bf16 LUT needs two), and no byte
-    sorting (the query's columns are split the same way once per program: `query_slices_i8`).
-    Per 8 codes, 11 instructions: the 16-entry byte table is two 8-byte halves, both looked up with the
-    low 3 bits of every nibble (4 prmt); a prmt in sign-replicate mode turns bit 3 of each nibble into a
-    byte mask (over the word and the word << 4, whose byte msbs are the odd and the even nibbles' bit 3),
-    and one lop3 per 4 bytes picks the half."""
+    ($2), the int8 centroids of their low nibbles (slice 0, $0) and high nibbles (slice 1, $1) out, 4
+    bytes each: the operand layout of an int8 MMA, one register per 4 codes (the bf16 LUT needs two).
+    Per 8 codes, 13 instructions: the 16-entry byte table is two 8-byte halves, both looked up with the
+    low 3 bits of every nibble (4 prmt for 8 codes); a prmt in sign-replicate mode turns bit 3 of each
+    nibble into a byte mask (over the word and the word << 4, whose byte msbs are the odd and the even
+    nibbles' bit 3), one lop3 per 4 bytes picks the half, and two prmt sort the bytes into the slices."""
     mains = [w for kind, w, n, off, sh in fmt.fields if kind == "main"]
     if fmt.outlier_channels or fmt.qjl or mains != [4]:
         return ""
@@ -592,8 +590,9 @@ def register_lut_i8_asm(fmt: VecFormat, centroids: torch.Tensor) -> str:
             f"prmt.b32 l1, {w[0]}, {w[1]}, h;", f"prmt.b32 u1, {w[2]}, {w[3]}, h;",
             "shl.b32 c, $2, 4;",  # byte k's msb: bit 3 of nibble 2k (c) / of nibble 2k + 1 ($2)
             "prmt.b32 m0, c, $2, 0xD9C8;", "prmt.b32 m1, c, $2, 0xFBEA;",  # 0xff where bit 3 is set
-            "lop3.b32 $0, l0, u0, m0, 0xD8;", "lop3.b32 $1, l1, u1, m1, 0xD8;"]  # m ? u : l
-    return "{\n.reg .b32 s, h, l0, u0, l1, u1, c, m0, m1;\n" + "\n".join(body) + "\n}"
+            "lop3.b32 r0, l0, u0, m0, 0xD8;", "lop3.b32 r1, l1, u1, m1, 0xD8;",  # m ? u : l
+            "prmt.b32 $0, r0, r1, 0x6420;", "prmt.b32 $1, r0, r1, 0x7531;"]  # even / odd nibbles
+    return "{\n.reg .b32 s, h, l0, u0, l1, u1, c, m0, m1, r0, r1;\n" + "\n".join(body) + "\n}"
 
 
 @triton.jit
@@ -646,8 +645,7 @@ def register_lut_pair_slices(b16, ASM: tl.constexpr):
 
 @triton.jit
 def register_lut_i8_slices(b, ASM: tl.constexpr):
-    """uint8 4-bit code bytes [R, C] -> the int8 centroids of both slices (`register_lut_i8_asm`): element
-    4m + e of slice T is coordinate 8m + 4T + e (4 consecutive bytes of a row are one packed register)."""
+    """uint8 4-bit code bytes [R, C] -> the int8 centroids of both slices (`register_lut_i8_asm`)."""
     c0, c1 = tl.inline_asm_elementwise(ASM, "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
     return c0, c1, c0, c0
 

@@ -11,11 +11,10 @@ capturable in a CUDA graph):
   1. stage 1, grid (B, H_kv, num_splits [+ 1 with a recent window]): one program per (sequence, KV head,
      split) serves the whole GQA group (G = H_q / H_kv query rows padded to BLOCK_G >= 16 for tl.dot),
      so every packed K/V tile is read from HBM once per KV head. Two kinds:
-     - sliced (formats whose first code field is 4 or 2 bits wide): the codes a register LUT (PTX byte
-       permutes over the codebook in registers) reads from a word form slices in that order
-       (coordinates T, T + S, ... for one-field bf16 LUTs), each scored against the
-       matching query columns and accumulated into its own V accumulator, so no tile is re-ordered.
-       Whole tiles run with a constant token mask (folded away); a split's partial tile runs first.
+     - sliced (formats whose first code field is 4 or 2 bits wide): every code position of a
+       first-field byte is its own slice (coordinates T, T + S, ...), scored against the matching query
+       columns and accumulated into its own V accumulator, so no tile is re-ordered; the centroids of a
+       whole byte come from a register LUT (PTX byte permutes over the codebook in registers).
        4-bit one-field keys: int8 centroids against the query split into int8 high and low parts, on
        integer tensor cores. 4-bit one-field V: codes loaded as 16-bit elements (V pairs).
      - general (outlier formats, 6-bit codes): codes put back in coordinate order, per-code gathers.
@@ -177,15 +176,6 @@ def _slice_index(rows, mask, b0, T: tl.constexpr, F: tl.constexpr):
 
 
 @triton.jit
-def _i8_slice_code(rows, mask, T: tl.constexpr, F: tl.constexpr):
-    """4-bit codes [BLOCK_N, D / 2] of slice T of the int8 LUT: column 4m + e holds coordinate 8m + 4T + e
-    (the interpreter's gather index; on a GPU `register_lut_i8_slices` reads them from the byte tile)."""
-    j = tl.arange(0, F.D // 2)
-    c = (j // 4) * 8 + T * 4 + j % 4
-    return _field_bits(rows, mask[:, None], c * 4, F.M0OFF, 4)
-
-
-@triton.jit
 def _q_slice(qrow, gmask, q_scale, T: tl.constexpr, S: tl.constexpr, D: tl.constexpr):
     """Columns T, T + S, T + 2S, ... of the rotated query rows (scaled, bf16)."""
     cols = tl.arange(0, D // S) * S + T
@@ -200,17 +190,14 @@ def _round_i8(x):
 
 @triton.jit
 def query_slices_i8(qrow, gmask, q_scale, D: tl.constexpr):
-    """The two column slices of the rotated query rows as int8 pairs for int8 keys (slice T: coordinates
-    8m + 4T + e, e < 4, at column 4m + e, as `register_lut_i8_slices` orders the keys), and each row's
-    scale: q = scale * (hi + lo / 128) with scale = max|q| / 127 over the row, hi the rounded q / scale
-    and lo the rounded remainder times 128, so two int8 MMAs per slice give the scores with ~15 bits of
-    the query (one int8 would cost ~0.8 % of |q| in RMS)."""
-    # runs of 4 contiguous columns: a row-major layout, so the int8 operands sit row-major in shared
-    # memory and load as words (a permute of whole rows spilled; single-column strides loaded bytes)
-    j = tl.arange(0, D // 2)
-    cols = (j // 4) * 8 + j % 4
-    qe = tl.load(qrow[:, None] + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale
-    qo = tl.load(qrow[:, None] + 4 + cols[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    """The two column slices (even / odd coordinates) of the rotated query rows as int8 pairs for int8
+    keys, and each row's scale: q = scale * (hi + lo / 128) with scale = max|q| / 127 over the row, hi
+    the rounded q / scale and lo the rounded remainder times 128, so two int8 MMAs per slice give the
+    scores with ~15 bits of the query (one int8 would cost ~0.8 % of |q| in RMS)."""
+    # whole rows, then split: a row-major layout, so the int8 operands sit row-major in shared memory
+    # and load as words (strided slice loads came out column-major: byte loads every tile)
+    q = tl.load(qrow[:, None] + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    qe, qo = tl.split(tl.reshape(q, (q.shape[0], D // 2, 2)))
     amax = tl.maximum(tl.max(tl.abs(qe), axis=1), tl.max(tl.abs(qo), axis=1))
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
     qe = qe / scale[:, None]
@@ -244,11 +231,6 @@ def _slice_centroids(rows, mask, b0, cent_ptr, ASM: tl.constexpr, F: tl.constexp
     S: tl.constexpr = 8 // F.M0W
     if ASM != "" and I8:
         c0, c1, c2, c3 = register_lut_i8_slices(b0, ASM)
-    elif I8:  # the int8 LUT's slices: coordinate groups (`register_lut_i8_slices`)
-        c0 = tl.load(cent_ptr + _i8_slice_code(rows, mask, 0, F))
-        c1 = tl.load(cent_ptr + _i8_slice_code(rows, mask, 1, F))
-        c2 = c0
-        c3 = c0
     elif ASM != "" and F.M1W == 1 and F.M0W == 2:  # 3-bit codes: the high bits come from the 1-bit field
         c0, c1, c2, c3 = register_lut_slices3(b0, split_high_nibbles(rows, mask, F.M1OFF, F.D), ASM)
     elif ASM != "" and F.M1W == 1:  # 5-bit codes: the same, two coordinates per byte
@@ -280,23 +262,6 @@ def _pair_centroids(b16, cent_ptr, ASM: tl.constexpr):
         c2 = tl.load(cent_ptr + _reg_slice_code(w, w, 2, 4, 0, 0))
         c3 = tl.load(cent_ptr + _reg_slice_code(w, w, 3, 4, 0, 0))
     return c0, c1, c2, c3
-
-
-@triton.jit
-def _row_scaled_softmax_step(s, row_scale, valid, m_i, l_i, logit_cap, USE_CAP: tl.constexpr):
-    """`online_softmax_step` for the scores row_scale[:, None] * s (row_scale > 0: int8 keys' query and
-    table scales). Without a soft-cap the row scale goes into the exponent's FFMA (the row max of s, then
-    scaled) instead of a multiply per score."""
-    if USE_CAP:
-        p, alpha, m_new, l_new = online_softmax_step(s * row_scale[:, None], valid, m_i, l_i, logit_cap, USE_CAP)
-    else:
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s * row_scale[:, None] - m_use[:, None])
-        l_new = l_i * alpha + tl.sum(p, axis=1)
-    return p, alpha, m_new, l_new
 
 
 @triton.jit
@@ -336,7 +301,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
         si = tl.dot(q1, tl.trans(c1), si, out_dtype=tl.int32) * 128
         si = tl.dot(q2, tl.trans(c0), si, out_dtype=tl.int32)
         si = tl.dot(q3, tl.trans(c1), si, out_dtype=tl.int32)
-        s = si.to(tl.float32) * ks0.to(tl.float32)[None, :]  # q_row_scale joins in `_row_scaled_softmax_step`
+        s = si.to(tl.float32) * q_row_scale[:, None] * ks0.to(tl.float32)[None, :]
     else:
         s = tl.dot(q0, tl.trans(c0))
         s = tl.dot(q1, tl.trans(c1), s)
@@ -347,10 +312,7 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
     if KF.QJLOFF >= 0:  # the QJL signs as one tile in coordinate order, against the whole sketch rows
         s += tl.dot(sk, tl.trans(qjl_signs(krow, nmask, KF.QJLOFF, KF.D))) * \
             tl.load(ksrow + 1, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    if K_I8:
-        p, alpha, m_i, l_i = _row_scaled_softmax_step(s, q_row_scale, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
-    else:
-        p, alpha, m_i, l_i = online_softmax_step(s, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
+    p, alpha, m_i, l_i = online_softmax_step(s, nmask[None, :], m_i, l_i, logit_cap, USE_CAP)
     # ---- p * |v| against every V slice, accumulated per slice in V's rotated domain
     pv = (p * vs0.to(tl.float32)[None, :]).to(tl.bfloat16)
     if V_PAIRS:
@@ -374,9 +336,9 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
                           K_I8: tl.constexpr, V_PAIRS: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr,
                           KF: tl.constexpr, VF: tl.constexpr):
     """Stage 1 without tl.interleave, for formats whose first code field is 4 or 2 bits wide (K4, K3,
-    K2, K5, PROD keys): the register LUTs' slices (S = 8 / W slices of D / S columns),
-    scored against the matching query columns and accumulated into their own V accumulators, so no tile
-    is ever re-ordered. K_ASM /
+    K2, K5, PROD keys, outlier splits over those): every code position of a first-field byte is its own
+    slice (coordinates T, T + S, ...: S = 8 / W slices of D / S columns), scored against the matching
+    query columns and accumulated into its own V accumulator, so no tile is ever re-ordered. K_ASM /
     V_ASM: the register LUTs ("" in the interpreter: gathers). K_I8 / V_PAIRS: `sliced_tile_update`.
     WIDE: 64-bit slot offsets (buffers of 2^31 elements or more). PDL: launched as a programmatic
     dependent of compress (waits for its writes before reading the rotated query or the new codes)."""
@@ -424,27 +386,15 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
     a2 = tl.zeros((BLOCK_G, VC), tl.float32)
     a3 = tl.zeros((BLOCK_G, VC), tl.float32)
 
-    # The split's whole tiles run in a plain loop: Triton's software pipeliner (num_stages) issues the
-    # slot loads and the first-field byte tiles (cp.async into shared memory) of later tiles while this
-    # one is computed, and loads the bytes straight into the MMA operand layout, so only uint8 tiles
-    # cross shared memory. Their token mask is a constant (every token), which the compiler folds away:
-    # no per-token compares, predicated copies or -inf selects. Only a split's last tile can be partial
-    # (splits are whole tiles); it runs first, with the real mask (before the loop rather than after:
-    # nothing but the softmax state stays live across the loop).
-    full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    if full_hi < hi:
-        nmask = full_hi + tok < hi
-        slot = tl.load(kv_indices + seq_start + full_hi + tok, mask=nmask, other=0)
+    # Plain loop: Triton's software pipeliner (num_stages) issues the slot loads and the first-field
+    # byte tiles (cp.async into shared memory) of later tiles while this one is computed, and loads
+    # the bytes straight into the MMA operand layout, so only uint8 tiles cross shared memory.
+    for n0 in range(lo, hi, BLOCK_N):
+        nmask = n0 + tok < hi
+        slot = tl.load(kv_indices + seq_start + n0 + tok, mask=nmask, other=0)
         slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)  # 32-bit offset math where the buffers allow
         m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
             q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, nmask, hk, logit_cap,
-            cache, kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_I8, V_PAIRS, KF, VF)
-    every = tl.full((BLOCK_N,), 1, tl.int1)
-    for n0 in range(lo, full_hi, BLOCK_N):
-        slot = tl.load(kv_indices + seq_start + n0 + tok)
-        slot = slot.to(tl.int64) if WIDE else slot.to(tl.int32)
-        m_i, l_i, a0, a1, a2, a3 = sliced_tile_update(
-            q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3, slot, every, hk, logit_cap,
             cache, kcent_ptr, vcent_ptr, USE_CAP, K_ASM, V_ASM, K_I8, V_PAIRS, KF, VF)
 
     has = l_i > 0

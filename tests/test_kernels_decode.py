@@ -458,9 +458,8 @@ def test_decode_key_int8(kfmt, vfmt, heads, lens, cap, block_n):
                          ids=["d128", "d64", "d256", "d128-nonc"])
 def test_register_lut_i8_asm_logic(fmt):
     """The int8 register-LUT PTX, emulated on the CPU (prmt with its sign-replicate selectors, lop3),
-    maps every nibble to its int8 table entry in nibble order, slice 0 the low half of each 4-byte word
-    (coordinates 8m .. 8m + 3), slice 1 its high half; the table is the codebook to within half its
-    scale."""
+    maps every code byte's two nibbles to the int8 table entries, slice 0 the low nibble; the table is
+    the codebook to within half its scale."""
     from kernel_helpers import emulate_register_lut
     from tq_kernels._common import int8_codebook, kernel_tables, register_lut_i8_asm
 
@@ -470,8 +469,7 @@ def test_register_lut_i8_asm_logic(fmt):
     assert float((table.double() * scale - cent.double()).abs().max()) <= scale / 2 + 1e-12
     codes = torch.arange(256, dtype=torch.uint8).repeat(4)[torch.randperm(1024, generator=torch.Generator().manual_seed(0))]
     lo, hi = emulate_register_lut(register_lut_i8_asm(fmt, cent), codes)
-    nib = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1, 2, 4).long()  # [words, half, 4 nibbles]
-    assert torch.equal(lo, table[nib[:, 0].reshape(-1)]) and torch.equal(hi, table[nib[:, 1].reshape(-1)])
+    assert torch.equal(lo, table[(codes & 15).long()]) and torch.equal(hi, table[(codes >> 4).long()])
 
 
 def test_register_lut_i8_formats():
