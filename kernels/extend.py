@@ -28,17 +28,18 @@ from .window import ExtendWindow, FirstRows, check_first_rows
 
 @triton.jit
 def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_window, CAUSAL: tl.constexpr,
-                            USE_CAP: tl.constexpr):
+                            SLIDING: tl.constexpr, USE_CAP: tl.constexpr):
     """Online-softmax step over a tile of new tokens (columns `cols` of the sequence's new run) for query
     rows `rows`: soft-cap, the visibility mask `cmask` ([1, N] padding, or [M, N] with a draft tree's
     mask), causal mask (token j visible to query i iff j <= i) and the sliding window (iff
-    i - j < sliding_window, when > 0). A padded row may see nothing yet; its max stays -inf and its sums
+    i - j < sliding_window, with SLIDING). A padded row may see nothing yet; its max stays -inf and its sums
     0. Returns (p, alpha, m_new, l_new)."""
     s = softcap_log2(s, logit_cap, USE_CAP)
     valid = cmask
     if CAUSAL:
         valid = valid & (cols[None, :] <= rows[:, None])
-    valid = valid & ((sliding_window <= 0) | (rows[:, None] - cols[None, :] < sliding_window))
+    if SLIDING:
+        valid = valid & (rows[:, None] - cols[None, :] < sliding_window)
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -50,7 +51,8 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_w
 @triton.jit(do_not_specialize=["num_splits", "sliding_window"])
 def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out, ws,
                    num_splits, sliding_window, sink_ptr, q_scale, logit_cap, tree, pring, frows, TREE: tl.constexpr,
-                   PRING: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_SINK: tl.constexpr, G: tl.constexpr,
+                   PRING: tl.constexpr, SLIDING: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_SINK: tl.constexpr,
+                   G: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_CAP: tl.constexpr,
                    BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
@@ -58,9 +60,11 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
                    KF: tl.constexpr, VF: tl.constexpr):
     """qr: (rotated queries, token stride, head stride); new: (k~, token stride, head stride, v~, token
     stride, head stride, k_old~, v_old~); cache: `cache_args`; out: (out, token stride, head stride);
-    ws: (partials, lse, split stride, token stride, head stride). sliding_window (> 0): query i of the
-    new run (position pre + i) sees positions j > pre + i - sliding_window only; whole prefix tiles
-    before the block's first visible position are skipped. HAS_SINK (unsplit launches; else the merge
+    ws: (partials, lse, split stride, token stride, head stride). SLIDING (sliding_window > 0): query i of
+    the new run (position pre + i) sees positions j > pre + i - sliding_window only; whole prefix tiles
+    before the block's first visible position are skipped. The window is a constexpr flag, not a
+    runtime test: its [rows, tile] mask is a selection per score in the prefix loop, which full-attention
+    layers must not pay. HAS_SINK (unsplit launches; else the merge
     adds it): sink_ptr's logit per query head joins the denominator. TREE (speculative verify): tree =
     (mask, mask indptr) in SGLang's layout (`tq_kernels.verify.TreeMask`) decides which new tokens each
     new token sees, instead of causality. PRING: pring = (ring k, its token and head strides, ring v, its
@@ -129,8 +133,9 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
         p_hi = tl.minimum(pre, p_lo + chunk)
     # a sliding window: tiles wholly before the block's first row's window hold nothing any row sees
     row0 = mb * BLOCK_T
-    first = tl.where(sliding_window > 0, tl.maximum(pre + row0 - sliding_window + 1, 0), 0)
-    p_lo = tl.maximum(p_lo, (first // BLOCK_N) * BLOCK_N)
+    if SLIDING:
+        first = tl.maximum(pre + row0 - sliding_window + 1, 0)
+        p_lo = tl.maximum(p_lo, (first // BLOCK_N) * BLOCK_N)
     if PRING:  # each row reads the codes below its ring start only
         rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo_ptr, base_ptr, wsize = pring
         lo_r = tl.minimum(tl.load(lo_ptr + q0 + rows, mask=rmask, other=0), pre)
@@ -140,7 +145,9 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
         fk_ptr, fk_t, fk_h, fv_ptr, fv_t, fv_h, flags_ptr = frows
         slot0 = tl.load(kv_indices + kv0, mask=pre > 0, other=0).to(tl.int64)
         e0 = tl.where(pre > 0, tl.load(flags_ptr + slot0, mask=pre > 0, other=0).to(tl.int32) - 1, -1)
-        see0 = rmask & (e0 >= 0) & ((sliding_window <= 0) | (pre + rows < sliding_window))
+        see0 = rmask & (e0 >= 0)
+        if SLIDING:
+            see0 = see0 & (pre + rows < sliding_window)
         if SPLIT:
             see0 = see0 & (sp == 0)
         if PRING:
@@ -155,8 +162,10 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
     for n0 in range(p_lo, p_hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < p_hi
-        valid = nmask[None, :] & ((sliding_window <= 0) | (pre + rows[:, None] - offs[None, :] < sliding_window))
-        if HAS_FIRST:
+        valid = nmask[None, :]
+        if SLIDING:
+            valid = valid & (pre + rows[:, None] - offs[None, :] < sliding_window)
+        if HAS_FIRST:  # [1, BLOCK_N]: no per-score select
             valid = valid & ((offs[None, :] > 0) | (e0 < 0))
         if PRING:
             valid = valid & (offs[None, :] < lo_r[:, None])
@@ -192,7 +201,9 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
             mrow = tmask_ptr + tl.load(tind_ptr + i).to(tl.int64) + rows.to(tl.int64) * (pre + ext) + pre
         if SPLIT:
             hi = tl.where(sp == num_splits - 1, hi, 0)
-        c_lo = (tl.where(sliding_window > 0, tl.maximum(row0 - sliding_window + 1, 0), 0) // BLOCK_N) * BLOCK_N
+        c_lo = 0
+        if SLIDING:
+            c_lo = (tl.maximum(row0 - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
         for n0 in range(c_lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             cmask = cols < hi
@@ -207,7 +218,7 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
                 ko = tl.load(ko_ptr + tok[:, None] * kn_t + hk * kn_h + dk[None, :], mask=cmask[:, None], other=0.0)
                 s = tl.where(recent, s, tl.dot(q, tl.trans(ko)))
             p, alpha, m_i, l_i = _new_token_softmax_step(s, cols, seen, rows, m_i, l_i, logit_cap, sliding_window,
-                                                         CAUSAL and not TREE, USE_CAP)
+                                                         CAUSAL and not TREE, SLIDING, USE_CAP)
             v = tl.load(vn_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
             if WINDOW > 0:
                 vo = tl.load(vo_ptr + tok[:, None] * vn_t + hk * vn_h + dv[None, :], mask=cmask[:, None], other=0.0)
@@ -460,8 +471,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         qo_indptr, kv_indptr, kv_indices, vt["msign"], (out3, out3.stride(0), out3.stride(1)),
         (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, int(sliding_window), sink_arg, q_scale,
         float(logit_cap) if use_cap else 1.0, tree_arg, pring_arg, first_arg, TREE=tree is not None,
-        PRING=prefix_ring is not None, HAS_FIRST=first is not None, HAS_SINK=sinks is not None and not split, G=G,
-        BLOCK_G=block_g,
+        PRING=prefix_ring is not None, SLIDING=sliding_window > 0, HAS_FIRST=first is not None,
+        HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
         USE_CAP=use_cap, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], WINDOW=wsize, NEW=new_part is None,
         K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",

@@ -10,7 +10,8 @@
 #   serve     carry .gpu_qs/b .gpu_data    second half; the README quick start verbatim
 #                                          (scripts/gpu_quickstart.sh); then real SmolLM2 servers
 #                                          (scripts/gpu_server_check.py --stages smollm2: BF16, turbo4 with
-#                                          and without CUDA graphs, turbo3, deterministic inference)
+#                                          and without CUDA graphs, turbo3, deterministic inference;
+#                                          SERVERS=a,b,... picks a subset)
 #
 # Every step writes under $OUT and prints a short summary last.
 set -uo pipefail
@@ -67,7 +68,7 @@ serve)
     [ -d "$model" ] || model=$(find /tmp/quickstart_cache -maxdepth 3 -name "SmolLM2*" -type d | head -1)
     source scripts/gpu_env.sh
     python3 scripts/gpu_server_check.py --stages smollm2 --model "$model" --text .gpu_data/prideprejudice.txt \
-        --heldout-text .gpu_data/emma.txt --servers bf16,turbo4,turbo4_nograph,turbo3,turbo4_deterministic \
+        --heldout-text .gpu_data/emma.txt --servers "${SERVERS:-bf16,turbo4,turbo4_nograph,turbo3,turbo4_deterministic}" \
         --out "$OUT/server" > "$OUT/server_check.log" 2>&1
     echo "server check exit $?"; tail -40 "$OUT/server_check.log"
     (cd "$OUT" && tar czf server.tgz server && rm -rf server)

@@ -34,7 +34,7 @@ python3 -c "import torch, triton, sglang; print('torch', torch.__version__, '| t
 
 echo "== install"
 start=$SECONDS
-pip install ".[serve]" || { echo "FAILED: install"; exit 1; }
+python3 -m pip install ".[serve]" || { echo "FAILED: install"; exit 1; }
 echo "install: $((SECONDS - start)) s"
 
 echo "== serve"

@@ -36,9 +36,9 @@ REQUIRED = {
     "fp8_scales": ("storage", "data", "rel_err", "seeds") + COMMON,
     "speculative": ("algorithm", "config", "backend", "prompts", "greedy_identical", "accept_len",
                     "bf16_accept_len", "tpot_ms", "bf16_tpot_ms", "batch") + COMMON,
-    "consolidation": ("point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
-                      "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
-                      "command"),
+    "before_after": ("change", "point", "bench", "codec", "h_q", "h_kv", "head_dim", "batch", "context", "new_tokens",
+                     "before_us", "after_us", "change_pct", "card", "date", "commit_before", "commit_after",
+                     "command"),
     "models": ("model", "layout", "config", "served", "graphs_identical", "capacity_ratio", "byte_ratio",
                "quality_metric", "quality_delta") + COMMON,
 }
@@ -414,14 +414,15 @@ def speculative_section(recs: List[dict]) -> List[str]:
     return out
 
 
-def consolidation_section(recs: List[dict]) -> List[str]:
+def before_after_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
-    out = ["## Before/after the consolidation", "",
-           "The same points timed on one card before and after the kernel variants were folded into one path, µs; "
+    out = ["## Kernel changes, before/after", "",
+           "The same points timed on one card in one run before and after a change, µs (median of the runs); "
            "change = after / before − 1 (negative: faster).", ""]
-    for g in groups(recs, lambda r: (r["card"], r["date"], r["commit_before"], r["commit_after"], r["command"])):
-        out += [provenance(g[0], commit_key="before_after") + ".", ""]
+    for g in groups(recs, lambda r: (r["change"], r["card"], r["date"], r["commit_before"], r["commit_after"],
+                                     r["command"])):
+        out += [f"**{g[0]['change']}** — " + provenance(g[0], commit_key="before_after") + ".", ""]
         rows = [[r["point"], r["bench"], r["codec"], shape(r), str(r["batch"]), ctx(r["context"]),
                  str(r["new_tokens"] if r["new_tokens"] is not None else "—"), num(r["before_us"]),
                  num(r["after_us"]), f"{r['change_pct']:+.1f} %"] for r in g]
@@ -496,7 +497,7 @@ def results_md(data: Dict[str, List[dict]]) -> str:
     lines += models_section(data["models"])
     lines += speculative_section(data["speculative"])
     lines += fp8_section(data["fp8_scales"])
-    lines += consolidation_section(data["consolidation"])
+    lines += before_after_section(data["before_after"])
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Static instruction counts of decode stage 1 as compiled for sm_90 (no GPU needed).
+"""Static instruction counts of decode stage 1 (or extend) as compiled for sm_90 (no GPU needed).
 
 Decode over low-bit codes is limited by instructions per code, not by bytes; the SASS says how many
 instructions one tile costs before a GPU times it. For each headline format this compiles stage 1 at
@@ -9,6 +9,10 @@ branch, and reports per kernel: total instructions, loop-body instructions (per 
 by opcode class, registers, spills, and loop instructions per packed KV byte and per code.
 
   python scripts/sass_stats.py [--json PATH] [--batch 32 --context 32768] [--sass-dir DIR] [--filter K4V4]
+  python scripts/sass_stats.py --extend 16384:512      # extend: NEW tokens of one sequence over a PREFIX
+
+--extend compiles the extend kernel instead (full attention, no window; the main loop is the packed prefix's
+tile loop, BLOCK_N = 64 tokens).
 """
 from __future__ import annotations
 
@@ -151,6 +155,33 @@ def compile_stage1(name, hq, hkv, d, batch, context, sms):
     return plan, k1[0], (kf, vf)
 
 
+def compile_extend(name, hq, hkv, d, prefix, new, sms):
+    """Compile extend (one sequence, `new` tokens over a `prefix`-token packed prefix) with the launcher's
+    choices for `sms` SMs; returns (extend kernel, format pair)."""
+    import torch
+    from kernel_helpers import alloc_cache, make_codecs
+    from tq_kernels import extend
+    from tq_kernels.codec import VecFormat
+
+    kk, vv = FORMATS[name]
+    kf, vf = VecFormat(d, **kk), VecFormat(d, **vv)
+    kc, vc = make_codecs(kf, vf)
+    bufs = alloc_cache(kf, vf, 64, hkv, "cpu")
+    saved = extend.num_sms
+    extend.num_sms = lambda device: sms
+    COMPILED.clear()
+    try:
+        extend.extend_attention(torch.randn(new, hq, d, dtype=torch.bfloat16),
+                                torch.randn(new, hkv, d, dtype=torch.bfloat16),
+                                torch.randn(new, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc,
+                                torch.tensor([0, new], dtype=torch.int32), torch.tensor([0, prefix], dtype=torch.int32),
+                                torch.zeros(prefix, dtype=torch.int64), d ** -0.5, max_extend_len=new,
+                                max_prefix_len=prefix)
+    finally:
+        extend.num_sms = saved
+    return [k for n, k in COMPILED if n == "_extend_kernel"][0], (kf, vf)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None, help="write the stats here")
@@ -160,6 +191,7 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--sass-dir", default=None, help="also write each kernel's SASS listing here")
     ap.add_argument("--filter", default="")
+    ap.add_argument("--extend", default=None, metavar="PREFIX:NEW", help="the extend kernel instead of decode")
     a = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     install(a.arch)
@@ -171,6 +203,18 @@ def main():
         for name in FORMATS:
             label = f"{name} ({hq},{hkv},{d})"
             if a.filter and a.filter not in label:
+                continue
+            if a.extend:
+                prefix, new = (int(x) for x in a.extend.split(":"))
+                k1, (kf, vf) = compile_extend(name, hq, hkv, d, prefix, new, a.sms)
+                bn, nw = 64, k1.metadata.num_warps
+                r = dict(format=name, h_q=hq, h_kv=hkv, head_dim=d, prefix=prefix, new_tokens=new,
+                         kernel="_extend_kernel", tile_bytes=bn * (kf.slot_bytes + vf.slot_bytes),
+                         **stats(k1, bn * (kf.slot_bytes + vf.slot_bytes), bn * (kf.head_dim + vf.head_dim), nw))
+                rows.append(r)
+                print(f"{label:22s} extend w {nw} regs {r['registers']} spill {r['spill_bytes']}  total "
+                      f"{r['total']:5d}  loop {r['loop']:5d} | "
+                      + ", ".join(f"{c} {n}" for c, n in list(r["loop_classes"].items())[:12]), flush=True)
                 continue
             plan, k1, (kf, vf) = compile_stage1(name, hq, hkv, d, a.batch, a.context, a.sms)
             tile_bytes = plan.block_n * (kf.slot_bytes + vf.slot_bytes)

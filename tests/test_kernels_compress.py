@@ -176,7 +176,7 @@ def test_padded_head_dim_compress_decode_extend(d):
     mu = torch.randn(h_kv, d, generator=gen)
     q = torch.randn(n, h_kv * g, d, generator=gen).to(torch.bfloat16)
     slots = random_slots(n, n_slots, gen)
-    bufs, rbufs = alloc_cache(kfmt, vfmt, n_slots, h_kv, DEV), alloc_cache(kfmt, vfmt, n_slots, h_kv, DEV)
+    bufs, rbufs = alloc_cache(kfmt, vfmt, n_slots, h_kv, DEV), alloc_cache(kfmt, vfmt, n_slots, h_kv, "cpu")
     q_rot = torch.zeros(n, h_kv * g, 128, dtype=torch.float32, device=DEV)
     compress_and_store(k.to(DEV), v.to(DEV), slots.to(DEV), kc, vc, *bufs, k_mean=mu.to(DEV), q=q.to(DEV), q_rot=q_rot)
     reference.compress_and_store(k, v, slots, kc, vc, *rbufs, k_mean=mu)

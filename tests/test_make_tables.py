@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_tables as mt  # noqa: E402
 
-CONSOLIDATION = {
-    "point": "K4V4 B=32 32K", "bench": "decode", "codec": "K4V4", "h_q": 32, "h_kv": 8, "head_dim": 128,
+BEFORE_AFTER = {
+    "change": "stage 1 rewritten", "point": "K4V4 B=32 32K", "bench": "decode", "codec": "K4V4", "h_q": 32, "h_kv": 8, "head_dim": 128,
     "batch": 32, "context": 32768, "new_tokens": None, "before_us": 605.1, "after_us": 598.0,
     "change_pct": -1.17, "card": "NVIDIA H100 80GB HBM3", "date": "2026-12-07", "commit_before": "aaaaaaa",
     "commit_after": "bbbbbbb", "command": "python scripts/bench_kernels.py --batch 32 --ctx 32768",
@@ -37,15 +37,15 @@ def repo(tmp_path):
     return tmp_path
 
 
-def test_consolidation_table(repo):
-    data = mt.load(repo / "results")
-    assert "Before/after" not in mt.results_md(data)  # empty list: no section
-    (repo / "results" / "consolidation.json").write_text(json.dumps([CONSOLIDATION]))
+def test_before_after_table(repo):
+    (repo / "results" / "before_after.json").write_text("[]")
+    assert "before/after" not in mt.results_md(mt.load(repo / "results"))  # empty list: no section
+    (repo / "results" / "before_after.json").write_text(json.dumps([BEFORE_AFTER]))
     assert mt.main(["--check", "--root", str(repo)]) == 1  # the JSON changed, the file did not
     assert mt.main(["--root", str(repo)]) == 0
     text = (repo / "docs" / "RESULTS.md").read_text()
-    section = text[text.index("## Before/after the consolidation"):]
-    assert "commits `aaaaaaa` → `bbbbbbb`" in section and "NVIDIA H100 80GB HBM3, 2026-12-07" in section
+    section = text[text.index("## Kernel changes, before/after"):]
+    assert "**stage 1 rewritten** — " in section and "commits `aaaaaaa` → `bbbbbbb`" in section and "NVIDIA H100 80GB HBM3, 2026-12-07" in section
     assert "| K4V4 B=32 32K | decode | K4V4 | (32, 8, 128) | 32 | 32K | — | 605.1 | 598.0 | -1.2 % |" in section
     assert mt.main(["--check", "--root", str(repo)]) == 0
     assert text.count(mt.BEGIN) == 1 and text.endswith((ROOT / "docs" / "RESULTS.md").read_text().split(mt.END)[1])

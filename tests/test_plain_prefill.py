@@ -45,6 +45,7 @@ def test_plain_prefill_matches_reference(cap, kernel):
             pytest.skip("FlashInfer is not importable here")
         ragged.plan(lens)
     backend = types.SimpleNamespace(_causal=lambda layer: True, ragged_prefill=ragged,
+                                    _sliding_window=TurboQuantAttnBackend._sliding_window,
                                     bf16=types.SimpleNamespace(forward_metadata=md, extend_attention_fwd=extend_attention_fwd))
     o = TurboQuantAttnBackend._plain_extend(backend, q, k, v, layer, types.SimpleNamespace(ragged=ragged is not None))
     ref, _ = reference.new_token_attention(q[:T].view(T, HQ, D), k[:T].view(T, HKV, D), v[:T].view(T, HKV, D), qo,
