@@ -50,7 +50,7 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_w
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window"])
 def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out, ws,
-                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, tree, pring, frows, TREE: tl.constexpr,
+                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, tree, exact, TREE: tl.constexpr,
                    PRING: tl.constexpr, SLIDING: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_SINK: tl.constexpr,
                    G: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -67,11 +67,12 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
     layers must not pay. HAS_SINK (unsplit launches; else the merge
     adds it): sink_ptr's logit per query head joins the denominator. TREE (speculative verify): tree =
     (mask, mask indptr) in SGLang's layout (`tq_kernels.verify.TreeMask`) decides which new tokens each
-    new token sees, instead of causality. PRING: pring = (ring k, its token and head strides, ring v, its
-    strides, lo, base, W) (`tq_kernels.verify.PrefixRing`): new token r reads prefix positions
-    [lo[r], prefix) from the ring instead of the codes. HAS_FIRST: frows = (table k, its two strides, table
-    v, its two strides, slot flags) (`tq_kernels.window.FirstRows`): the prefix's position 0 comes from
-    the first-token table where its slot is flagged (rows that read it from the codes; the first split)."""
+    new token sees, instead of causality. exact: the exact rows the prefix may read instead of its codes,
+    (ring k, its token and head strides, ring v, its strides, lo, base, W, table k, its two strides,
+    table v, its two strides, slot flags). PRING (`tq_kernels.verify.PrefixRing`): new token r reads prefix
+    positions [lo[r], prefix) from the ring. HAS_FIRST (`tq_kernels.window.FirstRows`): the prefix's
+    position 0 comes from the first-token table where its slot is flagged (rows that read it from the
+    codes; the first split)."""
     # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
@@ -137,12 +138,12 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
         first = tl.maximum(pre + row0 - sliding_window + 1, 0)
         p_lo = tl.maximum(p_lo, (first // BLOCK_N) * BLOCK_N)
     if PRING:  # each row reads the codes below its ring start only
-        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo_ptr, base_ptr, wsize = pring
+        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo_ptr, base_ptr, wsize, _, _, _, _, _, _, _ = exact
         lo_r = tl.minimum(tl.load(lo_ptr + q0 + rows, mask=rmask, other=0), pre)
         p_hi = tl.minimum(p_hi, tl.max(tl.where(rmask, lo_r, 0), axis=0))
     e0 = -1  # the first-token table entry serving the prefix's position 0 (-1: the codes)
     if HAS_FIRST:
-        fk_ptr, fk_t, fk_h, fv_ptr, fv_t, fv_h, flags_ptr = frows
+        _, _, _, _, _, _, _, _, _, fk_ptr, fk_t, fk_h, fv_ptr, fv_t, fv_h, flags_ptr = exact
         slot0 = tl.load(kv_indices + kv0, mask=pre > 0, other=0).to(tl.int64)
         e0 = tl.where(pre > 0, tl.load(flags_ptr + slot0, mask=pre > 0, other=0).to(tl.int32) - 1, -1)
         see0 = rmask & (e0 >= 0)
@@ -470,7 +471,7 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
         cache_args(k_codes, k_scales, v_codes, v_scales), kt["centroids_bf16"], vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, vt["msign"], (out3, out3.stride(0), out3.stride(1)),
         (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, int(sliding_window), sink_arg, q_scale,
-        float(logit_cap) if use_cap else 1.0, tree_arg, pring_arg, first_arg, TREE=tree is not None,
+        float(logit_cap) if use_cap else 1.0, tree_arg, pring_arg + first_arg, TREE=tree is not None,
         PRING=prefix_ring is not None, SLIDING=sliding_window > 0, HAS_FIRST=first is not None,
         HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
