@@ -79,12 +79,14 @@ def _rotate_queries(q_ptr, q_t, q_h, N, G: tl.constexpr, qr_ptr, qr_t, qr_h, mt_
 @triton.jit
 def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, codes, mt_ptr, MSCALE: tl.constexpr, cent_ptr, bnd_ptr, st_ptr,
                   mu_ptr, HAS_MU: tl.constexpr, ring, ring_rows_ptr, HAS_RING: tl.constexpr,
+                  first, first_rows_ptr, HAS_FIRST: tl.constexpr,
                   BLOCK_T: tl.constexpr, NC: tl.constexpr, QJLC: tl.constexpr, SMAX: tl.constexpr,
                   F: tl.constexpr):
     """One role's tile: codes = (codes, slot stride, head stride, scales, slot stride, head stride);
-    ring = (ring rows, row stride, head stride)."""
+    ring / first = (rows, row stride, head stride) of the recent window's ring / the first-token table."""
     c_ptr, c_s, c_h, s_ptr, s_s, s_h = codes
     ring_ptr, ring_t, ring_h = ring
+    first_ptr, first_t, first_h = first
     D: tl.constexpr = F.D
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -95,6 +97,8 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, codes, mt_ptr, MSCALE: tl.const
     slot = tl.load(slots_ptr + t, mask=tmask, other=0).to(tl.int64)
     if HAS_RING:
         rrow = tl.load(ring_rows_ptr + t, mask=tmask, other=-1).to(tl.int64)
+    if HAS_FIRST:
+        frow = tl.load(first_rows_ptr + t, mask=tmask, other=-1).to(tl.int64)
     xrow = x_ptr + t.to(tl.int64) * x_t + h * x_h
     x = tl.load(xrow[:, None] + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     if HAS_MU:  # key centering: quantize x - mu[h] (one [D] vector per program)
@@ -107,6 +111,10 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, codes, mt_ptr, MSCALE: tl.const
         rmask = tmask & (rrow >= 0)
         tl.store((ring_ptr + rrow * ring_t + h * ring_h)[:, None] + d[None, :], y.to(tl.bfloat16),
                  mask=rmask[:, None])
+    if HAS_FIRST:  # the exact first token: the same row at its table entry (-1: none)
+        fmask = tmask & (frow >= 0)
+        tl.store((first_ptr + frow * first_t + h * first_h)[:, None] + d[None, :], y.to(tl.bfloat16),
+                 mask=fmask[:, None])
     u = y * inv[:, None]
 
     # bucketize: count(u > b) over the low codebook's boundaries (outliers: the outlier codebook's)
@@ -161,13 +169,14 @@ def _compress_one(x_ptr, x_t, x_h, slots_ptr, N, codes, mt_ptr, MSCALE: tl.const
 
 @triton.jit
 def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N, cache, k_tables, v_tables, kmu_ptr,
-                     ring, ring_rows_ptr, q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h,
-                     HAS_KMU: tl.constexpr, HAS_RING: tl.constexpr, G: tl.constexpr, QROWS: tl.constexpr,
+                     ring, ring_rows_ptr, first, first_rows_ptr, q_ptr, q_t, q_h, qr_ptr, qr_t, qr_h,
+                     HAS_KMU: tl.constexpr, HAS_RING: tl.constexpr, HAS_FIRST: tl.constexpr, G: tl.constexpr,
+                     QROWS: tl.constexpr,
                      BLOCK_T: tl.constexpr, SMAX: tl.constexpr, K_MSCALE: tl.constexpr, V_MSCALE: tl.constexpr,
                      K_NC: tl.constexpr, V_NC: tl.constexpr, K_QJLC: tl.constexpr, V_QJLC: tl.constexpr,
                      KF: tl.constexpr, VF: tl.constexpr, PDL_TRIGGER: tl.constexpr):
     """cache: `cache_args`; k_tables / v_tables: (M^T signs, centroids, boundaries, S^T) of each role;
-    ring: (K rows, row stride, head stride, V rows, row stride, head stride)."""
+    ring / first: (K rows, row stride, head stride, V rows, row stride, head stride)."""
     if PDL_TRIGGER:  # the decode's stage 1, launched as a programmatic dependent, may start now (it
         # waits for this kernel's writes before reading them)
         gdc_launch_dependents()
@@ -175,15 +184,18 @@ def _compress_kernel(k_ptr, k_t, k_h, v_ptr, v_t, v_h, slots_ptr, N, cache, k_ta
     kmt_ptr, kcent_ptr, kbnd_ptr, kst_ptr = k_tables
     vmt_ptr, vcent_ptr, vbnd_ptr, vst_ptr = v_tables
     rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h = ring
+    fk_ptr, fk_t, fk_h, fv_ptr, fv_t, fv_h = first
     role = tl.program_id(2)
     if role == 0:
         _compress_one(k_ptr, k_t, k_h, slots_ptr, N, (kc_ptr, kc_s, kc_h, ks_ptr, ks_s, ks_h),
                       kmt_ptr, K_MSCALE, kcent_ptr, kbnd_ptr, kst_ptr, kmu_ptr, HAS_KMU,
-                      (rk_ptr, rk_t, rk_h), ring_rows_ptr, HAS_RING, BLOCK_T, K_NC, K_QJLC, SMAX, KF)
+                      (rk_ptr, rk_t, rk_h), ring_rows_ptr, HAS_RING, (fk_ptr, fk_t, fk_h), first_rows_ptr, HAS_FIRST,
+                      BLOCK_T, K_NC, K_QJLC, SMAX, KF)
     elif role == 1:
         _compress_one(v_ptr, v_t, v_h, slots_ptr, N, (vc_ptr, vc_s, vc_h, vs_ptr, vs_s, vs_h),
                       vmt_ptr, V_MSCALE, vcent_ptr, vbnd_ptr, vst_ptr, kmu_ptr, False,
-                      (rv_ptr, rv_t, rv_h), ring_rows_ptr, HAS_RING, BLOCK_T, V_NC, V_QJLC, SMAX, VF)
+                      (rv_ptr, rv_t, rv_h), ring_rows_ptr, HAS_RING, (fv_ptr, fv_t, fv_h), first_rows_ptr, HAS_FIRST,
+                      BLOCK_T, V_NC, V_QJLC, SMAX, VF)
     else:
         _rotate_queries(q_ptr, q_t, q_h, N, G, qr_ptr, qr_t, qr_h, kmt_ptr, K_MSCALE, BLOCK_T, QROWS, KF.D)
 
@@ -216,7 +228,8 @@ def _role_tables(t: dict, dummy) -> tuple:
 
 
 def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k_scales, v_codes, v_scales,
-                       *, k_mean=None, q=None, q_rot=None, ring=None, block_t: Optional[int] = None) -> None:
+                       *, k_mean=None, q=None, q_rot=None, ring=None, first=None,
+                       block_t: Optional[int] = None) -> None:
     """Quantize k [N, H_kv, d_k] and v [N, H_kv, d_v] and write them to rows `slots` [N] of the
     cache buffers (in place). One Triton launch for K and V.
     q [N, H_q, d_k] with q_rot (fp32, [N, H_q, d_k] or larger in dim 0, unit last stride): the same
@@ -225,6 +238,8 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
     k_mean: optional fp32 [H_kv, d_k] (key centering): head h stores codes of k - k_mean[h].
     ring: optional `RingWrite` (recent window): token i's exact rotated K / V ((k - mu) M_k^T, v M_v^T,
     bf16) also go to row ring.rows[i] of ring.k / ring.v (rows < 0: not written).
+    first: optional `RingWrite` into the first-token table (`tq_kernels.window`: FirstRows): the same exact
+    rows at first.rows[i] (the token's entry, < 0: not written).
     block_t: token-heads per program (None: `choose_compress_tile`; the codes do not depend on it).
     On sm_90+ the launch lets a programmatic dependent (decode's stage 1) start while it runs."""
     n = k.shape[0]
@@ -264,14 +279,19 @@ def compress_and_store(k, v, slots, kcodec: TQCodec, vcodec: TQCodec, k_codes, k
         rk, rv, rrows = check_ring(ring, n, h, kf.head_dim, vf.head_dim)
     else:
         rk, rv, rrows = k3, v3, slots
+    if first is not None:
+        fk, fv, frows = check_ring(first, n, h, kf.head_dim, vf.head_dim)
+    else:
+        fk, fv, frows = k3, v3, slots
     grid = (triton.cdiv(n, block_t), h, 3 if with_q else 2)
     _compress_kernel[grid](
         k3, k3.stride(0), k3.stride(1), v3, v3.stride(0), v3.stride(1), slots, n,
         cache_args(k_codes, k_scales, v_codes, v_scales), _role_tables(kt, dummy), _role_tables(vt, dummy),
         kmu if kmu is not None else dummy,
         (rk, rk.stride(0), rk.stride(1), rv, rv.stride(0), rv.stride(1)), rrows,
+        (fk, fk.stride(0), fk.stride(1), fv, fv.stride(0), fv.stride(1)), frows,
         q3, q3.stride(0), q3.stride(1), qr3, qr3.stride(0), qr3.stride(1),
-        HAS_KMU=kmu is not None, HAS_RING=ring is not None, G=group,
+        HAS_KMU=kmu is not None, HAS_RING=ring is not None, HAS_FIRST=first is not None, G=group,
         QROWS=min(triton.next_power_of_2(block_t * group), max(16, 8192 // kf.head_dim)),
         BLOCK_T=block_t, SMAX=FP16_MAX, K_MSCALE=kt["mscale"], V_MSCALE=vt["mscale"],
         K_NC=kf.norm_correction, V_NC=vf.norm_correction,

@@ -39,19 +39,19 @@ from ._common import (LOG2E, _reg_slice_code, cache_args, fmt_constexpr, gdc_lau
                       register_lut_i8_slices, register_lut_pair_slices, register_lut_slices, register_lut_slices3,
                       register_lut_slices5, softcap_log2, split_high_crumbs, split_high_nibbles, unrotate_store)
 from .codec import TQCodec, padded_launch
-from .window import DecodeWindow, check_decode_window
+from .window import DecodeWindow, FirstRows, check_decode_window, check_first_rows
 
 
 @triton.jit
-def _split_range(kv_indptr, b, sid, num_splits, BLOCK_N: tl.constexpr, plen_ptr, HAS_PLEN: tl.constexpr,
-                 sliding_window):
+def _split_range(kv_indptr, kv_indices, b, sid, num_splits, BLOCK_N: tl.constexpr, plen_ptr, HAS_PLEN: tl.constexpr,
+                 sliding_window, flags_ptr, HAS_FIRST: tl.constexpr):
     """Tokens [lo, hi) of split `sid` of sequence b (split length rounded up to whole tiles, so the
     partition depends only on the packed range's length and num_splits); and the sequence's start in
     kv_indices. HAS_PLEN: only the first plen[b] tokens come from the codes (the rest from the recent
-    window's ring). The splits partition [window start, packed end): positions before a sliding
-    window are never read."""
+    window's ring). The splits partition [packed start, packed end) (`_packed_start`): positions before a
+    sliding window are never read."""
     seq_start = tl.load(kv_indptr + b)
-    w0 = _window_start(kv_indptr, b, sliding_window)
+    w0 = _packed_start(kv_indptr, kv_indices, b, sliding_window, flags_ptr, HAS_FIRST)
     seq_len = tl.maximum(_packed_len(kv_indptr, b, plen_ptr, HAS_PLEN), w0)
     split_len = _split_len(seq_len - w0, num_splits, BLOCK_N)
     lo = w0 + sid * split_len
@@ -64,6 +64,27 @@ def _window_start(kv_indptr, b, sliding_window):
     0 = full attention)."""
     n = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
     return tl.where(sliding_window > 0, tl.maximum(n - sliding_window, 0), 0)
+
+
+@triton.jit
+def _first_entry(kv_indptr, kv_indices, b, sliding_window, flags_ptr):
+    """The first-token table entry serving position 0 of sequence b (`tq_kernels.window`: flags of its
+    position-0 slot minus 1), -1 when none or when a sliding window has moved past position 0."""
+    start = tl.load(kv_indptr + b)
+    has = (tl.load(kv_indptr + b + 1) > start) & (_window_start(kv_indptr, b, sliding_window) == 0)
+    slot = tl.load(kv_indices + start, mask=has, other=0).to(tl.int64)
+    flag = tl.load(flags_ptr + slot, mask=has, other=0).to(tl.int32)
+    return tl.where(has, flag - 1, -1)
+
+
+@triton.jit
+def _packed_start(kv_indptr, kv_indices, b, sliding_window, flags_ptr, HAS_FIRST: tl.constexpr):
+    """First position of sequence b read from the codes: the sliding window's start, and past position 0
+    where the first-token table serves it."""
+    w0 = _window_start(kv_indptr, b, sliding_window)
+    if HAS_FIRST:
+        w0 = tl.maximum(w0, (_first_entry(kv_indptr, kv_indices, b, sliding_window, flags_ptr) >= 0).to(tl.int32))
+    return w0
 
 
 @triton.jit
@@ -103,21 +124,23 @@ _SPLITS_ARG = ["num_splits", "sliding_window"]
 @triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage1(qr_ptr, qr_b, qr_h, q_scale, logit_cap, cache, kcent_ptr, vcent_ptr, kv_indptr, kv_indices,
                    num_splits, sliding_window, parts, plen_ptr, HAS_PLEN: tl.constexpr, ring, WSIZE: tl.constexpr,
-                   BLOCK_W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   USE_CAP: tl.constexpr, KF: tl.constexpr, VF: tl.constexpr):
+                   BLOCK_W: tl.constexpr, first, HAS_FIRST: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, KF: tl.constexpr, VF: tl.constexpr):
     """The general stage 1 (every format): codes put back in coordinate order, per-code gathers, one
-    tl.dot per tile. cache: `cache_args`; parts: the workspace's partials; ring: `_ring_args`."""
+    tl.dot per tile. cache: `cache_args`; parts: the workspace's partials; ring: `_ring_args`; first:
+    `_first_args`."""
     K_D: tl.constexpr = KF.D
     V_D: tl.constexpr = VF.D
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sid = tl.program_id(2)
-    if WSIZE > 0:
-        if sid == num_splits:  # the recent window's ring (`_ring_split`)
-            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, sliding_window,
-                        ring, parts, G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, KF.D, VF.D)
+    if WSIZE > 0 or HAS_FIRST:
+        if sid == num_splits:  # the recent window's ring and the exact first token (`_tail_split`)
+            _tail_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, kv_indices, plen_ptr,
+                        sliding_window, ring, first, parts, G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, HAS_FIRST, KF.D, VF.D)
             return
-    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN, sliding_window)
+    seq_start, lo, hi = _split_range(kv_indptr, kv_indices, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN,
+                                     sliding_window, first[6], HAS_FIRST)
     if lo >= hi:  # an empty split: stage 2 never reads its partials
         return
     g = tl.arange(0, BLOCK_G)
@@ -330,8 +353,8 @@ def sliced_tile_update(q0, q1, q2, q3, sk, q_row_scale, m_i, l_i, a0, a1, a2, a3
 @triton.jit(do_not_specialize=_SPLITS_ARG)
 def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, cache, kcent_ptr, vcent_ptr,
                           kv_indptr, kv_indices, num_splits, sliding_window, parts, plen_ptr, HAS_PLEN: tl.constexpr,
-                          ring,
-                          WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                          ring, WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, first, HAS_FIRST: tl.constexpr,
+                          G: tl.constexpr, BLOCK_G: tl.constexpr,
                           BLOCK_N: tl.constexpr, USE_CAP: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
                           K_I8: tl.constexpr, V_PAIRS: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr,
                           KF: tl.constexpr, VF: tl.constexpr):
@@ -341,7 +364,8 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
     query columns and accumulated into its own V accumulator, so no tile is ever re-ordered. K_ASM /
     V_ASM: the register LUTs ("" in the interpreter: gathers). K_I8 / V_PAIRS: `sliced_tile_update`.
     WIDE: 64-bit slot offsets (buffers of 2^31 elements or more). PDL: launched as a programmatic
-    dependent of compress (waits for its writes before reading the rotated query or the new codes)."""
+    dependent of compress (waits for its writes before reading the rotated query or the new codes).
+    first / HAS_FIRST: the exact first token (`_first_args`)."""
     KS: tl.constexpr = 8 // KF.M0W
     VS: tl.constexpr = 4 if V_PAIRS else 8 // VF.M0W
     K_D: tl.constexpr = KF.D
@@ -351,14 +375,15 @@ def _decode_stage1_sliced(qr_ptr, qr_b, qr_h, q_scale, k_i8_scale, logit_cap, ca
     sid = tl.program_id(2)
     if PDL:  # stage 2 may launch now too; it waits for this grid's writes
         gdc_launch_dependents()
-    if WSIZE > 0:
-        if sid == num_splits:  # the recent window's ring (`_ring_split`)
+    if WSIZE > 0 or HAS_FIRST:
+        if sid == num_splits:  # the recent window's ring and the exact first token (`_tail_split`)
             if PDL:
                 gdc_wait()
-            _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, plen_ptr, sliding_window,
-                        ring, parts, G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, KF.D, VF.D)
+            _tail_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, kv_indices, plen_ptr,
+                        sliding_window, ring, first, parts, G, BLOCK_G, USE_CAP, WSIZE, BLOCK_W, HAS_FIRST, KF.D, VF.D)
             return
-    seq_start, lo, hi = _split_range(kv_indptr, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN, sliding_window)
+    seq_start, lo, hi = _split_range(kv_indptr, kv_indices, b, sid, num_splits, BLOCK_N, plen_ptr, HAS_PLEN,
+                                     sliding_window, first[6], HAS_FIRST)
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
@@ -437,7 +462,7 @@ def _merge_step(m, l, acc, lse, o):
 def _merge_acc(po, po_s, pl, used, gmask, BLOCK_G: tl.constexpr, V_D: tl.constexpr, tail_sid,
                HAS_TAIL: tl.constexpr, sink, HAS_SINK: tl.constexpr):
     """LSE-merge of the first `used` split partials of a GQA group's rows (po, pl: row pointers) and of
-    partial `tail_sid` (HAS_TAIL: the recent window's): the normalized output rows [BLOCK_G, V_D],
+    partial `tail_sid` (HAS_TAIL: `_tail_split`'s): the normalized output rows [BLOCK_G, V_D],
     still rotated. HAS_SINK: sink [BLOCK_G] joins the denominator (`sink_step`)."""
     dv = tl.arange(0, V_D)
     m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -495,32 +520,66 @@ def _window_partial(qrow, gmask, q_scale, logit_cap, hk, ring, lo, seq_len, base
 
 
 @triton.jit
-def _ring_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, wlo_ptr, sliding_window, ring,
-                parts, G: tl.constexpr, BLOCK_G: tl.constexpr, USE_CAP: tl.constexpr, WSIZE: tl.constexpr,
-                BLOCK_W: tl.constexpr, K_D: tl.constexpr, V_D: tl.constexpr):
-    """Stage 1's extra program per (sequence, KV head) with a recent window: the ring's partial over
-    positions [lo, L), stored as split `sid` (= num_splits) for stage 2 to merge like any other. It
-    runs beside the packed splits; scored inside stage 2 it would put dependent loads in front of the
-    merge. A sliding window starting after lo cuts the ring's range too."""
+def _first_row_merge(qrow, gmask, q_scale, logit_cap, hk, first, e, o, lse, USE_CAP: tl.constexpr,
+                     K_D: tl.constexpr, V_D: tl.constexpr):
+    """Fold position 0's exact row (first-token table entry e; -1: nothing) into a normalized partial
+    (o, lse in log2 units) of a GQA group's rotated queries."""
+    fk_ptr, fk_t, fk_h, fv_ptr, fv_t, fv_h, flags_ptr = first
+    use = e >= 0
+    row = tl.maximum(e, 0).to(tl.int64)
+    dk = tl.arange(0, K_D)
+    dv = tl.arange(0, V_D)
+    q = tl.load(qrow[:, None] + dk[None, :], mask=gmask[:, None], other=0.0) * q_scale
+    k = tl.load(fk_ptr + row * fk_t + hk * fk_h + dk, mask=use & (dk < K_D), other=0.0).to(tl.float32)
+    s = softcap_log2(tl.sum(q * k[None, :], axis=1), logit_cap, USE_CAP)
+    s = tl.where(use, s, float("-inf"))
+    v = tl.load(fv_ptr + row * fv_t + hk * fv_h + dv, mask=use & (dv < V_D), other=0.0).to(tl.float32)
+    m_new, alpha, beta = merge_weights(lse, s)
+    l = alpha + beta
+    o = (o * alpha[:, None] + beta[:, None] * v[None, :]) / tl.where(l > 0, l, 1.0)[:, None]
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return o, tl.where(l > 0, m_use + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _tail_split(b, hk, sid, qr_ptr, qr_b, qr_h, q_scale, logit_cap, kv_indptr, kv_indices, wlo_ptr, sliding_window,
+                ring, first, parts, G: tl.constexpr, BLOCK_G: tl.constexpr, USE_CAP: tl.constexpr,
+                WSIZE: tl.constexpr, BLOCK_W: tl.constexpr, HAS_FIRST: tl.constexpr, K_D: tl.constexpr,
+                V_D: tl.constexpr):
+    """Stage 1's extra program per (sequence, KV head) with a recent window or the exact first token: the
+    ring's partial over positions [lo, L) (WSIZE > 0) and position 0's exact row where the first-token
+    table serves it and the ring does not hold it (HAS_FIRST), stored as split `sid` (= num_splits) for
+    stage 2 to merge like any other. It runs beside the packed splits; scored inside stage 2 it would put
+    dependent loads in front of the merge. A sliding window starting after lo cuts the ring's range too."""
     g = tl.arange(0, BLOCK_G)
     gmask = g < G
     heads = hk * G + g
     seq_len = tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)
-    lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), _window_start(kv_indptr, b, sliding_window))
-    wbase_ptr = ring[6]
-    o, lse = _window_partial(qr_ptr + b * qr_b + heads * qr_h, gmask, q_scale, logit_cap, hk, ring, lo, seq_len,
-                             tl.load(wbase_ptr + b), USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
+    qrow = qr_ptr + b * qr_b + heads * qr_h
+    lo = seq_len
+    o = tl.zeros((BLOCK_G, V_D), tl.float32)
+    lse = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    if WSIZE > 0:
+        lo = tl.maximum(tl.minimum(tl.load(wlo_ptr + b), seq_len), _window_start(kv_indptr, b, sliding_window))
+        wbase_ptr = ring[6]
+        o, lse = _window_partial(qrow, gmask, q_scale, logit_cap, hk, ring, lo, seq_len, tl.load(wbase_ptr + b),
+                                 USE_CAP, WSIZE, BLOCK_W, BLOCK_G, K_D, V_D)
+    if HAS_FIRST:
+        e = _first_entry(kv_indptr, kv_indices, b, sliding_window, first[6])
+        o, lse = _first_row_merge(qrow, gmask, q_scale, logit_cap, hk, first, tl.where(lo > 0, e, -1), o, lse,
+                                  USE_CAP, K_D, V_D)
     _store_partial(parts, b, heads, gmask, sid, o, lse, V_D)
 
 
 @triton.jit(do_not_specialize=_SPLITS_ARG)
-def _decode_stage2(parts, num_splits, sliding_window, mv_ptr, out_ptr, out_b, out_h, kv_indptr, wlo_ptr, sink_ptr,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                   BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr, HAS_SINK: tl.constexpr,
-                   PRELOAD_M: tl.constexpr, PDL: tl.constexpr):
+def _decode_stage2(parts, num_splits, sliding_window, mv_ptr, out_ptr, out_b, out_h, kv_indptr, kv_indices, wlo_ptr,
+                   flags_ptr, sink_ptr, G: tl.constexpr, BLOCK_G: tl.constexpr, V_D: tl.constexpr,
+                   BLOCK_DO: tl.constexpr, BLOCK_N: tl.constexpr, MV_SCALE: tl.constexpr, HAS_RING: tl.constexpr,
+                   HAS_FIRST: tl.constexpr, HAS_SINK: tl.constexpr, PRELOAD_M: tl.constexpr, PDL: tl.constexpr):
     """LSE-merge of the splits that hold tokens (stage 1's partition: the split count is static for
     CUDA graphs and sized for the longest context, so short sequences leave most splits empty) and,
-    with a recent window (HAS_RING), of the ring's partial that stage 1 stored as split num_splits;
+    with a recent window (HAS_RING) or the exact first token (HAS_FIRST), of the partial that stage 1 stored
+    as split num_splits;
     then one un-rotation. PRELOAD_M (d_v <= 128): mv_ptr holds M_v's signs in bf16, loaded whole
     before the merge so their latency overlaps the merge's, and used as the MMA operand as loaded;
     wider heads (a d_v x d_v bf16 matrix too large for registers) load int8 signs in BLOCK_DO-column
@@ -535,7 +594,7 @@ def _decode_stage2(parts, num_splits, sliding_window, mv_ptr, out_ptr, out_b, ou
     if PRELOAD_M:
         dv = tl.arange(0, V_D)
         mvt = tl.load(mv_ptr + dv[:, None] * V_D + dv[None, :])
-    w0 = _window_start(kv_indptr, b, sliding_window)
+    w0 = _packed_start(kv_indptr, kv_indices, b, sliding_window, flags_ptr, HAS_FIRST)
     used = _used_splits(tl.maximum(_packed_len(kv_indptr, b, wlo_ptr, HAS_RING) - w0, 0), num_splits, BLOCK_N)
     sink = tl.zeros((BLOCK_G,), tl.float32)
     if HAS_SINK:
@@ -545,7 +604,7 @@ def _decode_stage2(parts, num_splits, sliding_window, mv_ptr, out_ptr, out_b, ou
     po = po_ptr + b * po_b + heads * po_h
     pl = pl_ptr + b * pl_b + heads * pl_h
     out_rows = out_ptr + b * out_b + heads * out_h
-    acc = _merge_acc(po, po_s, pl, used, gmask, BLOCK_G, V_D, num_splits, HAS_RING, sink, HAS_SINK)
+    acc = _merge_acc(po, po_s, pl, used, gmask, BLOCK_G, V_D, num_splits, HAS_RING or HAS_FIRST, sink, HAS_SINK)
     if PRELOAD_M:
         hi = acc.to(tl.bfloat16)
         lo = (acc - hi.to(tl.float32)).to(tl.bfloat16)
@@ -577,6 +636,13 @@ def _ring_args(window, dummy) -> tuple:
     wk, wv = window.k, window.v
     return ((wk, wk.stride(0), wk.stride(1), wv, wv.stride(0), wv.stride(1), window.base), int(window.size),
             max(16, next_pow2(int(window.size))))
+
+
+def _first_args(first, dummy) -> tuple:
+    """Stage 1's first argument (table k and its two strides, table v and its two strides, slot flags)."""
+    if first is None:
+        return (dummy, 0, 0, dummy, 0, 0, dummy)
+    return (first.k, first.k.stride(0), first.k.stride(1), first.v, first.v.stride(0), first.v.stride(1), first.flags)
 
 
 @dataclass
@@ -673,8 +739,9 @@ def choose_num_warps(batch: int, num_kv_heads: int, num_sms: int) -> int:
 @dataclass(frozen=True)
 class DecodePlan:
     """Every launch decision of one decode configuration, made once by `plan_decode`."""
-    num_splits: int              # packed splits per sequence (the ring's partial comes after them)
-    ring: bool                   # a recent window: one more partial per (sequence, KV head)
+    num_splits: int              # packed splits per sequence (the tail partial comes after them)
+    ring: bool                   # a recent window: its ring's partial per (sequence, KV head)
+    first: bool                  # the exact first token: joins the tail partial (one even without a ring)
     sliced: bool                 # the sliced stage 1 (else the general one)
     key_int8: bool               # int8 key centroids and int8 scores (sliced, 4-bit one-field keys)
     v_pairs: bool                # V codes as 16-bit elements (sliced, 4-bit one-field V)
@@ -687,15 +754,16 @@ class DecodePlan:
     @property
     def partials(self) -> int:
         """Partials per (sequence, query head) in the workspace."""
-        return self.num_splits + int(self.ring)
+        return self.num_splits + int(self.ring or self.first)
 
 
 def plan_decode(kcodec: TQCodec, vcodec: TQCodec, batch: int, num_kv_heads: int, max_seq_len: int, device, *,
-                window: bool = False, batch_invariant: bool = False, max_splits: int = 64,
+                window: bool = False, first: bool = False, batch_invariant: bool = False, max_splits: int = 64,
                 num_splits: Optional[int] = None, block_n: Optional[int] = None,
                 sm_count: Optional[int] = None) -> DecodePlan:
     """The launch decisions for decoding `batch` sequences of at most `max_seq_len` tokens with these
-    codecs. window: a recent window's ring is read too (one more partial; max_splits counts it).
+    codecs. window: a recent window's ring is read too; first: the exact first-token rows (either: one more
+    partial, which max_splits counts).
     batch_invariant: the split count and warps of batch size 1 for every batch, so a sequence's result
     does not depend on the batch it is in. num_splits / block_n: fixed instead of chosen (tests, sweeps).
     sm_count: the multiprocessors to fill (None: the device's).
@@ -708,12 +776,13 @@ def plan_decode(kcodec: TQCodec, vcodec: TQCodec, batch: int, num_kv_heads: int,
         raise ValueError("decode: the PROD (QJL) format is for keys only; V has no QJL field")
     kt, vt = kernel_tables(kcodec, device), kernel_tables(vcodec, device)
     ring = bool(window)
+    tail = int(ring or first)
     sms = sm_count or num_sms(device)
     rows = 1 if batch_invariant else max(1, int(batch))
     if num_splits is None:
-        num_splits = choose_num_splits(rows, num_kv_heads, max_seq_len, sms, max_splits=max_splits - int(ring))
-    if num_splits < 1 or num_splits + int(ring) > max_splits:
-        raise ValueError(f"decode: {num_splits} splits{' + the ring' if ring else ''} do not fit "
+        num_splits = choose_num_splits(rows, num_kv_heads, max_seq_len, sms, max_splits=max_splits - tail)
+    if num_splits < 1 or num_splits + tail > max_splits:
+        raise ValueError(f"decode: {num_splits} splits{' + the tail partial' if tail else ''} do not fit "
                          f"max_splits={max_splits}")
     sliced = bool(kt["register_lut_kind"] and vt["register_lut_kind"] and sliced_ok(kf) and sliced_ok(vf)
                   and not _bad_sliced_keys(kf, kt))
@@ -728,7 +797,8 @@ def plan_decode(kcodec: TQCodec, vcodec: TQCodec, batch: int, num_kv_heads: int,
     v_pairs = bool(sliced and vt["has_pairs"] and pairs_fit(vf.head_dim, num_warps))
     max_registers = (choose_max_registers(k_i8, v_pairs, num_warps, block_n, kf.head_dim, kt["register_lut_kind"],
                                           vt["register_lut_kind"]) if sliced else None)
-    return DecodePlan(num_splits=int(num_splits), ring=ring, sliced=sliced, key_int8=k_i8, v_pairs=v_pairs,
+    return DecodePlan(num_splits=int(num_splits), ring=ring, first=bool(first), sliced=sliced, key_int8=k_i8,
+                      v_pairs=v_pairs,
                       block_n=int(block_n), num_warps=num_warps, num_stages=2, max_registers=max_registers,
                       pdl=bool(sliced and pdl_ok(device)))
 
@@ -738,7 +808,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
                      kv_indptr, kv_indices, sm_scale: float, logit_cap: float = 0.0, out=None, *,
                      plan: Optional[DecodePlan] = None, workspace: Optional[DecodeWorkspace] = None,
                      q_rotated: Optional[torch.Tensor] = None, window: Optional[DecodeWindow] = None,
-                     sliding_window: int = 0, sinks: Optional[torch.Tensor] = None):
+                     first: Optional[FirstRows] = None, sliding_window: int = 0,
+                     sinks: Optional[torch.Tensor] = None):
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v] in q's dtype (written into `out` if
     given, same shape convention). kv_indptr [B + 1], kv_indices: slots of each sequence.
     plan: `plan_decode`'s decisions (None: planned here for this batch, from kv_indices' length).
@@ -748,6 +819,8 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     Else q is rotated here by an fp32 matmul.
     window (`tq_kernels.window.DecodeWindow`): positions [window.lo[b], L_b) of each sequence come from
     the recent window's ring (exact bf16, rotated) instead of the codes; the plan must have ring=True.
+    first (`tq_kernels.window.FirstRows`): position 0 of sequence b from the first-token table where its
+    slot is flagged (and the ring does not hold it); the plan must have first=True.
     sliding_window: only the last `sliding_window` positions of each sequence are read (0: all); the
     splits partition the window, so stage 1 never touches the tokens before it.
     sinks: [H_q] logits (gpt-oss attention sinks, natural-log units like the scaled scores) added to
@@ -763,10 +836,13 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     dev = q.device
     if plan is None:
         plan = plan_decode(kcodec, vcodec, B, h_kv, kv_indices.numel(), dev, window=window is not None,
-                           max_splits=workspace.max_splits if workspace is not None else 64)
+                           first=first is not None, max_splits=workspace.max_splits if workspace is not None else 64)
     if plan.ring != (window is not None):
         raise ValueError("decode: the plan was made " + ("with" if plan.ring else "without")
                          + " a recent window, the call has " + ("one" if window is not None else "none"))
+    if plan.first != (first is not None):
+        raise ValueError("decode: the plan was made " + ("with" if plan.first else "without")
+                         + " first-token rows, the call has " + ("them" if first is not None else "none"))
     if out is None:
         out = torch.empty(B, h_q, d_v, dtype=q.dtype, device=dev)
     out3 = out.view(B, h_q, d_v)
@@ -796,12 +872,15 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
     if window is not None:
         check_decode_window(window, B, h_kv, d_k, d_v)
         plen = window.lo
+    if first is not None:
+        check_first_rows(first, h_kv, d_k, d_v)
     if q_rotated is not None:
         assert q_rotated.dtype == torch.float32 and q_rotated.shape[0] >= B and q_rotated.stride(-1) == 1
         qr = q_rotated.view(q_rotated.shape[0], h_q, kt["wt"].shape[1])
     else:
         qr = torch.matmul(q3.to(torch.float32), kt["wt"])  # [B, H_q, d_k (+ m)]
     ring, wsize, block_w = _ring_args(window, qr)
+    first_args = _first_args(first, plen)
     cache = cache_args(k_codes, k_scales, v_codes, v_scales)
     grid = (B, h_kv, plan.partials)
     common = dict(G=G, BLOCK_G=BLOCK_G, BLOCK_N=plan.block_n, USE_CAP=use_cap, KF=fmt_constexpr(kf),
@@ -812,7 +891,7 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
             qr, qr.stride(0), qr.stride(1), q_scale, kt["i8_scale"], cap, cache,
             kt["centroids_i8" if plan.key_int8 else "centroids_bf16"], vt["centroids_bf16"],
             kv_indptr, kv_indices, plan.num_splits, int(sliding_window), parts, plen, window is not None, ring, wsize,
-            block_w, K_ASM=kt["i8_asm"] if plan.key_int8 else kt["lut_asm"],
+            block_w, first_args, first is not None, K_ASM=kt["i8_asm"] if plan.key_int8 else kt["lut_asm"],
             V_ASM=vt["pairs_asm"] if plan.v_pairs else vt["lut_asm"],
             K_I8=plan.key_int8, V_PAIRS=plan.v_pairs,
             WIDE=max(t.numel() for t in (k_codes, k_scales, v_codes, v_scales)) >= 2 ** 31, PDL=plan.pdl,
@@ -822,13 +901,14 @@ def decode_attention(q, k_codes, k_scales, v_codes, v_scales, kcodec: TQCodec, v
         _decode_stage1[grid](
             qr, qr.stride(0), qr.stride(1), q_scale, cap, cache, kt["centroids_bf16"], vt["centroids_bf16"],
             kv_indptr, kv_indices, plan.num_splits, int(sliding_window), parts, plen, window is not None, ring, wsize,
-            block_w, **common,
+            block_w, first_args, first is not None, **common,
         )
     preload_m = d_v <= 128
     _decode_stage2[(B, h_kv)](
         parts, plan.num_splits, int(sliding_window), vt["msign_bf16"] if preload_m else vt["msign"], out3,
-        out3.stride(0), out3.stride(1), kv_indptr, plen, sinks if sinks is not None else plen, G=G, BLOCK_G=BLOCK_G,
-        V_D=d_v, BLOCK_DO=min(d_v, 64), BLOCK_N=plan.block_n, MV_SCALE=vt["mscale"], HAS_RING=window is not None,
+        out3.stride(0), out3.stride(1), kv_indptr, kv_indices, plen, first_args[6],
+        sinks if sinks is not None else plen, G=G, BLOCK_G=BLOCK_G, V_D=d_v, BLOCK_DO=min(d_v, 64),
+        BLOCK_N=plan.block_n, MV_SCALE=vt["mscale"], HAS_RING=window is not None, HAS_FIRST=first is not None,
         HAS_SINK=sinks is not None, PRELOAD_M=preload_m,
         PDL=plan.pdl, num_warps=4, launch_pdl=plan.pdl,
     )

@@ -23,7 +23,7 @@ from ._common import (LOG2E, cache_args, fmt_constexpr, kernel_tables, online_so
 from .codec import TQCodec, padded_launch
 from .decode import _merge_step, merge_weights, num_sms, sink_step
 from .verify import PrefixRing, TreeMask
-from .window import ExtendWindow
+from .window import ExtendWindow, FirstRows, check_first_rows
 
 
 @triton.jit
@@ -50,8 +50,9 @@ def _new_token_softmax_step(s, cols, cmask, rows, m_i, l_i, logit_cap, sliding_w
 
 @triton.jit(do_not_specialize=["num_splits", "sliding_window"])
 def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, kv_indices, mv_ptr, out, ws,
-                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, tree, pring, TREE: tl.constexpr,
-                   PRING: tl.constexpr, SLIDING: tl.constexpr, HAS_SINK: tl.constexpr, G: tl.constexpr,
+                   num_splits, sliding_window, sink_ptr, q_scale, logit_cap, tree, exact, TREE: tl.constexpr,
+                   PRING: tl.constexpr, SLIDING: tl.constexpr, HAS_FIRST: tl.constexpr, HAS_SINK: tl.constexpr,
+                   G: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, USE_CAP: tl.constexpr,
                    BLOCK_DO: tl.constexpr, MV_SCALE: tl.constexpr, WINDOW: tl.constexpr, NEW: tl.constexpr,
@@ -66,9 +67,12 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
     layers must not pay. HAS_SINK (unsplit launches; else the merge
     adds it): sink_ptr's logit per query head joins the denominator. TREE (speculative verify): tree =
     (mask, mask indptr) in SGLang's layout (`tq_kernels.verify.TreeMask`) decides which new tokens each
-    new token sees, instead of causality. PRING: pring = (ring k, its token and head strides, ring v, its
-    strides, lo, base, W) (`tq_kernels.verify.PrefixRing`): new token r reads prefix positions
-    [lo[r], prefix) from the ring instead of the codes."""
+    new token sees, instead of causality. exact: the exact rows the prefix may read instead of its codes,
+    (ring k, its token and head strides, ring v, its strides, lo, base, W, table k, its two strides,
+    table v, its two strides, slot flags). PRING (`tq_kernels.verify.PrefixRing`): new token r reads prefix
+    positions [lo[r], prefix) from the ring. HAS_FIRST (`tq_kernels.window.FirstRows`): the prefix's
+    position 0 comes from the first-token table where its slot is flagged (rows that read it from the
+    codes; the first split)."""
     # BLOCK_G == 1: program axis 1 is the query head, and the BLOCK_M rows are BLOCK_M new tokens.
     # BLOCK_G > 1 (GQA packing): axis 1 is the KV head, and row r is token r // BLOCK_G of query head
     # h * G + r % BLOCK_G, so each packed prefix tile is dequantized once for the whole group.
@@ -134,15 +138,36 @@ def _extend_kernel(qr, new, cache, kcent_ptr, vcent_ptr, qo_indptr, kv_indptr, k
         first = tl.maximum(pre + row0 - sliding_window + 1, 0)
         p_lo = tl.maximum(p_lo, (first // BLOCK_N) * BLOCK_N)
     if PRING:  # each row reads the codes below its ring start only
-        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo_ptr, base_ptr, wsize = pring
+        rk_ptr, rk_t, rk_h, rv_ptr, rv_t, rv_h, lo_ptr, base_ptr, wsize, _, _, _, _, _, _, _ = exact
         lo_r = tl.minimum(tl.load(lo_ptr + q0 + rows, mask=rmask, other=0), pre)
         p_hi = tl.minimum(p_hi, tl.max(tl.where(rmask, lo_r, 0), axis=0))
+    e0 = -1  # the first-token table entry serving the prefix's position 0 (-1: the codes)
+    if HAS_FIRST:
+        _, _, _, _, _, _, _, _, _, fk_ptr, fk_t, fk_h, fv_ptr, fv_t, fv_h, flags_ptr = exact
+        slot0 = tl.load(kv_indices + kv0, mask=pre > 0, other=0).to(tl.int64)
+        e0 = tl.where(pre > 0, tl.load(flags_ptr + slot0, mask=pre > 0, other=0).to(tl.int32) - 1, -1)
+        see0 = rmask & (e0 >= 0)
+        if SLIDING:
+            see0 = see0 & (pre + rows < sliding_window)
+        if SPLIT:
+            see0 = see0 & (sp == 0)
+        if PRING:
+            see0 = see0 & (lo_r > 0)
+        row0e = tl.maximum(e0, 0).to(tl.int64)
+        k0 = tl.load(fk_ptr + row0e * fk_t + hk * fk_h + dk, mask=(dk < K_D) & (e0 >= 0), other=0.0)
+        s0 = softcap_log2(tl.sum(q.to(tl.float32) * k0.to(tl.float32)[None, :], axis=1), logit_cap, USE_CAP)
+        m_i = tl.where(see0, s0, float("-inf"))  # the first key of the online softmax: its weight is 1
+        l_i = tl.where(see0, 1.0, 0.0)
+        v0 = tl.load(fv_ptr + row0e * fv_t + hk * fv_h + dv, mask=(dv < V_D) & (e0 >= 0), other=0.0)
+        acc = l_i[:, None] * v0.to(tl.float32)[None, :]
     for n0 in range(p_lo, p_hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < p_hi
         valid = nmask[None, :]
         if SLIDING:
             valid = valid & (pre + rows[:, None] - offs[None, :] < sliding_window)
+        if HAS_FIRST:  # [1, BLOCK_N]: no per-score select
+            valid = valid & ((offs[None, :] > 0) | (e0 < 0))
         if PRING:
             valid = valid & (offs[None, :] < lo_r[:, None])
         slot = tl.load(kv_indices + kv0 + offs, mask=nmask, other=0).to(tl.int64)
@@ -311,7 +336,8 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      new_part: Optional[tuple] = None, block_m: Optional[int] = None, block_n: int = 64,
                      num_warps: Optional[int] = None, gqa_pack: Optional[bool] = None,
                      num_splits: Optional[int] = None, sliding_window: int = 0, sinks=None,
-                     tree: Optional[TreeMask] = None, prefix_ring: Optional[PrefixRing] = None):
+                     tree: Optional[TreeMask] = None, prefix_ring: Optional[PrefixRing] = None,
+                     first: Optional[FirstRows] = None):
     """q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v] -> out [T, H_q, d_v] (q's dtype).
     max_extend_len: longest new-token run of a sequence (Python int); computed with a host sync
     when not given. max_prefix_len: the longest cached prefix (Python int; enables split-K).
@@ -340,7 +366,9 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
     units, like the scaled scores) added to each head's softmax denominator.
     tree / prefix_ring (speculative verify, `tq_kernels.verify`): the new tokens are draft tokens that see
     each other where the tree mask says (not causally), and each reads its recent prefix positions from
-    the ring; neither with a sliding window, an evaluation window or new_part."""
+    the ring; neither with a sliding window, an evaluation window or new_part.
+    first (`tq_kernels.window.FirstRows`): a prefix's position 0 comes from the first-token table where its
+    slot is flagged (and the query reads it from the codes: inside its sliding window, before its ring)."""
     kf, vf = kcodec.fmt, vcodec.fmt
     if (tree is not None or prefix_ring is not None) and (
             sliding_window > 0 or new_part is not None or (window is not None and window.size > 0)):
@@ -431,14 +459,21 @@ def extend_attention(q, k_new, v_new, k_codes, k_scales, v_codes, v_scales, kcod
                      prefix_ring.base, int(prefix_ring.size))
     else:
         pring_arg = (qr, 0, 0, qr, 0, 0, qo_indptr, qo_indptr, 1)
+    if first is not None:
+        check_first_rows(first, h_kv, d_k, d_v)
+        first_arg = (first.k, first.k.stride(0), first.k.stride(1), first.v, first.v.stride(0), first.v.stride(1),
+                     first.flags)
+    else:
+        first_arg = (qr, 0, 0, qr, 0, 0, qo_indptr)
     _extend_kernel[grid](
         (qr, qr.stride(0), qr.stride(1)),
         (kn, kn.stride(0), kn.stride(1), vn, vn.stride(0), vn.stride(1), ko, vo),
         cache_args(k_codes, k_scales, v_codes, v_scales), kt["centroids_bf16"], vt["centroids_bf16"],
         qo_indptr, kv_indptr, kv_indices, vt["msign"], (out3, out3.stride(0), out3.stride(1)),
         (ws_acc, ws_lse, T * h_q, h_q, 1), num_splits, int(sliding_window), sink_arg, q_scale,
-        float(logit_cap) if use_cap else 1.0, tree_arg, pring_arg, TREE=tree is not None,
-        PRING=prefix_ring is not None, SLIDING=sliding_window > 0, HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
+        float(logit_cap) if use_cap else 1.0, tree_arg, pring_arg + first_arg, TREE=tree is not None,
+        PRING=prefix_ring is not None, SLIDING=sliding_window > 0, HAS_FIRST=first is not None,
+        HAS_SINK=sinks is not None and not split, G=G, BLOCK_G=block_g,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), SPLIT=split,
         USE_CAP=use_cap, BLOCK_DO=min(d_v, 64), MV_SCALE=vt["mscale"], WINDOW=wsize, NEW=new_part is None,
         K_REG=k_reg, K_ASM=kt["lut_asm"] if k_reg else "", V_REG=v_reg, V_ASM=vt["lut_asm"] if v_reg else "",

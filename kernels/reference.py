@@ -16,23 +16,27 @@ import torch
 
 from .codec import TQCodec
 from .verify import PrefixRing, TreeMask
-from .window import DecodeWindow, ExtendWindow, RingWrite
+from .window import DecodeWindow, ExtendWindow, FirstRows, RingWrite
 
 
 def compress_and_store(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec,
                        k_codes: torch.Tensor, k_scales: torch.Tensor, v_codes: torch.Tensor,
                        v_scales: torch.Tensor, k_mean: Optional[torch.Tensor] = None,
-                       ring: Optional[RingWrite] = None, **_unused) -> None:
+                       ring: Optional[RingWrite] = None, first: Optional[RingWrite] = None,
+                       **_unused) -> None:
     """k [N, H_kv, d_k], v [N, H_kv, d_v] (any float dtype); slots [N] row indices. In place.
     k_mean: optional fp32 [H_kv, d_k] (key centering): codes of k - k_mean[h] are stored.
-    ring: optional recent-window rows (tq_kernels.window): exact rotated K/V in bf16 at ring.rows >= 0."""
+    ring / first: optional recent-window rows / first-token table rows (tq_kernels.window): exact rotated
+    K/V in bf16 at rows >= 0."""
     if k.shape[0] == 0:
         return
-    if ring is not None:
-        rows = ring.rows.reshape(-1)[:k.shape[0]].to(device=ring.k.device, dtype=torch.long)
+    for rw in (ring, first):
+        if rw is None:
+            continue
+        rows = rw.rows.reshape(-1)[:k.shape[0]].to(device=rw.k.device, dtype=torch.long)
         keep = rows >= 0
-        ring.k[rows[keep]] = kcodec.rotate(_center(k, k_mean)).to(ring.k.device)[keep].to(torch.bfloat16)
-        ring.v[rows[keep]] = vcodec.rotate(v.to(torch.float32)).to(ring.v.device)[keep].to(torch.bfloat16)
+        rw.k[rows[keep]] = kcodec.rotate(_center(k, k_mean)).to(rw.k.device)[keep].to(torch.bfloat16)
+        rw.v[rows[keep]] = vcodec.rotate(v.to(torch.float32)).to(rw.v.device)[keep].to(torch.bfloat16)
     slots = slots.to(device=k_codes.device, dtype=torch.long)
     kc, ks = kcodec.encode(_center(k, k_mean))
     vc, vs = vcodec.encode(v.to(torch.float32))
@@ -91,10 +95,13 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Ten
                      v_scales: torch.Tensor, kcodec: TQCodec, vcodec: TQCodec, kv_indptr: torch.Tensor,
                      kv_indices: torch.Tensor, sm_scale: float, logit_cap: float = 0.0,
                      out: Optional[torch.Tensor] = None, window: Optional[DecodeWindow] = None,
-                     sliding_window: int = 0, sinks: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
+                     first: Optional[FirstRows] = None, sliding_window: int = 0,
+                     sinks: Optional[torch.Tensor] = None, **_unused) -> torch.Tensor:
     """q [B, H_q, d_k] (or [B, H_q * d_k]) -> out [B, H_q, d_v]: softmax attention of each query over
     the dequantized K/V of slots kv_indices[kv_indptr[b]:kv_indptr[b+1]]. An empty sequence gives 0.
     window: positions [window.lo[b], L) come from the recent window's ring instead.
+    first: position 0 comes from first-token entry flags[slot of position 0] - 1 where that is >= 0 and
+    the ring does not hold position 0 (tq_kernels.window).
     sliding_window: only the last `sliding_window` positions are attended to (0: all).
     sinks: fp32 [H_q] logits in the softmax's denominator (`_attend`)."""
     d_k, d_v = kcodec.fmt.in_dim, vcodec.fmt.in_dim
@@ -107,12 +114,17 @@ def decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scales: torch.Ten
         slots = kv_indices[indptr[b]:indptr[b + 1]].to(device=k_codes.device, dtype=torch.long)
         k = _dequant(k_codes, k_scales, kcodec, slots).to(q.device)
         v = _dequant(v_codes, v_scales, vcodec, slots).to(q.device)
+        n = slots.shape[0]
+        lo = n
         if window is not None:  # positions [lo, L) from the ring (un-rotated back to K's / V's domain)
-            n = slots.shape[0]
             lo = min(max(int(window.lo[b]), 0), n)
             rows = (int(window.base[b]) + torch.arange(lo, n) % window.size).to(window.k.device)
             k = torch.cat([k[:lo], kcodec.unrotate(window.k[rows].float()).to(q.device)])
             v = torch.cat([v[:lo], vcodec.unrotate(window.v[rows].float()).to(q.device)])
+        e = int(first.flags[slots[0]]) - 1 if first is not None and lo > 0 else -1
+        if e >= 0:  # the exact first token (a sliding window past position 0 drops it below)
+            k[0] = kcodec.unrotate(first.k[e].float()).to(q.device)
+            v[0] = vcodec.unrotate(first.v[e].float()).to(q.device)
         start = max(0, k.shape[0] - sliding_window) if sliding_window > 0 else 0
         res[b] = _attend(q3[b:b + 1].to(torch.float32), k[start:], v[start:], sm_scale, logit_cap, sinks=sinks)[0]
     if out is None:
@@ -128,7 +140,8 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                      out: Optional[torch.Tensor] = None, k_mean: Optional[torch.Tensor] = None,
                      window: Optional[ExtendWindow] = None, sliding_window: int = 0,
                      sinks: Optional[torch.Tensor] = None, tree: Optional[TreeMask] = None,
-                     prefix_ring: Optional[PrefixRing] = None, **_unused) -> torch.Tensor:
+                     prefix_ring: Optional[PrefixRing] = None, first: Optional[FirstRows] = None,
+                     **_unused) -> torch.Tensor:
     """Chunked prefill over a packed prefix. q [T, H_q, d_k], k_new [T, H_kv, d_k], v_new [T, H_kv, d_v]
     (rows of sequence i: qo_indptr[i]:qo_indptr[i+1]); the queries of sequence i attend fully to
     the dequantized prefix (slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]) and (causally) to the
@@ -138,7 +151,8 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     sliding_window: query at position i sees the keys at positions j > i - sliding_window only (0: all;
     positions count the prefix first). sinks: fp32 [H_q] logits in the softmax's denominator.
     tree: the new tokens see each other where SGLang's tree mask says (instead of causally); prefix_ring:
-    new token r reads prefix positions [lo[r], prefix) from the ring (`tq_kernels.verify`)."""
+    new token r reads prefix positions [lo[r], prefix) from the ring (`tq_kernels.verify`). first: the
+    prefix's position 0 from first-token entry flags[its slot] - 1 where that is >= 0 (tq_kernels.window)."""
     if (tree is not None or prefix_ring is not None) and (sliding_window > 0 or (window is not None and window.size > 0)):
         raise ValueError("extend: a draft tree / prefix ring (verify) does not combine with a sliding window or "
                          "an evaluation window")
@@ -158,6 +172,10 @@ def extend_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         slots = kv_indices[kvp[i]:kvp[i + 1]].to(device=k_codes.device, dtype=torch.long)
         kp = _dequant(k_codes, k_scales, kcodec, slots).to(q.device)
         vp = _dequant(v_codes, v_scales, vcodec, slots).to(q.device)
+        e = int(first.flags[slots[0]]) - 1 if first is not None and slots.shape[0] else -1
+        if e >= 0:  # the exact first token (the ring, where a row reads it from there, still wins below)
+            kp[0] = kcodec.unrotate(first.k[e].float()).to(q.device)
+            vp[0] = vcodec.unrotate(first.v[e].float()).to(q.device)
         k = torch.cat([kp, k_new[a:b].to(torch.float32)])
         v = torch.cat([vp, v_new[a:b].to(torch.float32)])
         n_new, n_pre = b - a, kp.shape[0]
@@ -226,3 +244,21 @@ def new_token_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tenso
         out[a:b] = torch.einsum("hml,lhd->mhd", torch.softmax(s, dim=-1), v[a:b])
         lse[a:b] = (torch.logsumexp(s, dim=-1) * 1.4426950408889634).transpose(0, 1)
     return out, lse
+
+
+def claim_first_rows(ids: torch.Tensor, slots: torch.Tensor, at_zero: torch.Tensor, table: torch.Tensor,
+                     flags: torch.Tensor) -> torch.Tensor:
+    """`tq_kernels.first_token.claim_first_rows` token by token: the entry holding the token id, else the
+    first free one (-1), else none (-1); flags[slots] = entry + 1."""
+    entries = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=ids.device)
+    held = table.tolist()
+    for i, (tok, zero) in enumerate(zip(ids.tolist(), at_zero.tolist())):
+        if not zero:
+            continue
+        e = held.index(tok) if tok in held else (held.index(-1) if -1 in held else -1)
+        if e >= 0:
+            held[e] = tok
+        entries[i] = e
+    table.copy_(torch.tensor(held, dtype=table.dtype))
+    flags[slots.to(device=flags.device, dtype=torch.long)] = (entries + 1).to(device=flags.device, dtype=torch.uint8)
+    return entries

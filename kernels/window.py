@@ -14,6 +14,16 @@ Two argument bundles (plain tensors, no engine types):
   DecodeWindow(k, v, size, lo, base)   decode_attention: per sequence b the ring part is [lo[b], L_b)
   ExtendWindow(k_old, v_old, size)     extend_attention (perplexity of the cache format): new key j is
                                        seen exact by query i when i - j < size, else as k_old / v_old
+  FirstRows(k, v, flags)               decode_attention: the exact first token (below)
+
+First token: attention-sink heads put most of their weight on position 0, so its codes' error costs
+more than any other token's. At position 0 a causal decoder's K/V depend on the token id alone, so a
+table of a few exact rows per layer (rotated like the ring's) serves every sequence starting with a
+claimed token id; flags[slot] = entry + 1 marks a slot holding such a position-0 token (0: none), and
+travels with the slot through the engine's prefix cache. `claim_first_rows` fills the table and the
+flags; compress_and_store(first=RingWrite(table k, table v, entries)) writes the rows; decode reads
+position 0 of sequence b from entry flags[kv_indices[kv_indptr[b]]] - 1 where that is > 0, position 0
+lies inside the sliding window and the recent window's ring does not already hold it.
 """
 from __future__ import annotations
 
@@ -42,6 +52,12 @@ class ExtendWindow(NamedTuple):
     size: int
 
 
+class FirstRows(NamedTuple):
+    k: torch.Tensor      # bf16 [entries, H_kv, d_k]: rotated exact keys of the first tokens
+    v: torch.Tensor      # bf16 [entries, H_kv, d_v]
+    flags: torch.Tensor  # uint8 [slots]: entry + 1 of the position-0 token a slot holds (0: none)
+
+
 def check_ring(ring: RingWrite, n: int, h: int, d_k: int, d_v: int):
     """(k, v, rows) of a RingWrite after shape checks."""
     k, v, rows = ring
@@ -59,3 +75,10 @@ def check_decode_window(win: DecodeWindow, b: int, h: int, d_k: int, d_v: int) -
     assert win.k.shape[1:] == (h, d_k) and win.v.shape[1:] == (h, d_v)
     assert win.k.stride(2) == 1 and win.v.stride(2) == 1
     assert win.lo.shape[0] >= b and win.base.shape[0] >= b
+
+
+def check_first_rows(first: FirstRows, h: int, d_k: int, d_v: int) -> None:
+    assert first.k.dtype == torch.bfloat16 and first.v.dtype == torch.bfloat16, "first-token rows are bf16"
+    assert first.k.shape[1:] == (h, d_k) and first.v.shape[1:] == (h, d_v), (tuple(first.k.shape), h, d_k, d_v)
+    assert first.k.stride(2) == 1 and first.v.stride(2) == 1
+    assert first.flags.dtype == torch.uint8 and first.flags.dim() == 1

@@ -135,8 +135,9 @@ def n_sets_for(nbytes, l2_bytes):
 # --------------------------------------------------------------------------------------------
 # systems
 # --------------------------------------------------------------------------------------------
-def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, splits=None, window=0):
-    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16)."""
+def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, splits=None, window=0, first=False):
+    """window > 0: the last `window` positions of every sequence come from a recent-window ring (bf16).
+    first: every sequence's position 0 from the exact first-token table (one entry all share, as a BOS)."""
     kfmt, vfmt = fmts(codec_name, d)
     kc, vc = make_codecs(kfmt, vfmt, seed=seed)
     per_set = B * ctx * hkv * (kfmt.slot_bytes + vfmt.slot_bytes)
@@ -159,14 +160,21 @@ def run_ours(B, ctx, hq, hkv, d, codec_name, l2, seed, splits=None, window=0):
                                torch.randn(B * window, hkv, d, device="cuda", dtype=torch.bfloat16), window,
                                (lens - window).clamp_min(0).contiguous(),
                                torch.arange(B, device="cuda", dtype=torch.int32) * window)
-        sets.append((bufs, indptr, idx, q, out, qrot, win))
-    plan = plan_decode(kc, vc, B, hkv, ctx, "cuda", window=bool(window), num_splits=splits)
+        rows = None
+        if first:
+            from tq_kernels.window import FirstRows
+            flags = torch.zeros(n_slots, device="cuda", dtype=torch.uint8)
+            flags[idx[indptr[:-1].long()].long()] = 1
+            rows = FirstRows(torch.randn(4, hkv, d, device="cuda", dtype=torch.bfloat16),
+                             torch.randn(4, hkv, d, device="cuda", dtype=torch.bfloat16), flags)
+        sets.append((bufs, indptr, idx, q, out, qrot, win, rows))
+    plan = plan_decode(kc, vc, B, hkv, ctx, "cuda", window=bool(window), first=first, num_splits=splits)
     ws = DecodeWorkspace.create(B, hq, d, max_splits=plan.partials, device="cuda")
 
     def fn():
-        for bufs, indptr, idx, q, out, qrot, win in sets:
+        for bufs, indptr, idx, q, out, qrot, win, rows in sets:
             decode_attention(q, *bufs, kc, vc, indptr, idx, d ** -0.5, 0.0, out, plan=plan, workspace=ws,
-                             q_rotated=qrot, window=win)
+                             q_rotated=qrot, window=win, first=rows)
 
     ms = bench(fn, n_inner=n_sets)
     qo_bytes = 2 * B * hq * d * 2
@@ -537,6 +545,10 @@ def decode_point(shape, codec, B, ctx, l2, bw, args, base):
             pt["x_window_" + b] = (base[b] / pt["ms_window"]) if base.get(b) else None
         log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with a {args.window}-token window "
             f"{pt['ms_window'] * 1e3:8.1f} us")
+    if args.first:  # the exact first token's rows (with the window when one is timed)
+        pt["ms_first"] = run_ours(B, ctx, hq, hkv, d, codec, l2, 7, window=args.window, first=True)[0]
+        log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} with the first token exact"
+            f"{f' and the window' if args.window else ''} {pt['ms_first'] * 1e3:8.1f} us")
     log(f"  {shape} {codec:<8} B={B:<4} ctx={ctx:<6} ours {ms * 1e3:8.1f} us  "
         f"{pt['gbs']:6.0f} GB/s ({pt['pct_copy']:4.0f}% copy)  "
         + "  ".join(f"{b} {base[b] * 1e3:8.1f} us" for b in base if base.get(b)))
@@ -598,6 +610,8 @@ def main():
     ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES))
     ap.add_argument("--window", type=int, default=0,
                     help="also time each point with a recent window of this many positions (server presets: 32)")
+    ap.add_argument("--first", action="store_true",
+                    help="also time each point with the exact first-token rows (and --window's ring when given)")
     ap.add_argument("--extend", nargs="*", default=[], metavar="PREFIX:NEW[:SEQS]",
                     help="also time extend over a packed prefix (chunked prefill / radix hit) against SGLang's "
                          "Triton extend and FlashInfer's prefill over a BF16 prefix, per codec, at (32, 8, 128); "

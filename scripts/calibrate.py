@@ -31,7 +31,9 @@ whose every scored token reads the compressed cache -- the server's `evaluation:
 true}`; --write-configs writes the YAMLs to serve (add that evaluation key). Where the two may differ:
 arithmetic (here fp32 on CPU, bf16 with --device cuda; the server bf16 with fp16 code scales), and
 the recent window inside an evaluation prefill (here query i reads key j exactly when i - j < W, as
-decode does).
+decode does). The exact first token (`first_token: exact`, the presets' default) is simulated too: each
+sequence's position 0 keeps its exact K/V in every quantized layer, as the server's first-token table
+serves it (--first-token for the probes and the written YAML; variant option first=exact|codes).
 
   python scripts/calibrate.py --model DIR --text A.txt --means-text B.txt --key-means-out m.safetensors \
       --no-calibrate --eval-texts austen/ --spans 4 --span-tokens 512 \
@@ -50,7 +52,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sglang_tq.config import KEY_MEANS_AUTO, TQConfig, load_config, presets_dir  # noqa: E402
+from sglang_tq.config import (FIRST_TOKEN_CHOICES, FIRST_TOKEN_EXACT, KEY_MEANS_AUTO, TQConfig,  # noqa: E402
+                              load_config, presets_dir)
 from sglang_tq.key_means import hf_key_means  # noqa: E402
 from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
 
@@ -84,6 +87,7 @@ class Simulator:
         self.layer_codecs = {}  # layer -> (K codec or None, V codec or None); absent = exact
         self.recent = 0         # recent window: key j exact for query i when i - j < recent (config `window:`)
         self.layer_means = {}   # layer -> fp32 [H_kv, d] key-centering mean on the device; absent = none
+        self.first_exact = False  # position 0 exact in every quantized layer (config `first_token: exact`)
         self.collect = None     # while measuring means: layer -> [sum over tokens [H_kv, d], token count]
         sim = self
 
@@ -107,6 +111,9 @@ class Simulator:
                         key = (kc.decode(*kc.encode(key.float() - mu)) + mu).to(key.dtype)
                 if vc is not None:
                     value = vc.decode(*vc.encode(value.float())).to(value.dtype)
+                if sim.first_exact:  # the server's first-token table: the sequence's position 0 exact
+                    key, value = key.clone(), value.clone()
+                    key[:, :, 0], value[:, :, 0] = exact_k[:, :, 0], exact_v[:, :, 0]
                 if sim.recent > 0:  # the server's recent window: the last `recent` positions exact
                     return recent_window_attention(module, query, (exact_k, exact_v), (key, value), sim.recent,
                                                    attention_mask)
@@ -134,10 +141,11 @@ class Simulator:
     def set_config(self, cfg, key_means="config"):
         """Quantize as the server would with this config (None = every layer exact). key_means:
         "config" = the config's own key_means (if any); None = no centering; a tensor = these means."""
-        self.layer_codecs, self.layer_means, self.recent = {}, {}, 0
+        self.layer_codecs, self.layer_means, self.recent, self.first_exact = {}, {}, 0, False
         if cfg is not None:
             plan = cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
             self.recent = plan.window_tokens
+            self.first_exact = plan.first_token == FIRST_TOKEN_EXACT
             self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
             if isinstance(key_means, str):  # the config's own: a file, `auto` (from the weights) or none
                 means = self.auto_key_means() if plan.key_means_path == KEY_MEANS_AUTO else plan.key_means
@@ -152,10 +160,11 @@ class Simulator:
             self._auto_means = hf_key_means(self.model)
         return self._auto_means
 
-    def set_probe(self, layer, role, bits, seed, key_means=None, recent=0):
+    def set_probe(self, layer, role, bits, seed, key_means=None, recent=0, first_exact=False):
         """Only `role` ('k' or 'v') of `layer` quantized at `bits`, everything else exact (K centered
-        with key_means[layer] when given; the last `recent` positions exact, as the server's window)."""
-        self.recent = recent
+        with key_means[layer] when given; the last `recent` positions exact, as the server's window;
+        first_exact: position 0 exact, as the server's first-token table)."""
+        self.recent, self.first_exact = recent, first_exact
         role_id = ROLE_K if role == "k" else ROLE_V
         codec = TQCodec.build(VecFormat(self.head_dim, bits), seed, layer, role_id)
         self.layer_codecs = {layer: (codec, None) if role == "k" else (None, codec)}
@@ -228,23 +237,26 @@ class Simulator:
         return total / count
 
 
-def config_dict(per_layer, boundary, seed, name, recent=0):
+def config_dict(per_layer, boundary, seed, name, recent=0, first_token=FIRST_TOKEN_EXACT):
     """YAML dict with one override per layer; per_layer[l] = (k_bits, v_bits)."""
     first, last = boundary
     return {"name": name, "seed": seed, "boundary": {"first": first, "last": last},
             **({"window": {"tokens": recent}} if recent else {}),
+            **({"first_token": first_token} if first_token != FIRST_TOKEN_EXACT else {}),
             "defaults": {"k": {"bits": 4}, "v": {"bits": 4}},
             "overrides": [{"layers": l, "k": {"bits": kb}, "v": {"bits": vb}} for l, (kb, vb) in sorted(per_layer.items())]}
 
 
-def uniform_config(bits, boundary, seed, recent=0):
+def uniform_config(bits, boundary, seed, recent=0, first_token=FIRST_TOKEN_EXACT):
     first, last = boundary
     return TQConfig.from_dict({"name": f"uniform{bits}", "seed": seed, "boundary": {"first": first, "last": last},
                                **({"window": {"tokens": recent}} if recent else {}),
+                               "first_token": first_token,
                                "defaults": {"k": {"bits": bits}, "v": {"bits": bits}}})
 
 
-def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None, metric="kl", recent=0):
+def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=None, metric="kl", recent=0,
+              first_exact=True):
     """Sensitivity of every (layer, role, bits) with only that role of that layer quantized:
     metric 'kl' = mean KL divergence of the next-token distribution from the unquantized model's
     (default: low variance), 'nll' = increase of the text's negative log-likelihood."""
@@ -259,7 +271,7 @@ def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=No
     for l in layers:
         for role in ("k", "v"):
             for b in cands:
-                sim.set_probe(l, role, b, seed, key_means, recent)
+                sim.set_probe(l, role, b, seed, key_means, recent, first_exact)
                 sens[(l, role, b)] = sim.kl_to(ids, window, ref) if metric == "kl" else sim.nll(ids, window) - base
         log(f"layer {l}: " + " ".join(f"{r}{b}={sens[(l, r, b)]:+.4f}" for r in ("k", "v") for b in cands))
     log(f"sensitivity sweep: {time.time() - t0:.0f}s")
@@ -286,9 +298,10 @@ def calibrate(sim, ids, window, cands, target, boundary, seed, log, key_means=No
 
 
 def variant_dict(spec: str, worst_layers=(), means_path: str = "") -> dict:
-    """Config dict of a variant spec PRESET[:w=N][:center=none|auto|calibrated][:protect=N]: the preset
-    with its recent window set to N tokens, its key centering replaced (calibrated = the means file
-    measured on probe text) and its N worst quantized layers (by |mean|/rms of the probe keys) kept bf16."""
+    """Config dict of a variant spec PRESET[:w=N][:center=none|auto|calibrated][:protect=N][:first=exact|codes]:
+    the preset with its recent window set to N tokens, its key centering replaced (calibrated = the means
+    file measured on probe text), its N worst quantized layers (by |mean|/rms of the probe keys) kept bf16
+    and its first token exact or from the codes."""
     import yaml
 
     name, *opts = spec.split(":")
@@ -312,9 +325,11 @@ def variant_dict(spec: str, worst_layers=(), means_path: str = "") -> dict:
             quantized = [l for l in worst_layers if first <= l < len(worst_layers) - last]
             d["overrides"] = list(d.get("overrides") or []) + [{"layers": l, "format": "bf16"}
                                                               for l in quantized[: int(v)]]
+        elif k == "first" and v in FIRST_TOKEN_CHOICES:
+            d["first_token"] = v
         else:
             raise SystemExit(f"calibrate: variant {spec!r}: unknown option {o!r}; allowed: w=N, "
-                             f"center=none|auto|calibrated, protect=N")
+                             f"center=none|auto|calibrated, protect=N, first=exact|codes")
     return d
 
 
@@ -385,6 +400,9 @@ def main():
     ap.add_argument("--recent", type=int, default=32,
                     help="recent window (config `window: {tokens: N}`) of the probes, the uniform plans and the "
                          "written YAML; presets use their own; 0 = every position from the codes")
+    ap.add_argument("--first-token", choices=FIRST_TOKEN_CHOICES, default=FIRST_TOKEN_EXACT,
+                    help="config `first_token:` of the probes, the uniform plans and the written YAML; presets use "
+                         "their own")
     ap.add_argument("--candidates", default="2,3,4")
     ap.add_argument("--metric", choices=("kl", "nll"), default="kl",
                     help="sensitivity: KL to the unquantized model's next-token distribution, or NLL increase")
@@ -406,7 +424,8 @@ def main():
                     help="text for the key means (default: the --text file from character --chars onward)")
     ap.add_argument("--means-tokens", type=int, default=0, help="tokens for the key means (default: --tokens)")
     ap.add_argument("--variants", default="",
-                    help="comma list of PRESET[:w=N][:center=none|auto|calibrated][:protect=N]: perplexity of each "
+                    help="comma list of PRESET[:w=N][:center=none|auto|calibrated][:protect=N][:first=exact|codes]: "
+                         "perplexity of each "
                          "on --spans spans of --eval-texts, as a server with evaluation.prefill_from_cache reports it")
     ap.add_argument("--eval-texts", default="", help="text file or folder of *.txt for --variants")
     ap.add_argument("--spans", type=int, default=3)
@@ -478,10 +497,11 @@ def main():
     if not a.no_calibrate:
         cands = [int(x) for x in a.candidates.split(",")]
         per_layer, sens, base = calibrate(sim, ids, a.window, cands, a.target_bits, boundary, a.seed, log,
-                                          key_means=means if a.center else None, metric=a.metric, recent=a.recent)
+                                          key_means=means if a.center else None, metric=a.metric, recent=a.recent,
+                                          first_exact=a.first_token == FIRST_TOKEN_EXACT)
         report["metric"] = a.metric
         name = os.path.splitext(os.path.basename(a.out))[0]
-        d = config_dict(per_layer, boundary, a.seed, name, a.recent)
+        d = config_dict(per_layer, boundary, a.seed, name, a.recent, a.first_token)
         if a.center:
             d["key_means"] = os.path.relpath(os.path.abspath(means_path), os.path.dirname(os.path.abspath(a.out)))
         import yaml
@@ -497,7 +517,7 @@ def main():
             log(f"calibrated plan: ppl {report['calibrated']['ppl']:.4f} centered, "
                 f"{report['calibrated']['ppl_uncentered']:.4f} uncentered")
         if float(a.target_bits).is_integer():
-            uni = uniform_config(int(a.target_bits), boundary, a.seed, a.recent)
+            uni = uniform_config(int(a.target_bits), boundary, a.seed, a.recent, a.first_token)
             report["uniform_equal_bytes"] = {"bits": int(a.target_bits), "ppl": ppl_of(uni)}
             if a.center:
                 report["uniform_equal_bytes"]["ppl_centered"] = ppl_of(uni, means)
@@ -518,9 +538,10 @@ def heldout(sim, a, boundary, means, log):
     ppl = lambda cfg, km="config": (sim.set_config(cfg, km), math.exp(sim.nll(ids, a.window)))[1]  # noqa: E731
     out = {"text": a.heldout_text, "tokens": len(ids), "bf16": ppl(None), "calibrated": ppl(load_config(a.out))}
     if float(a.target_bits).is_integer():
-        out["uniform"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent))
+        out["uniform"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent, a.first_token))
         if a.center:
-            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent), means)
+            out["uniform_centered"] = ppl(uniform_config(int(a.target_bits), boundary, a.seed, a.recent,
+                                                         a.first_token), means)
             out["calibrated_uncentered"] = ppl(load_config(a.out), None)
     log("held-out " + ", ".join(f"{k} {v:.4f}" for k, v in out.items() if isinstance(v, float)))
     return out

@@ -202,6 +202,43 @@ def main():
             st.stage(req, pre, torch.arange(8), 2, table, torch.zeros(3, dtype=torch.int32))
             st.commit(req, pre + 2, 2, table)
         jobs["verify-staging"] = staging_job
+        # the exact first token: its table rows in compress, decode's tail partial (with and without the ring),
+        # extend's first row (split and packed, and verify's), and the claim launch
+        from tq_kernels.first_token import claim_first_rows
+        from tq_kernels.window import FirstRows
+
+        first = FirstRows(*ring(4), torch.zeros(64, dtype=torch.uint8))
+        jobs["compress-first"] = lambda: compress.compress_and_store(
+            torch.randn(8, hkv, d, dtype=torch.bfloat16), torch.randn(8, hkv, d, dtype=torch.bfloat16),
+            torch.arange(1, 9), kc, vc, *bufs, ring=RingWrite(*ring(64), torch.arange(8, dtype=torch.int32)),
+            first=RingWrite(*ring(4), torch.full((8,), -1, dtype=torch.int32)))
+
+        def first_decode_job(bn, window=None, **kw):
+            def run():
+                plan = decode.plan_decode(kc, vc, 2, hkv, 3, "cpu", window=window is not None, first=True,
+                                          num_splits=2, block_n=bn)
+                return decode.decode_attention(
+                    torch.randn(2, hq, d, dtype=torch.bfloat16), *bufs, kc, vc,
+                    torch.tensor([0, 3, 6], dtype=torch.int32), torch.arange(1, 7), d ** -0.5, plan=plan,
+                    window=window, first=first, **kw)
+            return run
+        jobs["decode-first"] = first_decode_job(None)
+        jobs["decode-first-bn32"] = first_decode_job(32, sliding_window=128, sinks=sinks)
+        jobs["decode-pdl-window-first"] = pdl_job(first_decode_job(None, window=win))
+        for job, kw in (("extend-first", dict(block_m=64, gqa_pack=False)),
+                        ("extend-first-split-pack", dict(block_m=128, gqa_pack=True, num_splits=3)),
+                        ("extend-first-verify", dict(block_m=64, gqa_pack=True, tree=TreeMask(
+                            torch.ones(28, dtype=torch.uint8), torch.tensor([0, 28])), prefix_ring=PrefixRing(
+                            *ring(64), 32, torch.tensor([1, 1, 2, 2], dtype=torch.int32),
+                            torch.tensor([0], dtype=torch.int32))))):
+            jobs[job] = lambda kw=kw: extend.extend_attention(
+                torch.randn(4, hq, d, dtype=torch.bfloat16), torch.randn(4, hkv, d, dtype=torch.bfloat16),
+                torch.randn(4, hkv, d, dtype=torch.bfloat16), *bufs, kc, vc, torch.tensor([0, 4], dtype=torch.int32),
+                torch.tensor([0, 3], dtype=torch.int32), torch.arange(1, 4), d ** -0.5, max_extend_len=4,
+                block_n=64, first=first, **kw)
+        jobs["claim-first"] = lambda: claim_first_rows(
+            torch.arange(8), torch.arange(1, 9), torch.ones(8, dtype=torch.bool),
+            torch.full((4,), -1, dtype=torch.int32), torch.zeros(64, dtype=torch.uint8))
         for job, fn in jobs.items():
             if a.filter and a.filter not in f"{name} {job}":
                 continue

@@ -27,7 +27,8 @@ tests)
     echo "== kernel tests on the GPU"
     timeout 480 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_kernels_decode.py tests/test_kernels_extend.py \
         tests/test_kernels_compress.py tests/test_kernels_window.py tests/test_plain_prefill.py \
-        tests/test_key_centering.py tests/test_codec.py tests/test_speculative_kernels.py > "$OUT/gpu_tests.log" 2>&1
+        tests/test_key_centering.py tests/test_codec.py tests/test_speculative_kernels.py tests/test_kernels_first_token.py \
+        > "$OUT/gpu_tests.log" 2>&1
     echo "tests exit $?"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -30; tail -3 "$OUT/gpu_tests.log"
     ;;
 bench)

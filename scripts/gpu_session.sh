@@ -97,7 +97,8 @@ kernel_summary() {  # kernel_summary PART: the lines of its log worth reading
 }
 kernel_tests() {  # the GPU kernel tests (over 5 minutes on an H200)
     timeout "${KERNEL_TESTS_LIMIT_S:-480}" python3 -m pytest -q -p no:cacheprovider ${KERNEL_TEST_FILES:-tests/test_kernels_decode.py \
-        tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py} > "$W/tests.log" 2>&1
+        tests/test_kernels_extend.py tests/test_kernels_compress.py tests/test_kernels_window.py tests/test_kernels_first_token.py} \
+        > "$W/tests.log" 2>&1
 }
 case "$STEP" in
 upload-a)

@@ -29,7 +29,8 @@ REQUIRED = {
     "serving": ("workload", "config", "backend", "kv_dtype", "clients", "isl", "osl", "output_tok_s", "spread",
                 "reps", "ttft_p50_ms", "tpot_p99_ms", "max_total_num_tokens") + COMMON,
     "capacity": ("model", "config", "backend", "max_total_num_tokens") + COMMON,
-    "simulation": ("model", "config", "window", "centering", "protected_layers", "metric", "mean", "spread", "n",
+    "simulation": ("model", "config", "window", "centering", "protected_layers", "first_token", "metric", "mean",
+                   "spread", "n",
                    "bf16_mean", "delta_pct", "delta_spread", "bytes_per_token", "bf16_bytes_per_token", "path")
     + COMMON,
     "fp8_scales": ("storage", "data", "rel_err", "seeds") + COMMON,
@@ -44,6 +45,7 @@ REQUIRED = {
 LAYOUTS = ("full", "swa", "swa+sinks", "hybrid-linear")
 ALLOWED = {"kernels": {"bench": ("decode", "step", "extend")},
            "quality": {"metric": ("ppl", "needle", "passkey", "asdiv", "greedy_prefix")},
+           "simulation": {"first_token": ("exact", "codes")},
            "models": {"layout": LAYOUTS}}
 # The README's model families: (family, examples, layout in results/models.json, how TurboQuant serves it,
 # where the CPU tests are)
@@ -334,20 +336,22 @@ def capacity_section(recs: List[dict]) -> List[str]:
 def simulation_section(recs: List[dict]) -> List[str]:
     if not recs:
         return []
-    out = ["## Key centering (CPU simulation)", "",
+    out = ["## Key centering and the exact first token (CPU simulation)", "",
            "Perplexity from `scripts/calibrate.py`'s simulator: the model in fp32 on the CPU, K and V of every "
            "quantized layer coded and decoded as the cache stores them, every scored token reading the compressed "
            "cache (window 0: the codecs alone, as a radix-cached prefix or a far-back needle sees them; window 32: "
-           "the presets' recent window). Not a server measurement. Change = mean over spans of the per-span "
-           "perplexity ratio − 1, ± its standard deviation over the spans; bytes are the KV cache per token.", ""]
+           "the presets' recent window; first token exact: each sequence's position 0 exact in every quantized "
+           "layer, as `first_token: exact` serves it, codes: from the codes like the rest). Not a server "
+           "measurement. Change = mean over spans of the per-span perplexity ratio − 1, ± its standard deviation "
+           "over the spans; bytes are the KV cache per token.", ""]
     for g in groups(recs, lambda r: (r["model"], r["path"], r.get("text"), r["n"], r["commit"], r["command"])):
         out += [f"{g[0]['model']}, {g[0]['n']} spans ({g[0].get('text', '')}); BF16 perplexity "
                 f"{num(g[0]['bf16_mean'], 2)}, {num(g[0]['bf16_bytes_per_token'])} B/token.", ""]
         rows = [[f"`{r['config']}`", str(r["window"]), r["centering"],
-                 ", ".join(map(str, r["protected_layers"])) or "—", num(r["mean"], 2),
+                 ", ".join(map(str, r["protected_layers"])) or "—", r["first_token"], num(r["mean"], 2),
                  f"{r['delta_pct']:+.2f} % ± {r['delta_spread']:.2f}", num(r["bytes_per_token"])] for r in g]
-        out += table(["preset", "window", "key centering", "bf16 layers", "perplexity", "change", "B/token"], rows,
-                     4)
+        out += table(["preset", "window", "key centering", "bf16 layers", "first token", "perplexity", "change",
+                      "B/token"], rows, 5)
         out += ["", provenance(g[0]) + ".", ""]
     return out
 

@@ -38,6 +38,14 @@ the codes, while later chunks of a chunked prefill and mixed batches keep the re
 req-to-token pool hands out the lowest free index first so that the ring covers the requests running at
 the same time.
 
+Exact first token (`first_token: exact` in the config; pool.py, `tq_kernels.window`): each extend claims, before
+any layer runs, the first-token table entry of every new token at position 0 (by token id) and writes every
+new slot's flag; each quantized layer's compress also writes those tokens' exact rotated rows to their
+entry, and every reader of the cache (decode, extend over a cached prefix, speculative verify, the evaluation
+mode's stored view) takes position 0 from the entry its slot is flagged with (also through a radix-cache
+prefix: the flag is the slot's). Only where the token id determines position 0's K/V: off (logged) under
+LoRA adapters; a sequence with multimodal inputs or a batch of input embeddings claims nothing.
+
 Key centering (`key_means:` in the config): the pool stores keys as codes of k - mu; extend passes the mean
 so the new tokens' fresh keys are centered the same way (with prefill_from_cache the new keys come
 dequantized from the cache, already centered). Decode is unchanged (softmax invariance). With logit
@@ -129,6 +137,7 @@ class TQForwardMetadata:
     window_rows: Optional[torch.Tensor] = None  # int32 ring row of each new token (< 0: none)
     window_lo: Optional[torch.Tensor] = None    # decode: first position read from the ring
     window_base: Optional[torch.Tensor] = None  # decode: ring row of position 0 (mod W)
+    first_entries: Optional[torch.Tensor] = None  # extend: int32 first-token table entry of each new token (< 0: none)
 
     # hybrid SWA memory: what a sliding-window layer reads instead of kv_indptr / kv_indices: the positions
     # its window can reach (decode: the last W + 1, extend: the prefix's last W), as sliding-window pool slots
@@ -148,10 +157,17 @@ class TQForwardMetadata:
     def ring_rows(self, n: int) -> Optional[torch.Tensor]:
         """window_rows for `n` written rows: a piecewise CUDA graph pads the extend's tokens past the batch
         (out_cache_loc 0, SGLang's padding slot); those rows write no ring row."""
-        rows = self.window_rows
-        if rows is None or rows.shape[0] >= n:
-            return rows
-        return torch.cat([rows, rows.new_full((n - rows.shape[0],), -1)])
+        return _padded_rows(self.window_rows, n)
+
+    def first_rows(self, n: int) -> Optional[torch.Tensor]:
+        """first_entries for `n` written rows (padding rows: none, as in ring_rows)."""
+        return _padded_rows(self.first_entries, n)
+
+
+def _padded_rows(rows: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    if rows is None or rows.shape[0] >= n:
+        return rows
+    return torch.cat([rows, rows.new_full((n - rows.shape[0],), -1)])
 
 
 class TurboQuantAttnBackend(AttentionBackend):
@@ -178,12 +194,14 @@ class TurboQuantAttnBackend(AttentionBackend):
         self.max_context_len = self.bf16.max_context_len
         self.num_sms = max(int(self.bf16.device_core_count), 1)
         self.ops.warm_tables(itertools.chain(pool.k_codecs, pool.v_codecs))
-        # (K codec, V codec) of the quantized layers with the recent window's ring and of those without one
-        # (the sliding-window pool's), planned apart
+        # (K codec, V codec) of the quantized layers with the recent window's ring and the first-token rows and of
+        # those without them (the sliding-window pool's), planned apart
         self._codec_pairs, self._ringless_pairs = [], []
         for sub in getattr(pool, "tq_subpools", [pool]):
             pairs = [(kc, vc) for kc, vc in zip(sub.k_codecs, sub.v_codecs) if kc is not None]
-            (self._codec_pairs if sub.window_size or not pool.window_size else self._ringless_pairs).extend(pairs)
+            tail = sub.window_size or sub.first_token or not (pool.window_size or pool.first_token)
+            (self._codec_pairs if tail else self._ringless_pairs).extend(pairs)
+        self.first_token = bool(pool.first_token) and self._first_token_holds(model_runner)
         self.prefill_from_cache = bool(pool.plan.prefill_from_cache)
         if self.prefill_from_cache:
             _announce_prefill_from_cache(pool.plan.name)
@@ -218,6 +236,17 @@ class TurboQuantAttnBackend(AttentionBackend):
             self.warm_extend_kernels(dtype, logit_caps=_model_logit_caps(model), sinks_dtype=_model_sinks_dtype(model))
             if self.ragged_prefill is not None:
                 self.warm_plain_prefill(dtype)
+
+    @staticmethod
+    def _first_token_holds(model_runner) -> bool:
+        """Whether position 0's K/V are a function of the token id (the first-token table's key): not under
+        LoRA adapters, which change them per request. Logged."""
+        args = model_runner.server_args
+        if server_arg(args, "enable_lora") or server_arg(args, "lora_paths"):
+            logger.info("TurboQuant: first_token: exact is off under LoRA adapters (they change the first token's "
+                        "K/V per request); the first token is read from the codes")
+            return False
+        return True
 
     def _create_speculative(self, model_runner):
         """The verify side of speculative decoding (sglang_tq.speculative) when the server runs it."""
@@ -299,7 +328,7 @@ class TurboQuantAttnBackend(AttentionBackend):
         if launch is None:
             launch = self.ops.decode_launch(bs, self._codec_pairs, self.num_kv_head, self.max_context_len,
                                             self.num_sms, self.batch_invariant, window=bool(self.window),
-                                            ringless_pairs=self._ringless_pairs)
+                                            first=self.first_token, ringless_pairs=self._ringless_pairs)
             self._launches[bs] = launch
         return launch
 
@@ -369,10 +398,28 @@ class TurboQuantAttnBackend(AttentionBackend):
             no_prefix=no_prefix, plain=self.plain_prefill and no_prefix and not self.prefill_from_cache,
             ragged=ragged, hybrid=hybrid and ragged,
             window_rows=self._extend_window(fb) if self.window else None,
+            first_entries=self._claim_first_rows(fb) if self.first_token else None,
             # the stock backend's window of the prefix (its last W positions, as sliding-window pool slots)
             **(dict(swa_kv_indptr=t.window_kv_indptr, swa_kv_indices=t.window_kv_indices,
                     swa_max_prefix_len=min(max(prefix), self.swa_window) if prefix else None)
                if self.swa_window else {}))
+
+    def _claim_first_rows(self, fb) -> torch.Tensor:
+        """The first-token table entry of each new token (the claim kernel: each sequence's first new token
+        when its prefix is empty); every new slot's flag written. Sequences with multimodal inputs (their
+        embeddings replace token ids') and batches of input embeddings claim nothing."""
+        n_tok = int(fb.extend_num_tokens) if fb.extend_num_tokens is not None else fb.out_cache_loc.shape[0]
+        ext = fb.extend_seq_lens.to(torch.int64)
+        first = torch.cumsum(ext, 0) - ext  # each sequence's first token in the batch (n_tok if it has none)
+        starts = ((fb.extend_prefix_lens == 0) & (ext > 0)).to(torch.int32)
+        mm = getattr(fb, "mm_inputs", None)
+        if getattr(fb, "input_embeds", None) is not None:
+            starts = torch.zeros_like(starts)
+        elif mm is not None and any(x is not None for x in mm):
+            text = torch.tensor([x is None for x in mm], dtype=torch.int32).to(starts.device, non_blocking=True)
+            starts = starts * text
+        at_zero = torch.zeros(n_tok + 1, dtype=torch.int32, device=ext.device).index_add_(0, first, starts)[:n_tok]
+        return self.tq_pool.claim_first_rows(fb.input_ids[:n_tok], fb.out_cache_loc[:n_tok], at_zero > 0)
 
     def _new_request_slots(self, req_pool_indices) -> None:
         """SGLang handed these request slots to new requests: their ring rows are another request's."""
@@ -472,7 +519,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         on the JIT). Only the constexprs select a variant (formats, block size, GQA packing, window,
         causal, soft-cap on or off; strides and the index dtypes are the serving ones: the stock
         backend's own indptr buffers), so serving finds them all compiled. It also runs a prefill-sized
-        compress (its own tile size) into slot 0; it writes no other cache row. sinks_dtype: the model's
+        compress (its own tile size) into slot 0, and the first-token claim kernel on slot 0 (no token at
+        position 0); it writes no other cache row. sinks_dtype: the model's
         attention sinks' dtype (None: no sinks); every variant again with sinks. A sliding window selects
         no variant (a plain int argument). Returns the number of extend runs."""
         pool, dev = self.tq_pool, self.device
@@ -516,17 +564,22 @@ class TurboQuantAttnBackend(AttentionBackend):
             # the prefill's compress tiles (16 rows up to 16 tokens, 32 from 17 on) into slot 0, no ring row
             for n_rows in (2, 32):
                 rows = torch.randn(n_rows, 2 * h_kv, pool.head_dim, generator=gen).to(device=dev, dtype=dtype)
+                none = torch.full((n_rows,), -1, dtype=torch.int32, device=dev)
                 pool.set_kv_buffer(None, torch.zeros(n_rows, dtype=torch.int64, device=dev), rows[:, :h_kv],
                                    rows[:, h_kv:, :pool.v_head_dim], layer_id_override=lid,
-                                   window_rows=(torch.full((n_rows,), -1, dtype=torch.int32, device=dev)
-                                                if self.window else None))
+                                   window_rows=none if self.window else None,
+                                   first_entries=none if self.first_token else None)
             for kw in variants:
                 self.ops.extend(q, k, v, kb, vb, qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5,
                                 causal=True, max_extend_len=n_new, window=window,
-                                k_mean=None if kw["logit_cap"] else pool.key_mean(lid), **kw)
+                                k_mean=None if kw["logit_cap"] else pool.key_mean(lid),
+                                first=self.first_rows(pool, lid), **kw)
                 runs += 1
             if self.spec is not None:  # speculative verify's variants (draft tree, prefix ring)
                 runs += self.spec.warm(kb, vb, lid, dtype, block_ms, logit_caps)
+        if self.first_token:  # the claim kernel, on slot 0 with no token at position 0
+            one = torch.zeros(1, dtype=torch.int64, device=dev)
+            pool.claim_first_rows(one, one, one.bool())
         return runs
 
     def warm_plain_prefill(self, dtype) -> bool:
@@ -605,7 +658,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         if md.verify is not None:
             return self.spec.forward(q, k, v, layer, forward_batch, md, save_kv_cache, sinks)
         if save_kv_cache:
-            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.ring_rows(k.shape[0]))
+            pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, window_rows=md.ring_rows(k.shape[0]),
+                               first_entries=md.first_rows(k.shape[0]))
         if md.plain:
             return self._plain_extend(q, k, v, layer, md, sinks)
         sliding = self._sliding_window(layer)
@@ -613,11 +667,12 @@ class TurboQuantAttnBackend(AttentionBackend):
         kv_indptr, kv_indices, max_prefix_len = md.kv(swa)
         kb, vb = pool.get_kv_buffer(layer.layer_id)
         k_mean = self._key_mean(pool, layer, sinks)
+        first = self.first_rows(pool, layer.layer_id)
         window = new_part = None
         if self.prefill_from_cache:
             # stored keys are codes of k - mu: dequantized they are already centered like the prefix
             loc = forward_batch.out_cache_loc_swa if swa else forward_batch.out_cache_loc
-            k_old, v_old = self._stored_kv(kb, vb, loc, q.dtype)
+            k_old, v_old = self._stored_kv(kb, vb, loc, q.dtype, first, md.first_rows(loc.shape[0]))
             if self.window:  # decode's view: the last W positions exact, older ones from the codes
                 from tq_kernels.window import ExtendWindow
                 window = ExtendWindow(k_old, v_old, self.window)
@@ -635,7 +690,7 @@ class TurboQuantAttnBackend(AttentionBackend):
             causal=self._causal(layer),
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             max_extend_len=md.max_extend_len, max_prefix_len=max_prefix_len,
-            k_mean=k_mean, window=window, new_part=new_part, sliding_window=sliding, sinks=sinks,
+            k_mean=k_mean, window=window, new_part=new_part, sliding_window=sliding, sinks=sinks, first=first,
             **self.extend_fixed)
         return o
 
@@ -695,13 +750,23 @@ class TurboQuantAttnBackend(AttentionBackend):
                                       "remove key_means from the config for this model")
         return mu
 
+    def first_rows(self, pool, layer_id: int):
+        """The layer's exact first-token rows for the kernels (None: off, or a layer of the sliding-window pool)."""
+        return pool.first_rows(layer_id) if self.first_token else None
+
     @torch.compiler.disable
-    def _stored_kv(self, kb, vb, loc, dtype):
-        """K/V of the slots `loc` as the cache holds them (dequantized), in `dtype`."""
+    def _stored_kv(self, kb, vb, loc, dtype, first=None, entries=None):
+        """K/V of the slots `loc` as the cache holds them (dequantized; first-token rows where `entries` >= 0:
+        their table entries, un-rotated), in `dtype`."""
         loc = loc.long()
-        k = kb.codec.decode(kb.codes[loc], kb.scales[loc]).to(dtype)
-        v = vb.codec.decode(vb.codes[loc], vb.scales[loc]).to(dtype)
-        return k, v
+        k = kb.codec.decode(kb.codes[loc], kb.scales[loc])
+        v = vb.codec.decode(vb.codes[loc], vb.scales[loc])
+        if first is not None and entries is not None:
+            e = entries.long()
+            exact = (e >= 0)[:, None, None]
+            k = torch.where(exact, kb.codec.unrotate(first.k[e.clamp(min=0)].float()).to(k.dtype), k)
+            v = torch.where(exact, vb.codec.unrotate(first.v[e.clamp(min=0)].float()).to(v.dtype), v)
+        return k.to(dtype), v.to(dtype)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         pool = forward_batch.token_to_kv_pool
@@ -729,10 +794,11 @@ class TurboQuantAttnBackend(AttentionBackend):
         if self.window and ring_k is not None:  # (no ring in the sliding-window pool: TQSWAKVPool)
             from tq_kernels.window import DecodeWindow
             window = DecodeWindow(ring_k, ring_v, self.window, md.window_lo, md.window_base)
+        first = self.first_rows(pool, layer.layer_id)
         self.ops.decode(
             # no copy: decode reads q's values only through q_rotated or a matmul, which takes strides
             q.view(bs, hq, d), kb, vb, kv_indptr, kv_indices, layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             out=o.view(bs, hq, layer.v_head_dim), launch=md.launch, workspace=md.workspace, q_rotated=q_rot,
-            window=window, sliding_window=self._sliding_window(layer), sinks=sinks)
+            window=window, first=first, sliding_window=self._sliding_window(layer), sinks=sinks)
         return o

@@ -65,6 +65,19 @@ prefill_from_cache: true makes every prefill attend to its own new tokens' K/V a
 values, so each token sees its whole past exactly as decoding would: perplexity then measures the
 cache format. It costs prefill speed and changes outputs, so the server warns about it in its log.
 
+First token (optional, top level)::
+
+    first_token: exact            # or: codes
+
+Most models park attention on the sequence's first token (BOS; Qwen's `<|im_start|>`): "attention sink"
+heads whose weight sits on that one key, so its quantization error costs more than any other token's.
+`exact` (the default) keeps the first token's K/V exact (bf16, rotated like the recent window's rows) in
+a table of a few entries per quantized layer, keyed by token id: at position 0 a causal decoder's K/V
+depend on the token id alone, so every request starting with that token shares the entry, also through
+the radix cache. The packed codes are still written; decode, extend over a cached prefix and speculative
+verify read the exact row instead. Under LoRA adapters (which change that K/V per request) the server
+turns it off and says so in its log. `codes` reads the first token from the codes like any other.
+
 Layer formats: `tq` (quantized with the K/V formats above), `bf16` (stored unquantized, at the
 model's 16-bit dtype) or `fp8` (SGLang's own fp8 KV layout: e4m3 of x / scale with one per-tensor scale,
 the checkpoint's k_scale / v_scale or 1.0, read directly by SGLang's Triton kernels; head_dim bytes per
@@ -115,7 +128,13 @@ MSE_BITS_RANGE = (2, 6)   # 1-bit MSE is legal in VecFormat but too lossy to off
 PROD_BITS_RANGE = (2, 5)  # includes the QJL sign bit: 1..4-bit MSE codes + 1 sign bit
 DEFAULT_BOUNDARY = 2
 
-_TOP_KEYS = ("name", "seed", "defaults", "boundary", "sliding", "overrides", "key_means", "window", "evaluation")
+_TOP_KEYS = ("name", "seed", "defaults", "boundary", "sliding", "overrides", "key_means", "window", "evaluation",
+             "first_token")
+FIRST_TOKEN_EXACT, FIRST_TOKEN_CODES = "exact", "codes"
+FIRST_TOKEN_CHOICES = (FIRST_TOKEN_EXACT, FIRST_TOKEN_CODES)
+# first-token table entries per quantized layer: the few first-token ids (BOS, a chat template's opening
+# token) the running requests share
+FIRST_TOKEN_ENTRIES = 4
 _WINDOW_KEYS = ("tokens", "requests")
 _EVALUATION_KEYS = ("prefill_from_cache",)
 WINDOW_MAX_TOKENS = 256      # the decode kernel keeps a window's scores in registers
@@ -236,6 +255,7 @@ class TQConfig:
     window_requests: int = DEFAULT_WINDOW_REQUESTS
     prefill_from_cache: bool = False  # evaluation.prefill_from_cache
     sliding_format: str = FORMAT_TQ   # format of the sliding-window layers (sliding.format)
+    first_token: str = FIRST_TOKEN_EXACT  # first_token: exact | codes
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "TQConfig":
@@ -308,6 +328,7 @@ class ModelPlan:
     sliding_layers: Tuple[int, ...] = ()  # the model's sliding-window layers (as given to resolve)
     # float32 CPU [num_layers, num_kv_heads_total, head_dim] (key centering) or None
     key_means: Optional[Any] = field(default=None, compare=False, repr=False)
+    first_token: str = FIRST_TOKEN_EXACT  # first_token: exact | codes
 
     def layer_key_mean(self, layer_id: int, heads: Optional[slice] = None):
         """fp32 [H, head_dim] mean of layer `layer_id` (heads: a slice of the KV heads), or None when the
@@ -569,8 +590,9 @@ def _parse(data: Any, source: str) -> TQConfig:
     key_means = _parse_key_means_path(data.get("key_means"), source)
     wtokens, wrequests = _parse_window(data.get("window"), source)
     from_cache = _parse_evaluation(data.get("evaluation"), source)
+    first_token = _want_choice(data.get("first_token", FIRST_TOKEN_EXACT), FIRST_TOKEN_CHOICES, source, "first_token")
     cfg = TQConfig(name, seed, k, v, first, last, bfmt, overrides, source, key_means, wtokens, wrequests, from_cache,
-                   sfmt)
+                   sfmt, first_token)
     # Check every override's k/v against the defaults now, so a bad value fails at load time.
     for o in overrides:
         _override_specs(cfg, o, k, v)
@@ -774,7 +796,7 @@ def _resolve(cfg: TQConfig, num_layers: int, head_dim: int, v_head_dim: Optional
                                 f"{'/'.join(sorted({lp.format for lp in plans} - {FORMAT_NONE}))}), so nothing would be "
                                 f"centered; allowed: key_means with at least one tq layer, or no key_means")
     return ModelPlan(cfg.name, cfg.seed, num_layers, head_dim, v_head_dim, tuple(plans), cfg.key_means,
-                     cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, sliding, means)
+                     cfg.window_tokens, cfg.window_requests, cfg.prefill_from_cache, sliding, means, cfg.first_token)
 
 
 # --------------------------------------------------------------------------------------------
@@ -944,6 +966,8 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
     if plan.window_bytes(num_kv_heads):
         lines.append(f"recent window: the last {plan.window_tokens} tokens exact (bf16) for up to "
                      f"{plan.window_requests} requests at a time; ring {plan.window_bytes(num_kv_heads)} B in all")
+    if plan.first_token == FIRST_TOKEN_EXACT and plan.quantized_layers:
+        lines.append("first token: exact (bf16 rows by token id, a few per quantized layer)")
     if plan.prefill_from_cache:
         lines.append("evaluation: prefill attends to its new tokens as the cache stores them (prefill_from_cache)")
     lines.append(f"total: {total} B/token (bf16 {bf16_total} B/token), "

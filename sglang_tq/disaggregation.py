@@ -13,6 +13,9 @@ never runs an extend for a transferred request (SGLang builds a PREBUILT batch),
 rule that sets `window_start` to the prefix length never runs; `prepare_for_prebuilt` is extended here to
 set `window_start` of those request slots to the transferred length, so decode reads every transferred
 position from the codes and only its own new tokens from the ring (lo = max(L - W, window_start)).
+Nor the exact first token's table (pool.py): the same hook clears the first-token flag of each transferred
+request's position-0 slot, a slot the decode worker may have used before, so decode reads position 0 from
+the transferred codes.
 
 Agreement: the two workers must hold identical layouts. Each prefill scheduler publishes the fingerprint of
 its pool (`config_fingerprint`: per-layer formats, seed, heads, layers, dtype, item lengths, key means) on
@@ -194,6 +197,13 @@ def restart_window(pool, req_pool_indices: torch.Tensor, positions: torch.Tensor
     pool.window_start[torch.where(req < R, req, R)] = positions.to(device=req.device, dtype=torch.int32)
 
 
+def clear_first_rows(pool, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor) -> None:
+    """Clear the first-token flag of these requests' position-0 slots: their K/V came over the wire without
+    the prefill worker's exact first-token rows. No-op with first_token: codes."""
+    req = req_pool_indices.to(device=req_to_token.device, dtype=torch.int64)
+    pool.clear_first_flags(req_to_token[req, 0])
+
+
 # --------------------------------------------------------------------------------------------
 # Hooks into SGLang's disaggregation modules
 # --------------------------------------------------------------------------------------------
@@ -350,6 +360,7 @@ def install_prebuilt(mod) -> None:
             pool = self.token_to_kv_pool_allocator.get_kvcache()
             if _is_tq_pool(pool):
                 restart_window(pool, self.req_pool_indices, self.seq_lens)
+                clear_first_rows(pool, self.req_to_token_pool.req_to_token, self.req_pool_indices)
         return prepare_for_prebuilt
 
     wrap_method(mod.ScheduleBatchDisaggregationDecodeMixin, "prepare_for_prebuilt", make)

@@ -24,14 +24,14 @@ def _no_compile(fn):
 @dataclass(frozen=True)
 class DecodeLaunch:
     """Launch decisions of one decode batch shape, made in init_forward_metadata / the graph hooks: one
-    `tq_kernels` DecodePlan per (K format, V format, recent-window ring) of the model's quantized layers
-    (empty off the GPU: the reference takes no launch decisions)."""
+    `tq_kernels` DecodePlan per (K format, V format, recent-window ring, first-token rows) of the model's
+    quantized layers (empty off the GPU: the reference takes no launch decisions)."""
 
     batch: int                 # the batch size the decisions are made for (1: batch-invariant)
     plans: Tuple[Tuple[tuple, DecodePlan], ...] = ()
 
-    def plan(self, kcodec, vcodec, ring: bool) -> Optional[DecodePlan]:
-        key = (kcodec.fmt, vcodec.fmt, bool(ring))
+    def plan(self, kcodec, vcodec, ring: bool, first: bool) -> Optional[DecodePlan]:
+        key = (kcodec.fmt, vcodec.fmt, bool(ring), bool(first))
         for fmts, plan in self.plans:
             if fmts == key:
                 return plan
@@ -60,21 +60,22 @@ class KernelCalls:
     # Launch decisions (host side, once per batch shape)
     # ------------------------------------------------------------------------------------------
     def decode_launch(self, bs: int, codec_pairs: Sequence[tuple], num_kv_heads: int, max_context_len: int,
-                      num_sms: int, batch_invariant: bool, window: bool,
+                      num_sms: int, batch_invariant: bool, window: bool, first: bool = False,
                       ringless_pairs: Sequence[tuple] = ()) -> DecodeLaunch:
         """The decode plans of a batch of `bs` for every distinct (K, V) format pair (with the recent window's
-        ring when `window`; ringless_pairs: layers without a ring, the sliding-window pool's); batch-invariant:
-        batch size 1's decisions for every batch, so a sequence's split-K partition depends on its length alone."""
+        ring when `window` and the first-token rows when `first`; ringless_pairs: layers without either, the
+        sliding-window pool's); batch-invariant: batch size 1's decisions for every batch, so a sequence's
+        split-K partition depends on its length alone."""
         b = 1 if batch_invariant else bs
         if not self.triton:
             return DecodeLaunch(batch=b)
         plans = {}
-        for pairs, ring in ((codec_pairs, bool(window)), (ringless_pairs, False)):
+        for pairs, ring, with_first in ((codec_pairs, bool(window), bool(first)), (ringless_pairs, False, False)):
             for kc, vc in pairs:
-                key = (kc.fmt, vc.fmt, ring)
+                key = (kc.fmt, vc.fmt, ring, with_first)
                 if key not in plans:
                     plans[key] = self._ops.plan_decode(kc, vc, b, num_kv_heads, max_context_len, self.device,
-                                                       window=ring, sm_count=num_sms)
+                                                       window=ring, first=with_first, sm_count=num_sms)
         return DecodeLaunch(batch=b, plans=tuple(plans.items()))
 
     def decode_workspace(self, max_bs: int, num_q_heads: int, v_head_dim: int, max_partials: int, head_dim_k: int):
@@ -110,19 +111,25 @@ class KernelCalls:
     # Kernels
     # ------------------------------------------------------------------------------------------
     @_no_compile
-    def compress(self, k, v, loc, kb, vb, *, k_mean=None, ring=None, q=None, q_rot=None) -> None:
+    def compress(self, k, v, loc, kb, vb, *, k_mean=None, ring=None, first=None, q=None, q_rot=None) -> None:
         """Quantize k / v into rows `loc` of the packed buffers kb / vb (pool.TQLayerBuffer); with q / q_rot
-        the same launch writes the queries rotated like the keys."""
+        the same launch writes the queries rotated like the keys; ring / first: exact rows (tq_kernels.window)."""
         self._ops.compress_and_store(k, v, loc, kb.codec, vb.codec, kb.codes, kb.scales, vb.codes, vb.scales,
-                                     k_mean=k_mean, ring=ring, q=q, q_rot=q_rot)
+                                     k_mean=k_mean, ring=ring, first=first, q=q, q_rot=q_rot)
+
+    @_no_compile
+    def claim_first_rows(self, ids, loc, at_zero, table, flags):
+        """First-token table entries of the new tokens (tq_kernels.first_token.claim_first_rows)."""
+        return self._ops.claim_first_rows(ids, loc, at_zero, table, flags)
 
     @_no_compile
     def decode(self, q, kb, vb, kv_indptr, kv_indices, sm_scale: float, *, logit_cap: float, out,
-               launch: DecodeLaunch, workspace=None, q_rotated=None, window=None, sliding_window: int = 0,
+               launch: DecodeLaunch, workspace=None, q_rotated=None, window=None, first=None, sliding_window: int = 0,
                sinks=None):
+        plan = launch.plan(kb.codec, vb.codec, window is not None, first is not None)
         return self._ops.decode_attention(q, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec, kv_indptr,
-                                          kv_indices, sm_scale, logit_cap, out, plan=launch.plan(kb.codec, vb.codec, window is not None),
-                                          workspace=workspace, q_rotated=q_rotated, window=window,
+                                          kv_indices, sm_scale, logit_cap, out, plan=plan, workspace=workspace,
+                                          q_rotated=q_rotated, window=window, first=first,
                                           sliding_window=sliding_window, sinks=sinks)
 
     @_no_compile
@@ -130,16 +137,16 @@ class KernelCalls:
                causal: bool, out=None, max_extend_len: Optional[int] = None, max_prefix_len: Optional[int] = None,
                k_mean=None, window=None, new_part=None, block_m: Optional[int] = None,
                gqa_pack: Optional[bool] = None, num_splits: Optional[int] = None, sliding_window: int = 0,
-               sinks=None, tree=None, prefix_ring=None):
+               sinks=None, tree=None, prefix_ring=None, first=None):
         """block_m / gqa_pack / num_splits: fixed by batch-invariant runs and the start-up warm-up; None
         leaves the choice to the kernel. sliding_window / sinks: the layer's (`extend_attention`).
-        tree / prefix_ring: speculative verify (`tq_kernels.verify`)."""
+        tree / prefix_ring: speculative verify (`tq_kernels.verify`); first: the exact first-token rows."""
         return self._ops.extend_attention(q, k, v, kb.codes, kb.scales, vb.codes, vb.scales, kb.codec, vb.codec,
                                           qo_indptr, kv_indptr, kv_indices, sm_scale, logit_cap, causal, out,
                                           max_extend_len=max_extend_len, max_prefix_len=max_prefix_len,
                                           k_mean=k_mean, window=window, new_part=new_part, block_m=block_m,
                                           gqa_pack=gqa_pack, num_splits=num_splits, sliding_window=sliding_window,
-                                          sinks=sinks, tree=tree, prefix_ring=prefix_ring)
+                                          sinks=sinks, tree=tree, prefix_ring=prefix_ring, first=first)
 
     def draft_staging(self, rings_k, rings_v, window: int, requests: int, draft_tokens: int, max_rows: int):
         """A `tq_kernels.verify.DraftStaging` over these rings (one launch per call on the GPU)."""

@@ -39,6 +39,14 @@ positions (row `req * W + position % W`, req = SGLang's req_pool_idx < R), and `
 to a request that has not run yet). The attention backend
 decides rows and bounds; the ring's memory is taken out of the token budget (registration.py).
 
+Exact first token (`first_token: exact` in the config; `tq_kernels.window.FirstRows`): per quantized layer
+two bf16 tables `[FIRST_TOKEN_ENTRIES, H_kv, head_dim]` of exact rotated K/V rows, shared by every request
+whose first token has the entry's id (`first_ids`, int32, -1 = free: at position 0 the K/V depend on the
+token id alone), and one byte per slot (`first_flags`: entry + 1 of the position-0 token the slot holds,
+0 = none). The flag lives with the slot, so a prefix served from the radix cache carries it. Every path
+that fills a slot's K/V other than set_kv_buffer must set its flag (move_kv_cache, the retraction copy) or
+clear it (`clear_first_flags`: disaggregation's transferred slots).
+
 Hybrid models (bottom of this module): `TQSWAKVPool` (SGLang's hybrid SWA memory: a full-attention and a
 sliding-window pool, slot ids translated by its allocator) and `TQHybridLinearKVPool` (a linear-attention
 hybrid's attention layers next to SGLang's recurrent-state pool) are SGLang's own hybrid pools whose
@@ -61,6 +69,7 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import HybridLinearKVPool, KVCache
 from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+from sglang_tq.config import FIRST_TOKEN_ENTRIES, FIRST_TOKEN_EXACT
 from sglang_tq.kernel_calls import kernel_calls
 from sglang_tq.sglang_internals import POOL_DTYPE
 from tq_kernels.codec import FP8_DTYPE, fp8_encode
@@ -148,6 +157,7 @@ class TQTokenToKVPool(KVCache):
         seed: Optional[int] = None,
         window_requests: int = 0,
         layer_ids: Optional[Sequence[int]] = None,
+        first_token: bool = True,
         **unused,
     ):
         if plan is None:
@@ -200,6 +210,9 @@ class TQTokenToKVPool(KVCache):
         # recent window: W ring rows for each of the first `window_requests` request slots
         self.window_size = int(getattr(plan, "window_tokens", 0) or 0) if window_requests > 0 else 0
         self.window_requests = int(window_requests) if self.window_size else 0
+        # exact first token (first_token: a sub-pool whose slots are not the model's positions holds none)
+        self.first_token = bool(first_token and getattr(plan, "first_token", None) == FIRST_TOKEN_EXACT
+                                and any(self.quantized))
         self._create_buffers()
         self.key_means: List[Optional[torch.Tensor]] = self._load_key_means()
         self.ops = kernel_calls(self.device)
@@ -218,6 +231,8 @@ class TQTokenToKVPool(KVCache):
         self.v_scales: List[Optional[torch.Tensor]] = []
         self.ring_k: List[Optional[torch.Tensor]] = []
         self.ring_v: List[Optional[torch.Tensor]] = []
+        self.first_k: List[Optional[torch.Tensor]] = []
+        self.first_v: List[Optional[torch.Tensor]] = []
         ring_rows = self.window_requests * self.window_size
         custom = (torch.cuda.use_mem_pool(self.custom_mem_pool)
                   if getattr(self, "enable_custom_mem_pool", False) else nullcontext())
@@ -235,18 +250,27 @@ class TQTokenToKVPool(KVCache):
                     else:
                         self.ring_k.append(None)
                         self.ring_v.append(None)
+                    entries = FIRST_TOKEN_ENTRIES if self.first_token else 0
+                    self.first_k.append(torch.zeros((entries, h, kf.head_dim), dtype=torch.bfloat16, device=dev)
+                                        if entries else None)
+                    self.first_v.append(torch.zeros((entries, h, vf.head_dim), dtype=torch.bfloat16, device=dev)
+                                        if entries else None)
                     self.k_buffer.append(None)
                     self.v_buffer.append(None)
                 else:
                     plain = torch.uint8 if self.fp8[i] else self.model_dtype
                     self.k_buffer.append(torch.zeros((rows, h, self.head_dim), dtype=plain, device=dev))
                     self.v_buffer.append(torch.zeros((rows, h, self.v_head_dim), dtype=plain, device=dev))
-                    for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.ring_k, self.ring_v):
+                    for lst in (self.k_codes, self.k_scales, self.v_codes, self.v_scales, self.ring_k, self.ring_v,
+                                self.first_k, self.first_v):
                         lst.append(None)
             # first ring position of each request slot (set at its first extend): decode never reads older
             # rows. Row R takes the writes of requests outside the ring (so the backend writes without a mask,
             # and without the host sync a boolean index costs); nothing reads it.
             self.window_start = torch.full((self.window_requests + 1,), WINDOW_FRESH, dtype=torch.int32, device=dev)
+            self.first_flags = torch.zeros((rows,) if self.first_token else (0,), dtype=torch.uint8, device=dev)
+            self.first_ids = torch.full((FIRST_TOKEN_ENTRIES if self.first_token else 0,), -1, dtype=torch.int32,
+                                        device=dev)
 
     def _load_key_means(self) -> List[Optional[torch.Tensor]]:
         """One fp32 [H_local, head_dim] device tensor per quantized local layer (None elsewhere)."""
@@ -294,7 +318,8 @@ class TQTokenToKVPool(KVCache):
         return [t for i in range(self.layer_num) for t in self._layer_tensors(i, role)]
 
     def _clear_buffers(self):
-        for name in ("k_buffer", "v_buffer", "k_codes", "k_scales", "v_codes", "v_scales", "ring_k", "ring_v"):
+        for name in ("k_buffer", "v_buffer", "k_codes", "k_scales", "v_codes", "v_scales", "ring_k", "ring_v",
+                     "first_k", "first_v", "first_flags", "first_ids"):
             if hasattr(self, name):
                 delattr(self, name)
 
@@ -376,6 +401,33 @@ class TQTokenToKVPool(KVCache):
     def window_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.ring_k + self.ring_v if t is not None)
 
+    def first_rows(self, layer_id: int):
+        """The exact first-token rows a quantized layer's decode reads (`tq_kernels.window.FirstRows`), or None."""
+        from tq_kernels.window import FirstRows
+
+        idx = self._local(layer_id)
+        if self.first_k[idx] is None:
+            return None
+        return FirstRows(self.first_k[idx], self.first_v[idx], self.first_flags)
+
+    def first_row_bytes(self) -> int:
+        """Bytes of the first-token tables, their ids and the slots' flags."""
+        return sum(t.numel() * t.element_size()
+                   for t in self.first_k + self.first_v + [self.first_flags, self.first_ids] if t is not None)
+
+    def claim_first_rows(self, ids: torch.Tensor, loc: torch.Tensor, at_zero: torch.Tensor) -> Optional[torch.Tensor]:
+        """The table entry of each new token (int32 [N], -1: none; `tq_kernels.first_token`): tokens at
+        position 0 (at_zero) find or claim their id's entry; every slot in `loc` gets its flag. None when
+        this pool keeps no first-token rows."""
+        if not self.first_token:
+            return None
+        return self.ops.claim_first_rows(ids, loc, at_zero, self.first_ids, self.first_flags)
+
+    def clear_first_flags(self, loc: torch.Tensor) -> None:
+        """These slots' K/V came from elsewhere (a transfer): their position 0, if any, is read from the codes."""
+        if self.first_token:
+            self.first_flags[loc.to(device=self.first_flags.device, dtype=torch.int64)] = 0
+
     def get_v_head_dim(self) -> int:
         return self.v_head_dim
 
@@ -392,12 +444,15 @@ class TQTokenToKVPool(KVCache):
         q_rot: Optional[torch.Tensor] = None,
         window_rows: Optional[torch.Tensor] = None,
         window_buffers: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        first_entries: Optional[torch.Tensor] = None,
     ) -> None:
         """q / q_rot (quantized layers, decode): the same compress launch writes the queries rotated like
         the keys into q_rot (tq_kernels.compress_and_store); the decode kernel then reads them.
         window_rows (int32 [N], < 0 = none): ring rows of the recent window for the new tokens.
         window_buffers: (k, v) rows that window_rows index instead of the ring (speculative verify stages
-        its draft tokens there)."""
+        its draft tokens there).
+        first_entries (int32 [N], < 0 = none; `claim_first_rows`): first-token table entries the new tokens'
+        exact rows go to."""
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = self._local(layer_id)
         # k_scale / v_scale (fp8 KV scales of a quantized checkpoint) are ignored by the bf16 and packed
@@ -409,8 +464,12 @@ class TQTokenToKVPool(KVCache):
             if window_rows is not None and self.ring_k[idx] is not None:
                 from tq_kernels.window import RingWrite
                 ring = RingWrite(*(window_buffers or (self.ring_k[idx], self.ring_v[idx])), window_rows)
+            first = None
+            if first_entries is not None and self.first_k[idx] is not None:
+                from tq_kernels.window import RingWrite
+                first = RingWrite(self.first_k[idx], self.first_v[idx], first_entries)
             self.ops.compress(k, v, loc, self._key(idx), self._value(idx), k_mean=self.key_means[idx], ring=ring,
-                              q=q, q_rot=q_rot)
+                              first=first, q=q, q_rot=q_rot)
         elif self.fp8[idx]:
             ks, vs = fp8_layer_scales(layer)
             self.k_buffer[idx][loc] = fp8_encode(k, ks)
@@ -421,11 +480,14 @@ class TQTokenToKVPool(KVCache):
             vb[loc] = v.to(vb.dtype)
 
     def move_kv_cache(self, tgt_loc: torch.Tensor, src_loc: torch.Tensor):
-        """Copy whole slots (all layers, all storage tensors): packed rows move as bytes."""
+        """Copy whole slots (all layers, all storage tensors, the first-token flags): packed rows move as bytes."""
         if tgt_loc.numel() == 0:
             return
-        for t in self._all_tensors("k") + self._all_tensors("v"):
+        for t in self._all_tensors("k") + self._all_tensors("v") + self._flag_tensors():
             t[tgt_loc] = t[src_loc]
+
+    def _flag_tensors(self) -> List[torch.Tensor]:
+        return [self.first_flags] if self.first_token else []
 
     # PD-decode retraction offload (schedule_batch: get_cpu_copy / load_cpu_copy)
     def get_cpu_copy(self, indices):
@@ -435,6 +497,7 @@ class TQTokenToKVPool(KVCache):
         for i in range(self.layer_num):
             out.append([t[indices].to("cpu", non_blocking=True)
                         for t in self._layer_tensors(i, "k") + self._layer_tensors(i, "v")])
+        out.append([t[indices].to("cpu", non_blocking=True) for t in self._flag_tensors()])  # the entries persist
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize()
         return out
@@ -443,6 +506,8 @@ class TQTokenToKVPool(KVCache):
         for i in range(self.layer_num):
             for t, src in zip(self._layer_tensors(i, "k") + self._layer_tensors(i, "v"), kv_cache_cpu[i]):
                 t[indices] = src.to(t.device, non_blocking=True)
+        for t, src in zip(self._flag_tensors(), kv_cache_cpu[self.layer_num]):
+            t[indices] = src.to(t.device, non_blocking=True)
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize()
 
@@ -455,7 +520,7 @@ class _SubPools:
     """Stands in for SGLang's token_to_kv_pool_class / MHATokenToKVPool inside a hybrid pool's __init__:
     its n-th call builds a TQTokenToKVPool of the n-th list of model layer ids (checked against the
     layer count SGLang asks for, so a reordering in SGLang fails loudly). The ring of the recent window
-    goes to the one sub-pool named in `ring`."""
+    and the first-token rows go to the one sub-pool named in `ring` (its slots are the model's positions)."""
 
     def __init__(self, plan, layer_ids: Sequence[Sequence[int]], window_requests: int, ring: Sequence[bool]):
         self.plan, self.layer_ids, self.window_requests, self.ring = plan, list(layer_ids), window_requests, list(ring)
@@ -467,7 +532,8 @@ class _SubPools:
             raise RuntimeError(f"TurboQuant: SGLang asked for KV sub-pool #{n} of {layer_num} layers; expected "
                                f"{[len(ids) for ids in self.layer_ids]} layers in that order")
         pool = TQTokenToKVPool(*args, layer_num=layer_num, plan=self.plan, layer_ids=self.layer_ids[n],
-                               window_requests=self.window_requests if self.ring[n] else 0, **kwargs)
+                               window_requests=self.window_requests if self.ring[n] else 0,
+                               first_token=self.ring[n], **kwargs)
         self.built.append(pool)
         return pool
 
@@ -487,6 +553,9 @@ class TQPoolGroup:
         self.window_size = ringed[0].window_size if ringed else 0
         self.window_requests = ringed[0].window_requests if ringed else 0
         self.window_start = (ringed[0] if ringed else first).window_start
+        # the sub-pool with the first-token rows (the one with the ring); the others read position 0 from the codes
+        self.first_pool = next((p for p in self.tq_subpools if p.first_token), None)
+        self.first_token = self.first_pool is not None
         self.k_codecs = [c for p in self.tq_subpools for c in p.k_codecs]
         self.v_codecs = [c for p in self.tq_subpools for c in p.v_codecs]
         self.quantized_layer_ids = sorted(lid for p in self.tq_subpools for lid in p.quantized_layer_ids)
@@ -526,6 +595,19 @@ class TQPoolGroup:
 
     def window_bytes(self) -> int:
         return sum(p.window_bytes() for p in self.tq_subpools)
+
+    def first_rows(self, layer_id: int):
+        return self.tq_pool_of(layer_id).first_rows(layer_id)
+
+    def first_row_bytes(self) -> int:
+        return sum(p.first_row_bytes() for p in self.tq_subpools)
+
+    def claim_first_rows(self, ids, loc, at_zero):
+        return self.first_pool.claim_first_rows(ids, loc, at_zero) if self.first_pool is not None else None
+
+    def clear_first_flags(self, loc) -> None:
+        if self.first_pool is not None:
+            self.first_pool.clear_first_flags(loc)
 
     def bytes_per_token(self) -> int:
         """Cache bytes of one token in every sub-pool (each holds its own tokens)."""

@@ -173,29 +173,47 @@ def ring_bytes(plan, num_kv_heads: int, requests: int, layers, staged_rows: int 
     return 2 * num_kv_heads * dims * (plan.window_tokens + staged_rows) * requests
 
 
-def reserve_window_memory(runner, plan, mod) -> int:
-    """Request slots the recent window's ring covers (0: no window), after taking the ring's bytes out of
-    the token budget SGLang computed (max_total_num_tokens), so the pool plus ring fit where SGLang
-    planned the pool alone."""
-    if not getattr(plan, "window_tokens", 0):
+def first_token_bytes(plan, num_kv_heads: int, layers, slots: int) -> int:
+    """Bytes of the exact first token over the quantized `layers`: bf16 K + V rows of FIRST_TOKEN_ENTRIES tokens
+    per layer at the formats' dims, as the pool allocates them, and one flag byte per slot of a pool of `slots`;
+    0 with first_token: codes."""
+    from sglang_tq.config import FIRST_TOKEN_ENTRIES, FIRST_TOKEN_EXACT
+
+    dims = sum(plan.layers[i].k.head_dim + plan.layers[i].v.head_dim for i in layers if plan.layers[i].quantized)
+    if getattr(plan, "first_token", None) != FIRST_TOKEN_EXACT or not dims:
         return 0
-    requests = min(int(getattr(runner, "max_running_requests", None) or plan.window_requests), plan.window_requests)
+    return 2 * num_kv_heads * dims * FIRST_TOKEN_ENTRIES + slots
+
+
+def reserve_window_memory(runner, plan, mod) -> int:
+    """Request slots the recent window's ring covers (0: no window), after taking the ring's bytes and the
+    exact first token's tables out of the token budget SGLang computed (max_total_num_tokens), so the pool
+    plus both fit where SGLang planned the pool alone."""
+    window = bool(getattr(plan, "window_tokens", 0))
+    requests = (min(int(getattr(runner, "max_running_requests", None) or plan.window_requests), plan.window_requests)
+                if window else 0)
     heads = runner.model_config.get_num_kv_heads(mod.get_attention_tp_size())
     # speculative verify stages each ring request's draft tokens in rows shaped like the ring's (DraftStaging)
     draft = int(server_arg(runner.server_args, "speculative_num_draft_tokens") or 0) \
         if server_arg(runner.server_args, "speculative_algorithm") else 0
-    if getattr(runner, "is_hybrid_swa", False):  # the ring serves the full-attention layers (TQSWAKVPool)
+    if getattr(runner, "is_hybrid_swa", False):  # ring and tables serve the full-attention layers (TQSWAKVPool)
         full_b, swa_b = swa_pool_bytes(runner, heads)
         ratio = runner.swa_max_total_num_tokens / max(runner.full_max_total_num_tokens, 1)
-        ring = ring_bytes(plan, heads, requests, runner.model_config.full_attention_layer_ids, draft)
+        layers = runner.model_config.full_attention_layer_ids
         cell = full_b + ratio * swa_b  # memory of one full-pool token, its share of the SWA pool included
     else:
         layers = kv_layer_ids(runner)
-        ring = ring_bytes(plan, heads, requests, layers, draft)
         cell = tq_cell_size_per_token(runner, len(layers), heads)
-    if not ring:
+    ring = ring_bytes(plan, heads, requests, layers, draft) if window else 0
+    page = int(server_arg(runner.server_args, "page_size") or 1)
+    tables = first_token_bytes(plan, heads, layers, runner.max_total_num_tokens + page)
+    if not ring + tables:
         return 0
-    cut = int(-(-ring // max(cell, 1)))
+    cut = int(-(-(ring + tables) // max(cell, 1)))
+    if not ring:  # the first token's tables alone: a few rows per layer
+        if not server_arg(runner.server_args, "max_total_tokens") and cut < runner.max_total_num_tokens:
+            shrink_token_budget(runner, cut)
+        return 0
     if server_arg(runner.server_args, "max_total_tokens"):  # a user cap: the pool is below what memory allows
         logger.info("TurboQuant recent window: last %d tokens exact for up to %d requests; ring %.1f MiB next to "
                     "the --max-total-tokens pool", plan.window_tokens, requests, ring / 2**20)

@@ -136,7 +136,8 @@ class SpeculativeVerify:
             for cap in logit_caps:
                 backend.ops.extend(q, k, v, kb, vb, qo_indptr, kv_indptr, kv_indices, pool.head_dim ** -0.5,
                                    logit_cap=cap, causal=True, max_extend_len=n, max_prefix_len=backend.max_context_len,
-                                   k_mean=None if cap else pool.key_mean(lid), tree=tree, prefix_ring=ring, **kw)
+                                   k_mean=None if cap else pool.key_mean(lid), tree=tree, prefix_ring=ring,
+                                   first=backend.first_rows(pool, lid), **kw)
                 runs += 1
         return runs
 
@@ -174,5 +175,5 @@ class SpeculativeVerify:
             out=o.view(-1, layer.tp_q_head_num, layer.v_head_dim), max_extend_len=md.max_extend_len,
             max_prefix_len=backend.max_context_len,  # prefix splits by the longest context: one count per batch size
             k_mean=backend._key_mean(pool, layer, sinks), sinks=sinks, tree=vm.tree, prefix_ring=ring,
-            **backend.extend_fixed)
+            first=backend.first_rows(pool, lid), **backend.extend_fixed)
         return o

@@ -142,6 +142,15 @@ class FakeRunner(mix.ModelRunnerKVCacheMixin):
             mix.get_available_gpu_memory, mix.get_world_group = orig_mem, orig_world
 
 
+def first_token_cut(runner, layers, tokens: int, cell: float, extra_bytes: int = 0) -> int:
+    """Tokens a `tokens`-token budget gives up (cell: bytes of one token) for the exact first token's tables
+    and slot flags over `layers` (registration.first_token_bytes; page size 1) plus `extra_bytes`."""
+    from sglang_tq.registration import first_token_bytes
+
+    heads = runner.model_config.get_num_kv_heads(1)
+    return int(-(-(first_token_bytes(runner._tq_plan, heads, layers, tokens + 1) + extra_bytes) // cell))
+
+
 def write_tq_config(tmp_path, text: str, name: str = "tq.yaml") -> str:
     p = tmp_path / name
     p.write_text(text)
@@ -171,7 +180,10 @@ def extend_batch(runner, req_ids: Sequence[int], prefix_lens: Sequence[int], new
     fb = ForwardBatch(
         forward_mode=ForwardMode.EXTEND,
         batch_size=len(req_ids),
-        input_ids=torch.zeros(sum(new_lens), dtype=torch.int64),
+        # token ids 1000 + the request slot: at position 0 a token's K/V depend on its id alone (the exact
+        # first-token table is keyed by it), and the tests' random K/V differ per request
+        input_ids=torch.repeat_interleave(1000 + torch.tensor(list(req_ids), dtype=torch.int64),
+                                          torch.tensor(list(new_lens), dtype=torch.int64)),
         req_pool_indices=torch.tensor(list(req_ids), dtype=torch.int64),
         seq_lens=torch.tensor(seq, dtype=torch.int64),
         out_cache_loc=out_cache_loc,
@@ -375,6 +387,28 @@ def dequant_slots(pool, layer_id: int, slots: torch.Tensor):
     slots = slots.long()
     return (kb.codec.decode(kb.codes[slots], kb.scales[slots]).float(),
             vb.codec.decode(vb.codes[slots], vb.scales[slots]).float())
+
+
+def exact_first_rows(pool, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """k, v [len(slots), H_kv, head_dim] with the rows of flagged slots (a position-0 token whose exact row the
+    first-token table keeps) replaced by that row, un-rotated: what the cache's readers take for them."""
+    first = pool.first_rows(layer_id)
+    if first is None:
+        return k, v
+    e = first.flags[slots.long()].long() - 1
+    if not (e >= 0).any():
+        return k, v
+    kc, vc = pool.codecs(layer_id)
+    k, v = k.clone(), v.clone()
+    k[e >= 0] = kc.unrotate(first.k[e[e >= 0]].float()).to(k.dtype)
+    v[e >= 0] = vc.unrotate(first.v[e[e >= 0]].float()).to(v.dtype)
+    return k, v
+
+
+def sequence_kv(pool, layer_id: int, slots: torch.Tensor):
+    """float32 K, V of a quantized layer's slots as the cache's readers take them (`dequant_slots`, then
+    `exact_first_rows`)."""
+    return exact_first_rows(pool, layer_id, slots, *dequant_slots(pool, layer_id, slots))
 
 
 def sink_attention_row(q, k, v, sink, lo: int):

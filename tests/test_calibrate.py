@@ -70,6 +70,30 @@ def test_simulator_recent_window(tiny_model):
     assert kl[96] < kl[8] < kl[0]
 
 
+def test_simulator_first_token(tiny_model):
+    """first_token: exact keeps every layer's position-0 K/V exact: the first position's logits are the exact
+    model's (it sees only itself), later ones move less than with the first token from the codes."""
+    import calibrate
+
+    sim = calibrate.Simulator(tiny_model, "cpu", torch.float32)
+    ids = sim.tok("It is a truth universally acknowledged. " * 4, add_special_tokens=False)["input_ids"][:64]
+    x = torch.tensor(ids)[None]
+    sim.set_config(None)
+    with torch.no_grad():
+        want = sim.model(x).logits
+    got = {}
+    for first in ("exact", "codes"):
+        sim.set_config(calibrate.uniform_config(2, (0, 0), 0, 0, first))
+        assert sim.first_exact == (first == "exact")
+        with torch.no_grad():
+            got[first] = sim.model(x).logits
+    torch.testing.assert_close(got["exact"][0, 0], want[0, 0], rtol=1e-5, atol=1e-5)
+    assert (got["codes"][0, 0] - want[0, 0]).abs().max() > 1e-3
+    assert calibrate.variant_dict("turbo4:first=codes")["first_token"] == "codes"
+    with pytest.raises(SystemExit, match="first=exact|codes"):
+        calibrate.variant_dict("turbo4:first=bf16")
+
+
 class _Exact:
     """A codec that gives back what it got: the simulator then must equal the model itself."""
 

@@ -66,6 +66,10 @@ BAD = [
     ("evaluation not a bool", "evaluation: {prefill_from_cache: 1}\n",
      ["evaluation.prefill_from_cache", "expected true or false", "int 1"]),
     ("evaluation not a mapping", "evaluation: true\n", ["evaluation", "expected a mapping"]),
+    ("bad first_token", "first_token: bf16\n", ["first_token", "'bf16'", "allowed: exact, codes"]),
+    ("first_token typo", "first_token: exactly\n", ["first_token", "did you mean 'exact'"]),
+    ("first_token not a string", "first_token: true\n", ["first_token", "True is not allowed", "exact, codes"]),
+    ("first_token unknown top key", "first_tokens: exact\n", ["first_tokens", "did you mean 'first_token'"]),
     ("bad sliding format", "sliding: {format: int4}\n", ["sliding.format", "'int4'", "tq, bf16, fp8"]),
     ("sliding unknown key", "sliding: {fromat: bf16}\n", ["sliding.fromat", "did you mean 'format'"]),
     ("sliding not a mapping", "sliding: bf16\n", ["sliding", "expected a mapping", "'bf16'"]),
@@ -541,6 +545,19 @@ def test_evaluation_prefill_from_cache(tmp_path):
     assert off.prefill_from_cache is False and "prefill_from_cache" not in off.summary(8)
     on = load_config(str(write(tmp_path, "evaluation: {prefill_from_cache: true}\n", "on.yaml"))).resolve(8, 128)
     assert on.prefill_from_cache is True and "prefill_from_cache" in on.summary(8)
+
+
+def test_first_token_default_exact_in_every_preset(tmp_path):
+    """first_token is exact unless the config says codes, in every shipped preset (the quality default needs no
+    calibration file); it reaches the resolved plan and its summary."""
+    from sglang_tq.config import list_presets
+
+    for name in list_presets():
+        assert load_config(name).first_token == "exact", name
+    plan = load_config(str(write(tmp_path, "defaults:\n  k: {bits: 4}\n", "d.yaml"))).resolve(8, 128)
+    assert plan.first_token == "exact" and "first token: exact" in plan.summary(8)
+    codes = load_config(str(write(tmp_path, "first_token: codes\n", "c.yaml"))).resolve(8, 128)
+    assert codes.first_token == "codes" and "first token" not in codes.summary(8)
 
 
 @pytest.mark.parametrize("ref", ["turbo4", "examples/calibrated_smollm2.yaml"])

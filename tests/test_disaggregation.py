@@ -237,7 +237,9 @@ def test_restart_window_only_touches_ring_slots(tmp_path):
     assert plain.window_start.numel() == 1 and torch.equal(plain.window_start, before)
 
 
-def test_prebuilt_hook_restarts_the_window(tmp_path):
+def test_prebuilt_hook_restarts_the_window_and_clears_first_rows(tmp_path):
+    """Transferred requests start their window at their length, and their position-0 slots lose any first-token
+    flag a previous use of the slot left (the prefill worker's exact rows do not travel)."""
     _, pool = _pool(tmp_path, WINDOW)
     ran = []
 
@@ -249,8 +251,15 @@ def test_prebuilt_hook_restarts_the_window(tmp_path):
     dg.install_prebuilt(SimpleNamespace(ScheduleBatchDisaggregationDecodeMixin=Mixin))
     batch = Mixin()
     batch.token_to_kv_pool_allocator = SimpleNamespace(get_kvcache=lambda: pool)
+    req_to_token = torch.zeros(4, 16, dtype=torch.int32)
+    req_to_token[0, :2], req_to_token[1, :2], req_to_token[2, 0] = torch.tensor([5, 6]), torch.tensor([8, 9]), 11
+    batch.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
+    assert pool.first_token
+    pool.first_flags[[5, 6, 8, 11]] = 1  # stale flags of the slots' earlier requests
     batch.prepare_for_prebuilt()
     assert ran == [1] and pool.window_start[:2].tolist() == [7, 9]
+    assert pool.first_flags[[5, 8]].tolist() == [0, 0]  # the transferred requests' first slots
+    assert pool.first_flags[[6, 11]].tolist() == [1, 1]  # another position's slot, another request's
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args,  # noqa: E402
-                          tq_and_reference_runners, tq_backend, write_tq_config)
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, sequence_kv,  # noqa: E402
+                          server_args, tq_and_reference_runners, tq_backend, write_tq_config)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
@@ -88,15 +88,15 @@ def _qkv(gen, n):
 
 
 def _sync_dequantized(s, slots):
-    """Copy the TurboQuant cache rows `slots` (dequantized) into the reference pool."""
+    """Copy the TurboQuant cache rows `slots` (dequantized; a flagged first token: its exact table row, as every
+    reader takes it) into the reference pool."""
     pool, ref_pool = s["pool"], s["ref_pool"]
     for lid in range(NUM_LAYERS):
         if not pool.is_quantized(lid):
             continue
-        kb, vb = pool.get_kv_buffer(lid)
-        kd = _uncentered(pool, lid, kb.codec.decode(kb.codes[slots], kb.scales[slots]))
-        ref_pool.k_buffer[lid][slots] = kd.to(torch.bfloat16)
-        ref_pool.v_buffer[lid][slots] = vb.codec.decode(vb.codes[slots], vb.scales[slots]).to(torch.bfloat16)
+        kd, vd = sequence_kv(pool, lid, slots)
+        ref_pool.k_buffer[lid][slots] = _uncentered(pool, lid, kd).to(torch.bfloat16)
+        ref_pool.v_buffer[lid][slots] = vd.to(torch.bfloat16)
 
 
 def _run_extend(s, req_ids, prefix_lens, new_lens):
@@ -109,6 +109,9 @@ def _run_extend(s, req_ids, prefix_lens, new_lens):
         r2t[r, p:p + n] = slots[off:off + n].to(r2t.dtype)
         off += n
     fb = extend_batch(runner, req_ids, prefix_lens, new_lens, slots, s["backend"])
+    # each request's own first token id: at position 0 a token's K/V depend on its id alone, and the random
+    # K/V here differ per request (the first-token table is keyed by id)
+    fb.input_ids = torch.repeat_interleave(1000 + torch.tensor(req_ids), torch.tensor(new_lens))
     fb_ref = extend_batch(ref_runner, req_ids, prefix_lens, new_lens, slots, s["ref"])
     s["backend"].init_forward_metadata(fb)
     s["ref"].init_forward_metadata(fb_ref)
@@ -175,8 +178,12 @@ def test_extend_prefix_chunked_decode(setup):
     #    E (req 3): full hit on A's 12 tokens + 1 new token (a decode request inside a mixed batch)
     r2t[1, :8] = r2t[0, :8]
     r2t[3, :12] = r2t[0, :12]
+    pool = s["pool"]
+    assert pool.first_flags[r2t[0, 0]] > 0 and pool.first_flags[r2t[2, 0]] > 0  # exact first tokens, by id
+    assert pool.first_flags[r2t[0, 0]] != pool.first_flags[r2t[2, 0]] and not pool.first_flags[r2t[0, 1:12]].any()
     fb2, slots2, _ = _run_extend(s, [1, 2, 3], [8, 5, 12], [6, 4, 1])
     s["lens"].update({1: 14, 2: 9, 3: 13})
+    assert not pool.first_flags[slots2].any()  # no new token at position 0: the reused slots' flags cleared
     md = s["backend"].forward_metadata
     assert md.kv_indptr.tolist() == [0, 8, 13, 25]
     expect = torch.cat([r2t[1, :8], r2t[2, :5], r2t[3, :12]]).long()

@@ -16,8 +16,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, dequant_slots, env, extend_batch,  # noqa: E402
-                          random_qkv, server_args, sink_attention_row, tq_backend, write_tq_config)
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, first_token_cut,  # noqa: E402
+                          random_qkv, sequence_kv, server_args, sink_attention_row, tq_backend, write_tq_config)
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.mem_cache.swa_memory_pool import SWATokenToKVPoolAllocator  # noqa: E402
 from sglang_tq.config import TQConfigError  # noqa: E402
@@ -66,13 +66,17 @@ def test_hybrid_swa_pool_layout(tmp_path):
     pool = _build_swa(r, 256, 96, path)
     assert isinstance(pool, TQSWAKVPool) and isinstance(r.token_to_kv_pool_allocator, SWATokenToKVPoolAllocator)
     assert pool.swa_kv_pool.layer_ids == [0, 2] and pool.full_kv_pool.layer_ids == [1, 3]
-    assert pool.swa_kv_pool.size == 96 and pool.full_kv_pool.size == 256
+    # the exact first token's tables and flags (full layers only) come out of the budget, both pools in proportion
+    F, S = (r._tq_plan.layers_bytes_per_token(HKV, ids) for ids in ([1, 3], [0, 2]))
+    full = 256 - first_token_cut(r, [1, 3], 256, F + 96 / 256 * S)
+    assert pool.full_kv_pool.size == full < 256 and pool.swa_kv_pool.size == int(96 * full / 256)
+    assert pool.full_kv_pool.first_token and not pool.swa_kv_pool.first_token
     assert pool.dtype == torch.uint8 and pool.model_dtype == torch.bfloat16
     for lid in (0, 2):
-        assert not pool.is_quantized(lid) and pool.get_key_buffer(lid).shape == (97, HKV, D)
+        assert not pool.is_quantized(lid) and pool.get_key_buffer(lid).shape == (pool.swa_kv_pool.size + 1, HKV, D)
     for lid in (1, 3):
         assert pool.is_quantized(lid) and isinstance(pool.get_key_buffer(lid), TQLayerBuffer)
-        assert pool.get_key_buffer(lid).codes.shape[0] == 257
+        assert pool.get_key_buffer(lid).codes.shape[0] == full + 1
     assert pool.quantized_layer_ids == [1, 3]
 
 
@@ -131,7 +135,7 @@ def test_hybrid_swa_ring_serves_full_layers_only(tmp_path):
     assert pool.full_kv_pool.size < 400 and pool.swa_kv_pool.size == int(200 * pool.full_kv_pool.size / 400)
     F = r._tq_plan.layers_bytes_per_token(HKV, [1, 3])
     ring = 2 * 4 * 2 * HKV * 2 * D * 2  # 2 requests x 4 tokens x 2 full layers, bf16 K + V
-    assert (400 - pool.full_kv_pool.size) == -(-ring // int(F + 0.5 * F))
+    assert (400 - pool.full_kv_pool.size) == first_token_cut(r, [1, 3], 400, int(F + 0.5 * F), ring)
 
 
 # -- serving through the backend ------------------------------------------------------------------
@@ -181,7 +185,7 @@ class _SWAServer:
             off = 0
             for r, p, n in zip(reqs, prefix, new):
                 lo_all = self.lo(layer, p)  # older positions may be gone from the sliding-window pool
-                kp, vp = dequant_slots(self.pool, layer.layer_id, self.slots(layer.layer_id, r, p)[lo_all:])
+                kp, vp = sequence_kv(self.pool, layer.layer_id, self.slots(layer.layer_id, r, p)[lo_all:])
                 keys, vals = torch.cat([kp, k3[off:off + n]]), torch.cat([vp, v3[off:off + n]])
                 for i in range(n):
                     pos = p + i
@@ -217,7 +221,7 @@ class _SWAServer:
             o = layer(q, k, v, fb, sinks=sink).view(-1, HQ, D).float()
             for b, (r, n) in enumerate(zip(reqs, seq)):
                 lo = self.lo(layer, n - 1)
-                keys, vals = dequant_slots(self.pool, layer.layer_id, self.slots(layer.layer_id, r, n)[lo:])
+                keys, vals = sequence_kv(self.pool, layer.layer_id, self.slots(layer.layer_id, r, n)[lo:])
                 want = sink_attention_row(q.view(-1, HQ, D)[b], keys, vals, sink, 0)
                 torch.testing.assert_close(o[b], want, atol=TOL, rtol=TOL,
                                            msg=lambda m: f"decode layer {layer.layer_id} req {r} len {n}: {m}")
@@ -240,7 +244,8 @@ def test_hybrid_swa_serving_reference_path(tmp_path):
 def test_hybrid_swa_windows_read_only_kept_slots(tmp_path):
     """After eviction the freed sliding-window slots are handed out again and overwritten: decode and a
     continuation still match, so the sliding-window layer reads nothing outside its window."""
-    s = _SWAServer(tmp_path, swa_tokens=28)
+    s = _SWAServer(tmp_path, swa_tokens=30)  # 28 slots once the first token's tables are reserved
+    assert s.pool.swa_kv_pool.size == 28
     s.extend([0], [0], [20])
     s.evict(0, 20 - W)
     s.extend([1], [0], [16])            # takes the freed slots
@@ -328,7 +333,8 @@ def test_linear_hybrid_pool_and_capacity(tmp_path):
     assert isinstance(pool, TQHybridLinearKVPool) and pool.full_kv_pool.layer_ids == [3, 7]
     assert pool.mamba_pool is r.req_to_token_pool.mamba_pool
     assert pool.get_v_head_dim() == D and pool.quantized_layer_ids == [7]
-    assert isinstance(pool.get_key_buffer(7), TQLayerBuffer) and pool.get_key_buffer(3).shape == (129, HKV, D)
+    assert pool.size == 128 - first_token_cut(r, [3, 7], 128, cell)  # the first token's tables and flags
+    assert isinstance(pool.get_key_buffer(7), TQLayerBuffer) and pool.get_key_buffer(3).shape == (pool.size + 1, HKV, D)
     with pytest.raises(IndexError, match="no KV cache"):
         pool.get_key_buffer(2)
     bf = _linear_runner(path, "triton")
@@ -380,7 +386,7 @@ def test_linear_hybrid_attention_layers_served(tmp_path):
         for layer in layers:
             q, k, v = _qkv(gen, 1)
             o = layer(q, k, v, fb).view(-1, HQ, D).float()
-            keys, vals = dequant_slots(pool, layer.layer_id, r2t[req, :n])
+            keys, vals = sequence_kv(pool, layer.layer_id, r2t[req, :n])
             want = sink_attention_row(q.view(-1, HQ, D)[0], keys, vals, zero_sink, 0)
             torch.testing.assert_close(o[0], want, atol=TOL, rtol=TOL)
 

@@ -11,7 +11,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, tq_backend, write_tq_config  # noqa: E402
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, first_token_cut,  # noqa: E402
+                          tq_backend, write_tq_config)
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.model_executor import model_runner_kv_cache_mixin as mix  # noqa: E402
@@ -91,7 +92,9 @@ def test_pool_size_comes_from_the_runner_budget(tmp_path):
         assert runner.max_total_num_tokens == runner.memory_pool_config.max_total_num_tokens == 54
         runner.max_running_requests = 4
         runner._init_pools()
-    assert runner.token_to_kv_pool.size == 54
+    # the pool built next: the smaller budget, less the exact first token's tables and flags
+    cell = runner.get_cell_size_per_token(2)
+    assert runner.token_to_kv_pool.size == 54 - first_token_cut(runner, [0, 1], 54, cell)
 
 
 def test_req_to_token_pool_order_and_lowest_free_first():

@@ -9,8 +9,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import (FakeModelConfig, decode_batch, extend_batch, tq_and_reference_runners,  # noqa: E402
-                          write_tq_config)
+from sglang_fakes import (FakeModelConfig, decode_batch, extend_batch, sequence_kv,  # noqa: E402
+                          tq_and_reference_runners, write_tq_config)
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from tq_kernels.codec import fp8_decode, fp8_encode  # noqa: E402
@@ -33,12 +33,11 @@ def test_fp8_and_packed_layers_prefill_prefix_decode(tmp_path, D):
     assert pool.k_codes[1].shape[-1] == {64: 32, 96: 64}[D]
 
     def stored(lid, loc):
-        """K/V of rows `loc` as the cache holds them, [n, HKV, D] bf16."""
+        """K/V of rows `loc` as the cache's readers take them, [n, HKV, D] bf16."""
         kb, vb = pool.get_kv_buffer(lid)
         if lid in fp8_layers:
             return fp8_decode(kb[loc]).bfloat16(), fp8_decode(vb[loc]).bfloat16()
-        return (kb.codec.decode(kb.codes[loc], kb.scales[loc]).bfloat16(),
-                vb.codec.decode(vb.codes[loc], vb.scales[loc]).bfloat16())
+        return tuple(x.bfloat16() for x in sequence_kv(pool, lid, loc))
     gen = torch.Generator().manual_seed(0)
     r2t = runner.req_to_token_pool.req_to_token
 

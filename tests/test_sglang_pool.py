@@ -7,7 +7,7 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import FakeModelConfig, FakeRunner, env, server_args, write_tq_config  # noqa: E402
+from sglang_fakes import FakeModelConfig, FakeRunner, env, first_token_cut, server_args, write_tq_config  # noqa: E402
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang_tq.compat import TQUnsupportedError  # noqa: E402
@@ -78,9 +78,10 @@ def test_pool_layout_from_config(tmp_path):
     assert isinstance(pool, TQTokenToKVPool)
     assert isinstance(r.req_to_token_pool, ReqToTokenPool)
     assert isinstance(r.token_to_kv_pool_allocator, TokenToKVPoolAllocator)
-    assert r.token_to_kv_pool_allocator.size == 100
+    size = 100 - first_token_cut(r, range(6), 100, cell)  # the exact first token's tables and flags
+    assert r.token_to_kv_pool_allocator.size == pool.size == size < 100
     assert pool.dtype == torch.uint8 and pool.dtype != torch.bfloat16 and pool.model_dtype == torch.bfloat16
-    rows = 100 + 1  # slot 0 (dummy) + 100 allocatable slots
+    rows = size + 1  # slot 0 (dummy) + the allocatable slots
     assert [lp.quantized for lp in pool.layer_plans] == [False, True, True, True, True, False]
     for lid in range(6):
         lp = plan.layers[lid]
@@ -113,7 +114,7 @@ def test_pool_layout_from_config(tmp_path):
     assert sum(lens) == k_bytes + v_bytes
     assert items == [t[0].nbytes for t in k_t + v_t] and sum(items) == cell
     # slot 0 is never handed out
-    assert int(r.token_to_kv_pool_allocator.alloc(100).min()) == 1
+    assert int(r.token_to_kv_pool_allocator.alloc(size).min()) == 1
 
 
 def test_pipeline_parallel_layer_range(tmp_path):
@@ -226,7 +227,7 @@ def test_fp8_capacity_llama3_8b_turbo4_plan(tmp_path):
     (3.77x without the ring; the bf16 first layer gives 3.50x with the ring)."""
     import sglang.srt.model_executor.model_runner_kv_cache_mixin as mix
     from sglang_tq.config import presets_dir
-    from sglang_tq.registration import reserve_window_memory
+    from sglang_tq.registration import first_token_bytes, reserve_window_memory
 
     fp8_path = str(presets_dir() / "examples" / "turbo4_fp8_boundary.yaml")
     budget = 55.0
@@ -246,7 +247,10 @@ def test_fp8_capacity_llama3_8b_turbo4_plan(tmp_path):
     assert fp8_cell == 8 * (31 * 132 + 256) == 34784
     ring = plan.window_bytes(8, 256)
     assert ring == 31 * 8 * 512 * 32 * 256
-    assert fp8_tokens == int(budget * (1 << 30)) // fp8_cell - -(-ring // fp8_cell)
+    profiled = int(budget * (1 << 30)) // fp8_cell
+    tables = first_token_bytes(plan, 8, range(32), profiled + 1)  # the exact first token's, with a flag per slot
+    assert tables == 31 * 2 * 8 * 256 * 4 + profiled + 1
+    assert fp8_tokens == profiled - -(-(ring + tables) // fp8_cell)
     ratio = fp8_tokens / bf16_tokens
     assert ratio >= 3.70 and f"{ratio:.3f}" == "3.702"
     bf16_first, _, _ = tq_tokens("turbo4")
@@ -257,7 +261,7 @@ def test_window_reservation_counts_draft_staging():
     """With speculative decoding each ring request also has staging rows for its draft tokens (bf16, the ring's
     row shape): the reservation grows by draft_tokens / window_tokens of the ring."""
     import sglang.srt.model_executor.model_runner_kv_cache_mixin as mix
-    from sglang_tq.registration import reserve_window_memory
+    from sglang_tq.registration import first_token_bytes, reserve_window_memory
 
     budget = 55.0
     plan = load_config("turbo4").resolve(32, 128)
@@ -271,13 +275,14 @@ def test_window_reservation_counts_draft_staging():
             r.max_running_requests = 256
             full = r.max_total_num_tokens
             assert reserve_window_memory(r, plan, mix) == 256
-            return full - r.max_total_num_tokens, r.get_cell_size_per_token(32)
+            return full - r.max_total_num_tokens, r.get_cell_size_per_token(32), full
 
-    plain, cell = tokens()
-    spec, _ = tokens(speculative_algorithm="NGRAM", speculative_num_draft_tokens=8)
+    plain, cell, full = tokens()
+    spec, _, _ = tokens(speculative_algorithm="NGRAM", speculative_num_draft_tokens=8)
     ring = plan.window_bytes(8, 256)
-    assert plain == -(-ring // cell)
-    assert spec == -(-(ring * (plan.window_tokens + 8) // plan.window_tokens) // cell) > plain
+    tables = first_token_bytes(plan, 8, range(32), full + 1)  # the exact first token's, as the same reservation
+    assert plain == -(-(ring + tables) // cell)
+    assert spec == -(-(ring * (plan.window_tokens + 8) // plan.window_tokens + tables) // cell) > plain
 
 
 def test_fp8_pool_layout_store_and_read(tmp_path):
@@ -294,7 +299,7 @@ def test_fp8_pool_layout_store_and_read(tmp_path):
     assert [pool.is_quantized(i) for i in range(4)] == [False, True, False, True]
     assert cell == pool.bytes_per_token() == 2 * (2 * 256 + 2 * 132)
     kb, vb = pool.get_kv_buffer(0)
-    assert kb.dtype == vb.dtype == torch.float8_e4m3fn and kb.shape == (51, 2, 128)
+    assert kb.dtype == vb.dtype == torch.float8_e4m3fn and kb.shape == (pool.size + 1, 2, 128)
     assert pool.k_buffer[0].dtype == torch.uint8
 
     class Layer:
@@ -304,7 +309,7 @@ def test_fp8_pool_layout_store_and_read(tmp_path):
     k = torch.randn(5, 2 * 128, generator=gen).to(torch.bfloat16)
     v = (torch.randn(5, 2 * 128, generator=gen) * 0.1).to(torch.bfloat16)
     k[0, 0] = 1000.0  # past e4m3's range: saturates, never NaN
-    loc = torch.tensor([3, 7, 8, 20, 50])
+    loc = torch.tensor([3, 7, 8, 20, pool.size])  # the last slot too
     pool.set_kv_buffer(Layer, loc, k, v)
     kd = pool.get_key_buffer(2)[loc].float()
     vd = fp8_decode(pool.get_value_buffer(2)[loc])

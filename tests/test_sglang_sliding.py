@@ -13,7 +13,7 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, dequant_slots, env, extend_batch,  # noqa: E402
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, sequence_kv,  # noqa: E402
                           random_qkv, sink_attention_row, tq_backend, write_tq_config)
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang_tq.kernel_calls import KernelCalls  # noqa: E402
@@ -53,9 +53,10 @@ def _qkv(gen, n):
 
 
 def _decode_view(s, lid, r, n):
-    """K/V of positions 0..n-1 of request r as decode reads them: from the codes, and the recent
-    window's positions (the last `ring`, none before the request's last extend began) exact."""
-    k, v = dequant_slots(s["pool"], lid, s["r2t"][r, :n])
+    """K/V of positions 0..n-1 of request r as decode reads them: from the codes (the first token from its
+    exact row), and the recent window's positions (the last `ring`, none before the request's last extend
+    began) exact."""
+    k, v = sequence_kv(s["pool"], lid, s["r2t"][r, :n])
     if s["ring"]:
         for p in range(max(n - s["ring"], s["start"][r]), n):
             k[p], v[p] = s["exact"][lid, r, p]
@@ -82,7 +83,7 @@ def _extend(s, reqs, prefix, new):
         q3, k3, v3 = (x.view(x.shape[0], -1, D).float() for x in (q, k, v))
         off = 0
         for r, p, n in zip(reqs, prefix, new):
-            kp, vp = dequant_slots(pool, layer.layer_id, r2t[r, :p])
+            kp, vp = sequence_kv(pool, layer.layer_id, r2t[r, :p])
             keys, vals = torch.cat([kp, k3[off:off + n]]), torch.cat([vp, v3[off:off + n]])  # new tokens exact
             for i in range(n):
                 pos = p + i

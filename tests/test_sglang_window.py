@@ -11,7 +11,8 @@ pytest.importorskip("sglang")
 
 import torch  # noqa: E402
 
-from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, write_tq_config  # noqa: E402
+from sglang_fakes import (FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, sequence_kv,  # noqa: E402
+                          write_tq_config)
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang_fakes import tq_backend  # noqa: E402
 
@@ -93,9 +94,7 @@ def _decode(s, reqs):
         for i, r in enumerate(reqs):
             L = s["lens"][r]
             lo = max(L - W, s["start"][r]) if r < 2 else L
-            loc = r2t[r, :L].long()
-            kk = kb.codec.decode(kb.codes[loc], kb.scales[loc])
-            vv = vb.codec.decode(vb.codes[loc], vb.scales[loc])
+            kk, vv = sequence_kv(pool, lid, r2t[r, :L])
             for p in range(lo, L):
                 kk[p], vv[p] = s["exact"][(r, p, lid)]
             want = _attend(q[i].view(HQ, D), kk, vv)
@@ -138,26 +137,36 @@ def test_decode_reads_the_window_exactly(s, pad):
         _decode(s, [0, 1])
 
 
+def _reserved_tokens(pool, tokens: int) -> int:
+    """Tokens the budget of a `tokens`-token pool gives up: the ring's bytes and the first token's (its tables
+    and a flag byte per slot, slot 0 included)."""
+    from sglang_tq.registration import first_token_bytes
+
+    tables = first_token_bytes(pool.plan, HKV, pool.layer_ids, tokens + 1)
+    assert tables == pool.first_row_bytes() - pool.first_ids.nbytes + (tokens - pool.size)  # the flags before the cut
+    return -(-(pool.window_bytes() + tables) // pool.bytes_per_token())
+
+
 def test_window_changes_attention_and_capacity(tmp_path, s):
-    """The ring's bytes come out of the token budget; without the window the same request attends
-    to codes only (so the comparison above can tell the two apart)."""
+    """The ring's bytes (and the first token's) come out of the token budget; without the window the same
+    request attends to codes only (so the comparison above can tell the two apart)."""
     pool = s["pool"]
     assert s["runner"].max_total_num_tokens < 256
     assert pool.window_bytes() == 2 * (NUM_LAYERS - 1) * 2 * W * HKV * D * 2
     cut = 256 - s["runner"].max_total_num_tokens
-    assert cut == -(-pool.window_bytes() // pool.bytes_per_token())
+    assert cut == _reserved_tokens(pool, 256)
 
 
 @pytest.mark.parametrize("head_dim", [80, 96])
 def test_window_budget_of_padded_head_dims(tmp_path, head_dim):
     """head_dim 80 / 96: the codes and the ring rows are at the codec's padded 128; the token budget gives up
-    the ring's real bytes."""
+    the ring's real bytes (and the first token's)."""
     path = write_tq_config(tmp_path, CFG)
     with env(SGLANG_TQ_CONFIG=path):
         runner = FakeRunner(FakeModelConfig(NUM_LAYERS, HQ, HKV, head_dim, context_len=64))
         pool = runner.build_pools(256, max_running_requests=8)
     assert pool.ring_k[1].shape == (2 * W, HKV, 128)
-    assert 256 - runner.max_total_num_tokens == -(-pool.window_bytes() // pool.bytes_per_token())
+    assert 256 - runner.max_total_num_tokens == _reserved_tokens(pool, 256)
 
 
 def test_lowest_free_request_index_first(s):

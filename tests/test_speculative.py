@@ -21,7 +21,7 @@ pytest.importorskip("sglang")
 import torch  # noqa: E402
 
 from sglang_fakes import FakeModelConfig, FakeRunner, decode_batch, env, extend_batch, server_args, tq_backend  # noqa: E402
-from sglang_fakes import write_tq_config  # noqa: E402
+from sglang_fakes import sequence_kv, write_tq_config  # noqa: E402
 from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode  # noqa: E402
 
@@ -98,15 +98,11 @@ def _prefill(s, reqs, lens, prefix=None):
             off += n
 
 
-def _stored(s, lid, loc):
-    kb, vb = s["pool"].get_kv_buffer(lid)
-    return kb.codec.decode(kb.codes[loc], kb.scales[loc]), vb.codec.decode(vb.codes[loc], vb.scales[loc])
-
-
 def _window_view(s, r, lid, upto, lo):
-    """K/V of request r's positions [0, upto) as decode reads them: [lo, upto) exact, the rest from the codes."""
+    """K/V of request r's positions [0, upto) as decode reads them: [lo, upto) exact, the rest from the codes
+    (position 0 from the exact first-token row where its slot is flagged)."""
     r2t = s["runner"].req_to_token_pool.req_to_token
-    kk, vv = _stored(s, lid, r2t[r, :upto].long())
+    kk, vv = sequence_kv(s["pool"], lid, r2t[r, :upto])
     for p in range(lo, upto):
         kk[p], vv[p] = s["exact"][(r, p, lid)]
     return kk, vv
