@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
+
+from make_tables import replace_records
 
 # (point, bench, shape name, codec, batch, context, new tokens): bench_kernels.py's --headline points
 POINTS = [("decode hd128 B=32 32K", "decode", "hd128", "K4V4", 32, 32768, None),
@@ -88,15 +89,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     recs = records(load(a.before), load(a.after), a.change, a.commit_before, a.commit_after)
     if a.json:
-        old = []
-        if os.path.exists(a.json):
-            with open(a.json) as f:
-                old = json.load(f)
-        same = {(r["change"], r["card"], r["commit_before"], r["commit_after"]) for r in recs}
-        old = [r for r in old if (r.get("change"), r["card"], r["commit_before"], r["commit_after"]) not in same]
-        with open(a.json, "w") as f:
-            json.dump(old + recs, f, indent=1)
-            f.write("\n")
+        replace_records(a.json, recs, lambda r: (r.get("change"), r["card"], r["commit_before"], r["commit_after"]))
     if a.print or not a.json:
         print(f"{recs[0]['card']}: before {a.commit_before}, after {recs[0]['commit_after']}")
         for r in recs:

@@ -36,6 +36,7 @@ from tq_kernels.codec import VecFormat  # noqa: E402
 from tq_kernels.compress import compress_and_store  # noqa: E402
 from tq_kernels.decode import DecodeWorkspace, decode_attention, plan_decode  # noqa: E402
 from tq_kernels.extend import extend_attention  # noqa: E402
+from make_tables import replace_records  # noqa: E402
 
 CODECS = {
     "K4V4": (dict(bits=4), dict(bits=4)),
@@ -755,17 +756,8 @@ def record_key(r: dict) -> tuple:
 
 
 def merge_records(path, recs) -> None:
-    """Write recs into the JSON list at path; a new record replaces an older one of the same point and card
-    (the published tables hold current numbers only)."""
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-    keys = {record_key(r) for r in recs}
-    merged = [r for r in old if record_key(r) not in keys] + recs
-    with open(path, "w") as f:
-        json.dump(merged, f, indent=1)
-        f.write("\n")
+    """Write recs into the JSON list at path; a new record replaces an older one of the same point and card."""
+    merged = replace_records(path, recs, record_key)
     log(f"{len(recs)} records into {path} ({len(merged)} in all)")
 
 

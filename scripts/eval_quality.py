@@ -39,6 +39,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from make_tables import replace_records
+
 try:
     from tqdm import tqdm
 except ImportError:  # progress bars are optional
@@ -337,11 +339,8 @@ def merge(paths, baseline: str, out: str = "") -> list:
     for r in recs:
         r["bf16_mean"] = base.get(_key(r))
     if out:
-        ident = lambda r: (r["model"], r["config"], r["metric"], r["length"], r["path"], r["card"], r["commit"])  # noqa: E731
-        new = {ident(r) for r in recs}
-        old = json.load(open(out)) if os.path.exists(out) else []
-        with open(out, "w") as f:
-            json.dump([r for r in old if ident(r) not in new] + recs, f, indent=1)
+        replace_records(out, recs, lambda r: (r["model"], r["config"], r["metric"], r["length"], r["path"], r["card"],
+                                              r["commit"]))
     return recs
 
 

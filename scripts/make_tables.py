@@ -99,6 +99,17 @@ def load(results: Path) -> Dict[str, List[dict]]:
     return data
 
 
+def replace_records(path, recs: List[dict], key: Callable[[dict], tuple]) -> List[dict]:
+    """Write `recs` into the JSON list at `path` (created if missing); an older record with the same `key`
+    is replaced (the published tables hold current numbers only). Returns the whole list."""
+    path = Path(path)
+    new = {key(r) for r in recs}
+    old = json.loads(path.read_text()) if path.exists() else []
+    merged = [r for r in old if key(r) not in new] + recs
+    path.write_text(json.dumps(merged, indent=1) + "\n")
+    return merged
+
+
 # ----------------------------------------------------------------------------- formatting
 
 
