@@ -363,12 +363,13 @@ class ModelPlan:
 
     def window_bytes(self, num_kv_heads: int, requests: Optional[int] = None, layers: Optional[range] = None) -> int:
         """Bytes of the recent-window ring: bf16 K + V of window_tokens x `requests` (default
-        window_requests) tokens in every quantized layer of `layers` (default all); 0 without a window."""
+        window_requests) tokens in every quantized layer of `layers` (default all); 0 without a window. The
+        ring's rows are at the codec's dim (128 for a model head_dim of 80 or 96)."""
         if not self.window_tokens:
             return 0
         layers = range(self.num_layers) if layers is None else layers
-        per_token = num_kv_heads * sum(BF16_BYTES_PER_HEAD(self.head_dim) + BF16_BYTES_PER_HEAD(self.v_head_dim)
-                                       for i in layers if self.layers[i].quantized)
+        per_token = num_kv_heads * sum(BF16_BYTES_PER_HEAD(lp.k.head_dim) + BF16_BYTES_PER_HEAD(lp.v.head_dim)
+                                       for lp in (self.layers[i] for i in layers) if lp.quantized)
         return per_token * self.window_tokens * (self.window_requests if requests is None else requests)
 
     def bf16_bytes_per_token(self, num_kv_heads: int) -> int:

@@ -166,6 +166,7 @@ def test_window_budget_of_padded_head_dims(tmp_path, head_dim):
         runner = FakeRunner(FakeModelConfig(NUM_LAYERS, HQ, HKV, head_dim, context_len=64))
         pool = runner.build_pools(256, max_running_requests=8)
     assert pool.ring_k[1].shape == (2 * W, HKV, 128)
+    assert pool.window_bytes() == pool.plan.window_bytes(HKV, pool.window_requests, pool.layer_ids)  # as the log states
     assert 256 - runner.max_total_num_tokens == _reserved_tokens(pool, 256)
 
 
