@@ -342,6 +342,46 @@ def span_ppl(sim, spans):
     return {"mean": mean, "std": std, "min": min(per), "max": max(per), "per_span": per}
 
 
+SIMULATION_PATH = "CPU simulation of the codecs (fp32): every scored token reads the compressed cache"
+
+
+def simulation_records(report: dict, a, means_label: str) -> list:
+    """results/simulation.json records of --variants (scripts/make_tables.py publishes them). change = mean
+    over spans of the per-span perplexity ratio - 1, spread = its standard deviation over the spans."""
+    import datetime
+    import subprocess
+
+    import eval_quality as ev
+
+    res = report["variants"]
+    bf = res["rows"]["bf16"]
+    texts = ", ".join(os.path.basename(f) for f in ev.text_files(a.eval_texts))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    command = "python scripts/calibrate.py " + " ".join(
+        os.path.basename(x) if os.path.isabs(x) else x for x in sys.argv[1:])
+    out = []
+    for spec, r in res["rows"].items():
+        if spec == "bf16":
+            continue
+        ratios = [x / y - 1 for x, y in zip(r["per_span"], bf["per_span"])]
+        mean = sum(ratios) / len(ratios)
+        sd = (sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) ** 0.5 if len(ratios) > 1 else 0.0
+        out.append({
+            "model": a.name or os.path.basename(a.model.rstrip("/")), "config": spec.split(":")[0],
+            "window": r["window"],
+            "centering": f"calibrated ({means_label})" if r["centering"] == "calibrated" else r["centering"],
+            "protected_layers": r["protected"], "first_token": r["first_token"], "metric": "ppl",
+            "mean": round(r["mean"], 4), "spread": round(r["std"], 4), "n": len(ratios), "span_tokens": a.span_tokens,
+            "bf16_mean": round(bf["mean"], 4), "delta_pct": round(100 * mean, 2), "delta_spread": round(100 * sd, 2),
+            "bytes_per_token": r["bytes_per_token"], "bf16_bytes_per_token": r["bf16_bytes_per_token"],
+            "path": SIMULATION_PATH,
+            "text": f"{a.span_tokens}-token spans of {texts}" + (", each after BOS" if a.bos else ""),
+            "card": "CPU (simulation)", "date": datetime.date.today().isoformat(), "commit": commit,
+            "command": command})
+    return out
+
+
 def run_variants(sim, a, log, means=None, means_path="", ratio=None):
     """--variants on --eval-texts spans: perplexity (mean, std over spans) and cache bytes per token of
     each variant; the YAMLs go to --write-configs when given (serve them with
@@ -377,6 +417,10 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
         r = span_ppl(sim, spans)
         plan = cfg.resolve(sim.num_layers, sim.head_dim, num_kv_heads=sim.num_kv_heads)
         r["bytes_per_token"] = plan.bytes_per_token(sim.num_kv_heads)
+        r["bf16_bytes_per_token"] = plan.bf16_bytes_per_token(sim.num_kv_heads)
+        km = d.get("key_means")
+        r["centering"] = "none" if km is None else "auto" if km == KEY_MEANS_AUTO else "calibrated"
+        r["window"], r["first_token"] = plan.window_tokens, plan.first_token
         r["protected"] = [o["layers"] for o in d.get("overrides", []) if o.get("format") == "bf16"]
         rows[spec] = r
         log(f"{spec:36s} ppl {r['mean']:.4f} +- {r['std']:.4f} ({(r['mean'] / bf16 - 1) * 100:+.2f} %; spans "
@@ -430,6 +474,11 @@ def main():
     ap.add_argument("--eval-texts", default="", help="text file or folder of *.txt for --variants")
     ap.add_argument("--spans", type=int, default=3)
     ap.add_argument("--span-tokens", type=int, default=1024)
+    ap.add_argument("--record", default="", help="write --variants as records into this results JSON list "
+                    "(results/simulation.json; replaces records of the same model, variant and commit)")
+    ap.add_argument("--name", default="", help="model name in the records (default: the --model folder's name)")
+    ap.add_argument("--means-label", default="", help="what the key means were measured on, for the records "
+                    "(default: the --means-text file's name)")
     ap.add_argument("--write-configs", default="", help="write each variant's YAML into this folder")
     ap.add_argument("--bos", action="store_true", help="the tokenizer's BOS in front of every --variants span (as "
                     "eval_quality.py ppl --bos) and every key-means window; for models that need it, e.g. Gemma")
@@ -475,6 +524,14 @@ def main():
                                           key_mean_ratio(means, sim.last_key_rms) if means is not None else None)
         if a.json:
             json.dump(report, open(a.json, "w"), indent=1)
+        if a.record:
+            from make_tables import replace_records
+
+            label = a.means_label or (f"{report['key_means']['tokens']} tokens of "
+                                      f"{os.path.basename(a.means_text or a.text)}" if "key_means" in report else "")
+            replace_records(a.record, simulation_records(report, a, label),
+                            lambda r: (r["model"], r["config"], r["window"], r["centering"],
+                                       tuple(r["protected_layers"]), r["first_token"], r["text"], r["commit"]))
         if a.no_calibrate and not a.presets:
             return
     report["ppl_bf16"] = ppl_of(None)

@@ -189,12 +189,17 @@ def qa(url: str, path: str, limit: int, max_tokens: int = 160, concurrency: int 
 
 
 # ------------------------------------------------------------------------------------------------
-def read_texts(path: str) -> list:
-    """The texts of a file, or of every *.txt in a folder (sorted by name)."""
+def text_files(path: str) -> list:
+    """A file, or every *.txt in a folder (sorted by name)."""
     files = sorted(glob.glob(os.path.join(path, "*.txt"))) if os.path.isdir(path) else [path]
     if not files:
         raise SystemExit(f"eval_quality: no *.txt files in {path}")
-    return [open(f, encoding="utf-8").read() for f in files]
+    return files
+
+
+def read_texts(path: str) -> list:
+    """The texts of a file, or of every *.txt in a folder (sorted by name)."""
+    return [open(f, encoding="utf-8").read() for f in text_files(path)]
 
 
 def text_spans(texts, n_spans: int, span_tokens: int, tokenize_fn) -> list:

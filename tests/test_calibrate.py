@@ -194,7 +194,7 @@ def test_variants_score_spans_and_write_server_configs(tiny_model, tmp_path):
            "--text", str(texts / "a.txt"), "--chars", "600", "--tokens", "64", "--window", "64", "--device", "cpu",
            "--means-text", str(texts / "b.txt"), "--key-means-out", str(tmp_path / "m.safetensors"), "--no-calibrate",
            "--eval-texts", str(texts), "--spans", "3", "--span-tokens", "48", "--write-configs", str(cfgs),
-           "--json", str(report),
+           "--json", str(report), "--record", str(tmp_path / "simulation.json"), "--name", "tiny",
            "--variants", "turbo4:w=0:center=none,turbo4:w=0:center=calibrated,turbo4:w=0:center=none:protect=1"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -211,3 +211,15 @@ def test_variants_score_spans_and_write_server_configs(tiny_model, tmp_path):
 
     cal = load_config(str(cfgs / "turbo4_w0_centercalibrated.yaml"))
     assert cal.key_means == str(tmp_path / "m.safetensors") and cal.window_tokens == 0
+    # --record: the records make_tables publishes; change = mean of the per-span ratios - 1
+    import make_tables
+
+    recs = json.loads((tmp_path / "simulation.json").read_text())
+    assert len(recs) == 3 and all(set(make_tables.REQUIRED["simulation"]) <= set(r) for r in recs)
+    by = {r["centering"]: r for r in recs if not r["protected_layers"]}
+    assert set(by) == {"none", "calibrated (64 tokens of b.txt)"}
+    ratios = [x / y - 1 for x, y in zip(plain["per_span"], rows["bf16"]["per_span"])]
+    assert by["none"]["delta_pct"] == pytest.approx(100 * sum(ratios) / 3, abs=0.006)
+    assert by["none"]["window"] == 0 and by["none"]["first_token"] == "exact" and by["none"]["model"] == "tiny"
+    assert by["none"]["text"] == "48-token spans of a.txt, b.txt" and by["none"]["n"] == 3
+    assert [r["protected_layers"] for r in recs if r["protected_layers"]] == [[layer]]
