@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -358,7 +359,7 @@ def simulation_records(report: dict, a, means_label: str) -> list:
     texts = ", ".join(os.path.basename(f) for f in ev.text_files(a.eval_texts))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    command = "python scripts/calibrate.py " + " ".join(
+    command = "python scripts/calibrate.py " + shlex.join(
         os.path.basename(x) if os.path.isabs(x) else x for x in sys.argv[1:])
     out = []
     for spec, r in res["rows"].items():
@@ -419,7 +420,8 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
         r["bytes_per_token"] = plan.bytes_per_token(sim.num_kv_heads)
         r["bf16_bytes_per_token"] = plan.bf16_bytes_per_token(sim.num_kv_heads)
         km = d.get("key_means")
-        r["centering"] = "none" if km is None else "auto" if km == KEY_MEANS_AUTO else "calibrated"
+        r["centering"] = ("none" if km is None else "calibrated" if km != KEY_MEANS_AUTO
+                          else "auto" if auto is not None else "none (auto: no k biases)")
         r["window"], r["first_token"] = plan.window_tokens, plan.first_token
         r["protected"] = [o["layers"] for o in d.get("overrides", []) if o.get("format") == "bf16"]
         rows[spec] = r
