@@ -21,6 +21,10 @@ silently serving a wrong cache:
   `MemoryPoolConfig` keeps a copy); the recent window's ring takes its bytes out of that budget.
 * `server_arg`: server arguments are read by name; a name SGLang renamed or removed raises instead of
   reading a default.
+* `probe_key_means`: one prefill through the loaded model's decoder stack (`model.model(input_ids,
+  positions, forward_batch)`) with a hand-built EXTEND ForwardBatch; RadixAttention hands q, k, v (k after
+  RoPE) to `forward_batch.attn_backend.forward` outside piecewise CUDA graphs, so a backend of its own sees
+  every layer's keys and nothing reaches the KV pool.
 
 Two more the backend relies on, with their tests there: the CUDA-graph runner pads a decode batch with
 the backend's seq_len fill value (1) and stale request indices (the recent window tells padding rows by
@@ -152,3 +156,61 @@ def server_arg(server_args, name: str):
         raise SGLangInternalsError(f"TurboQuant: SGLang's ServerArgs has no field '{name}' (renamed or removed in "
                                    f"this SGLang version); the TurboQuant start-up checks need updating")
     return getattr(server_args, name)
+
+
+def probe_key_means(model, token_ids) -> dict:
+    """{layer_id: fp32 CPU [H_local, head_dim]}: the mean post-RoPE key of every attention layer of this rank
+    over one prefill of `token_ids` (exact attention in PyTorch: causal, GQA, the layer's scaling, logit cap,
+    sliding window and sinks). Tensor-parallel ranks run it together (the model's collectives) and each
+    gets its own heads."""
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    class ProbeAttention(AttentionBackend):
+        def __init__(self):
+            self.means = {}
+
+        def init_forward_metadata(self, forward_batch):
+            pass
+
+        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+            t, hq, hk = q.shape[0], layer.tp_q_head_num, layer.tp_k_head_num
+            k = k.reshape(t, hk, layer.qk_head_dim).float()
+            self.means[layer.layer_id] = k.mean(0).cpu()
+            qh = q.reshape(t, hq, layer.qk_head_dim).transpose(0, 1).float()
+            kh = k.transpose(0, 1).repeat_interleave(hq // hk, 0)
+            vh = v.reshape(t, hk, layer.v_head_dim).transpose(0, 1).float().repeat_interleave(hq // hk, 0)
+            s = qh @ kh.transpose(1, 2) * layer.scaling
+            if layer.logit_cap and layer.logit_cap > 0:
+                s = layer.logit_cap * torch.tanh(s / layer.logit_cap)
+            pos = torch.arange(t, device=q.device)
+            seen = pos[None, :] <= pos[:, None]
+            if layer.sliding_window_size is not None and layer.sliding_window_size > 0:
+                seen &= pos[:, None] - pos[None, :] <= layer.sliding_window_size
+            s = s.masked_fill(~seen, float("-inf"))
+            if sinks is not None:  # one more logit per head in the denominator
+                s = torch.cat([s, sinks.float().view(hq, 1, 1).expand(hq, t, 1)], dim=-1)
+            p = torch.softmax(s, dim=-1)[..., :t]
+            return (p @ vh).transpose(0, 1).reshape(t, hq * layer.v_head_dim).to(q.dtype)
+
+    stack = getattr(model, "model", None)
+    if stack is None:
+        raise SGLangInternalsError(f"TurboQuant: {type(model).__name__} has no decoder stack `model` to run the "
+                                   f"key-means probe through")
+    dev = next(model.parameters()).device
+    t = len(token_ids)
+    backend = ProbeAttention()
+    fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=1,
+                      input_ids=torch.tensor(token_ids, dtype=torch.int64, device=dev),
+                      req_pool_indices=torch.zeros(1, dtype=torch.int64, device=dev),
+                      seq_lens=torch.tensor([t], dtype=torch.int64, device=dev),
+                      out_cache_loc=torch.zeros(t, dtype=torch.int64, device=dev), seq_lens_sum=t,
+                      seq_lens_cpu=torch.tensor([t], dtype=torch.int64),
+                      positions=torch.arange(t, dtype=torch.int64, device=dev), extend_num_tokens=t,
+                      extend_seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
+                      extend_prefix_lens=torch.zeros(1, dtype=torch.int32, device=dev),
+                      extend_start_loc=torch.zeros(1, dtype=torch.int32, device=dev),
+                      extend_seq_lens_cpu=[t], extend_prefix_lens_cpu=[0], attn_backend=backend)
+    with torch.inference_mode():
+        stack(fb.input_ids, fb.positions, fb)
+    return backend.means
