@@ -23,7 +23,7 @@ without safetensors) and written into the calibrated YAML as `key_means:`; the s
 probes centered keys, and PPL is reported with and without centering for the calibrated plan and for
 every --presets entry. The simulator centers whenever a config has key_means: it quantizes k - mu
 and adds mu back (the same attention as the server's centered cache, by softmax invariance);
-`key_means: auto` uses the means the server computes from the weights (sglang_tq.key_means).
+`key_means: auto` uses the means the server measures at start-up on its probe text (sglang_tq.key_means).
 
 Server agreement (--variants): perplexity of preset variants on the spans that
 `eval_quality.py ppl --text DIR --spans N --span-tokens T` sends to a server, each span one request
@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sglang_tq.config import (FIRST_TOKEN_CHOICES, FIRST_TOKEN_EXACT, KEY_MEANS_AUTO, TQConfig,  # noqa: E402
                               load_config, presets_dir)
-from sglang_tq.key_means import hf_key_means  # noqa: E402
+from sglang_tq.key_means import probe_token_ids  # noqa: E402
 from tq_kernels.codec import ROLE_K, ROLE_V, TQCodec, VecFormat  # noqa: E402
 
 
@@ -142,23 +142,25 @@ class Simulator:
     def set_config(self, cfg, key_means="config"):
         """Quantize as the server would with this config (None = every layer exact). key_means:
         "config" = the config's own key_means (if any); None = no centering; a tensor = these means."""
+        plan = None if cfg is None else cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
+        if plan is not None and isinstance(key_means, str):  # the config's own: a file, `auto` or none
+            key_means = self.auto_key_means() if plan.key_means_path == KEY_MEANS_AUTO else plan.key_means
         self.layer_codecs, self.layer_means, self.recent, self.first_exact = {}, {}, 0, False
-        if cfg is not None:
-            plan = cfg.resolve(self.num_layers, self.head_dim, num_kv_heads=self.num_kv_heads)
+        if plan is not None:
             self.recent = plan.window_tokens
             self.first_exact = plan.first_token == FIRST_TOKEN_EXACT
             self.layer_codecs = {l: plan.codecs(l) for l in plan.quantized_layers}
-            if isinstance(key_means, str):  # the config's own: a file, `auto` (from the weights) or none
-                means = self.auto_key_means() if plan.key_means_path == KEY_MEANS_AUTO else plan.key_means
-            else:
-                means = key_means
-            self.layer_means = self._means(means, plan.quantized_layers)
+            self.layer_means = self._means(key_means, plan.quantized_layers)
 
     def auto_key_means(self):
-        """`key_means: auto` as the server computes it (sglang_tq.key_means), from this model's weights;
-        None for a model without k_proj biases."""
+        """`key_means: auto` as the server measures it: the mean key of every layer over one prefill of the
+        probe text (sglang_tq.key_means)."""
         if not hasattr(self, "_auto_means"):
-            self._auto_means = hf_key_means(self.model)
+            rms = getattr(self, "last_key_rms", None)
+            ids = probe_token_ids(self.tok)
+            self._auto_means = self.key_means(ids, len(ids))
+            if rms is not None:  # keep the rms of the means measured on text
+                self.last_key_rms = rms
         return self._auto_means
 
     def set_probe(self, layer, role, bits, seed, key_means=None, recent=0, first_exact=False):
@@ -398,11 +400,10 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
     worst = []
     if ratio is not None:
         worst = sorted(range(len(ratio)), key=lambda l: -ratio[l])
-    auto = sim.auto_key_means()
-    if means is not None and auto is not None:  # how much of the measured key mean the bias explains
-        rms = sim.last_key_rms.clamp_min(1e-30)
+    if means is not None:  # how far the start-up probe's means (key_means: auto) are from these
+        auto, rms = sim.auto_key_means(), sim.last_key_rms.clamp_min(1e-30)
         left = [float(((means[l] - auto[l]).norm(dim=-1) / rms[l]).mean()) for l in range(sim.num_layers)]
-        log("|measured mean - bias mean| / rms per layer: " + " ".join(f"{r:.2f}" for r in left))
+        log("|measured mean - probe mean| / rms per layer: " + " ".join(f"{r:.2f}" for r in left))
     log(f"{len(spans)} spans of {a.span_tokens} tokens from {a.eval_texts}; same as the server's "
         f"`eval_quality.py ppl --text {a.eval_texts} --spans {a.spans} --span-tokens {a.span_tokens}"
         f"{' --bos' if a.bos else ''}`")
@@ -420,8 +421,7 @@ def run_variants(sim, a, log, means=None, means_path="", ratio=None):
         r["bytes_per_token"] = plan.bytes_per_token(sim.num_kv_heads)
         r["bf16_bytes_per_token"] = plan.bf16_bytes_per_token(sim.num_kv_heads)
         km = d.get("key_means")
-        r["centering"] = ("none" if km is None else "calibrated" if km != KEY_MEANS_AUTO
-                          else "auto" if auto is not None else "none (auto: no k biases)")
+        r["centering"] = "none" if km is None else "auto" if km == KEY_MEANS_AUTO else "calibrated"
         r["window"], r["first_token"] = plan.window_tokens, plan.first_token
         r["protected"] = [o["layers"] for o in d.get("overrides", []) if o.get("format") == "bf16"]
         rows[spec] = r

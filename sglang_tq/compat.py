@@ -241,8 +241,7 @@ def _config_problems(cfg, plan, server_args, mc) -> List[str]:
                      f"(it is a perplexity mode); allowed there: false")
     cap = logit_softcap(mc)
     if cap and plan.quantized_layers and cfg.key_means is not None:
-        tc = getattr(mc, "hf_text_config", None) or getattr(mc, "hf_config", None)
-        if cfg.key_means != KEY_MEANS_AUTO or getattr(tc, "attention_bias", False):  # auto: biases to center
+        if cfg.key_means != KEY_MEANS_AUTO:  # auto: the start-up probe leaves such a model uncentered
             p.append(f"key_means: {cfg.key_means}: key centering is not exact with the model's attention logit "
                      f"softcapping at {cap:g} (softcapped scores change under the per-query shift centering adds); "
                      f"allowed for this model: no key_means")

@@ -32,7 +32,7 @@ K/V keys:
 Key centering (optional, top level)::
 
     key_means: smollm2_key_means.safetensors   # relative to this YAML's folder unless absolute
-    key_means: auto               # or: from the model's k_proj biases at start-up (sglang_tq.key_means)
+    key_means: auto               # or: measured at start-up on a built-in probe text (sglang_tq.key_means)
 
 A safetensors or .pt file with one float32 tensor `key_means` [num_layers, num_kv_heads_total,
 head_dim] (scripts/calibrate.py --center writes one). Quantized layers then store keys as codes of
@@ -41,9 +41,10 @@ with attention sinks (gpt-oss) stores its keys uncentered: the sink logit breaks
 The file must exist when the YAML is parsed; its shape is checked against the model at resolve time
 (layers, head_dim, and heads when given; under tensor parallelism each rank takes its heads), and a plan
 that quantizes no layer refuses it (nothing would be centered).
-`key_means: auto` needs no file: the pool computes mu from the loaded model's k_proj biases (their
-rotary average, sglang_tq.key_means), which removes the constant that biased models (Qwen2) add to
-every key; models without k_proj biases are not centered.
+`key_means: auto` needs no file: at start-up the server runs one prefill of a short built-in text
+(sglang_tq/probe.txt) through the loaded model and takes each layer's mean key (sglang_tq.key_means);
+a model with logit softcapping or attention sinks, and set-ups where that prefill cannot run alone
+(pipeline parallelism, DP attention, linear-attention hybrids), stay uncentered, with a warning.
 
 Recent window (optional, top level)::
 
@@ -140,7 +141,7 @@ _EVALUATION_KEYS = ("prefill_from_cache",)
 WINDOW_MAX_TOKENS = 256      # the decode kernel keeps a window's scores in registers
 DEFAULT_WINDOW_REQUESTS = 256
 KEY_MEANS_TENSOR = "key_means"  # name of the tensor inside a key-means file
-KEY_MEANS_AUTO = "auto"          # key_means: auto -> means from the weights at start-up
+KEY_MEANS_AUTO = "auto"          # key_means: auto -> means from the start-up probe prefill
 _DEFAULTS_KEYS = ("k", "v")
 _K_KEYS = ("bits", "qjl", "norm_correction", "outliers")
 _V_KEYS = ("bits", "norm_correction", "outliers")
@@ -629,7 +630,7 @@ def _parse_key_means_path(value: Any, source: str) -> Optional[str]:
     """key_means: PATH -> absolute path (relative paths: to the YAML's folder; from_dict: to the cwd)."""
     if value is None:
         return None
-    if value == KEY_MEANS_AUTO:  # computed from the model's k_proj biases at start-up (sglang_tq.key_means)
+    if value == KEY_MEANS_AUTO:  # measured at start-up by the probe prefill (sglang_tq.key_means)
         return KEY_MEANS_AUTO
     allowed = f"allowed: '{KEY_MEANS_AUTO}' or a file path (.safetensors or .pt)"
     if not isinstance(value, (str, os.PathLike)) or not str(value):

@@ -290,14 +290,11 @@ class TQTokenToKVPool(KVCache):
             out.append(None if mu is None else mu.to(device=self.device, dtype=torch.float32).contiguous())
         return out
 
-    def use_auto_key_means(self, model) -> None:
-        """`key_means: auto`: the means of this rank's layers and heads from the loaded model's k_proj
-        biases (sglang_tq.key_means); bf16 layers stay uncentered. Called before any key is stored."""
-        from sglang_tq.key_means import sglang_key_means
-
-        means = [sglang_key_means(model, lid, 1, self.head_num, self.head_dim)[0] for lid in self.layer_ids]
-        self.key_means = [None if mu is None or not q else mu.to(device=self.device, dtype=torch.float32).contiguous()
-                          for mu, q in zip(means, self.quantized)]
+    def use_auto_key_means(self, means: Dict[int, torch.Tensor]) -> None:
+        """`key_means: auto`: {layer_id: [H_local, head_dim]} measured by the start-up probe
+        (sglang_tq.key_means); bf16 layers stay uncentered. Called before any key is stored."""
+        self.key_means = [means[lid].to(device=self.device, dtype=torch.float32).contiguous()
+                          if q and lid in means else None for lid, q in zip(self.layer_ids, self.quantized)]
 
     def key_mean(self, layer_id: int) -> Optional[torch.Tensor]:
         """fp32 [H_kv, head_dim] key-centering mean of a quantized layer, or None."""
@@ -613,9 +610,9 @@ class TQPoolGroup:
         """Cache bytes of one token in every sub-pool (each holds its own tokens)."""
         return sum(p.bytes_per_token() for p in self.tq_subpools)
 
-    def use_auto_key_means(self, model) -> None:
+    def use_auto_key_means(self, means: Dict[int, torch.Tensor]) -> None:
         for p in self.tq_subpools:
-            p.use_auto_key_means(model)
+            p.use_auto_key_means(means)
 
     def drop_key_means(self) -> None:
         for p in self.tq_subpools:

@@ -36,11 +36,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import List, Optional, Tuple
 
 from sglang_tq.config import KEY_MEANS_AUTO
 from sglang_tq.compat import BACKEND_NAME, check_runner, check_server_args, resolve_model_plan, uses_turboquant
-from sglang_tq.sglang_internals import pool_class_during, server_arg, shrink_token_budget, wrap_method
+from sglang_tq.sglang_internals import (load_tokenizer, pool_class_during, probe_key_means, server_arg,
+                                        shrink_token_budget, wrap_method)
 
 logger = logging.getLogger("sglang_tq")
 
@@ -266,8 +268,8 @@ def install_mixin(mod) -> None:
             if not isinstance(pool, TQ_POOLS):
                 raise RuntimeError(f"TurboQuant: SGLang built {type(pool).__name__} instead of a TurboQuant pool; "
                                    f"this model/set-up takes a KV-pool branch TurboQuant does not support")
-            if plan.key_means_path == KEY_MEANS_AUTO:  # means from the loaded weights, before any key is stored
-                pool.use_auto_key_means(getattr(self, "model", None))
+            if plan.key_means_path == KEY_MEANS_AUTO:  # before any key is stored
+                run_key_means_probe(self, pool)
             drop_key_means_for_sinks(pool, plan, getattr(self, "model", None))
             _log_startup(self, plan, pool)
         return _init_pools
@@ -275,6 +277,36 @@ def install_mixin(mod) -> None:
     wrap_method(M, "get_cell_size_per_token", make_cell)
     wrap_method(M, "_resolve_hybrid_swa_tokens", make_swa_split)
     wrap_method(M, "_init_pools", make_init)
+
+
+def run_key_means_probe(runner, pool) -> None:
+    """`key_means: auto`: the key means of every quantized layer from one prefill of the probe text through
+    the loaded model (sglang_tq.key_means). Where a single-request prefill of the decoder stack cannot run
+    alone, the keys stay uncentered, with a warning naming why."""
+    from sglang_tq.backend import _model_logit_caps, _model_sinks_dtype
+    from sglang_tq.key_means import probe_token_ids
+    from sglang_tq.pool import TQHybridLinearKVPool
+
+    model = runner.model
+    if _model_sinks_dtype(model) is not None:
+        return  # drop_key_means_for_sinks says why
+    if len(_model_logit_caps(model)) > 1:
+        logger.warning("TurboQuant: key_means: auto: keys stay uncentered: the model's attention logit softcapping "
+                       "changes softcapped scores under the per-query shift centering adds")
+        return
+    why = ("pipeline parallelism" if getattr(runner, "pp_size", 1) > 1
+           else "DP attention" if server_arg(runner.server_args, "enable_dp_attention")
+           else "linear-attention layers" if isinstance(pool, TQHybridLinearKVPool) else None)
+    if why:
+        logger.warning("TurboQuant: key_means: auto needs one prefill of the model alone; with %s the keys stay "
+                       "uncentered (a key_means file from scripts/calibrate.py --key-means-out centers them)", why)
+        return
+    start = time.perf_counter()
+    ids = probe_token_ids(load_tokenizer(runner.server_args))
+    pool.use_auto_key_means(probe_key_means(model, ids))
+    if getattr(runner, "tp_rank", 0) in (0, None):
+        logger.info("TurboQuant key_means: auto: means of every quantized layer from a %d-token probe prefill "
+                    "(%.2f s)", len(ids), time.perf_counter() - start)
 
 
 def drop_key_means_for_sinks(pool, plan, model) -> bool:

@@ -21,6 +21,7 @@ silently serving a wrong cache:
   `MemoryPoolConfig` keeps a copy); the recent window's ring takes its bytes out of that budget.
 * `server_arg`: server arguments are read by name; a name SGLang renamed or removed raises instead of
   reading a default.
+* `load_tokenizer`: the served model's tokenizer, loaded as SGLang's TokenizerManager loads it.
 * `probe_key_means`: one prefill through the loaded model's decoder stack (`model.model(input_ids,
   positions, forward_batch)`) with a hand-built EXTEND ForwardBatch; RadixAttention hands q, k, v (k after
   RoPE) to `forward_batch.attn_backend.forward` outside piecewise CUDA graphs, so a backend of its own sees
@@ -214,3 +215,13 @@ def probe_key_means(model, token_ids) -> dict:
     with torch.inference_mode():
         stack(fb.input_ids, fb.positions, fb)
     return backend.means
+
+
+def load_tokenizer(server_args):
+    """The served model's tokenizer, as SGLang's TokenizerManager loads it."""
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    return get_tokenizer(server_arg(server_args, "tokenizer_path"),
+                         tokenizer_mode=server_arg(server_args, "tokenizer_mode"),
+                         trust_remote_code=server_arg(server_args, "trust_remote_code"),
+                         revision=server_arg(server_args, "revision"))

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 from typing import Optional, Sequence
+from unittest import mock
 
 import torch
 
@@ -122,6 +123,17 @@ class FakeRunner(mix.ModelRunnerKVCacheMixin):
                 return True
 
         self.spec_algorithm = _Spec()
+        self.model = None  # a test that serves `key_means: auto` sets a model for the start-up probe
+
+    def _init_pools(self):
+        """SGLang's own (patched by sglang_tq); without a model there is nothing to run `key_means: auto`'s
+        probe through, and the keys stay uncentered."""
+        if self.model is not None:
+            return super()._init_pools()
+        from sglang_tq import registration
+
+        with mock.patch.object(registration, "run_key_means_probe", lambda runner, pool: None):
+            return super()._init_pools()
 
     def build_pools(self, max_total_num_tokens: int, max_running_requests: int = 8):
         """SGLang's own _init_pools (patched by sglang_tq when the backend is turboquant)."""

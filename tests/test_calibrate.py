@@ -154,34 +154,6 @@ def test_calibrate_writes_a_config_meeting_the_target(tiny_model, tmp_path):
     assert sum(plan[l].k.bits + plan[l].v.bits for l in (1, 2)) == 12  # 3 bits average over 4 roles
 
 
-def test_hf_key_means_is_the_mean_of_hf_rotated_biases():
-    """`key_means: auto` in the simulator (sglang_tq.key_means.hf_key_means) equals the mean over positions
-    of the bias rotated by the model's own rotary embedding (transformers' apply_rotary_pos_emb)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
-    from sglang_tq.key_means import hf_key_means
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    model = Qwen2ForCausalLM(cfg).eval()
-    for layer in model.model.layers:
-        torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=3.0)
-    got = hf_key_means(model, positions=200)
-    pos = torch.arange(200)[None]
-    cos, sin = model.model.rotary_emb(torch.zeros(1, 200, 128), pos)
-    for l, layer in enumerate(model.model.layers):
-        b = layer.self_attn.k_proj.bias.detach().reshape(1, 1, 1, 64).expand(1, 1, 200, 64)
-        _, kb = apply_rotary_pos_emb(b, b, cos, sin)
-        torch.testing.assert_close(got[l], kb[0, :, :, :].mean(1), atol=1e-5, rtol=1e-5)
-    from transformers import LlamaConfig, LlamaForCausalLM  # no k_proj bias: nothing to center
-
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    assert hf_key_means(llama) is None
-
-
 def test_variants_score_spans_and_write_server_configs(tiny_model, tmp_path):
     """--variants: each variant's perplexity over the spans eval_quality would send to a server, its bytes
     per token, protected layers, and a YAML the server loads."""

@@ -1,121 +1,164 @@
-"""`key_means: auto`: the rotary average of the k_proj bias (sglang_tq.key_means) against brute force,
-the config key, and the pool's start-up wiring through SGLang's own _init_pools (fake runner, CPU)."""
-from types import SimpleNamespace
+"""`key_means: auto`: the start-up probe (one prefill of sglang_tq/probe.txt through a real SGLang model on the
+CPU) against the simulator's means for the same weights, the config key, and the pool's start-up wiring
+through SGLang's own _init_pools (fake runner)."""
+import os
+import sys
 
 import pytest
 import torch
 
 from sglang_tq.config import TQConfig, TQConfigError, parse_yaml
-from sglang_tq.key_means import means_from_biases, rope_averaged_bias, rope_tables
+from sglang_tq.key_means import PROBE_TOKENS, probe_text, probe_token_ids
 
-
-def _inv_freq(d, base=10000.0):
-    return 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-
-
-def _rotate_neox(x, cos, sin):  # HF apply_rotary_pos_emb on one position: x [H, d], cos/sin [d/2]
-    half = x.shape[-1] // 2
-    c, s = torch.cat([cos, cos]), torch.cat([sin, sin])
-    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * c + rot * s
-
-
-def _rotate_interleaved(x, cos, sin):  # GPT-J style pairs (2i, 2i + 1)
-    out = x.clone()
-    a, b = x[..., 0::2], x[..., 1::2]
-    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
-    return out
-
-
-@pytest.mark.parametrize("neox,rotate", [(True, _rotate_neox), (False, _rotate_interleaved)])
-def test_rope_averaged_bias_equals_brute_force_mean(neox, rotate):
-    gen = torch.Generator().manual_seed(0)
-    bias = torch.randn(3, 64, generator=gen, dtype=torch.float64)
-    cos, sin = rope_tables(_inv_freq(64), positions=500)
-    brute = torch.stack([rotate(bias, cos[p].double(), sin[p].double()) for p in range(500)]).mean(0)
-    got = rope_averaged_bias(bias, cos, sin, neox=neox)
-    torch.testing.assert_close(got, brute.float(), atol=1e-5, rtol=1e-5)
-
-
-def test_rope_average_keeps_slow_pairs_and_cancels_fast_ones():
-    bias = torch.ones(1, 128)
-    cos, sin = rope_tables(_inv_freq(128, 1e6), positions=4096)  # Qwen2's rope base
-    mu = rope_averaged_bias(bias, cos, sin)
-    assert mu[0, 0].abs() < 0.01 and mu[0, 64].abs() < 0.01       # theta = 1 rad per position: averages out
-    assert (mu[0, 63] - 1).abs() < 0.01 and (mu[0, 127] - 1).abs() < 0.01  # slowest pair (0.005 rad in all): kept
-
-
-def test_partial_rotary_dims_pass_through():
-    bias = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
-    cos, sin = rope_tables(_inv_freq(32), positions=300)  # 32 rotary dims of 64: pairs (i, i + 16)
-    mu = rope_averaged_bias(bias, cos, sin)
-    torch.testing.assert_close(mu[:, 32:], bias[:, 32:])
-    with pytest.raises(ValueError, match="head_dim"):
-        rope_averaged_bias(bias[:, :16], cos, sin)
-
-
-def test_means_from_biases_layers_without_bias():
-    cos, sin = rope_tables(_inv_freq(64), positions=64)
-    assert means_from_biases([None, None], 2, 64, cos, sin) is None
-    m = means_from_biases([None, torch.ones(128)], 2, 64, cos, sin)
-    assert m.shape == (2, 2, 64) and m[0].abs().max() == 0 and m[1].abs().max() > 0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_config_key_means_auto_and_bad_values(tmp_path):
     cfg = parse_yaml("key_means: auto\n", "t.yaml")
     assert cfg.key_means == "auto"
     plan = cfg.resolve(4, 64, num_kv_heads=2)
-    assert plan.key_means_path == "auto" and plan.key_means is None  # filled by the pool from the weights
+    assert plan.key_means_path == "auto" and plan.key_means is None  # filled by the pool at start-up
     with pytest.raises(TQConfigError, match=r"t\.yaml.*key_means.*'automatic'.*no such file.*did you mean 'auto'\?"):
         parse_yaml("key_means: automatic\n", "t.yaml")
     with pytest.raises(TQConfigError, match=r"<dict>: key_means: 3 is not allowed; allowed: 'auto' or a file path"):
         TQConfig.from_dict({"key_means": 3})
 
 
-def _fake_sglang_model(num_layers, kv_heads, q_heads, d, gen):
-    """What sglang_key_means reads of a SGLang Qwen2 model: fused qkv_proj bias, q/kv sizes, rotary cache."""
-    cos, sin = rope_tables(_inv_freq(d, 1e6), positions=8192)
-    layers = []
-    for _ in range(num_layers):
-        bias = torch.randn((q_heads + 2 * kv_heads) * d, generator=gen)
-        attn = SimpleNamespace(qkv_proj=SimpleNamespace(bias=bias), q_size=q_heads * d, kv_size=kv_heads * d,
-                               rotary_emb=SimpleNamespace(cos_sin_cache=torch.cat([cos, sin], -1), is_neox_style=True))
-        layers.append(SimpleNamespace(self_attn=attn))
-    return SimpleNamespace(model=SimpleNamespace(layers=layers)), (cos, sin)
-
-
-def test_pool_centers_from_weights_at_startup(tmp_path):
-    pytest.importorskip("sglang")
-    from sglang_fakes import FakeModelConfig, FakeRunner, env, write_tq_config
-    from sglang_tq.key_means import AUTO_POSITIONS
-
-    gen = torch.Generator().manual_seed(2)
-    path = write_tq_config(tmp_path, "boundary: {first: 1, last: 0}\nkey_means: auto\n")
-    with env(SGLANG_TQ_CONFIG=path):
-        runner = FakeRunner(FakeModelConfig(4, 6, 2, 64))
-        runner.model, (cos, sin) = _fake_sglang_model(4, 2, 6, 64, gen)
-        runner.build_pools(64, max_running_requests=2)
-    pool = runner.token_to_kv_pool
-    assert pool.key_mean(0) is None  # bf16 boundary layer: keys stored as they are
-    for l in range(1, 4):
-        b = runner.model.model.layers[l].self_attn.qkv_proj.bias[6 * 64: 8 * 64].reshape(2, 64)
-        want = rope_averaged_bias(b, cos[:AUTO_POSITIONS], sin[:AUTO_POSITIONS])
-        torch.testing.assert_close(pool.key_mean(l), want)
-
-
 @pytest.mark.parametrize("preset", ["turbo4", "turbo3", "k4v2", "turbo3.5", "turbo2", "prod3", "k5v4"])
-def test_presets_center_keys_from_the_weights(preset):
+def test_presets_center_keys_at_startup(preset):
     from sglang_tq.config import load_config
 
     assert load_config(preset).resolve(28, 128, num_kv_heads=2).key_means_path == "auto"
 
 
-def test_model_without_biases_or_layers_is_not_centered():
-    from sglang_tq.key_means import sglang_key_means
+class _CharTokenizer:
+    """One token per character; `bos` in front when special tokens are asked for."""
 
-    gen = torch.Generator().manual_seed(3)
-    model, _ = _fake_sglang_model(2, 2, 4, 64, gen)
-    for layer in model.model.layers:
-        layer.self_attn.qkv_proj.bias = None
-    assert sglang_key_means(model, 0, 2, 2, 64) == [None, None]
-    assert sglang_key_means(None, 0, 3, 2, 64) == [None, None, None]
+    def __init__(self, bos=None):
+        self.bos = bos
+
+    def encode(self, text, add_special_tokens=True):
+        return ([self.bos] if add_special_tokens and self.bos is not None else []) + [ord(c) % 97 for c in text]
+
+
+def test_probe_token_ids_bos_then_capped_text():
+    text = probe_text()
+    assert len(text) > PROBE_TOKENS  # the cap bites for a one-token-per-character tokenizer
+    ids = probe_token_ids(_CharTokenizer(bos=1))
+    assert ids[0] == 1 and ids[1:] == [ord(c) % 97 for c in text[:PROBE_TOKENS]]
+    assert probe_token_ids(_CharTokenizer())[0] == ord(text[0]) % 97  # no BOS: the text alone
+
+
+# ------------------------------------------------------------------------------------------------
+# A real SGLang model on the CPU
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sglang_cpu(tmp_path_factory):
+    """SGLang's parallel state for one CPU process (gloo), and its rotary embedding's CPU path."""
+    pytest.importorskip("sglang")
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.server_args import set_global_server_args_for_scheduler
+    from sglang_fakes import server_args
+
+    set_global_server_args_for_scheduler(server_args(device="cpu"))
+    if parallel_state._WORLD is None:
+        init = tmp_path_factory.mktemp("dist") / "init"
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"file://{init}")
+        initialize_model_parallel(1)
+    cpu, rope_base._is_cpu = rope_base._is_cpu, True  # the native rotary path (the CUDA one needs a kernel)
+    yield
+    rope_base._is_cpu = cpu
+
+
+def _byte_tokenizer(d):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory, sglang_cpu):
+    """A 3-layer Qwen2 (k_proj biases) with random weights: its HF folder and the SGLang model with the same
+    weights."""
+    from sglang.srt.models.qwen2 import Qwen2ForCausalLM as SGLangQwen2
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_qwen2")
+    _byte_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    for layer in hf.model.layers:
+        torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=2.0)
+    hf.save_pretrained(d)
+    model = SGLangQwen2(cfg).eval()
+    model.load_weights(list(hf.named_parameters()))
+    return str(d), model
+
+
+def test_probe_means_equal_the_simulators(qwen2):
+    """The server's probe (sglang_internals.probe_key_means through SGLang's Qwen2 layers: fused qkv with biases,
+    SGLang's RoPE) gives the simulator's `key_means: auto` (transformers' model, the same weights and tokens)."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import calibrate
+
+    from sglang_tq.sglang_internals import probe_key_means
+
+    path, model = qwen2
+    ids = probe_token_ids(AutoTokenizer.from_pretrained(path))
+    assert len(ids) == PROBE_TOKENS  # byte tokens: the cap
+    got = probe_key_means(model, ids)
+    want = calibrate.Simulator(path, "cpu", torch.float32).auto_key_means()
+    assert sorted(got) == [0, 1, 2] and want.shape == (3, 2, 64)
+    for layer in range(3):
+        torch.testing.assert_close(got[layer], want[layer], atol=2e-4, rtol=1e-4)
+    assert float(want.norm(dim=-1).mean()) > 1.0  # the biases leave a mean worth centering
+
+
+def test_pool_centers_from_the_probe_at_startup(qwen2, tmp_path, monkeypatch, caplog):
+    """_init_pools runs the probe before any key is stored: every quantized layer's mean is the probe's, the
+    bf16 layer stays uncentered; a model with logit softcapping or pipeline parallelism stays uncentered, with
+    a warning."""
+    from transformers import AutoTokenizer
+
+    from sglang_fakes import FakeModelConfig, FakeRunner, env, write_tq_config
+    from sglang_tq import registration
+    from sglang_tq.sglang_internals import probe_key_means
+
+    path, model = qwen2
+    tok = AutoTokenizer.from_pretrained(path)
+    monkeypatch.setattr(registration, "load_tokenizer", lambda server_args: tok)
+    want = probe_key_means(model, probe_token_ids(tok))
+    cfg = write_tq_config(tmp_path, "boundary: {first: 1, last: 0}\nkey_means: auto\n")
+
+    def build(**runner_attrs):
+        with env(SGLANG_TQ_CONFIG=cfg):
+            runner = FakeRunner(FakeModelConfig(3, 4, 2, 64))
+            runner.model = model
+            for k, v in runner_attrs.items():
+                setattr(runner, k, v)
+            runner.build_pools(64, max_running_requests=2)
+        return runner.token_to_kv_pool
+
+    pool = build()
+    assert pool.key_mean(0) is None  # bf16 boundary layer: keys stored as they are
+    for layer in (1, 2):
+        torch.testing.assert_close(pool.key_mean(layer), want[layer])
+    assert build(pp_size=2).key_mean(1) is None
+    assert "with pipeline parallelism the keys stay uncentered" in caplog.text
+    for m in model.modules():
+        if hasattr(m, "logit_cap"):
+            monkeypatch.setattr(m, "logit_cap", 30.0)
+    assert build().key_mean(1) is None
+    assert "logit softcapping" in caplog.text
