@@ -303,7 +303,13 @@ def run_key_means_probe(runner, pool) -> None:
         return
     start = time.perf_counter()
     ids = probe_token_ids(load_tokenizer(runner.server_args))
-    pool.use_auto_key_means(probe_key_means(model, ids))
+    try:  # every rank runs the same model code on the same tokens, so all fail alike or none does
+        means = probe_key_means(model, ids)
+    except Exception as e:  # a model whose decoder stack needs more than a text prefill (e.g. multimodal)
+        logger.warning("TurboQuant: key_means: auto: the probe prefill failed on %s (%s: %s); the keys stay "
+                       "uncentered", type(model).__name__, type(e).__name__, e)
+        return
+    pool.use_auto_key_means(means)
     if getattr(runner, "tp_rank", 0) in (0, None):
         logger.info("TurboQuant key_means: auto: means of every quantized layer from a %d-token probe prefill "
                     "(%.2f s)", len(ids), time.perf_counter() - start)

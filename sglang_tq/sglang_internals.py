@@ -175,8 +175,9 @@ def probe_key_means(model, token_ids) -> dict:
             pass
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
-            t, hq, hk = q.shape[0], layer.tp_q_head_num, layer.tp_k_head_num
-            k = k.reshape(t, hk, layer.qk_head_dim).float()
+            hq, hk = layer.tp_q_head_num, layer.tp_k_head_num
+            k = k.reshape(-1, hk, layer.qk_head_dim).float()  # q may come as [1, T, H, d] (Gemma 3)
+            t = k.shape[0]
             self.means[layer.layer_id] = k.mean(0).cpu()
             qh = q.reshape(t, hq, layer.qk_head_dim).transpose(0, 1).float()
             kh = k.transpose(0, 1).repeat_interleave(hq // hk, 0)

@@ -157,8 +157,42 @@ def test_pool_centers_from_the_probe_at_startup(qwen2, tmp_path, monkeypatch, ca
         torch.testing.assert_close(pool.key_mean(layer), want[layer])
     assert build(pp_size=2).key_mean(1) is None
     assert "with pipeline parallelism the keys stay uncentered" in caplog.text
+    stack, model.model = model.model, torch.nn.Identity()  # a stack that takes no forward batch
+    try:
+        assert build().key_mean(1) is None
+    finally:
+        model.model = stack
+    assert "the probe prefill failed on Qwen2ForCausalLM (TypeError" in caplog.text
     for m in model.modules():
         if hasattr(m, "logit_cap"):
             monkeypatch.setattr(m, "logit_cap", 30.0)
     assert build().key_mean(1) is None
     assert "logit softcapping" in caplog.text
+
+
+def test_probe_keeps_sliding_windows(tmp_path, sglang_cpu):
+    """Gemma 3 (sliding-window layers, k_norm, BOS): the probe's attention honours each layer's window as
+    transformers does, so the means of the layers after a sliding one match the simulator's."""
+    from sglang.srt.models.gemma3_causal import Gemma3ForCausalLM as SGLangGemma3
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import calibrate
+
+    from sglang_tq.sglang_internals import probe_key_means
+
+    _byte_tokenizer(tmp_path)
+    torch.manual_seed(1)
+    cfg = Gemma3TextConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=32,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=1024, bos_token_id=0, attn_implementation="eager")
+    hf = Gemma3ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    model = SGLangGemma3(cfg).eval()
+    model.load_weights(list(hf.named_parameters()))
+    ids = probe_token_ids(AutoTokenizer.from_pretrained(tmp_path))
+    got = probe_key_means(model, ids)
+    want = calibrate.Simulator(str(tmp_path), "cpu", torch.float32).auto_key_means()
+    for layer in range(3):
+        torch.testing.assert_close(got[layer], want[layer], atol=2e-4, rtol=1e-4)
