@@ -155,6 +155,10 @@ class Server:
             self.stop()
             print(open(self.log_path).read()[-6000:])
             raise
+        failed = [ln for ln in open(self.log_path, errors="replace") if "the probe prefill failed" in ln]
+        if failed:  # key_means: auto would serve uncentered keys: a check run must not pass over that
+            self.stop()
+            raise RuntimeError(f"[{name}] the key-means probe failed at start-up: {failed[0].strip()}")
         self.info = ev._get(self.url, "/server_info")
         print(f"[{name}] up in {self.startup_s:.0f}s, max_total_num_tokens={self.info.get('max_total_num_tokens')}",
               flush=True)
