@@ -352,7 +352,10 @@ def simulation_section(recs: List[dict]) -> List[str]:
            "quantized layer coded and decoded as the cache stores them, every scored token reading the compressed "
            "cache (window 0: the codecs alone, as a radix-cached prefix or a far-back needle sees them; window 32: "
            "the presets' recent window; first token exact: each sequence's position 0 exact in every quantized "
-           "layer, as `first_token: exact` serves it, codes: from the codes like the rest). Not a server "
+           "layer, as `first_token: exact` serves it, codes: from the codes like the rest). Key centering: auto = "
+           "the means the server measures at start-up with one prefill of `sglang_tq/probe.txt`; k_proj bias "
+           "(rotary average) = the earlier `auto`, from the biases alone; calibrated = a means file measured on "
+           "the text named. Not a server "
            "measurement. Change = mean over spans of the per-span perplexity ratio − 1, ± its standard deviation "
            "over the spans; bytes are the KV cache per token.", ""]
     for g in groups(recs, lambda r: (r["model"], r["path"], r.get("text"), r["n"], r["commit"], r["command"])):
