@@ -528,9 +528,6 @@ def test_window_in_presets_plan_and_summary():
 
     for name in list_presets():
         plan = load_config(name).resolve(32, 128)
-        if name == "example_per_layer":
-            assert plan.window_tokens == 0 and plan.window_bytes(8) == 0
-            continue
         assert (plan.window_tokens, plan.window_requests) == (32, 256), name
         n_q = len(plan.quantized_layers)
         assert plan.window_bytes(8) == 256 * 32 * n_q * 8 * 2 * (128 + 128)
