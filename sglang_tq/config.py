@@ -964,7 +964,8 @@ def summary_table(plan: ModelPlan, num_kv_heads: int) -> str:
     if plan.sliding_layers:
         lines.append(f"sliding-window layers: {_spans(plan.sliding_layers)}")
     if plan.key_means_path:
-        lines.append(f"key centering: {plan.key_means_path}")
+        lines.append("key centering: auto (mean keys measured at start-up by a probe prefill)"
+                     if plan.key_means_path == KEY_MEANS_AUTO else f"key centering: {plan.key_means_path}")
     if plan.window_bytes(num_kv_heads):
         lines.append(f"recent window: the last {plan.window_tokens} tokens exact (bf16) for up to "
                      f"{plan.window_requests} requests at a time; ring {plan.window_bytes(num_kv_heads)} B in all")

@@ -533,6 +533,7 @@ def test_window_in_presets_plan_and_summary():
         assert plan.window_bytes(8) == 256 * 32 * n_q * 8 * 2 * (128 + 128)
     plan = load_config("turbo4").resolve(32, 128)
     assert "recent window: the last 32 tokens" in summary_table(plan, 8)
+    assert "key centering: auto (mean keys measured at start-up by a probe prefill)" in summary_table(plan, 8)
     assert parse_yaml("window: {tokens: 0}\n", "w.yaml").window_tokens == 0
 
 
