@@ -196,3 +196,47 @@ def test_probe_keeps_sliding_windows(tmp_path, sglang_cpu):
     want = calibrate.Simulator(str(tmp_path), "cpu", torch.float32).auto_key_means()
     for layer in range(3):
         torch.testing.assert_close(got[layer], want[layer], atol=2e-4, rtol=1e-4)
+
+
+def _tp_probe_worker(rank, world, init, path, out):
+    """One tensor-parallel rank: SGLang's parallel state over gloo, the model's shard, the probe."""
+    from types import SimpleNamespace
+
+    import sglang_cpu_shim  # noqa: F401
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
+    from sglang.srt.models.qwen2 import Qwen2ForCausalLM as SGLangQwen2
+    from sglang.srt.server_args import set_global_server_args_for_scheduler
+    from sglang_fakes import server_args
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from sglang_tq.sglang_internals import probe_key_means
+
+    set_global_server_args_for_scheduler(server_args(device="cpu"))
+    rope_base._is_cpu = True
+    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
+                                 distributed_init_method=f"file://{init}")
+    initialize_model_parallel(world)
+    initialize_dp_attention(server_args(device="cpu"), SimpleNamespace(hidden_size=256, dtype=torch.float32))
+    hf = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = SGLangQwen2(hf.config).eval()
+    model.load_weights(list(hf.named_parameters()))
+    torch.save(probe_key_means(model, probe_token_ids(AutoTokenizer.from_pretrained(path))), f"{out}/rank{rank}.pt")
+
+
+def test_probe_under_tensor_parallelism(qwen2, tmp_path):
+    """TP=2 (two processes, gloo): both ranks run the probe together (the model's all-reduces) and each gets
+    the means of its own KV head, equal to those heads of the whole model's."""
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import calibrate
+
+    path, _ = qwen2
+    mp.spawn(_tp_probe_worker, args=(2, str(tmp_path / "init"), path, str(tmp_path)), nprocs=2)
+    want = calibrate.Simulator(path, "cpu", torch.float32).auto_key_means()  # [3 layers, 2 KV heads, 64]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for layer in range(3):
+            torch.testing.assert_close(got[layer], want[layer, rank:rank + 1], atol=2e-4, rtol=1e-4)
