@@ -302,10 +302,10 @@ def run_key_means_probe(runner, pool) -> None:
                        "uncentered (a key_means file from scripts/calibrate.py --key-means-out centers them)", why)
         return
     start = time.perf_counter()
-    ids = probe_token_ids(load_tokenizer(runner.server_args))
-    try:  # every rank runs the same model code on the same tokens, so all fail alike or none does
+    try:  # every rank runs the same code on the same files and tokens, so all fail alike or none does
+        ids = probe_token_ids(load_tokenizer(runner.server_args))
         means = probe_key_means(model, ids)
-    except Exception as e:  # a model whose decoder stack needs more than a text prefill (e.g. multimodal)
+    except Exception as e:  # no tokenizer, or a decoder stack that needs more than a text prefill (multimodal)
         logger.warning("TurboQuant: key_means: auto: the probe prefill failed on %s (%s: %s); the keys stay "
                        "uncentered", type(model).__name__, type(e).__name__, e)
         return

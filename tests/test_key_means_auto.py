@@ -163,6 +163,10 @@ def test_pool_centers_from_the_probe_at_startup(qwen2, tmp_path, monkeypatch, ca
     finally:
         model.model = stack
     assert "the probe prefill failed on Qwen2ForCausalLM (TypeError" in caplog.text
+    monkeypatch.setattr(registration, "load_tokenizer", lambda server_args: open(str(tmp_path / "no-tokenizer")))
+    assert build().key_mean(1) is None  # a model folder without a tokenizer (e.g. config-only, dummy weights)
+    assert "(FileNotFoundError" in caplog.text
+    monkeypatch.setattr(registration, "load_tokenizer", lambda server_args: tok)
     for m in model.modules():
         if hasattr(m, "logit_cap"):
             monkeypatch.setattr(m, "logit_cap", 30.0)
