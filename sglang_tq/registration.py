@@ -309,6 +309,10 @@ def run_key_means_probe(runner, pool) -> None:
         logger.warning("TurboQuant: key_means: auto: the probe prefill failed on %s (%s: %s); the keys stay "
                        "uncentered", type(model).__name__, type(e).__name__, e)
         return
+    if not all(bool(mu.isfinite().all()) for mu in means.values()):  # e.g. dummy weights that overflow
+        logger.warning("TurboQuant: key_means: auto: the probe prefill gave non-finite keys; the keys stay "
+                       "uncentered")
+        return
     pool.use_auto_key_means(means)
     if getattr(runner, "tp_rank", 0) in (0, None):
         logger.info("TurboQuant key_means: auto: means of every quantized layer from a %d-token probe prefill "

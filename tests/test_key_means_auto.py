@@ -163,6 +163,11 @@ def test_pool_centers_from_the_probe_at_startup(qwen2, tmp_path, monkeypatch, ca
     finally:
         model.model = stack
     assert "the probe prefill failed on Qwen2ForCausalLM (TypeError" in caplog.text
+    monkeypatch.setattr(registration, "probe_key_means", lambda m, ids: {l: torch.full((2, 64), float("nan"))
+                                                                         for l in range(3)})
+    assert build().key_mean(1) is None
+    assert "the probe prefill gave non-finite keys" in caplog.text
+    monkeypatch.setattr(registration, "probe_key_means", probe_key_means)
     monkeypatch.setattr(registration, "load_tokenizer", lambda server_args: open(str(tmp_path / "no-tokenizer")))
     assert build().key_mean(1) is None  # a model folder without a tokenizer (e.g. config-only, dummy weights)
     assert "(FileNotFoundError" in caplog.text
