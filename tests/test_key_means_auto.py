@@ -52,22 +52,52 @@ def test_probe_token_ids_bos_then_capped_text():
 # ------------------------------------------------------------------------------------------------
 # A real SGLang model on the CPU
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sglang_cpu(tmp_path_factory):
-    """SGLang's parallel state for one CPU process (gloo), and its rotary embedding's CPU path."""
-    pytest.importorskip("sglang")
-    import sglang.srt.layers.rotary_embedding.base as rope_base
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.distributed import parallel_state
+def _sglang_parallel_state(rank: int, world: int, init: str) -> None:
+    """SGLang's parallel state for CPU processes over gloo (tensor parallelism = world; no DP attention) and the
+    scheduler's global server args; a process that has it already keeps it."""
+    from types import SimpleNamespace
+
+    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel, parallel_state
+    from sglang.srt.layers.dp_attention import initialize_dp_attention
     from sglang.srt.server_args import set_global_server_args_for_scheduler
     from sglang_fakes import server_args
 
     set_global_server_args_for_scheduler(server_args(device="cpu"))
     if parallel_state._WORLD is None:
-        init = tmp_path_factory.mktemp("dist") / "init"
-        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+        init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=f"file://{init}")
-        initialize_model_parallel(1)
+        initialize_model_parallel(world)
+        # no DP attention: its gathered buffers (sized by the hidden size) stay unused
+        initialize_dp_attention(server_args(device="cpu"), SimpleNamespace(hidden_size=0, dtype=torch.float32))
+
+
+def _sglang_model(cls, hf):
+    """SGLang's model class `cls` with the weights of the transformers model `hf` (this rank's shard)."""
+    model = cls(hf.config).eval()
+    model.load_weights(list(hf.named_parameters()))
+    return model
+
+
+def _assert_simulator_means(got: dict, path: str, heads=slice(None)) -> torch.Tensor:
+    """The probe's means `got` equal the simulator's `key_means: auto` for the model at `path` (its KV `heads`);
+    returns the simulator's [layers, KV heads, head_dim]."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import calibrate
+
+    want = calibrate.Simulator(path, "cpu", torch.float32).auto_key_means()
+    assert sorted(got) == list(range(want.shape[0]))
+    for layer in range(want.shape[0]):
+        torch.testing.assert_close(got[layer], want[layer, heads], atol=2e-4, rtol=1e-4)
+    return want
+
+
+@pytest.fixture(scope="module")
+def sglang_cpu(tmp_path_factory):
+    """SGLang's parallel state for this process, and its rotary embedding's CPU path."""
+    pytest.importorskip("sglang")
+    import sglang.srt.layers.rotary_embedding.base as rope_base
+
+    _sglang_parallel_state(0, 1, str(tmp_path_factory.mktemp("dist") / "init"))
     cpu, rope_base._is_cpu = rope_base._is_cpu, True  # the native rotary path (the CUDA one needs a kernel)
     yield
     rope_base._is_cpu = cpu
@@ -100,9 +130,7 @@ def qwen2(tmp_path_factory, sglang_cpu):
     for layer in hf.model.layers:
         torch.nn.init.normal_(layer.self_attn.k_proj.bias, std=2.0)
     hf.save_pretrained(d)
-    model = SGLangQwen2(cfg).eval()
-    model.load_weights(list(hf.named_parameters()))
-    return str(d), model
+    return str(d), _sglang_model(SGLangQwen2, hf)
 
 
 def test_probe_means_equal_the_simulators(qwen2):
@@ -110,19 +138,13 @@ def test_probe_means_equal_the_simulators(qwen2):
     SGLang's RoPE) gives the simulator's `key_means: auto` (transformers' model, the same weights and tokens)."""
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import calibrate
-
     from sglang_tq.sglang_internals import probe_key_means
 
     path, model = qwen2
     ids = probe_token_ids(AutoTokenizer.from_pretrained(path))
     assert len(ids) == PROBE_TOKENS  # byte tokens: the cap
-    got = probe_key_means(model, ids)
-    want = calibrate.Simulator(path, "cpu", torch.float32).auto_key_means()
-    assert sorted(got) == [0, 1, 2] and want.shape == (3, 2, 64)
-    for layer in range(3):
-        torch.testing.assert_close(got[layer], want[layer], atol=2e-4, rtol=1e-4)
+    want = _assert_simulator_means(probe_key_means(model, ids), path)
+    assert want.shape == (3, 2, 64)
     assert float(want.norm(dim=-1).mean()) > 1.0  # the biases leave a mean worth centering
 
 
@@ -185,9 +207,6 @@ def test_probe_keeps_sliding_windows(tmp_path, sglang_cpu):
     from sglang.srt.models.gemma3_causal import Gemma3ForCausalLM as SGLangGemma3
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import calibrate
-
     from sglang_tq.sglang_internals import probe_key_means
 
     _byte_tokenizer(tmp_path)
@@ -198,39 +217,22 @@ def test_probe_keeps_sliding_windows(tmp_path, sglang_cpu):
                            max_position_embeddings=1024, bos_token_id=0, attn_implementation="eager")
     hf = Gemma3ForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path)
-    model = SGLangGemma3(cfg).eval()
-    model.load_weights(list(hf.named_parameters()))
-    ids = probe_token_ids(AutoTokenizer.from_pretrained(tmp_path))
-    got = probe_key_means(model, ids)
-    want = calibrate.Simulator(str(tmp_path), "cpu", torch.float32).auto_key_means()
-    for layer in range(3):
-        torch.testing.assert_close(got[layer], want[layer], atol=2e-4, rtol=1e-4)
+    got = probe_key_means(_sglang_model(SGLangGemma3, hf), probe_token_ids(AutoTokenizer.from_pretrained(tmp_path)))
+    assert _assert_simulator_means(got, str(tmp_path)).shape == (3, 1, 64)
 
 
 def _tp_probe_worker(rank, world, init, path, out):
     """One tensor-parallel rank: SGLang's parallel state over gloo, the model's shard, the probe."""
-    from types import SimpleNamespace
-
     import sglang_cpu_shim  # noqa: F401
     import sglang.srt.layers.rotary_embedding.base as rope_base
-    from sglang.srt.distributed import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.layers.dp_attention import initialize_dp_attention
     from sglang.srt.models.qwen2 import Qwen2ForCausalLM as SGLangQwen2
-    from sglang.srt.server_args import set_global_server_args_for_scheduler
-    from sglang_fakes import server_args
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from sglang_tq.sglang_internals import probe_key_means
 
-    set_global_server_args_for_scheduler(server_args(device="cpu"))
+    _sglang_parallel_state(rank, world, init)
     rope_base._is_cpu = True
-    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
-                                 distributed_init_method=f"file://{init}")
-    initialize_model_parallel(world)
-    initialize_dp_attention(server_args(device="cpu"), SimpleNamespace(hidden_size=256, dtype=torch.float32))
-    hf = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = SGLangQwen2(hf.config).eval()
-    model.load_weights(list(hf.named_parameters()))
+    model = _sglang_model(SGLangQwen2, Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32))
     torch.save(probe_key_means(model, probe_token_ids(AutoTokenizer.from_pretrained(path))), f"{out}/rank{rank}.pt")
 
 
@@ -239,13 +241,7 @@ def test_probe_under_tensor_parallelism(qwen2, tmp_path):
     the means of its own KV head, equal to those heads of the whole model's."""
     import torch.multiprocessing as mp
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import calibrate
-
     path, _ = qwen2
     mp.spawn(_tp_probe_worker, args=(2, str(tmp_path / "init"), path, str(tmp_path)), nprocs=2)
-    want = calibrate.Simulator(path, "cpu", torch.float32).auto_key_means()  # [3 layers, 2 KV heads, 64]
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for layer in range(3):
-            torch.testing.assert_close(got[layer], want[layer, rank:rank + 1], atol=2e-4, rtol=1e-4)
+    for rank in (0, 1):  # the simulator's whole model: [3 layers, 2 KV heads, 64]
+        _assert_simulator_means(torch.load(tmp_path / f"rank{rank}.pt"), path, slice(rank, rank + 1))
