@@ -362,16 +362,21 @@ class ModelPlan:
         """K + V cache bytes of one token over all layers and KV heads."""
         return num_kv_heads * sum(lp.bytes_per_token_head(self.head_dim, self.v_head_dim) for lp in self.layers)
 
+    def exact_row_bytes(self, num_kv_heads: int, layers: Optional[Sequence[int]] = None) -> int:
+        """Bytes of one token's exact rows (the recent window's ring, the first-token tables): bf16 K + V in
+        every quantized layer of `layers` (default all), at the codec's dim (128 for a model head_dim of 80
+        or 96), as the pool allocates them."""
+        layers = range(self.num_layers) if layers is None else layers
+        return num_kv_heads * sum(BF16_BYTES_PER_HEAD(lp.k.head_dim) + BF16_BYTES_PER_HEAD(lp.v.head_dim)
+                                  for lp in (self.layers[i] for i in layers) if lp.quantized)
+
     def window_bytes(self, num_kv_heads: int, requests: Optional[int] = None, layers: Optional[range] = None) -> int:
-        """Bytes of the recent-window ring: bf16 K + V of window_tokens x `requests` (default
-        window_requests) tokens in every quantized layer of `layers` (default all); 0 without a window. The
-        ring's rows are at the codec's dim (128 for a model head_dim of 80 or 96)."""
+        """Bytes of the recent-window ring: exact rows of window_tokens x `requests` (default window_requests)
+        tokens in every quantized layer of `layers` (default all); 0 without a window."""
         if not self.window_tokens:
             return 0
-        layers = range(self.num_layers) if layers is None else layers
-        per_token = num_kv_heads * sum(BF16_BYTES_PER_HEAD(lp.k.head_dim) + BF16_BYTES_PER_HEAD(lp.v.head_dim)
-                                       for lp in (self.layers[i] for i in layers) if lp.quantized)
-        return per_token * self.window_tokens * (self.window_requests if requests is None else requests)
+        return (self.exact_row_bytes(num_kv_heads, layers) * self.window_tokens
+                * (self.window_requests if requests is None else requests))
 
     def bf16_bytes_per_token(self, num_kv_heads: int) -> int:
         return num_kv_heads * len(self.attention_layers) * (BF16_BYTES_PER_HEAD(self.head_dim)

@@ -166,25 +166,23 @@ def tq_hybrid_swa_tokens(runner, token_capacity: int, num_kv_heads: int) -> Tupl
 
 
 def ring_bytes(plan, num_kv_heads: int, requests: int, layers, staged_rows: int = 0) -> int:
-    """Bytes of the recent-window rings of the quantized `layers`: bf16 K + V rows at the formats' dims, as the
-    pool allocates them (a head_dim of 80 / 96 is stored padded to the codec's 128), window_tokens rows per
-    request plus `staged_rows` rows of the same shape (speculative verify's DraftStaging)."""
+    """Bytes of the recent-window rings of the quantized `layers` (ModelPlan.exact_row_bytes per row):
+    window_tokens rows per request plus `staged_rows` rows of the same shape (speculative verify's
+    DraftStaging)."""
     if not getattr(plan, "window_tokens", 0):
         return 0
-    dims = sum(plan.layers[i].k.head_dim + plan.layers[i].v.head_dim for i in layers if plan.layers[i].quantized)
-    return 2 * num_kv_heads * dims * (plan.window_tokens + staged_rows) * requests
+    return plan.exact_row_bytes(num_kv_heads, layers) * (plan.window_tokens + staged_rows) * requests
 
 
 def first_token_bytes(plan, num_kv_heads: int, layers, slots: int) -> int:
-    """Bytes of the exact first token over the quantized `layers`: bf16 K + V rows of FIRST_TOKEN_ENTRIES tokens
-    per layer at the formats' dims, as the pool allocates them, and one flag byte per slot of a pool of `slots`;
-    0 with first_token: codes."""
+    """Bytes of the exact first token over the quantized `layers`: FIRST_TOKEN_ENTRIES exact rows
+    (ModelPlan.exact_row_bytes) and one flag byte per slot of a pool of `slots`; 0 with first_token: codes."""
     from sglang_tq.config import FIRST_TOKEN_ENTRIES, FIRST_TOKEN_EXACT
 
-    dims = sum(plan.layers[i].k.head_dim + plan.layers[i].v.head_dim for i in layers if plan.layers[i].quantized)
-    if getattr(plan, "first_token", None) != FIRST_TOKEN_EXACT or not dims:
+    rows = plan.exact_row_bytes(num_kv_heads, layers)
+    if getattr(plan, "first_token", None) != FIRST_TOKEN_EXACT or not rows:
         return 0
-    return 2 * num_kv_heads * dims * FIRST_TOKEN_ENTRIES + slots
+    return rows * FIRST_TOKEN_ENTRIES + slots
 
 
 def reserve_window_memory(runner, plan, mod) -> int:
