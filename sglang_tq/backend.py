@@ -56,7 +56,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -162,6 +162,14 @@ class TQForwardMetadata:
     def first_rows(self, n: int) -> Optional[torch.Tensor]:
         """first_entries for `n` written rows (padding rows: none, as in ring_rows)."""
         return _padded_rows(self.first_entries, n)
+
+
+def _new_token_layout(fb) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(new tokens in the extend batch, int64 new-token count of each sequence, index of each sequence's first
+    new token in the batch)."""
+    n_tok = int(fb.extend_num_tokens) if fb.extend_num_tokens is not None else fb.out_cache_loc.shape[0]
+    ext = fb.extend_seq_lens.to(torch.int64)
+    return n_tok, ext, torch.cumsum(ext, 0) - ext
 
 
 def _padded_rows(rows: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
@@ -392,25 +400,24 @@ class TurboQuantAttnBackend(AttentionBackend):
                   and (no_prefix or hybrid))
         if ragged:
             self.ragged_prefill.plan(lens)
+        layout = _new_token_layout(fb) if self.window or self.first_token else None
         return TQForwardMetadata(
             decode=False, kv_indptr=t.kv_indptr, kv_indices=t.kv_indices, qo_indptr=t.qo_indptr,
             max_extend_len=t.max_extend_len, max_prefix_len=max(prefix) if prefix else None,
             no_prefix=no_prefix, plain=self.plain_prefill and no_prefix and not self.prefill_from_cache,
             ragged=ragged, hybrid=hybrid and ragged,
-            window_rows=self._extend_window(fb) if self.window else None,
-            first_entries=self._claim_first_rows(fb) if self.first_token else None,
+            window_rows=self._extend_window(fb, layout) if self.window else None,
+            first_entries=self._claim_first_rows(fb, layout) if self.first_token else None,
             # the stock backend's window of the prefix (its last W positions, as sliding-window pool slots)
             **(dict(swa_kv_indptr=t.window_kv_indptr, swa_kv_indices=t.window_kv_indices,
                     swa_max_prefix_len=min(max(prefix), self.swa_window) if prefix else None)
                if self.swa_window else {}))
 
-    def _claim_first_rows(self, fb) -> torch.Tensor:
+    def _claim_first_rows(self, fb, layout) -> torch.Tensor:
         """The first-token table entry of each new token (the claim kernel: each sequence's first new token
         when its prefix is empty); every new slot's flag written. Sequences with multimodal inputs (their
         embeddings replace token ids') and batches of input embeddings claim nothing."""
-        n_tok = int(fb.extend_num_tokens) if fb.extend_num_tokens is not None else fb.out_cache_loc.shape[0]
-        ext = fb.extend_seq_lens.to(torch.int64)
-        first = torch.cumsum(ext, 0) - ext  # each sequence's first token in the batch (n_tok if it has none)
+        n_tok, ext, first = layout  # (_new_token_layout) first: n_tok for a sequence without new tokens
         starts = ((fb.extend_prefix_lens == 0) & (ext > 0)).to(torch.int32)
         mm = getattr(fb, "mm_inputs", None)
         if getattr(fb, "input_embeds", None) is not None:
@@ -427,7 +434,7 @@ class TurboQuantAttnBackend(AttentionBackend):
             if r < self.window_requests:
                 self.tq_pool.window_start[r] = WINDOW_FRESH  # one fill each, no host sync
 
-    def _extend_window(self, fb) -> torch.Tensor:
+    def _extend_window(self, fb, layout) -> torch.Tensor:
         """Ring rows of the new tokens (each sequence's last W). A ring request's first extend sets its first
         ring position to its prefix length (the prefix's ring rows are not its own: a radix hit, a retracted
         request readmitted); a later extend of the same request (the next chunk of a chunked prefill, a running
@@ -437,10 +444,8 @@ class TurboQuantAttnBackend(AttentionBackend):
         in_ring = req < R
         req_c = torch.clamp(req, max=R - 1)
         seq_lens = fb.seq_lens.to(torch.int64)
-        n_tok = int(fb.extend_num_tokens) if fb.extend_num_tokens is not None else fb.out_cache_loc.shape[0]
-        ext = fb.extend_seq_lens.to(torch.int64)
+        n_tok, ext, first = layout  # (_new_token_layout)
         seq = torch.repeat_interleave(torch.arange(req.shape[0], device=req.device), ext, output_size=n_tok)
-        first = torch.cumsum(ext, 0) - ext  # each sequence's first token in the batch
         pos = fb.extend_prefix_lens.to(torch.int64)[seq] + torch.arange(n_tok, device=req.device) - first[seq]
         keep = in_ring[seq] & (pos >= seq_lens[seq] - W)
         rows = torch.where(keep, req_c[seq] * W + pos % W, -1)

@@ -457,13 +457,12 @@ class TQTokenToKVPool(KVCache):
         k = cache_k.reshape(-1, self.head_num, self.head_dim)
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.quantized[idx]:
-            ring = None
+            from tq_kernels.window import RingWrite
+
+            ring = first = None
             if window_rows is not None and self.ring_k[idx] is not None:
-                from tq_kernels.window import RingWrite
                 ring = RingWrite(*(window_buffers or (self.ring_k[idx], self.ring_v[idx])), window_rows)
-            first = None
             if first_entries is not None and self.first_k[idx] is not None:
-                from tq_kernels.window import RingWrite
                 first = RingWrite(self.first_k[idx], self.first_v[idx], first_entries)
             self.ops.compress(k, v, loc, self._key(idx), self._value(idx), k_mean=self.key_means[idx], ring=ring,
                               first=first, q=q, q_rot=q_rot)
