@@ -352,15 +352,12 @@ def simulation_records(report: dict, a, means_label: str) -> list:
     """results/simulation.json records of --variants (scripts/make_tables.py publishes them). change = mean
     over spans of the per-span perplexity ratio - 1, spread = its standard deviation over the spans."""
     import datetime
-    import subprocess
 
     import eval_quality as ev
 
     res = report["variants"]
     bf = res["rows"]["bf16"]
     texts = ", ".join(os.path.basename(f) for f in ev.text_files(a.eval_texts))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     command = "python scripts/calibrate.py " + shlex.join(
         os.path.basename(x) if os.path.isabs(x) else x for x in sys.argv[1:])
     out = []
@@ -380,7 +377,7 @@ def simulation_records(report: dict, a, means_label: str) -> list:
             "bytes_per_token": r["bytes_per_token"], "bf16_bytes_per_token": r["bf16_bytes_per_token"],
             "path": SIMULATION_PATH,
             "text": f"{a.span_tokens}-token spans of {texts}" + (", each after BOS" if a.bos else ""),
-            "card": "CPU (simulation)", "date": datetime.date.today().isoformat(), "commit": commit,
+            "card": "CPU (simulation)", "date": datetime.date.today().isoformat(), "commit": ev._git_commit(),
             "command": command})
     return out
 
