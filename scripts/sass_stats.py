@@ -127,18 +127,23 @@ def resource_usage(cubin: bytes) -> tuple:
     return (int(reg.group(1)) if reg else None), (int(st.group(1)) if st else None)
 
 
-def compile_stage1(name, hq, hkv, d, batch, context, sms):
-    """Compile decode (stage 1 and 2) with the plan for (batch, context) on `sms` SMs; returns
-    (plan, stage-1 kernel, format pair)."""
-    import torch
+def _formats_and_cache(name, hkv, d):
+    """(K format, V format, K codec, V codec, a 64-slot packed cache on the CPU) of FORMATS[name]."""
     from kernel_helpers import alloc_cache, make_codecs
-    from tq_kernels import decode
     from tq_kernels.codec import VecFormat
 
     kk, vv = FORMATS[name]
     kf, vf = VecFormat(d, **kk), VecFormat(d, **vv)
-    kc, vc = make_codecs(kf, vf)
-    bufs = alloc_cache(kf, vf, 64, hkv, "cpu")
+    return (kf, vf, *make_codecs(kf, vf), alloc_cache(kf, vf, 64, hkv, "cpu"))
+
+
+def compile_stage1(name, hq, hkv, d, batch, context, sms):
+    """Compile decode (stage 1 and 2) with the plan for (batch, context) on `sms` SMs; returns
+    (plan, stage-1 kernel, format pair)."""
+    import torch
+    from tq_kernels import decode
+
+    kf, vf, kc, vc, bufs = _formats_and_cache(name, hkv, d)
     saved = decode.pdl_ok
     decode.pdl_ok = lambda device: True  # sm_90: stage 1 is a programmatic dependent launch
     try:
@@ -159,14 +164,9 @@ def compile_extend(name, hq, hkv, d, prefix, new, sms):
     """Compile extend (one sequence, `new` tokens over a `prefix`-token packed prefix) with the launcher's
     choices for `sms` SMs; returns (extend kernel, format pair)."""
     import torch
-    from kernel_helpers import alloc_cache, make_codecs
     from tq_kernels import extend
-    from tq_kernels.codec import VecFormat
 
-    kk, vv = FORMATS[name]
-    kf, vf = VecFormat(d, **kk), VecFormat(d, **vv)
-    kc, vc = make_codecs(kf, vf)
-    bufs = alloc_cache(kf, vf, 64, hkv, "cpu")
+    kf, vf, kc, vc, bufs = _formats_and_cache(name, hkv, d)
     saved = extend.num_sms
     extend.num_sms = lambda device: sms
     COMPILED.clear()
